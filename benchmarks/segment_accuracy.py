@@ -1,0 +1,161 @@
+"""Segmentation accuracy on the real shared data.
+
+Measures, with ``napari_smear.segment_smear`` at its defaults (automatic scale):
+- BCCD: mean WBC Dice (whole cell, nucleus) against ``bccd/wbc_masks``; detection F1 for
+  RBC / WBC / platelet against ``bccd/boxes`` (a predicted cell matches an unmatched box
+  of its type when its centroid lies inside the box);
+- Chula RBC-12: the share of labelled red-cell points inside a segmented red cell.
+
+Usage: python benchmarks/segment_accuracy.py [--data ../shared/data] [--limit N]
+Prints a table and saves benchmarks/results/segment_accuracy.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+BOX_TYPES = {"RBC": "rbc", "WBC": "wbc", "Platelets": "platelet"}
+
+
+def read_boxes(xml_path: Path) -> dict[str, np.ndarray]:
+    boxes = {t: [] for t in BOX_TYPES.values()}
+    for obj in ET.parse(xml_path).getroot().iter("object"):
+        kind = BOX_TYPES.get(obj.findtext("name", "").strip())
+        if kind is None:
+            continue
+        bb = obj.find("bndbox")
+        boxes[kind].append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+    return {k: np.asarray(v, float).reshape(-1, 4) for k, v in boxes.items()}
+
+
+def match_centroids(centroids_xy: np.ndarray, boxes: np.ndarray) -> int:
+    """Greedy one-to-one matching of centroids to boxes containing them (smallest box first)."""
+    if len(centroids_xy) == 0 or len(boxes) == 0:
+        return 0
+    inside = (
+        (centroids_xy[:, None, 0] >= boxes[None, :, 0])
+        & (centroids_xy[:, None, 0] <= boxes[None, :, 2])
+        & (centroids_xy[:, None, 1] >= boxes[None, :, 1])
+        & (centroids_xy[:, None, 1] <= boxes[None, :, 3])
+    )
+    used_pred = np.zeros(len(centroids_xy), bool)
+    matched = 0
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    centre = np.c_[(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2]
+    for b in np.argsort(area):
+        cands = np.flatnonzero(inside[:, b] & ~used_pred)
+        if cands.size:
+            best = cands[np.argmin(((centroids_xy[cands] - centre[b]) ** 2).sum(1))]
+            used_pred[best] = True
+            matched += 1
+    return matched
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+def evaluate_bccd(data: Path, limit: int | None, segment, read):
+    images = sorted((data / "bccd" / "images").glob("*.jpg"))[:limit]
+    counts = {t: {"tp": 0, "n_pred": 0, "n_true": 0} for t in BOX_TYPES.values()}
+    dice_cell, dice_nuc, seconds = [], [], []
+    for path in images:
+        rgb = read(path)
+        t0 = time.perf_counter()
+        seg = segment(rgb)
+        seconds.append(time.perf_counter() - t0)
+        boxes = read_boxes(data / "bccd" / "boxes" / f"{path.stem}.xml")
+        for kind in counts:
+            rows = seg.table[seg.table.cell_type == kind]
+            cxy = rows[["centroid_x", "centroid_y"]].to_numpy()
+            counts[kind]["tp"] += match_centroids(cxy, boxes[kind])
+            counts[kind]["n_pred"] += len(rows)
+            counts[kind]["n_true"] += len(boxes[kind])
+        mask_path = data / "bccd" / "wbc_masks" / f"{path.stem}.png"
+        if mask_path.exists():
+            truth = read(mask_path, rgb=False)
+            if truth.ndim == 3:
+                truth = truth[..., 0]
+            if (truth > 0).any():
+                wbc_ids = seg.table.label[seg.table.cell_type == "wbc"].to_numpy()
+                pred_cell = np.isin(seg.labels, wbc_ids)
+                dice_cell.append(dice(pred_cell, truth > 0))
+                dice_nuc.append(dice(seg.nuclei > 0, truth == 2))
+    f1 = {}
+    for kind, c in counts.items():
+        p = c["tp"] / max(c["n_pred"], 1)
+        r = c["tp"] / max(c["n_true"], 1)
+        f1[kind] = {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-9), **c}
+    return {
+        "n_images": len(images),
+        "wbc_dice_cell": float(np.mean(dice_cell)),
+        "wbc_dice_nucleus": float(np.mean(dice_nuc)),
+        "n_wbc_masks": len(dice_cell),
+        "detection": f1,
+        "seconds_per_field_mean": float(np.mean(seconds)),
+    }
+
+
+def evaluate_chula(data: Path, limit: int | None, segment, read):
+    images = sorted((data / "chula_rbc12" / "images").glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)[:limit]
+    inside = total = 0
+    for path in images:
+        label_file = data / "chula_rbc12" / "labels" / f"{path.stem}.txt"
+        if not label_file.exists():
+            continue
+        pts = np.loadtxt(label_file, ndmin=2)
+        if pts.size == 0:
+            continue
+        seg = segment(read(path))
+        rbc_ids = seg.table.label[seg.table.cell_type == "rbc"].to_numpy()
+        h, w = seg.labels.shape
+        xs = np.clip(pts[:, 0].round().astype(int), 0, w - 1)
+        ys = np.clip(pts[:, 1].round().astype(int), 0, h - 1)
+        inside += int(np.isin(seg.labels[ys, xs], rbc_ids).sum())
+        total += len(pts)
+    return {"n_images": len(images), "n_points": total, "point_recall": inside / max(total, 1)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment_accuracy.json")
+    args = ap.parse_args(argv)
+    if not args.data.exists():
+        sys.exit(f"shared data not found at {args.data}")
+    import imageio.v3 as iio
+
+    from napari_smear import segment_smear
+
+    def read(path, rgb=True):
+        return np.asarray(iio.imread(path))
+
+    results = {
+        "bccd": evaluate_bccd(args.data, args.limit, segment_smear, read),
+        "chula": evaluate_chula(args.data, args.limit, segment_smear, read),
+    }
+    b, c = results["bccd"], results["chula"]
+    print(f"BCCD ({b['n_images']} fields, {b['n_wbc_masks']} WBC masks)")
+    print(f"  WBC Dice: cell {b['wbc_dice_cell']:.3f}  nucleus {b['wbc_dice_nucleus']:.3f}")
+    for kind, m in b["detection"].items():
+        print(f"  {kind:9s} F1 {m['f1']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  (pred {m['n_pred']}, boxes {m['n_true']})")
+    print(f"  mean seconds per field (incl. first-call warm-up): {b['seconds_per_field_mean']:.3f}")
+    print(f"Chula RBC-12 ({c['n_images']} fields, {c['n_points']} points): point recall {c['point_recall']:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"saved {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

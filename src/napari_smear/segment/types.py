@@ -1,0 +1,59 @@
+"""Result type of whole-smear segmentation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+CELL_TYPES = ("wbc", "rbc", "platelet")
+
+TABLE_COLUMNS = (
+    "label",
+    "cell_type",
+    "centroid_y",
+    "centroid_x",
+    "bbox_min_y",
+    "bbox_min_x",
+    "bbox_max_y",
+    "bbox_max_x",
+    "area_px",
+)
+
+
+@dataclass
+class SmearSegmentation:
+    """Instances of one smear field.
+
+    Attributes
+    ----------
+    labels : (H, W) uint32
+        Instance ids, 0 is background. Ids are ``1..N`` in table order.
+    nuclei : (H, W) uint32
+        Nucleus of each white cell, carrying the id of its cell (0 elsewhere).
+    table : pandas.DataFrame
+        One row per instance with at least :data:`TABLE_COLUMNS`; ``cell_type`` is one
+        of ``wbc``, ``rbc``, ``platelet``. Bounding boxes are half-open (max exclusive),
+        as in scikit-image's regionprops.
+    rbc_diameter_px : float
+        The red-cell diameter (pixels) all size parameters were expressed in: estimated
+        from the field, or derived from ``pixel_size_um``.
+    pixel_size_um : float or None
+        Pixel size if it was given.
+    """
+
+    labels: np.ndarray
+    nuclei: np.ndarray
+    table: pd.DataFrame
+    rbc_diameter_px: float
+    pixel_size_um: float | None = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.table)
+
+    def counts(self) -> dict[str, int]:
+        """Number of instances per cell type (every type present, zeros included)."""
+        vc = self.table["cell_type"].value_counts()
+        return {t: int(vc.get(t, 0)) for t in CELL_TYPES}

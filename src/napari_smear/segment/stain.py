@@ -57,7 +57,10 @@ def estimate_stain(rgb: np.ndarray) -> StainModel:
     try:
         low = float(np.exp(threshold_otsu(log_density)) - 0.03)
         high = float(threshold_otsu(density))
-        three = float(threshold_multiotsu(density[:: max(1, density.shape[0] // 512), :: max(1, density.shape[1] // 512)], 3)[0])
+        try:
+            three = float(threshold_multiotsu(density[:: max(1, density.shape[0] // 512), :: max(1, density.shape[1] // 512)], 3)[0])
+        except ValueError:  # fewer than three grey levels: two classes say it all
+            three = high
         t = min(max(three, low), max(high, low))
     except ValueError:  # constant image
         t = np.inf

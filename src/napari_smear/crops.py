@@ -1,0 +1,231 @@
+"""Instance crops at a normalised scale, and pasting crop-resolution maps back.
+
+A crop window is a square of ``crop_diameters`` red-cell diameters centred on the cell,
+resampled to ``output_size`` pixels: a neutrophil has the same size in pixels whether
+it came from a phone camera field or a 100x oil scan. Everything is vectorised over
+cells (one resampling call per channel for a chunk of cells, no per-cell Python loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .segment.types import SmearSegmentation
+
+DEFAULT_CROP_DIAMETERS = 4.0
+DEFAULT_OUTPUT_SIZE = 96
+# Cells per resampling call: bounds the coordinate arrays (~1.5 MB per cell at 96 px).
+_CHUNK = 256
+
+
+@dataclass
+class InstanceCrops:
+    """Crops of the instances of one image.
+
+    Attributes
+    ----------
+    images : (N, S, S, 3) uint8
+    masks : (N, 2, S, S) uint8
+        Channel 0 the cell's own mask, channel 1 its nucleus (other cells excluded).
+    labels : (N,) int64
+        Label id of each crop's cell in the segmentation.
+    windows : (N, 4) float64
+        ``(y0, x0, y1, x1)`` of each crop window in image pixel coordinates; may
+        extend past the image (that part is filled with the glass colour).
+    crop_diameters, rbc_diameter_px : float
+        The scale convention the crops were made with.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    windows: np.ndarray
+    crop_diameters: float
+    rbc_diameter_px: float
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def output_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def subset(self, index) -> "InstanceCrops":
+        return InstanceCrops(
+            self.images[index], self.masks[index], self.labels[index],
+            self.windows[index], self.crop_diameters, self.rbc_diameter_px,
+        )
+
+
+def crop_instances(
+    image: np.ndarray,
+    segmentation: SmearSegmentation,
+    *,
+    crop_diameters: float = DEFAULT_CROP_DIAMETERS,
+    output_size: int = DEFAULT_OUTPUT_SIZE,
+    labels=None,
+    cell_types=None,
+) -> InstanceCrops:
+    """Crop every instance (or the given ``labels`` / ``cell_types``) at normalised scale.
+
+    Parameters
+    ----------
+    image : (H, W, 3) array
+        The field the segmentation was computed on (any dtype accepted by
+        :func:`napari_smear.io.as_rgb_uint8`).
+    segmentation : SmearSegmentation
+    crop_diameters : float
+        Side of the crop window in red-cell diameters.
+    output_size : int
+        Side of the output crops in pixels.
+    labels : sequence of int, optional
+        Only these label ids (in this order).
+    cell_types : str or sequence of str, optional
+        Only instances of these types (``"wbc"``, ``"rbc"``, ``"platelet"``).
+    """
+    from .io import as_rgb_uint8
+
+    rgb = as_rgb_uint8(image)
+    if rgb.shape[:2] != segmentation.labels.shape:
+        raise ValueError(
+            f"image shape {rgb.shape[:2]} does not match the segmentation's labels "
+            f"shape {segmentation.labels.shape}"
+        )
+    if not np.isfinite(segmentation.rbc_diameter_px) or segmentation.rbc_diameter_px <= 0:
+        raise ValueError("the segmentation has no red-cell diameter; cannot crop at normalised scale")
+    if crop_diameters <= 0 or output_size < 8:
+        raise ValueError("crop_diameters must be > 0 and output_size >= 8")
+    table = segmentation.table
+    if cell_types is not None:
+        types = [cell_types] if isinstance(cell_types, str) else list(cell_types)
+        table = table[table.cell_type.isin(types)]
+    if labels is not None:
+        wanted = np.asarray(labels, np.int64)
+        missing = np.setdiff1d(wanted, table.label.to_numpy())
+        if missing.size:
+            raise ValueError(f"label ids not in the segmentation: {missing[:10].tolist()}")
+        table = table.set_index("label").loc[wanted].reset_index()
+    half = crop_diameters * segmentation.rbc_diameter_px / 2
+    cy = table.centroid_y.to_numpy(np.float64)
+    cx = table.centroid_x.to_numpy(np.float64)
+    windows = np.stack([cy - half, cx - half, cy + half, cx + half], axis=1)
+    ids = table.label.to_numpy(np.int64)
+    images, masks = _sample_windows(
+        rgb, segmentation.labels, segmentation.nuclei, windows, ids, output_size
+    )
+    return InstanceCrops(
+        images, masks, ids, windows, float(crop_diameters), float(segmentation.rbc_diameter_px)
+    )
+
+
+def _sample_windows(rgb, labels, nuclei, windows, ids, size):
+    n = len(ids)
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, 2, size, size), np.uint8)
+    if n == 0:
+        return images, masks
+    side = windows[0, 2] - windows[0, 0]
+    step = side / size
+    # Anti-alias once for the whole image instead of per crop.
+    sigma = max(0.0, (step - 1.0) / 2.0)
+    smooth = rgb if sigma < 0.3 else ndi.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0))
+    # padding past the image border takes the glass colour (the bright tenth)
+    glass = np.percentile(rgb.reshape(-1, 3)[:: max(1, rgb.size // 300_000)], 90, axis=0)
+    offsets = (np.arange(size) + 0.5) * step - 0.5  # pixel centres inside the window
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        ys = windows[start:stop, 0, None] + offsets[None]  # (m, S)
+        xs = windows[start:stop, 1, None] + offsets[None]
+        m = stop - start
+        yy = np.broadcast_to(ys[:, :, None], (m, size, size))
+        xx = np.broadcast_to(xs[:, None, :], (m, size, size))
+        coords = np.stack([yy.ravel(), xx.ravel()])
+        for c in range(3):
+            chan = ndi.map_coordinates(smooth[..., c], coords, order=1, mode="constant", cval=float(glass[c]))
+            images[start:stop, ..., c] = np.clip(chan, 0, 255).round().reshape(m, size, size)
+        near = np.rint(coords).astype(np.intp)
+        inside = (near[0] >= 0) & (near[0] < rgb.shape[0]) & (near[1] >= 0) & (near[1] < rgb.shape[1])
+        lab = np.zeros(coords.shape[1], labels.dtype)
+        nuc = np.zeros(coords.shape[1], nuclei.dtype)
+        lab[inside] = labels[near[0, inside], near[1, inside]]
+        nuc[inside] = nuclei[near[0, inside], near[1, inside]]
+        own = ids[start:stop, None, None]
+        masks[start:stop, 0] = lab.reshape(m, size, size) == own
+        masks[start:stop, 1] = nuc.reshape(m, size, size) == own
+    return images, masks
+
+
+def paste_maps(maps: np.ndarray, crops: InstanceCrops, labels: np.ndarray) -> np.ndarray:
+    """Paste per-crop maps back into image coordinates, each inside its own cell.
+
+    Parameters
+    ----------
+    maps : (N, h, w) array
+        One map per crop (any resolution; resampled bilinearly onto its window).
+    crops : InstanceCrops
+        The crops the maps were computed on (their ``windows`` place them).
+    labels : (H, W) integer array
+        The segmentation's label image; a pixel takes the map of its own cell.
+
+    Returns
+    -------
+    (H, W) float32, 0 outside the pasted cells.
+    """
+    maps = np.asarray(maps, np.float32)
+    if maps.ndim != 3 or len(maps) != len(crops):
+        raise ValueError(f"maps must be (N={len(crops)}, h, w); got shape {maps.shape}")
+    out = np.zeros(labels.shape, np.float32)
+    if len(crops) == 0:
+        return out
+    lut = np.full(int(max(labels.max(), crops.labels.max())) + 1, -1, np.int64)
+    lut[crops.labels] = np.arange(len(crops))
+    ys, xs = np.nonzero(labels)
+    idx = lut[labels[ys, xs]]
+    keep = idx >= 0
+    ys, xs, idx = ys[keep], xs[keep], idx[keep]
+    win = crops.windows[idx]
+    h, w = maps.shape[1:]
+    u = (ys - win[:, 0]) / (win[:, 2] - win[:, 0]) * h - 0.5
+    v = (xs - win[:, 1]) / (win[:, 3] - win[:, 1]) * w - 0.5
+    coords = np.stack([idx.astype(np.float64), u, v])
+    out[ys, xs] = ndi.map_coordinates(maps, coords, order=1, mode="nearest")
+    return out
+
+
+def crop_single_cell(
+    image: np.ndarray,
+    *,
+    crop_diameters: float = DEFAULT_CROP_DIAMETERS,
+    output_size: int = DEFAULT_OUTPUT_SIZE,
+    rbc_diameter_px: float | None = None,
+    pixel_size_um: float | None = None,
+) -> InstanceCrops:
+    """Crop the central cell of a single-cell image (a PBC / CellaVision crop).
+
+    The image is segmented like a field, so the central cell gets its cell and nucleus
+    masks and the red cells around it give the scale; the instance under the image
+    centre (or the nearest to it) is cropped at the normalised scale.
+    """
+    from .io import as_rgb_uint8
+    from .segment import segment_smear
+
+    rgb = as_rgb_uint8(image)
+    seg = segment_smear(rgb, rbc_diameter_px=rbc_diameter_px, pixel_size_um=pixel_size_um)
+    label = central_label(seg)
+    if label is None:
+        raise ValueError("no cell found in the single-cell image")
+    return crop_instances(rgb, seg, crop_diameters=crop_diameters, output_size=output_size, labels=[label])
+
+
+def central_label(seg: SmearSegmentation) -> int | None:
+    """The instance under the image centre, else the one whose centroid is nearest."""
+    h, w = seg.labels.shape
+    if seg.table.empty:
+        return None
+    at_centre = int(seg.labels[h // 2, w // 2])
+    if at_centre:
+        return at_centre
+    d2 = (seg.table.centroid_y - h / 2) ** 2 + (seg.table.centroid_x - w / 2) ** 2
+    return int(seg.table.label.iloc[int(np.argmin(d2.to_numpy()))])

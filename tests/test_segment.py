@@ -1,0 +1,141 @@
+"""Whole-smear segmentation: contract, scale, input checks, tiles."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from napari_smear import segment_smear
+from napari_smear.segment import TABLE_COLUMNS, ScaleEstimateError
+from napari_smear.samples import synthetic_smear
+
+
+def _match_truth(seg, truth):
+    """Share of true cells whose centre pixel lies in a predicted cell of the same type."""
+    hits = 0
+    types = dict(zip(seg.table.label, seg.table.cell_type))
+    true_labels = truth["labels"]
+    for lab, kind in truth["cell_types"].items():
+        ys, xs = np.nonzero(true_labels == lab)
+        if ys.size == 0:
+            continue
+        cy, cx = int(np.median(ys)), int(np.median(xs))
+        pred = int(seg.labels[cy, cx])
+        hits += pred > 0 and types.get(pred) == kind
+    return hits / len(truth["cell_types"])
+
+
+def test_contract_on_synthetic_field(synthetic_field):
+    image, truth = synthetic_field
+    seg = segment_smear(image)
+    assert seg.labels.shape == image.shape[:2] and seg.labels.dtype == np.uint32
+    assert seg.nuclei.shape == image.shape[:2] and seg.nuclei.dtype == np.uint32
+    assert list(seg.table.columns[: len(TABLE_COLUMNS)]) == list(TABLE_COLUMNS)
+    assert set(seg.table.cell_type) <= {"wbc", "rbc", "platelet"}
+    assert sorted(seg.table.label) == list(range(1, len(seg.table) + 1))
+    assert set(np.unique(seg.labels)) - {0} == set(seg.table.label)
+    # every nucleus pixel carries the id of a white cell and lies inside it
+    nuc_ids = set(np.unique(seg.nuclei)) - {0}
+    assert nuc_ids <= set(seg.table.label[seg.table.cell_type == "wbc"])
+    inside = seg.labels[seg.nuclei > 0] == seg.nuclei[seg.nuclei > 0]
+    assert inside.mean() > 0.99
+    assert abs(seg.rbc_diameter_px / 40.0 - 1) < 0.15
+    assert _match_truth(seg, truth) > 0.9
+    assert seg.counts()["wbc"] == 2
+
+
+def test_touching_red_cells_are_split():
+    image, truth = synthetic_smear(seed=3, n_rbc=90, n_wbc=0, n_platelets=0)
+    seg = segment_smear(image)
+    n_true = len(truth["cell_types"])
+    assert abs(seg.counts()["rbc"] - n_true) <= 0.1 * n_true
+
+
+@pytest.mark.parametrize("diameter", [20.0, 60.0])
+def test_automatic_scale_follows_magnification(diameter):
+    h = int(12 * diameter)
+    image, truth = synthetic_smear((h, int(h * 4 / 3)), rbc_diameter_px=diameter, seed=1)
+    seg = segment_smear(image)
+    assert abs(seg.rbc_diameter_px / diameter - 1) < 0.15
+    assert _match_truth(seg, truth) > 0.85
+
+
+def test_pixel_size_overrides_estimate(synthetic_field):
+    image, _ = synthetic_field
+    seg = segment_smear(image, pixel_size_um=0.25)
+    assert seg.rbc_diameter_px == pytest.approx(7.5 / 0.25)
+    assert seg.pixel_size_um == 0.25
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        segment_smear(image, pixel_size_um=-1)
+
+
+def test_odd_inputs_are_converted(synthetic_field):
+    image, _ = synthetic_field
+    ref = segment_smear(image).counts()
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
+    assert segment_smear(rgba).counts() == ref
+    as16 = image.astype(np.uint16) * 257
+    assert segment_smear(as16).counts() == ref
+    asfloat = image.astype(np.float32) / 255
+    assert segment_smear(asfloat).counts() == ref
+    gray = segment_smear(image.mean(-1).astype(np.uint8))  # handled, not a crash
+    assert gray.labels.shape == image.shape[:2]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((3, 64, 64, 3), np.uint8), "shape"),
+        (np.zeros((0, 0, 3), np.uint8), "empty"),
+        (np.zeros((64, 64, 7), np.uint8), "channel"),
+    ],
+)
+def test_bad_inputs_get_specific_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        segment_smear(bad)
+
+
+def test_blank_field_gives_empty_result():
+    blank = np.full((200, 300, 3), 230, np.uint8)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        seg = segment_smear(blank)
+    assert seg.n_cells == 0 and not seg.labels.any()
+    assert list(seg.table.columns) == list(TABLE_COLUMNS)
+
+
+def test_tiled_processing_matches_single_pass(monkeypatch):
+    import napari_smear.segment as segmod
+
+    image, truth = synthetic_smear((1200, 1500), rbc_diameter_px=30, seed=5)
+    single = segment_smear(image)
+    monkeypatch.setattr(segmod, "_SINGLE_PASS_MAX_PIXELS", 100_000)
+    progress = []
+    tiled = segment_smear(image, tile_size=200, progress=lambda f, m: progress.append(f))
+    assert len(progress) > 4 and progress[-1] == pytest.approx(1.0)
+    # same cells, none duplicated or cut at a tile border
+    assert abs(tiled.n_cells - single.n_cells) <= max(2, 0.03 * single.n_cells)
+    assert _match_truth(tiled, truth) > 0.85
+    assert sorted(tiled.table.label) == list(range(1, tiled.n_cells + 1))
+    assert tiled.table.area_px.min() > 0.5 * np.pi * 15**2 * 0.006
+
+
+def test_cancel_through_progress(synthetic_field):
+    image, _ = synthetic_field
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(fraction, message):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        segment_smear(image, progress=cancel)
+
+
+def test_scale_error_is_specific():
+    lone = np.full((100, 100, 3), 230, np.uint8)
+    lone[40:60, 40:60] = (150, 60, 80)
+    with pytest.raises(ScaleEstimateError, match="pixel_size_um"):
+        segment_smear(lone)

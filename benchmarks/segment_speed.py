@@ -1,0 +1,103 @@
+"""Segmentation speed: seconds per BCCD field, and MP/s + peak RSS on a large tiled image.
+
+Usage: python benchmarks/segment_speed.py [--fields 40] [--large-side 10000]
+The large image is a mosaic of real Chula RBC-12 fields (or synthetic fields when the
+shared data is absent), segmented through the tiled path. Peak RSS is measured in a
+fresh child process so the field benchmark does not inflate it.
+Prints a table and saves benchmarks/results/segment_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def bench_fields(n: int) -> dict:
+    from napari_smear import segment_smear
+    from napari_smear.io import read_image
+
+    paths = sorted((DATA / "bccd" / "images").glob("*.jpg"))[:n]
+    images = [read_image(p)[0] for p in paths]
+    segment_smear(images[0])  # warm-up: imports, first-call allocations
+    times = []
+    for im in images:
+        t0 = time.perf_counter()
+        segment_smear(im)
+        times.append(time.perf_counter() - t0)
+    return {"n_fields": len(times), "seconds_per_field_mean": float(np.mean(times)),
+            "seconds_per_field_median": float(np.median(times)), "seconds_per_field_p90": float(np.percentile(times, 90))}
+
+
+def make_mosaic(side: int) -> np.ndarray:
+    from napari_smear.io import read_image
+
+    paths = sorted((DATA / "chula_rbc12" / "images").glob("*.jpg"))
+    if paths:
+        tiles = [read_image(p)[0] for p in paths[:40]]
+    else:
+        from napari_smear.samples import synthetic_smear
+
+        tiles = [synthetic_smear(rbc_diameter_px=36, seed=s)[0] for s in range(8)]
+    th, tw = tiles[0].shape[:2]
+    out = np.empty((side, side, 3), np.uint8)
+    k = 0
+    for y in range(0, side, th):
+        for x in range(0, side, tw):
+            t = tiles[k % len(tiles)]
+            k += 1
+            out[y : y + th, x : x + tw] = t[: side - y, : side - x]
+    return out
+
+
+def bench_large(side: int) -> dict:
+    from napari_smear import segment_smear
+
+    image = make_mosaic(side)
+    t0 = time.perf_counter()
+    seg = segment_smear(image)
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mp = side * side / 1e6
+    return {"side": side, "megapixels": mp, "seconds": seconds, "mp_per_s": mp / seconds,
+            "peak_rss_mb": peak_mb, "n_cells": int(seg.n_cells), "rbc_diameter_px": seg.rbc_diameter_px}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fields", type=int, default=40)
+    ap.add_argument("--large-side", type=int, default=10000)
+    ap.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment_speed.json")
+    args = ap.parse_args(argv)
+    if args.large_only:
+        print(json.dumps(bench_large(args.large_side)))
+        return
+    result = {}
+    if (DATA / "bccd").exists():
+        result["fields"] = bench_fields(args.fields)
+        f = result["fields"]
+        print(f"BCCD fields: {f['seconds_per_field_mean']:.3f} s/field mean, {f['seconds_per_field_median']:.3f} median, {f['seconds_per_field_p90']:.3f} p90 ({f['n_fields']} fields)")
+    child = subprocess.run(
+        [sys.executable, __file__, "--large-only", "--large-side", str(args.large_side)],
+        capture_output=True, text=True, check=True,
+    )
+    result["large"] = json.loads(child.stdout.strip().splitlines()[-1])
+    g = result["large"]
+    print(f"large image {g['side']}x{g['side']} ({g['megapixels']:.0f} MP): {g['seconds']:.1f} s, {g['mp_per_s']:.1f} MP/s, peak RSS {g['peak_rss_mb']:.0f} MB, {g['n_cells']} cells")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+"""Image input/output: reading smear images, the RGB input checker, atomic writes.
+
+Core module: no napari, no Qt.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "ImageReadError",
+    "MIN_IMAGE_SIDE",
+    "METADATA_KEY",
+    "is_supported_path",
+    "file_stem",
+    "read_image",
+    "as_rgb_uint8",
+    "atomic_write",
+    "write_tiff_atomic",
+    "write_csv_atomic",
+    "write_png_atomic",
+]
+
+#: File name endings :func:`read_image` understands (matched case-insensitively).
+SUPPORTED_SUFFIXES = (
+    ".ome.tif",
+    ".ome.tiff",
+    ".tif",
+    ".tiff",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+)
+_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
+
+#: Key of napari-smear's own metadata (TIFF ImageDescription JSON, napari layer metadata).
+METADATA_KEY = "napari_smear"
+
+#: The smallest height/width segmentation accepts: below it not even a platelet fits.
+MIN_IMAGE_SIDE = 16
+
+# Length units (OME ``PhysicalSizeXUnit`` spellings) -> micrometres.
+_UNIT_TO_UM = {
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,  # Greek mu as well as the micro sign
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image (corrupt, truncated or unsupported)."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def is_supported_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` ends with one of :data:`SUPPORTED_SUFFIXES`."""
+    return str(path).lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``a/b.ome.tif`` -> ``b``)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray, dict]:
+    """Read a smear image file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A TIFF / OME-TIFF, PNG, JPEG or BMP file.
+    rgb : bool, default True
+        If True, return the image as (H, W, 3) uint8 RGB through :func:`as_rgb_uint8`
+        (what segmentation and the pipeline take). If False, return the array as stored
+        (any dtype, grayscale, RGBA, stacks), e.g. for display.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        The pixels.
+    meta : dict
+        ``path`` (str), ``format`` (``"tiff"``, ``"png"``, ``"jpeg"``, ``"bmp"``),
+        ``pixel_size_um`` (float or None: from OME ``PhysicalSizeX`` or, for plain
+        TIFF, from the resolution tags when they are in centimetres or ImageJ
+        micrometres), ``axes`` (tifffile axes string for TIFF, else None),
+        ``napari_smear`` (the dict napari-smear stored in a TIFF it wrote through
+        :func:`write_tiff_atomic` with ``napari_smear_metadata``, else None),
+        ``shape`` and ``dtype`` of the array as read (before any RGB conversion).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ImageReadError
+        If the suffix is not supported or the file cannot be decoded (the message
+        names the file and the reason).
+    ValueError
+        With ``rgb=True``, if the stored image is not a single 2-D field (see
+        :func:`as_rgb_uint8`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ImageReadError(f"cannot read {path}: it is a directory, not an image file")
+    if not is_supported_path(path):
+        raise ImageReadError(
+            f"cannot read {path}: unsupported file type {path.suffix!r}; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if str(path).lower().endswith(_TIFF_SUFFIXES):
+        data, meta = _read_tiff(path)
+    else:
+        data, meta = _read_with_imageio(path)
+    meta = {"path": str(path), "shape": tuple(data.shape), "dtype": str(data.dtype), **meta}
+    if rgb:
+        try:
+            data = as_rgb_uint8(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+    return data, meta
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ImageReadError(f"cannot read {path}: the TIFF file holds no image")
+            series = tif.series[0]
+            data = series.asarray()
+            axes = series.axes
+            pixel_size_um = _tiff_pixel_size_um(tif)
+            own_metadata = _napari_smear_description(tif.pages[0].description)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # tifffile raises many types on corrupt input
+        raise ImageReadError(
+            f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}"
+        ) from exc
+    # Planar RGB (axes 'SYX') -> interleaved, so the colour axis is last as everywhere else.
+    if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):
+        data = np.moveaxis(data, axes.index("S"), -1)
+        axes = axes.replace("S", "") + "S"
+    return data, {
+        "format": "tiff",
+        "axes": axes,
+        "pixel_size_um": pixel_size_um,
+        "napari_smear": own_metadata,
+    }
+
+
+def _napari_smear_description(description: str) -> dict | None:
+    """The metadata napari-smear stores as JSON in a TIFF's ImageDescription, if any."""
+    if not description or not description.lstrip().startswith("{"):
+        return None
+    try:
+        parsed = json.loads(description)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and isinstance(parsed.get(METADATA_KEY), dict):
+        return parsed[METADATA_KEY]
+    return None
+
+
+def _tiff_pixel_size_um(tif: Any) -> float | None:
+    """Pixel size from OME-XML, else from the first page's resolution tags."""
+    if tif.is_ome and tif.ome_metadata:
+        size = _ome_pixel_size_um(tif.ome_metadata)
+        if size is not None:
+            return size
+    page = tif.pages[0]
+    tags = page.tags
+    if "XResolution" not in tags:
+        return None
+    numerator, denominator = tags["XResolution"].value
+    if not numerator or not denominator:
+        return None
+    pixels_per_unit = numerator / denominator
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    if unit == 3:  # centimetre
+        return 1e4 / pixels_per_unit
+    if unit == 1 and tif.is_imagej:  # no unit in the tag: ImageJ stores it in its metadata
+        ij_unit = str((tif.imagej_metadata or {}).get("unit", "")).strip()
+        factor = _UNIT_TO_UM.get(ij_unit) or _UNIT_TO_UM.get(ij_unit.lower())
+        if factor is not None:
+            return factor / pixels_per_unit
+    # Inches: almost always a default 72/96/300 dpi, not a calibration.
+    return None
+
+
+def _ome_pixel_size_um(ome_xml: str) -> float | None:
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] == "Pixels" and "PhysicalSizeX" in element.attrib:
+            try:
+                value = float(element.attrib["PhysicalSizeX"])
+            except ValueError:
+                return None
+            unit = element.attrib.get("PhysicalSizeXUnit", "µm")  # OME default unit
+            factor = _UNIT_TO_UM.get(unit)
+            if factor is None or not np.isfinite(value) or value <= 0:
+                return None
+            return value * factor
+    return None
+
+
+def _read_with_imageio(path: Path) -> tuple[np.ndarray, dict]:
+    import imageio.v3 as iio
+
+    fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp"}[path.suffix.lower()]
+    try:
+        data = np.asarray(iio.imread(path))
+    except Exception as exc:  # Pillow raises OSError/SyntaxError/ValueError on bad files
+        raise ImageReadError(
+            f"cannot read {path} as {fmt.upper()}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return data, {"format": fmt, "axes": None, "pixel_size_um": None, "napari_smear": None}
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def as_rgb_uint8(image: Any) -> np.ndarray:
+    """Check an image and convert it to (H, W, 3) uint8 RGB.
+
+    This is the input checker of segmentation: it accepts what microscopes and image
+    libraries produce and rejects, with a specific message, what is not one field.
+
+    Parameters
+    ----------
+    image : array-like
+        One of
+
+        * (H, W) grayscale -> replicated to three channels;
+        * (H, W, 3) RGB;
+        * (H, W, 4) RGBA -> composited onto white (transparent = background);
+        * (H, W, 2) grayscale + alpha (e.g. an "LA" PNG) -> the same, then replicated;
+        * (3, H, W) or (4, H, W) channel-first, when the last axis is not itself
+          3 or 4 long (then the layout is unambiguous);
+        * leading or trailing axes of length 1 are dropped.
+
+        Dtypes: uint8 is kept as is; bool maps to 0/255; other integer types (16-bit
+        data often uses 10, 12 or 14 bits) and floats outside [0, 1] are scaled by the
+        image's actual range, ``min(0, min)`` .. ``max`` over all channels (one factor
+        for all channels, so colour balance is kept); floats within [0, 1] are
+        multiplied by 255. NaN and infinite values are replaced by the largest finite
+        value (a missing region reads as background, not as a dark stained cell).
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W, 3) uint8, C-contiguous. May be ``image`` itself when it already is one.
+
+    Raises
+    ------
+    TypeError
+        For non-numeric dtypes (object, strings).
+    ValueError
+        For empty arrays, complex dtypes, 3-D stacks or more than 4 channels, images
+        smaller than 16 x 16 pixels, and all-NaN images.
+    """
+    array = np.asarray(image)
+    if np.iscomplexobj(array):
+        raise ValueError(
+            f"got a complex image (dtype {array.dtype}); expected real-valued pixels "
+            "(take np.abs() or the real part first)"
+        )
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.number)):
+        raise TypeError(f"got an image of dtype {array.dtype}; expected numbers or bool")
+    if array.size == 0:
+        raise ValueError(f"got an empty image of shape {array.shape}")
+
+    original_shape = array.shape
+    # Drop singleton axes (e.g. a (1, H, W, 3) TIFF series) but never the two image axes.
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    while array.ndim > 2 and array.shape[-1] == 1:
+        array = array[..., 0]
+
+    if array.ndim == 3 and array.shape[-1] not in (2, 3, 4) and array.shape[0] in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # channel-first
+    if array.ndim < 2 or array.ndim > 3 or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ValueError(
+            f"got shape {original_shape}; expected a 2-D RGB field (H, W, 3), RGBA "
+            "(H, W, 4) or grayscale (H, W) image; for a stack, time series or "
+            "multi-channel image (more than 4 channels) pass one plane"
+        )
+    height, width = array.shape[:2]
+    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"got an image of {height} x {width} pixels (shape {original_shape}); "
+            f"expected at least {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}"
+        )
+
+    alpha = None
+    if array.ndim == 3 and array.shape[-1] in (2, 4):
+        array, alpha = array[..., :-1], _alpha_to_unit(array[..., -1])
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+
+    if array.dtype == np.uint8 and alpha is None:
+        rgb = array
+    else:
+        unit = _to_unit_float(array)  # float32 in [0, 1]
+        if alpha is not None:
+            weight = alpha[..., None] if unit.ndim == 3 else alpha
+            unit = unit * weight + (1.0 - weight)  # onto white
+        rgb = np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    return np.ascontiguousarray(rgb)
+
+
+def _alpha_to_unit(alpha: np.ndarray) -> np.ndarray:
+    """Alpha channel -> float32 in [0, 1]; alpha is full-range by convention."""
+    if alpha.dtype == bool:
+        return alpha.astype(np.float32)
+    if np.issubdtype(alpha.dtype, np.integer):
+        return alpha.astype(np.float32) / float(np.iinfo(alpha.dtype).max)
+    alpha = np.nan_to_num(alpha.astype(np.float32), nan=1.0, posinf=1.0, neginf=0.0)
+    return np.clip(alpha, 0.0, 1.0)
+
+
+def _to_unit_float(array: np.ndarray) -> np.ndarray:
+    """Pixels of any real dtype -> float32 in [0, 1] (see :func:`as_rgb_uint8`)."""
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    values = array.astype(np.float64) if array.dtype.itemsize > 4 else array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(values)
+        if not finite.any():
+            raise ValueError("got an image with no finite values (all NaN or infinite)")
+        if not finite.all():
+            values = np.where(finite, values, values[finite].max())
+    low, high = float(values.min()), float(values.max())
+    if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        return values.astype(np.float32)
+    low = min(low, 0.0)
+    if high <= low:
+        return np.zeros(values.shape, np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike, mode: str | None = None, *, encoding: str | None = None
+) -> Iterator[Any]:
+    """Write a file so that readers see either the old file or the whole new one.
+
+    The content goes to a temporary name in the same directory, is flushed to disk
+    (fsync), then renamed over ``path`` with :func:`os.replace` (atomic on POSIX and
+    Windows). If the block raises, the temporary file is removed and ``path`` is left
+    untouched.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The final file. Its directory must exist.
+    mode : str, optional
+        If given (``"w"``, ``"wb"``, ...), the context yields an open file object in
+        that mode; otherwise it yields the temporary :class:`pathlib.Path` for a
+        writer that takes file names (the writer must create it).
+    encoding : str, optional
+        Text encoding for text modes (default UTF-8).
+
+    Yields
+    ------
+    pathlib.Path or file object
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: directory {target.parent} does not exist")
+    # A dot-name the final file can never have; the random part keeps parallel writers apart.
+    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        if mode is None:
+            yield temporary
+        else:
+            if "b" not in mode and encoding is None:
+                encoding = "utf-8"
+            with open(temporary, mode, encoding=encoding) as handle:
+                yield handle
+        if not temporary.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary file for {target}")
+        descriptor = os.open(temporary, os.O_RDWR)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX only; best effort)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def write_tiff_atomic(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    *,
+    pixel_size_um: float | None = None,
+    napari_smear_metadata: dict | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Write an array as (OME-)TIFF atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Target file; a name ending in ``.ome.tif``/``.ome.tiff`` writes OME-TIFF.
+    array : numpy.ndarray
+        The data, written with its own dtype.
+    pixel_size_um : float, optional
+        Stored as OME ``PhysicalSizeX/Y`` (OME-TIFF) and as resolution tags in pixels
+        per centimetre (every TIFF), so :func:`read_image` and other tools recover it.
+    napari_smear_metadata : dict, optional
+        JSON-serialisable dict stored in the ImageDescription (plain TIFF only) and
+        returned by :func:`read_image` as ``meta["napari_smear"]``; numpy scalars and
+        arrays are converted, anything else unknown is stored as its string.
+    **kwargs
+        Passed to :func:`tifffile.imwrite` (e.g. ``compression="zlib"``, ``photometric``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    import tifffile
+
+    target = Path(path)
+    array = np.asarray(array)
+    is_ome = str(target).lower().endswith((".ome.tif", ".ome.tiff"))
+    kwargs.setdefault("ome", is_ome)
+    if pixel_size_um is not None:
+        pixel_size_um = float(pixel_size_um)
+        if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
+            raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um}")
+        pixels_per_cm = 1e4 / pixel_size_um
+        kwargs.setdefault("resolution", (pixels_per_cm, pixels_per_cm))
+        kwargs.setdefault("resolutionunit", "CENTIMETER")
+        if kwargs["ome"]:
+            metadata = dict(kwargs.get("metadata") or {})
+            metadata.setdefault("PhysicalSizeX", pixel_size_um)
+            metadata.setdefault("PhysicalSizeY", pixel_size_um)
+            metadata.setdefault("PhysicalSizeXUnit", "µm")
+            metadata.setdefault("PhysicalSizeYUnit", "µm")
+            kwargs["metadata"] = metadata
+    if napari_smear_metadata is not None:
+        if kwargs["ome"]:
+            raise ValueError("napari_smear_metadata cannot be stored in an OME-TIFF; use .tif")
+        kwargs["description"] = json.dumps(
+            {METADATA_KEY: napari_smear_metadata}, default=_json_default, ensure_ascii=True
+        )
+        kwargs["metadata"] = None  # no second, 'shaped' description
+    if kwargs["ome"] and array.ndim == 3 and array.shape[-1] in (3, 4):
+        metadata = dict(kwargs.get("metadata") or {})
+        metadata.setdefault("axes", "YXS")
+        kwargs["metadata"] = metadata
+    with atomic_write(target, "wb") as handle:
+        tifffile.imwrite(handle, array, **kwargs)
+    return target
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, tuple, set)):
+        return str(value) if isinstance(value, Path) else list(value)
+    return str(value)
+
+
+def write_csv_atomic(path: str | os.PathLike, df: Any, **kwargs: Any) -> Path:
+    """Write a pandas DataFrame as CSV atomically (``index=False`` unless given)."""
+    kwargs.setdefault("index", False)
+    target = Path(path)
+    with atomic_write(target, "w") as handle:
+        df.to_csv(handle, lineterminator="\n", **kwargs)
+    return target
+
+
+def write_png_atomic(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write an (H, W), (H, W, 3) or (H, W, 4) uint8 image as PNG atomically."""
+    import imageio.v3 as iio
+
+    array = np.asarray(rgb)
+    if array.dtype != np.uint8:
+        raise TypeError(f"write_png_atomic expects uint8 pixels, got {array.dtype}; use as_rgb_uint8 first")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(f"write_png_atomic expects (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    target = Path(path)
+    with atomic_write(target, "wb") as handle:
+        iio.imwrite(handle, array, extension=".png")
+    return target
+

@@ -1,0 +1,89 @@
+"""npe2 reader: smear images (TIFF/OME-TIFF, PNG, JPEG, BMP) with their pixel size."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+import pandas as pd
+
+from napari_smear.io import METADATA_KEY, file_stem, is_supported_path, read_image
+
+PathLike = str | os.PathLike
+LayerData = tuple[np.ndarray, dict, str]
+#: Kinds of labels TIFF the napari-smear writer records (``layers.segmentation_layers``).
+LABEL_KINDS = ("cells", "nuclei", "labels")
+
+
+def get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
+    """Return a reader if napari-smear can read ``path`` (one path or a list), else None."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        return None
+    if not all(is_supported_path(p) and not os.path.isdir(p) for p in paths):
+        return None
+    return read_smear_images
+
+
+def read_smear_images(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
+    """Read one or more image files into napari image layer data.
+
+    Each file becomes one layer named after the file stem, with ``rgb=True`` for RGB(A)
+    data, ``scale`` = pixel size in µm when the file records it, and
+    ``metadata = {"path": ..., "pixel_size_um": ...}``. Pixels are kept as stored
+    (16-bit stays 16-bit); segmentation converts them itself.
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [_layer_data(p) for p in paths]
+
+
+def _layer_data(path: PathLike) -> LayerData:
+    data, meta = read_image(path, rgb=False)
+    own = meta.get("napari_smear")
+    if own and own.get("kind") in LABEL_KINDS:
+        return _labels_layer_data(path, data, meta, own)
+    is_rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
+    kwargs: dict = {
+        "name": file_stem(path),
+        "rgb": is_rgb,
+        "metadata": {
+            "path": os.fspath(path),
+            "pixel_size_um": meta["pixel_size_um"],
+            "format": meta["format"],
+        },
+    }
+    pixel_size = meta["pixel_size_um"]
+    if pixel_size is not None:
+        spatial_ndim = data.ndim - (1 if is_rgb else 0)
+        kwargs["scale"] = (1.0,) * (spatial_ndim - 2) + (pixel_size, pixel_size)
+        if spatial_ndim == 2:
+            kwargs["units"] = ("µm", "µm")
+    return data, kwargs, "image"
+
+
+def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) -> LayerData:
+    from napari_smear._napari.layers import cell_type_colormap, features_from_table
+    from napari_smear._napari.writer import cells_csv_path
+
+    kwargs: dict = {
+        "name": own.get("name") or file_stem(path),
+        "metadata": {
+            "path": os.fspath(path),
+            "pixel_size_um": meta["pixel_size_um"],
+            METADATA_KEY: {k: v for k, v in own.items() if k != "name"},
+        },
+    }
+    if meta["pixel_size_um"] is not None:
+        kwargs["scale"] = (meta["pixel_size_um"],) * 2
+        kwargs["units"] = ("µm", "µm")
+    csv_path = cells_csv_path(path)
+    if csv_path.exists():
+        table = pd.read_csv(csv_path)
+        if "label" in table.columns:
+            kwargs["features"] = features_from_table(table)
+            if "cell_type" in table.columns and own.get("kind") == "cells":
+                kwargs["colormap"] = cell_type_colormap(table)
+        else:
+            kwargs["features"] = table
+    return np.asarray(data, dtype=np.uint32), kwargs, "labels"

@@ -1,0 +1,97 @@
+"""npe2 writer: a labels layer -> uint32 TIFF, plus its features -> ``<stem>_cells.csv``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from napari_smear.io import METADATA_KEY, write_csv_atomic, write_tiff_atomic
+
+LABELS_SUFFIXES = (".tif", ".tiff")
+_MICROMETRE_NAMES = {"micrometer", "micrometre", "µm", "um", "micron"}
+
+
+def cells_csv_path(labels_path: str | os.PathLike) -> Path:
+    """Where the cell table of a labels TIFF goes: ``a/x.tif`` -> ``a/x_cells.csv``."""
+    labels_path = Path(labels_path)
+    return labels_path.with_name(f"{labels_path.stem}_cells.csv")
+
+
+def write_labels(path: str, data: Any, meta: dict) -> list[str]:
+    """Write a labels layer as a uint32 TIFF, and its features as CSV when it has any.
+
+    Both files are written atomically. The TIFF records the pixel size (resolution
+    tags, when the layer's scale is in µm or its metadata has ``pixel_size_um``) and
+    napari-smear's layer metadata (RBC diameter, ...) so the napari-smear reader opens
+    it again as the same labels layer, features included.
+
+    Parameters
+    ----------
+    path : str
+        Target file; ``.tif`` is appended unless it ends in ``.tif``/``.tiff``.
+    data : array-like
+        The labels (non-negative integers).
+    meta : dict
+        The layer's state (napari passes ``layer._get_state()``-like keys: ``name``,
+        ``features``, ``metadata``, ``scale``, ``units``).
+
+    Returns
+    -------
+    list of str
+        The files written: the TIFF, then the CSV if any.
+    """
+    target = Path(path)
+    if not target.name.lower().endswith(LABELS_SUFFIXES):
+        target = target.with_name(target.name + ".tif")
+    labels = np.asarray(data)
+    if labels.dtype.kind not in "iub":
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative to be saved as uint32")
+    if labels.size and labels.max() > np.iinfo(np.uint32).max:
+        raise ValueError("labels exceed the uint32 range")
+
+    layer_metadata = dict(meta.get("metadata") or {})
+    own = dict(layer_metadata.get(METADATA_KEY) or {})
+    own.setdefault("kind", "labels")
+    own["name"] = meta.get("name")
+    pixel_size_um = _pixel_size_um(meta, layer_metadata, own)
+    if pixel_size_um is not None:
+        own["pixel_size_um"] = pixel_size_um
+
+    written = [
+        str(
+            write_tiff_atomic(
+                target,
+                labels.astype(np.uint32, copy=False),
+                pixel_size_um=pixel_size_um,
+                napari_smear_metadata=own,
+                compression="zlib",
+            )
+        )
+    ]
+    features = meta.get("features")
+    if features is not None and len(features) > 0:
+        written.append(str(write_csv_atomic(cells_csv_path(target), pd.DataFrame(features))))
+    return written
+
+
+def _pixel_size_um(meta: dict, layer_metadata: dict, own: dict) -> float | None:
+    """The layer's pixel size in µm, if something says so."""
+    for source in (own, layer_metadata):
+        value = source.get("pixel_size_um")
+        if value is not None:
+            return float(value)
+    scale, units = meta.get("scale"), meta.get("units")
+    if scale is not None and units is not None and len(scale) >= 2:
+        y_unit, x_unit = (str(u).strip().lower() for u in list(units)[-2:])
+        if (
+            y_unit in _MICROMETRE_NAMES
+            and x_unit in _MICROMETRE_NAMES
+            and np.isclose(scale[-1], scale[-2])
+        ):
+            return float(scale[-1])
+    return None

@@ -1,0 +1,179 @@
+"""npe2 reader and writer of napari-smear (functions directly, and through a viewer)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from napari_smear._napari.layers import segmentation_layers
+from napari_smear._napari.reader import get_reader
+from napari_smear._napari.writer import cells_csv_path, write_labels
+from napari_smear.io import write_tiff_atomic
+from napari_smear.segment.types import SmearSegmentation
+
+
+@pytest.fixture
+def rgb():
+    return np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+
+
+def _segmentation() -> SmearSegmentation:
+    labels = np.zeros((40, 48), np.uint32)
+    labels[2:12, 2:12] = 1
+    labels[20:36, 20:40] = 2
+    nuclei = np.zeros_like(labels)
+    nuclei[24:30, 24:30] = 2
+    table = pd.DataFrame(
+        {
+            "label": [1, 2],
+            "cell_type": ["rbc", "wbc"],
+            "centroid_y": [6.5, 27.5],
+            "centroid_x": [6.5, 29.5],
+            "bbox_min_y": [2, 20],
+            "bbox_min_x": [2, 20],
+            "bbox_max_y": [12, 36],
+            "bbox_max_x": [12, 40],
+            "area_px": [100, 320],
+        }
+    )
+    return SmearSegmentation(labels, nuclei, table, rbc_diameter_px=10.5, pixel_size_um=None)
+
+
+def test_get_reader_accepts_images_only(tmp_path):
+    for name in ["a.tif", "a.TIFF", "a.ome.tif", "a.png", "a.jpg", "a.jpeg", "a.bmp"]:
+        assert callable(get_reader(str(tmp_path / name))), name
+    assert get_reader(str(tmp_path / "a.csv")) is None
+    assert get_reader(str(tmp_path / "a.zarr")) is None
+    assert get_reader([str(tmp_path / "a.png"), str(tmp_path / "b.csv")]) is None
+    assert get_reader([]) is None
+    folder = tmp_path / "dir.tif"
+    folder.mkdir()
+    assert get_reader(str(folder)) is None
+
+
+def test_reader_layer_data_with_pixel_size(tmp_path, rgb):
+    path = tmp_path / "field.ome.tif"
+    write_tiff_atomic(path, rgb, pixel_size_um=0.25)
+    jpg = tmp_path / "other.jpg"
+    iio.imwrite(jpg, rgb, extension=".jpg")
+    layers = get_reader([str(path), str(jpg)])([str(path), str(jpg)])
+    assert len(layers) == 2
+    data, kwargs, layer_type = layers[0]
+    assert layer_type == "image"
+    np.testing.assert_array_equal(data, rgb)
+    assert kwargs["name"] == "field" and kwargs["rgb"] is True
+    assert kwargs["scale"] == (0.25, 0.25)
+    assert kwargs["metadata"] == {"path": str(path), "pixel_size_um": 0.25, "format": "tiff"}
+    data, kwargs, _ = layers[1]
+    assert kwargs["name"] == "other" and "scale" not in kwargs
+    assert kwargs["metadata"]["pixel_size_um"] is None
+
+
+def test_reader_grayscale_16bit_stays_as_stored(tmp_path):
+    data = (np.arange(40 * 50, dtype=np.uint16) % 4096).reshape(40, 50)
+    path = tmp_path / "gray.tif"
+    tifffile.imwrite(path, data)
+    (layer,) = get_reader(str(path))(str(path))
+    np.testing.assert_array_equal(layer[0], data)
+    assert layer[1]["rgb"] is False
+
+
+def test_writer_and_reader_round_trip_functions(tmp_path):
+    cells, nuclei = segmentation_layers(
+        _segmentation(), image_layer_name="field", scale=(0.5, 0.5), translate=(0, 0)
+    )
+    data, kwargs, _ = cells
+    meta = {**kwargs, "units": ("micrometer", "micrometer")}
+    written = write_labels(str(tmp_path / "field_cells"), data, meta)
+    assert written == [str(tmp_path / "field_cells.tif"), str(tmp_path / "field_cells_cells.csv")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["field_cells.tif", "field_cells_cells.csv"]
+    stored = tifffile.imread(written[0])
+    assert stored.dtype == np.uint32
+    np.testing.assert_array_equal(stored, data)
+    table = pd.read_csv(written[1])
+    assert list(table.columns[:3]) == ["index", "label", "cell_type"]
+
+    (layer,) = get_reader(written[0])(written[0])
+    data_back, kwargs_back, layer_type = layer
+    assert layer_type == "labels"
+    np.testing.assert_array_equal(data_back, data)
+    assert kwargs_back["name"] == "field cells"
+    assert kwargs_back["scale"] == pytest.approx((0.5, 0.5))
+    assert kwargs_back["metadata"]["napari_smear"]["rbc_diameter_px"] == 10.5
+    assert kwargs_back["metadata"]["napari_smear"]["kind"] == "cells"
+    pd.testing.assert_frame_equal(kwargs_back["features"], kwargs["features"], check_dtype=False)
+    assert type(kwargs_back["colormap"]).__name__ == "DirectLabelColormap"
+
+
+def test_writer_without_features_writes_only_the_tiff(tmp_path):
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:9, 5:9] = 3
+    written = write_labels(str(tmp_path / "plain.tiff"), labels, {"name": "plain", "features": pd.DataFrame()})
+    assert written == [str(tmp_path / "plain.tiff")]
+    assert not cells_csv_path(tmp_path / "plain.tiff").exists()
+    with pytest.raises(ValueError, match="non-negative"):
+        write_labels(str(tmp_path / "neg.tif"), -labels, {})
+    with pytest.raises(TypeError, match="integers"):
+        write_labels(str(tmp_path / "float.tif"), labels.astype(float), {})
+
+
+@pytest.mark.gui
+def test_viewer_open_and_save_through_the_plugin(make_napari_viewer, tmp_path, rgb):
+    viewer = make_napari_viewer()
+    path = tmp_path / "field.tif"
+    write_tiff_atomic(path, rgb, pixel_size_um=0.2)
+    (image,) = viewer.open(str(path), plugin="napari-smear")
+    assert image.name == "field" and image.rgb
+    np.testing.assert_allclose(image.scale, (0.2, 0.2))
+    assert image.metadata["pixel_size_um"] == pytest.approx(0.2)
+
+    for data, kwargs, layer_type in segmentation_layers(
+        _segmentation(),
+        image_layer_name="field",
+        scale=image.scale,
+        translate=image.translate,
+        units=image.units,
+    ):
+        viewer.add_labels(data, **kwargs)
+    cells = viewer.layers["field cells"]
+    out = tmp_path / "saved.tif"
+    viewer.layers.selection = {cells}
+    written = viewer.layers.save(str(out), selected=True, plugin="napari-smear")
+    assert [str(p) for p in written] == [str(out), str(tmp_path / "saved_cells.csv")]
+
+    (reopened,) = viewer.open(str(out), plugin="napari-smear")
+    assert reopened.__class__.__name__ == "Labels"
+    np.testing.assert_array_equal(reopened.data, cells.data)
+    np.testing.assert_allclose(reopened.scale, image.scale)
+    assert list(reopened.features.columns) == list(cells.features.columns)
+    assert reopened.metadata["napari_smear"]["rbc_diameter_px"] == 10.5
+
+
+def test_bccd_sample_layer_data(monkeypatch):
+    from napari_smear._napari import sample_data
+
+    path = Path(__file__).parents[2].parent / "shared" / "data" / "bccd" / "images" / "BloodImage_00000.jpg"
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} not found")
+        pytest.skip(f"{path} not found (../shared/data beside the repository)")
+    monkeypatch.setattr(sample_data, "fetch_bccd_sample", lambda name="BloodImage_00000": path)
+    ((data, kwargs, layer_type),) = sample_data.bccd_sample()
+    assert layer_type == "image" and data.shape == (480, 640, 3) and kwargs["rgb"]
+    assert kwargs["name"] == "BloodImage_00000"
+
+
+def test_bccd_sample_offline_raises_a_clear_error(monkeypatch):
+    from napari_smear._napari import sample_data
+
+    def offline(name="BloodImage_00000"):
+        raise RuntimeError("could not download the BCCD sample (no network?)")
+
+    monkeypatch.setattr(sample_data, "fetch_bccd_sample", offline)
+    with pytest.raises(RuntimeError, match="no network"):
+        sample_data.bccd_sample()

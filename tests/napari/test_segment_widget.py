@@ -1,0 +1,195 @@
+"""The "Segment cells" widget, the sample data and the manifest, in a real viewer."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import napari_smear.segment
+from napari_smear._napari.layers import CELL_TYPE_COLORS
+from napari_smear._napari.widgets import segment as segment_widget_module
+from napari_smear.segment.types import SmearSegmentation
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 20_000
+
+
+def _truth_segmentation(truth) -> SmearSegmentation:
+    """A SmearSegmentation built from the synthetic truth (a stand-in segmenter's result)."""
+    from skimage.measure import regionprops_table
+
+    props = pd.DataFrame(regionprops_table(truth["labels"].astype(np.int32), properties=("label", "centroid", "bbox", "area")))
+    props = props.rename(
+        columns={
+            "centroid-0": "centroid_y",
+            "centroid-1": "centroid_x",
+            "bbox-0": "bbox_min_y",
+            "bbox-1": "bbox_min_x",
+            "bbox-2": "bbox_max_y",
+            "bbox-3": "bbox_max_x",
+            "area": "area_px",
+        }
+    )
+    props.insert(1, "cell_type", [truth["cell_types"][int(i)] for i in props["label"]])
+    return SmearSegmentation(
+        labels=truth["labels"], nuclei=truth["nuclei"], table=props, rbc_diameter_px=40.0
+    )
+
+
+@pytest.fixture
+def viewer_with_widget(make_napari_viewer, monkeypatch):
+    errors: list[str] = []
+    monkeypatch.setattr(segment_widget_module, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-smear", "synthetic")
+    assert [layer.name for layer in layers] == ["synthetic smear", "synthetic smear truth"]
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Segment cells")
+    assert isinstance(widget, segment_widget_module.SegmentWidget)
+    return viewer, widget, errors
+
+
+def _wait_until_idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
+
+
+def test_sample_data_and_layer_choices(viewer_with_widget):
+    viewer, widget, _ = viewer_with_widget
+    image = viewer.layers["synthetic smear"]
+    truth = viewer.layers["synthetic smear truth"]
+    assert image.rgb and image.data.shape == (480, 640, 3)
+    assert type(truth.colormap).__name__ == "DirectLabelColormap"
+    assert list(truth.features.columns[:3]) == ["index", "label", "cell_type"]
+    # The widget offers the image layer only (not the truth labels).
+    assert widget._image_combo.choices == (image,)
+    # A new image layer appears in the choices.
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="other")
+    assert [layer.name for layer in widget._image_combo.choices] == ["synthetic smear", "other"]
+
+
+def test_real_segmentation_adds_cells_and_nuclei(viewer_with_widget, qtbot):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    viewer, widget, errors = viewer_with_widget
+    image = viewer.layers["synthetic smear"]
+    image.scale = (0.2, 0.2)
+    image.translate = (10.0, 20.0)
+    widget._image_combo.value = image
+    progress_values: list[int] = []
+    widget._progress.changed.connect(progress_values.append)
+    widget.run()
+    assert widget.is_running and not widget._run_button.enabled
+    _wait_until_idle(qtbot, widget)
+    assert errors == []
+
+    cells = viewer.layers["synthetic smear cells"]
+    nuclei = viewer.layers["synthetic smear nuclei"]
+    assert cells.data.dtype == np.uint32 and cells.data.shape == (480, 640)
+    features = cells.features
+    assert features.columns[0] == "index"
+    assert "cell_type" in features.columns
+    np.testing.assert_array_equal(features["index"], features["label"])
+    assert set(features["index"]) == set(np.unique(cells.data)) - {0}
+    assert isinstance(cells.colormap, DirectLabelColormap)
+    wbc_label = int(features.loc[features["cell_type"] == "wbc", "index"].iloc[0])
+    np.testing.assert_allclose(cells.colormap.map(wbc_label), CELL_TYPE_COLORS["wbc"], atol=1e-6)
+    assert set(np.unique(nuclei.data)) - {0} <= set(features.loc[features["cell_type"] == "wbc", "index"])
+    np.testing.assert_allclose(cells.scale, (0.2, 0.2))
+    np.testing.assert_allclose(nuclei.translate, (10.0, 20.0))
+    assert cells.metadata["napari_smear"]["rbc_diameter_px"] > 30
+    counts = features["cell_type"].value_counts()
+    assert counts.get("wbc", 0) == 2
+    assert f"{len(features)} cells" in widget.status and "wbc" in widget.status
+    assert "RBC diameter" in widget.status
+    assert progress_values and progress_values[-1] == 100
+
+
+def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeypatch, synthetic_field):
+    viewer, widget, errors = viewer_with_widget
+    rgb, truth = synthetic_field
+    calls: list[float | None] = []
+    release = threading.Event()
+
+    def fake_segment(image, *, pixel_size_um=None, progress=None):
+        calls.append(pixel_size_um)
+        assert image.shape == (480, 640, 3)
+        progress(0.5, "halfway")
+        assert release.wait(10)
+        progress(1.0, "done")
+        return _truth_segmentation(truth)
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", fake_segment)
+    widget._pixel_size.value = 0.1
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value == 50, timeout=WAIT_MS)
+    assert "halfway" in widget.status
+    widget.run()  # ignored: a run is active
+    release.set()
+    _wait_until_idle(qtbot, widget)
+    assert calls == [0.1]
+    assert errors == []
+    n_layers = len(viewer.layers)
+    widget.run()  # again: the layers are updated in place, not duplicated
+    _wait_until_idle(qtbot, widget)
+    assert len(viewer.layers) == n_layers
+    assert calls == [0.1, 0.1]
+    assert "81 cells: 2 wbc, 73 rbc, 6 platelet" in widget.status
+
+
+def test_cancel_stops_the_run_and_adds_nothing(viewer_with_widget, qtbot, monkeypatch):
+    viewer, widget, errors = viewer_with_widget
+    seen: dict[str, object] = {}
+
+    def slow_segment(image, *, pixel_size_um=None, progress=None):
+        try:
+            for step in range(1000):
+                progress(step / 1000, f"step {step}")
+                time.sleep(0.01)
+        except BaseException as exc:
+            seen["raised"] = exc
+            raise
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
+    n_layers = len(viewer.layers)
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=WAIT_MS)
+    widget._cancel_button.native.click()
+    _wait_until_idle(qtbot, widget)
+    assert isinstance(seen["raised"], segment_widget_module.SegmentationCancelled)
+    assert len(viewer.layers) == n_layers
+    assert widget.status == "Cancelled."
+    assert errors == []
+
+
+def test_errors_are_reported(viewer_with_widget, qtbot, monkeypatch):
+    viewer, widget, errors = viewer_with_widget
+
+    def failing_segment(image, *, pixel_size_um=None, progress=None):
+        raise ValueError("got shape (5, 32, 32); expected a 2-D RGB field")
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", failing_segment)
+    widget._run_button.native.click()  # the button, not the method
+    _wait_until_idle(qtbot, widget)
+    assert widget.status.startswith("Failed: got shape (5, 32, 32)")
+    assert len(errors) == 1 and "got shape" in errors[0]
+    assert "synthetic smear cells" not in viewer.layers
+
+
+def test_no_image_layer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Segment cells")
+    widget.run()
+    assert "No image layer" in widget.status and not widget.is_running
+
+
+def test_pixel_size_is_taken_from_the_layer_metadata(viewer_with_widget):
+    viewer, widget, _ = viewer_with_widget
+    layer = viewer.add_image(np.zeros((32, 32, 3), np.uint8), rgb=True, metadata={"pixel_size_um": 0.125})
+    widget._image_combo.value = layer
+    assert widget._pixel_size.value == pytest.approx(0.125)
+    widget._image_combo.value = viewer.layers["synthetic smear"]
+    assert widget._pixel_size.value == 0.0

@@ -22,7 +22,8 @@ class CellParams:
 
     min_wbc_nucleus_area: float = 0.16  # violet matter below this is a platelet
     nucleus_lobe_gap: float = 0.30  # lobes closer than this belong to one white cell
-    wbc_max_reach: float = 0.85  # cytoplasm reaches at most this far past the nucleus
+    wbc_max_reach: float = 0.6  # cytoplasm reaches at most this far past the nucleus
+    cytoplasm_min_density: float = 0.75  # in units of the glass/cell threshold
     min_platelet_area: float = 0.006
     min_rbc_area: float = 0.18
     pallor_hole_area: float = 0.45  # holes up to this are central pallor, filled
@@ -97,7 +98,7 @@ def segment_field(
         # pixels (single pixels overlap in colour)
         hue_wide = ndi.gaussian_filter(hue, max(1.0, d / 10))
         cytoplasm = (hue_wide > stain.cytoplasm_threshold) & (
-            density > 0.5 * stain.foreground_threshold
+            density > params.cytoplasm_min_density * stain.foreground_threshold
         )
         candidate = (cytoplasm | (nucleus_groups > 0)) & (dist_to_nucleus <= reach)
         candidate = ndi.binary_opening(candidate, disk(max(1, int(d / 12))))

@@ -1,0 +1,124 @@
+"""Segmentation quality floors on real shared fields (BCCD and Chula RBC-12).
+
+The floors sit a little below what the segmentation measured when they were set, so a
+regression in the automatic scale, the white-cell mask or the red-cell splitting fails
+here rather than only in ``benchmarks/segment_accuracy.py``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _require_data(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"real smear data not found at {path} (expected ../shared/data beside the repository)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _read(path: Path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    image = np.asarray(iio.imread(path))
+    return image[..., 0] if image.ndim == 3 and path.suffix == ".png" else image
+
+
+def _boxes(stem: str) -> dict[str, np.ndarray]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from segment_accuracy import read_boxes
+    finally:
+        sys.path.pop(0)
+    return read_boxes(DATA / "bccd" / "boxes" / f"{stem}.xml")
+
+
+def _match(seg, kind: str, boxes: np.ndarray) -> int:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from segment_accuracy import match_centroids
+    finally:
+        sys.path.pop(0)
+    rows = seg.table[seg.table.cell_type == kind]
+    return match_centroids(rows[["centroid_x", "centroid_y"]].to_numpy(), boxes)
+
+
+BCCD_FIELDS = ["BloodImage_00006", "BloodImage_00012", "BloodImage_00020", "BloodImage_00042"]
+
+
+@pytest.fixture(scope="module")
+def bccd_results():
+    images = _require_data("bccd", "images")
+    from napari_smear import segment_smear
+
+    results = {}
+    for stem in BCCD_FIELDS:
+        rgb = _read(images / f"{stem}.jpg")
+        results[stem] = (rgb, segment_smear(rgb))
+    return results
+
+
+def test_bccd_automatic_scale_matches_box_sizes(bccd_results):
+    errors = []
+    for stem, (_, seg) in bccd_results.items():
+        rbc = _boxes(stem)["rbc"]
+        reference = np.median(np.sqrt((rbc[:, 2] - rbc[:, 0]) * (rbc[:, 3] - rbc[:, 1])))
+        errors.append(abs(seg.rbc_diameter_px / reference - 1))
+    # every field within 25 %, typical field within 12 % of the box sizes
+    assert max(errors) < 0.25, errors
+    assert np.median(errors) < 0.12, errors
+
+
+def test_bccd_white_cell_masks(bccd_results):
+    dice_cell, dice_nucleus = [], []
+    for stem, (_, seg) in bccd_results.items():
+        truth = _read(DATA / "bccd" / "wbc_masks" / f"{stem}.png")
+        wbc_ids = seg.table.label[seg.table.cell_type == "wbc"].to_numpy()
+        cell = np.isin(seg.labels, wbc_ids)
+        nucleus = seg.nuclei > 0
+        dice_cell.append(2 * (cell & (truth > 0)).sum() / (cell.sum() + (truth > 0).sum()))
+        dice_nucleus.append(2 * (nucleus & (truth == 2)).sum() / (nucleus.sum() + (truth == 2).sum()))
+    assert np.mean(dice_cell) > 0.78, dice_cell
+    assert np.mean(dice_nucleus) > 0.80, dice_nucleus
+
+
+def test_bccd_detections(bccd_results):
+    tp = n_pred = n_true = wbc_tp = wbc_true = 0
+    for stem, (_, seg) in bccd_results.items():
+        boxes = _boxes(stem)
+        tp += _match(seg, "rbc", boxes["rbc"])
+        n_pred += seg.counts()["rbc"]
+        n_true += len(boxes["rbc"])
+        wbc_tp += _match(seg, "wbc", boxes["wbc"])
+        wbc_true += len(boxes["wbc"])
+    precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
+    assert 2 * precision * recall / (precision + recall) > 0.55, (tp, n_pred, n_true)
+    assert wbc_tp == wbc_true
+
+
+@pytest.mark.parametrize("field", ["2", "5"])
+def test_chula_red_cells_found(field):
+    images = _require_data("chula_rbc12", "images")
+    from napari_smear import segment_smear
+
+    rgb = _read(images / f"{field}.jpg")
+    seg = segment_smear(rgb)
+    assert 30 < seg.rbc_diameter_px < 46  # Chula red cells are about 36-42 px across
+    points = np.loadtxt(DATA / "chula_rbc12" / "labels" / f"{field}.txt", ndmin=2)
+    h, w = seg.labels.shape
+    xs = np.clip(points[:, 0].round().astype(int), 0, w - 1)
+    ys = np.clip(points[:, 1].round().astype(int), 0, h - 1)
+    rbc_ids = seg.table.label[seg.table.cell_type == "rbc"].to_numpy()
+    assert np.isin(seg.labels[ys, xs], rbc_ids).mean() > 0.93
+    # isolated cells are not over-split: about one red cell per labelled point
+    assert seg.counts()["rbc"] < 1.3 * len(points)

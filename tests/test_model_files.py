@@ -280,6 +280,6 @@ def test_builtin_models(tmp_path, monkeypatch):
 
 def test_weights_folder_is_inside_the_package():
     folder = registry.weights_dir()
-    assert folder.is_dir()
+    # (The folder itself may be absent from a fresh clone: git does not keep empty folders.)
     assert folder.parent.name == "models" and folder.parent.parent.name == "napari_smear"
     assert set(available_models()) <= set(registry.BUILTIN_MODELS)

@@ -1,9 +1,58 @@
-"""`napari-smear` command line: one subcommand per tool, each a thin call into the library."""
+"""The ``napari-smear`` command line.
+
+Each subcommand is one ``_add_<name>`` function that declares its arguments and one
+``_run_<name>`` function that does the work; :func:`main` dispatches. Heavy modules
+(torch, the models) are imported inside the ``_run_`` functions so that ``--help`` is fast.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+
+class CommandError(Exception):
+    """A user-facing failure of a subcommand (printed without a traceback)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"widths": [16, 32, 64, 128]}}\', got {text}')
+    return value
+
+
+def _add_crop_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cropping (folder or CSV data)")
+    group.add_argument("--crop-diameters", type=float, default=4.0,
+                       help="crop window side in red-cell diameters (default 4)")
+    group.add_argument("--output-size", type=_positive_int, default=96, help="crop side in pixels (default 96)")
+    group.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping (default 1)")
+
+
+# ----------------------------------------------------------------------------- segment / demo
+
+
+def _add_segment(subparsers) -> None:
+    parser = subparsers.add_parser("segment", help="segment smear images (files or folders)")
+    parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--pixel-size-um", type=float, default=None, help="pixel size; default: automatic scale")
+    parser.set_defaults(func=_cmd_segment)
 
 
 def _cmd_segment(args) -> int:
@@ -26,6 +75,12 @@ def _cmd_segment(args) -> int:
     return 0 if len(ok) or not len(summary) else 1
 
 
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="run the main job on the bundled sample fields")
+    parser.add_argument("--out", default="demo-output")
+    parser.set_defaults(func=_cmd_demo)
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -33,26 +88,266 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a cell classifier on labelled single-cell crops",
+        description="Train a crop classifier. DATA is a folder with one sub-folder of images per class, a CSV "
+                    "manifest (path,label[,split]) or a crop-set .npz from `napari-smear pack-crops`.",
+    )
+    parser.add_argument("data", help="class folder, CSV manifest or crop-set .npz")
+    parser.add_argument("--model-kind", default="shape_aware",
+                        help="architecture: plain, shape_aware, gated_attention, daffnet, global_attention "
+                             "(default shape_aware)")
+    parser.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    parser.add_argument("--epochs", type=_positive_int, default=30)
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--patience", type=int, default=8,
+                        help="stop after this many epochs without a better validation macro-F1 (0: never)")
+    parser.add_argument("--attention-supervision", type=float, default=0.0,
+                        help="weight of the loss pulling attention maps onto the cell mask (default 0: off)")
+    parser.add_argument("--attribute-weight", type=float, default=0.5,
+                        help="weight of the WBCAtt attribute loss (DAFFNet) (default 0.5)")
+    parser.add_argument("--balance", choices=("sampler", "loss", "none"), default="sampler",
+                        help="class balancing: weighted sampling, weighted loss or none (default sampler)")
+    parser.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+    parser.add_argument("--config", type=_json_object, default=None,
+                        help='architecture options as JSON, e.g. \'{"widths": [16, 32, 64, 128]}\'')
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="mixed precision (default auto: CUDA fp16, CPU bf16 where native)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    parser.add_argument("--max-train-samples", type=_positive_int, default=None)
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--cache", default=None, help="crop-set .npz to store (or reuse) the crops of DATA")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_crop_options(parser)
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train import train
+
+    amp = {"auto": None, "on": True, "off": False}[args.amp]
+    balance = {"sampler": "sampler", "loss": "loss", "none": False}[args.balance]
+    result = train(
+        args.data,
+        model_kind=args.model_kind,
+        output=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        attention_supervision=args.attention_supervision,
+        attribute_weight=args.attribute_weight,
+        balance=balance,
+        augment=not args.no_augment,
+        device=args.device,
+        amp=amp,
+        seed=args.seed,
+        patience=args.patience or None,
+        resume=args.resume,
+        max_train_samples=args.max_train_samples,
+        num_threads=args.threads,
+        progress=not args.quiet,
+        config=args.config,
+        cache=args.cache,
+        crop_diameters=args.crop_diameters,
+        output_size=args.output_size,
+        workers=args.workers,
+    )
+    metrics = result.metrics
+    print(f"model: {result.model_path} ({result.info.kind}, {len(result.info.class_names)} classes)")
+    print(
+        f"best epoch {result.best_epoch} of {result.epochs_completed}"
+        f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.0f} s"
+    )
+    _print_metrics(metrics)
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score a model on labelled crops (accuracy, macro-F1, per-class recall)",
+        description="Evaluate MODEL (a built-in name or a .safetensors file) on DATA (class folder, CSV "
+                    "manifest or crop-set .npz). Folder and CSV data are cropped with the model's own scale.",
+    )
+    parser.add_argument("model", help="model name or .safetensors file")
+    parser.add_argument("data", help="class folder, CSV manifest or crop-set .npz")
+    parser.add_argument("--split", default="val", help="train, val, test or all (default val)")
+    parser.add_argument("--confusion", default=None, help="write the confusion matrix as an image (e.g. cm.png)")
+    parser.add_argument("--json", default=None, help="write all metrics as JSON")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--no-amp", action="store_true", help="run in float32")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping folder/CSV data")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .train import evaluate, plot_confusion
+
+    split = None if args.split == "all" else args.split
+    metrics = evaluate(
+        args.model, args.data, split, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
+        workers=args.workers, progress=not args.quiet,
+    )
+    print(f"model: {args.model}")
+    print(f"data: {args.data}, split {metrics['split']}")
+    _print_metrics(metrics)
+    if args.confusion:
+        path = plot_confusion(metrics["confusion"], metrics["class_names"], args.confusion,
+                              title=f"{Path(str(args.model)).name} on {metrics['split']}")
+        print(f"confusion matrix: {path}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+        print(f"metrics: {args.json}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    line = f"n={metrics.get('n')}  accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
+    inside = metrics.get("attention_mass_inside")
+    if inside is not None and inside == inside:
+        line += f"  attention inside cell {inside:.3f}"
+    print(line)
+    print("per-class recall:")
+    support = metrics.get("support", {})
+    width = max((len(c) for c in metrics["per_class_recall"]), default=5)
+    for name, recall in metrics["per_class_recall"].items():
+        shown = "   -  " if recall is None else f"{recall:.4f}"
+        print(f"  {name:<{width}}  {shown}  (n={support.get(name, '?')})")
+
+
+# ----------------------------------------------------------------------------- classify
+
+
+def _add_classify(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "classify", help="classify single-cell images (files or folders) into a CSV",
+        description="Classify single-cell images (one cell near the centre, like PBC / CellaVision crops). "
+                    "Folders are searched recursively. Images that cannot be read or cropped are reported on "
+                    "stderr and listed in the CSV with their error.",
+    )
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("--model", default="wbc-pbc8", help="model name or .safetensors file (default wbc-pbc8)")
+    parser.add_argument("--out", required=True, help="CSV to write (path, prediction, confidence, p_<class>..., error)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--no-amp", action="store_true", help="run in float32")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run_classify)
+
+
+def _run_classify(args) -> int:
+    from .io import write_csv_atomic
+    from .predict import classify_files
+
+    table = classify_files(
+        args.inputs, args.model, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
+        workers=args.workers, progress=not args.quiet,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(out, table)
+    failed = table[table.error != ""]
+    for path, error in zip(failed.path, failed.error):
+        print(f"napari-smear classify: {path}: {error}", file=sys.stderr)
+    classified = len(table) - len(failed)
+    print(f"classified {classified} of {len(table)} images -> {out}")
+    if classified:
+        counts = table.prediction[table.error == ""].value_counts()
+        print("  " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+    if not len(table):
+        print("napari-smear classify: no image files found in the inputs", file=sys.stderr)
+        return 1
+    return 0 if classified else 1
+
+
+# ----------------------------------------------------------------------------- pack-crops
+
+
+def _add_pack_crops(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pack-crops", help="crop a labelled image set once into a compact .npz crop set",
+        description="Segment and crop every image of DATA (class folder or CSV manifest with path,label[,split]) "
+                    "at normalised scale and store crops, masks, morphology, labels, split and attributes in "
+                    "one compressed .npz (no pickle) for `train` and `evaluate`.",
+    )
+    parser.add_argument("data", help="class folder or CSV manifest")
+    parser.add_argument("--out", required=True, help=".npz file to write")
+    parser.add_argument("--codec", choices=("jpeg", "raw"), default="jpeg",
+                        help="how crops are stored: JPEG (about 4 KB per 96 px crop) or raw pixels (default jpeg)")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--val-fraction", type=float, default=0.15,
+                        help="share of each class put in val when the data names no split (default 0.15)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_crop_options(parser)
+    parser.set_defaults(func=_run_pack_crops)
+
+
+def _run_pack_crops(args) -> int:
+    from .datasets import build_crop_set, save_crop_set
+
+    started = time.perf_counter()
+    crop_set = build_crop_set(
+        args.data, crop_diameters=args.crop_diameters, output_size=args.output_size, workers=args.workers,
+        progress=not args.quiet, val_fraction=args.val_fraction,
+    )
+    built = time.perf_counter() - started
+    path = save_crop_set(args.out, crop_set, image_codec=args.codec, jpeg_quality=args.jpeg_quality)
+    print(crop_set.describe())
+    print(f"cropped {len(crop_set)} images in {built:.1f} s ({len(crop_set) / max(built, 1e-9):.1f} images/s); "
+          f"{len(crop_set.failures)} skipped")
+    for failed_path, reason in crop_set.failures[:10]:
+        print(f"  skipped {failed_path}: {reason}", file=sys.stderr)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="napari-smear", description="Blood-smear segmentation and cell classification.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``napari-smear`` argument parser with every subcommand registered."""
+    from . import __version__
 
-    p = sub.add_parser("segment", help="segment smear images (files or folders)")
-    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pixel-size-um", type=float, default=None, help="pixel size; default: automatic scale")
-    p.set_defaults(func=_cmd_segment)
-
-    p = sub.add_parser("demo", help="run the main job on the bundled sample fields")
-    p.add_argument("--out", default="demo-output")
-    p.set_defaults(func=_cmd_demo)
+    parser = argparse.ArgumentParser(
+        prog="napari-smear",
+        description="Blood-smear segmentation and cell classification (napari-smear core tools).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-smear {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for add in (_add_segment, _add_demo, _add_train, _add_evaluate, _add_classify, _add_pack_crops):
+        add(subparsers)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 1 failure, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("napari-smear: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"napari-smear {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

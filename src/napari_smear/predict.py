@@ -1,0 +1,491 @@
+"""Batched inference of the crop classifiers, and device selection.
+
+:func:`classify_crops` runs a model over (N, S, S, 3) crops and their masks in batches:
+uint8 crops travel to the device (pinned host memory and non-blocking copies on CUDA)
+and are normalised there, autocast (bf16 on CPU, bf16/fp16 on CUDA) is on by default,
+and a CUDA out-of-memory error halves the batch and retries instead of failing.
+:func:`classify_files` crops single-cell images (PBC / CellaVision style) with the
+model's own crop convention and classifies them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "select_device",
+    "autocast_dtype",
+    "preprocess_batch",
+    "classify_crops",
+    "classify_files",
+    "expand_image_inputs",
+]
+
+_DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+# Compiled wrappers of models, so repeated calls do not recompile.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def select_device(name="auto"):
+    """Resolve a device name to an available :class:`torch.device`.
+
+    Parameters
+    ----------
+    name : str or torch.device
+        ``"auto"`` (CUDA, else Apple MPS, else CPU), ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"`` or ``"mps"``.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        An unknown device name, or a device this machine does not have (the message
+        says what is available).
+    """
+    import torch
+
+    if isinstance(name, torch.device):
+        text = str(name)
+    elif isinstance(name, str):
+        text = name.strip().lower()
+    else:
+        raise TypeError(f"device must be a str or torch.device, got {type(name).__name__}")
+    mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_ok:
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind, _, index = text.partition(":")
+    if kind not in _DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {name!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    available = "available here: " + ", ".join(_available_devices())
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            built = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r} was requested but {built}; {available} (or use device='auto')")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist; {available}"
+            )
+        return torch.device(text)
+    if kind == "mps" and not mps_ok:
+        raise ValueError(f"device 'mps' was requested but Apple MPS is not available; {available}")
+    return torch.device(kind)
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def autocast_dtype(device, amp=True):
+    """The autocast dtype for ``device`` (None: run in float32).
+
+    bf16 on CPU and on CUDA GPUs that support it (same range as float32, so no
+    overflow in logits or attention), else fp16 on CUDA and MPS.
+    """
+    import torch
+
+    if not amp:
+        return None
+    if isinstance(amp, torch.dtype):
+        return amp
+    if device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return None
+
+
+def _autocast(device, dtype):
+    """Autocast context for ``dtype`` on ``device``; a no-op context when dtype is None."""
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def preprocess_batch(images, masks, mean, std, *, channels_last: bool = False):
+    """Build the model input (B, 5, S, S) from uint8 crops and masks already on the device.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (B, S, S, 3) uint8 (or float in [0, 1]) RGB.
+    masks : torch.Tensor
+        (B, 2, S, S) 0/1 cell and nucleus masks.
+    mean, std : torch.Tensor
+        (3,) normalisation of the [0, 1] RGB values.
+    """
+    import torch
+
+    rgb = images.permute(0, 3, 1, 2).float()
+    if images.dtype == torch.uint8:
+        rgb = rgb / 255.0
+    rgb = (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    x = torch.cat([rgb, (masks > 0).float()], dim=1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _to_device(array: np.ndarray, device):
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _compiled(model):
+    import torch
+
+    compiled = _COMPILED.get(model)
+    if compiled is None:
+        compiled = torch.compile(model, dynamic=True)
+        _COMPILED[model] = compiled
+    return compiled
+
+
+def _resolve_model(model, info, device):
+    from torch import nn
+
+    from .models import load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        loaded, loaded_info = load_model(model, device=device)
+        return loaded, info or loaded_info
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a model name/path, got {type(model).__name__}")
+    if info is None:
+        raise ValueError("info (the ModelInfo from load_model or a TrainResult) is required with a model object")
+    return model, info
+
+
+def classify_crops(
+    model,
+    info=None,
+    images: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    morph: np.ndarray | None = None,
+    *,
+    device="auto",
+    batch_size: int = 256,
+    amp=True,
+    compile: bool = False,
+    return_attention: bool = True,
+    progress: bool | None = None,
+) -> dict:
+    """Classify crops in batches.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or str or path-like
+        A classifier (then ``info`` is required) or a model name/path for
+        :func:`napari_smear.models.load_model`. A module is moved to ``device``
+        and put in eval mode.
+    info : ModelInfo
+        The model's class names and preprocessing (input size, mean/std, crop scale).
+    images : (N, S, S, 3) uint8
+        Crops at the model's scale (``S == info.input_size``).
+    masks : (N, 2, S, S)
+        Cell and nucleus masks (0/1) of each crop.
+    morph : (N, M) float, optional
+        Morphology features for models built with ``morph_features > 0``; computed
+        with :func:`napari_smear.morphology.crop_morphology` when not given.
+    device : str or torch.device
+        See :func:`select_device`.
+    batch_size : int
+        Crops per forward pass; halved automatically on a GPU out-of-memory error.
+    amp : bool
+        Autocast (bf16 on CPU and recent GPUs, fp16 otherwise); probabilities are
+        returned in float32 either way.
+    compile : bool
+        Run the model through ``torch.compile`` (falls back to eager with a warning
+        when compilation is not possible here).
+    return_attention : bool
+        Also return the attention maps.
+    progress : bool, optional
+        Show a tqdm bar (default: when there is more than one batch and stderr is a
+        terminal).
+
+    Returns
+    -------
+    dict
+        ``probs`` (N, C) float32 (class order ``info.class_names``), ``attention``
+        (N, S, S) float16 in [0, 1] when requested, ``attributes`` (dict: attribute
+        name -> (N, n_values) float32 probabilities) for models with an attribute head,
+        and ``batch_size`` (the one finally used).
+    """
+    import torch
+
+    device = select_device(device)
+    model, info = _resolve_model(model, info, device)
+    if images is None or masks is None:
+        raise ValueError("images (N, S, S, 3) and masks (N, 2, S, S) are required")
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    size = int(info.input_size)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"images must have shape (N, {size}, {size}, 3) for this model (input size {size}), got {images.shape}"
+        )
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 RGB crops, got {images.dtype}")
+    n = len(images)
+    if masks.shape != (n, 2, size, size):
+        raise ValueError(f"masks must have shape ({n}, 2, {size}, {size}), got {masks.shape}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    morph_features = int(getattr(model, "config", {}).get("morph_features", 0) or 0)
+    if morph_features:
+        if morph is None:
+            from .morphology import crop_morphology
+
+            morph = crop_morphology(images, masks, info.crop_diameters).to_numpy(np.float32)
+        morph = np.nan_to_num(np.asarray(morph, np.float32))
+        if morph.shape != (n, morph_features):
+            raise ValueError(f"morph must have shape ({n}, {morph_features}), got {morph.shape}")
+    masks = masks.astype(np.uint8, copy=False)
+
+    channels_last = device.type == "cuda"
+    model.eval().to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    runner = model
+    if compile:
+        try:
+            runner = _compiled(model)
+        except Exception as exc:  # compile support depends on the platform
+            warnings.warn(f"torch.compile is not available here ({exc}); running eagerly", stacklevel=2)
+    dtype = autocast_dtype(device, amp)
+    mean = torch.tensor(info.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(info.std, dtype=torch.float32, device=device)
+
+    probs = np.empty((n, info.num_classes), np.float32)
+    attention = np.empty((n, size, size), np.float16) if return_attention else None
+    attributes: dict[str, np.ndarray] = {}
+    if progress is None:
+        progress = n > batch_size and sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc="classifying", unit="crop", disable=not progress)
+    batch = int(batch_size)
+    start = 0
+    with torch.inference_mode():
+        while start < n:
+            stop = min(n, start + batch)
+            try:
+                x = preprocess_batch(
+                    _to_device(images[start:stop], device), _to_device(masks[start:stop], device),
+                    mean, std, channels_last=channels_last,
+                )
+                morph_batch = None if not morph_features else _to_device(morph[start:stop], device)
+                with _autocast(device, dtype):
+                    out = runner(x, morph_batch)
+                batch_probs = torch.softmax(out["logits"].float(), dim=1)
+                probs[start:stop] = batch_probs.cpu().numpy()
+                if return_attention:
+                    attention[start:stop] = out["attention"].float().clamp(0, 1).to(torch.float16).cpu().numpy()
+                for name, logits in zip(_attribute_names(model), out.get("attr_logits") or []):
+                    values = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                    attributes.setdefault(name, np.empty((n, values.shape[1]), np.float32))[start:stop] = values
+            except Exception as exc:
+                if runner is not model and not _is_oom(exc):
+                    # torch.compile fails lazily, at the first call (no compiler, unsupported op)
+                    warnings.warn(f"torch.compile failed here ({type(exc).__name__}: {exc}); running eagerly", stacklevel=2)
+                    runner = model
+                    continue
+                if not _is_oom(exc) or batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                warnings.warn(f"out of memory on {device}: retrying with batch size {batch}", stacklevel=2)
+                continue
+            bar.update(stop - start)
+            start = stop
+    bar.close()
+    result = {"probs": probs, "batch_size": batch}
+    if return_attention:
+        result["attention"] = attention
+    if attributes:
+        result["attributes"] = attributes
+    return result
+
+
+def _attribute_names(model) -> list[str]:
+    return list(getattr(model, "attribute_names", []) or [])
+
+
+def expand_image_inputs(inputs: Iterable[str | os.PathLike], *, missing: str = "raise") -> list[Path]:
+    """Files as given, folders searched recursively for supported image files (sorted).
+
+    Parameters
+    ----------
+    inputs : iterable of path
+    missing : {"raise", "keep"}
+        What to do with an input that does not exist: raise, or keep it in the list
+        (so that a batch job reports it as a failed file instead of stopping).
+
+    Raises
+    ------
+    FileNotFoundError
+        An input that does not exist (``missing="raise"``).
+    """
+    if missing not in ("raise", "keep"):
+        raise ValueError(f"missing must be 'raise' or 'keep', got {missing!r}")
+    from .io import is_supported_path
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(
+                sorted(
+                    p for p in path.rglob("*")
+                    if p.is_file() and is_supported_path(p)
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            )
+        elif path.exists() or missing == "keep":
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    return paths
+
+
+def classify_files(
+    paths: Sequence[str | os.PathLike] | str | os.PathLike,
+    model="wbc-pbc8",
+    *,
+    info=None,
+    device="auto",
+    batch_size: int = 256,
+    amp=True,
+    workers: int = 1,
+    scale_fallback: bool = True,
+    progress: bool = True,
+):
+    """Classify single-cell images (one cell near the centre of each, e.g. PBC crops).
+
+    Each image is segmented and its central cell cropped with the model's own crop
+    convention (``info.input_size`` pixels, ``info.crop_diameters`` red-cell diameters),
+    then classified in batches.
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+        Image files; folders are searched recursively. A file that is missing or
+        cannot be read becomes a row with its ``error``.
+    model : str, path or torch.nn.Module
+        A model name or file (or a module with ``info``).
+    device, batch_size, amp
+        See :func:`classify_crops`.
+    workers : int
+        Processes for segmenting and cropping.
+    scale_fallback : bool
+        Images with too few red cells to measure the scale are cropped at the median
+        red-cell diameter of the others (``scale_measured`` is False for them).
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per image, in input order: ``path``, ``prediction``, ``confidence``,
+        ``p_<class>`` for each class, ``scale_measured`` and ``error`` (empty when the
+        image was classified; the reason otherwise, with NaN probabilities).
+    """
+    import pandas as pd
+
+    from .datasets import _run_tasks
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = expand_image_inputs(paths, missing="keep")
+    device = select_device(device)
+    model, info = _resolve_model(model, info, device)
+    columns = ["path", "prediction", "confidence", *[f"p_{c}" for c in info.class_names], "scale_measured", "error"]
+    if not files:
+        return pd.DataFrame(columns=columns)
+
+    tasks = [(i, str(p), float(info.crop_diameters), int(info.input_size), None) for i, p in enumerate(files)]
+    crops: dict[int, dict] = {}
+    errors: dict[int, str] = {}
+    no_scale: list[int] = []
+    for index, result, error, scale_failed in _run_tasks(tasks, workers, progress, "cropping"):
+        if result is not None:
+            crops[index] = result
+        else:
+            errors[index] = error
+            if scale_failed and scale_fallback:
+                no_scale.append(index)
+    if no_scale and crops:
+        median = float(np.median([r["rbc_diameter_px"] for r in crops.values()]))
+        retry = [(i, str(files[i]), float(info.crop_diameters), int(info.input_size), median) for i in no_scale]
+        for index, result, error, _ in _run_tasks(retry, workers, progress, "cropping at median scale"):
+            if result is not None:
+                result["scale_measured"] = False
+                crops[index] = result
+                errors.pop(index, None)
+            else:
+                errors[index] = error
+
+    done = sorted(crops)
+    probs = np.full((len(files), info.num_classes), np.nan, np.float32)
+    if done:
+        output = classify_crops(
+            model, info,
+            np.stack([crops[i]["image"] for i in done]),
+            np.stack([crops[i]["masks"] for i in done]),
+            np.stack([crops[i]["morph"] for i in done]),
+            device=device, batch_size=batch_size, amp=amp, return_attention=False, progress=progress,
+        )
+        probs[done] = output["probs"]
+    best = np.full(len(files), -1, np.int64)
+    confidence = np.full(len(files), np.nan, np.float32)
+    if done:
+        best[done] = probs[done].argmax(axis=1)
+        confidence[done] = probs[done].max(axis=1)
+    table = pd.DataFrame({
+        "path": [str(p) for p in files],
+        "prediction": [info.class_names[b] if b >= 0 else "" for b in best],
+        "confidence": confidence,
+    })
+    for c, name in enumerate(info.class_names):
+        table[f"p_{name}"] = probs[:, c]
+    table["scale_measured"] = [bool(crops[i].get("scale_measured", True)) if i in crops else False for i in range(len(files))]
+    table["error"] = [errors.get(i, "") for i in range(len(files))]
+    return table[columns]

@@ -1,0 +1,1022 @@
+"""Training and evaluation of the crop classifiers (plain PyTorch).
+
+:func:`train` fits a model of :data:`napari_smear.models.MODEL_KINDS` on a
+:class:`~napari_smear.datasets.CropSet` (or a path to one, a class folder or a CSV
+manifest) with on-device augmentation (dihedral flips/rotations, small rotations, scale
+jitter, stain jitter in optical-density space, colour jitter, blur), class balancing,
+automatic mixed precision, AdamW with warm-up and cosine decay, early stopping on the
+validation macro-F1 and a checkpoint after every epoch (safetensors + JSON, never pickle)
+from which ``resume=True`` continues. The best model is written with
+:func:`napari_smear.models.save_model` together with its preprocessing (input size,
+crop scale, mean/std computed on the training crops) and its validation metrics.
+
+:func:`evaluate` scores a model on a split; :func:`plot_confusion` draws the confusion
+matrix.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import CropSet, _hash_split, load_data
+
+__all__ = [
+    "TrainResult",
+    "train",
+    "evaluate",
+    "classification_metrics",
+    "plot_confusion",
+    "augment_batch",
+    "seed_everything",
+    "checkpoint_dir_for",
+]
+
+#: Version of the checkpoint layout (state.json + last.safetensors).
+CHECKPOINT_VERSION = 1
+# Keys of the training set-up that must match for resume to continue a run.
+_FINGERPRINT_KEYS = (
+    "kind", "config", "class_names", "input_size", "crop_diameters", "n_train", "n_val", "seed",
+    "batch_size", "lr", "weight_decay", "balance", "augment", "attention_supervision",
+    "attribute_weight", "label_smoothing", "max_train_samples", "source",
+)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The best model (highest validation macro-F1), in eval mode.
+    info : ModelInfo
+        Its metadata, as :func:`napari_smear.models.load_model` reads it back.
+    model_path : pathlib.Path
+        The written model file.
+    metrics : dict
+        Validation metrics of the best epoch.
+    history : list of dict
+        One record per epoch: ``epoch``, ``train_loss``, ``val_accuracy``,
+        ``val_macro_f1``, ``lr``, ``seconds``.
+    best_epoch : int
+    epochs_completed : int
+    stopped_early : bool
+    checkpoint_dir : pathlib.Path
+    seconds : float
+        Wall time of this call.
+    """
+
+    model: Any
+    info: Any
+    model_path: Path
+    metrics: dict
+    history: list[dict]
+    best_epoch: int
+    epochs_completed: int
+    stopped_early: bool
+    checkpoint_dir: Path
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and CUDA) random generators."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _uniform(generator, shape, low, high):
+    import torch
+
+    return torch.rand(shape, generator=generator) * (high - low) + low
+
+
+def augment_batch(
+    rgb,
+    masks,
+    generator=None,
+    *,
+    geometry: bool = True,
+    flips: bool = True,
+    rotate90: bool = True,
+    max_rotation_deg: float = 20.0,
+    scale_jitter: float = 0.12,
+    max_translate: float = 0.04,
+    colour: bool = True,
+    od_jitter: float = 0.15,
+    brightness: float = 0.1,
+    contrast: float = 0.15,
+    saturation: float = 0.2,
+    hue_deg: float = 6.0,
+    blur_probability: float = 0.2,
+    max_blur_sigma: float = 1.0,
+):
+    """Randomly transform a batch of crops on its device, masks moving with the pixels.
+
+    Parameters
+    ----------
+    rgb : torch.Tensor
+        (B, 3, S, S) float RGB in [0, 1].
+    masks : torch.Tensor
+        (B, 2, S, S) float 0/1 cell and nucleus masks.
+    generator : torch.Generator, optional
+        CPU generator the random parameters are drawn from (the transforms themselves
+        run on ``rgb``'s device), for reproducible runs.
+    geometry : bool
+        Apply the geometric transforms: one affine resampling per crop composed of a
+        flip, a multiple of 90 degrees, a small rotation, a scale change (the red-cell
+        ruler is only measured to about +-10 %) and a small shift. Image and masks use
+        the same sampling grid; masks are re-binarised.
+    colour : bool
+        Apply the colour transforms: per-channel and overall scaling of the optical
+        density ``-log(I)`` (a different stain concentration or hue: e.g. BCCD against
+        PBC), brightness, contrast, saturation, a hue rotation about the grey axis and,
+        with ``blur_probability``, a Gaussian blur (focus, camera resolution).
+
+    Returns
+    -------
+    (rgb, masks) : tuple of torch.Tensor
+        Same shapes and device; rgb clipped to [0, 1], masks 0/1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if rgb.ndim != 4 or rgb.shape[1] != 3:
+        raise ValueError(f"rgb must be (B, 3, S, S), got {tuple(rgb.shape)}")
+    if masks.ndim != 4 or masks.shape[0] != rgb.shape[0] or masks.shape[2:] != rgb.shape[2:]:
+        raise ValueError(f"masks must be (B, C, S, S) like rgb {tuple(rgb.shape)}, got {tuple(masks.shape)}")
+    device = rgb.device
+    batch = rgb.shape[0]
+    if batch == 0:
+        return rgb, masks
+    if geometry:
+        angle = _uniform(generator, (batch,), -1.0, 1.0) * math.radians(max_rotation_deg)
+        if rotate90:
+            angle = angle + torch.randint(0, 4, (batch,), generator=generator).float() * (math.pi / 2)
+        flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flips else torch.ones(batch)
+        log_range = math.log1p(scale_jitter)
+        scale = torch.exp(_uniform(generator, (batch,), -log_range, log_range))
+        shift = _uniform(generator, (batch, 2), -1.0, 1.0) * (2 * max_translate)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(batch, 2, 3)
+        # output -> input coordinates: rotate, flip x, divide by the zoom, shift
+        theta[:, 0, 0] = cos * flip / scale
+        theta[:, 0, 1] = -sin / scale
+        theta[:, 1, 0] = sin * flip / scale
+        theta[:, 1, 1] = cos / scale
+        theta[:, :, 2] = shift
+        theta = theta.to(device=device, dtype=torch.float32)
+        grid = F.affine_grid(theta, list(rgb.shape), align_corners=False)
+        # Reflection keeps plausible glass/cell texture at the corners; masks pad with
+        # zeros (nothing of the cell lies outside the crop).
+        rgb = F.grid_sample(rgb.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        masks = F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        masks = (masks > 0.5).float()
+    if colour:
+        rgb = rgb.float()
+        channel = torch.exp(torch.randn(batch, 3, generator=generator) * od_jitter)
+        overall = torch.exp(torch.randn(batch, 1, generator=generator) * od_jitter)
+        od_scale = (channel * overall).to(device)[:, :, None, None]
+        rgb = torch.exp(-(-torch.log(rgb.clamp_min(1.0 / 255.0))) * od_scale)
+        gain = (1 + _uniform(generator, (batch, 1, 1, 1), -brightness, brightness)).to(device)
+        rgb = rgb * gain
+        luminance_weights = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
+        grey = (rgb * luminance_weights).sum(dim=1, keepdim=True)
+        contrast_factor = (1 + _uniform(generator, (batch, 1, 1, 1), -contrast, contrast)).to(device)
+        mean_grey = grey.mean(dim=(2, 3), keepdim=True)
+        rgb = (rgb - mean_grey) * contrast_factor + mean_grey
+        grey = (rgb * luminance_weights).sum(dim=1, keepdim=True)
+        saturation_factor = (1 + _uniform(generator, (batch, 1, 1, 1), -saturation, saturation)).to(device)
+        rgb = grey + (rgb - grey) * saturation_factor
+        hue = _uniform(generator, (batch,), -1.0, 1.0) * math.radians(hue_deg)
+        rgb = torch.einsum("bij,bjhw->bihw", _hue_rotation(hue).to(device), rgb)
+        if blur_probability > 0 and max_blur_sigma > 0:
+            rgb = _random_blur(rgb, generator, blur_probability, max_blur_sigma)
+        rgb = rgb.clamp(0.0, 1.0)
+    return rgb, masks
+
+
+def _hue_rotation(angle):
+    """(B, 3, 3) rotations of RGB about the grey axis (1, 1, 1) by ``angle`` radians."""
+    import torch
+
+    u = torch.full((3,), 1 / math.sqrt(3.0))
+    cross = torch.tensor([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    outer = torch.outer(u, u)
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    return cos * torch.eye(3) + (1 - cos) * outer + sin * cross
+
+
+def _random_blur(rgb, generator, probability, max_sigma):
+    """Gaussian blur with a random sigma on a random share of the batch (one grouped conv)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, channels, height, width = rgb.shape
+    radius = max(1, int(math.ceil(2 * max_sigma)))
+    if min(height, width) <= radius:
+        return rgb
+    chosen = torch.rand(batch, generator=generator) < probability
+    if not bool(chosen.any()):
+        return rgb
+    sigma = _uniform(generator, (batch,), 0.3, max_sigma)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    identity = (offsets == 0).float()[None].expand(batch, -1)
+    kernel = torch.where(chosen[:, None], kernel, identity)  # (B, K)
+    kernel = kernel.repeat_interleave(channels, dim=0).to(rgb.device)  # (B*C, K)
+    flat = F.pad(rgb.reshape(1, batch * channels, height, width), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=batch * channels)
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=batch * channels)
+    return flat.reshape(batch, channels, height, width)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(y_true, y_pred, class_names) -> dict:
+    """Accuracy, macro-F1, per-class recall/precision/F1 and the confusion matrix.
+
+    The macro-F1 averages over the classes present in ``y_true`` (a class the data
+    does not contain has no defined recall), so it stays meaningful when a model with
+    more classes is scored on a subset.
+    """
+    y_true = np.asarray(y_true, np.int64)
+    y_pred = np.asarray(y_pred, np.int64)
+    k = len(class_names)
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    hits = np.diag(confusion)
+    recall = np.divide(hits, support, out=np.full(k, np.nan), where=support > 0)
+    precision = np.divide(hits, predicted, out=np.zeros(k), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = support > 0
+    f1[~present] = np.nan
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
+        "macro_f1": float(np.nanmean(f1[present])) if present.any() else float("nan"),
+        "per_class_recall": {c: (None if not present[i] else float(recall[i])) for i, c in enumerate(class_names)},
+        "per_class_precision": {c: (None if not present[i] else float(precision[i])) for i, c in enumerate(class_names)},
+        "per_class_f1": {c: (None if not present[i] else float(f1[i])) for i, c in enumerate(class_names)},
+        "support": {c: int(support[i]) for i, c in enumerate(class_names)},
+        "confusion": confusion.tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def _attention_inside(attention: np.ndarray, cell_masks: np.ndarray) -> float:
+    """Mean share of attention mass inside the cell mask (crops with a mask only)."""
+    attention = attention.astype(np.float32)
+    inside = (attention * (cell_masks > 0)).sum(axis=(1, 2))
+    total = attention.sum(axis=(1, 2))
+    valid = (total > 0) & (cell_masks > 0).any(axis=(1, 2))
+    return float((inside[valid] / total[valid]).mean()) if valid.any() else float("nan")
+
+
+def plot_confusion(confusion, class_names, path, *, normalize: bool = True, title: str | None = None) -> Path:
+    """Draw a confusion matrix (rows: truth, columns: prediction) to an image file.
+
+    Parameters
+    ----------
+    confusion : (C, C) array-like of counts
+    class_names : sequence of str
+    path : str or path-like
+        Output file (``.png``, ``.pdf``, ``.svg``).
+    normalize : bool
+        Colour by row share (recall) and print counts and shares; else counts.
+    title : str, optional
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    k = len(class_names)
+    if counts.shape != (k, k):
+        raise ValueError(f"confusion must be ({k}, {k}) for {k} class names, got {counts.shape}")
+    rows = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    values = shares if normalize else counts
+    side = max(4.0, 0.75 * k + 2.0)
+    figure = Figure(figsize=(side, side * 0.9))
+    FigureCanvasAgg(figure)  # attaches an Agg canvas: no pyplot, no GUI backend
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, counts.max()))
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of true class" if normalize else "count")
+    axes.set_xticks(range(k), labels=class_names, rotation=45, ha="right")
+    axes.set_yticks(range(k), labels=class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j] == 0:
+                continue
+            text = f"{int(counts[i, j])}\n{shares[i, j]:.0%}" if normalize else f"{int(counts[i, j])}"
+            axes.text(j, i, text, ha="center", va="center", fontsize=7,
+                      color="white" if values[i, j] > (0.5 if normalize else counts.max() / 2) else "black")
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model,
+    data,
+    split: str | None = "val",
+    *,
+    info=None,
+    device="auto",
+    batch_size: int = 256,
+    amp=True,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Score a model on one split of a crop set.
+
+    Parameters
+    ----------
+    model : str, path or torch.nn.Module
+        A model name or file, or a module together with ``info``.
+    data : CropSet or path
+        A crop set, its ``.npz`` file, a class folder or a CSV manifest (folders and
+        manifests are cropped with the model's own convention: ``info.input_size``
+        pixels at ``info.crop_diameters`` red-cell diameters).
+    split : {"train", "val", "test"} or None
+        The crops to score (None: all).
+    info : ModelInfo, optional
+        Required when ``model`` is a module.
+    device, batch_size, amp
+        See :func:`napari_smear.predict.classify_crops`.
+    workers, progress
+        Cropping processes and progress bars for folder/manifest data.
+
+    Returns
+    -------
+    dict
+        ``split``, ``n``, ``accuracy``, ``macro_f1`` (over the classes present),
+        ``per_class_recall`` / ``per_class_precision`` / ``per_class_f1`` / ``support``
+        (dicts by class name; None for classes absent from the data), ``confusion``
+        ((C, C) nested list, rows truth, columns prediction, in ``class_names`` order)
+        and ``attention_mass_inside`` (mean share of the attention map inside the cell
+        mask).
+    """
+    from .predict import _resolve_model, classify_crops, select_device
+
+    torch_device = select_device(device)
+    model, info = _resolve_model(model, info, torch_device)
+    crop_set = load_data(
+        data, crop_diameters=info.crop_diameters, output_size=info.input_size, workers=workers, progress=progress
+    )
+    if not math.isclose(crop_set.crop_diameters, info.crop_diameters, rel_tol=1e-3):
+        warnings.warn(
+            f"the crops were made at {crop_set.crop_diameters:g} red-cell diameters but the model expects "
+            f"{info.crop_diameters:g}: cells appear at another size than in training",
+            stacklevel=2,
+        )
+    unknown = sorted(set(crop_set.class_names) - set(info.class_names))
+    index = crop_set.indices(split)
+    if unknown:
+        present = {crop_set.class_names[i] for i in np.unique(crop_set.labels[index])}
+        unknown = sorted(set(unknown) & present)
+        if unknown:
+            raise ValueError(
+                f"the data has classes the model does not know: {unknown}; model classes: {info.class_names}"
+            )
+    if not len(index):
+        splits = sorted(set(crop_set.split.tolist()))
+        raise ValueError(f"the data has no crops in split {split!r} (splits present: {splits})")
+    subset = crop_set.subset(index)
+    to_model = np.array([info.class_names.index(c) if c in info.class_names else -1 for c in subset.class_names])
+    y_true = to_model[subset.labels]
+    output = classify_crops(
+        model, info, subset.images, subset.masks, subset.morph,
+        device=torch_device, batch_size=batch_size, amp=amp, return_attention=True, progress=progress,
+    )
+    y_pred = output["probs"].argmax(axis=1)
+    metrics = classification_metrics(y_true, y_pred, info.class_names)
+    metrics["split"] = split or "all"
+    metrics["attention_mass_inside"] = _attention_inside(output["attention"], subset.masks[:, 0])
+    return metrics
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir_for(output: str | os.PathLike) -> Path:
+    """The checkpoint folder of a model file: ``model.safetensors`` -> ``model.ckpt/``."""
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".safetensors") + ".ckpt")
+
+
+def _atomic_replace(write: Callable[[Path], None], target: Path) -> None:
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scaler, state: dict) -> None:
+    """Weights and optimizer tensors to ``last.safetensors``, everything else to ``state.json``."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for param_id, entries in optimizer_state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{param_id}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    state = {
+        **state,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    epoch = str(state["epoch"])
+    _atomic_replace(lambda p: save_file(tensors, str(p), metadata={"epoch": epoch}), folder / "last.safetensors")
+    _atomic_replace(lambda p: p.write_text(json.dumps(state, indent=1, allow_nan=True)), folder / "state.json")
+
+
+def _load_checkpoint(folder: Path) -> tuple[dict, dict] | None:
+    """(state, tensors) of a checkpoint, or None when there is none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state_path, weights_path = folder / "state.json", folder / "last.safetensors"
+    if not state_path.is_file() or not weights_path.is_file():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+        with safe_open(str(weights_path), framework="pt") as handle:
+            weights_epoch = (handle.metadata() or {}).get("epoch")
+        tensors = load_file(str(weights_path))
+    except Exception as exc:
+        raise ValueError(f"the checkpoint in {folder} is unreadable ({exc}); delete it to start afresh") from exc
+    if state.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"the checkpoint in {folder} has an unsupported version {state.get('checkpoint_version')!r}")
+    if str(state.get("epoch")) != weights_epoch:
+        raise ValueError(
+            f"the checkpoint in {folder} is inconsistent (state of epoch {state.get('epoch')}, weights of epoch "
+            f"{weights_epoch}): it was interrupted while being written; delete it to start afresh"
+        )
+    return state, tensors
+
+
+def _restore_optimizer(optimizer, state: dict, tensors: dict) -> None:
+    entries: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, param_id, key = name.split(".", 2)
+            entries.setdefault(int(param_id), {})[key] = value
+    for param_id, scalars in state.get("optimizer_scalars", {}).items():
+        entries.setdefault(int(param_id), {}).update(scalars)
+    optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_param_groups"]})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_fraction: float = 0.01) -> float:
+    """Linear warm-up then cosine decay to ``final_fraction * base_lr``."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _normalisation(images: np.ndarray, seed: int, max_crops: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of RGB in [0, 1] over (a sample of) the training crops."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(images), size=min(max_crops, len(images)), replace=False) if len(images) > max_crops else slice(None)
+    sample = images[pick].reshape(-1, 3).astype(np.float64) / 255.0
+    mean = sample.mean(axis=0)
+    std = np.maximum(sample.std(axis=0), 1e-3)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def _attribute_targets(crop_set: CropSet, model) -> np.ndarray | None:
+    """(N, A_model) int64 targets for the model's attribute head, matched by name (-1 missing)."""
+    names = list(getattr(model, "attribute_names", []) or [])
+    sizes = list(getattr(model, "attribute_sizes", []) or [])
+    if not names:
+        return None
+    targets = np.full((len(crop_set), len(names)), -1, np.int64)
+    for a, (name, size) in enumerate(zip(names, sizes)):
+        if name not in crop_set.attribute_names:
+            continue
+        column = crop_set.attribute_names.index(name)
+        values = crop_set.attribute_values[column]
+        if len(values) != size:
+            raise ValueError(
+                f"attribute {name!r} has {len(values)} values in the data ({values}) but the model's head has {size}"
+            )
+        targets[:, a] = crop_set.attributes[:, column]
+    return targets if (targets >= 0).any() else None
+
+
+def _training_autocast(device, amp, amp_dtype):
+    """(autocast dtype or None, whether to use a GradScaler)."""
+    import torch
+
+    if amp is None:
+        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        amp = device.type == "cuda" or (device.type == "cpu" and bool(native_bf16()))
+    if not amp:
+        return None, False
+    if amp_dtype is not None:
+        dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
+    elif device.type == "cuda":
+        dtype = torch.float16
+    elif device.type == "cpu":
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float16
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}")
+    return dtype, (dtype == torch.float16 and device.type == "cuda")
+
+
+def train(
+    data,
+    *,
+    model_kind: str = "shape_aware",
+    output: str | os.PathLike = "model.safetensors",
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.05,
+    attention_supervision: float = 0.0,
+    attribute_weight: float = 0.5,
+    balance: bool | str = True,
+    augment: bool = True,
+    augment_options: dict | None = None,
+    device="auto",
+    amp: bool | None = None,
+    amp_dtype: str | None = None,
+    seed: int = 0,
+    patience: int | None = 8,
+    resume: bool = False,
+    max_train_samples: int | None = None,
+    num_threads: int | None = None,
+    progress: bool = True,
+    config: dict | None = None,
+    cache: str | os.PathLike | None = None,
+    crop_diameters: float = 4.0,
+    output_size: int = 96,
+    workers: int = 1,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a crop classifier and write the best model file.
+
+    Parameters
+    ----------
+    data : CropSet or path
+        A crop set, its ``.npz`` file, a folder of class sub-folders or a CSV manifest
+        (see :func:`napari_smear.datasets.build_crop_set`). The ``train`` split is fitted
+        and the ``val`` split scored after every epoch; without a ``val`` split, 15 % of
+        each class of ``train`` is held out (chosen by a hash of the file paths).
+    model_kind : str
+        One of :data:`napari_smear.models.MODEL_KINDS`.
+    output : path
+        The model file to write (the best epoch's weights and metadata). Its checkpoint
+        folder is ``<name>.ckpt/`` beside it (see :func:`checkpoint_dir_for`).
+    epochs : int
+        Maximum number of epochs (one epoch = as many crops as the train split holds).
+    batch_size : int
+    lr, weight_decay : float
+        AdamW peak learning rate and weight decay.
+    warmup_epochs : float
+        Linear learning-rate warm-up, then cosine decay to 1 % of ``lr``.
+    label_smoothing : float
+        Cross-entropy label smoothing.
+    attention_supervision : float
+        Weight of :func:`~napari_smear.models.attention_supervision_loss` (attention
+        maps pulled onto the cell mask); 0 turns it off.
+    attribute_weight : float
+        Weight of the attribute loss for models with an attribute head (DAFFNet), on
+        the crops that carry attribute labels.
+    balance : bool or {"sampler", "loss"}
+        Counter class imbalance: ``True``/``"sampler"`` draws training crops with
+        probability inversely proportional to their class size; ``"loss"`` weights the
+        cross-entropy instead; ``False`` does neither.
+    augment : bool
+        On-device augmentation (:func:`augment_batch`); ``augment_options`` overrides
+        its keyword arguments.
+    device : str or torch.device
+        ``"auto"`` picks CUDA, then MPS, then CPU (see
+        :func:`napari_smear.predict.select_device`).
+    amp : bool, optional
+        Mixed precision. Default: on for CUDA (fp16 with a gradient scaler) and on CPUs
+        with native bf16 (bf16 autocast, about twice as fast there); off elsewhere.
+    amp_dtype : {"float16", "bfloat16"}, optional
+        Override the autocast dtype.
+    seed : int
+        Seeds Python, numpy and torch; each epoch's sampling and augmentation is drawn
+        from a generator seeded by ``(seed, epoch)``, so a resumed run draws the same
+        batches as an uninterrupted one.
+    patience : int, optional
+        Stop after this many epochs without a better validation macro-F1 (None: never).
+    resume : bool
+        Continue from the checkpoint of ``output`` when there is one (the data, model
+        and optimisation settings must match); otherwise start afresh.
+    max_train_samples : int, optional
+        Train on a seeded random subset of at most this many training crops.
+    num_threads : int, optional
+        ``torch.set_num_threads`` during training (restored afterwards).
+    progress : bool
+        Progress bars and a line per epoch on stderr.
+    config : dict, optional
+        Architecture options passed to :func:`~napari_smear.models.build_model`
+        (e.g. ``{"widths": [16, 32, 64, 128]}``).
+    cache : path, optional
+        For folder/CSV data: where to store (or find) the cropped ``.npz`` crop set.
+    crop_diameters, output_size, workers
+        How folder/CSV data are cropped.
+    on_epoch : callable, optional
+        Called with each epoch's record (a dict); raising inside it stops training
+        (the checkpoint of the last finished epoch is kept).
+
+    Returns
+    -------
+    TrainResult
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .models import MODEL_KINDS, ModelInfo, attention_supervision_loss, attribute_loss, build_model, load_model, save_model
+    from .predict import classify_crops, select_device
+
+    started = time.perf_counter()
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {model_kind!r}; expected one of {list(MODEL_KINDS)}")
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not lr > 0 or weight_decay < 0 or attention_supervision < 0 or attribute_weight < 0:
+        raise ValueError("lr must be > 0 and weight_decay, attention_supervision, attribute_weight >= 0")
+    if balance not in (True, False, "sampler", "loss"):
+        raise ValueError(f"balance must be True, False, 'sampler' or 'loss', got {balance!r}")
+    balance_mode = "sampler" if balance is True else (balance or "none")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 or None, got {patience!r}")
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output must be a .safetensors file, got {output}")
+
+    crop_set = load_data(
+        data, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress, cache=cache
+    )
+    size = crop_set.output_size
+    if size % 16:
+        raise ValueError(f"the crops are {size} px; the models need a multiple of 16 (rebuild with output_size=96)")
+    notes: list[str] = []
+    train_index = crop_set.indices("train")
+    val_index = crop_set.indices("val")
+    if not len(train_index):
+        raise ValueError(f"the data has no 'train' split ({crop_set.describe()})")
+    if not len(val_index):
+        held = _hash_split(crop_set.paths[train_index].tolist(), crop_set.labels[train_index].tolist(), 0.15) == "val"
+        val_index, train_index = train_index[held], train_index[~held]
+        notes.append("no 'val' split in the data: 15% of each class of 'train' held out for validation")
+    if max_train_samples is not None and len(train_index) > max_train_samples:
+        rng = np.random.default_rng(seed)
+        train_index = np.sort(rng.choice(train_index, size=int(max_train_samples), replace=False))
+    class_names = list(crop_set.class_names)
+    counts = np.bincount(crop_set.labels[train_index], minlength=len(class_names))
+    if (counts == 0).any():
+        empty = [c for c, n in zip(class_names, counts) if n == 0]
+        raise ValueError(f"class(es) {empty} have no training crops")
+
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    try:
+        torch_device = select_device(device)
+        seed_everything(seed)
+        model_config = dict(config or {})
+        if model_kind == "global_attention":
+            model_config.setdefault("input_size", size)
+        if model_kind == "daffnet" and "attributes" not in model_config and crop_set.has_attributes():
+            model_config["attributes"] = [[n, len(v)] for n, v in zip(crop_set.attribute_names, crop_set.attribute_values)]
+        model = build_model(model_kind, len(class_names), **model_config)
+        morph_features = int(model.config.get("morph_features", 0) or 0)
+        if morph_features and morph_features != crop_set.morph.shape[1]:
+            raise ValueError(
+                f"morph_features={morph_features} but the crop set has {crop_set.morph.shape[1]} morphology "
+                f"features ({crop_set.morph_names})"
+            )
+        if attention_supervision > 0 and not getattr(model, "has_attention_logits", False):
+            raise ValueError(f"model kind {model_kind!r} has no supervisable attention map; use attention_supervision=0")
+        attr_targets = _attribute_targets(crop_set, model) if attribute_weight > 0 else None
+        mean, std = _normalisation(crop_set.images[train_index], seed)
+
+        fingerprint = {
+            "kind": model_kind, "config": model.config, "class_names": class_names, "input_size": size,
+            "crop_diameters": crop_set.crop_diameters, "n_train": int(len(train_index)), "n_val": int(len(val_index)),
+            "seed": seed, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "balance": balance_mode,
+            "augment": bool(augment), "attention_supervision": attention_supervision,
+            "attribute_weight": attribute_weight, "label_smoothing": label_smoothing,
+            "max_train_samples": max_train_samples, "source": crop_set.source,
+        }
+        fingerprint = json.loads(json.dumps(fingerprint))
+
+        channels_last = torch_device.type == "cuda"
+        model.to(torch_device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        decay, no_decay = [], []
+        for name, parameter in model.named_parameters():
+            # no weight decay on norms, biases and the learned attention map
+            (no_decay if parameter.ndim <= 1 or name.endswith("attention_map_logits") else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        )
+        dtype, use_scaler = _training_autocast(torch_device, amp, amp_dtype)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+        ckpt_dir = checkpoint_dir_for(output)
+        state = {"epoch": 0, "global_step": 0, "best_f1": -1.0, "best_epoch": 0, "since_best": 0,
+                 "history": [], "stopped_early": False}
+        if resume:
+            loaded = _load_checkpoint(ckpt_dir)
+            if loaded is None:
+                notes.append(f"resume: no checkpoint in {ckpt_dir}; starting afresh")
+            else:
+                saved, tensors = loaded
+                differing = [k for k in _FINGERPRINT_KEYS if saved.get("fingerprint", {}).get(k) != fingerprint.get(k)]
+                if differing:
+                    raise ValueError(
+                        f"cannot resume from {ckpt_dir}: the training set-up differs in {differing}; "
+                        "use the same data and settings, or resume=False to start afresh"
+                    )
+                model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+                _restore_optimizer(optimizer, saved, tensors)
+                if saved.get("scaler") and scaler.is_enabled():
+                    scaler.load_state_dict(saved["scaler"])
+                state = {k: saved[k] for k in state}
+                mean, std = saved["mean"], saved["std"]
+                notes.append(f"resumed from epoch {state['epoch']} of {ckpt_dir}")
+                if state["best_epoch"] and not output.is_file():
+                    raise ValueError(f"the checkpoint in {ckpt_dir} refers to a best model {output} that no longer exists")
+
+        # Training crops live on the device as uint8 when they fit (no per-batch copies);
+        # otherwise they are copied per batch from pinned host memory.
+        train_images = crop_set.images[train_index]
+        train_masks = crop_set.masks[train_index]
+        train_labels = crop_set.labels[train_index]
+        resident = _fits_on_device(torch_device, train_images.nbytes + train_masks.nbytes)
+        host_tensors = [torch.from_numpy(train_images), torch.from_numpy(train_masks), torch.from_numpy(train_labels)]
+        if morph_features:
+            host_tensors.append(torch.from_numpy(np.nan_to_num(crop_set.morph[train_index]).astype(np.float32)))
+        if attr_targets is not None:
+            host_tensors.append(torch.from_numpy(attr_targets[train_index]))
+        if resident:
+            device_tensors = [t.to(torch_device) for t in host_tensors]
+        elif torch_device.type == "cuda":
+            host_tensors = [t.pin_memory() for t in host_tensors]
+        mean_t = torch.tensor(mean, device=torch_device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, device=torch_device).view(1, 3, 1, 1)
+        class_weight = None
+        if balance_mode == "loss":
+            class_weight = torch.tensor(len(train_index) / (len(class_names) * counts), dtype=torch.float32, device=torch_device)
+        sample_weight = torch.tensor(1.0 / counts[train_labels], dtype=torch.float64)
+
+        n_train = len(train_index)
+        steps_per_epoch = n_train // batch_size + (1 if n_train % batch_size >= 2 else 0)
+        total_steps = steps_per_epoch * epochs
+        warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), total_steps // 3)
+        val_info = ModelInfo(
+            kind=model_kind, config=model.config, class_names=class_names, input_size=size,
+            crop_diameters=crop_set.crop_diameters, mean=tuple(mean), std=tuple(std),
+        )
+        val_set = crop_set.subset(val_index)
+        augment_kwargs = dict(augment_options or {})
+        log = _epoch_logger(progress)
+        for line in notes:
+            log(line)
+
+        from tqdm.auto import tqdm
+
+        while state["epoch"] < epochs and not state["stopped_early"]:
+            epoch = state["epoch"] + 1
+            epoch_started = time.perf_counter()
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            torch.manual_seed(seed * 1_000_003 + epoch)  # dropout
+            if balance_mode == "sampler":
+                order = torch.multinomial(sample_weight, n_train, replacement=True, generator=generator)
+            else:
+                order = torch.randperm(n_train, generator=generator)
+            model.train()
+            loss_sum, seen = 0.0, 0
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                       disable=not progress, file=sys.stderr)
+            for step_in_epoch in range(steps_per_epoch):
+                batch_index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
+                if resident:
+                    tensors = [t[batch_index.to(torch_device)] for t in device_tensors]
+                else:
+                    tensors = [t[batch_index].to(torch_device, non_blocking=True) for t in host_tensors]
+                images, masks, labels = tensors[0], tensors[1], tensors[2]
+                extra = tensors[3:]
+                morph = extra.pop(0) if morph_features else None
+                targets = extra.pop(0) if attr_targets is not None else None
+                rgb = images.permute(0, 3, 1, 2).float() / 255.0
+                mask_float = masks.float()
+                if augment:
+                    rgb, mask_float = augment_batch(rgb, mask_float, generator, **augment_kwargs)
+                x = torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(state["global_step"], total_steps, warmup_steps, lr)
+                with (torch.autocast(device_type=torch_device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+                    out = model(x, morph)
+                loss = F.cross_entropy(out["logits"].float(), labels, weight=class_weight, label_smoothing=label_smoothing)
+                if attention_supervision > 0:
+                    loss = loss + attention_supervision * attention_supervision_loss(
+                        out["attention_logits"].float(), mask_float[:, 0], mask_float[:, 1]
+                    )
+                if targets is not None and out.get("attr_logits") and bool((targets >= 0).any()):
+                    loss = loss + attribute_weight * attribute_loss(out["attr_logits"], targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss became {loss.item()} at epoch {epoch}; lower lr (now {lr}) or turn amp off"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                scaler.step(optimizer)
+                scaler.update()
+                state["global_step"] += 1
+                loss_sum += float(loss.detach()) * len(labels)
+                seen += len(labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            bar.close()
+
+            val_output = classify_crops(
+                model, val_info, val_set.images, val_set.masks, val_set.morph, device=torch_device,
+                batch_size=2 * batch_size, amp=dtype or False, return_attention=True, progress=False,
+            )
+            to_model = np.arange(len(class_names))
+            metrics = classification_metrics(to_model[val_set.labels], val_output["probs"].argmax(axis=1), class_names)
+            metrics["attention_mass_inside"] = _attention_inside(val_output["attention"], val_set.masks[:, 0])
+            record = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(seen, 1),
+                "val_accuracy": metrics["accuracy"],
+                "val_macro_f1": metrics["macro_f1"],
+                "val_attention_mass_inside": metrics["attention_mass_inside"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_started,
+            }
+            state["history"].append(record)
+            state["epoch"] = epoch
+            improved = metrics["macro_f1"] > state["best_f1"] + 1e-9
+            if improved:
+                state["best_f1"], state["best_epoch"], state["since_best"] = metrics["macro_f1"], epoch, 0
+                best_metrics = {
+                    "split": "val", "epoch": epoch,
+                    **{k: metrics[k] for k in ("n", "accuracy", "macro_f1", "per_class_recall", "per_class_precision",
+                                               "per_class_f1", "support", "confusion", "attention_mass_inside")},
+                }
+                save_model(output, model, _model_metadata(
+                    crop_set, class_names, mean, std, size, best_metrics, fingerprint, train_index, val_index,
+                    morph_features, model, epochs, patience, torch_device, dtype, notes,
+                ))
+            else:
+                state["since_best"] += 1
+            if patience is not None and state["since_best"] >= patience and epoch < epochs:
+                state["stopped_early"] = True
+            _save_checkpoint(ckpt_dir, model, optimizer, scaler, {
+                **state, "fingerprint": fingerprint, "mean": mean, "std": std,
+            })
+            log(
+                f"epoch {epoch}/{epochs}: loss {record['train_loss']:.4f}, val accuracy {metrics['accuracy']:.4f}, "
+                f"macro-F1 {metrics['macro_f1']:.4f}{' (best)' if improved else ''}, lr {record['lr']:.2e}, "
+                f"{record['seconds']:.1f} s"
+            )
+            if on_epoch is not None:
+                on_epoch(dict(record))
+        if state["stopped_early"]:
+            log(f"stopped early: no better validation macro-F1 for {patience} epochs (best at epoch {state['best_epoch']})")
+        best_model, info = load_model(output, device=torch_device)
+    finally:
+        if num_threads is not None:
+            torch.set_num_threads(previous_threads)
+    return TrainResult(
+        model=best_model,
+        info=info,
+        model_path=output,
+        metrics=dict(info.metrics),
+        history=list(state["history"]),
+        best_epoch=int(state["best_epoch"]),
+        epochs_completed=int(state["epoch"]),
+        stopped_early=bool(state["stopped_early"]),
+        checkpoint_dir=ckpt_dir,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+def _fits_on_device(device, nbytes: int) -> bool:
+    import torch
+
+    if device.type == "cpu":
+        return True  # the numpy arrays are used in place
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes < 0.3 * free
+    return nbytes < 2 * 1024**3
+
+
+def _epoch_logger(progress: bool) -> Callable[[str], None]:
+    if not progress:
+        return lambda line: None
+    from tqdm.auto import tqdm
+
+    return lambda line: tqdm.write(line, file=sys.stderr)
+
+
+def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint, train_index, val_index,
+                    morph_features, model, epochs, patience, device, dtype, notes) -> dict:
+    train_counts = np.bincount(crop_set.labels[train_index], minlength=len(class_names))
+    metadata = {
+        "class_names": class_names,
+        "mean": mean,
+        "std": std,
+        "input_size": size,
+        "crop_diameters": crop_set.crop_diameters,
+        "training_data": {
+            "description": crop_set.describe(),
+            "source": crop_set.source,
+            "n_train": int(len(train_index)),
+            "n_val": int(len(val_index)),
+            "train_class_counts": {c: int(n) for c, n in zip(class_names, train_counts)},
+            "skipped_images": len(crop_set.failures),
+            "notes": list(notes),
+        },
+        "metrics": metrics,
+        "training": {
+            **{k: fingerprint[k] for k in ("seed", "batch_size", "lr", "weight_decay", "balance", "augment",
+                                           "attention_supervision", "attribute_weight", "label_smoothing",
+                                           "max_train_samples")},
+            "max_epochs": epochs,
+            "patience": patience,
+            "device": str(device),
+            "amp": str(dtype).removeprefix("torch.") if dtype else None,
+        },
+    }
+    if morph_features:
+        metadata["morph_features"] = list(crop_set.morph_names)
+    names = list(getattr(model, "attribute_names", []) or [])
+    if names:
+        values = {n: v for n, v in zip(crop_set.attribute_names, crop_set.attribute_values)}
+        metadata["attribute_values"] = {n: values[n] for n in names if n in values}
+    return metadata

@@ -1,0 +1,143 @@
+"""`napari-smear classify / evaluate / train / pack-crops`: outputs, columns and error reporting."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_smear.cli import build_parser, main
+from napari_smear.datasets import CropSet, load_crop_set, save_crop_set
+from napari_smear.models import build_model, read_metadata, save_model
+
+CLASSES = ["lymphocyte", "neutrophil", "platelet"]
+TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model_file(path, size=32):
+    torch.manual_seed(0)
+    save_model(path, build_model("shape_aware", len(CLASSES), **TINY),
+               {"class_names": CLASSES, "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
+                "input_size": size, "crop_diameters": 4.0})
+    return path
+
+
+def tiny_crop_set(n_per_class=4, size=32) -> CropSet:
+    rng = np.random.default_rng(0)
+    n = n_per_class * len(CLASSES)
+    yy, xx = np.mgrid[0:size, 0:size]
+    cell = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= (size / 4) ** 2
+    return CropSet(
+        images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        masks=np.broadcast_to(np.stack([cell, cell]).astype(np.uint8), (n, 2, size, size)).copy(),
+        morph=np.zeros((n, 1), np.float32), labels=np.repeat(np.arange(len(CLASSES)), n_per_class),
+        class_names=CLASSES, split=np.array(["train", "val"] * (n // 2), dtype="<U5"),
+        attributes=np.zeros((n, 0), np.int8), attribute_names=[], attribute_values=[],
+        paths=np.array([f"c{i}.png" for i in range(n)]), source="synthetic",
+    )
+
+
+def test_parser_has_one_subcommand_per_tool():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001  (argparse has no public listing)
+    assert {"train", "evaluate", "classify", "pack-crops"} <= set(commands)
+
+
+def test_classify_writes_predictions_and_lists_bad_images(tmp_path, shared_data, capsys):
+    table = pd.read_csv(shared_data / "pbc" / "split.csv")
+    picked = table[table.split == "val"].groupby("label").head(1).head(2)
+    folder = tmp_path / "cells" / "nested"
+    folder.mkdir(parents=True)
+    for path in picked.path:
+        shutil.copy(shared_data / "pbc" / path, folder)
+    (folder / "broken.jpg").write_bytes(b"this is no jpeg")
+    (folder / "readme.txt").write_text("not an image: ignored")
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    out = tmp_path / "out" / "preds.csv"
+
+    code = main(["classify", str(tmp_path / "cells"), "--model", str(model), "--out", str(out),
+                 "--device", "cpu", "--batch-size", "1", "--quiet"])
+    assert code == 0
+    result = pd.read_csv(out, keep_default_na=False)
+    assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in CLASSES],
+                                    "scale_measured", "error"]
+    assert len(result) == 3
+    bad = result[result.path.str.endswith("broken.jpg")]
+    assert len(bad) == 1 and bad.error.iloc[0] and bad.prediction.iloc[0] == ""
+    good = result[result.error == ""]
+    assert len(good) == 2 and good.prediction.isin(CLASSES).all()
+    np.testing.assert_allclose(good[[f"p_{c}" for c in CLASSES]].astype(float).sum(axis=1), 1, atol=1e-5)
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "classified 2 of 3 images" in captured.out
+
+
+def test_classify_with_a_missing_model_fails_cleanly(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    code = main(["classify", str(image), "--model", str(tmp_path / "none.safetensors"), "--out",
+                 str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert code == 1
+    assert "model file not found" in capsys.readouterr().err
+
+
+def test_unavailable_device_is_reported(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    code = main(["evaluate", str(tiny_model_file(tmp_path / "m.safetensors")), str(tmp_path / "c.npz"),
+                 "--device", "cuda"])
+    assert code == 1
+    assert "'cuda' was requested" in capsys.readouterr().err
+
+
+def test_evaluate_prints_metrics_and_writes_the_confusion_matrix(tmp_path, capsys):
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    code = main(["evaluate", str(model), str(data), "--split", "val", "--device", "cpu",
+                 "--confusion", str(tmp_path / "cm.png"), "--json", str(tmp_path / "m.json"), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro-F1" in out and "per-class recall" in out
+    for name in CLASSES:
+        assert name in out
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n"] == 6 and np.array(metrics["confusion"]).sum() == 6
+
+
+def test_train_command_writes_a_model(tmp_path, capsys):
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(n_per_class=6), image_codec="raw")
+    out = tmp_path / "model.safetensors"
+    code = main(["train", str(data), "--model-kind", "shape_aware", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "8", "--device", "cpu", "--threads", "1", "--quiet",
+                 "--config", json.dumps(TINY)])
+    assert code == 0
+    assert read_metadata(out)["class_names"] == CLASSES
+    assert "macro-F1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # --config must be a JSON object: a usage error
+        build_parser().parse_args(["train", str(data), "--out", str(out), "--config", "[1, 2]"])
+
+
+def test_pack_crops_command(tmp_path, shared_data, capsys):
+    table = pd.read_csv(shared_data / "pbc" / "split.csv")
+    for label in ("lymphocyte", "platelet"):
+        (tmp_path / "cells" / label).mkdir(parents=True)
+        for path in table[table.label == label].path.head(2):
+            shutil.copy(shared_data / "pbc" / path, tmp_path / "cells" / label)
+    out = tmp_path / "crops.npz"
+    assert main(["pack-crops", str(tmp_path / "cells"), "--out", str(out), "--output-size", "32", "--quiet"]) == 0
+    crop_set = load_crop_set(out)
+    assert len(crop_set) == 4 and crop_set.class_names == ["lymphocyte", "platelet"]
+    assert crop_set.output_size == 32
+    assert "images/s" in capsys.readouterr().out

@@ -1,0 +1,205 @@
+"""Batched inference: device selection, classify_crops (AMP, batch halving, compile fallback), classify_files."""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_smear.models import build_model, load_model, save_model
+from napari_smear.predict import classify_crops, classify_files, expand_image_inputs, select_device
+
+TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+CLASSES = ["lymphocyte", "neutrophil", "platelet"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model_file(path, kind="shape_aware", size=32, **config):
+    torch.manual_seed(0)
+    model = build_model(kind, len(CLASSES), **{**TINY, **config} if kind == "shape_aware" else config)
+    save_model(path, model, {"class_names": CLASSES, "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
+                             "input_size": size, "crop_diameters": 4.0})
+    return path
+
+
+def random_crops(n=10, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= (size / 4) ** 2
+    core = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= (size / 8) ** 2
+    masks = np.broadcast_to(np.stack([disc, core]).astype(np.uint8), (n, 2, size, size)).copy()
+    return images, masks
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_select_device():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device(torch.device("cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert select_device("auto").type == expected
+    assert select_device(" CPU ").type == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        select_device("tpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("cuda:first")
+    with pytest.raises(TypeError, match="str or torch.device"):
+        select_device(0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'cuda' was requested but .*available here: cpu"):
+        select_device("cuda")
+    with pytest.raises(ValueError, match="'cuda:1' was requested"):
+        select_device("cuda:1")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_unavailable_mps_is_a_clear_error():
+    with pytest.raises(ValueError, match="'mps' was requested but Apple MPS is not available"):
+        select_device("mps")
+
+
+# ----------------------------------------------------------------------------- classify_crops
+
+
+def test_classify_crops_outputs_and_batch_independence(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(10)
+    whole = classify_crops(model, info, images, masks, device="cpu", batch_size=64, amp=False)
+    assert whole["probs"].shape == (10, 3) and whole["probs"].dtype == np.float32
+    np.testing.assert_allclose(whole["probs"].sum(axis=1), 1, atol=1e-5)
+    assert whole["attention"].shape == (10, 32, 32) and whole["attention"].dtype == np.float16
+    assert 0 <= whole["attention"].min() and whole["attention"].max() <= 1
+    batched = classify_crops(model, info, images, masks, device="cpu", batch_size=3, amp=False)
+    np.testing.assert_allclose(batched["probs"], whole["probs"], atol=1e-5)
+    # bf16 autocast on CPU: same probabilities up to bf16 rounding
+    low = classify_crops(model, info, images, masks, device="cpu", batch_size=64, amp=True)
+    np.testing.assert_allclose(low["probs"], whole["probs"], atol=0.03)
+    no_maps = classify_crops(str(tmp_path / "m.safetensors"), None, images, masks, device="cpu",
+                             return_attention=False)
+    assert "attention" not in no_maps and no_maps["probs"].shape == (10, 3)
+
+
+def test_classify_crops_rejects_wrong_inputs(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(4, size=48)
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 32, 32, 3\).*input size 32"):
+        classify_crops(model, info, images, masks, device="cpu")
+    images, masks = random_crops(4)
+    with pytest.raises(TypeError, match="uint8"):
+        classify_crops(model, info, images.astype(np.float32), masks, device="cpu")
+    with pytest.raises(ValueError, match="masks must have shape"):
+        classify_crops(model, info, images, masks[:, :1], device="cpu")
+    with pytest.raises(ValueError, match="info"):
+        classify_crops(model, None, images, masks, device="cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        classify_crops(model, info, images, masks, device="cpu", batch_size=0)
+
+
+def test_out_of_memory_halves_the_batch(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(10)
+    reference = classify_crops(model, info, images, masks, device="cpu", amp=False)
+
+    class SmallMemory(torch.nn.Module):
+        """Raises the CUDA out-of-memory error for batches larger than 3."""
+
+        def __init__(self, inner, error):
+            super().__init__()
+            self.inner, self.error, self.config = inner, error, inner.config
+
+        def forward(self, x, morph=None):
+            if len(x) > 3:
+                raise self.error
+            return self.inner(x, morph)
+
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("CUDA error: out of memory")):
+        with pytest.warns(UserWarning, match="out of memory"):
+            result = classify_crops(SmallMemory(model, error), info, images, masks, device="cpu", batch_size=16,
+                                    amp=False)
+        assert result["batch_size"] == 2
+        np.testing.assert_allclose(result["probs"], reference["probs"], atol=1e-5)
+    with pytest.raises(RuntimeError, match="something else"):
+        classify_crops(SmallMemory(model, RuntimeError("something else")), info, images, masks, device="cpu")
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(5)
+
+    def broken_compile(module, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        result = classify_crops(model, info, images, masks, device="cpu", compile=True, amp=False)
+    assert result["probs"].shape == (5, 3)
+
+
+def test_daffnet_gets_its_morphology_and_attributes(tmp_path):
+    path = tiny_model_file(tmp_path / "d.safetensors", kind="daffnet", widths=[8, 16, 32, 64], morph_features=18)
+    model, info = load_model(path)
+    images, masks = random_crops(6)
+    result = classify_crops(model, info, images, masks, device="cpu")  # morph computed from the crops
+    assert result["probs"].shape == (6, 3)
+    assert set(result["attributes"]) == set(model.attribute_names)
+    np.testing.assert_allclose(result["attributes"]["nucleus_shape"].sum(axis=1), 1, atol=1e-4)
+    with pytest.raises(ValueError, match=r"morph must have shape \(6, 18\)"):
+        classify_crops(model, info, images, masks, np.zeros((6, 5)), device="cpu")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_expand_image_inputs(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.png", "a/b/y.JPG", "a/notes.txt", "a/.hidden/z.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = expand_image_inputs([tmp_path / "a"])
+    assert [p.name for p in found] == ["y.JPG", "x.png"]
+    with pytest.raises(FileNotFoundError):
+        expand_image_inputs([tmp_path / "missing.png"])
+    assert expand_image_inputs([tmp_path / "missing.png"], missing="keep") == [tmp_path / "missing.png"]
+
+
+def test_classify_files_keeps_order_and_reports_failures(tmp_path, shared_data):
+    table = pd.read_csv(shared_data / "pbc" / "split.csv")
+    picked = table[table.split == "val"].groupby("label").head(1).head(3)
+    files = []
+    for path in picked.path:
+        files.append(tmp_path / path.split("/")[-1])
+        shutil.copy(shared_data / "pbc" / path, files[-1])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    model_path = tiny_model_file(tmp_path / "m.safetensors", size=32)
+    inputs = [files[0], broken, files[1], tmp_path / "missing.jpg", files[2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = classify_files(inputs, model_path, device="cpu", progress=False)
+    assert result.path.tolist() == [str(p) for p in inputs]
+    assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in CLASSES],
+                                    "scale_measured", "error"]
+    good = result.error == ""
+    assert good.tolist() == [True, False, True, False, True]
+    assert result.prediction[good].isin(CLASSES).all() and (result.prediction[~good] == "").all()
+    np.testing.assert_allclose(result.loc[good, [f"p_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-5)
+    assert result.confidence[~good].isna().all()
+    assert "not found" in result.error[3] and result.error[1]

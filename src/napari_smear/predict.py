@@ -112,7 +112,9 @@ def autocast_dtype(device, amp=True):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
-        return torch.float16
+        # MPS autocast exists from torch 2.5 on; older versions run in float32
+        major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+        return torch.float16 if (major, minor) >= (2, 5) else None
     return None
 
 

@@ -570,10 +570,8 @@ def _training_autocast(device, amp, amp_dtype):
         dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
     elif device.type == "cuda":
         dtype = torch.float16
-    elif device.type == "cpu":
+    else:  # CPU and MPS: bf16 has float32's range, so no gradient scaler is needed
         dtype = torch.bfloat16
-    else:
-        dtype = torch.float16
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}")
     return dtype, (dtype == torch.float16 and device.type == "cuda")
@@ -817,8 +815,7 @@ def train(
             host_tensors.append(torch.from_numpy(attr_targets[train_index]))
         if resident:
             device_tensors = [t.to(torch_device) for t in host_tensors]
-        elif torch_device.type == "cuda":
-            host_tensors = [t.pin_memory() for t in host_tensors]
+        pin = torch_device.type == "cuda" and not resident
         mean_t = torch.tensor(mean, device=torch_device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, device=torch_device).view(1, 3, 1, 1)
         class_weight = None
@@ -852,15 +849,18 @@ def train(
             else:
                 order = torch.randperm(n_train, generator=generator)
             model.train()
-            loss_sum, seen = 0.0, 0
+            # summed on the device: reading the loss every step would synchronise a GPU
+            loss_sum, seen = torch.zeros((), device=torch_device), 0
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                        disable=not progress, file=sys.stderr)
             for step_in_epoch in range(steps_per_epoch):
                 batch_index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
                 if resident:
                     tensors = [t[batch_index.to(torch_device)] for t in device_tensors]
+                elif pin:  # gather, then copy from page-locked memory without blocking the host
+                    tensors = [t[batch_index].pin_memory().to(torch_device, non_blocking=True) for t in host_tensors]
                 else:
-                    tensors = [t[batch_index].to(torch_device, non_blocking=True) for t in host_tensors]
+                    tensors = [t[batch_index].to(torch_device) for t in host_tensors]
                 images, masks, labels = tensors[0], tensors[1], tensors[2]
                 extra = tensors[3:]
                 morph = extra.pop(0) if morph_features else None
@@ -883,10 +883,6 @@ def train(
                     )
                 if targets is not None and out.get("attr_logits") and bool((targets >= 0).any()):
                     loss = loss + attribute_weight * attribute_loss(out["attr_logits"], targets)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the training loss became {loss.item()} at epoch {epoch}; lower lr (now {lr}) or turn amp off"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -894,11 +890,18 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 state["global_step"] += 1
-                loss_sum += float(loss.detach()) * len(labels)
+                loss_sum += loss.detach().float() * len(labels)
                 seen += len(labels)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+                if progress and (step_in_epoch % 10 == 0 or step_in_epoch == steps_per_epoch - 1):
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
             bar.close()
+            train_loss = float(loss_sum) / max(seen, 1)
+            if not math.isfinite(train_loss):
+                # the checkpoint of the previous epoch is left as it was
+                raise FloatingPointError(
+                    f"the training loss became {train_loss} in epoch {epoch}; lower lr (now {lr}) or turn amp off"
+                )
 
             val_output = classify_crops(
                 model, val_info, val_set.images, val_set.masks, val_set.morph, device=torch_device,
@@ -909,7 +912,7 @@ def train(
             metrics["attention_mass_inside"] = _attention_inside(val_output["attention"], val_set.masks[:, 0])
             record = {
                 "epoch": epoch,
-                "train_loss": loss_sum / max(seen, 1),
+                "train_loss": train_loss,
                 "val_accuracy": metrics["accuracy"],
                 "val_macro_f1": metrics["macro_f1"],
                 "val_attention_mass_inside": metrics["attention_mass_inside"],

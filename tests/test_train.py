@@ -340,3 +340,31 @@ def test_train_rejects_bad_arguments(tmp_path):
     odd_size = dataclasses.replace(crop_set, images=crop_set.images[:, :30, :30], masks=crop_set.masks[:, :, :30, :30])
     with pytest.raises(ValueError, match="multiple of 16"):
         train(odd_size, output=tmp_path / "m.safetensors", progress=False)
+
+
+def test_load_data_never_uses_a_stale_cache(tmp_path):
+    from napari_smear.datasets import load_data
+
+    crop_set = synthetic_crop_set(n_per_class=4)
+    cache = save_crop_set(tmp_path / "cache.npz", crop_set, image_codec="raw")
+    (tmp_path / "cells" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="was built from synthetic"):
+        load_data(tmp_path / "cells", cache=cache, output_size=32)
+    assert len(load_data(cache)) == len(crop_set)  # the .npz itself is always accepted
+    with pytest.raises(TypeError, match="CropSet or a path"):
+        load_data(42)
+
+
+def test_crops_from_other_segmentation_code_are_flagged(tmp_path):
+    from napari_smear.datasets import crop_code_version, load_data
+
+    crop_set = synthetic_crop_set(n_per_class=4)
+    crop_set.code_version = crop_code_version()
+    path = save_crop_set(tmp_path / "now.npz", crop_set, image_codec="raw")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_data(path).code_version == crop_code_version()
+    crop_set.code_version = "0123456789ab"
+    path = save_crop_set(tmp_path / "old.npz", crop_set, image_codec="raw")
+    with pytest.warns(UserWarning, match="another version of the segmentation"):
+        load_data(path)

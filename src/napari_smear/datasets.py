@@ -37,6 +37,7 @@ __all__ = [
     "save_crop_set",
     "load_crop_set",
     "load_data",
+    "crop_code_version",
     "CROP_SET_FORMAT_VERSION",
 ]
 
@@ -87,6 +88,9 @@ class CropSet:
         What the set was built from (recorded in trained models' metadata).
     failures : list of (path, reason)
         Images that could not be cropped (skipped).
+    code_version : str
+        :func:`crop_code_version` of the code that made the crops ("" when unknown):
+        crops from another segmentation version differ from what inference produces.
     """
 
     images: np.ndarray
@@ -105,6 +109,7 @@ class CropSet:
     morph_names: list[str] = field(default_factory=list)
     source: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
+    code_version: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -186,6 +191,7 @@ class CropSet:
             morph_names=list(self.morph_names),
             source=self.source,
             failures=list(self.failures),
+            code_version=self.code_version,
         )
 
     def class_counts(self, split: str | None = None) -> dict[str, int]:
@@ -208,6 +214,34 @@ class CropSet:
 
 
 # ----------------------------------------------------------------------------- building
+
+
+def crop_code_version() -> str:
+    """A short hash of the code that turns an image into crops (segmentation, cropping, morphology).
+
+    Stored with every crop set so that a cache made by an older segmentation, whose
+    crops (scale, masks) differ from what inference now produces, is noticed.
+    """
+    package = Path(__file__).resolve().parent
+    files = sorted((package / "segment").glob("*.py")) + [package / "crops.py", package / "morphology.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def check_code_version(crop_set: "CropSet", what: str = "these crops") -> None:
+    """Warn when ``crop_set`` was made by another version of the segmentation/cropping code."""
+    current = crop_code_version()
+    if crop_set.code_version and crop_set.code_version != current:
+        warnings.warn(
+            f"{what} were made by another version of the segmentation/cropping code "
+            f"({crop_set.code_version}, now {current}): they may differ from the crops inference makes now "
+            f"(scale, masks); rebuild them (napari-smear pack-crops) before training a model to ship",
+            stacklevel=3,
+        )
 
 
 def _image_paths(folder: Path) -> list[Path]:
@@ -579,6 +613,7 @@ def build_crop_set(
         morph_names=list(MORPH_FEATURES),
         source=str(source.resolve()),
         failures=failures,
+        code_version=crop_code_version(),
     )
     crop_set.build_seconds = elapsed  # type: ignore[attr-defined]  # for reports, not saved
     return crop_set
@@ -679,6 +714,7 @@ def save_crop_set(
         "source": np.array(str(crop_set.source)),
         "failed_paths": _str_array(p for p, _ in crop_set.failures),
         "failed_reasons": _str_array(r for _, r in crop_set.failures),
+        "code_version": np.array(str(crop_set.code_version)),
     }
     if image_codec == "jpeg":
         arrays["images_jpeg"], arrays["images_jpeg_offsets"] = _encode_jpeg(crop_set.images, jpeg_quality)
@@ -744,6 +780,8 @@ def load_crop_set(path: str | os.PathLike) -> CropSet:
             morph_names=[str(v) for v in archive["morph_names"]],
             source=str(archive["source"]),
             failures=list(zip((str(p) for p in archive["failed_paths"]), (str(r) for r in archive["failed_reasons"]))),
+            # files written before versions were recorded: made by an unknown version
+            code_version=str(archive["code_version"]) if "code_version" in archive.files else "unknown",
         )
 
 
@@ -768,7 +806,9 @@ def load_data(
         raise TypeError(f"data must be a CropSet or a path (.npz, folder, .csv), got {type(data).__name__}")
     path = Path(data)
     if path.suffix.lower() == ".npz":
-        return load_crop_set(path)
+        crop_set = load_crop_set(path)
+        check_code_version(crop_set, f"the crops in {path}")
+        return crop_set
     if cache is not None and Path(cache).is_file():
         cached = load_crop_set(cache)
         if path.exists() and Path(cached.source) != path.resolve():
@@ -781,6 +821,7 @@ def load_data(
                 f"the cache {cache} holds {cached.output_size} px crops at {cached.crop_diameters:g} diameters, "
                 f"not {output_size} px at {crop_diameters:g}; delete it or pass another --cache"
             )
+        check_code_version(cached, f"the cached crops in {cache}")
         return cached
     crop_set = build_crop_set(
         path, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress

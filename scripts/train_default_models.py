@@ -1,0 +1,182 @@
+"""Re-train the built-in models from ../shared/data with fixed seeds.
+
+    python scripts/train_default_models.py                 # both models
+    python scripts/train_default_models.py --only wbc-pbc8 --epochs 40
+    python scripts/train_default_models.py --pack-only     # just write the crop sets
+
+Steps per model:
+
+1. crops: ``cache/pbc_s96.npz`` (every PBC image segmented, its central cell cropped at
+   4 red-cell diameters, 96 px) and ``cache/chula_s64.npz`` (every Chula RBC-12 field
+   segmented; each red cell holding a labelled point cropped at 2 red-cell diameters,
+   64 px, with that point's class; 20 % of the fields, chosen by a hash of the file name,
+   are the val split). Both are compact ``.npz`` files (JPEG crops, bit-packed masks)
+   under 60 MB: copy them to a machine with a GPU and run this script there with
+   ``--cache`` pointing at them to train without the shared data.
+2. training with :func:`napari_smear.train` (seed 0; train split fitted, val used only to
+   pick the best epoch). A GPU is used when present (``--device auto``), else the CPU.
+   Interrupted runs resume from their checkpoint (``runs/<name>.ckpt/``).
+3. the best epoch's file gets the built-in metadata (name, which segmented cell types
+   it classifies, data licences and credit) and is written to
+   ``src/napari_smear/models/weights/<name>.safetensors``; its validation metrics go to
+   ``benchmarks/results/<name>_val.json`` and its confusion matrix to
+   ``docs/images/<name>_confusion.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHULA_CLASSES = [
+    "normal", "macrocyte", "microcyte", "spherocyte", "target_cell", "stomatocyte", "ovalocyte",
+    "teardrop", "burr_cell", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",
+]
+
+MODELS = {
+    "wbc-pbc8": {
+        "cache": "pbc_s96.npz",
+        "cell_types": ["wbc", "platelet"],
+        "description": "White-cell (and platelet) type, 8 PBC classes.",
+        "licence": "Weights: BSD-3-Clause (napari-smear). Training data: PBC dataset, CC BY 4.0; "
+                   "WBCAtt attributes, MIT.",
+        "credit": "Acevedo A, Merino A, Alferez S, Molina A, Boldu L, Rodellar J. A dataset of microscopic "
+                  "peripheral blood cell images for development of automatic recognition systems. "
+                  "Data in Brief 30 (2020) 105474. WBCAtt: Tsutsui S, Pang W, Wen B, NeurIPS 2023.",
+    },
+    "rbc-chula12": {
+        "cache": "chula_s64.npz",
+        "cell_types": ["rbc"],
+        "description": "Red-cell morphology, 13 Chula RBC-12 classes (12 types plus normal).",
+        "licence": "Weights: BSD-3-Clause (napari-smear). Training data: Chula RBC-12 dataset, MIT.",
+        "credit": "Naruenatthanaset K, Chalidabhongse TH, Palasuwan D, Anantrasirichai N, Palasuwan A. "
+                  "Red Blood Cell Segmentation with Overlapping Cell Separation and Classification on "
+                  "Imbalanced Dataset. arXiv:2012.01321.",
+    },
+}
+
+
+def pack(name: str, data: Path, cache: Path, workers: int):
+    """Build (or reuse) the crop set of ``name``; returns its path."""
+    from napari_smear.datasets import (
+        build_crop_set, build_point_crop_set, read_point_annotations, save_crop_set,
+    )
+
+    path = cache / MODELS[name]["cache"]
+    if path.exists():
+        print(f"[{name}] reusing crops {path}")
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if name == "wbc-pbc8":
+        manifest = data / "pbc" / "split.csv"
+        if not manifest.exists():
+            raise SystemExit(f"PBC data not found at {manifest}")
+        crop_set = build_crop_set(manifest, crop_diameters=4.0, output_size=96, workers=workers)
+    else:
+        root = data / "chula_rbc12"
+        if not (root / "images").is_dir():
+            raise SystemExit(f"Chula RBC-12 data not found at {root}")
+        fields = []
+        for image in sorted((root / "images").glob("*.jpg")):
+            labels = root / "labels" / f"{image.stem}.txt"
+            if labels.exists():
+                fields.append((image, read_point_annotations(labels)))
+        crop_set = build_point_crop_set(
+            fields, CHULA_CLASSES, crop_diameters=2.0, output_size=64, val_fraction=0.2, workers=workers,
+            source=str(root.resolve()),
+        )
+        print(f"[{name}] points: {getattr(crop_set, 'point_stats', {})}")
+    save_crop_set(path, crop_set)
+    print(f"[{name}] {len(crop_set)} crops in {time.perf_counter() - started:.0f} s -> {path} "
+          f"({path.stat().st_size / 1e6:.1f} MB)")
+    return path
+
+
+def train_one(name: str, crops: Path, args) -> dict:
+    from napari_smear.datasets import load_crop_set
+    from napari_smear.models import load_model, save_model
+    from napari_smear.train import evaluate, plot_confusion, train
+
+    crop_set = load_crop_set(crops)
+    runs = ROOT / "runs"
+    runs.mkdir(exist_ok=True)
+    kind = args.kind_wbc if name == "wbc-pbc8" else args.kind_rbc
+    extra = json.loads(args.options_wbc if name == "wbc-pbc8" else args.options_rbc)
+    epochs = args.epochs_wbc if name == "wbc-pbc8" else args.epochs_rbc
+    result = train(
+        crop_set, model_kind=kind, output=runs / f"{name}.safetensors", epochs=epochs, seed=args.seed,
+        device=args.device, num_threads=args.threads, patience=args.patience, resume=True,
+        batch_size=args.batch_size, progress=True, **extra,
+    )
+    model, info = load_model(result.model_path, device="cpu")
+    spec = MODELS[name]
+    metadata = dict(info.metadata)
+    for key in ("format_version", "kind", "config", "channels", "package_version", "created"):
+        metadata.pop(key, None)
+    metadata.update({
+        "name": name,
+        "description": spec["description"],
+        "cell_types": spec["cell_types"],
+        "licence": spec["licence"],
+        "credit": spec["credit"],
+        "trained_by": "scripts/train_default_models.py",
+    })
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = save_model(out_dir / f"{name}.safetensors", model, metadata)
+    metrics = evaluate(model, crop_set, "val", info=info, device=args.device)
+    images = ROOT / "docs" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    plot_confusion(metrics["confusion"], info.class_names, images / f"{name}_confusion.png",
+                   title=f"{name}: validation confusion (row-normalised)")
+    report = {
+        "model": name, "kind": kind, "options": extra, "file": str(target.relative_to(ROOT)),
+        "file_mb": round(target.stat().st_size / 1e6, 2), "best_epoch": result.best_epoch,
+        "epochs_completed": result.epochs_completed, "history": result.history, "val": metrics,
+        "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
+    }
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}_val.json").write_text(json.dumps(report, indent=2))
+    print(f"[{name}] val accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+          f"attention inside {metrics.get('attention_mass_inside')}; wrote {target} "
+          f"({report['file_mb']} MB)")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--cache", default=str(ROOT / "cache"), help="folder of the packed crop sets")
+    parser.add_argument("--out", default=str(ROOT / "src" / "napari_smear" / "models" / "weights"))
+    parser.add_argument("--only", choices=sorted(MODELS), action="append")
+    parser.add_argument("--pack-only", action="store_true")
+    parser.add_argument("--workers", type=int, default=2, help="processes for segmenting/cropping")
+    parser.add_argument("--kind-wbc", default="shape_aware")
+    parser.add_argument("--kind-rbc", default="shape_aware")
+    parser.add_argument("--options-wbc", default="{}", help="extra train() options as JSON")
+    parser.add_argument("--options-rbc", default="{}", help="extra train() options as JSON")
+    parser.add_argument("--epochs-wbc", type=int, default=40)
+    parser.add_argument("--epochs-rbc", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    names = args.only or list(MODELS)
+    for name in names:
+        crops = pack(name, Path(args.data), Path(args.cache), args.workers)
+        if not args.pack_only:
+            train_one(name, crops, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,16 +76,142 @@ def _cmd_segment(args) -> int:
 
 
 def _add_demo(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="run the main job on the bundled sample fields")
-    parser.add_argument("--out", default="demo-output")
+    parser = subparsers.add_parser(
+        "demo", help="run the main job (batch analysis) on the bundled sample fields",
+        description="Write the bundled synthetic fields (and, when ../shared/data is present, three real BCCD "
+                    "fields) and analyse them like `napari-smear analyze`: segmentation, classification with "
+                    "the installed built-in models, attention maps, per-cell tables, QC overlays, summary.",
+    )
+    parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    parser.add_argument("--models", nargs="+", action="extend", default=None, metavar="MODEL",
+                        help="models instead of the installed built-in ones ('none': segmentation only)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out))
-    return 0
+    report = run_demo(Path(args.out), models=_model_list(args.models), device=args.device)
+    return 0 if report.analysed + report.skipped else 1
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def _add_analyze(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze", help="analyse folders of smear images: segmentation, classification, attention, QC",
+        description="Analyse every image of IN (folders are searched recursively; sub-folders are mirrored in "
+                    "OUT_DIR). Per image: <stem>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
+                    "_overlay.png and the completion marker _done.json; per run: summary.csv, errors.csv, "
+                    "run.json. Re-running skips finished images and redoes unfinished ones. See docs/batch.md.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="image folders or files")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
+    parser.add_argument("--models", nargs="+", action="extend", default=None, metavar="MODEL",
+                        help="built-in names or .safetensors files, space or comma separated; 'none' for "
+                             "segmentation only (default: the installed built-in models)")
+    parser.add_argument("--device", default="auto", help="classifier device: auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--pattern", default="*", help="file-name glob inside folders, e.g. '*.jpg' (default *)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=0,
+                       help="worker processes of a local Dask cluster for decoding, segmentation and writing "
+                            "(default 0: everything in this process)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="address of an existing Dask scheduler (tcp://host:8786); its workers must see IN "
+                            "and OUT_DIR at the same paths")
+    parser.add_argument("--overwrite", action="store_true", help="redo images an earlier run finished")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="crops per classifier batch (default 32 on CPU, 1024 on a GPU)")
+    parser.add_argument("--pixel-size-um", type=float, default=None,
+                        help="pixel size of every image (default: from the file, else measured)")
+    parser.add_argument("--no-amp", action="store_true", help="classify in float32")
+    parser.add_argument("--no-morphology", action="store_true",
+                        help="leave the morphology columns out of the cell tables (faster)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_cmd_analyze)
+
+
+def _model_list(values):
+    """--models values: None (the default models), [] ('none') or the names/paths given."""
+    if values is None:
+        return None
+    names = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return []
+    return names
+
+
+def _cmd_analyze(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .batch import analyze_files
+
+    if args.workers < 0:
+        raise CommandError(f"--workers must be 0 or more, got {args.workers}")
+    bar = None
+
+    def show(done, total, message):
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="img", desc="analyzing", file=sys.stderr, smoothing=0.05)
+        bar.n = done
+        bar.set_postfix_str(message[-60:], refresh=False)
+        bar.refresh()
+
+    try:
+        report = analyze_files(
+            args.inputs, args.out_dir, models=_model_list(args.models), device=args.device, pattern=args.pattern,
+            workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite, batch_size=args.batch_size,
+            amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=show,
+        )
+    except RuntimeError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    for name in report.missing_models:
+        print(f"napari-smear analyze: built-in model {name!r} is not installed: the cells it classifies were "
+              "segmented but not classified", file=sys.stderr)
+    for path, error in zip(report.errors.file, report.errors.error):
+        print(f"FAILED {path}: {error.splitlines()[0] if error else ''}", file=sys.stderr)
+    _print_batch_report(report)
+    return 0 if report.analysed + report.skipped or not report.total else 1
+
+
+def _print_batch_report(report) -> None:
+    """A few lines a person reads after a batch run (the files hold everything)."""
+    timings = report.run.get("timings", {})
+    rate = timings.get("images_per_s")
+    print(
+        f"{report.analysed} image(s) analysed, {report.skipped} finished earlier (skipped), {report.failed} failed, "
+        f"of {report.total}; {timings.get('wall_s', 0):.1f} s" + (f" ({rate:.2f} images/s)" if rate else "")
+    )
+    models = report.run.get("models", {})
+    if models:
+        print("models: " + "; ".join(f"{name} ({', '.join(m['cell_types'])})" for name, m in models.items()))
+    else:
+        print("models: none (segmentation only)")
+    summary = report.summary
+    if len(summary):
+        counts = ", ".join(f"{t} {int(summary[t].sum())}" for t in ("wbc", "rbc", "platelet"))
+        print(f"cells: {int(summary['cells'].sum())} ({counts})")
+        for name, model in models.items():
+            for cell_type in model["cell_types"]:
+                total = int(summary[cell_type].sum())
+                if not total:
+                    continue
+                parts = sorted(
+                    ((int(summary[f"{cell_type}_{c}"].sum()), c) for c in model["classes"]
+                     if f"{cell_type}_{c}" in summary),
+                    reverse=True,
+                )
+                shown = ", ".join(f"{c} {100 * n / total:.1f}%" for n, c in parts if n)
+                print(f"  {cell_type} by {name}: {shown}")
+    print(f"outputs in {report.out_dir} (summary.csv, errors.csv, run.json)")
 
 
 # ----------------------------------------------------------------------------- train
@@ -330,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-smear {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for add in (_add_segment, _add_demo, _add_train, _add_evaluate, _add_classify, _add_pack_crops):
+    for add in (_add_segment, _add_analyze, _add_demo, _add_train, _add_evaluate, _add_classify, _add_pack_crops):
         add(subparsers)
     return parser
 

@@ -1,16 +1,46 @@
 """analyze(image): segment -> crop -> classify -> paste attention back, in one call.
 
 Synchronous and Qt-free: the napari widgets, the batch runner and scripts all call it.
+
+The work is split into three stages so that a batch of images can run them where each
+is cheapest (see :mod:`napari_smear.batch`):
+
+1. :func:`prepare_field` (CPU, no model): segmentation, the morphology table and, for
+   every model, the normalised crops of the cell types it classifies. Its result holds
+   only numpy arrays and pandas tables, so it travels between processes.
+2. Classification on the models' device: :func:`napari_smear.predict.classify_crops`
+   for one field, or :class:`StreamingClassifier`, which classifies the crops of many
+   fields together in fixed-size batches.
+3. :func:`finish_field` (CPU): class, confidence and ``p_<class>`` columns, and each
+   model's attention pasted back into image coordinates.
+
+:func:`analyze` runs the three stages on one image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .segment.types import SmearSegmentation
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "AnalysisResult",
+    "ModelSpec",
+    "LoadedModel",
+    "PreparedField",
+    "StreamingClassifier",
+    "analyze",
+    "differential_counts",
+    "finish_field",
+    "load_models",
+    "prepare_field",
+]
 
 DEFAULT_MODELS = ("wbc-pbc8", "rbc-chula12")
 # Which segmented cells a model sees when its file does not say (metadata "cell_types").
@@ -45,6 +75,304 @@ class AnalysisResult:
     models: dict[str, dict] = field(default_factory=dict)
 
 
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the crop and finishing stages need to know of a model (no weights, picklable).
+
+    Attributes
+    ----------
+    name : str
+        The name results are filed under (built-in name or model file stem).
+    kind : str
+        Architecture.
+    class_names : tuple of str
+        Class of each output, in order.
+    cell_types : tuple of str
+        Segmented cell types the model classifies (metadata ``cell_types``; all
+        types when the file does not say).
+    crop_diameters : float
+        Crop window side in red-cell diameters.
+    input_size : int
+        Crop side in pixels.
+    morph_features : tuple of str
+        Columns of :func:`napari_smear.morphology.crop_morphology` the model consumes,
+        in order (empty: none).
+    path : str or None
+        The model file.
+    """
+
+    name: str
+    kind: str
+    class_names: tuple[str, ...]
+    cell_types: tuple[str, ...]
+    crop_diameters: float
+    input_size: int
+    morph_features: tuple[str, ...] = ()
+    path: str | None = None
+
+    @classmethod
+    def from_info(cls, name: str, info) -> "ModelSpec":
+        from .morphology import MORPH_FEATURES
+
+        metadata = info.metadata or {}
+        morph = tuple(metadata.get("morph_features") or ())
+        if not morph and int((info.config or {}).get("morph_features", 0) or 0):
+            morph = tuple(MORPH_FEATURES)  # what classify_crops computes when not told
+        return cls(
+            name=str(name),
+            kind=str(info.kind),
+            class_names=tuple(str(c) for c in info.class_names),
+            cell_types=tuple(metadata.get("cell_types") or _DEFAULT_CELL_TYPES),
+            crop_diameters=float(info.crop_diameters),
+            input_size=int(info.input_size),
+            morph_features=morph,
+            path=str(info.path) if info.path else None,
+        )
+
+    def describe(self) -> dict:
+        """The description :attr:`AnalysisResult.models` holds."""
+        return {
+            "kind": self.kind,
+            "classes": list(self.class_names),
+            "cell_types": list(self.cell_types),
+            "path": self.path,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with its :class:`ModelSpec`."""
+
+    spec: ModelSpec
+    model: object
+    info: object
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def load_models(models: Sequence, device: str = "auto") -> list[LoadedModel]:
+    """Load models given as built-in names, model files or ``(model, ModelInfo)`` pairs.
+
+    Raises
+    ------
+    napari_smear.models.ModelFileError
+        A missing or malformed model.
+    ValueError
+        Two models that would file their results under the same name.
+    """
+    loaded = []
+    for spec in models:
+        name, model, info = _load(spec, device)
+        loaded.append(LoadedModel(ModelSpec.from_info(name, info), model, info))
+    names = [m.name for m in loaded]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"two models are both named {duplicates[0]!r}: rename one of the model files")
+    return loaded
+
+
+def _load(spec, device):
+    from .models import load_model
+
+    if isinstance(spec, tuple) and len(spec) == 2:
+        model, info = spec
+        name = info.metadata.get("name") or (info.path.stem if info.path else info.kind)
+        return name, model, info
+    model, info = load_model(spec, device=_resolved_device(device))
+    name = str(spec) if not str(spec).endswith(".safetensors") else info.path.stem
+    return name, model, info
+
+
+def _resolved_device(device: str) -> str:
+    from .predict import select_device
+
+    return str(select_device(device))
+
+
+# ----------------------------------------------------------------------------- stage 1: prepare
+
+
+@dataclass
+class PreparedField:
+    """A segmented field with the crops every model will classify (stage 1's result).
+
+    Attributes
+    ----------
+    rgb : (H, W, 3) uint8
+        The field as analysed.
+    segmentation : SmearSegmentation
+    table : pandas.DataFrame
+        The segmentation table, with the morphology columns when asked for.
+    crops : dict[str, InstanceCrops]
+        Per model name, the crops of the cells it classifies (models with no such cell
+        in this field are absent).
+    morph : dict[str, numpy.ndarray]
+        Per model name, the (N, M) float32 morphology features it consumes (absent
+        for models that consume none).
+    timings : dict[str, float]
+        Seconds spent per step (``segment``, ``morphology``, ``crop``).
+    """
+
+    rgb: np.ndarray
+    segmentation: SmearSegmentation
+    table: pd.DataFrame
+    crops: dict = field(default_factory=dict)
+    morph: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def crop_pixels(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Per model name, ``(images, masks, morph)``: what the classifier needs."""
+        return {name: (c.images, c.masks, self.morph.get(name)) for name, c in self.crops.items()}
+
+    def without_crop_pixels(self) -> "PreparedField":
+        """A copy without the crop pixels (kept: labels and windows, for pasting maps)."""
+        slim = {
+            name: replace(c, images=c.images[:0], masks=c.masks[:0]) for name, c in self.crops.items()
+        }
+        return replace(self, crops=slim, morph={})
+
+
+def prepare_field(
+    image,
+    specs: Sequence[ModelSpec] = (),
+    *,
+    pixel_size_um: float | None = None,
+    segmentation: SmearSegmentation | None = None,
+    morphology: bool = True,
+    segment_threads: int | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> PreparedField:
+    """Stage 1: segment a field and crop the cells each model classifies.
+
+    Parameters
+    ----------
+    image : array-like
+        RGB field (see :func:`napari_smear.io.as_rgb_uint8` for accepted inputs).
+    specs : sequence of ModelSpec
+        The models whose crops to make.
+    segmentation : SmearSegmentation, optional
+        Reuse an existing segmentation instead of segmenting again.
+    morphology : bool
+        Add the morphology columns (:func:`napari_smear.morphology.morphology_table`).
+    segment_threads : int, optional
+        Threads for the tiles of large fields (default: segmentation's own choice).
+    progress : callable, optional
+        ``progress(fraction, message)`` during segmentation; raise inside it to cancel.
+    """
+    from .crops import crop_instances
+    from .io import as_rgb_uint8
+    from .morphology import crop_morphology, morphology_table
+    from .segment import segment_smear
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    rgb = as_rgb_uint8(image)
+    if segmentation is None:
+        segmentation = segment_smear(
+            rgb, pixel_size_um=pixel_size_um, n_workers=segment_threads, progress=progress,
+        )
+    timings["segment"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    table = segmentation.table.copy()
+    if morphology and len(table):
+        morph = morphology_table(rgb, segmentation).drop(columns=["area_px"])
+        table = table.merge(morph, on="label", how="left")
+    timings["morphology"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    crops, morph_features = {}, {}
+    # Models with the same crop convention share one cropping pass (the whole-image
+    # anti-aliasing dominates its cost); each takes its cell types from it, in table order.
+    conventions: dict[tuple[float, int], list[ModelSpec]] = {}
+    for spec in specs:
+        if len(table) and table.cell_type.isin(spec.cell_types).any():
+            conventions.setdefault((spec.crop_diameters, spec.input_size), []).append(spec)
+    for (crop_diameters, input_size), group in conventions.items():
+        types = sorted({t for spec in group for t in spec.cell_types})
+        shared = crop_instances(
+            rgb, segmentation, crop_diameters=crop_diameters, output_size=input_size, cell_types=types,
+        )
+        shared_types = segmentation.table.set_index("label").cell_type.reindex(shared.labels).to_numpy()
+        for spec in group:
+            keep = np.isin(shared_types, spec.cell_types)
+            crops[spec.name] = shared if keep.all() else shared.subset(keep)
+    crops = {spec.name: crops[spec.name] for spec in specs if spec.name in crops}
+    for spec in specs:
+        crop = crops.get(spec.name)
+        if crop is not None and spec.morph_features:
+            feats = crop_morphology(crop.images, crop.masks, crop.crop_diameters)
+            values = feats[list(spec.morph_features)].to_numpy(np.float32)
+            morph_features[spec.name] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    timings["crop"] = time.perf_counter() - started
+    return PreparedField(rgb, segmentation, table, crops, morph_features, timings)
+
+
+# ----------------------------------------------------------------------------- stage 3: finish
+
+
+def finish_field(
+    prepared: PreparedField,
+    specs: Sequence[ModelSpec],
+    outputs: dict[str, dict],
+) -> AnalysisResult:
+    """Stage 3: put the classifiers' outputs into the cell table and image coordinates.
+
+    Parameters
+    ----------
+    prepared : PreparedField
+        Stage 1's result (the crop pixels may have been dropped).
+    specs : sequence of ModelSpec
+        The models, in the order :func:`analyze` was given them (a cell two models
+        classify keeps the later model's class).
+    outputs : dict
+        Per model name, ``{"probs": (N, C), "attention": (N, S, S) or None}`` for the
+        crops of ``prepared.crops[name]``, in the same order.
+    """
+    from .crops import paste_maps
+
+    segmentation = prepared.segmentation
+    table = prepared.table.copy()
+    table["class"] = pd.Series([None] * len(table), dtype="object", index=table.index)
+    table["confidence"] = np.nan
+    table["model"] = pd.Series([None] * len(table), dtype="object", index=table.index)
+    attention: dict[str, np.ndarray] = {}
+    for spec in specs:
+        for cls in spec.class_names:
+            if f"p_{cls}" not in table:
+                table[f"p_{cls}"] = np.nan
+        crops, out = prepared.crops.get(spec.name), outputs.get(spec.name)
+        if crops is None or out is None or not len(crops):
+            attention[spec.name] = np.zeros(segmentation.labels.shape, np.float32)
+            continue
+        probs = np.asarray(out["probs"], np.float32)
+        rows = table.index[pd.Index(table.label).get_indexer(crops.labels)]
+        table.loc[rows, "class"] = np.asarray(spec.class_names, dtype=object)[probs.argmax(1)]
+        table.loc[rows, "confidence"] = probs.max(1)
+        table.loc[rows, "model"] = spec.name
+        table.loc[rows, [f"p_{cls}" for cls in spec.class_names]] = probs
+        maps = out.get("attention")
+        attention[spec.name] = (
+            paste_maps(maps, crops, segmentation.labels) if maps is not None
+            else np.zeros(segmentation.labels.shape, np.float32)
+        )
+    return AnalysisResult(
+        segmentation=segmentation,
+        table=table,
+        attention=attention,
+        counts=differential_counts(table),
+        models={spec.name: spec.describe() for spec in specs},
+    )
+
+
+# ----------------------------------------------------------------------------- one image
+
+
 def analyze(
     image,
     *,
@@ -72,96 +400,207 @@ def analyze(
     progress : callable, optional
         ``progress(fraction, message)``; raise inside it to cancel.
     """
-    from .crops import crop_instances, paste_maps
-    from .io import as_rgb_uint8
-    from .morphology import crop_morphology, morphology_table
-    from .segment import segment_smear
-
-    report = progress or (lambda f, m: None)
-    rgb = as_rgb_uint8(image)
-    if segmentation is None:
-        segmentation = segment_smear(
-            rgb, pixel_size_um=pixel_size_um,
-            progress=lambda f, m: report(0.4 * f, f"segmenting: {m}"),
-        )
-    table = segmentation.table.copy()
-    if morphology and len(table):
-        morph = morphology_table(rgb, segmentation).drop(columns=["area_px"])
-        table = table.merge(morph, on="label", how="left")
-    table["class"] = pd.Series([None] * len(table), dtype="object")
-    table["confidence"] = np.nan
-    table["model"] = pd.Series([None] * len(table), dtype="object")
-    attention: dict[str, np.ndarray] = {}
-    described: dict[str, dict] = {}
-    loaded = [_load(m, device) for m in models]
-    for k, (name, model, info) in enumerate(loaded):
-        start = 0.4 + 0.6 * k / max(len(loaded), 1)
-        report(start, f"classifying with {name}")
-        cell_types = tuple(info.metadata.get("cell_types") or _DEFAULT_CELL_TYPES)
-        described[name] = {
-            "kind": info.kind, "classes": list(info.class_names),
-            "cell_types": list(cell_types), "path": str(info.path) if info.path else None,
-        }
-        for cls in info.class_names:
-            if f"p_{cls}" not in table:
-                table[f"p_{cls}"] = np.nan
-        attention[name] = np.zeros(segmentation.labels.shape, np.float32)
-        if not len(table) or not table.cell_type.isin(cell_types).any():
-            continue
-        crops = crop_instances(
-            rgb, segmentation, crop_diameters=info.crop_diameters,
-            output_size=info.input_size, cell_types=cell_types,
-        )
-        morph_feats = None
-        if info.metadata.get("morph_features"):
-            feats = crop_morphology(crops.images, crops.masks, crops.crop_diameters)
-            morph_feats = feats[list(info.metadata["morph_features"])].to_numpy(np.float32)
-        out = _classify(model, info, crops, morph_feats, device, batch_size)
-        probs = out["probs"]
-        where = pd.Index(table.label).get_indexer(crops.labels)
-        best = probs.argmax(1)
-        table.loc[table.index[where], "class"] = np.asarray(info.class_names, dtype=object)[best]
-        table.loc[table.index[where], "confidence"] = probs.max(1)
-        table.loc[table.index[where], "model"] = name
-        for j, cls in enumerate(info.class_names):
-            table.loc[table.index[where], f"p_{cls}"] = probs[:, j]
-        if out.get("attention") is not None:
-            attention[name] = paste_maps(out["attention"], crops, segmentation.labels)
-    report(1.0, "done")
-    return AnalysisResult(
-        segmentation=segmentation,
-        table=table,
-        attention=attention,
-        counts=differential_counts(table),
-        models=described,
-    )
-
-
-def _load(spec, device):
-    from .models import load_model
-
-    if isinstance(spec, tuple) and len(spec) == 2:
-        model, info = spec
-        name = info.metadata.get("name") or (info.path.stem if info.path else info.kind)
-        return name, model, info
-    model, info = load_model(spec, device=_resolved_device(device))
-    name = str(spec) if not str(spec).endswith(".safetensors") else info.path.stem
-    return name, model, info
-
-
-def _resolved_device(device: str) -> str:
-    from .predict import select_device
-
-    return str(select_device(device))
-
-
-def _classify(model, info, crops, morph, device, batch_size):
     from .predict import classify_crops
 
-    return classify_crops(
-        model, info, crops.images, crops.masks, morph,
-        device=device, batch_size=batch_size, return_attention=True,
+    report = progress or (lambda f, m: None)
+    loaded = load_models(models, device)  # first: a bad model name fails before segmenting
+    specs = [m.spec for m in loaded]
+    prepared = prepare_field(
+        image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
+        progress=lambda f, m: report(0.4 * f, f"segmenting: {m}"),
     )
+    outputs: dict[str, dict] = {}
+    for k, entry in enumerate(loaded):
+        report(0.4 + 0.6 * k / max(len(loaded), 1), f"classifying with {entry.name}")
+        if entry.name not in prepared.crops:
+            continue
+        images, masks, morph = prepared.crop_pixels()[entry.name]
+        outputs[entry.name] = classify_crops(
+            entry.model, entry.info, images, masks, morph,
+            device=device, batch_size=batch_size, return_attention=True, progress=False,
+        )
+    report(1.0, "done")
+    return finish_field(prepared, specs, outputs)
+
+
+# ----------------------------------------------------------------------------- many images
+
+
+class StreamingClassifier:
+    """Classify the crops of many fields together, in batches of exactly ``batch_size``.
+
+    Fields are added as their crops arrive (:meth:`add`); crops queue per model and
+    every forward pass takes ``batch_size`` of them, spanning fields, so a GPU (or the
+    CPU's vector units) sees large batches even when fields hold few cells. A field is
+    handed back (by :meth:`add`, :meth:`step` or :meth:`flush`) once every model has
+    classified all of its crops.
+
+    Each forward pass has the same shape (a short last batch is padded with blank
+    crops), so a cell's probabilities and attention do not depend on which other cells
+    shared its batch: an interrupted and resumed run, a Dask run and a one-process run
+    give the same numbers, bit for bit, on the same device.
+
+    Parameters
+    ----------
+    models : sequence of LoadedModel
+    device : str
+        See :func:`napari_smear.predict.select_device`.
+    batch_size : int
+        Crops per forward pass.
+    amp : bool
+        Autocast (see :func:`napari_smear.predict.classify_crops`).
+    max_waiting : int
+        Fields that may wait for a batch to fill. Past this a model whose crops are
+        rare (white cells) runs a padded batch, so results are not held back for long.
+    max_waiting_pixels : float
+        The same bound on the fields' total pixel count (``size`` given to :meth:`add`):
+        the caller keeps every waiting field's images in memory.
+    """
+
+    def __init__(self, models: Sequence[LoadedModel], *, device="auto", batch_size: int = 256,
+                 amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6):
+        from .predict import select_device
+
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.models = {m.name: m for m in models}
+        self.device = select_device(device)
+        self.batch_size = int(batch_size)
+        self.amp = amp
+        self.max_waiting = max(1, int(max_waiting))
+        self.max_waiting_pixels = float(max_waiting_pixels)
+        self._sizes: dict[Hashable, float] = {}
+        self._queues: dict[str, deque] = {name: deque() for name in self.models}
+        self._queued = {name: 0 for name in self.models}
+        self._results: dict[Hashable, dict[str, dict]] = {}
+        self._remaining: dict[Hashable, int] = {}
+        #: Seconds in forward passes, crops classified and blank crops padded in.
+        self.seconds = 0.0
+        self.crops = 0
+        self.padded = 0
+
+    @property
+    def waiting(self) -> int:
+        """Fields added and not yet handed back."""
+        return len(self._remaining)
+
+    @property
+    def full(self) -> bool:
+        """Whether the waiting fields reached ``max_waiting`` or ``max_waiting_pixels``."""
+        return self.waiting >= self.max_waiting or (
+            self.waiting > 1 and sum(self._sizes.values()) > self.max_waiting_pixels
+        )
+
+    def add(self, key: Hashable, crops: dict[str, tuple], size: float = 0.0) -> list[tuple[Hashable, dict]]:
+        """Queue a field's crops (``{model name: (images, masks, morph)}``).
+
+        ``size`` is the field's pixel count (see ``max_waiting_pixels``). Returns the
+        fields completed by this call: the field itself when it has nothing to classify.
+        """
+        if key in self._remaining:
+            raise ValueError(f"field {key!r} is already queued")
+        unknown = set(crops) - set(self.models)
+        if unknown:
+            raise ValueError(f"crops for models that are not loaded: {sorted(unknown)}")
+        results: dict[str, dict] = {}
+        total = 0
+        for name, (images, masks, morph) in crops.items():
+            n = len(images)
+            if not n:
+                continue
+            side = self.models[name].spec.input_size
+            results[name] = {
+                "probs": np.empty((n, len(self.models[name].spec.class_names)), np.float32),
+                "attention": np.empty((n, side, side), np.float16),
+            }
+            self._queues[name].append([key, 0, images, masks, morph])
+            self._queued[name] += n
+            total += n
+        self._results[key] = results
+        self._remaining[key] = total
+        self._sizes[key] = float(size)
+        if total == 0:
+            return [self._pop(key)]
+        return []
+
+    def step(self) -> list[tuple[Hashable, dict]]:
+        """Run every full batch there is; hand back the fields that are complete."""
+        done = []
+        for name in self.models:
+            while self._queued[name] >= self.batch_size:
+                done += self._run(name)
+        while self.full:
+            oldest = next(iter(self._remaining))
+            blocking = [n for n, q in self._queues.items() if any(item[0] == oldest for item in q)]
+            for name in blocking:
+                done += self._run(name)
+        return done
+
+    def flush(self) -> list[tuple[Hashable, dict]]:
+        """Classify everything queued (padding the last batches); hand back every field."""
+        done = []
+        for name in self.models:
+            while self._queued[name]:
+                done += self._run(name)
+        return done
+
+    def _pop(self, key):
+        del self._remaining[key]
+        del self._sizes[key]
+        return key, self._results.pop(key)
+
+    def _run(self, name: str) -> list[tuple[Hashable, dict]]:
+        from .predict import classify_crops
+
+        entry, queue = self.models[name], self._queues[name]
+        pieces, need = [], self.batch_size
+        while need and queue:
+            item = queue[0]
+            key, start, images = item[0], item[1], item[2]
+            take = min(need, len(images) - start)
+            pieces.append((key, start, take, item))
+            need -= take
+            if start + take == len(images):
+                queue.popleft()
+            else:
+                item[1] = start + take
+        n = self.batch_size - need
+        self._queued[name] -= n
+        size = entry.spec.input_size
+        images = np.zeros((self.batch_size, size, size, 3), np.uint8)
+        masks = np.zeros((self.batch_size, 2, size, size), np.uint8)
+        morph = (
+            np.zeros((self.batch_size, len(entry.spec.morph_features)), np.float32)
+            if entry.spec.morph_features else None
+        )
+        at = 0
+        for _, start, take, item in pieces:
+            images[at:at + take] = item[2][start:start + take]
+            masks[at:at + take] = item[3][start:start + take]
+            if morph is not None and item[4] is not None:
+                morph[at:at + take] = item[4][start:start + take]
+            at += take
+        started = time.perf_counter()
+        out = classify_crops(
+            entry.model, entry.info, images, masks, morph, device=self.device,
+            batch_size=self.batch_size, amp=self.amp, return_attention=True, progress=False,
+        )
+        self.seconds += time.perf_counter() - started
+        self.crops += n
+        self.padded += self.batch_size - n
+        done, at = [], 0
+        for key, start, take, _ in pieces:
+            result = self._results[key][name]
+            result["probs"][start:start + take] = out["probs"][at:at + take]
+            result["attention"][start:start + take] = out["attention"][at:at + take]
+            at += take
+            self._remaining[key] -= take
+            if self._remaining[key] == 0:
+                done.append(self._pop(key))
+        return done
+
+
+# ----------------------------------------------------------------------------- counts
 
 
 def differential_counts(table: pd.DataFrame) -> pd.DataFrame:
@@ -174,7 +613,7 @@ def differential_counts(table: pd.DataFrame) -> pd.DataFrame:
         .value_counts()
         .rename("count")
         .reset_index()
-        .sort_values(["cell_type", "count"], ascending=[True, False], ignore_index=True)
+        .sort_values(["cell_type", "count", "class"], ascending=[True, False, True], ignore_index=True)
     )
     totals = counts.groupby("cell_type")["count"].transform("sum")
     counts["percent"] = 100.0 * counts["count"] / totals

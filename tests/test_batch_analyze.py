@@ -1,0 +1,351 @@
+"""Batch analysis (`napari-smear analyze`, napari_smear.batch.analyze_files): outputs,
+bad files, resume after a kill (byte for byte), the Dask path and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from napari_smear import batch
+from napari_smear.batch import analyze_files
+from napari_smear.cli import main
+from napari_smear.io import read_image, write_png_atomic, write_tiff_atomic
+from napari_smear.models import build_model, save_model
+
+TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+WBC_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
+RBC_CLASSES = ["normal", "target", "schistocyte"]
+PER_IMAGE = ("_labels.tif", "_nuclei.tif", "_attention.tif", "_cells.csv", "_overlay.png", "_done.json")
+# Small classifier batches, so that batches span images and an interrupted run batches
+# differently from an uninterrupted one.
+BATCH = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(path, classes, cell_types, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("shape_aware", len(classes), **TINY)
+    save_model(path, model, {"class_names": classes, "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
+                             "input_size": 32, "crop_diameters": 4.0, "cell_types": cell_types})
+    return path
+
+
+def field(seed: int, shape=(168, 224)) -> np.ndarray:
+    from napari_smear.samples import synthetic_smear
+
+    return synthetic_smear(shape, rbc_diameter_px=26.0, seed=seed)[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two tiny models, a folder of four fields (one in a sub-folder) and its clean run."""
+    root = tmp_path_factory.mktemp("batch")
+    models = [
+        str(tiny_model(root / "wbc.safetensors", WBC_CLASSES, ["wbc", "platelet"])),
+        str(tiny_model(root / "rbc.safetensors", RBC_CLASSES, ["rbc"], seed=1)),
+    ]
+    inputs = root / "in"
+    (inputs / "sub").mkdir(parents=True)
+    names = ["a.png", "b.png", "sub/c.png", "d.png"]
+    for k, name in enumerate(names):
+        write_png_atomic(inputs / name, field(k))
+    clean = root / "clean"
+    report = analyze_files(inputs, clean, models=models, device="cpu", batch_size=BATCH)
+    return {"root": root, "models": models, "inputs": inputs, "names": names, "clean": clean, "report": report}
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (run.json, which records times, aside)."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "run.json"
+    }
+
+
+def assert_same_files(folder: Path, reference: Path) -> None:
+    ours, theirs = files_of(folder), files_of(reference)
+    assert sorted(ours) == sorted(theirs)
+    different = [name for name in ours if ours[name] != theirs[name]]
+    assert not different, f"files differ from the uninterrupted run: {different}"
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_outputs_per_image_and_per_run(setup):
+    clean, report = setup["clean"], setup["report"]
+    assert (report.total, report.analysed, report.skipped, report.failed) == (4, 4, 0, 0)
+    assert report.models == ["wbc", "rbc"] and report.missing_models == []
+    for name in setup["names"]:
+        stem = clean / name[:-4]
+        for suffix in PER_IMAGE:
+            assert Path(f"{stem}{suffix}").is_file(), f"{stem}{suffix} missing"
+    stem = clean / "sub" / "c"  # sub-folders are mirrored
+    image = read_image(setup["inputs"] / "sub" / "c.png")[0]
+    labels, label_meta = read_image(f"{stem}_labels.tif", rgb=False)
+    assert labels.dtype == np.uint32 and labels.shape == image.shape[:2]
+    assert label_meta["napari_smear"]["kind"] == "cells" and label_meta["napari_smear"]["rbc_diameter_px"] > 20
+    nuclei = tifffile.imread(f"{stem}_nuclei.tif")
+    assert set(np.unique(nuclei)) - {0} <= set(np.unique(labels))
+
+    cells = pd.read_csv(f"{stem}_cells.csv")
+    assert list(cells.columns[:8]) == ["label", "cell_type", "class", "confidence", "model", "centroid_y",
+                                       "centroid_x", "area_px"]
+    assert list(cells.columns[8:14]) == [f"p_{c}" for c in WBC_CLASSES + RBC_CLASSES]
+    assert {"bbox_min_y", "perimeter_px", "nc_ratio"} <= set(cells.columns)
+    assert set(cells.label) == set(np.unique(labels)) - {0}
+    assert cells["class"].notna().all()
+    assert set(cells.loc[cells.cell_type == "rbc", "class"]) <= set(RBC_CLASSES)
+
+    attention, attention_meta = read_image(f"{stem}_attention.tif", rgb=False)
+    assert attention.dtype == np.float32 and attention.shape == (2, *labels.shape)
+    assert attention_meta["napari_smear"]["models"] == ["wbc", "rbc"]
+    rbc_cells = np.isin(labels, cells.label[cells.cell_type == "rbc"])
+    assert attention[1][~rbc_cells].max() == 0 and attention[1][rbc_cells].max() > 0
+
+    overlay = read_image(f"{stem}_overlay.png", rgb=False)[0]
+    assert overlay.shape[1] == image.shape[1] and overlay.shape[0] > image.shape[0]  # + legend strip
+    assert not np.array_equal(overlay[: image.shape[0]], image)  # outlines drawn
+
+    summary = pd.read_csv(clean / "summary.csv")
+    assert list(summary.image) == ["a.png", "b.png", "d.png", "sub/c.png"]
+    row = summary.set_index("image").loc["sub/c.png"]
+    assert row.path == str(setup["inputs"] / "sub" / "c.png")
+    assert row.cells == len(cells) and row.rbc == (cells.cell_type == "rbc").sum()
+    assert (row.width, row.height) == (image.shape[1], image.shape[0])
+    for cls in RBC_CLASSES:
+        assert row[f"rbc_{cls}"] == ((cells.cell_type == "rbc") & (cells["class"] == cls)).sum()
+    pct = summary[[f"rbc_{c}_pct" for c in RBC_CLASSES]].sum(axis=1)
+    np.testing.assert_allclose(pct, 100.0, atol=1e-3)
+    errors = pd.read_csv(clean / "errors.csv")
+    assert list(errors.columns) == ["file", "error"] and errors.empty
+
+    run = json.loads((clean / "run.json").read_text())
+    assert run["images"] == {"total": 4, "analysed": 4, "skipped": 0, "failed": 0}
+    assert set(run["versions"]) >= {"napari_smear", "python", "numpy", "torch"}
+    assert run["models"]["rbc"]["classes"] == RBC_CLASSES and len(run["models"]["wbc"]["weights_sha256"]) == 64
+    assert run["settings"]["batch_size"] == BATCH and run["settings"]["executor"] == "in this process"
+    assert {"decode", "segment", "crop", "classify", "write"} <= set(run["timings"]["stage_seconds"])
+    marker = json.loads((clean / "sub" / "c_done.json").read_text())
+    assert marker["image"] == "sub/c.png" and set(marker["outputs"]) == {"labels", "nuclei", "attention", "cells",
+                                                                         "overlay"}
+
+
+def test_rerun_skips_finished_images_and_redoes_changed_ones(setup, tmp_path):
+    out = tmp_path / "out"
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in setup["names"]:
+        (inputs / name).write_bytes((setup["inputs"] / name).read_bytes())
+    options = {"models": setup["models"], "device": "cpu", "batch_size": BATCH}
+    assert analyze_files(inputs, out, **options).analysed == 4
+    seen = []
+    again = analyze_files(inputs, out, progress=lambda d, n, m: seen.append((d, n)), **options)
+    assert (again.analysed, again.skipped) == (0, 4) and seen[0] == (4, 4)
+    # a new version of one input is analysed again; so is an image whose output was lost
+    write_png_atomic(inputs / "b.png", field(9))
+    (out / "d_overlay.png").unlink()
+    again = analyze_files(inputs, out, **options)
+    assert (again.analysed, again.skipped) == (2, 2)
+    # other weights: every image is redone; one that can no longer be analysed loses its
+    # marker (no stale summary row)
+    other = tiny_model(tmp_path / "rbc.safetensors", RBC_CLASSES, ["rbc"], seed=7)
+    (inputs / "a.png").write_bytes(b"broken now")
+    report = analyze_files(inputs, out, **{**options, "models": [setup["models"][0], other]})
+    assert (report.analysed, report.failed) == (3, 1) and "a.png" not in set(report.summary.image)
+    assert not (out / "a_done.json").exists()
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+class Killed(BaseException):
+    """Stands for the process being killed (nothing in analyze_files catches it)."""
+
+
+def test_interrupted_runs_resume_to_identical_outputs(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    options = {"models": setup["models"], "device": "cpu", "batch_size": BATCH}
+
+    # 1. stopped by the progress hook after two images
+    def stop_after_two(done, total, message):
+        if message.startswith("analysed") and done >= 2:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        analyze_files(setup["inputs"], out, progress=stop_after_two, **options)
+    assert len(list(out.rglob("*_done.json"))) == 2 and not (out / "summary.csv").exists()
+
+    # 2. killed in the middle of writing an image: its first files are there, no marker
+    def die_drawing_the_overlay(*args, **kwargs):
+        raise Killed()  # labels, nuclei, attention and cells are written by now
+
+    monkeypatch.setattr(batch, "render_overlay", die_drawing_the_overlay)
+    with pytest.raises(Killed):
+        analyze_files(setup["inputs"], out, **options)
+    monkeypatch.undo()
+    markers = {p.name for p in out.rglob("*_done.json")}
+    half_done = [p for p in out.rglob("*_cells.csv") if p.name.replace("_cells.csv", "_done.json") not in markers]
+    assert len(markers) == 2 and len(half_done) == 1
+    # a write cut short by a kill leaves its temporary file
+    (out / ".a_labels.tif.0123456789ab.tmp").write_bytes(b"partial")
+
+    # 3. the restart finishes the job: same files, byte for byte, as the clean run
+    report = analyze_files(setup["inputs"], out, **options)
+    assert (report.analysed, report.skipped) == (2, 2)
+    assert_same_files(out, setup["clean"])
+    # redoing everything gives the same files again
+    assert analyze_files(setup["inputs"], out, overwrite=True, **options).analysed == 4
+    assert_same_files(out, setup["clean"])
+
+
+def test_killed_process_resumes_to_identical_outputs(setup, tmp_path):
+    """A real `napari-smear analyze` process, SIGKILLed after its first image."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "napari_smear.cli", "analyze", str(setup["inputs"]), str(out),
+               "--models", *setup["models"], "--device", "cpu", "--batch-size", str(BATCH), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.rglob("*_done.json")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    finished = len(list(out.rglob("*_done.json")))
+    assert 1 <= finished < 4, process.stderr.read().decode()[-2000:]
+    report = analyze_files(setup["inputs"], out, models=setup["models"], device="cpu", batch_size=BATCH)
+    assert report.skipped == finished and report.analysed == 4 - finished
+    assert_same_files(out, setup["clean"])
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_bad_files_are_reported_and_the_batch_carries_on(setup, tmp_path):
+    inputs = tmp_path / "in"
+    (inputs / "odd").mkdir(parents=True)
+    image = field(5)
+    write_png_atomic(inputs / "good.png", image)
+    gray = np.round(image.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    write_png_atomic(inputs / "odd" / "gray.png", gray)
+    write_tiff_atomic(inputs / "odd" / "deep16.tif", image.astype(np.uint16) * 257)
+    write_tiff_atomic(inputs / "odd" / "gray16.tif", gray.astype(np.uint16) * 64)
+    write_png_atomic(inputs / "odd" / "rgba.png", np.dstack([image, np.full(image.shape[:2], 255, np.uint8)]))
+    write_png_atomic(inputs / "blank.png", np.full((64, 64, 3), 245, np.uint8))
+    (inputs / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (inputs / "empty.png").write_bytes(b"")
+    truncated = (inputs / "good.png").read_bytes()
+    (inputs / "truncated.png").write_bytes(truncated[: len(truncated) // 3])
+    write_tiff_atomic(inputs / "odd" / "stack.tif", np.zeros((5, 40, 40), np.float32))
+    write_png_atomic(inputs / "odd" / "tiny.png", np.zeros((8, 8, 3), np.uint8))
+    write_tiff_atomic(inputs / "good.tif", image)  # same output name as good.png
+    (inputs / "notes.txt").write_text("not an image: ignored")
+    write_png_atomic(inputs / ".hidden.png", image)  # hidden: ignored
+
+    report = analyze_files(inputs, tmp_path / "out", models=setup["models"], device="cpu", batch_size=BATCH)
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    reasons = {Path(f).name: e for f, e in zip(errors.file, errors.error)}
+    assert set(reasons) == {"corrupt.jpg", "empty.png", "truncated.png", "stack.tif", "tiny.png", "good.tif"}
+    assert reasons["corrupt.jpg"].startswith("ImageReadError")
+    assert "empty.png" in reasons["empty.png"]
+    assert "got shape (5, 40, 40)" in reasons["stack.tif"]
+    assert "at least 16 x 16" in reasons["tiny.png"]
+    assert "would overwrite those of" in reasons["good.tif"] and "good.png" in reasons["good.tif"]
+    summary = report.summary.set_index("image")
+    assert set(summary.index) == {"good.png", "blank.png", "odd/gray.png", "odd/deep16.tif", "odd/gray16.tif",
+                                  "odd/rgba.png"}
+    assert (report.total, report.analysed, report.failed) == (12, 6, 6)
+    # 16-bit and RGBA copies of a field give what the 8-bit field gives
+    for name in ("odd/deep16.tif", "odd/rgba.png"):
+        assert summary.loc[name, ["wbc", "rbc", "platelet"]].tolist() == \
+            summary.loc["good.png", ["wbc", "rbc", "platelet"]].tolist()
+    assert summary.loc["odd/gray.png", "rbc"] > 10 and summary.loc["odd/gray16.tif", "rbc"] > 10
+    # a field with no cells is a result, not an error: empty table, picture without legend
+    assert summary.loc["blank.png", "cells"] == 0
+    assert pd.read_csv(tmp_path / "out" / "blank_cells.csv").empty
+    assert read_image(tmp_path / "out" / "blank_overlay.png")[0].shape == (64, 64, 3)
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(setup, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png_atomic(inputs / "a.png", field(1))
+    for _ in range(2):
+        report = analyze_files(inputs, inputs / "results", models=[], device="cpu")
+        assert report.total == 1
+    assert not (inputs / "results" / "a_attention.tif").exists()  # no model, no attention
+    assert (inputs / "results" / "a_labels.tif").exists()
+
+
+# ----------------------------------------------------------------------------- Dask
+
+
+def test_dask_cluster_gives_identical_outputs(setup, tmp_path):
+    """Two worker processes on loopback do stage 1 and the writing; same files as one process."""
+    with batch.local_cluster(2) as cluster:  # what --workers 2 starts: processes on 127.0.0.1
+        assert len(cluster.workers) == 2
+        report = analyze_files(setup["inputs"], tmp_path / "out", models=setup["models"], device="cpu",
+                               batch_size=BATCH, scheduler=cluster.scheduler_address)
+    assert report.analysed == 4
+    assert report.run["settings"]["executor"].startswith("Dask cluster at tcp://127.0.0.1")
+    assert_same_files(tmp_path / "out", setup["clean"])
+
+
+def test_workers_and_scheduler_exclude_each_other(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        analyze_files(tmp_path, tmp_path / "out", models=[], workers=2, scheduler="tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="workers must be"):
+        analyze_files(tmp_path, tmp_path / "out", models=[], workers=-1)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_analyze(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["analyze", str(setup["inputs"] / "sub"), str(setup["inputs"] / "a.png"), str(out),
+                 "--models", ",".join(setup["models"]), "--device", "cpu", "--batch-size", str(BATCH), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "2 image(s) analysed" in printed and "models: wbc (wbc, platelet); rbc (rbc)" in printed
+    assert "rbc by rbc:" in printed
+    # files and folders mix: the folder's tree is mirrored, a file lands at the top
+    for name in ("c_cells.csv", "a_cells.csv"):
+        assert (out / name).is_file()
+    np.testing.assert_array_equal(tifffile.imread(out / "c_labels.tif"),
+                                  tifffile.imread(setup["clean"] / "sub" / "c_labels.tif"))
+
+    seg_only = tmp_path / "seg"
+    assert main(["analyze", str(setup["inputs"] / "a.png"), str(seg_only), "--models", "none", "--quiet",
+                 "--pattern", "*.png", "--no-morphology"]) == 0
+    assert "segmentation only" in capsys.readouterr().out
+    cells = pd.read_csv(seg_only / "a_cells.csv")
+    assert cells["class"].isna().all() and "perimeter_px" not in cells.columns
+
+    assert main(["analyze", str(tmp_path / "missing"), str(out), "--models", "none"]) == 1
+    assert "input not found" in capsys.readouterr().err
+    assert main(["analyze", str(setup["inputs"]), str(out), "--models", str(tmp_path / "no.safetensors")]) == 1
+    assert "model file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["analyze", str(out), "--workers", "2", "--scheduler", "tcp://x:1"])

@@ -1,0 +1,214 @@
+"""analyze(): one image through segmentation, classification and attention; its stages;
+the streaming classifier; differential_counts."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_smear.models import ModelFileError, build_model, save_model
+from napari_smear.pipeline import (
+    AnalysisResult,
+    StreamingClassifier,
+    analyze,
+    differential_counts,
+    finish_field,
+    load_models,
+    prepare_field,
+)
+from napari_smear.predict import classify_crops
+
+TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+WBC_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
+RBC_CLASSES = ["normal", "target", "schistocyte", "spherocyte"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(path, classes, cell_types=None, seed=0, **metadata):
+    """A small untrained model file (what the batch and pipeline tests classify with)."""
+    torch.manual_seed(seed)
+    model = build_model("shape_aware", len(classes), **TINY)
+    extra = {"cell_types": list(cell_types)} if cell_types is not None else {}
+    save_model(path, model, {"class_names": list(classes), "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
+                             "input_size": 32, "crop_diameters": 4.0, **extra, **metadata})
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return (
+        tiny_model(folder / "wbc.safetensors", WBC_CLASSES, ["wbc", "platelet"]),
+        tiny_model(folder / "rbc.safetensors", RBC_CLASSES, ["rbc"], seed=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def field():
+    from napari_smear.samples import synthetic_smear
+
+    image, truth = synthetic_smear((240, 320), rbc_diameter_px=30.0, seed=3)
+    return image, truth
+
+
+def test_analyze_classifies_each_cell_type_with_its_model(field, model_files):
+    image, _ = field
+    wbc_model, rbc_model = model_files
+    reports = []
+    result = analyze(image, models=[wbc_model, rbc_model], device="cpu", batch_size=16,
+                     progress=lambda f, m: reports.append((f, m)))
+    assert isinstance(result, AnalysisResult)
+    table = result.table
+    labels = result.segmentation.labels
+    assert set(np.unique(labels)) - {0} == set(table.label)
+    assert set(table.cell_type) == {"wbc", "rbc", "platelet"}
+    # every cell was classified, by the model of its type
+    assert table["class"].notna().all()
+    wbc_rows = table.cell_type.isin(["wbc", "platelet"])
+    assert (table.loc[wbc_rows, "model"] == "wbc").all() and (table.loc[~wbc_rows, "model"] == "rbc").all()
+    assert set(table.loc[wbc_rows, "class"]) <= set(WBC_CLASSES)
+    assert set(table.loc[~wbc_rows, "class"]) <= set(RBC_CLASSES)
+    # probabilities: a row per model's classes, NaN where the model did not look
+    wbc_p = table.loc[wbc_rows, [f"p_{c}" for c in WBC_CLASSES]].to_numpy()
+    np.testing.assert_allclose(wbc_p.sum(1), 1.0, atol=1e-4)
+    assert table.loc[wbc_rows, [f"p_{c}" for c in RBC_CLASSES]].isna().all().all()
+    np.testing.assert_allclose(table.confidence, table[[f"p_{c}" for c in WBC_CLASSES + RBC_CLASSES]].max(axis=1))
+    # morphology columns are there
+    assert {"perimeter_px", "nc_ratio", "cell_r"} <= set(table.columns)
+    # attention: per model, image-sized, only inside that model's cells
+    assert set(result.attention) == {"wbc", "rbc"}
+    for name, types in (("wbc", ["wbc", "platelet"]), ("rbc", ["rbc"])):
+        attention = result.attention[name]
+        assert attention.shape == labels.shape and attention.dtype == np.float32
+        inside = np.isin(labels, table.label[table.cell_type.isin(types)])
+        assert attention[~inside].max() == 0 and attention[inside].max() > 0
+        assert attention.min() >= 0 and attention.max() <= 1
+    assert result.models["wbc"]["cell_types"] == ["wbc", "platelet"]
+    assert result.models["rbc"]["classes"] == RBC_CLASSES
+    # counts agree with the table
+    counts = result.counts
+    assert counts["count"].sum() == len(table)
+    assert set(counts.cell_type) == {"wbc", "rbc", "platelet"}
+    # progress runs from 0 to 1
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("classifying with rbc" in m for _, m in reports)
+
+
+def test_analyze_reuses_a_segmentation_and_a_model_without_cell_types(field, model_files, tmp_path):
+    image, _ = field
+    first = analyze(image, models=[model_files[1]], device="cpu")
+    # a model file that does not say which cells it classifies sees every cell
+    generic = tiny_model(tmp_path / "generic.safetensors", RBC_CLASSES)
+    again = analyze(image, models=[generic], device="cpu", segmentation=first.segmentation, morphology=False)
+    assert again.segmentation is first.segmentation
+    assert again.table["class"].notna().all() and (again.table.model == "generic").all()
+    assert "perimeter_px" not in again.table.columns
+
+
+def test_analyze_without_models_and_on_an_empty_field(field):
+    image, _ = field
+    result = analyze(image, models=[], device="cpu")
+    assert result.table["class"].isna().all() and result.attention == {}
+    counts = result.counts
+    assert set(counts["class"]) == {"unclassified"}
+    blank = np.full((64, 64, 3), 240, np.uint8)
+    with pytest.warns(UserWarning, match="no stained cells"):
+        empty = analyze(blank, models=[], device="cpu")
+    assert empty.table.empty and empty.counts.empty
+
+
+def test_bad_model_fails_before_segmenting(field, tmp_path):
+    image, _ = field
+    with pytest.raises(ModelFileError, match="model file not found"):
+        analyze(image, models=[tmp_path / "missing.safetensors"], device="cpu")
+    twin = tmp_path / "a" / "same.safetensors"
+    twin.parent.mkdir()
+    tiny_model(twin, WBC_CLASSES)
+    other = tiny_model(tmp_path / "same.safetensors", WBC_CLASSES)
+    with pytest.raises(ValueError, match="both named 'same'"):
+        load_models([twin, other])
+
+
+def test_stages_give_what_analyze_gives(field, model_files):
+    image, _ = field
+    loaded = load_models(model_files, "cpu")
+    specs = [m.spec for m in loaded]
+    prepared = prepare_field(image, specs)
+    assert set(prepared.crops) == {"wbc", "rbc"}
+    assert {"segment", "morphology", "crop"} <= set(prepared.timings)
+    outputs = {
+        m.name: classify_crops(m.model, m.info, *prepared.crop_pixels()[m.name], device="cpu", batch_size=8)
+        for m in loaded
+    }
+    staged = finish_field(prepared.without_crop_pixels(), specs, outputs)
+    whole = analyze(image, models=model_files, device="cpu", batch_size=8)
+    pd.testing.assert_frame_equal(staged.table, whole.table)
+    for name in whole.attention:
+        np.testing.assert_array_equal(staged.attention[name], whole.attention[name])
+
+
+def test_streaming_classifier_matches_one_field_at_a_time(field, model_files):
+    """Fixed-size batches spanning fields give each cell the numbers it gets alone."""
+    from napari_smear.samples import synthetic_smear
+
+    loaded = load_models(model_files, "cpu")
+    specs = [m.spec for m in loaded]
+    fields = [field[0]] + [synthetic_smear((200, 260), rbc_diameter_px=28.0, seed=s)[0] for s in (5, 6)]
+    prepared = [prepare_field(image, specs, morphology=False) for image in fields]
+    streaming = StreamingClassifier(loaded, device="cpu", batch_size=16, max_waiting=2)
+    done = {}
+    for k, p in enumerate(prepared):
+        done.update(streaming.add(k, p.crop_pixels()))
+        done.update(streaming.step())
+        assert streaming.waiting < 2  # a rare model's crops do not wait for ever
+    done.update(streaming.flush())
+    assert sorted(done) == [0, 1, 2] and streaming.waiting == 0
+    assert streaming.padded > 0 and streaming.crops == sum(len(c) for p in prepared for c in p.crops.values())
+    for k, p in enumerate(prepared):
+        for m in loaded:
+            alone = classify_crops(m.model, m.info, *p.crop_pixels()[m.name], device="cpu", batch_size=16)
+            np.testing.assert_array_equal(done[k][m.name]["probs"], alone["probs"])
+            np.testing.assert_array_equal(done[k][m.name]["attention"], alone["attention"])
+    # the same bound on the waiting fields' pixels
+    pixels = sum(p.rgb.shape[0] * p.rgb.shape[1] for p in prepared[:2])  # two fields fit, three do not
+    by_pixels = StreamingClassifier(loaded, device="cpu", batch_size=16, max_waiting=100, max_waiting_pixels=pixels)
+    for k, p in enumerate(prepared):
+        by_pixels.add(k, p.crop_pixels(), size=p.rgb.shape[0] * p.rgb.shape[1])
+        by_pixels.step()
+        assert by_pixels.waiting <= 2
+    with pytest.raises(ValueError, match="not loaded"):
+        streaming.add("x", {"nope": (np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 2, 32, 32), np.uint8), None)})
+
+
+def test_differential_counts():
+    table = pd.DataFrame({
+        "label": range(1, 9),
+        "cell_type": ["wbc", "wbc", "wbc", "wbc", "rbc", "rbc", "rbc", "platelet"],
+        "class": ["neutrophil", "lymphocyte", "neutrophil", "monocyte", "normal", "normal", None, None],
+    })
+    counts = differential_counts(table)
+    assert list(counts.columns) == ["cell_type", "class", "count", "percent"]
+    wbc = counts[counts.cell_type == "wbc"]
+    # most frequent first, ties by name: deterministic order
+    assert list(wbc["class"]) == ["neutrophil", "lymphocyte", "monocyte"]
+    assert list(wbc["count"]) == [2, 1, 1]
+    np.testing.assert_allclose(wbc["percent"], [50.0, 25.0, 25.0])
+    rbc = counts[counts.cell_type == "rbc"].set_index("class")
+    assert rbc.loc["unclassified", "count"] == 1
+    np.testing.assert_allclose(rbc.loc["normal", "percent"], 200 / 3)
+    assert counts.groupby("cell_type")["percent"].sum().round(6).eq(100).all()
+    assert list(counts.cell_type.unique()) == ["platelet", "rbc", "wbc"]
+    # no class column: every cell unclassified; empty table: empty counts with the columns
+    plain = differential_counts(table.drop(columns="class"))
+    assert set(plain["class"]) == {"unclassified"} and plain["count"].sum() == 8
+    empty = differential_counts(table.iloc[:0])
+    assert empty.empty and list(empty.columns) == ["cell_type", "class", "count", "percent"]

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_smear.datasets import build_crop_set, load_crop_set, save_crop_set
-    from napari_smear.train import train
+    from napari_smear.training import train
 
     crops_path = Path(args.crops)
     if not crops_path.exists():

@@ -100,7 +100,7 @@ def pack(name: str, data: Path, cache: Path, workers: int):
 def train_one(name: str, crops: Path, args) -> dict:
     from napari_smear.datasets import load_crop_set
     from napari_smear.models import load_model, save_model
-    from napari_smear.train import evaluate, plot_confusion, train
+    from napari_smear.training import evaluate, plot_confusion, train
 
     crop_set = load_crop_set(crops)
     runs = ROOT / "runs"

@@ -15,7 +15,7 @@ import torch
 
 from napari_smear.datasets import CropSet, build_crop_set, load_crop_set, save_crop_set
 from napari_smear.models import load_model, read_metadata
-from napari_smear.train import (
+from napari_smear.training import (
     augment_batch,
     checkpoint_dir_for,
     classification_metrics,

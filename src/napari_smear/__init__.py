@@ -18,7 +18,7 @@ _LAZY = {
     "InstanceCrops": "napari_smear.crops",
     "morphology_table": "napari_smear.morphology",
     "load_model": "napari_smear.models",
-    "train": "napari_smear.train",
+    "train": "napari_smear.training",
     "classify_crops": "napari_smear.predict",
     "analyze": "napari_smear.pipeline",
     "add_to_viewer": "napari_smear._napari.layers",

@@ -257,7 +257,7 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from .train import train
+    from .training import train
 
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     balance = {"sampler": "sampler", "loss": "loss", "none": False}[args.balance]
@@ -320,7 +320,7 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .train import evaluate, plot_confusion
+    from .training import evaluate, plot_confusion
 
     split = None if args.split == "all" else args.split
     metrics = evaluate(

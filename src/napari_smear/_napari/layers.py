@@ -1,13 +1,14 @@
 """Turn analysis results into napari layer-data tuples (and back).
 
 Everything that decides how results look in the viewer (names, colours, features)
-lives here so every widget shows them the same way.
+lives here so every widget -- and scripts, through :func:`add_to_viewer` -- shows them
+the same way.
 """
 from __future__ import annotations
 
 import colorsys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,12 @@ from napari.utils.colormaps import DirectLabelColormap
 
 from napari_smear.io import METADATA_KEY
 from napari_smear.segment.types import TABLE_COLUMNS, SmearSegmentation
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Layer
+
+    from napari_smear.pipeline import AnalysisResult
 
 __all__ = [
     "CELL_TYPE_COLORS",
@@ -26,6 +33,17 @@ __all__ = [
     "features_from_table",
     "segmentation_layers",
     "segmentation_from_layers",
+    "CLASS_COLORS",
+    "UNCLASSIFIED_ALPHA",
+    "ATTENTION_COLORMAP",
+    "class_palette",
+    "classified_colormap",
+    "classification_features",
+    "attention_layer",
+    "analysis_layers",
+    "show_layers",
+    "recolor_by_class",
+    "add_to_viewer",
 ]
 
 #: RGBA (0-1) per cell type, shared by every widget that colours cells by type.
@@ -142,18 +160,15 @@ def segmentation_layers(
         pixel size, source layer and parameters. Nuclei: ids of their cells, one colour.
     """
     features = features_from_table(seg.table)
-    common: dict[str, Any] = {}
-    if scale is not None:
-        common["scale"] = tuple(float(v) for v in scale)
-    if translate is not None:
-        common["translate"] = tuple(float(v) for v in translate)
-    if units is not None:
-        common["units"] = tuple(str(u) for u in units)
+    common = _placement_kwargs(scale, translate, units)
     info = {
         "rbc_diameter_px": float(seg.rbc_diameter_px),
         "pixel_size_um": None if seg.pixel_size_um is None else float(seg.pixel_size_um),
         "image_layer": image_layer_name,
         "params": dict(seg.params),
+        # The segmentation's own columns: classification adds more to the features,
+        # and segmentation_from_layers gives back only these.
+        "table_columns": [str(c) for c in seg.table.columns],
     }
     cells = (
         np.asarray(seg.labels, dtype=np.uint32),
@@ -194,6 +209,12 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
     nuclei_layer : napari.layers.Labels, optional
         The nuclei layer; without it ``nuclei`` is all zeros.
 
+    Returns
+    -------
+    SmearSegmentation
+        Its ``table`` holds the segmentation's columns only (those recorded in the
+        layer's metadata when it was made): columns a classification added are left out.
+
     Raises
     ------
     ValueError
@@ -216,6 +237,11 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
         else np.zeros_like(labels)
     )
     table = features.drop(columns="index", errors="ignore").reset_index(drop=True)
+    own_columns = info.get("table_columns")
+    if own_columns:
+        # Drop what a classification added (class, probabilities, morphology): they are
+        # results, and analyze() computes them again.
+        table = table[[c for c in own_columns if c in table.columns]]
     return SmearSegmentation(
         labels=labels,
         nuclei=nuclei,
@@ -224,3 +250,396 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
         pixel_size_um=info.get("pixel_size_um"),
         params=dict(info.get("params", {})),
     )
+
+
+# ----------------------------------------------------------------------------- classification
+
+#: Fixed colours of the classes the built-in models know, so that a class has the same
+#: colour in every image and every session (white-cell classes of PBC, platelets, and
+#: normal red cells in a neutral grey so abnormal ones stand out).
+CLASS_COLORS: dict[str, tuple[float, float, float, float]] = {
+    "neutrophil": (0.12, 0.47, 0.71, 1.0),
+    "lymphocyte": (0.17, 0.63, 0.17, 1.0),
+    "monocyte": (1.0, 0.50, 0.05, 1.0),
+    "eosinophil": (0.84, 0.15, 0.16, 1.0),
+    "basophil": (0.58, 0.40, 0.74, 1.0),
+    "ig": (0.55, 0.34, 0.29, 1.0),
+    "erythroblast": (0.89, 0.47, 0.76, 1.0),
+    "platelet": CELL_TYPE_COLORS["platelet"],
+    "normal": (0.78, 0.78, 0.78, 1.0),
+}
+# Colours for other class names, handed out in the order the classes are first seen
+# (matplotlib's tab20 reordered: strong tones first, then the light ones).
+_QUALITATIVE: tuple[tuple[float, float, float, float], ...] = tuple(
+    (r / 255, g / 255, b / 255, 1.0)
+    for r, g, b in (
+        (23, 190, 207), (188, 189, 34), (140, 86, 75), (227, 119, 194), (127, 127, 127),
+        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+        (158, 218, 229), (219, 219, 141), (196, 156, 148), (247, 182, 210), (199, 199, 199),
+        (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    )
+)
+#: Opacity factor of cells no model classified: shown in their cell-type colour, faint.
+UNCLASSIFIED_ALPHA = 0.35
+#: Colormap of the attention layers; with additive blending a zero map leaves the smear
+#: untouched and attended pixels glow, so the cells stay visible underneath.
+ATTENTION_COLORMAP = "inferno"
+ATTENTION_BLENDING = "additive"
+ATTENTION_OPACITY = 0.7
+# Columns shown first in the features table and the status bar (hovering a cell).
+_LEADING_COLUMNS = ("index", "label", "cell_type", "class", "confidence", "model")
+
+
+def class_palette(
+    classes: Iterable[Any], base: Mapping[str, Any] | None = None
+) -> dict[str, tuple[float, float, float, float]]:
+    """A colour per class name: :data:`CLASS_COLORS` where known, else distinct tones.
+
+    Parameters
+    ----------
+    classes : iterable of str
+        Class names in the order they should receive colours (e.g. every model's
+        ``class_names`` in turn); empty and missing names are skipped.
+    base : mapping, optional
+        Colours already decided (e.g. a layer's stored palette); they are kept.
+
+    Returns
+    -------
+    dict
+        Class name -> RGBA (0-1), deterministic for a given order of names.
+    """
+    palette: dict[str, tuple[float, float, float, float]] = {
+        str(k): tuple(float(c) for c in v) for k, v in (base or {}).items()
+    }
+    used = set(palette.values())
+    spare = [c for c in _QUALITATIVE if c not in used and c not in CLASS_COLORS.values()]
+    k = 0
+    for name in classes:
+        if not _has_class(name) or str(name) in palette:
+            continue
+        name = str(name)
+        if name in CLASS_COLORS:
+            palette[name] = CLASS_COLORS[name]
+            continue
+        palette[name] = spare[k % len(spare)] if spare else _distinct_colors(k + 1)[k]
+        k += 1
+    return palette
+
+
+def _has_class(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value) != ""
+
+
+def classified_colormap(table: pd.DataFrame, palette: Mapping[str, Any]) -> DirectLabelColormap:
+    """Colour each cell by its ``class``; cells without one by their cell type, faintly.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Needs ``label`` (or ``index``), ``cell_type`` and ``class`` columns.
+    palette : mapping
+        Class name -> colour (see :func:`class_palette`).
+    """
+    ids = table["label"] if "label" in table.columns else table["index"]
+    classes = table["class"] if "class" in table.columns else pd.Series([None] * len(table))
+    types = table["cell_type"] if "cell_type" in table.columns else pd.Series([None] * len(table))
+    color_dict: dict[int | None, Any] = {None: UNKNOWN_COLOR, 0: TRANSPARENT}
+    for label, cls, cell_type in zip(ids.to_numpy(), classes.to_numpy(), types.to_numpy(), strict=True):
+        label = int(label)
+        if label == 0:
+            continue
+        if _has_class(cls) and str(cls) in palette:
+            color_dict[label] = tuple(palette[str(cls)])
+        else:
+            r, g, b, a = CELL_TYPE_COLORS.get(cell_type, UNKNOWN_COLOR)
+            color_dict[label] = (r, g, b, a * UNCLASSIFIED_ALPHA)
+    return DirectLabelColormap(color_dict=color_dict)
+
+
+def classification_features(table: pd.DataFrame) -> pd.DataFrame:
+    """An analysis table as Labels features: ``index`` first, then class and confidence.
+
+    ``class`` and ``model`` are strings ("" for cells no model classified, so they can be
+    typed into napari's features table), and the columns are ordered ``index, label,
+    cell_type, class, confidence, model, p_<class>...`` then the rest, which is also the
+    order the status bar lists them in when hovering a cell.
+    """
+    features = features_from_table(table)
+    for column in ("class", "model"):
+        if column in features.columns:
+            features[column] = [str(v) if _has_class(v) else "" for v in features[column]]
+    leading = [c for c in _LEADING_COLUMNS if c in features.columns]
+    probabilities = [c for c in features.columns if c.startswith("p_") and c not in leading]
+    rest = [c for c in features.columns if c not in leading and c not in probabilities]
+    return features[leading + probabilities + rest]
+
+
+def _placement_kwargs(
+    scale: Sequence[float] | None, translate: Sequence[float] | None, units: Sequence[Any] | None
+) -> dict[str, Any]:
+    common: dict[str, Any] = {}
+    if scale is not None:
+        common["scale"] = tuple(float(v) for v in scale)
+    if translate is not None:
+        common["translate"] = tuple(float(v) for v in translate)
+    if units is not None:
+        common["units"] = tuple(str(u) for u in units)
+    return common
+
+
+def attention_layer(
+    attention: np.ndarray,
+    *,
+    model_name: str,
+    image_layer_name: str,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    units: Sequence[Any] | None = None,
+) -> tuple[np.ndarray, dict, str]:
+    """Layer-data tuple of one model's attention map, ``"<image> attention (<model>)"``.
+
+    The (H, W) float32 map (0 outside the classified cells, each cell's map in [0, 1])
+    is shown with :data:`ATTENTION_COLORMAP`, additive blending and contrast limits
+    (0, 1), so maps of different images and models compare and the smear shows through.
+    """
+    data = np.asarray(attention, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"an attention map must be (H, W), got shape {data.shape}")
+    return (
+        data,
+        {
+            "name": f"{image_layer_name} attention ({model_name})",
+            "colormap": ATTENTION_COLORMAP,
+            "blending": ATTENTION_BLENDING,
+            "opacity": ATTENTION_OPACITY,
+            "contrast_limits": (0.0, 1.0),
+            "metadata": {
+                METADATA_KEY: {"kind": "attention", "model": model_name, "image_layer": image_layer_name}
+            },
+            **_placement_kwargs(scale, translate, units),
+        },
+        "image",
+    )
+
+
+def analysis_layers(
+    result: AnalysisResult,
+    *,
+    image_layer_name: str,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    units: Sequence[Any] | None = None,
+    cells_name: str | None = None,
+    nuclei_name: str | None = None,
+) -> list[tuple[np.ndarray, dict, str]]:
+    """Layer-data tuples showing an :class:`~napari_smear.pipeline.AnalysisResult`.
+
+    Parameters
+    ----------
+    result : AnalysisResult
+        What :func:`napari_smear.analyze` returned.
+    image_layer_name : str
+        Name of the analysed image layer (the layers are named after it).
+    scale, translate, units
+        The image layer's placement, so the new layers overlay it.
+    cells_name, nuclei_name : str, optional
+        Names of existing cells/nuclei layers to update instead of
+        ``"<image> cells"`` / ``"<image> nuclei"``.
+
+    Returns
+    -------
+    list of (data, kwargs, layer_type)
+        The cells labels (features from :func:`classification_features`, coloured by
+        class with a :class:`~napari.utils.colormaps.DirectLabelColormap`, metadata with
+        the models and the class palette), the nuclei labels (same features), and one
+        attention image per model (:func:`attention_layer`).
+    """
+    cells, nuclei = segmentation_layers(
+        result.segmentation, image_layer_name=image_layer_name, scale=scale, translate=translate, units=units
+    )
+    features = classification_features(result.table)
+    ordered_classes = [c for description in result.models.values() for c in description.get("classes", [])]
+    if "class" in features.columns:
+        ordered_classes += sorted({c for c in features["class"] if c})
+    palette = class_palette(ordered_classes)
+    cells_kwargs, nuclei_kwargs = cells[1], nuclei[1]
+    cells_kwargs["features"] = features
+    cells_kwargs["colormap"] = classified_colormap(features, palette)
+    analysis_info = {
+        "models": {name: dict(description) for name, description in result.models.items()},
+        "class_colors": {name: list(color) for name, color in palette.items()},
+    }
+    cells_kwargs["metadata"][METADATA_KEY].update(analysis_info)
+    nuclei_kwargs["features"] = features.copy()
+    nuclei_kwargs["metadata"][METADATA_KEY].update(analysis_info)
+    if cells_name:
+        cells_kwargs["name"] = cells_name
+    if nuclei_name:
+        nuclei_kwargs["name"] = nuclei_name
+    layer_data = [cells, nuclei]
+    for model_name, attention in result.attention.items():
+        layer_data.append(
+            attention_layer(
+                attention, model_name=model_name, image_layer_name=image_layer_name,
+                scale=scale, translate=translate, units=units,
+            )
+        )
+    return layer_data
+
+
+# What updating an existing layer in place changes: the data and what the analysis
+# decides; the user's display choices (opacity, blending, an image colormap) are kept.
+_UPDATED_ATTRIBUTES = {
+    "labels": ("features", "colormap", "metadata", "scale", "translate", "units"),
+    "image": ("contrast_limits", "metadata", "scale", "translate", "units"),
+}
+
+
+def show_layers(viewer: napari.viewer.ViewerModel, layer_data: Sequence[tuple[Any, dict, str]]) -> list[Layer]:
+    """Add layer-data tuples to ``viewer``, updating same-named layers of the same type in place.
+
+    Updating in place keeps the user's layer order and display settings when an image
+    is analysed again.
+
+    Returns
+    -------
+    list of napari.layers.Layer
+        The added or updated layers, in the order of ``layer_data``.
+    """
+    from napari.layers import Image, Labels, Layer
+
+    types = {"labels": Labels, "image": Image}
+    shown = []
+    for data, kwargs, layer_type in layer_data:
+        name = kwargs["name"]
+        existing = viewer.layers[name] if name in viewer.layers else None
+        if existing is not None and isinstance(existing, types.get(layer_type, ())):
+            existing.data = data
+            for attribute in _UPDATED_ATTRIBUTES.get(layer_type, ()):
+                if attribute in kwargs:
+                    setattr(existing, attribute, kwargs[attribute])
+            shown.append(existing)
+        else:
+            shown.append(viewer.add_layer(Layer.create(data, kwargs, layer_type)))
+    return shown
+
+
+def recolor_by_class(layer: Any) -> dict[str, tuple[float, float, float, float]]:
+    """Colour a cells layer by the ``class`` column of its features (after edits).
+
+    Class names not yet in the layer's stored palette get new colours, which are stored
+    in ``layer.metadata`` so later edits keep them.
+
+    Returns
+    -------
+    dict
+        The palette used (class name -> RGBA).
+    """
+    features = pd.DataFrame(layer.features)
+    if "class" not in features.columns:
+        raise ValueError(f"layer {layer.name!r} has no 'class' column in its features; classify it first")
+    info = dict(layer.metadata.get(METADATA_KEY, {}))
+    palette = class_palette([c for c in features["class"] if _has_class(c)], base=info.get("class_colors"))
+    layer.colormap = classified_colormap(features, palette)
+    info["class_colors"] = {name: list(color) for name, color in palette.items()}
+    layer.metadata = {**layer.metadata, METADATA_KEY: info}
+    return palette
+
+
+def add_to_viewer(
+    viewer: napari.viewer.ViewerModel,
+    result: AnalysisResult,
+    *,
+    image_layer: Any = None,
+    counts: bool = True,
+) -> list[Layer]:
+    """Show an analysis in a viewer the way the "Classify cells" widget does.
+
+    Adds (or updates) ``"<image> cells"`` (features with ``class``, ``confidence`` and
+    ``p_<class>`` keyed by ``index``; coloured by class), ``"<image> nuclei"`` and one
+    ``"<image> attention (<model>)"`` image per model. The image itself is the caller's.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    result : AnalysisResult
+        What :func:`napari_smear.analyze` returned.
+    image_layer : napari.layers.Image or str, optional
+        The analysed image layer (or its name): the new layers are named after it and
+        take its scale, translate and units. Default: the viewer's only image layer of
+        the result's height and width; without one the layers are named ``"smear ..."``
+        at unit scale.
+    counts : bool
+        Also open the "Differential count" dock on the cells layer (viewers with a
+        window only).
+
+    Returns
+    -------
+    list of napari.layers.Layer
+        Cells, nuclei, then the attention layers.
+
+    Raises
+    ------
+    ValueError
+        ``image_layer`` names no layer, is not an image of the result's shape, or is
+        left out while several image layers of that shape are open.
+
+    Examples
+    --------
+    >>> import napari, napari_smear
+    >>> image, meta = napari_smear.read_image("field.jpg")
+    >>> viewer = napari.Viewer()
+    >>> layer = viewer.add_image(image, name="field", rgb=True)
+    >>> result = napari_smear.analyze(image)
+    >>> cells, nuclei, *attention = napari_smear.add_to_viewer(viewer, result, image_layer=layer)
+    """
+    shape = tuple(result.segmentation.labels.shape)
+    layer = _resolve_image_layer(viewer, image_layer, shape)
+    if layer is None:
+        placement: dict[str, Any] = {"image_layer_name": "smear"}
+    else:
+        placement = {
+            "image_layer_name": layer.name,
+            "scale": tuple(layer.scale[-2:]),
+            "translate": tuple(layer.translate[-2:]),
+            "units": tuple(layer.units[-2:]),
+        }
+    shown = show_layers(viewer, analysis_layers(result, **placement))
+    if counts and getattr(viewer, "window", None) is not None:
+        from napari_smear._napari.widgets.counts import show_counts
+
+        show_counts(viewer, shown[0])
+    return shown
+
+
+def _image_shape(layer: Any) -> tuple[int, ...]:
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = tuple(data.shape)
+    return shape[-3:-1] if layer.rgb else shape[-2:]
+
+
+def _resolve_image_layer(viewer: Any, image_layer: Any, shape: tuple[int, ...]) -> Any:
+    from napari.layers import Image
+
+    if image_layer is None:
+        matching = [lyr for lyr in viewer.layers if isinstance(lyr, Image) and _image_shape(lyr) == shape]
+        if len(matching) > 1:
+            raise ValueError(
+                f"several image layers have the analysed shape {shape}: "
+                f"{[lyr.name for lyr in matching]}; pass image_layer= to say which one was analysed"
+            )
+        return matching[0] if matching else None
+    if isinstance(image_layer, str):
+        if image_layer not in viewer.layers:
+            raise ValueError(
+                f"no layer named {image_layer!r} in the viewer (layers: {[lyr.name for lyr in viewer.layers]})"
+            )
+        image_layer = viewer.layers[image_layer]
+    if not isinstance(image_layer, Image):
+        raise ValueError(f"image_layer must be an image layer, got {type(image_layer).__name__}")
+    if _image_shape(image_layer) != shape:
+        raise ValueError(
+            f"image layer {image_layer.name!r} is {_image_shape(image_layer)} pixels but the analysis is of a "
+            f"{shape} image; pass the layer that was analysed"
+        )
+    return image_layer

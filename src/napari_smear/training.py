@@ -49,7 +49,7 @@ CHECKPOINT_VERSION = 1
 _FINGERPRINT_KEYS = (
     "kind", "config", "class_names", "input_size", "crop_diameters", "n_train", "n_val", "seed",
     "batch_size", "lr", "weight_decay", "balance", "augment", "attention_supervision",
-    "attribute_weight", "label_smoothing", "max_train_samples", "source",
+    "attribute_weight", "label_smoothing", "max_train_samples", "source", "init_from",
 )
 
 
@@ -608,6 +608,7 @@ def train(
     output_size: int = 96,
     workers: int = 1,
     on_epoch: Callable[[dict], None] | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train a crop classifier and write the best model file.
 
@@ -678,6 +679,13 @@ def train(
     on_epoch : callable, optional
         Called with each epoch's record (a dict); raising inside it stops training
         (the checkpoint of the last finished epoch is kept).
+    init_from : str or path, optional
+        Fine-tune: start from the weights of this model file (or built-in model name)
+        instead of random ones. Its kind, architecture config, input size, crop scale
+        and RGB normalisation are used (``model_kind`` and ``config`` must agree with it
+        or be left at their defaults; folder/CSV data are cropped at its scale). Every
+        weight tensor whose name and shape match is copied, so a different set of
+        classes gets a new classifier head on the pretrained features.
 
     Returns
     -------
@@ -706,9 +714,22 @@ def train(
     if output.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {output}")
 
+    init = _fine_tuning_start(init_from, model_kind, config) if init_from is not None else None
+    if init is not None:
+        model_kind, config = init["kind"], init["config"]
+        crop_diameters, output_size = init["crop_diameters"], init["input_size"]
     crop_set = load_data(
         data, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress, cache=cache
     )
+    if init is not None and (
+        crop_set.output_size != init["input_size"]
+        or not math.isclose(crop_set.crop_diameters, init["crop_diameters"], rel_tol=1e-3)
+    ):
+        raise ValueError(
+            f"the crops are {crop_set.output_size} px at {crop_set.crop_diameters:g} red-cell diameters but "
+            f"{init['path'].name} expects {init['input_size']} px at {init['crop_diameters']:g}; crop the data at "
+            "the model's scale"
+        )
     size = crop_set.output_size
     if size % 16:
         raise ValueError(f"the crops are {size} px; the models need a multiple of 16 (rebuild with output_size=96)")
@@ -742,6 +763,8 @@ def train(
         if model_kind == "daffnet" and "attributes" not in model_config and crop_set.has_attributes():
             model_config["attributes"] = [[n, len(v)] for n, v in zip(crop_set.attribute_names, crop_set.attribute_values)]
         model = build_model(model_kind, len(class_names), **model_config)
+        if init is not None:
+            notes.append(_load_pretrained(model, init, class_names))
         morph_features = int(model.config.get("morph_features", 0) or 0)
         if morph_features and morph_features != crop_set.morph.shape[1]:
             raise ValueError(
@@ -752,6 +775,8 @@ def train(
             raise ValueError(f"model kind {model_kind!r} has no supervisable attention map; use attention_supervision=0")
         attr_targets = _attribute_targets(crop_set, model) if attribute_weight > 0 else None
         mean, std = _normalisation(crop_set.images[train_index], seed)
+        if init is not None:  # the pretrained features expect their own normalisation
+            mean, std = list(init["mean"]), list(init["std"])
 
         fingerprint = {
             "kind": model_kind, "config": model.config, "class_names": class_names, "input_size": size,
@@ -760,6 +785,7 @@ def train(
             "augment": bool(augment), "attention_supervision": attention_supervision,
             "attribute_weight": attribute_weight, "label_smoothing": label_smoothing,
             "max_train_samples": max_train_samples, "source": crop_set.source,
+            "init_from": str(init["path"]) if init is not None else None,
         }
         fingerprint = json.loads(json.dumps(fingerprint))
 
@@ -965,6 +991,64 @@ def train(
         checkpoint_dir=ckpt_dir,
         seconds=time.perf_counter() - started,
         notes=notes,
+    )
+
+
+def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
+    """What fine-tuning from ``init_from`` takes from that model file (metadata only)."""
+    from .models.files import read_metadata, resolve_model_path
+
+    path = resolve_model_path(init_from)
+    metadata = read_metadata(path)
+    if model_kind not in ("shape_aware", metadata["kind"]):  # "shape_aware" is the default
+        raise ValueError(
+            f"model_kind {model_kind!r} differs from the kind of {path.name} ({metadata['kind']!r}) "
+            "that init_from fine-tunes; leave model_kind out"
+        )
+    if config and any(metadata["config"].get(k) != v for k, v in config.items()):
+        raise ValueError(f"config {config} differs from the architecture of {path.name}; leave config out")
+    return {
+        "path": path, "kind": metadata["kind"], "config": dict(metadata["config"]),
+        "input_size": int(metadata["input_size"]), "crop_diameters": float(metadata["crop_diameters"]),
+        "mean": metadata["mean"], "std": metadata["std"], "class_names": list(metadata["class_names"]),
+    }
+
+
+def _load_pretrained(model, init: dict, class_names: list[str]) -> str:
+    """Copy the pretrained weights of ``init['path']`` into ``model``; returns a note.
+
+    Every tensor whose name and shape match is copied, except the classifier (the last
+    linear layer with one output per class): its rows are copied class by class, by
+    name, so classes the pretrained model knows keep their weights and new ones start
+    from random weights (whatever the order or number of classes).
+    """
+    from safetensors.torch import load_file
+    from torch import nn
+
+    pretrained = load_file(str(init["path"]), device="cpu")
+    own = model.state_dict()
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == len(class_names)]
+    head_keys = {f"{heads[-1]}.weight", f"{heads[-1]}.bias"} if heads else set()
+    copied = {
+        k: v for k, v in pretrained.items()
+        if k in own and k not in head_keys and tuple(own[k].shape) == tuple(v.shape)
+    }
+    known = list(init["class_names"])
+    shared = [c for c in class_names if c in known]
+    for key in head_keys:
+        old = pretrained.get(key)
+        if old is None or len(old) != len(known) or tuple(old.shape[1:]) != tuple(own[key].shape[1:]):
+            continue
+        rows = own[key].clone()
+        for i, name in enumerate(class_names):
+            if name in known:
+                rows[i] = old[known.index(name)]
+        copied[key] = rows
+    model.load_state_dict(copied, strict=False)
+    new = [c for c in class_names if c not in known]
+    return (
+        f"fine-tuned from {init['path'].name}: {len(copied)} of {len(own)} weight tensors copied; classifier rows "
+        f"kept for {len(shared)} known class(es)" + (f", new for {new}" if new else "")
     )
 
 

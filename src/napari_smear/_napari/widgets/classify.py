@@ -1,0 +1,411 @@
+"""The "Classify cells" dock widget: classify segmented cells and map the models' attention.
+
+It calls :func:`napari_smear.analyze` -- the function a script calls -- in a background
+thread and shows the result with the same layer builders as
+:func:`napari_smear.add_to_viewer`: the cells layer gains ``class``, ``confidence`` and
+``p_<class>`` features and is coloured by class, an attention image per model is added,
+and the "Differential count" dock opens on the cells.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    Select,
+    SpinBox,
+)
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+
+from napari_smear._napari.layers import (
+    METADATA_KEY,
+    analysis_layers,
+    segmentation_from_layers,
+    show_layers,
+)
+from napari_smear._napari.widgets import user_models
+from napari_smear._napari.widgets._background import CANCELLED, run_in_background
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_smear.pipeline import AnalysisResult
+
+__all__ = ["ClassifyWidget", "device_choices", "model_choices", "SEGMENT_FIRST"]
+
+#: Label of the cells-layer choice that segments the image before classifying it.
+SEGMENT_FIRST = "(segment the image first)"
+_DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+
+
+def model_choices(_widget: Any = None) -> list[tuple[str, str]]:
+    """(label, value) of the models to offer: installed built-ins, then the session's files.
+
+    ``_widget`` is the magicgui widget asking (unused; magicgui passes it).
+    """
+    from napari_smear.models.registry import BUILTIN_MODELS, available_models
+
+    choices = [(f"{name} (built-in)", name) for name in available_models() if name in BUILTIN_MODELS]
+    for path in user_models.paths:
+        choices.append((f"{path.stem} ({path.parent})", str(path)))
+    return choices
+
+
+def device_choices() -> list[tuple[str, str, bool]]:
+    """(label, value, available) for auto / cpu / cuda / mps on this machine."""
+    from napari_smear.predict import _available_devices, select_device
+
+    present = {name.partition(":")[0] for name in _available_devices()}
+    auto = select_device("auto").type
+    return [
+        (f"auto ({auto})" if kind == "auto" else kind, kind, kind == "auto" or kind in present)
+        for kind in _DEVICE_KINDS
+    ]
+
+
+class ClassifyWidget(Container):
+    """Dock widget: classify the cells of a smear image and show where the models looked.
+
+    Choose the image layer, its cells layer (from "Segment cells"; or let the widget
+    segment first), one or more models (installed built-ins, files trained or opened
+    in this session, or "add model file"), the device and the batch size, press Run.
+    The work runs in a background thread (progress bar, Cancel); the viewer stays
+    responsive.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (npe2 passes it).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._image_combo = ComboBox(
+            label="image", choices=self._image_layer_choices, tooltip="The smear image layer to analyse"
+        )
+        self._cells_combo = ComboBox(
+            label="cells",
+            choices=self._cells_layer_choices,
+            tooltip="The cells labels layer of that image (from Segment cells); "
+            f"{SEGMENT_FIRST!r} segments the image in the same run",
+        )
+        self._models = Select(
+            label="models",
+            choices=model_choices,
+            tooltip="Models to run (Ctrl-click for several); each classifies the cell types its file names",
+        )
+        self._models.native.setMaximumHeight(90)
+        self._model_file = FileEdit(
+            label="add model file", mode="r", filter="*.safetensors",
+            tooltip="A model file (.safetensors) trained with napari-smear; it is added to the models",
+        )
+        self._device = ComboBox(label="device", choices=[(label, value) for label, value, _ in device_choices()])
+        self._batch_size = SpinBox(
+            label="batch size", value=128, min=1, max=4096, step=16,
+            tooltip="Crops per forward pass (halved automatically when a GPU runs out of memory)",
+        )
+        self._run_button = PushButton(text="Run")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(value=0, min=0, max=100, label="progress")
+        self._status = Label(value="")
+        self._status.native.setWordWrap(True)
+        self._status.native.setMinimumHeight(4 * self._status.native.fontMetrics().lineSpacing() + 4)
+        self.extend([
+            self._image_combo, self._cells_combo, self._models, self._model_file, self._device,
+            self._batch_size, self._run_button, self._cancel_button, self._progress, self._status,
+        ])
+        self._disable_missing_devices()
+        self._worker = None
+        self._cancel_event: threading.Event | None = None
+        self._done_event: threading.Event | None = None
+        self._started = 0.0
+        #: The last result and the layers it added (for scripts and tests).
+        self.last_result: AnalysisResult | None = None
+        self.last_layers: list = []
+        #: Seconds from Run to the layers being in the viewer, for the last run.
+        self.last_run_seconds: float | None = None
+
+        self._run_button.changed.connect(self.run)
+        self._cancel_button.changed.connect(self.cancel)
+        self._image_combo.changed.connect(self._on_image_changed)
+        self._model_file.changed.connect(self._on_model_file)
+        user_models.changed.connect(self._on_user_models_changed)
+        self.reset_choices()
+        self._select_default_models()
+        self._on_image_changed(self._image_combo.value)
+        state = self._abandon_state = {"cancel": None}
+        self.native.destroyed.connect(lambda *_: state["cancel"] and state["cancel"].set())
+        self.native.destroyed.connect(lambda *_, w=self: user_models.changed.disconnect(w._on_user_models_changed))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def is_running(self) -> bool:
+        """Whether a run (including one being cancelled) is still going."""
+        return self._worker is not None or (self._done_event is not None and not self._done_event.is_set())
+
+    @property
+    def status(self) -> str:
+        """The text of the status line."""
+        return self._status.value
+
+    def run(self) -> None:
+        """Classify the chosen image's cells (no-op while a run is active)."""
+        if self.is_running:
+            return
+        self._started = time.perf_counter()
+        image_layer = self._image_combo.value
+        if image_layer is None:
+            self._set_status("No image layer: open or add an image first.")
+            show_info("napari-smear: open or add an image layer first")
+            return
+        models = list(self._models.value or ())
+        if not models:
+            self._set_status(
+                "No model chosen: pick one in 'models', or add a model file (train one with Train classifier)."
+            )
+            show_info("napari-smear: choose a model first")
+            return
+        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
+        cells_layer = self._cells_combo.value
+        segmentation = None
+        nuclei_layer = None
+        if cells_layer is not None:
+            nuclei_layer = _nuclei_layer_for(self._viewer, cells_layer)
+            try:
+                segmentation = segmentation_from_layers(cells_layer, nuclei_layer)
+            except ValueError as exc:
+                self._fail(str(exc))
+                return
+            image_shape = tuple(image.shape[-3:-1] if image_layer.rgb else image.shape[-2:])
+            if tuple(segmentation.labels.shape) != image_shape:
+                self._fail(
+                    f"cells layer {cells_layer.name!r} is {segmentation.labels.shape} pixels but image "
+                    f"{image_layer.name!r} is {image_shape}; choose the cells layer of that image"
+                )
+                return
+            # A snapshot: painting on the layer during the run must not change what is classified.
+            segmentation = dataclasses.replace(
+                segmentation, labels=segmentation.labels.copy(), nuclei=segmentation.nuclei.copy(),
+                table=segmentation.table.copy(),
+            )
+        pixel_size = (image_layer.metadata or {}).get("pixel_size_um")
+        target = {
+            "image_layer_name": image_layer.name,
+            "scale": tuple(image_layer.scale[-2:]),
+            "translate": tuple(image_layer.translate[-2:]),
+            "units": tuple(image_layer.units[-2:]),
+            "cells_name": cells_layer.name if cells_layer is not None else None,
+            "nuclei_name": nuclei_layer.name if nuclei_layer is not None else None,
+        }
+        options = {
+            "models": models,
+            "device": self._device.value,
+            "batch_size": int(self._batch_size.value),
+            "pixel_size_um": float(pixel_size) if pixel_size else None,
+            "segmentation": segmentation,
+        }
+
+        def compute(report):
+            from napari_smear import pipeline
+
+            # The pixels are materialised here, so a lazy (dask) layer does not freeze the viewer.
+            pixels = np.asarray(image)
+            return pipeline.analyze(pixels, progress=lambda f, m="": report((float(f), str(m))), **options)
+
+        self._cancel_event, self._done_event = threading.Event(), threading.Event()
+        self._abandon_state["cancel"] = self._cancel_event
+        worker = create_worker(
+            run_in_background, compute, self._cancel_event, self._done_event,
+            name="napari-smear-classify", _start_thread=False, _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda result: self._on_returned(result, target))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._run_button.enabled = False
+        self._cancel_button.enabled = True
+        self._progress.value = 0
+        what = "segmenting and classifying" if segmentation is None else "classifying"
+        self._set_status(f"{what.capitalize()} {image_layer.name!r} with {', '.join(_model_name(m) for m in models)}…")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Cancel the active run; nothing is added to the viewer."""
+        if self._cancel_event is not None:
+            self._cancel_event.set()
+        if self._worker is not None:
+            self._cancel_button.enabled = False
+            self._set_status("Cancelling…")
+            self._worker.quit()
+
+    def reset_choices(self, *args: Any) -> None:
+        """Refresh the layer and model lists (napari calls this when layers change)."""
+        super().reset_choices(*args)
+        # A cells layer made from the chosen image appeared (e.g. by Segment cells): use it.
+        if getattr(self, "_worker", None) is None and self._cells_combo.value is None:
+            self._on_image_changed(self._image_combo.value)
+
+    # ------------------------------------------------------------------ choices
+    def _image_layer_choices(self, _widget: Any = None) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image) and not _is_attention(layer)]
+
+    def _cells_layer_choices(self, _widget: Any = None) -> list[tuple[str, Labels | None]]:
+        cells = [
+            (layer.name, layer) for layer in self._viewer.layers
+            if isinstance(layer, Labels) and layer.metadata.get(METADATA_KEY, {}).get("kind") == "cells"
+        ]
+        return [*cells, (SEGMENT_FIRST, None)]
+
+    def _on_image_changed(self, layer: Image | None) -> None:
+        """Pick the cells layer made from this image; without one, segment first.
+
+        Never keep another image's cells layer: two fields of the same size would be
+        classified with the wrong segmentation without any error.
+        """
+        if layer is None or self.is_running:
+            return
+        self._pick_cells_layer(layer)
+
+    def _pick_cells_layer(self, image_layer: Image) -> None:
+        for _, candidate in self._cells_layer_choices():
+            if candidate is not None and candidate.metadata[METADATA_KEY].get("image_layer") == image_layer.name:
+                self._cells_combo.value = candidate
+                return
+        self._cells_combo.value = None
+
+    def _select_default_models(self) -> None:
+        values = [value for _, value in model_choices()]
+        builtins = [v for v in values if not Path(v).suffix]
+        self._models.value = builtins or values[:1]
+
+    def _on_model_file(self, path: Path | None) -> None:
+        if not path or not Path(path).is_file():
+            return
+        try:
+            added = user_models.add(path)
+        except ValueError as exc:  # ModelFileError: not a model file
+            self._fail(str(exc))
+            return
+        self._models.value = [*(v for v in self._models.value if v != str(added)), str(added)]
+
+    def _on_user_models_changed(self, _paths: tuple = ()) -> None:
+        selected = list(self._models.value or ())
+        self._models.reset_choices()
+        values = {value for _, value in model_choices()}
+        self._models.value = [v for v in selected if v in values]
+
+    def _disable_missing_devices(self) -> None:
+        """Grey out the devices this machine does not have (Qt model items)."""
+        model = self._device.native.model()
+        for row, (_, _, available) in enumerate(device_choices()):
+            item = model.item(row) if hasattr(model, "item") else None
+            if item is not None and not available:
+                item.setEnabled(False)
+                item.setToolTip("not available on this machine")
+
+    # ------------------------------------------------------------------ worker callbacks
+    def _on_progress(self, update: tuple[float, str] | None) -> None:
+        if update is None:
+            return
+        fraction, message = update
+        self._progress.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        if message:
+            self._set_status(message[:1].upper() + message[1:] + "…")
+
+    def _on_returned(self, result: Any, target: dict) -> None:
+        if result is CANCELLED or result is None:
+            self._set_status("Cancelled.")
+            return
+        try:
+            layers = show_layers(self._viewer, analysis_layers(result, **target))
+        except Exception as exc:  # a malformed result must not kill the widget
+            self._fail(f"could not show the result: {exc}")
+            return
+        self.last_result, self.last_layers = result, layers
+        if self._image_combo.value is not None and self._image_combo.value.name == target["image_layer_name"]:
+            self._cells_combo.reset_choices()
+            self._pick_cells_layer(self._image_combo.value)  # the next run reuses these cells
+        self.last_run_seconds = time.perf_counter() - self._started
+        self._progress.value = 100
+        self._set_status(_summary(result, self.last_run_seconds))
+        if getattr(self._viewer, "window", None) is not None:
+            from napari_smear._napari.widgets.counts import show_counts
+
+            show_counts(self._viewer, layers[0])
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._fail(str(exc) or type(exc).__name__)
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._cancel_button.enabled = False
+        if self._done_event is not None and not self._done_event.is_set():
+            # Cancelled: the helper thread stops at its next progress report. Keep Run
+            # disabled until then, so two runs never compete for the CPU.
+            self._set_status("Cancelling: waiting for the current step to finish…")
+            QTimer.singleShot(100, self._on_finished)
+            return
+        if self._cancel_event is not None and self._cancel_event.is_set():
+            self._set_status("Cancelled.")
+        self._run_button.enabled = True
+
+    # ------------------------------------------------------------------ helpers
+    def _set_status(self, text: str) -> None:
+        self._status.value = text
+
+    def _fail(self, message: str) -> None:
+        self._set_status(f"Failed: {message}")
+        show_error(f"napari-smear classification failed: {message}")
+
+
+def _is_attention(layer: Any) -> bool:
+    return layer.metadata.get(METADATA_KEY, {}).get("kind") == "attention"
+
+
+def _nuclei_layer_for(viewer: Any, cells_layer: Labels) -> Labels | None:
+    """The nuclei layer made together with ``cells_layer`` (same segmentation), if any."""
+    info = cells_layer.metadata.get(METADATA_KEY, {})
+    candidates = [
+        layer for layer in viewer.layers
+        if isinstance(layer, Labels)
+        and layer.metadata.get(METADATA_KEY, {}).get("kind") == "nuclei"
+        and layer.metadata[METADATA_KEY].get("image_layer") == info.get("image_layer")
+        and layer.data.shape == cells_layer.data.shape
+    ]
+    paired = cells_layer.name.replace(" cells", " nuclei")
+    for layer in candidates:
+        if layer.name == paired:
+            return layer
+    return candidates[0] if candidates else None
+
+
+def _model_name(value: str) -> str:
+    path = Path(value)
+    return path.stem if path.suffix == ".safetensors" else value
+
+
+def _summary(result: AnalysisResult, seconds: float) -> str:
+    table = result.table
+    classified = int(table["class"].notna().sum()) if "class" in table.columns else 0
+    parts = []
+    for cell_type, group in result.counts.groupby("cell_type", sort=False):
+        top = group[group["class"] != "unclassified"].head(3)
+        detail = ", ".join(f"{int(n)} {c}" for c, n in zip(top["class"], top["count"]))
+        parts.append(f"{int(group['count'].sum())} {cell_type}" + (f" ({detail}{', …' if len(group) > 3 else ''})" if detail else ""))
+    models = ", ".join(result.models)
+    return f"{classified} of {len(table)} cells classified by {models} in {seconds:.1f} s: " + "; ".join(parts)

@@ -1,0 +1,366 @@
+"""The "Differential count" dock widget: per-class counts of a classified cells layer.
+
+It reads the ``cell_type`` and ``class`` columns of a cells layer's features (what the
+"Classify cells" widget or :func:`napari_smear.add_to_viewer` put there, or what the
+user typed into napari's features table) and shows
+:func:`napari_smear.pipeline.differential_counts` as a table and a bar plot, exportable
+to CSV. It also names the class and confidence of the selected cell.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from napari.layers import Labels
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_smear._napari.layers import (
+    CELL_TYPE_COLORS,
+    METADATA_KEY,
+    UNCLASSIFIED_ALPHA,
+    UNKNOWN_COLOR,
+    class_palette,
+    recolor_by_class,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["CountsWidget", "show_counts", "counts_from_features", "WIDGET_NAME"]
+
+#: The widget's display name in the manifest (the dock's title).
+WIDGET_NAME = "Differential count"
+UNCLASSIFIED = "unclassified"
+
+
+def counts_from_features(features: pd.DataFrame) -> pd.DataFrame:
+    """Differential count of a cells layer's features.
+
+    Cells whose ``class`` is empty or missing count as ``"unclassified"``; without a
+    ``class`` column every cell is unclassified (a count of cell types).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``cell_type, class, count, percent`` (percent of the cells of that type), as
+        :func:`napari_smear.pipeline.differential_counts` gives it.
+    """
+    from napari_smear.pipeline import differential_counts
+
+    if "cell_type" not in features.columns:
+        raise ValueError(
+            f"the layer's features have no 'cell_type' column (columns: {list(features.columns)}); "
+            "choose a cells layer made by napari-smear"
+        )
+    table = pd.DataFrame({"cell_type": features["cell_type"].to_numpy()})
+    if "class" in features.columns:
+        table["class"] = [c if isinstance(c, str) and c else None for c in features["class"]]
+    return differential_counts(table)
+
+
+class CountsWidget(QWidget):
+    """Dock widget: the differential count of a cells layer, as a table and a bar plot.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (npe2 passes it).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self._viewer = napari_viewer
+        self._layer: Labels | None = None
+        self._counts = pd.DataFrame(columns=["cell_type", "class", "count", "percent"])
+
+        self._layer_combo = QComboBox()
+        self._layer_combo.setToolTip("The cells labels layer to count (made by Segment / Classify cells)")
+        self._summary = QLabel("")
+        self._summary.setWordWrap(True)
+        self._table = QTableWidget(0, 4)
+        self._table.setHorizontalHeaderLabels(["cell type", "class", "count", "%"])
+        self._table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self._table.verticalHeader().setVisible(False)
+        self._table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self._figure = Figure(figsize=(4, 3), layout="constrained")
+        self._canvas = FigureCanvasQTAgg(self._figure)
+        self._canvas.setMinimumHeight(180)
+        self._canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self._refresh_button = QPushButton("Update")
+        self._refresh_button.setToolTip(
+            "Count again and recolour the cells, e.g. after editing 'class' in the features table"
+        )
+        self._export_button = QPushButton("Export CSV…")
+        self._selected = QLabel("")
+        self._selected.setWordWrap(True)
+
+        row = QHBoxLayout()
+        row.addWidget(QLabel("cells layer"))
+        row.addWidget(self._layer_combo, 1)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self._refresh_button)
+        buttons.addWidget(self._export_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addWidget(self._summary)
+        layout.addWidget(self._table, 1)
+        layout.addWidget(self._canvas, 1)
+        layout.addLayout(buttons)
+        layout.addWidget(self._selected)
+
+        # Features and colormap change together when a layer is reclassified: coalesce.
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(0)
+        self._refresh_timer.timeout.connect(self.refresh)
+
+        self._layer_combo.currentIndexChanged.connect(self._on_combo_changed)
+        self._refresh_button.clicked.connect(self._on_update_clicked)
+        self._export_button.clicked.connect(self._on_export_clicked)
+        viewer_events = (
+            napari_viewer.layers.events.inserted,
+            napari_viewer.layers.events.removed,
+            napari_viewer.layers.events.renamed,
+        )
+        for event in viewer_events:
+            event.connect(self._fill_layer_combo)
+        # When the dock is closed the Qt object goes; stop listening to the viewer and
+        # the layer (the callbacks would reach a deleted widget).
+        self.destroyed.connect(lambda *_, w=self, e=viewer_events: _disconnect(w, e))
+        self._fill_layer_combo()
+        if self._layer is None:
+            self.refresh()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layer(self) -> Labels | None:
+        """The counted cells layer."""
+        return self._layer
+
+    @property
+    def counts(self) -> pd.DataFrame:
+        """The differential count shown (``cell_type, class, count, percent``)."""
+        return self._counts.copy()
+
+    @property
+    def selected_text(self) -> str:
+        """What the widget says about the selected cell."""
+        return self._selected.text()
+
+    def set_layer(self, layer: Labels) -> None:
+        """Count ``layer`` (a cells layer in the viewer)."""
+        self._fill_layer_combo()
+        index = self._layer_combo.findText(layer.name)
+        if index < 0:
+            raise ValueError(f"{layer.name!r} is not a cells labels layer of this viewer")
+        if index == self._layer_combo.currentIndex():
+            self._watch(layer)
+        else:
+            self._layer_combo.setCurrentIndex(index)
+
+    def refresh(self) -> None:
+        """Count the layer's cells again and redraw the table and the plot."""
+        layer = self._layer
+        if layer is None:
+            self._counts = self._counts.iloc[0:0]
+            self._summary.setText("No cells layer: run Segment cells or Classify cells first.")
+        else:
+            try:
+                self._counts = counts_from_features(pd.DataFrame(layer.features))
+            except ValueError as exc:
+                self._counts = self._counts.iloc[0:0]
+                self._summary.setText(str(exc))
+            else:
+                self._summary.setText(_summary(self._counts, layer.name))
+        self._fill_table()
+        self._draw()
+        self._on_selected_label()
+
+    def export_csv(self, path: str | os.PathLike) -> Path:
+        """Write the differential count to a CSV file (atomically); returns the path."""
+        from napari_smear.io import write_csv_atomic
+
+        if self._layer is None:
+            raise ValueError("no cells layer to count")
+        return write_csv_atomic(path, self.counts)
+
+    # ------------------------------------------------------------------ internals
+    def _cells_layers(self) -> list[Labels]:
+        return [
+            layer for layer in self._viewer.layers
+            if isinstance(layer, Labels) and "cell_type" in getattr(layer, "features", pd.DataFrame()).columns
+            and layer.metadata.get(METADATA_KEY, {}).get("kind", "cells") == "cells"
+        ]
+
+    def _fill_layer_combo(self, *_: Any) -> None:
+        current = self._layer.name if self._layer is not None else None
+        names = [layer.name for layer in self._cells_layers()]
+        self._layer_combo.blockSignals(True)
+        self._layer_combo.clear()
+        self._layer_combo.addItems(names)
+        if current in names:
+            self._layer_combo.setCurrentIndex(names.index(current))
+        self._layer_combo.blockSignals(False)
+        chosen = self._layer_combo.currentText()
+        layer = self._viewer.layers[chosen] if chosen else None
+        if not _same_layer(layer, self._layer):
+            self._watch(layer)
+
+    def _on_combo_changed(self, index: int) -> None:
+        name = self._layer_combo.itemText(index) if index >= 0 else ""
+        self._watch(self._viewer.layers[name] if name in self._viewer.layers else None)
+
+    def _watch(self, layer: Labels | None) -> None:
+        if self._layer is not None:
+            for event in (self._layer.events.features, self._layer.events.colormap):
+                event.disconnect(self._schedule_refresh)
+            self._layer.events.selected_label.disconnect(self._on_selected_label)
+        self._layer = layer
+        if layer is not None:
+            for event in (layer.events.features, layer.events.colormap):
+                event.connect(self._schedule_refresh)
+            layer.events.selected_label.connect(self._on_selected_label)
+        self.refresh()
+
+    def _schedule_refresh(self, *_: Any) -> None:
+        self._refresh_timer.start()
+
+    def _on_update_clicked(self) -> None:
+        if self._layer is not None and "class" in self._layer.features.columns:
+            recolor_by_class(self._layer)  # edited classes get their colours
+        self.refresh()
+
+    def _on_export_clicked(self) -> None:
+        if self._layer is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save the differential count", f"{self._layer.name} counts.csv", "CSV files (*.csv)"
+        )
+        if path:
+            self.export_csv(path)
+
+    def _on_selected_label(self, *_: Any) -> None:
+        layer = self._layer
+        if layer is None:
+            self._selected.setText("")
+            return
+        label = int(layer.selected_label)
+        features = layer.features
+        rows = features.index[features["index"] == label] if "index" in features.columns else []
+        if label == 0 or not len(rows):
+            self._selected.setText("Selected cell: none (pick a cell with the labels layer's picker)")
+            return
+        row = features.loc[rows[0]]
+        text = f"Selected cell {label} ({row.get('cell_type', '?')})"
+        cls = row.get("class")
+        if isinstance(cls, str) and cls:
+            confidence = row.get("confidence")
+            text += f": {cls}"
+            if confidence is not None and np.isfinite(confidence):
+                text += f", confidence {float(confidence):.2f}"
+        else:
+            text += ": not classified"
+        self._selected.setText(text)
+
+    def _fill_table(self) -> None:
+        counts = self._counts
+        self._table.setRowCount(len(counts))
+        for i, row in enumerate(counts.itertuples(index=False)):
+            values = (row.cell_type, row[1], f"{int(row.count)}", f"{float(row.percent):.1f}")
+            for j, value in enumerate(values):
+                self._table.setItem(i, j, QTableWidgetItem(str(value)))
+        # Show up to 8 rows without scrolling (the plot takes the rest of the dock).
+        rows = min(max(len(counts), 2), 8)
+        header = self._table.horizontalHeader().sizeHint().height()
+        self._table.setMinimumHeight(header + rows * self._table.verticalHeader().defaultSectionSize() + 4)
+
+    def _palette(self) -> dict[str, tuple]:
+        stored = {}
+        if self._layer is not None:
+            stored = self._layer.metadata.get(METADATA_KEY, {}).get("class_colors") or {}
+        return class_palette(self._counts["class"].tolist() if len(self._counts) else [], base=stored)
+
+    def _draw(self) -> None:
+        self._figure.clear()
+        counts = self._counts
+        axes = self._figure.add_subplot(1, 1, 1)
+        if counts.empty:
+            axes.set_axis_off()
+            self._canvas.draw_idle()
+            return
+        palette = self._palette()
+        labels, colors = [], []
+        for cell_type, cls in zip(counts["cell_type"], counts["class"]):
+            labels.append(f"{cls} ({cell_type})")
+            if cls == UNCLASSIFIED:  # as the layer shows them: cell-type colour, faint
+                r, g, b, a = CELL_TYPE_COLORS.get(cell_type, UNKNOWN_COLOR)
+                colors.append((r, g, b, a * UNCLASSIFIED_ALPHA))
+            else:
+                colors.append(palette.get(cls, UNKNOWN_COLOR))
+        y = np.arange(len(counts))[::-1]
+        bars = axes.barh(y, counts["percent"].to_numpy(float), color=colors, edgecolor="0.3", linewidth=0.5)
+        for bar, count in zip(bars, counts["count"]):
+            axes.annotate(
+                str(int(count)), (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                xytext=(3, 0), textcoords="offset points", va="center", fontsize=7,
+            )
+        axes.set_yticks(y, labels=labels, fontsize=7)
+        axes.set_xlim(0, 110)
+        axes.set_xlabel("% of the cells of that type", fontsize=8)
+        axes.tick_params(axis="x", labelsize=7)
+        self._figure.set_figheight(max(2.0, 0.22 * len(counts) + 0.8))
+        self._canvas.setMinimumHeight(int(self._figure.get_figheight() * self._figure.dpi))
+        self._canvas.draw_idle()
+
+
+def _same_layer(a: Any, b: Any) -> bool:
+    # npe2 hands widgets a proxy of the viewer whose layers are proxies too: compare ids.
+    if a is None or b is None:
+        return a is b
+    return a.unique_id == b.unique_id
+
+
+def _disconnect(widget: CountsWidget, viewer_events: tuple) -> None:
+    for event in viewer_events:
+        event.disconnect(widget._fill_layer_combo)
+    layer = widget._layer
+    if layer is not None:
+        for event in (layer.events.features, layer.events.colormap):
+            event.disconnect(widget._schedule_refresh)
+        layer.events.selected_label.disconnect(widget._on_selected_label)
+    widget._layer = None
+
+
+def _summary(counts: pd.DataFrame, layer_name: str) -> str:
+    if counts.empty:
+        return f"{layer_name}: no cells"
+    per_type = counts.groupby("cell_type", sort=False)["count"].sum()
+    total = int(per_type.sum())
+    parts = ", ".join(f"{int(n)} {t}" for t, n in per_type.items())
+    return f"{layer_name}: {total} cells ({parts})"
+
+
+def show_counts(viewer: napari.viewer.Viewer, layer: Labels) -> CountsWidget:
+    """Open (or reuse) the viewer's "Differential count" dock and count ``layer``."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", WIDGET_NAME)
+    widget.set_layer(layer)
+    return widget

@@ -1,0 +1,94 @@
+"""Shared set-up of the classification GUI tests: tiny model files and a segmented synthetic field.
+
+The tiny models (32 px crops, a few thousand weights) make a classification of the
+81-cell synthetic field take a fraction of a second, so the GUI tests exercise the real
+code paths (crop, classify, paste attention) without the built-in weight files.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from napari_smear.segment.types import SmearSegmentation
+
+TINY_CONFIG = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+TINY_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
+WAIT_MS = 60_000
+
+
+def tiny_model_file(path, classes=TINY_CLASSES, *, cell_types=None, seed=0):
+    """Write an untrained 32 px shape-aware model file (random but deterministic weights)."""
+    import torch
+
+    from napari_smear.models import build_model, save_model
+
+    torch.manual_seed(seed)
+    model = build_model("shape_aware", len(classes), **TINY_CONFIG)
+    metadata = {"class_names": list(classes), "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
+                "input_size": 32, "crop_diameters": 4.0}
+    if cell_types is not None:
+        metadata["cell_types"] = list(cell_types)
+    save_model(path, model, metadata)
+    return path
+
+
+def truth_segmentation(truth) -> SmearSegmentation:
+    """The synthetic field's ground truth as a SmearSegmentation (a stand-in segmenter's result)."""
+    from skimage.measure import regionprops_table
+
+    props = pd.DataFrame(
+        regionprops_table(truth["labels"].astype(np.int32), properties=("label", "centroid", "bbox", "area"))
+    )
+    props = props.rename(columns={
+        "centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_y", "bbox-1": "bbox_min_x",
+        "bbox-2": "bbox_max_y", "bbox-3": "bbox_max_x", "area": "area_px",
+    })
+    props.insert(1, "cell_type", [truth["cell_types"][int(i)] for i in props["label"]])
+    return SmearSegmentation(
+        labels=truth["labels"].astype(np.uint32), nuclei=truth["nuclei"].astype(np.uint32), table=props,
+        rbc_diameter_px=float(truth["rbc_diameter_px"]),
+    )
+
+
+def add_segmented_field(viewer, synthetic_field, name="synthetic smear", scale=(1.0, 1.0)):
+    """Add the synthetic RGB field and its cells/nuclei layers (as Segment cells makes them)."""
+    from napari.layers import Layer
+
+    from napari_smear._napari.layers import segmentation_layers
+
+    rgb, truth = synthetic_field
+    image = viewer.add_image(rgb, name=name, rgb=True, scale=scale)
+    for data, kwargs, layer_type in segmentation_layers(
+        truth_segmentation(truth), image_layer_name=name, scale=scale, units=tuple(image.units)
+    ):
+        viewer.add_layer(Layer.create(data, kwargs, layer_type))
+    return image, viewer.layers[f"{name} cells"], viewer.layers[f"{name} nuclei"]
+
+
+def single_cell_folder(root, synthetic_field, per_class=4, size=160):
+    """A folder of labelled single-cell images (class sub-folders) cut from the synthetic field.
+
+    ``root/rbc/*.png`` and ``root/platelet/*.png``: windows of ``size`` pixels centred on
+    cells of that type (with red cells around them, so the scale can be measured), the
+    layout ``napari-smear train`` and the Train classifier widget take.
+    """
+    from pathlib import Path
+
+    from napari_smear.io import write_png_atomic
+
+    rgb, truth = synthetic_field
+    seg = truth_segmentation(truth)
+    height, width = rgb.shape[:2]
+    half = size // 2
+    root = Path(root)
+    for cell_type in ("rbc", "platelet"):
+        rows = seg.table[seg.table.cell_type == cell_type]
+        inside = rows[
+            (rows.centroid_y > half) & (rows.centroid_y < height - half)
+            & (rows.centroid_x > half) & (rows.centroid_x < width - half)
+        ].head(per_class)
+        (root / cell_type).mkdir(parents=True, exist_ok=True)
+        for row in inside.itertuples():
+            y, x = int(round(row.centroid_y)), int(round(row.centroid_x))
+            write_png_atomic(root / cell_type / f"cell_{row.label}.png", rgb[y - half:y + half, x - half:x + half])
+    return root

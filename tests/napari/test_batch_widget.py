@@ -1,0 +1,138 @@
+"""The "Batch analyze folder" widget: a real run into a folder, cancel, and bad choices."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import napari_smear.segment
+from napari_smear._napari.widgets import batch as batch_widget_module
+from napari_smear._napari.widgets import user_models
+from napari_smear.io import write_png_atomic
+from napari_smear.models import build_model, save_model
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 60_000
+TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    from napari_smear.samples import synthetic_smear
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for k, name in enumerate(("a.png", "sub/b.png")):
+        write_png_atomic(folder / name, synthetic_smear((160, 200), rbc_diameter_px=24.0, seed=k)[0])
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("shape_aware", 2, **TINY)
+    return save_model(tmp_path / "rbc-tiny.safetensors", model, {
+        "class_names": ["normal", "abnormal"], "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
+        "input_size": 32, "crop_diameters": 4.0, "cell_types": ["rbc"],
+    })
+
+
+@pytest.fixture
+def widget(make_napari_viewer, monkeypatch):
+    errors: list[str] = []
+    monkeypatch.setattr(batch_widget_module, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    _, found = viewer.window.add_plugin_dock_widget("napari-smear", "Batch analyze folder")
+    assert isinstance(found, batch_widget_module.BatchWidget)
+    found.errors = errors
+    yield found
+    user_models.clear()
+
+
+def _wait_until_idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
+
+
+def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, tmp_path):
+    out = tmp_path / "out"
+    widget._input.value = inputs
+    widget._output.value = out
+    widget._model_file.value = model_file  # added to the models and selected
+    widget._models.value = [str(model_file.resolve())]
+    widget._device.value = "cpu"
+    seen: list[int] = []
+    widget._progress.changed.connect(seen.append)
+    widget.run()
+    assert widget.is_running and not widget._run_button.enabled
+    _wait_until_idle(qtbot, widget)
+    assert widget.errors == []
+    report = widget.last_report
+    assert (report.total, report.analysed, report.failed) == (3, 2, 1)
+    assert widget.status.startswith("2 analysed, 0 finished earlier, 1 failed of 3 images")
+    assert "errors.csv" in widget.status and str(out) in widget.status
+    assert widget._progress.value == widget._progress.max == 3 and seen
+    for stem in ("a", "sub/b"):
+        for suffix in ("_labels.tif", "_nuclei.tif", "_attention.tif", "_cells.csv", "_overlay.png", "_done.json"):
+            assert (out / f"{stem}{suffix}").is_file()
+    cells = pd.read_csv(out / "sub" / "b_cells.csv")
+    assert set(cells.loc[cells.cell_type == "rbc", "class"]) <= {"normal", "abnormal"}
+    assert pd.read_csv(out / "errors.csv").file.str.endswith("broken.jpg").all()
+    # again: everything finished is skipped
+    widget.run()
+    _wait_until_idle(qtbot, widget)
+    assert widget.last_report.skipped == 2 and "2 finished earlier" in widget.status
+
+
+def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_path, monkeypatch):
+    seen = {}
+
+    def slow_segment(image, *, pixel_size_um=None, n_workers=None, progress=None):
+        try:
+            for step in range(1000):
+                progress(step / 1000, f"step {step}")
+                time.sleep(0.01)
+        except BaseException as exc:
+            seen["raised"] = exc
+            raise
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._models.value = []  # segmentation only
+    widget.run()
+    qtbot.waitUntil(lambda: "step" in widget.status, timeout=WAIT_MS)
+    widget._cancel_button.native.click()
+    _wait_until_idle(qtbot, widget)
+    raised = seen["raised"]  # the user's Cancel, raised from the progress report
+    assert type(getattr(raised, "original", raised)).__name__ == "Cancelled"
+    assert widget.status.startswith("Cancelled.") and widget.errors == []
+    assert not list((tmp_path / "out").rglob("*_done.json")) and widget.last_report is None
+
+
+def test_missing_folders_are_explained(widget, tmp_path):
+    widget.run()
+    assert "input folder" in widget.status and not widget.is_running
+    widget._input.value = tmp_path
+    widget.run()
+    assert "output folder" in widget.status and not widget.is_running
+
+
+def test_overlay_colours_match_the_viewer():
+    """The QC pictures (core, no napari) colour classes like the viewer does."""
+    from napari_smear._napari.layers import CELL_TYPE_COLORS, class_palette
+    from napari_smear.batch import CELL_TYPE_RGB, class_palette_rgb
+
+    names = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "ig", "erythroblast", "platelet",
+             "normal", "macrocyte", "microcyte", "target", "teardrop"]
+    viewer = class_palette(names)
+    ours = class_palette_rgb(names)
+    for name in names:
+        np.testing.assert_allclose(np.array(ours[name]) / 255, viewer[name][:3], atol=0.01, err_msg=name)
+    for cell_type, colour in CELL_TYPE_COLORS.items():
+        np.testing.assert_allclose(np.array(CELL_TYPE_RGB[cell_type]) / 255, colour[:3], atol=0.01)

@@ -1,0 +1,257 @@
+"""The "Classify cells" widget in a real viewer: features, class colours, attention, counts, cancel."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from classify_helpers import WAIT_MS, add_segmented_field, tiny_model_file
+
+import napari_smear.pipeline
+from napari_smear._napari.layers import CLASS_COLORS, METADATA_KEY
+from napari_smear._napari.widgets import classify as classify_module
+from napari_smear._napari.widgets import user_models
+from napari_smear._napari.widgets.counts import CountsWidget
+from napari_smear.models import available_models
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session(monkeypatch):
+    import torch
+
+    user_models.clear()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core machine crawls with oversubscribed threads
+    yield
+    torch.set_num_threads(previous)
+    user_models.clear()
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return tiny_model_file(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def setup(make_napari_viewer, synthetic_field, model_file, monkeypatch):
+    errors: list[str] = []
+    monkeypatch.setattr(classify_module, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    image, cells, nuclei = add_segmented_field(viewer, synthetic_field, scale=(0.2, 0.2))
+    user_models.add(model_file)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
+    assert isinstance(widget, classify_module.ClassifyWidget)
+    # Default: the installed built-in models, else the most recent session model.
+    assert list(widget._models.value) == (available_models() or [str(model_file.resolve())])
+    widget._models.value = [str(model_file.resolve())]  # the tests' tiny model (fast on CPU)
+    return viewer, widget, errors
+
+
+def _check_choices(viewer, widget, model_file, tmp_path):
+    assert widget._image_combo.value is viewer.layers["synthetic smear"]
+    assert widget._cells_combo.value is viewer.layers["synthetic smear cells"]
+    assert widget._cells_combo.choices[-1] is None  # "segment the image first"
+    assert set(available_models()) | {str(model_file.resolve())} == set(widget._models.choices)
+    # A model trained or opened elsewhere in the session appears in the widget.
+    other = tiny_model_file(tmp_path / "other.safetensors", ["a", "b"])
+    user_models.add(other)
+    assert str(other.resolve()) in widget._models.choices
+    assert widget._models.value == [str(model_file.resolve())]  # the selection is kept
+    user_models.remove(other)
+    import torch
+
+    combo = widget._device.native
+    enabled = {combo.itemData(i) or combo.itemText(i): combo.model().item(i).isEnabled() for i in range(combo.count())}
+    assert enabled["auto"] and enabled["cpu"]
+    assert enabled["cuda"] == torch.cuda.is_available()
+
+
+def _wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
+
+
+def test_classify_adds_features_colours_attention_and_counts(setup, qtbot, model_file, tmp_path):
+    viewer, widget, errors = setup
+    _check_choices(viewer, widget, model_file, tmp_path)
+    n_layers = len(viewer.layers)
+    widget._run_button.native.click()
+    assert widget.is_running
+    _wait(qtbot, widget)
+    assert errors == [], errors
+    assert "81 of 81 cells classified by tiny" in widget.status
+
+    cells = viewer.layers["synthetic smear cells"]
+    features = cells.features
+    assert list(features.columns[:6]) == ["index", "label", "cell_type", "class", "confidence", "model"]
+    assert {"p_lymphocyte", "p_neutrophil", "p_platelet"} <= set(features.columns)
+    assert set(features["index"]) == set(np.unique(cells.data)) - {0}
+    probabilities = features[["p_lymphocyte", "p_neutrophil", "p_platelet"]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    np.testing.assert_allclose(features["confidence"], probabilities.max(axis=1), atol=1e-6)
+    assert set(features["class"]) <= {"lymphocyte", "neutrophil", "platelet"}
+    # Coloured by class with the fixed palette.
+    assert type(cells.colormap).__name__ == "DirectLabelColormap"
+    for label, cls in zip(features["index"][:10], features["class"][:10]):
+        np.testing.assert_allclose(cells.colormap.map(int(label)), CLASS_COLORS[cls], atol=1e-6)
+    assert cells.metadata[METADATA_KEY]["models"]["tiny"]["classes"] == ["lymphocyte", "neutrophil", "platelet"]
+    # The nuclei layer shows the same row when hovering a nucleus.
+    assert list(viewer.layers["synthetic smear nuclei"].features["class"]) == list(features["class"])
+
+    attention = viewer.layers["synthetic smear attention (tiny)"]
+    assert attention.data.dtype == np.float32 and attention.data.shape == (480, 640)
+    np.testing.assert_allclose(attention.scale, (0.2, 0.2))
+    assert attention.blending == "additive" and attention.colormap.name == "inferno"
+    assert attention.data[cells.data == 0].max() == 0 and attention.data.max() > 0
+    assert len(viewer.layers) == n_layers + 1  # cells/nuclei updated in place, attention added
+
+    # Hovering a cell: its class and confidence in the status bar (napari shows features).
+    row = features.iloc[0]
+    y, x = np.argwhere(cells.data == row["index"])[0]
+    status = cells.get_status((y * 0.2, x * 0.2), world=True)["coordinates"]
+    assert f"class: {row['class']}" in status and "confidence: " in status
+
+    # The differential count dock opened on the cells.
+    _, counts = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
+    assert isinstance(counts, CountsWidget)
+    assert counts.layer.unique_id == cells.unique_id
+    assert counts.counts["count"].sum() == 81
+    assert widget.last_result.counts["count"].tolist() == counts.counts["count"].tolist()
+
+    # Running again updates the layers in place.
+    widget.run()
+    _wait(qtbot, widget)
+    assert len(viewer.layers) == n_layers + 1 and errors == []
+
+
+def test_segment_then_classify_with_a_wbc_model(setup, qtbot, model_file, tmp_path):
+    viewer, widget, errors = setup
+    for name in ("synthetic smear cells", "synthetic smear nuclei"):
+        viewer.layers.remove(name)
+    widget.reset_choices()
+    assert widget._cells_combo.value is None
+    widget.run()
+    _wait(qtbot, widget)
+    assert errors == [], errors
+    cells = viewer.layers["synthetic smear cells"]
+    assert cells.metadata[METADATA_KEY]["rbc_diameter_px"] > 30
+    assert (cells.features["class"] != "").all()
+    assert "synthetic smear attention (tiny)" in viewer.layers
+    np.testing.assert_allclose(cells.scale, (0.2, 0.2))
+    # The new cells layer is picked up: the next run classifies it without segmenting again.
+    assert widget._cells_combo.value.name == "synthetic smear cells"
+    # Another image of the same size must not be classified with these cells.
+    other = viewer.add_image(np.zeros((480, 640, 3), np.uint8), name="other", rgb=True)
+    widget._image_combo.value = other
+    assert widget._cells_combo.value is None
+    widget._image_combo.value = viewer.layers["synthetic smear"]
+    assert widget._cells_combo.value.name == "synthetic smear cells"
+
+    # A model for white cells only (its file says so) leaves the other cells unclassified.
+    wbc_only = tiny_model_file(tmp_path / "wbc.safetensors", cell_types=["wbc"])
+    widget._model_file.value = wbc_only  # "add model file": registered and selected
+    widget._models.value = [str(wbc_only.resolve())]
+    widget.run()
+    _wait(qtbot, widget)
+    assert errors == [], errors
+    features = viewer.layers["synthetic smear cells"].features
+    classified = features["class"] != ""
+    assert set(features.loc[classified, "cell_type"]) == {"wbc"}
+    assert (features.loc[~classified, "model"] == "").all()
+    # Unclassified cells keep their cell-type colour, faint.
+    cells = viewer.layers["synthetic smear cells"]
+    rbc = int(features.loc[features["cell_type"] == "rbc", "index"].iloc[0])
+    assert cells.colormap.map(rbc)[3] < 0.5
+
+
+def test_one_run_at_a_time_progress_and_cancel(setup, qtbot, monkeypatch):
+    viewer, widget, errors = setup
+    release = threading.Event()
+    calls = []
+    real = napari_smear.pipeline.analyze
+
+    def gated(image, *, progress=None, **kwargs):
+        calls.append(kwargs)
+        progress(0.5, "halfway there")
+        assert release.wait(20)
+        return real(image, progress=progress, **kwargs)
+
+    monkeypatch.setattr(napari_smear.pipeline, "analyze", gated)
+    widget._batch_size.value = 7
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value == 50, timeout=WAIT_MS)
+    assert "Halfway there" in widget.status
+    widget.run()  # ignored while running
+    release.set()
+    _wait(qtbot, widget)
+    assert len(calls) == 1 and errors == []
+    assert calls[0]["batch_size"] == 7 and calls[0]["device"] == "auto"
+    assert calls[0]["segmentation"] is not None and len(calls[0]["segmentation"].table) == 81
+
+    # Cancel: nothing is added.
+    seen: dict[str, object] = {}
+
+    def slow_analyze(image, *, progress=None, **kwargs):
+        try:
+            for step in range(1000):
+                progress(step / 1000, f"step {step}")
+                time.sleep(0.01)
+        except BaseException as exc:
+            seen["raised"] = exc
+            raise
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(napari_smear.pipeline, "analyze", slow_analyze)
+    names = [layer.name for layer in viewer.layers]
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=WAIT_MS)
+    widget._cancel_button.native.click()
+    _wait(qtbot, widget)
+    assert type(seen["raised"]).__name__ == "Cancelled"
+    assert [layer.name for layer in viewer.layers] == names
+    assert widget.status == "Cancelled." and errors == []
+
+
+def test_errors_are_reported(setup, qtbot, tmp_path):
+    viewer, widget, errors = setup
+    not_a_model = tmp_path / "weights.safetensors"
+    not_a_model.write_bytes(b"PK\x03\x04 not a model")
+    widget._model_file.value = not_a_model
+    assert widget.status.startswith("Failed: ") and "not a napari-smear model file" in widget.status
+    assert len(errors) == 1
+    widget._models.value = []
+    widget.run()
+    assert "No model chosen" in widget.status and not widget.is_running
+    # A model file deleted after it was added: the run fails with load_model's message.
+    widget._models.value = [str(user_models.paths[0])]
+    user_models.paths[0].unlink()
+    widget.run()
+    _wait(qtbot, widget)
+    assert "model file not found" in widget.status and len(errors) == 2
+    assert "synthetic smear attention (tiny)" not in viewer.layers
+
+
+def test_attention_is_visible_in_a_screenshot(make_napari_viewer, synthetic_field, model_file, qtbot):
+    """On a shown viewer, the attention layer changes what is drawn over the smear."""
+    viewer = make_napari_viewer(show=True)
+    image, cells, nuclei = add_segmented_field(viewer, synthetic_field)
+    user_models.add(model_file)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
+    widget._models.value = [str(model_file.resolve())]
+    widget.run()
+    _wait(qtbot, widget)
+    attention = viewer.layers["synthetic smear attention (tiny)"]
+    cells.visible = nuclei.visible = False
+    attention.visible = False
+    viewer.reset_view()
+    image_only = viewer.screenshot(canvas_only=True, flash=False)
+    attention.visible = True
+    with_attention = viewer.screenshot(canvas_only=True, flash=False)
+    assert image_only.shape == with_attention.shape
+    assert image_only[..., :3].std() > 5  # not blank
+    changed = np.abs(with_attention[..., :3].astype(int) - image_only[..., :3].astype(int)).max(axis=-1) > 10
+    assert changed.mean() > 0.02  # the attention glows over a visible part of the cells
+    # Additive blending: where the map is zero (the glass), the smear is untouched.
+    assert (with_attention[..., :3].astype(int) >= image_only[..., :3].astype(int) - 2).all()

@@ -1,0 +1,87 @@
+"""The "Differential count" dock: counts of a classified cells layer, edits, selection, CSV export."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from classify_helpers import add_segmented_field, tiny_model_file, truth_segmentation
+
+from napari_smear._napari.layers import CLASS_COLORS, add_to_viewer
+from napari_smear._napari.widgets.counts import CountsWidget, counts_from_features
+
+pytestmark = pytest.mark.gui
+
+
+def test_counts_from_features():
+    features = pd.DataFrame({
+        "index": [1, 2, 3, 4, 5],
+        "cell_type": ["wbc", "wbc", "wbc", "rbc", "platelet"],
+        "class": ["neutrophil", "neutrophil", "lymphocyte", "", None],
+    })
+    counts = counts_from_features(features)
+    assert counts.to_dict("records") == [
+        {"cell_type": "platelet", "class": "unclassified", "count": 1, "percent": 100.0},
+        {"cell_type": "rbc", "class": "unclassified", "count": 1, "percent": 100.0},
+        {"cell_type": "wbc", "class": "neutrophil", "count": 2, "percent": pytest.approx(200 / 3)},
+        {"cell_type": "wbc", "class": "lymphocyte", "count": 1, "percent": pytest.approx(100 / 3)},
+    ]
+    # Segmentation only (no class column): a count of cell types.
+    assert counts_from_features(features.drop(columns="class"))["count"].sum() == 5
+    with pytest.raises(ValueError, match="no 'cell_type' column"):
+        counts_from_features(pd.DataFrame({"index": [1]}))
+
+
+def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field, tmp_path):
+    import torch
+
+    from napari_smear.pipeline import analyze
+
+    torch.set_num_threads(1)
+    viewer = make_napari_viewer()
+    rgb, truth = synthetic_field
+    _, counts_widget = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
+    assert isinstance(counts_widget, CountsWidget) and counts_widget.layer is None
+    assert "No cells layer" in counts_widget._summary.text()
+
+    # Segmentation only: the dock offers the cells layer and counts cell types.
+    image, cells, _ = add_segmented_field(viewer, synthetic_field)
+    assert counts_widget.layer.name == "synthetic smear cells"
+    assert dict(zip(counts_widget.counts["cell_type"], counts_widget.counts["count"])) == {
+        "platelet": 6, "rbc": 73, "wbc": 2,
+    }
+
+    # A classification (scripted, through add_to_viewer) updates the counts.
+    model = tiny_model_file(tmp_path / "tiny.safetensors")
+    result = analyze(rgb, models=[model], segmentation=truth_segmentation(truth), device="cpu")
+    add_to_viewer(viewer, result, image_layer=image)
+    pd.testing.assert_frame_equal(counts_widget.counts, result.counts)
+    table = counts_widget._table
+    assert table.rowCount() == len(result.counts)
+    assert table.item(0, 0).text() == result.counts["cell_type"].iloc[0]
+    assert table.item(0, 2).text() == str(int(result.counts["count"].iloc[0]))
+    bars = counts_widget._figure.axes[0].patches
+    assert len(bars) == len(result.counts)
+    cls = result.counts["class"].iloc[0]
+    np.testing.assert_allclose(bars[0].get_facecolor(), CLASS_COLORS[cls], atol=1e-6)
+
+    # Export to CSV.
+    path = counts_widget.export_csv(tmp_path / "counts.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(path), result.counts.reset_index(drop=True), check_dtype=False)
+
+    # The user corrects a cell's class in the features table, then presses Update.
+    features = cells.features
+    wbc = features.index[features["cell_type"] == "wbc"][0]
+    label = int(features.loc[wbc, "index"])
+    features.loc[wbc, "class"] = "basophil"  # what napari's features table editor does
+    counts_widget._refresh_button.click()
+    row = counts_widget.counts.query("cell_type == 'wbc' and `class` == 'basophil'")
+    assert row["count"].tolist() == [1] and row["percent"].tolist() == [50.0]
+    np.testing.assert_allclose(cells.colormap.map(label), CLASS_COLORS["basophil"], atol=1e-6)
+
+    # Selecting a cell names its class and confidence.
+    cells.selected_label = label
+    assert counts_widget.selected_text.startswith(f"Selected cell {label} (wbc): basophil, confidence 0.")
+
+    # Removing the layer empties the dock.
+    viewer.layers.remove(cells)
+    assert counts_widget.layer is None and counts_widget.counts.empty

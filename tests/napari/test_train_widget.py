@@ -1,0 +1,201 @@
+"""The "Train classifier" widget: fine-tune from the cells of the image, train from a folder, cancel."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from classify_helpers import WAIT_MS, add_segmented_field, single_cell_folder, tiny_model_file
+
+import napari_smear.training
+from napari_smear._napari.widgets import train as train_module
+from napari_smear._napari.widgets import user_models
+from napari_smear.models import read_metadata
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    import torch
+
+    user_models.clear()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    user_models.clear()
+
+
+@pytest.fixture
+def setup(make_napari_viewer, synthetic_field, monkeypatch):
+    errors: list[str] = []
+    monkeypatch.setattr(train_module, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    image, cells, nuclei = add_segmented_field(viewer, synthetic_field)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Train classifier")
+    assert isinstance(widget, train_module.TrainWidget)
+    return viewer, widget, errors
+
+
+def _wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
+
+
+def test_fine_tune_on_the_cells_of_the_image(setup, qtbot, tmp_path):
+    viewer, widget, errors = setup
+    base = user_models.add(tiny_model_file(tmp_path / "base.safetensors"))
+    # The user sets classes on cells: here every red cell and platelet, by typing into
+    # the 'class' column of the features table (what its editor does to layer.features).
+    cells = viewer.layers["synthetic smear cells"]
+    features = cells.features
+    features["class"] = features["cell_type"].map({"rbc": "normal", "platelet": "platelet", "wbc": ""})
+    widget._source.value = train_module.FROM_VIEWER
+    assert widget._cells_combo.value.name == "synthetic smear cells"
+    widget._start_from.value = str(base)
+    assert widget._kind.native.isHidden() and widget._lr.value == pytest.approx(train_module.LR_FINE_TUNE)
+    widget._epochs.value = 2
+    widget._batch_size.value = 16
+    widget._device.value = "cpu"
+    output = tmp_path / "models" / "mine.safetensors"
+    widget._output.value = output
+    _, classify = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
+
+    widget._run_button.native.click()
+    assert widget.is_running
+    _wait(qtbot, widget)
+    assert errors == [], errors
+    assert widget.status.startswith("Saved mine.safetensors: best epoch"), widget.status
+    assert [r["epoch"] for r in widget.history] == [1, 2]
+    assert all(0 <= r["val_accuracy"] <= 1 for r in widget.history)
+    assert len(widget.figure.axes[0].lines[0].get_xdata()) == 2
+    metadata = read_metadata(output)
+    assert metadata["class_names"] == ["normal", "platelet"]
+    assert metadata["cell_types"] == ["rbc", "platelet"]  # the types of the labelled cells
+    assert metadata["input_size"] == 32 and metadata["training_data"]["n_train"] + metadata["training_data"]["n_val"] == 79
+    assert any("fine-tuned from base.safetensors" in note for note in metadata["training_data"]["notes"])
+    assert (tmp_path / "models" / "mine_training.png").is_file()
+    assert not (tmp_path / "models" / "mine.ckpt").exists()
+    # The new model is offered by Classify cells.
+    assert user_models.paths[0] == output.resolve()
+    assert str(output.resolve()) in classify._models.choices
+
+
+def test_train_a_new_model_from_a_folder(setup, qtbot, tmp_path, synthetic_field):
+    viewer, widget, errors = setup
+    folder = single_cell_folder(tmp_path / "cells", synthetic_field, per_class=3)
+    widget._source.value = train_module.FROM_FOLDER
+    assert not widget._folder.native.isHidden() and widget._cells_combo.native.isHidden()
+    widget._start_from.value = None
+    widget._kind.value = "plain"
+    widget._crop_size.value = 32
+    widget._epochs.value = 1
+    widget._batch_size.value = 4
+    widget._cell_types.value = ["rbc", "platelet"]
+    widget._folder.value = folder
+    widget._output.value = tmp_path / "folder-model"  # the suffix is added
+    widget.run()
+    _wait(qtbot, widget)
+    assert errors == [], errors
+    metadata = read_metadata(tmp_path / "folder-model.safetensors")
+    assert metadata["kind"] == "plain" and metadata["input_size"] == 32
+    assert metadata["class_names"] == ["platelet", "rbc"] and metadata["cell_types"] == ["rbc", "platelet"]
+    assert len(widget.history) == 1
+
+
+def test_bad_settings_are_explained_and_painted_classes(setup, tmp_path):
+    viewer, widget, errors = setup
+    widget._source.value = train_module.FROM_VIEWER
+    widget.run()
+    assert "choose where to save the model" in widget.status and not widget.is_running
+    widget._output.value = tmp_path / "m.safetensors"
+    widget.run()
+    assert "features have no 'class' column" in widget.status
+    features = viewer.layers["synthetic smear cells"].features
+    features["class"] = ""
+    widget.run()
+    assert "no wbc/rbc/platelet cell has a class yet" in widget.status
+    features["class"] = np.where(features["cell_type"] == "rbc", "normal", "")
+    widget.run()
+    assert "at least two classes" in widget.status
+    features.loc[features.index[features["cell_type"] == "wbc"][0], "class"] = "lymphocyte"
+    widget.run()
+    assert "at least two labelled cells" in widget.status and "'lymphocyte': 1" in widget.status
+    widget._cell_types.value = []
+    widget.run()
+    assert "choose the cell types" in widget.status
+    assert errors == [] and not widget.is_running
+
+    # Classes painted over the cells in a labels layer (values named by its features).
+    cells = viewer.layers["synthetic smear cells"]
+    features = cells.features
+    rbc = features.loc[features["cell_type"] == "rbc", "index"].to_numpy()[:4]
+    platelets = features.loc[features["cell_type"] == "platelet", "index"].to_numpy()[:3]
+    painted = np.zeros(cells.data.shape, np.uint8)
+    for label in rbc:  # a stroke over part of each cell is enough
+        ys, xs = np.nonzero(cells.data == label)
+        painted[ys[: len(ys) // 2], xs[: len(xs) // 2]] = 1
+    for label in platelets:
+        painted[cells.data == label] = 2
+    painted[cells.data == rbc[0]] = 2  # one red cell mostly repainted: the majority wins
+    painted[np.nonzero(cells.data == rbc[0])[0][0], np.nonzero(cells.data == rbc[0])[1][0]] = 1
+    layer = viewer.add_labels(
+        painted, name="my classes",
+        features=pd.DataFrame({"index": [1, 2], "class": ["normal", "platelet"]}),
+    )
+    classes = train_module.cell_classes_from_painting(cells.data, layer.data, {1: "normal", 2: "platelet"})
+    assert classes == {**{int(i): "normal" for i in rbc[1:]}, int(rbc[0]): "platelet", **{int(i): "platelet" for i in platelets}}
+
+    widget.reset_choices()
+    widget._source.value = train_module.FROM_VIEWER
+    widget._classes_from.value = layer
+    assert widget._column.native.isHidden()
+    widget._start_from.value = None
+    widget._crop_size.value = 32
+    widget._cell_types.value = list(train_module.CELL_TYPES)
+    job = widget._prepare()
+    cells_job = job["cells"]  # cropped by the background job; here directly
+    crop_set = train_module.crop_set_from_cells(
+        cells_job["image"], cells_job["segmentation"], cells_job["classes"],
+        crop_diameters=cells_job["crop_diameters"], output_size=cells_job["output_size"],
+    )
+    assert crop_set.class_names == ["normal", "platelet"] and len(crop_set) == 7
+    assert crop_set.class_counts() == {"normal": 3, "platelet": 4}
+    assert crop_set.images.shape == (7, 32, 32, 3) and crop_set.masks[:, 0].any(axis=(1, 2)).all()
+    assert job["cell_types"] == ["rbc", "platelet"]
+
+    # Choosing a model to fine-tune selects the cell types it is for.
+    wbc_model = user_models.add(tiny_model_file(tmp_path / "wbc.safetensors", cell_types=["wbc", "platelet"]))
+    widget._start_from.value = str(wbc_model)
+    assert widget._cell_types.value == ["wbc", "platelet"]
+
+
+def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
+    viewer, widget, errors = setup
+    features = viewer.layers["synthetic smear cells"].features
+    features["class"] = features["cell_type"]
+    seen: dict[str, object] = {}
+
+    def slow_train(data, *, on_epoch=None, epochs=1, **kwargs):
+        try:
+            for epoch in range(1, 1000):
+                on_epoch({"epoch": epoch, "train_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.4})
+                time.sleep(0.02)
+        except BaseException as exc:
+            seen["raised"] = exc
+            raise
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(napari_smear.training, "train", slow_train)
+    widget._start_from.value = None
+    widget._crop_size.value = 32
+    widget._epochs.value = 500
+    widget._output.value = tmp_path / "never.safetensors"
+    widget.run()
+    qtbot.waitUntil(lambda: len(widget.history) >= 2, timeout=WAIT_MS)
+    widget._cancel_button.native.click()
+    _wait(qtbot, widget)
+    assert type(seen["raised"]).__name__ == "Cancelled"
+    assert widget.status == "Cancelled." and errors == []
+    assert user_models.paths == ()

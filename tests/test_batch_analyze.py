@@ -14,15 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
+from conftest import tiny_model_file
 
 from napari_smear import batch
 from napari_smear.batch import analyze_files
 from napari_smear.cli import main
 from napari_smear.io import read_image, write_png_atomic, write_tiff_atomic
-from napari_smear.models import build_model, save_model
 
-TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
 WBC_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
 RBC_CLASSES = ["normal", "target", "schistocyte"]
 PER_IMAGE = ("_labels.tif", "_nuclei.tif", "_attention.tif", "_cells.csv", "_overlay.png", "_done.json")
@@ -30,21 +28,7 @@ PER_IMAGE = ("_labels.tif", "_nuclei.tif", "_attention.tif", "_cells.csv", "_ove
 # differently from an uninterrupted one.
 BATCH = 16
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_model(path, classes, cell_types, seed=0):
-    torch.manual_seed(seed)
-    model = build_model("shape_aware", len(classes), **TINY)
-    save_model(path, model, {"class_names": classes, "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
-                             "input_size": 32, "crop_diameters": 4.0, "cell_types": cell_types})
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def field(seed: int, shape=(168, 224)) -> np.ndarray:
@@ -58,8 +42,8 @@ def setup(tmp_path_factory):
     """Two tiny models, a folder of four fields (one in a sub-folder) and its clean run."""
     root = tmp_path_factory.mktemp("batch")
     models = [
-        str(tiny_model(root / "wbc.safetensors", WBC_CLASSES, ["wbc", "platelet"])),
-        str(tiny_model(root / "rbc.safetensors", RBC_CLASSES, ["rbc"], seed=1)),
+        str(tiny_model_file(root / "wbc.safetensors", WBC_CLASSES, cell_types=["wbc", "platelet"])),
+        str(tiny_model_file(root / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], seed=1)),
     ]
     inputs = root / "in"
     (inputs / "sub").mkdir(parents=True)
@@ -166,7 +150,7 @@ def test_rerun_skips_finished_images_and_redoes_changed_ones(setup, tmp_path):
     assert (again.analysed, again.skipped) == (2, 2)
     # other weights: every image is redone; one that can no longer be analysed loses its
     # marker (no stale summary row)
-    other = tiny_model(tmp_path / "rbc.safetensors", RBC_CLASSES, ["rbc"], seed=7)
+    other = tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], seed=7)
     (inputs / "a.png").write_bytes(b"broken now")
     report = analyze_files(inputs, out, **{**options, "models": [setup["models"][0], other]})
     assert (report.analysed, report.failed) == (3, 1) and "a.png" not in set(report.summary.image)

@@ -7,7 +7,7 @@ import pytest
 
 from napari_smear.models import BUILTIN_MODELS, available_models, load_model
 
-from conftest import read_rgb
+from conftest import read_rgb, torch_threads
 
 
 def _require(name: str):
@@ -17,13 +17,9 @@ def _require(name: str):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def _two_threads():
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))

@@ -8,41 +8,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_CLASSES, TINY_CONFIG, tiny_model_file
 
 from napari_smear.cli import build_parser, main
 from napari_smear.datasets import CropSet, load_crop_set, save_crop_set
-from napari_smear.models import build_model, read_metadata, save_model
+from napari_smear.models import read_metadata
 
-CLASSES = ["lymphocyte", "neutrophil", "platelet"]
-TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_model_file(path, size=32):
-    torch.manual_seed(0)
-    save_model(path, build_model("shape_aware", len(CLASSES), **TINY),
-               {"class_names": CLASSES, "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
-                "input_size": size, "crop_diameters": 4.0})
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_crop_set(n_per_class=4, size=32) -> CropSet:
     rng = np.random.default_rng(0)
-    n = n_per_class * len(CLASSES)
+    n = n_per_class * len(TINY_CLASSES)
     yy, xx = np.mgrid[0:size, 0:size]
     cell = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= (size / 4) ** 2
     return CropSet(
         images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
         masks=np.broadcast_to(np.stack([cell, cell]).astype(np.uint8), (n, 2, size, size)).copy(),
-        morph=np.zeros((n, 1), np.float32), labels=np.repeat(np.arange(len(CLASSES)), n_per_class),
-        class_names=CLASSES, split=np.array(["train", "val"] * (n // 2), dtype="<U5"),
+        morph=np.zeros((n, 1), np.float32), labels=np.repeat(np.arange(len(TINY_CLASSES)), n_per_class),
+        class_names=TINY_CLASSES, split=np.array(["train", "val"] * (n // 2), dtype="<U5"),
         attributes=np.zeros((n, 0), np.int8), attribute_names=[], attribute_values=[],
         paths=np.array([f"c{i}.png" for i in range(n)]), source="synthetic",
     )
@@ -70,14 +54,14 @@ def test_classify_writes_predictions_and_lists_bad_images(tmp_path, shared_data,
                  "--device", "cpu", "--batch-size", "1", "--quiet"])
     assert code == 0
     result = pd.read_csv(out, keep_default_na=False)
-    assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in CLASSES],
+    assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in TINY_CLASSES],
                                     "scale_measured", "error"]
     assert len(result) == 3
     bad = result[result.path.str.endswith("broken.jpg")]
     assert len(bad) == 1 and bad.error.iloc[0] and bad.prediction.iloc[0] == ""
     good = result[result.error == ""]
-    assert len(good) == 2 and good.prediction.isin(CLASSES).all()
-    np.testing.assert_allclose(good[[f"p_{c}" for c in CLASSES]].astype(float).sum(axis=1), 1, atol=1e-5)
+    assert len(good) == 2 and good.prediction.isin(TINY_CLASSES).all()
+    np.testing.assert_allclose(good[[f"p_{c}" for c in TINY_CLASSES]].astype(float).sum(axis=1), 1, atol=1e-5)
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "classified 2 of 3 images" in captured.out
 
@@ -109,7 +93,7 @@ def test_evaluate_prints_metrics_and_writes_the_confusion_matrix(tmp_path, capsy
     assert code == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "macro-F1" in out and "per-class recall" in out
-    for name in CLASSES:
+    for name in TINY_CLASSES:
         assert name in out
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -121,9 +105,9 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     code = main(["train", str(data), "--model-kind", "shape_aware", "--out", str(out), "--epochs", "1",
                  "--batch-size", "8", "--device", "cpu", "--threads", "1", "--quiet",
-                 "--config", json.dumps(TINY)])
+                 "--config", json.dumps(TINY_CONFIG)])
     assert code == 0
-    assert read_metadata(out)["class_names"] == CLASSES
+    assert read_metadata(out)["class_names"] == TINY_CLASSES
     assert "macro-F1" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # --config must be a JSON object: a usage error
         build_parser().parse_args(["train", str(data), "--out", str(out), "--config", "[1, 2]"])

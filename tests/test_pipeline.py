@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import tiny_model_file
 
-from napari_smear.models import ModelFileError, build_model, save_model
+from napari_smear.models import ModelFileError
 from napari_smear.pipeline import (
     AnalysisResult,
     StreamingClassifier,
@@ -19,35 +19,18 @@ from napari_smear.pipeline import (
 )
 from napari_smear.predict import classify_crops
 
-TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
 WBC_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
 RBC_CLASSES = ["normal", "target", "schistocyte", "spherocyte"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_model(path, classes, cell_types=None, seed=0, **metadata):
-    """A small untrained model file (what the batch and pipeline tests classify with)."""
-    torch.manual_seed(seed)
-    model = build_model("shape_aware", len(classes), **TINY)
-    extra = {"cell_types": list(cell_types)} if cell_types is not None else {}
-    save_model(path, model, {"class_names": list(classes), "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
-                             "input_size": 32, "crop_diameters": 4.0, **extra, **metadata})
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     return (
-        tiny_model(folder / "wbc.safetensors", WBC_CLASSES, ["wbc", "platelet"]),
-        tiny_model(folder / "rbc.safetensors", RBC_CLASSES, ["rbc"], seed=1),
+        tiny_model_file(folder / "wbc.safetensors", WBC_CLASSES, cell_types=["wbc", "platelet"]),
+        tiny_model_file(folder / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], seed=1),
     )
 
 
@@ -107,7 +90,7 @@ def test_analyze_reuses_a_segmentation_and_a_model_without_cell_types(field, mod
     image, _ = field
     first = analyze(image, models=[model_files[1]], device="cpu")
     # a model file that does not say which cells it classifies sees every cell
-    generic = tiny_model(tmp_path / "generic.safetensors", RBC_CLASSES)
+    generic = tiny_model_file(tmp_path / "generic.safetensors", RBC_CLASSES)
     again = analyze(image, models=[generic], device="cpu", segmentation=first.segmentation, morphology=False)
     assert again.segmentation is first.segmentation
     assert again.table["class"].notna().all() and (again.table.model == "generic").all()
@@ -132,8 +115,8 @@ def test_bad_model_fails_before_segmenting(field, tmp_path):
         analyze(image, models=[tmp_path / "missing.safetensors"], device="cpu")
     twin = tmp_path / "a" / "same.safetensors"
     twin.parent.mkdir()
-    tiny_model(twin, WBC_CLASSES)
-    other = tiny_model(tmp_path / "same.safetensors", WBC_CLASSES)
+    tiny_model_file(twin, WBC_CLASSES)
+    other = tiny_model_file(tmp_path / "same.safetensors", WBC_CLASSES)
     with pytest.raises(ValueError, match="both named 'same'"):
         load_models([twin, other])
 

@@ -8,28 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_CLASSES, tiny_model_file
 
-from napari_smear.models import build_model, load_model, save_model
+from napari_smear.models import load_model
 from napari_smear.predict import classify_crops, classify_files, expand_image_inputs, select_device
 
-TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
-CLASSES = ["lymphocyte", "neutrophil", "platelet"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_model_file(path, kind="shape_aware", size=32, **config):
-    torch.manual_seed(0)
-    model = build_model(kind, len(CLASSES), **{**TINY, **config} if kind == "shape_aware" else config)
-    save_model(path, model, {"class_names": CLASSES, "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
-                             "input_size": size, "crop_diameters": 4.0})
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_crops(n=10, size=32, seed=0):
@@ -154,7 +138,9 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
 
 
 def test_daffnet_gets_its_morphology_and_attributes(tmp_path):
-    path = tiny_model_file(tmp_path / "d.safetensors", kind="daffnet", widths=[8, 16, 32, 64], morph_features=18)
+    path = tiny_model_file(
+        tmp_path / "d.safetensors", kind="daffnet", config={"widths": [8, 16, 32, 64], "morph_features": 18}
+    )
     model, info = load_model(path)
     images, masks = random_crops(6)
     result = classify_crops(model, info, images, masks, device="cpu")  # morph computed from the crops
@@ -195,11 +181,11 @@ def test_classify_files_keeps_order_and_reports_failures(tmp_path, shared_data):
         warnings.simplefilter("ignore")
         result = classify_files(inputs, model_path, device="cpu", progress=False)
     assert result.path.tolist() == [str(p) for p in inputs]
-    assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in CLASSES],
+    assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in TINY_CLASSES],
                                     "scale_measured", "error"]
     good = result.error == ""
     assert good.tolist() == [True, False, True, False, True]
-    assert result.prediction[good].isin(CLASSES).all() and (result.prediction[~good] == "").all()
-    np.testing.assert_allclose(result.loc[good, [f"p_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-5)
+    assert result.prediction[good].isin(TINY_CLASSES).all() and (result.prediction[~good] == "").all()
+    np.testing.assert_allclose(result.loc[good, [f"p_{c}" for c in TINY_CLASSES]].sum(axis=1), 1, atol=1e-5)
     assert result.confidence[~good].isna().all()
     assert "not found" in result.error[3] and result.error[1]

@@ -27,12 +27,7 @@ from napari_smear.training import (
 TINY_SHAPE_AWARE = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 32}
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # oversubscribed threads crawl on a busy 2-core machine
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_crop_set(n_per_class: int = 16, size: int = 32, seed: int = 0) -> CropSet:

@@ -44,6 +44,30 @@ def _add_crop_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping (default 1)")
 
 
+def _add_inference_options(parser: argparse.ArgumentParser, *, workers_help: str) -> None:
+    """--device, --batch-size, --no-amp, --workers and --quiet of the commands that classify cell images."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--no-amp", action="store_true", help="run in float32")
+    parser.add_argument("--workers", type=_positive_int, default=1, help=workers_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_models_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--models of the commands that analyse fields (read with :func:`_model_list`)."""
+    parser.add_argument("--models", nargs="+", action="extend", default=None, metavar="MODEL", help=help_text)
+
+
+def _model_list(values):
+    """--models values: None (the default models), [] ('none') or the names/paths given."""
+    if values is None:
+        return None
+    names = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return []
+    return names
+
+
 # ----------------------------------------------------------------------------- segment / demo
 
 
@@ -83,8 +107,7 @@ def _add_demo(subparsers) -> None:
                     "the installed built-in models, attention maps, per-cell tables, QC overlays, summary.",
     )
     parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
-    parser.add_argument("--models", nargs="+", action="extend", default=None, metavar="MODEL",
-                        help="models instead of the installed built-in ones ('none': segmentation only)")
+    _add_models_option(parser, "models instead of the installed built-in ones ('none': segmentation only)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.set_defaults(func=_cmd_demo)
 
@@ -109,9 +132,8 @@ def _add_analyze(subparsers) -> None:
     )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image folders or files")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
-    parser.add_argument("--models", nargs="+", action="extend", default=None, metavar="MODEL",
-                        help="built-in names or .safetensors files, space or comma separated; 'none' for "
-                             "segmentation only (default: the installed built-in models)")
+    _add_models_option(parser, "built-in names or .safetensors files, space or comma separated; 'none' for "
+                               "segmentation only (default: the installed built-in models)")
     parser.add_argument("--device", default="auto", help="classifier device: auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--pattern", default="*", help="file-name glob inside folders, e.g. '*.jpg' (default *)")
     where = parser.add_mutually_exclusive_group()
@@ -131,16 +153,6 @@ def _add_analyze(subparsers) -> None:
                         help="leave the morphology columns out of the cell tables (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_analyze)
-
-
-def _model_list(values):
-    """--models values: None (the default models), [] ('none') or the names/paths given."""
-    if values is None:
-        return None
-    names = [part.strip() for value in values for part in value.split(",") if part.strip()]
-    if [n.lower() for n in names] == ["none"]:
-        return []
-    return names
 
 
 def _cmd_analyze(args) -> int:
@@ -311,11 +323,7 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--split", default="val", help="train, val, test or all (default val)")
     parser.add_argument("--confusion", default=None, help="write the confusion matrix as an image (e.g. cm.png)")
     parser.add_argument("--json", default=None, help="write all metrics as JSON")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
-    parser.add_argument("--no-amp", action="store_true", help="run in float32")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping folder/CSV data")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_inference_options(parser, workers_help="processes for cropping folder/CSV data")
     parser.set_defaults(func=_run_evaluate)
 
 
@@ -368,11 +376,7 @@ def _add_classify(subparsers) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--model", default="wbc-pbc8", help="model name or .safetensors file (default wbc-pbc8)")
     parser.add_argument("--out", required=True, help="CSV to write (path, prediction, confidence, p_<class>..., error)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
-    parser.add_argument("--no-amp", action="store_true", help="run in float32")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_inference_options(parser, workers_help="processes for cropping")
     parser.set_defaults(func=_run_classify)
 
 

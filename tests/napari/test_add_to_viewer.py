@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from classify_helpers import tiny_model_file, truth_segmentation
+from conftest import tiny_model_file
+from widget_helpers import truth_segmentation
 
 import napari_smear
 from napari_smear._napari.layers import METADATA_KEY, segmentation_from_layers
@@ -12,10 +13,8 @@ from napari_smear._napari.widgets.counts import CountsWidget
 pytestmark = pytest.mark.gui
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_add_to_viewer(make_napari_viewer, synthetic_field, tmp_path):
-    import torch
-
-    torch.set_num_threads(1)
     rgb, truth = synthetic_field
     model = tiny_model_file(tmp_path / "tiny.safetensors", cell_types=["wbc", "platelet"])
     result = napari_smear.analyze(rgb, models=[model], segmentation=truth_segmentation(truth), device="cpu")

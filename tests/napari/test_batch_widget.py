@@ -1,23 +1,17 @@
 """The "Batch analyze folder" widget: a real run into a folder, cancel, and bad choices."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import tiny_model_file
+from widget_helpers import cancel_when, run_until_cancelled, shown_errors, wait_until_idle
 
 import napari_smear.segment
 from napari_smear._napari.widgets import batch as batch_widget_module
-from napari_smear._napari.widgets import user_models
 from napari_smear.io import write_png_atomic
-from napari_smear.models import build_model, save_model
 
-pytestmark = pytest.mark.gui
-
-WAIT_MS = 60_000
-TINY = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh_user_models", "one_torch_thread")]
 
 
 @pytest.fixture
@@ -34,28 +28,17 @@ def inputs(tmp_path):
 
 @pytest.fixture
 def model_file(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("shape_aware", 2, **TINY)
-    return save_model(tmp_path / "rbc-tiny.safetensors", model, {
-        "class_names": ["normal", "abnormal"], "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
-        "input_size": 32, "crop_diameters": 4.0, "cell_types": ["rbc"],
-    })
+    return tiny_model_file(tmp_path / "rbc-tiny.safetensors", ["normal", "abnormal"], cell_types=["rbc"])
 
 
 @pytest.fixture
 def widget(make_napari_viewer, monkeypatch):
-    errors: list[str] = []
-    monkeypatch.setattr(batch_widget_module, "show_error", errors.append)
+    errors = shown_errors(monkeypatch)
     viewer = make_napari_viewer()
     _, found = viewer.window.add_plugin_dock_widget("napari-smear", "Batch analyze folder")
     assert isinstance(found, batch_widget_module.BatchWidget)
     found.errors = errors
-    yield found
-    user_models.clear()
-
-
-def _wait_until_idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
+    return found
 
 
 def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, tmp_path):
@@ -69,7 +52,7 @@ def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, t
     widget._progress.changed.connect(seen.append)
     widget.run()
     assert widget.is_running and not widget._run_button.enabled
-    _wait_until_idle(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert widget.errors == []
     report = widget.last_report
     assert (report.total, report.analysed, report.failed) == (3, 2, 1)
@@ -84,7 +67,7 @@ def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, t
     assert pd.read_csv(out / "errors.csv").file.str.endswith("broken.jpg").all()
     # again: everything finished is skipped
     widget.run()
-    _wait_until_idle(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert widget.last_report.skipped == 2 and "2 finished earlier" in widget.status
 
 
@@ -92,23 +75,14 @@ def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_pat
     seen = {}
 
     def slow_segment(image, *, pixel_size_um=None, n_workers=None, progress=None):
-        try:
-            for step in range(1000):
-                progress(step / 1000, f"step {step}")
-                time.sleep(0.01)
-        except BaseException as exc:
-            seen["raised"] = exc
-            raise
-        raise AssertionError("not cancelled")
+        run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
     widget._input.value = inputs
     widget._output.value = tmp_path / "out"
     widget._models.value = []  # segmentation only
     widget.run()
-    qtbot.waitUntil(lambda: "step" in widget.status, timeout=WAIT_MS)
-    widget._cancel_button.native.click()
-    _wait_until_idle(qtbot, widget)
+    cancel_when(qtbot, widget, lambda: "step" in widget.status)
     raised = seen["raised"]  # the user's Cancel, raised from the progress report
     assert type(getattr(raised, "original", raised)).__name__ == "Cancelled"
     assert widget.status.startswith("Cancelled.") and widget.errors == []

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
-from classify_helpers import WAIT_MS, add_segmented_field, tiny_model_file
+from conftest import tiny_model_file
+from widget_helpers import WAIT_MS, add_segmented_field, cancel_when, run_until_cancelled, shown_errors, wait_until_idle
 
 import napari_smear.pipeline
 from napari_smear._napari.layers import CLASS_COLORS, METADATA_KEY
@@ -15,19 +15,7 @@ from napari_smear._napari.widgets import user_models
 from napari_smear._napari.widgets.counts import CountsWidget
 from napari_smear.models import available_models
 
-pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def _fresh_session(monkeypatch):
-    import torch
-
-    user_models.clear()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a busy 2-core machine crawls with oversubscribed threads
-    yield
-    torch.set_num_threads(previous)
-    user_models.clear()
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh_user_models", "one_torch_thread")]
 
 
 @pytest.fixture
@@ -37,8 +25,7 @@ def model_file(tmp_path):
 
 @pytest.fixture
 def setup(make_napari_viewer, synthetic_field, model_file, monkeypatch):
-    errors: list[str] = []
-    monkeypatch.setattr(classify_module, "show_error", errors.append)
+    errors = shown_errors(monkeypatch)
     viewer = make_napari_viewer()
     image, cells, nuclei = add_segmented_field(viewer, synthetic_field, scale=(0.2, 0.2))
     user_models.add(model_file)
@@ -69,17 +56,13 @@ def _check_choices(viewer, widget, model_file, tmp_path):
     assert enabled["cuda"] == torch.cuda.is_available()
 
 
-def _wait(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
-
-
 def test_classify_adds_features_colours_attention_and_counts(setup, qtbot, model_file, tmp_path):
     viewer, widget, errors = setup
     _check_choices(viewer, widget, model_file, tmp_path)
     n_layers = len(viewer.layers)
     widget._run_button.native.click()
     assert widget.is_running
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert errors == [], errors
     assert "81 of 81 cells classified by tiny" in widget.status
 
@@ -122,7 +105,7 @@ def test_classify_adds_features_colours_attention_and_counts(setup, qtbot, model
 
     # Running again updates the layers in place.
     widget.run()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert len(viewer.layers) == n_layers + 1 and errors == []
 
 
@@ -133,7 +116,7 @@ def test_segment_then_classify_with_a_wbc_model(setup, qtbot, model_file, tmp_pa
     widget.reset_choices()
     assert widget._cells_combo.value is None
     widget.run()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert errors == [], errors
     cells = viewer.layers["synthetic smear cells"]
     assert cells.metadata[METADATA_KEY]["rbc_diameter_px"] > 30
@@ -154,7 +137,7 @@ def test_segment_then_classify_with_a_wbc_model(setup, qtbot, model_file, tmp_pa
     widget._model_file.value = wbc_only  # "add model file": registered and selected
     widget._models.value = [str(wbc_only.resolve())]
     widget.run()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert errors == [], errors
     features = viewer.layers["synthetic smear cells"].features
     classified = features["class"] != ""
@@ -185,7 +168,7 @@ def test_one_run_at_a_time_progress_and_cancel(setup, qtbot, monkeypatch):
     assert "Halfway there" in widget.status
     widget.run()  # ignored while running
     release.set()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert len(calls) == 1 and errors == []
     assert calls[0]["batch_size"] == 7 and calls[0]["device"] == "auto"
     assert calls[0]["segmentation"] is not None and len(calls[0]["segmentation"].table) == 81
@@ -194,21 +177,12 @@ def test_one_run_at_a_time_progress_and_cancel(setup, qtbot, monkeypatch):
     seen: dict[str, object] = {}
 
     def slow_analyze(image, *, progress=None, **kwargs):
-        try:
-            for step in range(1000):
-                progress(step / 1000, f"step {step}")
-                time.sleep(0.01)
-        except BaseException as exc:
-            seen["raised"] = exc
-            raise
-        raise AssertionError("not cancelled")
+        run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.pipeline, "analyze", slow_analyze)
     names = [layer.name for layer in viewer.layers]
     widget.run()
-    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=WAIT_MS)
-    widget._cancel_button.native.click()
-    _wait(qtbot, widget)
+    cancel_when(qtbot, widget, lambda: widget._progress.value >= 1)
     assert type(seen["raised"]).__name__ == "Cancelled"
     assert [layer.name for layer in viewer.layers] == names
     assert widget.status == "Cancelled." and errors == []
@@ -228,7 +202,7 @@ def test_errors_are_reported(setup, qtbot, tmp_path):
     widget._models.value = [str(user_models.paths[0])]
     user_models.paths[0].unlink()
     widget.run()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert "model file not found" in widget.status and len(errors) == 2
     assert "synthetic smear attention (tiny)" not in viewer.layers
 
@@ -241,7 +215,7 @@ def test_attention_is_visible_in_a_screenshot(make_napari_viewer, synthetic_fiel
     _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
     widget._models.value = [str(model_file.resolve())]
     widget.run()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     attention = viewer.layers["synthetic smear attention (tiny)"]
     cells.visible = nuclei.visible = False
     attention.visible = False

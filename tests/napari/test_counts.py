@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from classify_helpers import add_segmented_field, tiny_model_file, truth_segmentation
+from conftest import tiny_model_file
+from widget_helpers import add_segmented_field, truth_segmentation
 
 from napari_smear._napari.layers import CLASS_COLORS, add_to_viewer
 from napari_smear._napari.widgets.counts import CountsWidget, counts_from_features
@@ -31,12 +32,10 @@ def test_counts_from_features():
         counts_from_features(pd.DataFrame({"index": [1]}))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field, tmp_path):
-    import torch
-
     from napari_smear.pipeline import analyze
 
-    torch.set_num_threads(1)
     viewer = make_napari_viewer()
     rgb, truth = synthetic_field
     _, counts_widget = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")

@@ -2,58 +2,27 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
-import pandas as pd
 import pytest
+from widget_helpers import WAIT_MS, cancel_when, run_until_cancelled, shown_errors, truth_segmentation, wait_until_idle
 
 import napari_smear.segment
 from napari_smear._napari.layers import CELL_TYPE_COLORS
 from napari_smear._napari.widgets import segment as segment_widget_module
-from napari_smear.segment.types import SmearSegmentation
 
 pytestmark = pytest.mark.gui
-
-WAIT_MS = 20_000
-
-
-def _truth_segmentation(truth) -> SmearSegmentation:
-    """A SmearSegmentation built from the synthetic truth (a stand-in segmenter's result)."""
-    from skimage.measure import regionprops_table
-
-    props = pd.DataFrame(regionprops_table(truth["labels"].astype(np.int32), properties=("label", "centroid", "bbox", "area")))
-    props = props.rename(
-        columns={
-            "centroid-0": "centroid_y",
-            "centroid-1": "centroid_x",
-            "bbox-0": "bbox_min_y",
-            "bbox-1": "bbox_min_x",
-            "bbox-2": "bbox_max_y",
-            "bbox-3": "bbox_max_x",
-            "area": "area_px",
-        }
-    )
-    props.insert(1, "cell_type", [truth["cell_types"][int(i)] for i in props["label"]])
-    return SmearSegmentation(
-        labels=truth["labels"], nuclei=truth["nuclei"], table=props, rbc_diameter_px=40.0
-    )
 
 
 @pytest.fixture
 def viewer_with_widget(make_napari_viewer, monkeypatch):
-    errors: list[str] = []
-    monkeypatch.setattr(segment_widget_module, "show_error", errors.append)
+    errors = shown_errors(monkeypatch)
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-smear", "synthetic")
     assert [layer.name for layer in layers] == ["synthetic smear", "synthetic smear truth"]
     dock, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Segment cells")
     assert isinstance(widget, segment_widget_module.SegmentWidget)
     return viewer, widget, errors
-
-
-def _wait_until_idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
 
 
 def test_sample_data_and_layer_choices(viewer_with_widget):
@@ -82,7 +51,7 @@ def test_real_segmentation_adds_cells_and_nuclei(viewer_with_widget, qtbot):
     widget._progress.changed.connect(progress_values.append)
     widget.run()
     assert widget.is_running and not widget._run_button.enabled
-    _wait_until_idle(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert errors == []
 
     cells = viewer.layers["synthetic smear cells"]
@@ -119,7 +88,7 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
         progress(0.5, "halfway")
         assert release.wait(10)
         progress(1.0, "done")
-        return _truth_segmentation(truth)
+        return truth_segmentation(truth)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", fake_segment)
     widget._pixel_size.value = 0.1
@@ -128,12 +97,12 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
     assert "halfway" in widget.status
     widget.run()  # ignored: a run is active
     release.set()
-    _wait_until_idle(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert calls == [0.1]
     assert errors == []
     n_layers = len(viewer.layers)
     widget.run()  # again: the layers are updated in place, not duplicated
-    _wait_until_idle(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert len(viewer.layers) == n_layers
     assert calls == [0.1, 0.1]
     assert "81 cells: 2 wbc, 73 rbc, 6 platelet" in widget.status
@@ -144,21 +113,12 @@ def test_cancel_stops_the_run_and_adds_nothing(viewer_with_widget, qtbot, monkey
     seen: dict[str, object] = {}
 
     def slow_segment(image, *, pixel_size_um=None, progress=None):
-        try:
-            for step in range(1000):
-                progress(step / 1000, f"step {step}")
-                time.sleep(0.01)
-        except BaseException as exc:
-            seen["raised"] = exc
-            raise
-        raise AssertionError("not cancelled")
+        run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
     n_layers = len(viewer.layers)
     widget.run()
-    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=WAIT_MS)
-    widget._cancel_button.native.click()
-    _wait_until_idle(qtbot, widget)
+    cancel_when(qtbot, widget, lambda: widget._progress.value >= 1)
     assert isinstance(seen["raised"], segment_widget_module.SegmentationCancelled)
     assert len(viewer.layers) == n_layers
     assert widget.status == "Cancelled."
@@ -173,7 +133,7 @@ def test_errors_are_reported(viewer_with_widget, qtbot, monkeypatch):
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", failing_segment)
     widget._run_button.native.click()  # the button, not the method
-    _wait_until_idle(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert widget.status.startswith("Failed: got shape (5, 32, 32)")
     assert len(errors) == 1 and "got shape" in errors[0]
     assert "synthetic smear cells" not in viewer.layers

@@ -1,46 +1,35 @@
 """The "Train classifier" widget: fine-tune from the cells of the image, train from a folder, cancel."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
-from classify_helpers import WAIT_MS, add_segmented_field, single_cell_folder, tiny_model_file
+from conftest import tiny_model_file
+from widget_helpers import (
+    add_segmented_field,
+    cancel_when,
+    run_until_cancelled,
+    shown_errors,
+    single_cell_folder,
+    wait_until_idle,
+)
 
 import napari_smear.training
 from napari_smear._napari.widgets import train as train_module
 from napari_smear._napari.widgets import user_models
 from napari_smear.models import read_metadata
 
-pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def _fresh_session():
-    import torch
-
-    user_models.clear()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-    user_models.clear()
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh_user_models", "one_torch_thread")]
 
 
 @pytest.fixture
 def setup(make_napari_viewer, synthetic_field, monkeypatch):
-    errors: list[str] = []
-    monkeypatch.setattr(train_module, "show_error", errors.append)
+    errors = shown_errors(monkeypatch)
     viewer = make_napari_viewer()
     image, cells, nuclei = add_segmented_field(viewer, synthetic_field)
     _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Train classifier")
     assert isinstance(widget, train_module.TrainWidget)
     return viewer, widget, errors
-
-
-def _wait(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
 
 
 def test_fine_tune_on_the_cells_of_the_image(setup, qtbot, tmp_path):
@@ -64,7 +53,7 @@ def test_fine_tune_on_the_cells_of_the_image(setup, qtbot, tmp_path):
 
     widget._run_button.native.click()
     assert widget.is_running
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert errors == [], errors
     assert widget.status.startswith("Saved mine.safetensors: best epoch"), widget.status
     assert [r["epoch"] for r in widget.history] == [1, 2]
@@ -96,7 +85,7 @@ def test_train_a_new_model_from_a_folder(setup, qtbot, tmp_path, synthetic_field
     widget._folder.value = folder
     widget._output.value = tmp_path / "folder-model"  # the suffix is added
     widget.run()
-    _wait(qtbot, widget)
+    wait_until_idle(qtbot, widget)
     assert errors == [], errors
     metadata = read_metadata(tmp_path / "folder-model.safetensors")
     assert metadata["kind"] == "plain" and metadata["input_size"] == 32
@@ -178,14 +167,10 @@ def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
     seen: dict[str, object] = {}
 
     def slow_train(data, *, on_epoch=None, epochs=1, **kwargs):
-        try:
-            for epoch in range(1, 1000):
-                on_epoch({"epoch": epoch, "train_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.4})
-                time.sleep(0.02)
-        except BaseException as exc:
-            seen["raised"] = exc
-            raise
-        raise AssertionError("not cancelled")
+        run_until_cancelled(
+            lambda step: on_epoch({"epoch": step + 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.4}),
+            seen, steps=999, pause_s=0.02,
+        )
 
     monkeypatch.setattr(napari_smear.training, "train", slow_train)
     widget._start_from.value = None
@@ -193,9 +178,7 @@ def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
     widget._epochs.value = 500
     widget._output.value = tmp_path / "never.safetensors"
     widget.run()
-    qtbot.waitUntil(lambda: len(widget.history) >= 2, timeout=WAIT_MS)
-    widget._cancel_button.native.click()
-    _wait(qtbot, widget)
+    cancel_when(qtbot, widget, lambda: len(widget.history) >= 2)
     assert type(seen["raised"]).__name__ == "Cancelled"
     assert widget.status == "Cancelled." and errors == []
     assert user_models.paths == ()

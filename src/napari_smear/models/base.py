@@ -90,6 +90,21 @@ def select_input_channels(x: torch.Tensor, use_mask_channels: bool) -> torch.Ten
     return x if use_mask_channels else x[:, RGB_CHANNELS]
 
 
+def mlp_head(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Linear, ReLU, Dropout, Linear: the fusion / classifier MLP of several models.
+
+    The positions of the layers are part of the weight names in model files
+    (``fusion.0.weight``, ``fusion.3.bias``...): changing this layout breaks loading
+    every saved model that uses it.
+    """
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def upsample_map(maps: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinearly resize (B, h, w) or (B, 1, h, w) maps to (B, size, size)."""
     if maps.ndim == 3:

@@ -29,6 +29,7 @@ from .base import (
     NUCLEUS_MASK_CHANNEL,
     RGB_CHANNELS,
     SmearClassifier,
+    mlp_head,
     select_input_channels,
     sigmoid_attention_outputs,
 )
@@ -224,11 +225,8 @@ class DAFFNetClassifier(SmearClassifier):
         self.attribute_head = (
             nn.Linear(width + morph_hidden, total_attribute_values) if total_attribute_values else None
         )
-        self.fusion = nn.Sequential(
-            nn.Linear(width + morph_hidden + total_attribute_values, cfg["fusion_hidden"]),
-            nn.ReLU(inplace=True),
-            nn.Dropout(cfg["dropout"]),
-            nn.Linear(cfg["fusion_hidden"], num_classes),
+        self.fusion = mlp_head(
+            width + morph_hidden + total_attribute_values, cfg["fusion_hidden"], num_classes, cfg["dropout"]
         )
 
     def forward(self, x: torch.Tensor, morph: torch.Tensor | None = None) -> dict[str, Any]:

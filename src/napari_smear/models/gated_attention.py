@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import ResidualBackbone
-from .base import CELL_MASK_CHANNEL, SmearClassifier, select_input_channels
+from .base import CELL_MASK_CHANNEL, SmearClassifier, mlp_head, select_input_channels
 
 
 def patch_geometry(size: int, grid: int) -> tuple[int, int]:
@@ -126,11 +126,8 @@ class GatedAttentionClassifier(SmearClassifier):
         self.attention_v = nn.Linear(patch_width, hidden)
         self.attention_u = nn.Linear(patch_width, hidden)
         self.attention_w = nn.Linear(hidden, 1)
-        self.classifier = nn.Sequential(
-            nn.Linear(self.global_branch.out_channels + patch_width, cfg["fusion_hidden"]),
-            nn.ReLU(inplace=True),
-            nn.Dropout(cfg["dropout"]),
-            nn.Linear(cfg["fusion_hidden"], num_classes),
+        self.classifier = mlp_head(
+            self.global_branch.out_channels + patch_width, cfg["fusion_hidden"], num_classes, cfg["dropout"]
         )
 
     def _membership(self, size: int, device: torch.device) -> torch.Tensor:

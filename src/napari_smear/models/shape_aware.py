@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .backbone import ResidualBackbone, ShapeEncoder
-from .base import MASK_CHANNELS, RGB_CHANNELS, SmearClassifier, sigmoid_attention_outputs
+from .base import MASK_CHANNELS, RGB_CHANNELS, SmearClassifier, mlp_head, sigmoid_attention_outputs
 
 
 class ShapeAwareClassifier(SmearClassifier):
@@ -66,12 +66,7 @@ class ShapeAwareClassifier(SmearClassifier):
         self.channel_gate = nn.Sequential(
             nn.Linear(shape_width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, rgb_width)
         )
-        self.fusion = nn.Sequential(
-            nn.Linear(2 * rgb_width + shape_width, cfg["fusion_hidden"]),
-            nn.ReLU(inplace=True),
-            nn.Dropout(cfg["dropout"]),
-            nn.Linear(cfg["fusion_hidden"], num_classes),
-        )
+        self.fusion = mlp_head(2 * rgb_width + shape_width, cfg["fusion_hidden"], num_classes, cfg["dropout"])
 
     def forward(self, x: torch.Tensor, morph: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Classify crops; ``morph`` is accepted for a uniform interface and ignored."""

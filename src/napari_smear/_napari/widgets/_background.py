@@ -1,21 +1,33 @@
 """Run a long synchronous computation off the GUI thread, with progress and cancel.
 
-The library functions (``analyze``, ``train``) are synchronous and report progress
-through a callback. :func:`run_in_background` runs one on a helper thread and yields
-its reports one by one, so it can be handed to
+The library functions (``segment_smear``, ``analyze``, ``train``) are synchronous and
+report progress through a callback. :func:`run_in_background` runs one on a helper
+thread and yields its reports one by one, so it can be handed to
 :func:`napari.qt.threading.create_worker` as a generator worker: every yielded value
 reaches the GUI thread through ``worker.yielded``, and the worker never touches the
 viewer. Cancelling sets an event; the next progress report then raises
 :class:`Cancelled` inside the computation, which is how it stops.
+
+:class:`BackgroundTaskWidget` is the dock-widget side of it, shared by the widgets
+that run such a computation: the Run and Cancel buttons, the progress bar, the status
+line, one run at a time, cancelling, and reporting errors.
 """
 from __future__ import annotations
 
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Cancelled", "CANCELLED", "run_in_background"]
+from magicgui.widgets import Container, Label, ProgressBar, PushButton
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["BackgroundTaskWidget", "Cancelled", "CANCELLED", "capture_geometry", "run_in_background"]
 
 # How often the generator wakes up when the computation reports nothing, so that
 # ``worker.quit()`` (Cancel) is noticed promptly (seconds).
@@ -102,3 +114,194 @@ def run_in_background(
     if error is not None:
         raise error
     return outcome["result"]
+
+
+def capture_geometry(layer: Any) -> dict[str, tuple]:
+    """The 2-D ``scale``, ``translate`` and ``units`` of ``layer``, read now.
+
+    Result layers are placed with these: the worker never touches viewer objects, and
+    the layer may be moved, renamed or removed while it runs.
+    """
+    return {
+        "scale": tuple(layer.scale[-2:]),
+        "translate": tuple(layer.translate[-2:]),
+        "units": tuple(layer.units[-2:]),
+    }
+
+
+class BackgroundTaskWidget(Container):
+    """Base of the dock widgets that run one long computation at a time off the GUI thread.
+
+    It owns the run controls (:meth:`_run_controls`: Run and Cancel buttons, progress
+    bar, status line) and the worker: a subclass builds its inputs, puts
+    ``self._run_controls()`` after them, and its ``run()`` calls :meth:`_start` with the
+    computation (a closure over plain data read from the viewer beforehand), a
+    progress handler and a result handler. Cancel stops the computation at its next
+    progress report; Run stays disabled until the helper thread has really finished,
+    so two runs never compete for the CPU (or an output folder). If the dock is
+    destroyed mid-run, the computation is cancelled too.
+
+    Subclasses set the texts below and implement ``run()``.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (npe2 passes it).
+    run_text : str
+        Text of the Run button.
+    progress_label, progress_max : str, int
+        Label and maximum of the progress bar (0 to ``progress_max``).
+    status_lines : int
+        Lines of text the status line reserves (0: its natural height). A wrapped label
+        in a form layout does not ask for its height, so long messages need this.
+    """
+
+    #: What a run does, for error messages ("napari-smear <task> failed: ...").
+    task_name = "run"
+    #: What a finished run shows, for "could not show the <result_name>" messages.
+    result_name = "result"
+    #: Status texts while cancelling, while the helper thread finishes its current
+    #: step after a cancel (None: keep the cancelling text), and once cancelled.
+    cancelling_text = "Cancelling…"
+    waiting_text: str | None = "Cancelling: waiting for the current step to finish…"
+    cancelled_text = "Cancelled."
+
+    def __init__(
+        self,
+        napari_viewer: napari.viewer.Viewer,
+        *,
+        run_text: str = "Run",
+        progress_label: str = "progress",
+        progress_max: int = 100,
+        status_lines: int = 0,
+    ):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._run_button = PushButton(text=run_text)
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(value=0, min=0, max=progress_max, label=progress_label)
+        self._status = Label(value="")
+        self._status.native.setWordWrap(True)
+        if status_lines:
+            self._status.native.setMinimumHeight(status_lines * self._status.native.fontMetrics().lineSpacing() + 4)
+        self._worker = None
+        self._cancel_event: threading.Event | None = None
+        self._done_event: threading.Event | None = None
+        self._run_button.changed.connect(self.run)
+        self._cancel_button.changed.connect(self.cancel)
+        # If the dock is destroyed mid-run, stop the computation (no widget references:
+        # the Python wrapper may be gone by then).
+        state = self._abandon_state = {"cancel": None}
+        self.native.destroyed.connect(lambda *_: state["cancel"] and state["cancel"].set())
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def is_running(self) -> bool:
+        """Whether a run (including one being cancelled) is still going."""
+        return self._worker is not None or (self._done_event is not None and not self._done_event.is_set())
+
+    @property
+    def status(self) -> str:
+        """The text of the status line."""
+        return self._status.value
+
+    def run(self) -> None:
+        """Start a run with the widget's settings (no-op while a run is active)."""
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Cancel the active run: it stops at its next progress report; its result is not shown."""
+        if self._cancel_event is not None:
+            self._cancel_event.set()
+        if self._worker is not None:
+            self._cancel_button.enabled = False
+            self._set_status(self.cancelling_text)
+            self._worker.quit()
+
+    # ------------------------------------------------------------------ for subclasses
+    def _run_controls(self) -> list:
+        """The Run and Cancel buttons, the progress bar and the status line, in that order."""
+        return [self._run_button, self._cancel_button, self._progress, self._status]
+
+    def _follow_user_models(self) -> None:
+        """Call ``self._on_user_models_changed`` whenever the session's model files change."""
+        from napari_smear._napari.widgets import user_models
+
+        user_models.changed.connect(self._on_user_models_changed)
+        self.native.destroyed.connect(lambda *_, w=self: user_models.changed.disconnect(w._on_user_models_changed))
+
+    def _start(
+        self,
+        compute: Callable[[Callable[[Any], None]], Any],
+        *,
+        status: str,
+        on_progress: Callable[[Any], None],
+        on_result: Callable[[Any], None],
+        thread_name: str,
+    ) -> None:
+        """Run ``compute(report)`` in the background (see :func:`run_in_background`).
+
+        ``on_progress(update)`` gets each ``report(update)`` on the GUI thread;
+        ``on_result(result)`` gets what ``compute`` returned unless the run was cancelled
+        (an exception it raises is reported as "could not show the result"). Errors of
+        ``compute`` are reported by :meth:`_fail`.
+        """
+        self._cancel_event, self._done_event = threading.Event(), threading.Event()
+        self._abandon_state["cancel"] = self._cancel_event
+        worker = create_worker(
+            run_in_background, compute, self._cancel_event, self._done_event,
+            name=thread_name, _start_thread=False, _ignore_errors=True,  # errors go to _on_error
+        )
+        worker.yielded.connect(lambda update: update is not None and on_progress(update))  # None: heartbeat
+        worker.returned.connect(lambda result: self._on_returned(result, on_result))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._run_button.enabled = False
+        self._cancel_button.enabled = True
+        self._progress.value = 0
+        self._set_status(status)
+        worker.start()
+
+    def _show_fraction(self, fraction: float) -> None:
+        """Set the progress bar (0-100) to ``fraction`` of the work, clipped to [0, 1]."""
+        self._progress.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
+
+    def _set_status(self, text: str) -> None:
+        self._status.value = text
+
+    def _decline(self, status: str, notice: str) -> None:
+        """Explain why a run cannot start: in the status line and as a napari notice."""
+        self._set_status(status)
+        show_info(f"napari-smear: {notice}")
+
+    def _fail(self, message: str) -> None:
+        self._set_status(f"Failed: {message}")
+        show_error(f"napari-smear {self.task_name} failed: {message}")
+
+    # ------------------------------------------------------------------ worker callbacks
+    def _on_returned(self, result: Any, on_result: Callable[[Any], None]) -> None:
+        if result is CANCELLED or result is None:
+            self._set_status(self.cancelled_text)
+            return
+        try:
+            on_result(result)
+        except Exception as exc:  # a malformed result must not kill the widget
+            self._fail(f"could not show the {self.result_name}: {exc}")
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._fail(str(exc) or type(exc).__name__)
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._cancel_button.enabled = False
+        if self._done_event is not None and not self._done_event.is_set():
+            # Cancelled: the helper thread stops at its next progress report. Keep Run
+            # disabled until then, so two runs never compete for the CPU.
+            if self.waiting_text:
+                self._set_status(self.waiting_text)
+            QTimer.singleShot(100, self._on_finished)
+            return
+        if self._cancel_event is not None and self._cancel_event.is_set():
+            self._set_status(self.cancelled_text)
+        self._run_button.enabled = True

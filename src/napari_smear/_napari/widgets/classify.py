@@ -9,26 +9,13 @@ and the "Differential count" dock opens on the cells.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (
-    ComboBox,
-    Container,
-    FileEdit,
-    Label,
-    ProgressBar,
-    PushButton,
-    Select,
-    SpinBox,
-)
+from magicgui.widgets import ComboBox, FileEdit, Select, SpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer
 
 from napari_smear._napari.layers import (
     METADATA_KEY,
@@ -37,14 +24,23 @@ from napari_smear._napari.layers import (
     show_layers,
 )
 from napari_smear._napari.widgets import user_models
-from napari_smear._napari.widgets._background import CANCELLED, run_in_background
+from napari_smear._napari.widgets._background import BackgroundTaskWidget, capture_geometry
 
 if TYPE_CHECKING:
     import napari
 
     from napari_smear.pipeline import AnalysisResult
 
-__all__ = ["ClassifyWidget", "device_choices", "model_choices", "SEGMENT_FIRST"]
+__all__ = [
+    "ClassifyWidget",
+    "ModelInputs",
+    "cells_layer_choices",
+    "device_choices",
+    "device_combo",
+    "image_layer_choices",
+    "model_choices",
+    "SEGMENT_FIRST",
+]
 
 #: Label of the cells-layer choice that segments the image before classifying it.
 SEGMENT_FIRST = "(segment the image first)"
@@ -76,14 +72,78 @@ def device_choices() -> list[tuple[str, str, bool]]:
     ]
 
 
-class ClassifyWidget(Container):
+def device_combo() -> ComboBox:
+    """The "device" choice (auto / cpu / cuda / mps), the devices this machine lacks greyed out."""
+    choices = device_choices()
+    combo = ComboBox(label="device", choices=[(label, value) for label, value, _ in choices])
+    model = combo.native.model()  # Qt model items: one per device, in order
+    for row, (_, _, available) in enumerate(choices):
+        item = model.item(row) if hasattr(model, "item") else None
+        if item is not None and not available:
+            item.setEnabled(False)
+            item.setToolTip("not available on this machine")
+    return combo
+
+
+def image_layer_choices(viewer: Any) -> list[tuple[str, Image]]:
+    """(name, layer) of the viewer's image layers that can be analysed (not attention maps)."""
+    return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, Image) and not _is_attention(layer)]
+
+
+def cells_layer_choices(viewer: Any) -> list[tuple[str, Labels]]:
+    """(name, layer) of the viewer's cells labels layers (made by Segment / Classify cells)."""
+    return [
+        (layer.name, layer) for layer in viewer.layers
+        if isinstance(layer, Labels) and layer.metadata.get(METADATA_KEY, {}).get("kind") == "cells"
+    ]
+
+
+class ModelInputs:
+    """The "models" list and "add model file" field of a widget that classifies cells.
+
+    A mixin for :class:`BackgroundTaskWidget` subclasses: :meth:`_model_inputs` makes
+    ``self._models`` (the installed built-in models and the session's model files) and
+    ``self._model_file`` (adds a file to the session's models and selects it), and
+    keeps the list up to date as model files are trained or opened in the session.
+    """
+
+    def _model_inputs(self, tooltip: str) -> list:
+        """Make the two inputs (``tooltip`` is the list's); returns them in order."""
+        self._models = Select(label="models", choices=model_choices, tooltip=tooltip)
+        self._models.native.setMaximumHeight(90)
+        self._model_file = FileEdit(
+            label="add model file", mode="r", filter="*.safetensors",
+            tooltip="A model file (.safetensors) trained with napari-smear; it is added to the models",
+        )
+        self._model_file.changed.connect(self._on_model_file)
+        self._follow_user_models()
+        return [self._models, self._model_file]
+
+    def _on_model_file(self, path: Path | None) -> None:
+        if not path or not Path(path).is_file():
+            return
+        try:
+            added = user_models.add(path)
+        except ValueError as exc:  # ModelFileError: not a model file
+            self._fail(str(exc))
+            return
+        self._models.value = [*(v for v in self._models.value if v != str(added)), str(added)]
+
+    def _on_user_models_changed(self, _paths: tuple = ()) -> None:
+        selected = list(self._models.value or ())
+        self._models.reset_choices()
+        values = {value for _, value in model_choices()}
+        self._models.value = [v for v in selected if v in values]
+
+
+class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
     """Dock widget: classify the cells of a smear image and show where the models looked.
 
     Choose the image layer, its cells layer (from "Segment cells"; or let the widget
     segment first), one or more models (installed built-ins, files trained or opened
     in this session, or "add model file"), the device and the batch size, press Run.
-    The work runs in a background thread (progress bar, Cancel); the viewer stays
-    responsive.
+    The work runs in a background thread (progress bar, Cancel: nothing is added to
+    the viewer); the viewer stays responsive.
 
     Parameters
     ----------
@@ -91,9 +151,10 @@ class ClassifyWidget(Container):
         The viewer (npe2 passes it).
     """
 
+    task_name = "classification"
+
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
-        self._viewer = napari_viewer
+        super().__init__(napari_viewer, status_lines=4)
         self._image_combo = ComboBox(
             label="image", choices=self._image_layer_choices, tooltip="The smear image layer to analyse"
         )
@@ -103,35 +164,17 @@ class ClassifyWidget(Container):
             tooltip="The cells labels layer of that image (from Segment cells); "
             f"{SEGMENT_FIRST!r} segments the image in the same run",
         )
-        self._models = Select(
-            label="models",
-            choices=model_choices,
-            tooltip="Models to run (Ctrl-click for several); each classifies the cell types its file names",
+        models = self._model_inputs(
+            "Models to run (Ctrl-click for several); each classifies the cell types its file names"
         )
-        self._models.native.setMaximumHeight(90)
-        self._model_file = FileEdit(
-            label="add model file", mode="r", filter="*.safetensors",
-            tooltip="A model file (.safetensors) trained with napari-smear; it is added to the models",
-        )
-        self._device = ComboBox(label="device", choices=[(label, value) for label, value, _ in device_choices()])
+        self._device = device_combo()
         self._batch_size = SpinBox(
             label="batch size", value=128, min=1, max=4096, step=16,
             tooltip="Crops per forward pass (halved automatically when a GPU runs out of memory)",
         )
-        self._run_button = PushButton(text="Run")
-        self._cancel_button = PushButton(text="Cancel", enabled=False)
-        self._progress = ProgressBar(value=0, min=0, max=100, label="progress")
-        self._status = Label(value="")
-        self._status.native.setWordWrap(True)
-        self._status.native.setMinimumHeight(4 * self._status.native.fontMetrics().lineSpacing() + 4)
         self.extend([
-            self._image_combo, self._cells_combo, self._models, self._model_file, self._device,
-            self._batch_size, self._run_button, self._cancel_button, self._progress, self._status,
+            self._image_combo, self._cells_combo, *models, self._device, self._batch_size, *self._run_controls(),
         ])
-        self._disable_missing_devices()
-        self._worker = None
-        self._cancel_event: threading.Event | None = None
-        self._done_event: threading.Event | None = None
         self._started = 0.0
         #: The last result and the layers it added (for scripts and tests).
         self.last_result: AnalysisResult | None = None
@@ -139,29 +182,12 @@ class ClassifyWidget(Container):
         #: Seconds from Run to the layers being in the viewer, for the last run.
         self.last_run_seconds: float | None = None
 
-        self._run_button.changed.connect(self.run)
-        self._cancel_button.changed.connect(self.cancel)
         self._image_combo.changed.connect(self._on_image_changed)
-        self._model_file.changed.connect(self._on_model_file)
-        user_models.changed.connect(self._on_user_models_changed)
         self.reset_choices()
         self._select_default_models()
         self._on_image_changed(self._image_combo.value)
-        state = self._abandon_state = {"cancel": None}
-        self.native.destroyed.connect(lambda *_: state["cancel"] and state["cancel"].set())
-        self.native.destroyed.connect(lambda *_, w=self: user_models.changed.disconnect(w._on_user_models_changed))
 
     # ------------------------------------------------------------------ public API
-    @property
-    def is_running(self) -> bool:
-        """Whether a run (including one being cancelled) is still going."""
-        return self._worker is not None or (self._done_event is not None and not self._done_event.is_set())
-
-    @property
-    def status(self) -> str:
-        """The text of the status line."""
-        return self._status.value
-
     def run(self) -> None:
         """Classify the chosen image's cells (no-op while a run is active)."""
         if self.is_running:
@@ -169,15 +195,14 @@ class ClassifyWidget(Container):
         self._started = time.perf_counter()
         image_layer = self._image_combo.value
         if image_layer is None:
-            self._set_status("No image layer: open or add an image first.")
-            show_info("napari-smear: open or add an image layer first")
+            self._decline("No image layer: open or add an image first.", "open or add an image layer first")
             return
         models = list(self._models.value or ())
         if not models:
-            self._set_status(
-                "No model chosen: pick one in 'models', or add a model file (train one with Train classifier)."
+            self._decline(
+                "No model chosen: pick one in 'models', or add a model file (train one with Train classifier).",
+                "choose a model first",
             )
-            show_info("napari-smear: choose a model first")
             return
         image = image_layer.data[0] if image_layer.multiscale else image_layer.data
         cells_layer = self._cells_combo.value
@@ -205,9 +230,7 @@ class ClassifyWidget(Container):
         pixel_size = (image_layer.metadata or {}).get("pixel_size_um")
         target = {
             "image_layer_name": image_layer.name,
-            "scale": tuple(image_layer.scale[-2:]),
-            "translate": tuple(image_layer.translate[-2:]),
-            "units": tuple(image_layer.units[-2:]),
+            **capture_geometry(image_layer),
             "cells_name": cells_layer.name if cells_layer is not None else None,
             "nuclei_name": nuclei_layer.name if nuclei_layer is not None else None,
         }
@@ -226,32 +249,14 @@ class ClassifyWidget(Container):
             pixels = np.asarray(image)
             return pipeline.analyze(pixels, progress=lambda f, m="": report((float(f), str(m))), **options)
 
-        self._cancel_event, self._done_event = threading.Event(), threading.Event()
-        self._abandon_state["cancel"] = self._cancel_event
-        worker = create_worker(
-            run_in_background, compute, self._cancel_event, self._done_event,
-            name="napari-smear-classify", _start_thread=False, _ignore_errors=True,
-        )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_returned(result, target))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._run_button.enabled = False
-        self._cancel_button.enabled = True
-        self._progress.value = 0
         what = "segmenting and classifying" if segmentation is None else "classifying"
-        self._set_status(f"{what.capitalize()} {image_layer.name!r} with {', '.join(_model_name(m) for m in models)}…")
-        worker.start()
-
-    def cancel(self) -> None:
-        """Cancel the active run; nothing is added to the viewer."""
-        if self._cancel_event is not None:
-            self._cancel_event.set()
-        if self._worker is not None:
-            self._cancel_button.enabled = False
-            self._set_status("Cancelling…")
-            self._worker.quit()
+        self._start(
+            compute,
+            status=f"{what.capitalize()} {image_layer.name!r} with {', '.join(_model_name(m) for m in models)}…",
+            on_progress=self._on_progress,
+            on_result=lambda result: self._show_result(result, target),
+            thread_name="napari-smear-classify",
+        )
 
     def reset_choices(self, *args: Any) -> None:
         """Refresh the layer and model lists (napari calls this when layers change)."""
@@ -262,14 +267,10 @@ class ClassifyWidget(Container):
 
     # ------------------------------------------------------------------ choices
     def _image_layer_choices(self, _widget: Any = None) -> list[tuple[str, Image]]:
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image) and not _is_attention(layer)]
+        return image_layer_choices(self._viewer)
 
     def _cells_layer_choices(self, _widget: Any = None) -> list[tuple[str, Labels | None]]:
-        cells = [
-            (layer.name, layer) for layer in self._viewer.layers
-            if isinstance(layer, Labels) and layer.metadata.get(METADATA_KEY, {}).get("kind") == "cells"
-        ]
-        return [*cells, (SEGMENT_FIRST, None)]
+        return [*cells_layer_choices(self._viewer), (SEGMENT_FIRST, None)]
 
     def _on_image_changed(self, layer: Image | None) -> None:
         """Pick the cells layer made from this image; without one, segment first.
@@ -293,49 +294,15 @@ class ClassifyWidget(Container):
         builtins = [v for v in values if not Path(v).suffix]
         self._models.value = builtins or values[:1]
 
-    def _on_model_file(self, path: Path | None) -> None:
-        if not path or not Path(path).is_file():
-            return
-        try:
-            added = user_models.add(path)
-        except ValueError as exc:  # ModelFileError: not a model file
-            self._fail(str(exc))
-            return
-        self._models.value = [*(v for v in self._models.value if v != str(added)), str(added)]
-
-    def _on_user_models_changed(self, _paths: tuple = ()) -> None:
-        selected = list(self._models.value or ())
-        self._models.reset_choices()
-        values = {value for _, value in model_choices()}
-        self._models.value = [v for v in selected if v in values]
-
-    def _disable_missing_devices(self) -> None:
-        """Grey out the devices this machine does not have (Qt model items)."""
-        model = self._device.native.model()
-        for row, (_, _, available) in enumerate(device_choices()):
-            item = model.item(row) if hasattr(model, "item") else None
-            if item is not None and not available:
-                item.setEnabled(False)
-                item.setToolTip("not available on this machine")
-
     # ------------------------------------------------------------------ worker callbacks
-    def _on_progress(self, update: tuple[float, str] | None) -> None:
-        if update is None:
-            return
+    def _on_progress(self, update: tuple[float, str]) -> None:
         fraction, message = update
-        self._progress.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        self._show_fraction(fraction)
         if message:
             self._set_status(message[:1].upper() + message[1:] + "…")
 
-    def _on_returned(self, result: Any, target: dict) -> None:
-        if result is CANCELLED or result is None:
-            self._set_status("Cancelled.")
-            return
-        try:
-            layers = show_layers(self._viewer, analysis_layers(result, **target))
-        except Exception as exc:  # a malformed result must not kill the widget
-            self._fail(f"could not show the result: {exc}")
-            return
+    def _show_result(self, result: AnalysisResult, target: dict) -> None:
+        layers = show_layers(self._viewer, analysis_layers(result, **target))
         self.last_result, self.last_layers = result, layers
         if self._image_combo.value is not None and self._image_combo.value.name == target["image_layer_name"]:
             self._cells_combo.reset_choices()
@@ -347,30 +314,6 @@ class ClassifyWidget(Container):
             from napari_smear._napari.widgets.counts import show_counts
 
             show_counts(self._viewer, layers[0])
-
-    def _on_error(self, exc: BaseException) -> None:
-        self._fail(str(exc) or type(exc).__name__)
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel_button.enabled = False
-        if self._done_event is not None and not self._done_event.is_set():
-            # Cancelled: the helper thread stops at its next progress report. Keep Run
-            # disabled until then, so two runs never compete for the CPU.
-            self._set_status("Cancelling: waiting for the current step to finish…")
-            QTimer.singleShot(100, self._on_finished)
-            return
-        if self._cancel_event is not None and self._cancel_event.is_set():
-            self._set_status("Cancelled.")
-        self._run_button.enabled = True
-
-    # ------------------------------------------------------------------ helpers
-    def _set_status(self, text: str) -> None:
-        self._status.value = text
-
-    def _fail(self, message: str) -> None:
-        self._set_status(f"Failed: {message}")
-        show_error(f"napari-smear classification failed: {message}")
 
 
 def _is_attention(layer: Any) -> bool:

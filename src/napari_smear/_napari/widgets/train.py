@@ -14,34 +14,25 @@ import contextlib
 import dataclasses
 import importlib
 import shutil
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from magicgui.widgets import (
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    LineEdit,
-    ProgressBar,
-    PushButton,
-    RadioButtons,
-    Select,
-    SpinBox,
-)
+from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, RadioButtons, Select, SpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer
 
 from napari_smear._napari.layers import METADATA_KEY, segmentation_from_layers
 from napari_smear._napari.widgets import user_models
-from napari_smear._napari.widgets._background import CANCELLED, run_in_background
-from napari_smear._napari.widgets.classify import _model_name, _nuclei_layer_for, device_choices, model_choices
+from napari_smear._napari.widgets._background import BackgroundTaskWidget
+from napari_smear._napari.widgets.classify import (
+    _model_name,
+    _nuclei_layer_for,
+    cells_layer_choices,
+    device_combo,
+    image_layer_choices,
+    model_choices,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -188,8 +179,11 @@ def _remove_checkpoint(folder: Path) -> None:
 # ----------------------------------------------------------------------------- widget
 
 
-class TrainWidget(Container):
+class TrainWidget(BackgroundTaskWidget):
     """Dock widget: train or fine-tune a cell classifier, with a live validation plot.
+
+    Cancel stops training at the end of the current epoch; the model is not offered
+    for classification.
 
     Parameters
     ----------
@@ -197,9 +191,12 @@ class TrainWidget(Container):
         The viewer (npe2 passes it).
     """
 
+    task_name = "training"
+    cancelling_text = "Cancelling at the end of the current epoch…"
+    waiting_text = None
+
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
-        self._viewer = napari_viewer
+        super().__init__(napari_viewer, run_text="Train", status_lines=4)
         self._source = RadioButtons(label="train from", choices=[FROM_FOLDER, FROM_VIEWER], value=FROM_VIEWER)
         self._folder = FileEdit(
             label="folder", mode="d",
@@ -233,53 +230,28 @@ class TrainWidget(Container):
         self._batch_size = SpinBox(label="batch size", value=64, min=2, max=1024)
         self._lr = FloatSpinBox(label="learning rate", value=LR_NEW, min=1e-6, max=1.0, step=1e-4)
         self._lr.native.setDecimals(6)
-        self._device = ComboBox(label="device", choices=[(label, value) for label, value, _ in device_choices()])
+        self._device = device_combo()
         self._output = FileEdit(label="save model as", mode="w", filter="*.safetensors")
-        self._run_button = PushButton(text="Train")
-        self._cancel_button = PushButton(text="Cancel", enabled=False)
-        self._progress = ProgressBar(value=0, min=0, max=100, label="progress")
-        self._status = Label(value="")
-        self._status.native.setWordWrap(True)
-        # A wrapped label in a form layout does not ask for its height: reserve four lines.
-        self._status.native.setMinimumHeight(4 * self._status.native.fontMetrics().lineSpacing() + 4)
         self.extend([
             self._source, self._folder, self._image_combo, self._cells_combo, self._classes_from, self._column,
             self._cell_types, self._start_from, self._kind, self._crop_size, self._epochs, self._batch_size,
-            self._lr, self._device, self._output, self._run_button, self._cancel_button, self._progress,
-            self._status,
+            self._lr, self._device, self._output, *self._run_controls(),
         ])
-        self._worker = None
-        self._cancel_event: threading.Event | None = None
-        self._done_event: threading.Event | None = None
         #: Per-epoch records of the current/last run, and its TrainResult.
         self.history: list[dict] = []
         self.last_result = None
         self._add_plot()
-        self._disable_missing_devices()
 
         self._source.changed.connect(self._on_source_changed)
         self._start_from.changed.connect(self._on_start_changed)
         self._classes_from.changed.connect(self._on_classes_from_changed)
-        self._run_button.changed.connect(self.run)
-        self._cancel_button.changed.connect(self.cancel)
-        user_models.changed.connect(self._on_user_models_changed)
+        self._follow_user_models()
         self.reset_choices()
         self._on_source_changed(self._source.value)
         self._on_start_changed(self._start_from.value)
         self._on_classes_from_changed(self._classes_from.value)
-        state = self._abandon_state = {"cancel": None}
-        self.native.destroyed.connect(lambda *_: state["cancel"] and state["cancel"].set())
-        self.native.destroyed.connect(lambda *_, w=self: user_models.changed.disconnect(w._on_user_models_changed))
 
     # ------------------------------------------------------------------ public API
-    @property
-    def is_running(self) -> bool:
-        return self._worker is not None or (self._done_event is not None and not self._done_event.is_set())
-
-    @property
-    def status(self) -> str:
-        return self._status.value
-
     @property
     def figure(self):
         """The matplotlib figure of the validation curves."""
@@ -292,36 +264,17 @@ class TrainWidget(Container):
         try:
             job = self._prepare()
         except ValueError as exc:
-            self._set_status(f"Cannot train: {exc}")
-            show_info(f"napari-smear: {exc}")
+            self._decline(f"Cannot train: {exc}", str(exc))
             return
         self.history = []
         self._draw()
-        self._cancel_event, self._done_event = threading.Event(), threading.Event()
-        self._abandon_state["cancel"] = self._cancel_event
-        worker = create_worker(
-            run_in_background, _train_job(job), self._cancel_event, self._done_event,
-            name="napari-smear-train", _start_thread=False, _ignore_errors=True,
+        self._start(
+            _train_job(job),
+            status=job["description"],
+            on_progress=lambda update: self._on_progress(update, job["epochs"]),
+            on_result=self._show_result,
+            thread_name="napari-smear-train",
         )
-        worker.yielded.connect(lambda update: self._on_progress(update, job["epochs"]))
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._run_button.enabled = False
-        self._cancel_button.enabled = True
-        self._progress.value = 0
-        self._set_status(job["description"])
-        worker.start()
-
-    def cancel(self) -> None:
-        """Stop training at the end of the current epoch; the model is not offered for classification."""
-        if self._cancel_event is not None:
-            self._cancel_event.set()
-        if self._worker is not None:
-            self._cancel_button.enabled = False
-            self._set_status("Cancelling at the end of the current epoch…")
-            self._worker.quit()
 
     # ------------------------------------------------------------------ preparing a run
     def _prepare(self) -> dict:
@@ -406,16 +359,10 @@ class TrainWidget(Container):
 
     # ------------------------------------------------------------------ choices
     def _image_layer_choices(self, _widget: Any = None) -> list[tuple[str, Image]]:
-        return [
-            (layer.name, layer) for layer in self._viewer.layers
-            if isinstance(layer, Image) and layer.metadata.get(METADATA_KEY, {}).get("kind") != "attention"
-        ]
+        return image_layer_choices(self._viewer)
 
     def _cells_layer_choices(self, _widget: Any = None) -> list[tuple[str, Labels]]:
-        return [
-            (layer.name, layer) for layer in self._viewer.layers
-            if isinstance(layer, Labels) and layer.metadata.get(METADATA_KEY, {}).get("kind") == "cells"
-        ]
+        return cells_layer_choices(self._viewer)
 
     def _class_source_choices(self, _widget: Any = None) -> list[tuple[str, Labels | None]]:
         painted = [
@@ -459,14 +406,6 @@ class TrainWidget(Container):
         if current in [value for _, value in self._start_choices()]:
             self._start_from.value = current
 
-    def _disable_missing_devices(self) -> None:
-        model = self._device.native.model()
-        for row, (_, _, available) in enumerate(device_choices()):
-            item = model.item(row) if hasattr(model, "item") else None
-            if item is not None and not available:
-                item.setEnabled(False)
-                item.setToolTip("not available on this machine")
-
     # ------------------------------------------------------------------ plot
     def _add_plot(self) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -509,9 +448,7 @@ class TrainWidget(Container):
         self._canvas.draw_idle()
 
     # ------------------------------------------------------------------ worker callbacks
-    def _on_progress(self, update: Any, epochs: int) -> None:
-        if update is None:
-            return
+    def _on_progress(self, update: tuple[str, Any], epochs: int) -> None:
         kind, payload = update
         if kind == "epoch":
             self.history.append(payload)
@@ -524,10 +461,7 @@ class TrainWidget(Container):
         else:
             self._set_status(str(payload))
 
-    def _on_returned(self, result: Any) -> None:
-        if result is CANCELLED or result is None:
-            self._set_status("Cancelled.")
-            return
+    def _show_result(self, result: Any) -> None:
         self.last_result = result
         self._progress.value = 100
         with contextlib.suppress(OSError):  # the plot beside the model is a convenience
@@ -545,26 +479,6 @@ class TrainWidget(Container):
             f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells. "
             "It is now offered in Classify cells."
         )
-
-    def _on_error(self, exc: BaseException) -> None:
-        self._fail(str(exc) or type(exc).__name__)
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel_button.enabled = False
-        if self._done_event is not None and not self._done_event.is_set():
-            QTimer.singleShot(100, self._on_finished)
-            return
-        if self._cancel_event is not None and self._cancel_event.is_set():
-            self._set_status("Cancelled.")
-        self._run_button.enabled = True
-
-    def _set_status(self, text: str) -> None:
-        self._status.value = text
-
-    def _fail(self, message: str) -> None:
-        self._set_status(f"Failed: {message}")
-        show_error(f"napari-smear training failed: {message}")
 
 
 def _painted_names(layer: Labels) -> dict[int, str]:

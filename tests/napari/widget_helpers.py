@@ -1,35 +1,58 @@
-"""Shared set-up of the classification GUI tests: tiny model files and a segmented synthetic field.
+"""Shared set-up of the GUI tests: a segmented synthetic field, labelled cell images,
+and the steps every widget test repeats (errors shown, waiting for a run, cancelling one).
 
-The tiny models (32 px crops, a few thousand weights) make a classification of the
-81-cell synthetic field take a fraction of a second, so the GUI tests exercise the real
-code paths (crop, classify, paste attention) without the built-in weight files.
+Tiny model files (:func:`conftest.tiny_model_file`, 32 px crops, a few thousand weights)
+make a classification of the 81-cell synthetic field take a fraction of a second, so
+the GUI tests exercise the real code paths (crop, classify, paste attention) without
+the built-in weight files.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pandas as pd
 
 from napari_smear.segment.types import SmearSegmentation
 
-TINY_CONFIG = {"widths": [8, 16, 32, 64], "shape_widths": [4, 8, 16, 32], "fusion_hidden": 16}
-TINY_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
 WAIT_MS = 60_000
 
 
-def tiny_model_file(path, classes=TINY_CLASSES, *, cell_types=None, seed=0):
-    """Write an untrained 32 px shape-aware model file (random but deterministic weights)."""
-    import torch
+def shown_errors(monkeypatch) -> list[str]:
+    """The error notifications the widgets show during the test (collected, not shown)."""
+    from napari_smear._napari.widgets import _background
 
-    from napari_smear.models import build_model, save_model
+    errors: list[str] = []
+    monkeypatch.setattr(_background, "show_error", errors.append)
+    return errors
 
-    torch.manual_seed(seed)
-    model = build_model("shape_aware", len(classes), **TINY_CONFIG)
-    metadata = {"class_names": list(classes), "mean": [0.8, 0.7, 0.75], "std": [0.15, 0.2, 0.1],
-                "input_size": 32, "crop_diameters": 4.0}
-    if cell_types is not None:
-        metadata["cell_types"] = list(cell_types)
-    save_model(path, model, metadata)
-    return path
+
+def wait_until_idle(qtbot, widget) -> None:
+    """Wait until the widget's run (including one being cancelled) is over and Run is enabled."""
+    qtbot.waitUntil(lambda: not widget.is_running and widget._run_button.enabled, timeout=WAIT_MS)
+
+
+def cancel_when(qtbot, widget, started) -> None:
+    """Once ``started()`` is true, press Cancel, then wait until the widget is idle."""
+    qtbot.waitUntil(started, timeout=WAIT_MS)
+    widget._cancel_button.native.click()
+    wait_until_idle(qtbot, widget)
+
+
+def run_until_cancelled(report, seen: dict, *, steps: int = 1000, pause_s: float = 0.01):
+    """Stand-in for a long computation: ``report(step)`` for each step until it raises.
+
+    The widget's Cancel makes the progress report raise; that exception is kept in
+    ``seen["raised"]`` and re-raised. Not being cancelled is an error.
+    """
+    try:
+        for step in range(steps):
+            report(step)
+            time.sleep(pause_s)
+    except BaseException as exc:
+        seen["raised"] = exc
+        raise
+    raise AssertionError("not cancelled")
 
 
 def truth_segmentation(truth) -> SmearSegmentation:

@@ -6,8 +6,8 @@
 
 Steps per model:
 
-1. crops: ``cache/pbc_s96.npz`` (every PBC image segmented, its central cell cropped at
-   4 red-cell diameters, 96 px) and ``cache/chula_s64.npz`` (every Chula RBC-12 field
+1. crops: ``cache/pbc_s128.npz`` (every PBC image segmented, its central cell cropped at
+   4 red-cell diameters, 128 px) and ``cache/chula_s64.npz`` (every Chula RBC-12 field
    segmented; each red cell holding a labelled point cropped at 2 red-cell diameters,
    64 px, with that point's class; 20 % of the fields, chosen by a hash of the file name,
    are the val split). Both are compact ``.npz`` files (JPEG crops, bit-packed masks)
@@ -39,7 +39,11 @@ CHULA_CLASSES = [
 
 MODELS = {
     "wbc-pbc8": {
-        "cache": "pbc_s96.npz",
+        "cache": "pbc_s{size}.npz",
+        "output_size": 128,
+        "crop_diameters": 4.0,
+        # JPEG quality of the packed crops: 80 keeps the 12,634 crops of 128 px under 60 MB
+        "jpeg_quality": 80,
         "cell_types": ["wbc", "platelet"],
         "description": "White-cell (and platelet) type, 8 PBC classes.",
         "licence": "Weights: BSD-3-Clause (napari-smear). Training data: PBC dataset, CC BY 4.0; "
@@ -49,7 +53,10 @@ MODELS = {
                   "Data in Brief 30 (2020) 105474. WBCAtt: Tsutsui S, Pang W, Wen B, NeurIPS 2023.",
     },
     "rbc-chula12": {
-        "cache": "chula_s64.npz",
+        "cache": "chula_s{size}.npz",
+        "output_size": 64,
+        "crop_diameters": 2.0,
+        "jpeg_quality": 90,
         "cell_types": ["rbc"],
         "description": "Red-cell morphology, 13 Chula RBC-12 classes (12 types plus normal).",
         "licence": "Weights: BSD-3-Clause (napari-smear). Training data: Chula RBC-12 dataset, MIT.",
@@ -60,13 +67,15 @@ MODELS = {
 }
 
 
-def pack(name: str, data: Path, cache: Path, workers: int):
+def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | None = None):
     """Build (or reuse) the crop set of ``name``; returns its path."""
     from napari_smear.datasets import (
         build_crop_set, build_point_crop_set, read_point_annotations, save_crop_set,
     )
 
-    path = cache / MODELS[name]["cache"]
+    spec = MODELS[name]
+    size = int(output_size or spec["output_size"])
+    path = cache / spec["cache"].format(size=size)
     if path.exists():
         print(f"[{name}] reusing crops {path}")
         return path
@@ -76,7 +85,7 @@ def pack(name: str, data: Path, cache: Path, workers: int):
         manifest = data / "pbc" / "split.csv"
         if not manifest.exists():
             raise SystemExit(f"PBC data not found at {manifest}")
-        crop_set = build_crop_set(manifest, crop_diameters=4.0, output_size=96, workers=workers)
+        crop_set = build_crop_set(manifest, crop_diameters=spec["crop_diameters"], output_size=size, workers=workers)
     else:
         root = data / "chula_rbc12"
         if not (root / "images").is_dir():
@@ -87,11 +96,12 @@ def pack(name: str, data: Path, cache: Path, workers: int):
             if labels.exists():
                 fields.append((image, read_point_annotations(labels)))
         crop_set = build_point_crop_set(
-            fields, CHULA_CLASSES, crop_diameters=2.0, output_size=64, val_fraction=0.2, workers=workers,
+            fields, CHULA_CLASSES, crop_diameters=spec["crop_diameters"], output_size=size, val_fraction=0.2,
+            workers=workers,
             source=str(root.resolve()),
         )
         print(f"[{name}] points: {getattr(crop_set, 'point_stats', {})}")
-    save_crop_set(path, crop_set)
+    save_crop_set(path, crop_set, jpeg_quality=spec["jpeg_quality"])
     print(f"[{name}] {len(crop_set)} crops in {time.perf_counter() - started:.0f} s -> {path} "
           f"({path.stat().st_size / 1e6:.1f} MB)")
     return path
@@ -157,9 +167,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
     parser.add_argument("--pack-only", action="store_true")
     parser.add_argument("--workers", type=int, default=2, help="processes for segmenting/cropping")
-    parser.add_argument("--kind-wbc", default="shape_aware")
+    parser.add_argument("--size-wbc", type=int, default=None, help="crop side in px (default 128)")
+    parser.add_argument("--size-rbc", type=int, default=None, help="crop side in px (default 64)")
+    parser.add_argument("--kind-wbc", default="gated_attention")
     parser.add_argument("--kind-rbc", default="shape_aware")
-    parser.add_argument("--options-wbc", default="{}", help="extra train() options as JSON")
+    parser.add_argument("--options-wbc", default='{"attention_supervision": 0.3}',
+                        help="extra train() options as JSON")
     parser.add_argument("--options-rbc", default="{}", help="extra train() options as JSON")
     parser.add_argument("--epochs-wbc", type=int, default=40)
     parser.add_argument("--epochs-rbc", type=int, default=30)
@@ -172,7 +185,8 @@ def main(argv=None) -> int:
 
     names = args.only or list(MODELS)
     for name in names:
-        crops = pack(name, Path(args.data), Path(args.cache), args.workers)
+        size = args.size_wbc if name == "wbc-pbc8" else args.size_rbc
+        crops = pack(name, Path(args.data), Path(args.cache), args.workers, size)
         if not args.pack_only:
             train_one(name, crops, args)
     return 0

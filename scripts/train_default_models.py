@@ -37,6 +37,14 @@ CHULA_CLASSES = [
     "teardrop", "burr_cell", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",
 ]
 
+# Training options of the shipped models. Attention supervision (DualAttNet) keeps the maps
+# on the cell and helped in the ablation; white balance and the stronger colour and blur
+# augmentation are for other microscopes (BCCD's camera fields look nothing like PBC).
+_COLOUR_AUGMENTATION = {"hue_deg": 12.0, "saturation": 0.3, "od_jitter": 0.3, "contrast": 0.25,
+                        "blur_probability": 0.4, "max_blur_sigma": 1.5}
+WBC_OPTIONS = {"attention_supervision": 0.3, "white_balance": True, "augment_options": _COLOUR_AUGMENTATION}
+RBC_OPTIONS = {"white_balance": True, "augment_options": _COLOUR_AUGMENTATION}
+
 MODELS = {
     "wbc-pbc8": {
         "cache": "pbc_s{size}.npz",
@@ -118,12 +126,20 @@ def train_one(name: str, crops: Path, args) -> dict:
     kind = args.kind_wbc if name == "wbc-pbc8" else args.kind_rbc
     extra = json.loads(args.options_wbc if name == "wbc-pbc8" else args.options_rbc)
     epochs = args.epochs_wbc if name == "wbc-pbc8" else args.epochs_rbc
-    result = train(
-        crop_set, model_kind=kind, output=runs / f"{name}.safetensors", epochs=epochs, seed=args.seed,
-        device=args.device, num_threads=args.threads, patience=args.patience, resume=True,
-        batch_size=args.batch_size, progress=True, **extra,
-    )
-    model, info = load_model(result.model_path, device="cpu")
+    run_file = runs / f"{name}.safetensors"
+    if args.finalize_only:
+        # Ship the best epoch an interrupted run has written so far, without training on.
+        if not run_file.exists():
+            raise SystemExit(f"--finalize-only: no trained file at {run_file}")
+        result = None
+        model, info = load_model(run_file, device="cpu")
+    else:
+        result = train(
+            crop_set, model_kind=kind, output=run_file, epochs=epochs, seed=args.seed,
+            device=args.device, num_threads=args.threads, patience=args.patience, resume=True,
+            batch_size=args.batch_size, progress=True, **extra,
+        )
+        model, info = load_model(result.model_path, device="cpu")
     spec = MODELS[name]
     metadata = dict(info.metadata)
     for key in ("format_version", "kind", "config", "channels", "package_version", "created"):
@@ -146,8 +162,11 @@ def train_one(name: str, crops: Path, args) -> dict:
                    title=f"{name}: validation confusion (row-normalised)")
     report = {
         "model": name, "kind": kind, "options": extra, "file": str(target.relative_to(ROOT)),
-        "file_mb": round(target.stat().st_size / 1e6, 2), "best_epoch": result.best_epoch,
-        "epochs_completed": result.epochs_completed, "history": result.history, "val": metrics,
+        "file_mb": round(target.stat().st_size / 1e6, 2),
+        "best_epoch": result.best_epoch if result else info.metrics.get("epoch"),
+        "epochs_completed": result.epochs_completed if result else None,
+        "history": result.history if result else None,
+        "finalized_from_interrupted_run": result is None, "val": metrics,
         "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
     }
     results = ROOT / "benchmarks" / "results"
@@ -166,14 +185,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "src" / "napari_smear" / "models" / "weights"))
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
     parser.add_argument("--pack-only", action="store_true")
+    parser.add_argument("--finalize-only", action="store_true",
+                        help="ship the best epoch of an interrupted run (runs/<name>.safetensors) as it is")
     parser.add_argument("--workers", type=int, default=2, help="processes for segmenting/cropping")
     parser.add_argument("--size-wbc", type=int, default=None, help="crop side in px (default 128)")
     parser.add_argument("--size-rbc", type=int, default=None, help="crop side in px (default 64)")
     parser.add_argument("--kind-wbc", default="gated_attention")
     parser.add_argument("--kind-rbc", default="shape_aware")
-    parser.add_argument("--options-wbc", default='{"attention_supervision": 0.3}',
-                        help="extra train() options as JSON")
-    parser.add_argument("--options-rbc", default="{}", help="extra train() options as JSON")
+    parser.add_argument("--options-wbc", default=json.dumps(WBC_OPTIONS), help="extra train() options as JSON")
+    parser.add_argument("--options-rbc", default=json.dumps(RBC_OPTIONS), help="extra train() options as JSON")
     parser.add_argument("--epochs-wbc", type=int, default=40)
     parser.add_argument("--epochs-rbc", type=int, default=30)
     parser.add_argument("--patience", type=int, default=10)

@@ -129,7 +129,49 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def preprocess_batch(images, masks, mean, std, *, channels_last: bool = False):
+#: Share of a crop's pixels (the brightest outside the cell mask) taken as its glass colour.
+_GLASS_SHARE = 0.1
+#: The grey level the glass colour is mapped to by :func:`white_balance`.
+_GLASS_LEVEL = 0.92
+
+
+def white_balance(rgb, masks):
+    """Divide each crop by its own glass colour (per channel), mapping glass to a fixed grey.
+
+    The glass colour of a crop is the mean colour of its brightest pixels outside the
+    cell mask (the brightest tenth of the crop). Removing it takes out the illuminant,
+    the camera's colour balance and the background tint of the smear -- the largest
+    differences between microscopes (a CellaVision PBC crop has a warm beige glass, a
+    BCCD camera field a cold grey one) -- while the stain colours relative to the glass
+    are kept.
+
+    Parameters
+    ----------
+    rgb : torch.Tensor
+        (B, 3, S, S) float in [0, 1].
+    masks : torch.Tensor
+        (B, C, S, S); channel 0 is the cell mask.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, 3, S, S) float in [0, 1].
+    """
+    import torch
+
+    b, _, s, _ = rgb.shape
+    luminance = rgb.mean(dim=1).reshape(b, -1)
+    outside = (masks[:, 0] <= 0).reshape(b, -1)
+    # cell pixels rank below every glass pixel; they are used only if the cell fills the crop
+    ranked = torch.where(outside, luminance, luminance - 2.0)
+    k = max(1, int(_GLASS_SHARE * s * s))
+    index = ranked.topk(k, dim=1).indices  # (B, k)
+    brightest = torch.gather(rgb.reshape(b, 3, -1), 2, index[:, None, :].expand(b, 3, k))
+    glass = brightest.mean(dim=2).clamp_min(0.05)  # (B, 3)
+    return (rgb * (_GLASS_LEVEL / glass)[:, :, None, None]).clamp(0.0, 1.0)
+
+
+def preprocess_batch(images, masks, mean, std, *, channels_last: bool = False, balance: bool = False):
     """Build the model input (B, 5, S, S) from uint8 crops and masks already on the device.
 
     Parameters
@@ -140,12 +182,16 @@ def preprocess_batch(images, masks, mean, std, *, channels_last: bool = False):
         (B, 2, S, S) 0/1 cell and nucleus masks.
     mean, std : torch.Tensor
         (3,) normalisation of the [0, 1] RGB values.
+    balance : bool
+        Apply :func:`white_balance` first (models trained with ``white_balance``).
     """
     import torch
 
     rgb = images.permute(0, 3, 1, 2).float()
     if images.dtype == torch.uint8:
         rgb = rgb / 255.0
+    if balance:
+        rgb = white_balance(rgb, masks)
     rgb = (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     x = torch.cat([rgb, (masks > 0).float()], dim=1)
     if channels_last:
@@ -304,6 +350,7 @@ def classify_crops(
         except Exception as exc:  # compile support depends on the platform
             warnings.warn(f"torch.compile is not available here ({exc}); running eagerly", stacklevel=2)
     dtype = autocast_dtype(device, amp)
+    balance = bool(info.metadata.get("white_balance", False))
     mean = torch.tensor(info.mean, dtype=torch.float32, device=device)
     std = torch.tensor(info.std, dtype=torch.float32, device=device)
 
@@ -323,7 +370,7 @@ def classify_crops(
             try:
                 x = preprocess_batch(
                     _to_device(images[start:stop], device), _to_device(masks[start:stop], device),
-                    mean, std, channels_last=channels_last,
+                    mean, std, channels_last=channels_last, balance=balance,
                 )
                 morph_batch = None if not morph_features else _to_device(morph[start:stop], device)
                 with _autocast(device, dtype):

@@ -527,11 +527,24 @@ def _lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final
     return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _normalisation(images: np.ndarray, seed: int, max_crops: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of RGB in [0, 1] over (a sample of) the training crops."""
+def _normalisation(images: np.ndarray, seed: int, max_crops: int = 4096, masks: np.ndarray | None = None
+                   ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of RGB in [0, 1] over (a sample of) the training crops.
+
+    With ``masks``, of the white-balanced crops (what a ``white_balance`` model sees).
+    """
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(images), size=min(max_crops, len(images)), replace=False) if len(images) > max_crops else slice(None)
-    sample = images[pick].reshape(-1, 3).astype(np.float64) / 255.0
+    if masks is not None:
+        import torch
+
+        from .predict import white_balance
+
+        rgb = torch.from_numpy(np.ascontiguousarray(images[pick])).permute(0, 3, 1, 2).float() / 255.0
+        balanced = white_balance(rgb, torch.from_numpy(np.ascontiguousarray(masks[pick])).float())
+        sample = balanced.permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    else:
+        sample = images[pick].reshape(-1, 3).astype(np.float64) / 255.0
     mean = sample.mean(axis=0)
     std = np.maximum(sample.std(axis=0), 1e-3)
     return [float(v) for v in mean], [float(v) for v in std]
@@ -593,6 +606,7 @@ def train(
     balance: bool | str = True,
     augment: bool = True,
     augment_options: dict | None = None,
+    white_balance: bool = False,
     device="auto",
     amp: bool | None = None,
     amp_dtype: str | None = None,
@@ -646,6 +660,11 @@ def train(
     augment : bool
         On-device augmentation (:func:`augment_batch`); ``augment_options`` overrides
         its keyword arguments.
+    white_balance : bool
+        Divide every crop by its own glass colour before augmentation
+        (:func:`napari_smear.predict.white_balance`); recorded in the model file so that
+        inference does the same. Makes a model far less sensitive to the microscope's
+        illumination and background tint.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then CPU (see
         :func:`napari_smear.predict.select_device`).
@@ -696,6 +715,7 @@ def train(
 
     from .models import MODEL_KINDS, ModelInfo, attention_supervision_loss, attribute_loss, build_model, load_model, save_model
     from .predict import classify_crops, select_device
+    from .predict import white_balance as balance_crops
 
     started = time.perf_counter()
     if model_kind not in MODEL_KINDS:
@@ -774,7 +794,8 @@ def train(
         if attention_supervision > 0 and not getattr(model, "has_attention_logits", False):
             raise ValueError(f"model kind {model_kind!r} has no supervisable attention map; use attention_supervision=0")
         attr_targets = _attribute_targets(crop_set, model) if attribute_weight > 0 else None
-        mean, std = _normalisation(crop_set.images[train_index], seed)
+        mean, std = _normalisation(crop_set.images[train_index], seed,
+                                   masks=crop_set.masks[train_index] if white_balance else None)
         if init is not None:  # the pretrained features expect their own normalisation
             mean, std = list(init["mean"]), list(init["std"])
 
@@ -786,6 +807,7 @@ def train(
             "attribute_weight": attribute_weight, "label_smoothing": label_smoothing,
             "max_train_samples": max_train_samples, "source": crop_set.source,
             "init_from": str(init["path"]) if init is not None else None,
+            **({"white_balance": True} if white_balance else {}),
         }
         fingerprint = json.loads(json.dumps(fingerprint))
 
@@ -856,6 +878,7 @@ def train(
         val_info = ModelInfo(
             kind=model_kind, config=model.config, class_names=class_names, input_size=size,
             crop_diameters=crop_set.crop_diameters, mean=tuple(mean), std=tuple(std),
+            metadata={"white_balance": bool(white_balance)},
         )
         val_set = crop_set.subset(val_index)
         augment_kwargs = dict(augment_options or {})
@@ -893,6 +916,8 @@ def train(
                 targets = extra.pop(0) if attr_targets is not None else None
                 rgb = images.permute(0, 3, 1, 2).float() / 255.0
                 mask_float = masks.float()
+                if white_balance:
+                    rgb = balance_crops(rgb, mask_float)
                 if augment:
                     rgb, mask_float = augment_batch(rgb, mask_float, generator, **augment_kwargs)
                 x = torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1)
@@ -1101,6 +1126,8 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
             "amp": str(dtype).removeprefix("torch.") if dtype else None,
         },
     }
+    if fingerprint.get("white_balance"):
+        metadata["white_balance"] = True
     if morph_features:
         metadata["morph_features"] = list(crop_set.morph_names)
     names = list(getattr(model, "attribute_names", []) or [])

@@ -1,9 +1,12 @@
 """Segmentation speed: seconds per BCCD field, and MP/s + peak RSS on a large tiled image.
 
-Usage: python benchmarks/segment_speed.py [--fields 40] [--large-side 10000]
+Usage: python benchmarks/segment_speed.py [--fields 40] [--large-side 10000] [--workers N]
 The large image is a mosaic of real Chula RBC-12 fields (or synthetic fields when the
-shared data is absent), segmented through the tiled path. Peak RSS is measured in a
-fresh child process so the field benchmark does not inflate it.
+shared data is absent), segmented through the tiled path (tiles in N worker
+processes; default: segment_smear's own choice). Peak RSS is measured in a fresh
+child process so the field benchmark does not inflate it; the largest tile worker's
+peak RSS is reported beside it (forked workers share the parent's pages, so the two
+do not simply add up).
 Prints a table and saves benchmarks/results/segment_speed.json.
 """
 from __future__ import annotations
@@ -59,41 +62,50 @@ def make_mosaic(side: int) -> np.ndarray:
     return out
 
 
-def bench_large(side: int) -> dict:
+def bench_large(side: int, workers: int | None) -> dict:
+    import torch  # noqa: F401  (imported before timing: the first resize loads it)
+
     from napari_smear import segment_smear
 
     image = make_mosaic(side)
     t0 = time.perf_counter()
-    seg = segment_smear(image)
+    seg = segment_smear(image, n_workers=workers)
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     mp = side * side / 1e6
-    return {"side": side, "megapixels": mp, "seconds": seconds, "mp_per_s": mp / seconds,
-            "peak_rss_mb": peak_mb, "n_cells": int(seg.n_cells), "rbc_diameter_px": seg.rbc_diameter_px}
+    return {"side": side, "megapixels": mp, "workers": workers, "seconds": seconds, "mp_per_s": mp / seconds,
+            "peak_rss_mb": peak_mb, "largest_worker_rss_mb": worker_mb,
+            "n_cells": int(seg.n_cells), "rbc_diameter_px": seg.rbc_diameter_px}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fields", type=int, default=40)
     ap.add_argument("--large-side", type=int, default=10000)
+    ap.add_argument("--workers", type=int, default=None, help="tile worker processes (default: automatic)")
     ap.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment_speed.json")
     args = ap.parse_args(argv)
     if args.large_only:
-        print(json.dumps(bench_large(args.large_side)))
+        print(json.dumps(bench_large(args.large_side, args.workers)))
         return
     result = {}
     if (DATA / "bccd").exists():
         result["fields"] = bench_fields(args.fields)
         f = result["fields"]
         print(f"BCCD fields: {f['seconds_per_field_mean']:.3f} s/field mean, {f['seconds_per_field_median']:.3f} median, {f['seconds_per_field_p90']:.3f} p90 ({f['n_fields']} fields)")
-    child = subprocess.run(
-        [sys.executable, __file__, "--large-only", "--large-side", str(args.large_side)],
-        capture_output=True, text=True, check=True,
-    )
+    command = [sys.executable, __file__, "--large-only", "--large-side", str(args.large_side)]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    child = subprocess.run(command, capture_output=True, text=True, check=True)
     result["large"] = json.loads(child.stdout.strip().splitlines()[-1])
     g = result["large"]
-    print(f"large image {g['side']}x{g['side']} ({g['megapixels']:.0f} MP): {g['seconds']:.1f} s, {g['mp_per_s']:.1f} MP/s, peak RSS {g['peak_rss_mb']:.0f} MB, {g['n_cells']} cells")
+    print(
+        f"large image {g['side']}x{g['side']} ({g['megapixels']:.0f} MP, workers {g['workers'] or 'auto'}): "
+        f"{g['seconds']:.1f} s, {g['mp_per_s']:.1f} MP/s, peak RSS {g['peak_rss_mb']:.0f} MB "
+        f"(largest worker {g['largest_worker_rss_mb']:.0f} MB), {g['n_cells']} cells"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")

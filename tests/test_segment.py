@@ -139,3 +139,70 @@ def test_scale_error_is_specific():
     lone[40:60, 40:60] = (150, 60, 80)
     with pytest.raises(ScaleEstimateError, match="pixel_size_um"):
         segment_smear(lone)
+
+
+def _regionprops_table(labels):
+    from skimage.measure import regionprops_table
+
+    props = regionprops_table(labels.astype(np.int64), properties=("label", "centroid", "bbox", "area"))
+    return props
+
+
+def _assert_table_matches_labels(seg):
+    """The table (computed from working-resolution moments) describes the labels exactly."""
+    props = _regionprops_table(seg.labels)
+    table = seg.table.set_index("label").loc[props["label"]]
+    np.testing.assert_array_equal(table.area_px.to_numpy(), props["area"])
+    np.testing.assert_allclose(table.centroid_y.to_numpy(), props["centroid-0"], atol=1e-6)
+    np.testing.assert_allclose(table.centroid_x.to_numpy(), props["centroid-1"], atol=1e-6)
+    for k, column in enumerate(("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")):
+        np.testing.assert_array_equal(table[column].to_numpy(), props[f"bbox-{k}"])
+
+
+def test_table_matches_labels_after_downscaling():
+    # red cells 60 px across: processed at 24 px, upsampled, white cells redrawn
+    image, _ = synthetic_smear((720, 960), rbc_diameter_px=60, seed=2)
+    seg = segment_smear(image)
+    assert seg.params["scale_factor"] < 0.5
+    _assert_table_matches_labels(seg)
+
+
+def test_tiles_in_worker_processes_match_serial(monkeypatch):
+    import napari_smear.segment as segmod
+
+    image, _ = synthetic_smear((900, 1100), rbc_diameter_px=30, seed=6)
+    monkeypatch.setattr(segmod, "_SINGLE_PASS_MAX_PIXELS", 100_000)
+    serial = segment_smear(image, tile_size=250, n_workers=1)
+    parallel = segment_smear(image, tile_size=250, n_workers=2)
+    np.testing.assert_array_equal(serial.labels, parallel.labels)
+    np.testing.assert_array_equal(serial.nuclei, parallel.nuclei)
+    _assert_table_matches_labels(parallel)
+
+
+def test_white_cell_mask_covers_pale_cytoplasm():
+    image, truth = synthetic_smear(seed=4, n_wbc=3)
+    seg = segment_smear(image)
+    types = truth["cell_types"]
+    ious = []
+    for lab, kind in types.items():
+        if kind != "wbc":
+            continue
+        true_cell = truth["labels"] == lab
+        ids, counts = np.unique(seg.labels[true_cell & (seg.labels > 0)], return_counts=True)
+        pred = int(ids[np.argmax(counts)])
+        pred_cell = seg.labels == pred
+        ious.append((true_cell & pred_cell).sum() / (true_cell | pred_cell).sum())
+    assert len(ious) == 3 and min(ious) > 0.75, ious
+
+
+def test_uneven_illumination_is_flattened():
+    # a vignette darkening the corners by 15 % must not turn the glass there into cells
+    image, truth = synthetic_smear((480, 640), seed=7)
+    yy, xx = np.mgrid[-1:1:480j, -1:1:640j]
+    vignette = 1 - 0.15 * (yy**2 + xx**2) / 2
+    dark = np.clip(image * vignette[..., None], 0, 255).astype(np.uint8)
+    flat, shaded = segment_smear(image), segment_smear(dark)
+    assert abs(shaded.rbc_diameter_px / flat.rbc_diameter_px - 1) < 0.1
+    glass = truth["labels"] == 0
+    assert (shaded.labels[glass] > 0).mean() < (flat.labels[glass] > 0).mean() + 0.03
+    assert abs(shaded.counts()["rbc"] - flat.counts()["rbc"]) <= 0.1 * flat.counts()["rbc"]

@@ -68,15 +68,27 @@ def bccd_results():
     return results
 
 
-def test_bccd_automatic_scale_matches_box_sizes(bccd_results):
+def test_bccd_automatic_scale_matches_box_sizes():
+    """The automatic ruler against the median red-cell box of every 7th BCCD field."""
+    images = _require_data("bccd", "images")
+    from napari_smear.segment import _estimate_diameter
+    from napari_smear.segment.stain import estimate_stain
+
     errors = []
-    for stem, (_, seg) in bccd_results.items():
-        rbc = _boxes(stem)["rbc"]
+    for path in sorted(images.glob("*.jpg"))[::7]:
+        rbc = _boxes(path.stem)["rbc"]
+        if len(rbc) < 5:
+            continue
         reference = np.median(np.sqrt((rbc[:, 2] - rbc[:, 0]) * (rbc[:, 3] - rbc[:, 1])))
-        errors.append(abs(seg.rbc_diameter_px / reference - 1))
-    # every field within 25 %, typical field within 12 % of the box sizes
-    assert max(errors) < 0.25, errors
-    assert np.median(errors) < 0.12, errors
+        rgb = _read(path)
+        errors.append(abs(_estimate_diameter(rgb, estimate_stain(rgb)) / reference - 1))
+    errors = np.asarray(errors)
+    # typical field within 8 %, nine in ten within 15 %, none off by 30 % (packed
+    # clumps of pale cells with no isolated cell are the hardest: about 20 %)
+    assert len(errors) >= 30
+    assert np.median(errors) < 0.08, np.round(errors, 3)
+    assert np.percentile(errors, 90) < 0.15, np.round(errors, 3)
+    assert errors.max() < 0.30, np.round(errors, 3)
 
 
 def test_bccd_white_cell_masks(bccd_results):
@@ -88,7 +100,7 @@ def test_bccd_white_cell_masks(bccd_results):
         nucleus = seg.nuclei > 0
         dice_cell.append(2 * (cell & (truth > 0)).sum() / (cell.sum() + (truth > 0).sum()))
         dice_nucleus.append(2 * (nucleus & (truth == 2)).sum() / (nucleus.sum() + (truth == 2).sum()))
-    assert np.mean(dice_cell) > 0.78, dice_cell
+    assert np.mean(dice_cell) > 0.85, dice_cell
     assert np.mean(dice_nucleus) > 0.80, dice_nucleus
 
 
@@ -102,7 +114,7 @@ def test_bccd_detections(bccd_results):
         wbc_tp += _match(seg, "wbc", boxes["wbc"])
         wbc_true += len(boxes["wbc"])
     precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
-    assert 2 * precision * recall / (precision + recall) > 0.55, (tp, n_pred, n_true)
+    assert 2 * precision * recall / (precision + recall) > 0.65, (tp, n_pred, n_true)
     assert wbc_tp == wbc_true
 
 

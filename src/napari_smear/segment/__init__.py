@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
 
 from .cells import CellParams, segment_field
 from .scale import (
@@ -18,7 +18,7 @@ from .scale import (
     rbc_diameter_from_pixel_size,
 )
 from .stain import StainModel, estimate_stain, stain_channels
-from .tiles import iter_tiles, n_tiles
+from .tiles import Tile, iter_tiles, n_tiles
 from .types import CELL_TYPES, TABLE_COLUMNS, SmearSegmentation
 
 __all__ = [
@@ -72,7 +72,8 @@ def segment_smear(
     params : CellParams, optional
         Size and shape settings, expressed in red-cell diameters.
     n_workers : int, optional
-        Threads for tiles of large images (default: CPU count).
+        Worker processes for the tiles of large images (default: one per CPU, at
+        most 4; 1 runs them in this process).
     progress : callable, optional
         ``progress(fraction, message)``; raise inside it to cancel.
 
@@ -87,55 +88,66 @@ def segment_smear(
     report = progress or (lambda fraction, message: None)
     report(0.0, "estimating stain and scale")
 
-    stain = estimate_stain(_subsample(rgb, 4_000_000))
-    if rbc_diameter_px is not None:
-        if not np.isfinite(rbc_diameter_px) or rbc_diameter_px <= 0:
-            raise ValueError(f"rbc_diameter_px must be positive, got {rbc_diameter_px!r}")
-        diameter = float(rbc_diameter_px)
-    elif pixel_size_um is not None:
-        diameter = rbc_diameter_from_pixel_size(pixel_size_um)
-    else:
-        diameter = _estimate_diameter(rgb, stain)
-        if diameter is None:
-            warnings.warn(
-                "no stained cells found in the field: returning an empty segmentation",
-                stacklevel=2,
-            )
-            return _empty(rgb.shape[:2], math.nan, pixel_size_um)
-
-    factor = min(1.0, working_diameter_px / diameter)
-    d_work = diameter * factor
-    core = int(tile_size / factor)
-    margin = int(math.ceil(3.0 * diameter))
     h, w = rgb.shape[:2]
+    large = h * w > _SINGLE_PASS_MAX_PIXELS
+    workers = max(1, n_workers or min(4, _cpu_count())) if large else 1
+    with _worker_pool(workers) as pool:
+        stain = estimate_stain(_subsample(rgb, 4_000_000))
+        if rbc_diameter_px is not None:
+            if not np.isfinite(rbc_diameter_px) or rbc_diameter_px <= 0:
+                raise ValueError(f"rbc_diameter_px must be positive, got {rbc_diameter_px!r}")
+            diameter = float(rbc_diameter_px)
+        elif pixel_size_um is not None:
+            diameter = rbc_diameter_from_pixel_size(pixel_size_um)
+        else:
+            diameter = _estimate_diameter(rgb, stain, pool)
+            if diameter is None:
+                warnings.warn(
+                    "no stained cells found in the field: returning an empty segmentation",
+                    stacklevel=2,
+                )
+                return _empty(rgb.shape[:2], math.nan, pixel_size_um)
 
-    labels = np.zeros((h, w), np.uint32)
-    nuclei = np.zeros((h, w), np.uint32)
-    tables: list[pd.DataFrame] = []
+        factor = min(1.0, working_diameter_px / diameter)
+        d_work = diameter * factor
+        core = int(tile_size / factor)
+        margin = int(math.ceil(3.0 * diameter))
 
-    if h * w <= _SINGLE_PASS_MAX_PIXELS:
-        tiles = [None]
-    else:
-        tiles = list(iter_tiles((h, w), core, margin))
+        labels = np.zeros((h, w), np.uint32)
+        nuclei = np.zeros((h, w), np.uint32)
+        tables: list[pd.DataFrame] = []
 
-    def run(tile):
-        window = tile.window if tile is not None else (slice(0, h), slice(0, w))
-        lab, nuc, types = _segment_window(rgb[window], stain, factor, d_work, params)
-        return tile, window, lab, nuc, types
+        if not large:
+            tiles = [Tile(core=(slice(0, h), slice(0, w)), window=(slice(0, h), slice(0, w)))]
+        else:
+            tiles = list(iter_tiles((h, w), core, margin))
 
-    next_id = 1
-    total = len(tiles)
-    workers = n_workers or min(4, _cpu_count())
-    with ThreadPoolExecutor(max_workers=workers if total > 1 else 1) as pool:
-        for done, (tile, window, lab, nuc, types) in enumerate(pool.map(run, tiles)):
+        def shrink(tile: Tile) -> np.ndarray:
+            window = rgb[tile.window]
+            if factor >= 1.0:
+                return window
+            th, tw = window.shape[:2]
+            return _resize_rgb(window, (max(1, round(th * factor)), max(1, round(tw * factor))))
+
+        next_id = 1
+        total = len(tiles)
+        for done, (tile, small, result) in enumerate(
+            _map_tiles(tiles, shrink, stain, d_work, params, pool, workers)
+        ):
             next_id = _paste(
-                labels, nuclei, tables, tile, window, lab, nuc, types, next_id
+                labels, nuclei, tables, tile, small.shape[:2], result, next_id, rgb, stain, factor, d_work
             )
             report((done + 1) / total, f"segmented tile {done + 1}/{total}")
 
-    table = (
-        pd.concat(tables, ignore_index=True) if tables else _empty_table()
-    )
+    table = pd.concat(tables, ignore_index=True) if tables else _empty_table()
+    if len(table) and int(table.label.iloc[-1]) != len(table):
+        # a cell wholly covered at a seam left a gap in the ids: number them 1..N
+        lut = np.zeros(next_id, np.uint32)
+        lut[table.label.to_numpy()] = np.arange(1, len(table) + 1, dtype=np.uint32)
+        for start in range(0, h, 1024):  # in row blocks: no image-sized temporary
+            labels[start : start + 1024] = lut[labels[start : start + 1024]]
+            nuclei[start : start + 1024] = lut[nuclei[start : start + 1024]]
+        table = table.assign(label=np.arange(1, len(table) + 1, dtype=np.int64))
     return SmearSegmentation(
         labels=labels,
         nuclei=nuclei,
@@ -144,6 +156,94 @@ def segment_smear(
         pixel_size_um=pixel_size_um,
         params={"working_diameter_px": working_diameter_px, "scale_factor": factor},
     )
+
+
+def _segment_small(small: np.ndarray, stain: StainModel, d_work: float, params: CellParams):
+    """One tile at working resolution (runs in a worker process for large images)."""
+    return segment_field(small, stain, d_work, params)
+
+
+def _start_method() -> str:
+    """How to start tile workers.
+
+    A fork is instant and, unlike spawn, does not run the caller's script again in
+    each worker (an unguarded script would otherwise fail); it is safe only from a
+    process with no other threads. From a threaded program (napari's worker
+    thread, Jupyter) the fork server starts workers instead.
+    """
+    import multiprocessing
+    import threading
+
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1 and threading.current_thread() is threading.main_thread():
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _worker_pool(workers: int):
+    """A process pool for the tiles of a large image (``None`` for one worker)."""
+    import contextlib
+
+    method = _start_method()
+    if workers <= 1 or (method != "fork" and not _main_is_importable()):
+        return contextlib.nullcontext(None)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def _main_is_importable() -> bool:
+    """Whether a fork-server or spawned worker may import the caller's main module.
+
+    Such workers run the main script again; one without an ``if __name__ ==
+    "__main__":`` guard would run its own work (and this call) a second time, so
+    its tiles are segmented in this process instead. Interactive sessions and
+    ``python -m`` modules have nothing to run again.
+    """
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or getattr(main, "__spec__", None) is not None:
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as source:
+            text = source.read()
+    except OSError:
+        return False
+    return "__name__" in text and "__main__" in text
+
+
+def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):
+    """Yield (tile, working-resolution tile, segment_field result) in tile order.
+
+    With a pool, the tiles are segmented in its worker processes (the work is
+    mostly numpy/scipy calls that hold the GIL, so threads would not run it in
+    parallel). The parent downscales the tiles and keeps at most two per worker
+    in flight, so memory stays bounded by the tile size.
+    """
+    if pool is None or len(tiles) == 1:
+        for tile in tiles:
+            small = shrink(tile)
+            yield tile, small, segment_field(small, stain, d_work, params)
+        return
+    from collections import deque
+
+    pending: deque = deque()
+    try:
+        for tile in tiles:
+            small = shrink(tile)
+            pending.append((tile, small, pool.submit(_segment_small, small, stain, d_work, params)))
+            while len(pending) >= 2 * workers:
+                tile_, small_, future = pending.popleft()
+                yield tile_, small_, future.result()
+        while pending:
+            tile_, small_, future = pending.popleft()
+            yield tile_, small_, future.result()
+    finally:  # cancelled (an exception from progress) or failed: drop what is queued
+        for _, _, future in pending:
+            future.cancel()
 
 
 def _cpu_count() -> int:
@@ -157,23 +257,31 @@ def _subsample(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
     return rgb[::step, ::step] if step > 1 else rgb
 
 
-def _estimate_diameter(rgb: np.ndarray, stain: StainModel) -> float | None:
-    """Red-cell diameter from native-resolution windows of the field."""
+def _window_diameter(window: np.ndarray, stain: StainModel) -> float | None:
+    density, _ = stain_channels(window, stain)
+    try:
+        return estimate_rbc_diameter(density > stain.foreground_threshold)
+    except ScaleEstimateError:
+        return None
+
+
+def _estimate_diameter(rgb: np.ndarray, stain: StainModel, pool=None) -> float | None:
+    """Red-cell diameter from native-resolution windows of the field (measured in
+    the worker processes of ``pool`` when given)."""
     h, w = rgb.shape[:2]
-    side = 1536
-    if h * w <= 4 * side * side:
+    if h * w <= 4 * 1536 * 1536:
         windows = [rgb]
-    else:  # a 3x3 grid of native-resolution windows samples the whole slide
-        ys = np.linspace(0, h - side, 3).astype(int)
-        xs = np.linspace(0, w - side, 3).astype(int)
-        windows = [rgb[y : y + side, x : x + side] for y in ys for x in xs]
-    estimates = []
-    for win in windows:
-        density, _ = stain_channels(win, stain)
-        try:
-            estimates.append(estimate_rbc_diameter(density > stain.foreground_threshold))
-        except ScaleEstimateError:
-            continue
+    else:  # the centre and four points around it sample the whole slide
+        side = 1024
+        ys = np.linspace(0, h - side, 5).astype(int)[[1, 2, 3]]
+        xs = np.linspace(0, w - side, 5).astype(int)[[1, 2, 3]]
+        spots = [(ys[1], xs[1]), (ys[0], xs[0]), (ys[0], xs[2]), (ys[2], xs[0]), (ys[2], xs[2])]
+        windows = [rgb[y : y + side, x : x + side] for y, x in spots]
+    if pool is not None and len(windows) > 1:
+        found = list(pool.map(_window_diameter, windows, [stain] * len(windows)))
+    else:
+        found = [_window_diameter(win, stain) for win in windows]
+    estimates = [v for v in found if v is not None]
     if not estimates:
         if not (stain_channels(_subsample(rgb, 1_000_000), stain)[0] > stain.foreground_threshold).any():
             return None
@@ -201,62 +309,226 @@ def _upsample_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[ys[:, None], xs[None, :]]
 
 
-def _segment_window(rgb, stain, factor, d_work, params):
-    h, w = rgb.shape[:2]
-    if factor < 1.0:
-        small = _resize_rgb(rgb, (max(1, round(h * factor)), max(1, round(w * factor))))
-    else:
-        small = rgb
-    lab, nuc, types = segment_field(small, stain, d_work, params)
-    return _upsample_nearest(lab, (h, w)), _upsample_nearest(nuc, (h, w)), types
+def _upsampling_index(n_full: int, n_small: int) -> np.ndarray:
+    """Row (or column) of the working-resolution image each full-resolution one shows."""
+    return np.minimum(((np.arange(n_full) + 0.5) * n_small / n_full).astype(np.intp), n_small - 1)
 
 
-def _object_table(lab: np.ndarray, offset_y: int, offset_x: int) -> pd.DataFrame:
-    from skimage.measure import regionprops_table
+def _upsample_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if labels.shape == shape:
+        return labels
+    ys = _upsampling_index(shape[0], labels.shape[0])
+    xs = _upsampling_index(shape[1], labels.shape[1])
+    return labels[ys[:, None], xs[None, :]]
 
-    props = regionprops_table(lab, properties=("label", "centroid", "bbox", "area"))
+
+def _upsampled_stats(lab: np.ndarray, full_shape: tuple[int, int]) -> pd.DataFrame:
+    """Area, centroid and bounding box of every label of ``lab`` once upsampled
+    (nearest neighbour) to ``full_shape``, computed without upsampling.
+
+    A working pixel (i, j) becomes a block of ``my[i] * mx[j]`` full pixels whose
+    rows sum to ``sy[i] * mx[j]`` and columns to ``my[i] * sx[j]``: the moments are
+    weighted sums over the small image.
+    """
+    sh, sw = lab.shape
+    ys = _upsampling_index(full_shape[0], sh)
+    xs = _upsampling_index(full_shape[1], sw)
+    my = np.bincount(ys, minlength=sh).astype(np.float64)
+    mx = np.bincount(xs, minlength=sw).astype(np.float64)
+    sy = np.bincount(ys, weights=np.arange(full_shape[0], dtype=np.float64), minlength=sh)
+    sx = np.bincount(xs, weights=np.arange(full_shape[1], dtype=np.float64), minlength=sw)
+    first_y = np.searchsorted(ys, np.arange(sh))
+    last_y = np.searchsorted(ys, np.arange(sh), side="right")
+    first_x = np.searchsorted(xs, np.arange(sw))
+    last_x = np.searchsorted(xs, np.arange(sw), side="right")
+    flat = lab.ravel()
+    n = int(flat.max()) + 1 if flat.size else 1
+    area = np.bincount(flat, weights=np.outer(my, mx).ravel(), minlength=n)
+    sum_y = np.bincount(flat, weights=np.outer(sy, mx).ravel(), minlength=n)
+    sum_x = np.bincount(flat, weights=np.outer(my, sx).ravel(), minlength=n)
+    ids = np.flatnonzero(area[1:] > 0) + 1
+    boxes = ndi.find_objects(lab)
+    rows = []
+    for i in ids:
+        by, bx = boxes[i - 1]
+        rows.append((first_y[by.start], first_x[bx.start], last_y[by.stop - 1], last_x[bx.stop - 1]))
+    rows = np.asarray(rows, np.int64).reshape(-1, 4)
     return pd.DataFrame(
         {
-            "label": props["label"].astype(np.int64),
-            "centroid_y": props["centroid-0"] + offset_y,
-            "centroid_x": props["centroid-1"] + offset_x,
-            "bbox_min_y": props["bbox-0"] + offset_y,
-            "bbox_min_x": props["bbox-1"] + offset_x,
-            "bbox_max_y": props["bbox-2"] + offset_y,
-            "bbox_max_x": props["bbox-3"] + offset_x,
-            "area_px": props["area"].astype(np.int64),
+            "label": ids.astype(np.int64),
+            "centroid_y": sum_y[ids] / area[ids],
+            "centroid_x": sum_x[ids] / area[ids],
+            "bbox_min_y": rows[:, 0],
+            "bbox_min_x": rows[:, 1],
+            "bbox_max_y": rows[:, 2],
+            "bbox_max_x": rows[:, 3],
+            "area_px": np.rint(area[ids]).astype(np.int64),
         }
     )
 
 
-def _paste(labels, nuclei, tables, tile, window, lab, nuc, types, next_id) -> int:
-    """Write the tile's own cells (centroid in its core) into the image, renumbered."""
-    oy, ox = window[0].start, window[1].start
-    table = _object_table(lab, oy, ox)
-    if tile is not None:
-        cy, cx = tile.core
-        own = (
-            (table.centroid_y >= cy.start) & (table.centroid_y < cy.stop)
-            & (table.centroid_x >= cx.start) & (table.centroid_x < cx.stop)
+def _exact_stats(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> pd.DataFrame:
+    """Area, centroid and bounding box of ``ids`` measured on the full-resolution
+    ``labels``, each looked for inside its (y0, x0, y1, x1) box."""
+    rows = []
+    for label, (y0, x0, y1, x1) in zip(ids, boxes):
+        yy, xx = np.nonzero(labels[y0:y1, x0:x1] == label)
+        if yy.size == 0:
+            rows.append((label, np.nan, np.nan, 0, 0, 0, 0, 0))
+            continue
+        rows.append(
+            (label, yy.mean() + y0, xx.mean() + x0, yy.min() + y0, xx.min() + x0, yy.max() + y0 + 1, xx.max() + x0 + 1, yy.size)
         )
-        table = table[own.to_numpy()]
-    if table.empty:
+    return pd.DataFrame(
+        rows,
+        columns=["label", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x", "area_px"],
+    ).astype({"label": np.int64, "area_px": np.int64})
+
+
+def _paste(labels, nuclei, tables, tile, small_shape, result, next_id, rgb, stain, factor, d_work) -> int:
+    """Write the tile's own cells (centroid in its core) into the image, renumbered.
+
+    The cells are upsampled from working resolution straight into the image; a
+    pixel already taken by a neighbouring tile's cell stays with that cell. White
+    cells get their full-resolution outline and nucleus (:func:`_redraw_white_cells`).
+    The table is computed from the working-resolution labels; only cells that lost
+    pixels at a seam, or were redrawn, are measured again at full resolution.
+    """
+    lab, nuc, types, outlines = result
+    window = tile.window
+    oy, ox = window[0].start, window[1].start
+    wh, ww = window[0].stop - oy, window[1].stop - ox
+    stats = _upsampled_stats(lab, (wh, ww))
+    cy, cx = tile.core
+    gy, gx = stats.centroid_y + oy, stats.centroid_x + ox
+    own = ((gy >= cy.start) & (gy < cy.stop) & (gx >= cx.start) & (gx < cx.stop)).to_numpy()
+    stats = stats[own]
+    if stats.empty:
         return next_id
-    old = table["label"].to_numpy()
+    old = stats["label"].to_numpy()
     lut = np.zeros(int(lab.max()) + 1, np.uint32)
     lut[old] = np.arange(next_id, next_id + len(old), dtype=np.uint32)
-    new_lab = lut[lab]
-    new_nuc = lut[nuc]
+    ys = _upsampling_index(wh, lab.shape[0])
+    xs = _upsampling_index(ww, lab.shape[1])
+    new_lab = lut[lab][ys[:, None], xs[None, :]]
     target = labels[window]
+    conflict = (new_lab > 0) & (target > 0)
+    touched = np.unique(new_lab[conflict])
     free = target == 0
     target[free] = new_lab[free]
-    nuclei[window][new_nuc > 0] = new_nuc[new_nuc > 0]
-    table = table.assign(
+    del new_lab, free, conflict
+    new_nuc = lut[nuc][ys[:, None], xs[None, :]]
+    nuc_target = nuclei[window]
+    placed = (new_nuc > 0) & (target == new_nuc)
+    nuc_target[placed] = new_nuc[placed]
+    del new_nuc, placed
+
+    stats = stats.assign(
         label=lut[old].astype(np.int64),
-        cell_type=[types[int(i)] for i in old],
+        bbox_min_y=stats.bbox_min_y + oy,
+        bbox_min_x=stats.bbox_min_x + ox,
+        bbox_max_y=stats.bbox_max_y + oy,
+        bbox_max_x=stats.bbox_max_x + ox,
+        centroid_y=stats.centroid_y + oy,
+        centroid_x=stats.centroid_x + ox,
     )
-    tables.append(table[list(TABLE_COLUMNS)])
+    white = {int(lut[k]): v for k, v in outlines.items() if lut[k] > 0} if outlines else {}
+    if white and factor < 1.0:
+        scale = (wh / lab.shape[0], ww / lab.shape[1])
+        claimable = np.zeros(next_id + len(old), bool)
+        claimable[next_id:] = True  # this tile's cells; a neighbour tile's cells keep theirs
+        claimable[list(white)] = False
+        claimable[0] = True
+        redrawn = _redraw_white_cells(
+            target, nuc_target, white, claimable, scale, rgb[window], stain, d_work / factor
+        )
+        touched = np.union1d(touched, redrawn)
+    touched = touched[touched > 0].astype(np.int64)
+    if touched.size:
+        # measure again at full resolution: boxes grown by the redraw's reach
+        pad = int(math.ceil(2 / factor)) + 2
+        sub = stats.set_index("label").loc[touched]
+        boxes = np.stack(
+            [
+                np.maximum(sub.bbox_min_y.to_numpy() - oy - pad, 0),
+                np.maximum(sub.bbox_min_x.to_numpy() - ox - pad, 0),
+                np.minimum(sub.bbox_max_y.to_numpy() - oy + pad, wh),
+                np.minimum(sub.bbox_max_x.to_numpy() - ox + pad, ww),
+            ],
+            1,
+        ).astype(np.int64)
+        exact = _exact_stats(target, touched, boxes)
+        # a cell that lost most of its pixels to a neighbouring tile's cell is that
+        # cell seen again (the two tiles drew it differently): its remains are dropped
+        before = sub.area_px.to_numpy()
+        duplicate = exact.area_px.to_numpy() < 0.5 * before
+        for label, (y0, x0, y1, x1) in zip(touched[duplicate], boxes[duplicate]):
+            piece = target[y0:y1, x0:x1]
+            nuc_target[y0:y1, x0:x1][piece == label] = 0
+            piece[piece == label] = 0
+        exact.loc[duplicate, "area_px"] = 0
+        for column in ("centroid_y", "bbox_min_y", "bbox_max_y"):
+            exact[column] += oy
+        for column in ("centroid_x", "bbox_min_x", "bbox_max_x"):
+            exact[column] += ox
+        stats = stats.set_index("label")
+        stats.loc[exact.label.to_numpy(), exact.columns[1:]] = exact.set_index("label").to_numpy()
+        stats = stats.reset_index()
+        gone = stats.area_px.to_numpy() == 0
+        if gone.any():
+            stats = stats[~gone]
+    stats = stats.astype({"label": np.int64, "area_px": np.int64, "bbox_min_y": np.int64, "bbox_min_x": np.int64, "bbox_max_y": np.int64, "bbox_max_x": np.int64})
+    inverse = {int(lut[k]): types[int(k)] for k in old}
+    stats = stats.assign(cell_type=[inverse[int(i)] for i in stats.label])
+    tables.append(stats[list(TABLE_COLUMNS)])
     return next_id + len(old)
+
+
+def _full_resolution_hue(rgb: np.ndarray, stain: StainModel, sigma: float) -> np.ndarray:
+    """The hue channel of :func:`stain_channels` (OD_R - OD_B), smoothed."""
+    od = np.log(np.maximum(rgb[..., [0, 2]], 1).astype(np.float32))
+    bg = np.asarray(stain.background_rgb, np.float32)
+    hue = np.float32(np.log(bg[0] / bg[2])) - (od[..., 0] - od[..., 1])
+    return ndi.gaussian_filter(hue, sigma)
+
+
+def _redraw_white_cells(labels, nuclei, outlines: dict, claimable, scale, rgb, stain: StainModel, diameter: float):
+    """Draw white cells at full resolution (in place); returns their labels.
+
+    Upsampled working-resolution masks have steps a working pixel wide: each
+    cell's sub-pixel outline polygon gives it a smooth edge, and its nucleus is
+    thresholded again on the full-resolution colour next to its upsampled mask.
+    ``claimable[label]`` says whose pixels a white cell may take.
+    """
+    from .cells import _polygon_mask
+
+    h, w = labels.shape
+    step = max(1, int(round(max(scale))))
+    for label, (ys, xs) in outlines.items():
+        fy = (ys + 0.5) * scale[0] - 0.5
+        fx = (xs + 0.5) * scale[1] - 0.5
+        y0, y1 = max(0, int(fy.min()) - 2), min(h, int(np.ceil(fy.max())) + 3)
+        x0, x1 = max(0, int(fx.min()) - 2), min(w, int(np.ceil(fx.max())) + 3)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        window = labels[y0:y1, x0:x1]
+        nuc_window = nuclei[y0:y1, x0:x1]
+        cell = _polygon_mask(fy - y0, fx - x0, window.shape)
+        own_nucleus = nuc_window == label
+        if own_nucleus.any():
+            hue = _full_resolution_hue(rgb[y0:y1, x0:x1], stain, max(0.5, diameter / 40))
+            near = ndi.binary_dilation(own_nucleus, iterations=step)
+            refined = near & (hue > stain.nucleus_threshold) & ((nuc_window == 0) | own_nucleus)
+            refined &= (window == label) | claimable[window]
+            if refined.sum() >= 0.5 * own_nucleus.sum():
+                nuc_window[own_nucleus & ~refined] = 0
+                nuc_window[refined] = label
+                cell |= refined
+        # the nucleus always belongs to its cell; cells of other white cells and of
+        # neighbouring tiles keep their pixels
+        window[(window == label) & ~cell & (nuc_window != label)] = 0
+        window[cell & claimable[window]] = label
+    return np.fromiter(outlines, np.int64, len(outlines))
 
 
 def _empty_table() -> pd.DataFrame:

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 
-from .cells import remove_small_holes, remove_small_objects
+from .cells import fill_holes, fill_pallor, remove_small_objects
 
 # A human red cell is about 7.5 um across; used only to turn an explicit pixel size into
 # the diameter ruler.
@@ -54,7 +54,7 @@ def _typical(radii: np.ndarray) -> float:
 
 def _rough_diameter(fg: np.ndarray) -> float:
     """First guess (within a factor of about 1.5): typical distance-transform peak."""
-    radii = _peak_radii(ndi.binary_fill_holes(fg))
+    radii = _peak_radii(fill_holes(fg))
     if radii.size < 3:
         raise ScaleEstimateError(
             f"found only {radii.size} cell-like objects; cannot estimate the red-cell "
@@ -145,7 +145,7 @@ def estimate_rbc_diameter(foreground: np.ndarray) -> float:
     mask = _block_mean(fg.astype(np.float32), k) > 0.5
     d = rough / k
     for _ in range(2):  # the pallor size depends on the answer: refine once
-        filled = remove_small_holes(mask, int(0.4 * np.pi * d * d / 4))
+        filled = fill_pallor(mask, d, 0.4)
         radius = granulometry_radius(filled, 0.125 * d, 0.7 * d)
         if not np.isfinite(radius):
             raise ScaleEstimateError(

@@ -1,7 +1,11 @@
-"""Colour handling: background estimate, optical density, foreground and nucleus scores.
+"""Colour handling: background (slide glass) and illumination, optical density,
+foreground and nucleus scores.
 
-Everything is expressed relative to the field's own background (the slide glass), so
-the same code works for pale phone-camera fields and saturated CellaVision crops.
+Everything is expressed relative to the field's own glass, so the same code works for
+pale phone-camera fields and saturated CellaVision crops. Uneven illumination
+(vignetting: BCCD corners are about 10 % darker than the centre, which is as much
+optical density as a pale red cell) is removed by fitting a smooth surface to the
+brightness of the glass.
 """
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ from skimage.filters import threshold_multiotsu, threshold_otsu
 # Below this optical density, a pixel cannot be stained matter whatever the histogram
 # says (JPEG noise on the glass stays well under it).
 _MIN_FOREGROUND_OD = 0.10
+# The illumination surface is fitted to at most this many glass samples.
+_ILLUMINATION_SAMPLES = 4_096
+# Glass must cover at least this share of the sampled pixels for a quadratic
+# (vignetting) fit; down to a tenth of that a plane is fitted; below, none.
+_MIN_GLASS_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,10 @@ class StainModel:
     rbc_hue: float  # typical (OD_R - OD_B) of red cells: the field's reference colour
     nucleus_threshold: float  # on (OD_R - OD_B): violet nuclei and platelets
     cytoplasm_threshold: float  # on (OD_R - OD_B): bluish WBC cytoplasm
+    # colour of red cells as shares of the optical density in R, G, B (the stain's
+    # hue whatever its strength), and the spread of red-cell pixels around it
+    rbc_chroma: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    chroma_spread: float = 0.1
 
 
 def optical_density(rgb: np.ndarray, background_rgb) -> np.ndarray:
@@ -42,11 +55,77 @@ def estimate_background(rgb: np.ndarray) -> np.ndarray:
     return np.median(bright, axis=0).astype(np.float32)
 
 
-def estimate_stain(rgb: np.ndarray) -> StainModel:
-    """Estimate the colour statistics of a field (or a representative sample of it)."""
-    bg = estimate_background(rgb)
-    od = optical_density(rgb, bg)
-    density = od.sum(-1)
+def _log_channels(rgb: np.ndarray):
+    """Summed log intensity and log(R) - log(B) of every pixel (float32)."""
+    lr = np.log(np.maximum(rgb, 1).astype(np.float32))
+    return lr.sum(-1), lr[..., 0] - lr[..., 2]
+
+
+def _design(ys: np.ndarray, xs: np.ndarray, degree: int) -> np.ndarray:
+    terms = [np.ones_like(ys)]
+    if degree >= 1:
+        terms += [ys, xs]
+    if degree >= 2:
+        terms += [ys * ys, ys * xs, xs * xs]
+    return np.stack(terms, -1)
+
+
+def _illumination(log_sum: np.ndarray, level: float, threshold: float) -> np.ndarray:
+    """Summed log intensity of the glass at every pixel: a smooth surface.
+
+    Glass is what lies below the foreground threshold; a quadratic in the image
+    coordinates (a plane when glass is scarce) is fitted to it by least squares and
+    refitted twice, each time with the glass found under the previous surface, so
+    that vignetted corners first mistaken for stained matter join the fit. The
+    surface is clipped to the range of the fitted glass, so it never extrapolates
+    into regions without glass (a crowded corner, a crop filled by one cell).
+    Returns ``level`` (the global glass) as a constant where no fit is possible.
+    """
+    h, w = log_sum.shape
+    step = max(1, int(np.sqrt(h * w / _ILLUMINATION_SAMPLES)))
+    sample = log_sum[step // 2 :: step, step // 2 :: step]
+    sy = (np.arange(sample.shape[0]) * step + step // 2) / max(h - 1, 1) * 2 - 1
+    sx = (np.arange(sample.shape[1]) * step + step // 2) / max(w - 1, 1) * 2 - 1
+    yy, xx = np.meshgrid(sy.astype(np.float32), sx.astype(np.float32), indexing="ij")
+    surface = np.full(sample.shape, level, np.float32)
+    coef, degree = None, 0
+    for _ in range(3):
+        glass = (surface - sample) < threshold * 0.5
+        share = glass.mean()
+        degree = 2 if share >= _MIN_GLASS_SHARE else 1 if share >= _MIN_GLASS_SHARE / 10 else -1
+        if degree < 0 or glass.sum() < 20:
+            return np.full((h, w), level, np.float32)
+        a = _design(yy[glass], xx[glass], degree)
+        values = sample[glass]
+        coef = np.linalg.lstsq(a, values, rcond=None)[0]
+        # one robust step: drop glass samples far from the fit (dust, cell edges)
+        resid = values - a @ coef
+        mad = np.median(np.abs(resid - np.median(resid))) + 1e-6
+        keep = np.abs(resid) < 4 * 1.4826 * mad
+        if keep.sum() > a.shape[1] * 5:
+            coef = np.linalg.lstsq(a[keep], values[keep], rcond=None)[0]
+            values = values[keep]
+        lo, hi = float(values.min()), float(values.max())
+        surface = np.clip(_design(yy, xx, degree) @ coef, lo, hi).astype(np.float32)
+    gy = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2 - 1)[:, None]
+    gx = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2 - 1)[None, :]
+    full = np.full((h, w), coef[0], np.float32)
+    if degree >= 1:
+        full += coef[1] * gy + coef[2] * gx
+    if degree >= 2:
+        full += coef[3] * gy * gy + coef[4] * gy * gx + coef[5] * gx * gx
+    return np.clip(full, lo, hi, out=full)
+
+
+# Histogram thresholds are computed on at most this many pixels (a regular sample).
+_THRESHOLD_SAMPLES = 1 << 18
+
+
+def _threshold(density: np.ndarray) -> float:
+    """Glass / stained-matter split of a density image."""
+    step = int(np.ceil(np.sqrt(density.size / _THRESHOLD_SAMPLES)))
+    if step > 1:
+        density = density[::step, ::step]
     # Otsu on log density separates glass (a tight cluster near 0) from stained matter
     # even when a very dark nucleus would drag a linear-scale Otsu up into the cells.
     log_density = np.log(np.clip(density, 0, None) + 0.03)
@@ -58,33 +137,89 @@ def estimate_stain(rgb: np.ndarray) -> StainModel:
         low = float(np.exp(threshold_otsu(log_density)) - 0.03)
         high = float(threshold_otsu(density))
         try:
-            three = float(threshold_multiotsu(density[:: max(1, density.shape[0] // 512), :: max(1, density.shape[1] // 512)], 3)[0])
+            three = float(threshold_multiotsu(density, 3)[0])
         except ValueError:  # fewer than three grey levels: two classes say it all
             three = high
         t = min(max(three, low), max(high, low))
     except ValueError:  # constant image
         t = np.inf
-    t = max(t, _MIN_FOREGROUND_OD)
-    hue = od[..., 0] - od[..., 2]
+    return max(t, _MIN_FOREGROUND_OD)
+
+
+def estimate_stain(rgb: np.ndarray) -> StainModel:
+    """Estimate the colour statistics of a field (or a representative sample of it)."""
+    bg = estimate_background(rgb)
+    log_sum, log_hue = _log_channels(rgb)
+    level = float(np.log(bg).sum())
+    density = level - log_sum
+    t = _threshold(density)
+    if np.isfinite(t):  # the threshold is measured again once the illumination is flat
+        density = _illumination(log_sum, level, t) - log_sum
+        t = _threshold(density)
+    hue = float(np.log(bg[0] / bg[2])) - log_hue
     fg = density > t
+    chroma, spread = (1 / 3, 1 / 3, 1 / 3), 0.1
     if fg.sum() < 50:
         rbc_hue = -0.12
     else:
         # The lower half of the stained pixels is red-cell (or at least non-nuclear)
         # colour in every smear: red cells outnumber everything else by far.
         rbc_hue = float(np.percentile(hue[fg], 30))
+        reference = fg & (hue <= np.percentile(hue[fg], 50))
+        od = _channel_density(rgb, bg, density - (level - log_sum))[reference]
+        shares = od / np.maximum(od.sum(-1, keepdims=True), 1e-3)
+        chroma = tuple(float(v) for v in np.median(shares, 0))
+        spread = max(float(np.percentile(np.linalg.norm(shares - chroma, axis=-1), 90)), 0.02)
     return StainModel(
         background_rgb=tuple(float(v) for v in bg),
         foreground_threshold=t,
         rbc_hue=rbc_hue,
         nucleus_threshold=rbc_hue + 0.30,
         cytoplasm_threshold=rbc_hue + 0.09,
+        rbc_chroma=chroma,
+        chroma_spread=spread,
     )
 
 
+def _channel_density(rgb: np.ndarray, bg: np.ndarray, correction: np.ndarray) -> np.ndarray:
+    """(H, W, 3) optical density per channel; ``correction`` (the illumination's
+    share of the summed density) is taken off evenly from the three channels."""
+    od = np.log(np.asarray(bg, np.float32) / np.maximum(rgb, 1).astype(np.float32))
+    od += (correction / 3)[..., None]
+    return od
+
+
 def stain_channels(rgb: np.ndarray, stain: StainModel):
-    """Density (stained matter) and hue (violet vs red) channels of a field."""
-    od = optical_density(rgb, stain.background_rgb)
-    density = od.sum(-1)
-    hue = od[..., 0] - od[..., 2]
+    """Density (stained matter) and hue (violet vs red) channels of a field.
+
+    Density is relative to the field's own illumination (see :func:`_illumination`);
+    hue (OD_R - OD_B) is relative to the glass colour.
+    """
+    bg = np.asarray(stain.background_rgb, np.float32)
+    log_sum, log_hue = _log_channels(rgb)
+    level = float(np.log(bg).sum())
+    if np.isfinite(stain.foreground_threshold):
+        density = _illumination(log_sum, level, stain.foreground_threshold)
+        density -= log_sum
+    else:
+        density = level - log_sum
+    hue = np.float32(np.log(bg[0] / bg[2])) - log_hue
     return density, hue
+
+
+def colour_distance(rgb: np.ndarray, density: np.ndarray, stain: StainModel) -> np.ndarray:
+    """How far each pixel's colour (its shares of optical density in R, G, B) lies
+    from the red cells' colour, in units of the red cells' own spread.
+
+    ``density`` is the pixel's (illumination-corrected) density from
+    :func:`stain_channels`; 0 is returned where the pixel is too faint for its
+    colour to mean anything.
+    """
+    bg = np.asarray(stain.background_rgb, np.float32)
+    log_sum, _ = _log_channels(rgb)
+    od = _channel_density(rgb, bg, density - (float(np.log(bg).sum()) - log_sum))
+    od /= np.maximum(density, 1e-3)[..., None]
+    od -= np.asarray(stain.rbc_chroma, np.float32)
+    distance = np.sqrt((od * od).sum(-1)) / np.float32(stain.chroma_spread)
+    distance[density < 0.25 * min(stain.foreground_threshold, 1e3)] = 0
+    return distance

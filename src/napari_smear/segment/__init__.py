@@ -18,7 +18,7 @@ from .scale import (
     rbc_diameter_from_pixel_size,
 )
 from .stain import StainModel, estimate_stain, stain_channels
-from .tiles import Tile, iter_tiles, n_tiles
+from .tiles import Tile, iter_tiles
 from .types import CELL_TYPES, TABLE_COLUMNS, SmearSegmentation
 
 __all__ = [
@@ -131,11 +131,11 @@ def segment_smear(
 
         next_id = 1
         total = len(tiles)
-        for done, (tile, small, result) in enumerate(
+        for done, (tile, result) in enumerate(
             _map_tiles(tiles, shrink, stain, d_work, params, pool, workers)
         ):
             next_id = _paste(
-                labels, nuclei, tables, tile, small.shape[:2], result, next_id, rgb, stain, factor, d_work
+                labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work
             )
             report((done + 1) / total, f"segmented tile {done + 1}/{total}")
 
@@ -156,11 +156,6 @@ def segment_smear(
         pixel_size_um=pixel_size_um,
         params={"working_diameter_px": working_diameter_px, "scale_factor": factor},
     )
-
-
-def _segment_small(small: np.ndarray, stain: StainModel, d_work: float, params: CellParams):
-    """One tile at working resolution (runs in a worker process for large images)."""
-    return segment_field(small, stain, d_work, params)
 
 
 def _start_method() -> str:
@@ -216,7 +211,7 @@ def _main_is_importable() -> bool:
 
 
 def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):
-    """Yield (tile, working-resolution tile, segment_field result) in tile order.
+    """Yield (tile, segment_field result) in tile order.
 
     With a pool, the tiles are segmented in its worker processes (the work is
     mostly numpy/scipy calls that hold the GIL, so threads would not run it in
@@ -226,7 +221,7 @@ def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):
     if pool is None or len(tiles) == 1:
         for tile in tiles:
             small = shrink(tile)
-            yield tile, small, segment_field(small, stain, d_work, params)
+            yield tile, segment_field(small, stain, d_work, params)
         return
     from collections import deque
 
@@ -234,15 +229,16 @@ def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):
     try:
         for tile in tiles:
             small = shrink(tile)
-            pending.append((tile, small, pool.submit(_segment_small, small, stain, d_work, params)))
+            pending.append((tile, pool.submit(segment_field, small, stain, d_work, params)))
+            del small
             while len(pending) >= 2 * workers:
-                tile_, small_, future = pending.popleft()
-                yield tile_, small_, future.result()
+                done_tile, future = pending.popleft()
+                yield done_tile, future.result()
         while pending:
-            tile_, small_, future = pending.popleft()
-            yield tile_, small_, future.result()
+            done_tile, future = pending.popleft()
+            yield done_tile, future.result()
     finally:  # cancelled (an exception from progress) or failed: drop what is queued
-        for _, _, future in pending:
+        for _, future in pending:
             future.cancel()
 
 
@@ -301,25 +297,9 @@ def _resize_rgb(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out[0].permute(1, 2, 0).clamp_(0, 255).round_().to(torch.uint8).numpy()
 
 
-def _upsample_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if labels.shape == shape:
-        return labels
-    ys = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1).astype(np.intp)
-    xs = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1).astype(np.intp)
-    return labels[ys[:, None], xs[None, :]]
-
-
 def _upsampling_index(n_full: int, n_small: int) -> np.ndarray:
     """Row (or column) of the working-resolution image each full-resolution one shows."""
     return np.minimum(((np.arange(n_full) + 0.5) * n_small / n_full).astype(np.intp), n_small - 1)
-
-
-def _upsample_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if labels.shape == shape:
-        return labels
-    ys = _upsampling_index(shape[0], labels.shape[0])
-    xs = _upsampling_index(shape[1], labels.shape[1])
-    return labels[ys[:, None], xs[None, :]]
 
 
 def _upsampled_stats(lab: np.ndarray, full_shape: tuple[int, int]) -> pd.DataFrame:
@@ -385,7 +365,7 @@ def _exact_stats(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> pd.D
     ).astype({"label": np.int64, "area_px": np.int64})
 
 
-def _paste(labels, nuclei, tables, tile, small_shape, result, next_id, rgb, stain, factor, d_work) -> int:
+def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work) -> int:
     """Write the tile's own cells (centroid in its core) into the image, renumbered.
 
     The cells are upsampled from working resolution straight into the image; a

@@ -236,9 +236,9 @@ def split_clumps(labels: np.ndarray, density: np.ndarray, d: float, params: "Cel
     """Split regions holding several red cells (a clump the distance map saw as one).
 
     A region of area ``A`` holds about ``A / a`` cells of area ``a`` (the ruler's
-    cell); when that is two or more, and as many separate centres of round outlines
-    (:func:`radial_symmetry`) lie inside it, its pixels are shared among those
-    centres by a few rounds of Lloyd's algorithm (each pixel to the nearest centre,
+    cell); when that is two or more and at least two separate centres of round
+    outlines (:func:`radial_symmetry`) lie inside it, its pixels are shared among
+    the strongest of those centres (at most ``A / a`` of them) by a few rounds of Lloyd's algorithm (each pixel to the nearest centre,
     each centre to the middle of its pixels), which tiles a clump of packed cells
     into cell-sized pieces.
     """

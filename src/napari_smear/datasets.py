@@ -436,14 +436,18 @@ def _crop_one(task):
     return index, result, None, False
 
 
-def _run_tasks(tasks, workers: int, progress: bool, description: str):
+def _run_tasks(tasks, workers: int, progress: bool, description: str, *, worker=None,
+               unit: str = "img", chunksize: int | None = None):
+    """Yield ``worker(task)`` for every task in order (default worker: :func:`_crop_one`),
+    in this process or in ``workers`` processes, with a progress bar."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(tasks), desc=description, unit="img", disable=not progress, smoothing=0.05)
+    worker = worker or _crop_one
+    bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress, smoothing=0.05)
     try:
         if workers <= 1 or len(tasks) < 2 * workers:
             for task in tasks:
-                yield _crop_one(task)
+                yield worker(task)
                 bar.update(1)
         else:
             import multiprocessing
@@ -454,9 +458,9 @@ def _run_tasks(tasks, workers: int, progress: bool, description: str):
             # them is safe. Elsewhere fork is unsafe (macOS) or absent (Windows): spawn.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
             context = multiprocessing.get_context(method)
-            chunk = max(1, min(32, len(tasks) // (workers * 8)))
+            chunk = chunksize or max(1, min(32, len(tasks) // (workers * 8)))
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for result in pool.map(_crop_one, tasks, chunksize=chunk):
+                for result in pool.map(worker, tasks, chunksize=chunk):
                     yield result
                     bar.update(1)
     finally:
@@ -751,36 +755,20 @@ def build_point_crop_set(
         (i, p, np.asarray(pts, np.int64).reshape(-1, 3), float(crop_diameters), int(output_size), tuple(cell_types))
         for i, (p, pts) in enumerate(fields)
     ]
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     results: dict[int, dict] = {}
     failures: list[tuple[str, str]] = []
     totals = {"points": 0, "outside": 0, "other_type": 0, "conflict": 0}
-    bar = tqdm(total=len(tasks), desc="segmenting fields", unit="field", disable=not progress)
-    try:
-        if workers <= 1:
-            outputs = map(_crop_points_one, tasks)
-            pool = None
+    # a field takes about a second: small chunks keep both workers busy to the end
+    outputs = _run_tasks(tasks, workers, progress, "segmenting fields", worker=_crop_points_one,
+                         unit="field", chunksize=4)
+    for index, result, error, stats in outputs:
+        for k in totals:
+            totals[k] += stats.get(k, 0)
+        if result is None:
+            failures.append((paths[index], error))
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
-            outputs = pool.map(_crop_points_one, tasks, chunksize=4)
-        for index, result, error, stats in outputs:
-            for k in totals:
-                totals[k] += stats.get(k, 0)
-            if result is None:
-                failures.append((paths[index], error))
-            else:
-                results[index] = result
-            bar.update(1)
-        if pool is not None:
-            pool.shutdown()
-    finally:
-        bar.close()
+            results[index] = result
     if not results:
         raise ValueError(f"no cell could be cropped from the {len(tasks)} fields; first failures: {failures[:3]}")
     done = sorted(results)

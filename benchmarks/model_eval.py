@@ -58,7 +58,8 @@ def scale_robustness(model, info, per_class: int, device: str) -> dict:
             if factor != 1.0:
                 rgb = (rescale(rgb, factor, channel_axis=-1, anti_aliasing=True, order=3) * 255).round().astype(np.uint8)
             try:
-                crops = crop_single_cell(rgb, crop_diameters=info.crop_diameters, output_size=info.input_size)
+                crops = crop_single_cell(rgb, crop_diameters=info.crop_diameters, output_size=info.input_size,
+                                         stain_normalization=info.metadata.get("stain_normalization"))
             except Exception:
                 failed += 1
                 continue

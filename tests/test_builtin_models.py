@@ -62,7 +62,8 @@ def test_wbc_model_at_the_original_pbc_resolution(shared_data):
     for path in val.path:
         rgb = read_rgb(shared_data / "pbc" / path)
         big = (rescale(rgb, 363 / 256, channel_axis=-1, anti_aliasing=True, order=3) * 255).round().astype(np.uint8)
-        crops = crop_single_cell(big, crop_diameters=info.crop_diameters, output_size=info.input_size)
+        crops = crop_single_cell(big, crop_diameters=info.crop_diameters, output_size=info.input_size,
+                                 stain_normalization=info.metadata.get("stain_normalization"))
         images.append(crops.images[0])
         masks.append(crops.masks[0])
     probs = classify_crops(model, info, np.stack(images), np.stack(masks), device="cpu")["probs"]

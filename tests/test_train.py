@@ -363,3 +363,20 @@ def test_crops_from_other_segmentation_code_are_flagged(tmp_path):
     path = save_crop_set(tmp_path / "old.npz", crop_set, image_codec="raw")
     with pytest.warns(UserWarning, match="another version of the segmentation"):
         load_data(path)
+
+
+def test_stain_normalisation_is_recorded_and_kept_when_fine_tuning(tmp_path):
+    """A model trained on stain-normalised crops says so; fine-tuning it needs crops made the same way."""
+    crop_set = synthetic_crop_set(n_per_class=8)
+    crop_set.stain_normalization = "anchored-v1"
+    first = train(crop_set, model_kind="shape_aware", output=tmp_path / "a.safetensors", epochs=1, batch_size=8,
+                  config=TINY_SHAPE_AWARE, progress=False, num_threads=1)
+    assert first.info.metadata["stain_normalization"] == "anchored-v1"
+    tuned = train(crop_set, init_from=first.model_path, output=tmp_path / "b.safetensors", epochs=1,
+                  batch_size=8, progress=False, num_threads=1)
+    assert tuned.info.metadata["stain_normalization"] == "anchored-v1"
+    plain = synthetic_crop_set(n_per_class=8)
+    with pytest.raises(ValueError, match="stain normalisation 'none'.*a.safetensors was trained with it"):
+        train(plain, init_from=first.model_path, output=tmp_path / "c.safetensors", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="stain normalisation"):
+        train(plain, output=tmp_path / "d.safetensors", stain_normalization="anchored-v1", progress=False)

@@ -263,6 +263,9 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--max-train-samples", type=_positive_int, default=None)
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--cache", default=None, help="crop-set .npz to store (or reuse) the crops of DATA")
+    parser.add_argument("--stain-normalization", choices=("none", "anchored-v1"), default="none",
+                        help="recolour the images into the reference stain before cropping; the model records it "
+                             "and applies it to what it classifies (for a folder or CSV DATA)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_crop_options(parser)
     parser.set_defaults(func=_run_train)
@@ -295,6 +298,7 @@ def _run_train(args) -> int:
         progress=not args.quiet,
         config=args.config,
         cache=args.cache,
+        stain_normalization=None if args.stain_normalization == "none" else args.stain_normalization,
         crop_diameters=args.crop_diameters,
         output_size=args.output_size,
         workers=args.workers,
@@ -422,6 +426,9 @@ def _add_pack_crops(subparsers) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--val-fraction", type=float, default=0.15,
                         help="share of each class put in val when the data names no split (default 0.15)")
+    parser.add_argument("--stain-normalization", choices=("none", "anchored-v1"), default="none",
+                        help="recolour every image into the reference stain before cropping "
+                             "(anchored-v1: napari_smear.normalize; models trained on the set apply it too)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_crop_options(parser)
     parser.set_defaults(func=_run_pack_crops)
@@ -434,6 +441,7 @@ def _run_pack_crops(args) -> int:
     crop_set = build_crop_set(
         args.data, crop_diameters=args.crop_diameters, output_size=args.output_size, workers=args.workers,
         progress=not args.quiet, val_fraction=args.val_fraction,
+        stain_normalization=None if args.stain_normalization == "none" else args.stain_normalization,
     )
     built = time.perf_counter() - started
     path = save_crop_set(args.out, crop_set, image_codec=args.codec, jpeg_quality=args.jpeg_quality)

@@ -67,6 +67,7 @@ def crop_instances(
     output_size: int = DEFAULT_OUTPUT_SIZE,
     labels=None,
     cell_types=None,
+    stain_normalization: str | None = None,
 ) -> InstanceCrops:
     """Crop every instance (or the given ``labels`` / ``cell_types``) at normalised scale.
 
@@ -84,6 +85,9 @@ def crop_instances(
         Only these label ids (in this order).
     cell_types : str or sequence of str, optional
         Only instances of these types (``"wbc"``, ``"rbc"``, ``"platelet"``).
+    stain_normalization : str, optional
+        Recolour the field first with this method (a model's
+        ``metadata["stain_normalization"]``, see :mod:`napari_smear.normalize`).
     """
     from .io import as_rgb_uint8
 
@@ -115,6 +119,12 @@ def crop_instances(
     images, masks = _sample_windows(
         rgb, segmentation.labels, segmentation.nuclei, windows, ids, output_size
     )
+    if stain_normalization and len(ids):
+        # the colour map is measured on the whole field but applied to the crop pixels
+        # only: a few cells' worth of pixels instead of the field
+        from .normalize import recolour
+
+        images = recolour(images, segmentation, stain_normalization, field=rgb)
     return InstanceCrops(
         images, masks, ids, windows, float(crop_diameters), float(segmentation.rbc_diameter_px)
     )
@@ -201,6 +211,7 @@ def crop_single_cell(
     output_size: int = DEFAULT_OUTPUT_SIZE,
     rbc_diameter_px: float | None = None,
     pixel_size_um: float | None = None,
+    stain_normalization: str | None = None,
 ) -> InstanceCrops:
     """Crop the central cell of a single-cell image (a PBC / CellaVision crop).
 
@@ -216,7 +227,10 @@ def crop_single_cell(
     label = central_label(seg)
     if label is None:
         raise ValueError("no cell found in the single-cell image")
-    return crop_instances(rgb, seg, crop_diameters=crop_diameters, output_size=output_size, labels=[label])
+    return crop_instances(
+        rgb, seg, crop_diameters=crop_diameters, output_size=output_size, labels=[label],
+        stain_normalization=stain_normalization,
+    )
 
 
 def central_label(seg: SmearSegmentation) -> int | None:

@@ -94,6 +94,9 @@ class CropSet:
     code_version : str
         :func:`crop_code_version` of the code that made the crops ("" when unknown):
         crops from another segmentation version differ from what inference produces.
+    stain_normalization : str
+        The :mod:`napari_smear.normalize` method the fields were recoloured with before
+        cropping ("" for none); models trained on the set record it and apply it.
     """
 
     images: np.ndarray
@@ -113,6 +116,7 @@ class CropSet:
     source: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
     code_version: str = ""
+    stain_normalization: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -195,6 +199,7 @@ class CropSet:
             source=self.source,
             failures=list(self.failures),
             code_version=self.code_version,
+            stain_normalization=self.stain_normalization,
         )
 
     def class_counts(self, split: str | None = None) -> dict[str, int]:
@@ -226,7 +231,9 @@ def crop_code_version() -> str:
     crops (scale, masks) differ from what inference now produces, is noticed.
     """
     package = Path(__file__).resolve().parent
-    files = sorted((package / "segment").glob("*.py")) + [package / "crops.py", package / "morphology.py"]
+    files = sorted((package / "segment").glob("*.py")) + [
+        package / "crops.py", package / "morphology.py", package / "normalize.py",
+    ]
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():
@@ -409,7 +416,8 @@ def _encode_attributes(table, n: int):
 
 def _crop_one(task):
     """Worker: crop one image. Returns (index, result dict or None, error or None, scale_failed)."""
-    index, path, crop_diameters, output_size, rbc_diameter_px = task
+    index, path, crop_diameters, output_size, rbc_diameter_px, *rest = task
+    stain_normalization = rest[0] if rest else None
     from .crops import crop_single_cell
     from .io import read_image
     from .morphology import crop_morphology
@@ -420,7 +428,8 @@ def _crop_one(task):
             warnings.simplefilter("ignore")  # "no stained cells" is reported as a failure below
             image, _ = read_image(path)
             crops = crop_single_cell(
-                image, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px
+                image, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px,
+                stain_normalization=stain_normalization,
             )
         morph = crop_morphology(crops.images, crops.masks, crop_diameters).to_numpy(np.float32)[0]
     except ScaleEstimateError as exc:
@@ -478,6 +487,7 @@ def build_crop_set(
     scale_fallback: bool = True,
     rbc_diameter_px: float | None = None,
     limit_per_class: int | None = None,
+    stain_normalization: str | None = None,
 ) -> CropSet:
     """Segment and crop every single-cell image of a labelled folder or manifest.
 
@@ -510,6 +520,9 @@ def build_crop_set(
     limit_per_class : int, optional
         Keep at most this many images per class and split (the first in path order),
         for quick experiments.
+    stain_normalization : str, optional
+        Recolour every image into the reference stain before cropping
+        (:mod:`napari_smear.normalize`, e.g. ``"anchored-v1"``); recorded in the set.
 
     Returns
     -------
@@ -551,7 +564,13 @@ def build_crop_set(
         keep = np.sort(np.array(kept, np.int64))
 
     started = time.perf_counter()
-    tasks = [(int(i), paths[i], float(crop_diameters), int(output_size), rbc_diameter_px) for i in keep]
+    if stain_normalization:
+        from .normalize import METHOD
+
+        if stain_normalization != METHOD:
+            raise ValueError(f"unknown stain normalisation {stain_normalization!r}; known: {METHOD!r}")
+    stain = stain_normalization or None
+    tasks = [(int(i), paths[i], float(crop_diameters), int(output_size), rbc_diameter_px, stain) for i in keep]
     results: dict[int, dict] = {}
     errors: dict[int, str] = {}
     scale_failed: list[int] = []
@@ -567,7 +586,7 @@ def build_crop_set(
     fallback_count = 0
     if scale_failed and results:
         median = float(np.median([r["rbc_diameter_px"] for r in results.values()]))
-        retry = [(i, paths[i], float(crop_diameters), int(output_size), median) for i in scale_failed]
+        retry = [(i, paths[i], float(crop_diameters), int(output_size), median, stain) for i in scale_failed]
         for index, result, error, _ in _run_tasks(retry, workers, progress, "cropping at median scale"):
             if result is not None:
                 result["scale_measured"] = False
@@ -621,6 +640,7 @@ def build_crop_set(
         source=str(source.resolve()),
         failures=failures,
         code_version=crop_code_version(),
+        stain_normalization=stain or "",
     )
     crop_set.build_seconds = elapsed  # type: ignore[attr-defined]  # for reports, not saved
     return crop_set
@@ -894,6 +914,7 @@ def save_crop_set(
         "failed_paths": _str_array(p for p, _ in crop_set.failures),
         "failed_reasons": _str_array(r for _, r in crop_set.failures),
         "code_version": np.array(str(crop_set.code_version)),
+        "stain_normalization": np.array(str(crop_set.stain_normalization)),
     }
     if image_codec == "jpeg":
         arrays["images_jpeg"], arrays["images_jpeg_offsets"] = _encode_jpeg(crop_set.images, jpeg_quality)
@@ -961,6 +982,9 @@ def load_crop_set(path: str | os.PathLike) -> CropSet:
             failures=list(zip((str(p) for p in archive["failed_paths"]), (str(r) for r in archive["failed_reasons"]))),
             # files written before versions were recorded: made by an unknown version
             code_version=str(archive["code_version"]) if "code_version" in archive.files else "unknown",
+            stain_normalization=(
+                str(archive["stain_normalization"]) if "stain_normalization" in archive.files else ""
+            ),
         )
 
 
@@ -972,6 +996,7 @@ def load_data(
     workers: int = 1,
     progress: bool = True,
     cache: str | os.PathLike | None = None,
+    stain_normalization: str | None = None,
 ) -> CropSet:
     """A CropSet from a CropSet, a ``.npz`` crop-set file, a class folder or a CSV manifest.
 
@@ -1000,10 +1025,17 @@ def load_data(
                 f"the cache {cache} holds {cached.output_size} px crops at {cached.crop_diameters:g} diameters, "
                 f"not {output_size} px at {crop_diameters:g}; delete it or pass another --cache"
             )
+        if (cached.stain_normalization or None) != (stain_normalization or None):
+            raise ValueError(
+                f"the cache {cache} holds crops with stain normalisation "
+                f"{cached.stain_normalization or 'none'!r}, not {stain_normalization or 'none'!r}; "
+                "delete it or pass another --cache"
+            )
         check_code_version(cached, f"the cached crops in {cache}")
         return cached
     crop_set = build_crop_set(
-        path, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress
+        path, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress,
+        stain_normalization=stain_normalization,
     )
     if cache is not None:
         save_crop_set(cache, crop_set)

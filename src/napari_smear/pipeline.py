@@ -112,6 +112,7 @@ class ModelSpec:
     input_size: int
     morph_features: tuple[str, ...] = ()
     path: str | None = None
+    stain_normalization: str | None = None
 
     @classmethod
     def from_info(cls, name: str, info) -> "ModelSpec":
@@ -130,6 +131,7 @@ class ModelSpec:
             input_size=int(info.input_size),
             morph_features=morph,
             path=str(info.path) if info.path else None,
+            stain_normalization=metadata.get("stain_normalization") or None,
         )
 
     def describe(self) -> dict:
@@ -289,14 +291,16 @@ def prepare_field(
     crops, morph_features = {}, {}
     # Models with the same crop convention share one cropping pass (the whole-image
     # anti-aliasing dominates its cost); each takes its cell types from it, in table order.
-    conventions: dict[tuple[float, int], list[ModelSpec]] = {}
+    conventions: dict[tuple[float, int, str | None], list[ModelSpec]] = {}
     for spec in specs:
         if len(table) and table.cell_type.isin(spec.cell_types).any():
-            conventions.setdefault((spec.crop_diameters, spec.input_size), []).append(spec)
-    for (crop_diameters, input_size), group in conventions.items():
+            key = (spec.crop_diameters, spec.input_size, spec.stain_normalization)
+            conventions.setdefault(key, []).append(spec)
+    for (crop_diameters, input_size, stain), group in conventions.items():
         types = sorted({t for spec in group for t in spec.cell_types})
         shared = crop_instances(
             rgb, segmentation, crop_diameters=crop_diameters, output_size=input_size, cell_types=types,
+            stain_normalization=stain,
         )
         shared_types = segmentation.table.set_index("label").cell_type.reindex(shared.labels).to_numpy()
         for spec in group:

@@ -502,7 +502,8 @@ def classify_files(
     if not files:
         return pd.DataFrame(columns=columns)
 
-    tasks = [(i, str(p), float(info.crop_diameters), int(info.input_size), None) for i, p in enumerate(files)]
+    stain = (info.metadata or {}).get("stain_normalization") or None
+    tasks = [(i, str(p), float(info.crop_diameters), int(info.input_size), None, stain) for i, p in enumerate(files)]
     crops: dict[int, dict] = {}
     errors: dict[int, str] = {}
     no_scale: list[int] = []
@@ -515,7 +516,8 @@ def classify_files(
                 no_scale.append(index)
     if no_scale and crops:
         median = float(np.median([r["rbc_diameter_px"] for r in crops.values()]))
-        retry = [(i, str(files[i]), float(info.crop_diameters), int(info.input_size), median) for i in no_scale]
+        retry = [(i, str(files[i]), float(info.crop_diameters), int(info.input_size), median, stain)
+                 for i in no_scale]
         for index, result, error, _ in _run_tasks(retry, workers, progress, "cropping at median scale"):
             if result is not None:
                 result["scale_measured"] = False

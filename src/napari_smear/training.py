@@ -399,7 +399,8 @@ def evaluate(
     torch_device = select_device(device)
     model, info = _resolve_model(model, info, torch_device)
     crop_set = load_data(
-        data, crop_diameters=info.crop_diameters, output_size=info.input_size, workers=workers, progress=progress
+        data, crop_diameters=info.crop_diameters, output_size=info.input_size, workers=workers, progress=progress,
+        stain_normalization=(info.metadata or {}).get("stain_normalization"),
     )
     if not math.isclose(crop_set.crop_diameters, info.crop_diameters, rel_tol=1e-3):
         warnings.warn(
@@ -618,6 +619,7 @@ def train(
     progress: bool = True,
     config: dict | None = None,
     cache: str | os.PathLike | None = None,
+    stain_normalization: str | None = None,
     crop_diameters: float = 4.0,
     output_size: int = 96,
     workers: int = 1,
@@ -693,6 +695,11 @@ def train(
         (e.g. ``{"widths": [16, 32, 64, 128]}``).
     cache : path, optional
         For folder/CSV data: where to store (or find) the cropped ``.npz`` crop set.
+    stain_normalization : str, optional
+        Recolour a folder/CSV source into the reference stain before cropping
+        (:mod:`napari_smear.normalize`, ``"anchored-v1"``); the model records it and
+        applies it at inference. Fine-tuning (``init_from``) takes the starting model's.
+        A crop set (``.npz``) must have been made with the same setting.
     crop_diameters, output_size, workers
         How folder/CSV data are cropped.
     on_epoch : callable, optional
@@ -738,9 +745,20 @@ def train(
     if init is not None:
         model_kind, config = init["kind"], init["config"]
         crop_diameters, output_size = init["crop_diameters"], init["input_size"]
+    # what the crops must have been made with: as asked, else as the starting model was
+    # trained, else (a ready crop set) whatever the crops were made with
+    required = stain_normalization or (init["stain_normalization"] if init is not None else None)
     crop_set = load_data(
-        data, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress, cache=cache
+        data, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress, cache=cache,
+        stain_normalization=required,
     )
+    if (stain_normalization or init is not None) and (crop_set.stain_normalization or None) != required:
+        raise ValueError(
+            f"the crops were made with stain normalisation {crop_set.stain_normalization or 'none'!r} but "
+            f"{required or 'none'!r} is asked for"
+            + (f" ({init['path'].name} was trained with it)" if init is not None else "")
+            + "; crop the data again with the same setting (napari-smear pack-crops --stain-normalization)"
+        )
     if init is not None and (
         crop_set.output_size != init["input_size"]
         or not math.isclose(crop_set.crop_diameters, init["crop_diameters"], rel_tol=1e-3)
@@ -1036,6 +1054,7 @@ def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
         "path": path, "kind": metadata["kind"], "config": dict(metadata["config"]),
         "input_size": int(metadata["input_size"]), "crop_diameters": float(metadata["crop_diameters"]),
         "mean": metadata["mean"], "std": metadata["std"], "class_names": list(metadata["class_names"]),
+        "stain_normalization": metadata.get("stain_normalization") or None,
     }
 
 
@@ -1128,6 +1147,8 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
     }
     if fingerprint.get("white_balance"):
         metadata["white_balance"] = True
+    if crop_set.stain_normalization:
+        metadata["stain_normalization"] = crop_set.stain_normalization
     if morph_features:
         metadata["morph_features"] = list(crop_set.morph_names)
     names = list(getattr(model, "attribute_names", []) or [])

@@ -118,6 +118,7 @@ def crop_set_from_cells(
     crop_diameters: float = 4.0,
     output_size: int = 96,
     source: str = "napari",
+    stain_normalization: str | None = None,
 ) -> CropSet:
     """A training :class:`~napari_smear.datasets.CropSet` of the labelled cells of one image.
 
@@ -139,7 +140,10 @@ def crop_set_from_cells(
 
     counts = check_cell_classes(classes)
     ids = np.array(sorted(classes), np.int64)
-    crops = crop_instances(image, segmentation, crop_diameters=crop_diameters, output_size=output_size, labels=ids)
+    crops = crop_instances(
+        image, segmentation, crop_diameters=crop_diameters, output_size=output_size, labels=ids,
+        stain_normalization=stain_normalization,
+    )
     morph = crop_morphology(crops.images, crops.masks, crop_diameters).to_numpy(np.float32)
     class_names = sorted(counts)
     n = len(ids)
@@ -159,6 +163,7 @@ def crop_set_from_cells(
         morph_names=list(MORPH_FEATURES),
         source=source,
         code_version=crop_code_version(),
+        stain_normalization=stain_normalization or "",
     )
 
 
@@ -305,9 +310,11 @@ class TrainWidget(BackgroundTaskWidget):
 
             metadata = read_metadata(resolve_model_path(start))
             crop_diameters, output_size = float(metadata["crop_diameters"]), int(metadata["input_size"])
+            stain = metadata.get("stain_normalization") or None  # fine-tuning keeps the model's colours
         else:
-            crop_diameters, output_size = 4.0, int(self._crop_size.value)
+            crop_diameters, output_size, stain = 4.0, int(self._crop_size.value), None
         job["crop_diameters"], job["output_size"] = crop_diameters, output_size
+        job["stain_normalization"] = stain
         how = f"fine-tuning {_model_name(start)}" if start else f"training a new {self._kind.value} model"
 
         if self._source.value == FROM_FOLDER:
@@ -512,6 +519,7 @@ def _train_job(job: dict):
             data = crop_set_from_cells(
                 np.asarray(cells["image"]), cells["segmentation"], cells["classes"],
                 crop_diameters=cells["crop_diameters"], output_size=cells["output_size"], source=cells["source"],
+                stain_normalization=job.get("stain_normalization"),
             )
             report(("status", job["description"]))
         try:

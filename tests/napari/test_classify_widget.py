@@ -86,7 +86,7 @@ def test_classify_adds_features_colours_attention_and_counts(setup, qtbot, model
     attention = viewer.layers["synthetic smear attention (tiny)"]
     assert attention.data.dtype == np.float32 and attention.data.shape == (480, 640)
     np.testing.assert_allclose(attention.scale, (0.2, 0.2))
-    assert attention.blending == "additive" and attention.colormap.name == "inferno"
+    assert attention.blending == "translucent" and attention.colormap.name == "smear attention"
     assert attention.data[cells.data == 0].max() == 0 and attention.data.max() > 0
     assert len(viewer.layers) == n_layers + 1  # cells/nuclei updated in place, attention added
 

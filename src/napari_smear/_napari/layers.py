@@ -281,11 +281,23 @@ _QUALITATIVE: tuple[tuple[float, float, float, float], ...] = tuple(
 )
 #: Opacity factor of cells no model classified: shown in their cell-type colour, faint.
 UNCLASSIFIED_ALPHA = 0.35
-#: Colormap of the attention layers; with additive blending a zero map leaves the smear
-#: untouched and attended pixels glow, so the cells stay visible underneath.
-ATTENTION_COLORMAP = "inferno"
-ATTENTION_BLENDING = "additive"
-ATTENTION_OPACITY = 0.7
+#: Name of the attention colormap (:func:`attention_colormap`).
+ATTENTION_COLORMAP = "smear attention"
+#: Translucent blending with a colormap whose low end is transparent: where the map is
+#: 0 (glass, unclassified cells) the smear is untouched, and attended pixels are tinted
+#: red to yellow with growing opacity. (Additive blending of a dark-to-bright colormap,
+#: the usual choice on fluorescence, saturates to white over the bright glass of a
+#: brightfield smear.)
+ATTENTION_BLENDING = "translucent"
+ATTENTION_OPACITY = 0.9
+# RGBA stops of the attention colormap at 0, 0.25, 0.5, 0.75 and 1.
+_ATTENTION_STOPS = (
+    (0.0, 0.0, 0.0, 0.0),
+    (0.55, 0.0, 0.35, 0.25),
+    (0.9, 0.1, 0.1, 0.5),
+    (1.0, 0.55, 0.0, 0.7),
+    (1.0, 0.95, 0.2, 0.85),
+)
 # Columns shown first in the features table and the status bar (hovering a cell).
 _LEADING_COLUMNS = ("index", "label", "cell_type", "class", "confidence", "model")
 
@@ -387,6 +399,13 @@ def _placement_kwargs(
     return common
 
 
+def attention_colormap():
+    """The attention layers' colormap: transparent at 0, then purple, red, orange, yellow."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap(np.array(_ATTENTION_STOPS, np.float32), name=ATTENTION_COLORMAP)
+
+
 def attention_layer(
     attention: np.ndarray,
     *,
@@ -399,8 +418,9 @@ def attention_layer(
     """Layer-data tuple of one model's attention map, ``"<image> attention (<model>)"``.
 
     The (H, W) float32 map (0 outside the classified cells, each cell's map in [0, 1])
-    is shown with :data:`ATTENTION_COLORMAP`, additive blending and contrast limits
-    (0, 1), so maps of different images and models compare and the smear shows through.
+    is shown with :func:`attention_colormap` (transparent at 0), translucent blending and
+    contrast limits (0, 1), so maps of different images and models compare and the smear
+    shows through.
     """
     data = np.asarray(attention, dtype=np.float32)
     if data.ndim != 2:
@@ -409,7 +429,7 @@ def attention_layer(
         data,
         {
             "name": f"{image_layer_name} attention ({model_name})",
-            "colormap": ATTENTION_COLORMAP,
+            "colormap": attention_colormap(),
             "blending": ATTENTION_BLENDING,
             "opacity": ATTENTION_OPACITY,
             "contrast_limits": (0.0, 1.0),

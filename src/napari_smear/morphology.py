@@ -1,8 +1,8 @@
 """Per-cell morphology: shape, nucleus and colour measurements.
 
 Two entry points that give the same columns:
-- :func:`morphology_table` on a whole field (scikit-image ``regionprops`` at full
-  resolution), for the per-cell tables users read;
+- :func:`morphology_table` on a whole field (scikit-image ``regionprops``' measurements
+  at full resolution), for the per-cell tables users read;
 - :func:`crop_morphology` on normalised crops (vectorised), the scale-free feature vector
   the DAFFNet-style model consumes; it is computed identically at training and
   inference time.
@@ -10,6 +10,8 @@ Sizes are given in pixels and in red-cell units (area / area of one red cell), s
 compare across microscopes.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -39,80 +41,257 @@ def morphology_table(image: np.ndarray, segmentation) -> pd.DataFrame:
     solidity, eccentricity, major_axis_px, minor_axis_px, nucleus_area_px,
     nucleus_area_rbc, nc_ratio, nucleus_lobes, nucleus_circularity`` and the mean colour
     (0-1) of the cell, nucleus and cytoplasm (``cell_r`` ... ``cytoplasm_b``).
+
+    Perimeter, solidity, eccentricity, the axis lengths and the mean cell colour are the
+    numbers scikit-image ``regionprops`` gives, bit for bit (per-cell CSV files must not
+    change from one version to the next), without its cost: perimeters of all cells in
+    one pass, convex hulls counted row by row in integers, colour sums from histograms.
     """
-    from skimage.measure import regionprops_table
+    import skimage.measure
 
     from .io import as_rgb_uint8
 
-    rgb = as_rgb_uint8(image).astype(np.float32) / 255.0
-    labels = segmentation.labels
+    rgb8 = as_rgb_uint8(image)
+    labels = np.asarray(segmentation.labels)
+    nuc = np.asarray(segmentation.nuclei)
     d = float(segmentation.rbc_diameter_px)
     rbc_area = np.pi * d * d / 4 if np.isfinite(d) and d > 0 else np.nan
-    props = regionprops_table(
-        labels,
-        intensity_image=rgb,
-        properties=(
-            "label", "area", "perimeter", "solidity", "eccentricity",
-            "axis_major_length", "axis_minor_length", "intensity_mean",
-        ),
-    )
-    df = pd.DataFrame(
-        {
-            "label": props["label"].astype(np.int64),
-            "area_px": props["area"].astype(np.int64),
-            "perimeter_px": props["perimeter"],
-            "solidity": props["solidity"],
-            "eccentricity": props["eccentricity"],
-            "major_axis_px": props["axis_major_length"],
-            "minor_axis_px": props["axis_minor_length"],
-            "cell_r": props["intensity_mean-0"],
-            "cell_g": props["intensity_mean-1"],
-            "cell_b": props["intensity_mean-2"],
-        }
-    )
-    df["area_rbc"] = df.area_px / rbc_area
-    df["perimeter_rbc"] = df.perimeter_px / (np.pi * d)
-    df["circularity"] = np.clip(4 * np.pi * df.area_px / np.maximum(df.perimeter_px, 1) ** 2, 0, 1)
-
     n_max = int(labels.max()) + 1
-    nuc = segmentation.nuclei
-    nuc_area = np.bincount(nuc.ravel(), minlength=n_max)
-    df["nucleus_area_px"] = nuc_area[df.label].astype(np.int64)
-    df["nucleus_area_rbc"] = df.nucleus_area_px / rbc_area
-    cyto_area = df.area_px - df.nucleus_area_px
-    df["nc_ratio"] = np.where(cyto_area > 0, df.nucleus_area_px / np.maximum(cyto_area, 1), np.nan)
-    df.loc[df.nucleus_area_px == 0, "nc_ratio"] = 0.0
-    df["nucleus_lobes"] = 0
-    df["nucleus_circularity"] = 0.0
-    if nuc.any():
-        nprops = regionprops_table(nuc, properties=("label", "area", "perimeter"))
-        circ = np.clip(4 * np.pi * nprops["area"] / np.maximum(nprops["perimeter"], 1) ** 2, 0, 1)
-        df.loc[df.label.isin(nprops["label"]), "nucleus_circularity"] = pd.Series(circ, index=nprops["label"]).reindex(df.label[df.label.isin(nprops["label"])]).to_numpy()
-        lobes = _count_lobes(nuc, d, n_max)
-        df["nucleus_lobes"] = lobes[df.label].astype(np.int64)
-    for part, mask in (("nucleus", nuc > 0), ("cytoplasm", (labels > 0) & (nuc == 0))):
-        lab = np.where(mask, labels, 0).ravel()
-        count = np.bincount(lab, minlength=n_max).astype(np.float64)
+
+    objects = ndi.find_objects(labels)
+    label = np.array([k for k, box in enumerate(objects, 1) if box is not None], np.int64)  # ascending
+    perimeter = _perimeters(labels, label)
+    area_px = np.empty(len(label), np.int64)
+    solidity, eccentricity, major, minor = (np.empty(len(label)) for _ in range(4))
+    colours = np.empty((len(label), 3, 3))  # cell, nucleus, cytoplasm x r, g, b
+    for i, k in enumerate(label):
+        box = objects[k - 1]
+        mask = labels[box] == k
+        area_px[i] = np.count_nonzero(mask)
+        solidity[i] = float(area_px[i]) / _convex_area(mask)
+        eccentricity[i], major[i], minor[i] = _ellipse(mask, area_px[i], skimage.measure)
+        colours[i] = _mean_colours(rgb8[box][mask], nuc[box][mask] > 0)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        area_rbc = area_px / rbc_area
+        perimeter_rbc = perimeter / (np.pi * d)
+    circularity = np.clip(4 * np.pi * area_px / np.maximum(perimeter, 1) ** 2, 0, 1)
+
+    # Nuclei: measured inside the box around all of them (outside it the nucleus image is
+    # all zeros, which is also what erosion and perimeter assume beyond the image border).
+    nuc_area_px = np.zeros(len(label), np.int64)
+    nucleus_lobes = np.zeros(len(label), np.int64)
+    nucleus_circularity = np.zeros(len(label))
+    rows, cols = np.flatnonzero(nuc.any(1)), np.flatnonzero(nuc.any(0))
+    if len(rows):
+        box = nuc[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        nuc_area = np.bincount(box.ravel(), minlength=n_max)
+        nuc_area_px = nuc_area[label].astype(np.int64)
+        nuc_label = np.flatnonzero(nuc_area[1:]) + 1
+        nuc_perimeter = _perimeters(box, nuc_label)
+        circ = np.zeros(len(nuc_area))
+        circ[nuc_label] = np.clip(
+            4 * np.pi * nuc_area[nuc_label].astype(np.float64) / np.maximum(nuc_perimeter, 1) ** 2, 0, 1,
+        )
+        nucleus_circularity = circ[label]
+        nucleus_lobes = _count_lobes(box, d, n_max, nuc_area)[label].astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nucleus_area_rbc = nuc_area_px / rbc_area
+    cyto_area = area_px - nuc_area_px
+    nc_ratio = np.where(cyto_area > 0, nuc_area_px / np.maximum(cyto_area, 1), np.nan)
+    nc_ratio[nuc_area_px == 0] = 0.0
+
+    columns = {
+        "label": label.astype(np.int64),
+        "area_px": area_px.astype(np.int64),
+        "perimeter_px": perimeter,
+        "solidity": solidity,
+        "eccentricity": eccentricity,
+        "major_axis_px": major,
+        "minor_axis_px": minor,
+        "cell_r": colours[:, 0, 0],
+        "cell_g": colours[:, 0, 1],
+        "cell_b": colours[:, 0, 2],
+        "area_rbc": area_rbc,
+        "perimeter_rbc": perimeter_rbc,
+        "circularity": circularity,
+        "nucleus_area_px": nuc_area_px,
+        "nucleus_area_rbc": nucleus_area_rbc,
+        "nc_ratio": nc_ratio,
+        "nucleus_lobes": nucleus_lobes,
+        "nucleus_circularity": nucleus_circularity,
+    }
+    for j, part in ((1, "nucleus"), (2, "cytoplasm")):
         for c, name in enumerate("rgb"):
-            total = np.bincount(lab, weights=rgb[..., c].ravel(), minlength=n_max)
-            mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-            df[f"{part}_{name}"] = mean[df.label]
-    return df
+            columns[f"{part}_{name}"] = colours[:, j, c]
+    return pd.DataFrame(columns)
 
 
-def _count_lobes(nuclei: np.ndarray, d: float, n_max: int) -> np.ndarray:
-    """Lobes per nucleus: parts that stay apart after thinning the narrow bridges away."""
+# skimage.measure.perimeter (4-neighbourhood): a border pixel's 3x3 neighbourhood of
+# border pixels, coded as 1 (itself) + 2 per side + 10 per corner neighbour, weighs
+# as much boundary length as these weights say.
+_PERIMETER_WEIGHTS = np.zeros(50, dtype=np.float64)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
+_NEIGHBOUR_CODES = (
+    (-1, -1, 10), (-1, 0, 2), (-1, 1, 10), (0, -1, 2), (0, 1, 2), (1, -1, 10), (1, 0, 2), (1, 1, 10),
+)
+
+
+def _perimeters(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """``skimage.measure.perimeter(labels == k, 4)`` for each label ``k`` in ``which``, bit
+    for bit, from one pass over the image instead of one per label.
+
+    A pixel is on the border of its object when a 4-neighbour holds another label (or
+    lies outside the image); its code counts the border pixels of the same object around
+    it. Each label's histogram of codes then goes through the same dot product as in
+    scikit-image (the codes of non-border pixels, which it counts too, weigh nothing).
+    """
+    pad = np.pad(labels, 1)
+    centre = pad[1:-1, 1:-1]
+    interior = (pad[:-2, 1:-1] == centre) & (pad[2:, 1:-1] == centre)
+    interior &= pad[1:-1, :-2] == centre
+    interior &= pad[1:-1, 2:] == centre
+    border = np.zeros(pad.shape, bool)
+    border[1:-1, 1:-1] = (centre != 0) & ~interior
+    width = pad.shape[1]
+    border, pad = border.ravel(), pad.ravel()
+    at = np.flatnonzero(border)  # in the padded image, whose margin holds no border pixel
+    own = pad[at]
+    code = np.ones(len(at), np.intp)
+    for dy, dx, weight in _NEIGHBOUR_CODES:
+        near = at + (dy * width + dx)
+        code += weight * (border[near] & (pad[near] == own))
+    n = int(labels.max()) + 1
+    hist = np.bincount(own.astype(np.intp) * 50 + code, minlength=n * 50).reshape(n, 50)
+    return np.array([hist[k] @ _PERIMETER_WEIGHTS for k in which], dtype=np.float64)
+
+
+def _convex_area(mask: np.ndarray) -> int:
+    """Pixels of the convex hull of ``mask``, as ``skimage.morphology.convex_hull_image``
+    counts them: the pixel centres inside or on the hull of the midpoints of the pixels'
+    edges.
+
+    Same hull (qhull, here of the outermost edge midpoint of every row and column, whose
+    hull is that of all of them), but the pixels are counted row by row in exact integer
+    arithmetic instead of testing every pixel of the box against the polygon.
+    """
+    from scipy.spatial import ConvexHull
+
+    h, w = mask.shape
+    in_row, in_col = mask.any(1), mask.any(0)
+    rows, cols = np.flatnonzero(in_row), np.flatnonzero(in_col)
+    left = mask.argmax(1)[in_row]
+    right = w - 1 - mask[:, ::-1].argmax(1)[in_row]
+    top = mask.argmax(0)[in_col]
+    bottom = h - 1 - mask[::-1].argmax(0)[in_col]
+    # Doubled coordinates (y, x) = (2 row, 2 column): every midpoint is an integer point.
+    nr, nc = len(rows), len(cols)
+    points = np.empty((2 * (nr + nc), 2), np.int64)
+    points[:2 * nr, 0] = np.tile(2 * rows, 2)
+    points[:2 * nr, 1] = np.concatenate([2 * left - 1, 2 * right + 1])
+    points[2 * nr:, 0] = np.concatenate([2 * top - 1, 2 * bottom + 1])
+    points[2 * nr:, 1] = np.tile(2 * cols, 2)
+    vertices = points[ConvexHull(points.astype(np.float64)).vertices]  # in order round the hull
+    y1, x1 = vertices[:, 0], vertices[:, 1]
+    following = np.arange(1, len(vertices) + 1) % len(vertices)
+    y2, x2 = y1[following], x1[following]
+    slanted = y1 != y2  # a level edge's ends are also ends of slanted ones
+    y1, x1, y2, x2 = y1[slanted], x1[slanted], y2[slanted], x2[slanted]
+    # Every pixel row r (y = 2r) each edge spans, as (edge, r) pairs.
+    r0 = -(-np.minimum(y1, y2) // 2)
+    n = np.maximum(np.maximum(y1, y2) // 2 - r0 + 1, 0)
+    edge = np.repeat(np.arange(len(n)), n)
+    r = np.arange(len(edge)) - np.repeat(np.cumsum(n) - n, n) + r0[edge]
+    y1, x1, y2, x2 = y1[edge], x1[edge], y2[edge], x2[edge]
+    # The edge crosses row r at x = num / den (den > 0); the hull holds the pixel centres
+    # 2c with x_left <= 2c <= x_right, the extreme crossings of the row.
+    dy = y2 - y1
+    num = x1 * dy + (2 * r - y1) * (x2 - x1)
+    num = np.where(dy < 0, -num, num)
+    den = 2 * np.abs(dy)
+    first = np.full(h, np.iinfo(np.int64).max)
+    last = np.full(h, np.iinfo(np.int64).min)
+    np.minimum.at(first, r, -(-num // den))  # ceil
+    np.maximum.at(last, r, num // den)  # floor
+    return int(np.maximum(last - first + 1, 0).sum())
+
+
+# The float32 values of a colour channel, rgb / 255. Each is a whole multiple of 2**-31
+# (none lies below 2**-8; checked below), so a float64 sum of fewer than 2**22 of them is
+# exact whatever the order of addition, and can be made from a histogram, in integers.
+_CHANNEL = np.arange(256, dtype=np.float32) / 255.0
+_CHANNEL_UNITS = (_CHANNEL.astype(np.float64) * 2.0**31).astype(np.int64)
+assert np.array_equal(_CHANNEL_UNITS * 2.0**-31, _CHANNEL)
+_EXACT_SUM_PIXELS = 2**22
+
+
+def _mean_colours(pixels: np.ndarray, in_nucleus: np.ndarray) -> np.ndarray:
+    """Mean colour (0-1) of a cell's pixels, of those in its nucleus and of the others
+    (rows; 0 for a part without pixels), the same numbers as before, bit for bit.
+
+    ``pixels`` (N, 3) uint8 in raster order. The cell's mean is regionprops'
+    ``intensity_mean``: np.mean of the float32 values, which adds them one after the other
+    in float32 (as np.cumsum does; rounding makes that order matter) and divides in
+    float64. The parts' means are float64 sums (as np.bincount made them, exactly)
+    divided by the counts.
+    """
+    n = len(pixels)
+    planes = pixels.T
+    out = np.zeros((3, 3))
+    out[0] = (np.cumsum(_CHANNEL[planes], axis=1)[:, -1].astype(np.float64) / n).astype(np.float32)
+    if n >= _EXACT_SUM_PIXELS:  # sums no longer exact: add in np.bincount's order
+        for j, part in ((1, in_nucleus), (2, ~in_nucleus)):
+            if part.any():
+                out[j] = np.cumsum(_CHANNEL[planes[:, part]].astype(np.float64), axis=1)[:, -1] / part.sum()
+        return out
+    histogram = np.stack([np.bincount(plane, minlength=256) for plane in planes])
+    in_part = np.count_nonzero(in_nucleus)
+    if in_part:
+        nucleus = np.stack([np.bincount(plane[in_nucleus], minlength=256) for plane in planes])
+        out[1] = (nucleus @ _CHANNEL_UNITS) * 2.0**-31 / in_part
+        histogram -= nucleus
+    if n - in_part:
+        out[2] = (histogram @ _CHANNEL_UNITS) * 2.0**-31 / (n - in_part)
+    return out
+
+
+def _ellipse(mask: np.ndarray, area: int, measure) -> tuple[float, float, float]:
+    """Eccentricity and axis lengths, computed as regionprops computes them
+    (``measure``: the skimage.measure module, imported once per table)."""
+    spacing = np.ones(2)
+    # regionprops' centroid_local, from raw moments, which are exact integers here
+    centre = np.array([
+        np.count_nonzero(mask, axis=1) @ np.arange(mask.shape[0]),
+        np.count_nonzero(mask, axis=0) @ np.arange(mask.shape[1]),
+    ]) / area
+    mu = measure.moments_central(mask.astype(np.uint8), centre, order=3, spacing=spacing)
+    tensor = measure.inertia_tensor(mask, mu, spacing=spacing)
+    l1, l2 = measure.inertia_tensor_eigvals(mask, T=tensor)
+    return (0.0 if l1 == 0 else math.sqrt(1 - l2 / l1)), 4 * math.sqrt(l1), 4 * math.sqrt(l2)
+
+
+def _count_lobes(nuclei: np.ndarray, d: float, n_max: int, areas: np.ndarray | None = None) -> np.ndarray:
+    """Lobes per nucleus: parts that stay apart after thinning the narrow bridges away.
+
+    ``areas``: ``np.bincount(nuclei.ravel())`` when the caller has it.
+    """
     radius = max(1, int(round(0.06 * d))) if np.isfinite(d) else 1
     structure = ndi.generate_binary_structure(2, 1)
     eroded = ndi.binary_erosion(nuclei > 0, structure, iterations=radius)
     parts, n = ndi.label(eroded)
     counts = np.zeros(max(n_max, int(nuclei.max()) + 1), np.int64)
     if n:
-        part_owner = ndi.maximum(nuclei, parts, np.arange(1, n + 1)).astype(np.int64)
-        np.add.at(counts, part_owner, 1)
+        # the largest nucleus label under each part (ndi.maximum, on the part pixels only)
+        inside = parts > 0
+        owner = np.zeros(n + 1, np.int64)
+        np.maximum.at(owner, parts[inside], nuclei[inside].astype(np.int64))
+        np.add.at(counts, owner[1:], 1)
     # a nucleus that vanished in the erosion is still one lobe
-    present = np.unique(nuclei)
-    present = present[present > 0]
+    if areas is None:
+        areas = np.bincount(nuclei.ravel())
+    present = np.flatnonzero(areas[1:]) + 1
     counts[present] = np.maximum(counts[present], 1)
     return counts
 

@@ -63,7 +63,7 @@ class AnalysisResult:
         map resampled onto its crop window and pasted inside the cell (0 elsewhere).
     counts : pandas.DataFrame
         Differential count: ``cell_type, class, count, percent`` (percent of the cells
-        of that type).
+        of that type); computed from ``table`` when read (the batch path never needs it).
     models : dict[str, dict]
         Per model name, its description (kind, classes, cell types, file).
     """
@@ -71,8 +71,11 @@ class AnalysisResult:
     segmentation: SmearSegmentation
     table: pd.DataFrame
     attention: dict[str, np.ndarray] = field(default_factory=dict)
-    counts: pd.DataFrame = field(default_factory=pd.DataFrame)
     models: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> pd.DataFrame:
+        return differential_counts(self.table)
 
 
 # ----------------------------------------------------------------------------- models
@@ -369,7 +372,6 @@ def finish_field(
         segmentation=segmentation,
         table=table,
         attention=attention,
-        counts=differential_counts(table),
         models={spec.name: spec.describe() for spec in specs},
     )
 

@@ -293,10 +293,10 @@ ATTENTION_OPACITY = 0.9
 # RGBA stops of the attention colormap at 0, 0.25, 0.5, 0.75 and 1.
 _ATTENTION_STOPS = (
     (0.0, 0.0, 0.0, 0.0),
-    (0.55, 0.0, 0.35, 0.25),
-    (0.9, 0.1, 0.1, 0.5),
-    (1.0, 0.55, 0.0, 0.7),
-    (1.0, 0.95, 0.2, 0.85),
+    (0.55, 0.0, 0.35, 0.15),
+    (0.9, 0.1, 0.1, 0.3),
+    (1.0, 0.55, 0.0, 0.45),
+    (1.0, 0.95, 0.2, 0.6),  # at most 60 % opaque: the cell stays readable under its map
 )
 # Columns shown first in the features table and the status bar (hovering a cell).
 _LEADING_COLUMNS = ("index", "label", "cell_type", "class", "confidence", "model")

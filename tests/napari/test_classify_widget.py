@@ -227,5 +227,7 @@ def test_attention_is_visible_in_a_screenshot(make_napari_viewer, synthetic_fiel
     assert image_only[..., :3].std() > 5  # not blank
     changed = np.abs(with_attention[..., :3].astype(int) - image_only[..., :3].astype(int)).max(axis=-1) > 10
     assert changed.mean() > 0.02  # the attention glows over a visible part of the cells
-    # Additive blending: where the map is zero (the glass), the smear is untouched.
-    assert (with_attention[..., :3].astype(int) >= image_only[..., :3].astype(int) - 2).all()
+    # The colormap is transparent at zero: where there is no map (the glass, most of the
+    # field), the smear is drawn untouched.
+    untouched = np.abs(with_attention[..., :3].astype(int) - image_only[..., :3].astype(int)).max(axis=-1) <= 2
+    assert untouched.mean() > 0.4

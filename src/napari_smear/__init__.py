@@ -17,6 +17,7 @@ _LAZY = {
     "paste_maps": "napari_smear.crops",
     "InstanceCrops": "napari_smear.crops",
     "morphology_table": "napari_smear.morphology",
+    "normalize_stain": "napari_smear.normalize",
     "load_model": "napari_smear.models",
     "train": "napari_smear.training",
     "classify_crops": "napari_smear.predict",

@@ -10,11 +10,11 @@ from napari_smear.models import BUILTIN_MODELS, available_models, load_model
 from conftest import read_rgb, torch_threads
 
 
-#: BCCD fields (of the 8 below) the shipped wbc-pbc8 must type right: it types 4 right
-#: (the two neutrophils read as eosinophils, the two monocytes as erythroblasts; over all
-#: 280 BCCD fields it is right on 67.9 %, docs/models.md); one of margin for numerical
-#: differences between machines, as one of the four answers has confidence 0.51.
-BCCD_FLOOR = 3
+#: BCCD fields (of the 8 below) the shipped wbc-pbc8 must type right: it types 6 right
+#: (the two monocytes read as erythroblasts; over all 280 BCCD fields it is right on
+#: 73.9 %, docs/models.md); one of margin for numerical differences between machines,
+#: as one right answer has confidence 0.54.
+BCCD_FLOOR = 5
 
 
 def _require(name: str):

@@ -155,7 +155,7 @@ def train_one(name: str, crops: Path, args) -> dict:
         result = train(
             crop_set, model_kind=kind, output=run_file, epochs=epochs, seed=args.seed,
             device=args.device, num_threads=args.threads, resume=True,
-        patience=args.patience if args.patience is not None else (12 if name == "wbc-pbc8" else 8),
+        patience=args.patience if args.patience is not None else 12,
             batch_size=args.batch_size, progress=True, **extra,
         )
         model, info = load_model(result.model_path, device="cpu")
@@ -214,9 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument("--options-wbc", default=json.dumps(WBC_OPTIONS), help="extra train() options as JSON")
     parser.add_argument("--options-rbc", default=json.dumps(RBC_OPTIONS), help="extra train() options as JSON")
     parser.add_argument("--epochs-wbc", type=int, default=40)
-    parser.add_argument("--epochs-rbc", type=int, default=24)
+    parser.add_argument("--epochs-rbc", type=int, default=40)
     parser.add_argument("--patience", type=int, default=None,
-                        help="early-stopping patience (default: 12 for wbc-pbc8, 8 for rbc-chula12)")
+                        help="early-stopping patience (default 12)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)

@@ -42,6 +42,15 @@ def _add_crop_options(parser: argparse.ArgumentParser) -> None:
                        help="crop window side in red-cell diameters (default 4)")
     group.add_argument("--output-size", type=_positive_int, default=96, help="crop side in pixels (default 96)")
     group.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping (default 1)")
+    # the methods of napari_smear.normalize (not imported here: it pulls in the segmentation)
+    group.add_argument("--stain-normalization", choices=("none", "anchored-v1"), default="none",
+                       help="recolour every image into the reference stain before cropping; models trained on "
+                            "the crops record it and apply it to what they classify (default none)")
+
+
+def _stain_normalization(args) -> str | None:
+    """The --stain-normalization choice as the library takes it (None for none)."""
+    return None if args.stain_normalization == "none" else args.stain_normalization
 
 
 def _add_inference_options(parser: argparse.ArgumentParser, *, workers_help: str) -> None:
@@ -263,9 +272,6 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--max-train-samples", type=_positive_int, default=None)
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--cache", default=None, help="crop-set .npz to store (or reuse) the crops of DATA")
-    parser.add_argument("--stain-normalization", choices=("none", "anchored-v1"), default="none",
-                        help="recolour the images into the reference stain before cropping; the model records it "
-                             "and applies it to what it classifies (for a folder or CSV DATA)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_crop_options(parser)
     parser.set_defaults(func=_run_train)
@@ -298,7 +304,7 @@ def _run_train(args) -> int:
         progress=not args.quiet,
         config=args.config,
         cache=args.cache,
-        stain_normalization=None if args.stain_normalization == "none" else args.stain_normalization,
+        stain_normalization=_stain_normalization(args),
         crop_diameters=args.crop_diameters,
         output_size=args.output_size,
         workers=args.workers,
@@ -426,9 +432,6 @@ def _add_pack_crops(subparsers) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--val-fraction", type=float, default=0.15,
                         help="share of each class put in val when the data names no split (default 0.15)")
-    parser.add_argument("--stain-normalization", choices=("none", "anchored-v1"), default="none",
-                        help="recolour every image into the reference stain before cropping "
-                             "(anchored-v1: napari_smear.normalize; models trained on the set apply it too)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_crop_options(parser)
     parser.set_defaults(func=_run_pack_crops)
@@ -441,7 +444,7 @@ def _run_pack_crops(args) -> int:
     crop_set = build_crop_set(
         args.data, crop_diameters=args.crop_diameters, output_size=args.output_size, workers=args.workers,
         progress=not args.quiet, val_fraction=args.val_fraction,
-        stain_normalization=None if args.stain_normalization == "none" else args.stain_normalization,
+        stain_normalization=_stain_normalization(args),
     )
     built = time.perf_counter() - started
     path = save_crop_set(args.out, crop_set, image_codec=args.codec, jpeg_quality=args.jpeg_quality)

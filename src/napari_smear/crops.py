@@ -86,8 +86,9 @@ def crop_instances(
     cell_types : str or sequence of str, optional
         Only instances of these types (``"wbc"``, ``"rbc"``, ``"platelet"``).
     stain_normalization : str, optional
-        Recolour the field first with this method (a model's
-        ``metadata["stain_normalization"]``, see :mod:`napari_smear.normalize`).
+        Recolour the crops into the reference stain with this method (a model's
+        ``metadata["stain_normalization"]``, see :mod:`napari_smear.normalize`), with the
+        colours measured on the whole field.
     """
     from .io import as_rgb_uint8
 

@@ -22,14 +22,15 @@ import hashlib
 import io as _io
 import math
 import os
-import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ._workers import process_pool
 
 __all__ = [
     "CropSet",
@@ -416,8 +417,7 @@ def _encode_attributes(table, n: int):
 
 def _crop_one(task):
     """Worker: crop one image. Returns (index, result dict or None, error or None, scale_failed)."""
-    index, path, crop_diameters, output_size, rbc_diameter_px, *rest = task
-    stain_normalization = rest[0] if rest else None
+    index, path, crop_diameters, output_size, rbc_diameter_px, stain_normalization = task
     from .crops import crop_single_cell
     from .io import read_image
     from .morphology import crop_morphology
@@ -448,32 +448,77 @@ def _crop_one(task):
 def _run_tasks(tasks, workers: int, progress: bool, description: str, *, worker=None,
                unit: str = "img", chunksize: int | None = None):
     """Yield ``worker(task)`` for every task in order (default worker: :func:`_crop_one`),
-    in this process or in ``workers`` processes, with a progress bar."""
+    in this process or in ``workers`` processes (:func:`napari_smear._workers.process_pool`),
+    with a progress bar."""
     from tqdm.auto import tqdm
 
     worker = worker or _crop_one
     bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress, smoothing=0.05)
     try:
-        if workers <= 1 or len(tasks) < 2 * workers:
-            for task in tasks:
-                yield worker(task)
-                bar.update(1)
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # fork on Linux: no `if __name__ == "__main__"` guard needed in user scripts, and
-            # the workers touch neither torch nor Qt, so forking a process that imported
-            # them is safe. Elsewhere fork is unsafe (macOS) or absent (Windows): spawn.
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            context = multiprocessing.get_context(method)
-            chunk = chunksize or max(1, min(32, len(tasks) // (workers * 8)))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with process_pool(workers if len(tasks) >= 2 * workers else 1) as pool:
+            if pool is None:
+                for task in tasks:
+                    yield worker(task)
+                    bar.update(1)
+            else:
+                chunk = chunksize or max(1, min(32, len(tasks) // (workers * 8)))
                 for result in pool.map(worker, tasks, chunksize=chunk):
                     yield result
                     bar.update(1)
     finally:
         bar.close()
+
+
+def crop_single_cell_images(
+    paths: Sequence,
+    indices: Iterable[int],
+    *,
+    crop_diameters: float,
+    output_size: int,
+    rbc_diameter_px: float | None = None,
+    stain_normalization: str | None = None,
+    scale_fallback: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[dict[int, dict], dict[int, str], int]:
+    """Crop the central cell of ``paths[i]`` for every ``i`` in ``indices`` (:func:`_crop_one`).
+
+    With ``scale_fallback``, images whose red-cell size cannot be measured are cropped
+    again at the median diameter of the others (their result has ``scale_measured``
+    False). Returns the results and the errors, each keyed by index, and how many
+    images were cropped at the median diameter.
+    """
+    if stain_normalization:
+        from .normalize import check_method
+
+        check_method(stain_normalization)  # here, not once per image in the workers
+    stain = stain_normalization or None
+    tasks = [(int(i), str(paths[i]), float(crop_diameters), int(output_size), rbc_diameter_px, stain)
+             for i in indices]
+    results: dict[int, dict] = {}
+    errors: dict[int, str] = {}
+    scale_failed: list[int] = []
+    for index, result, error, no_scale in _run_tasks(tasks, workers, progress, "cropping"):
+        if result is not None:
+            results[index] = result
+        else:
+            errors[index] = error
+            if no_scale and scale_fallback:
+                scale_failed.append(index)
+
+    fallback_count = 0
+    if scale_failed and results:
+        median = float(np.median([r["rbc_diameter_px"] for r in results.values()]))
+        retry = [(i, str(paths[i]), float(crop_diameters), int(output_size), median, stain) for i in scale_failed]
+        for index, result, error, _ in _run_tasks(retry, workers, progress, "cropping at median scale"):
+            if result is not None:
+                result["scale_measured"] = False
+                results[index] = result
+                errors.pop(index, None)
+                fallback_count += 1
+            else:
+                errors[index] = error
+    return results, errors, fallback_count
 
 
 def build_crop_set(
@@ -564,37 +609,10 @@ def build_crop_set(
         keep = np.sort(np.array(kept, np.int64))
 
     started = time.perf_counter()
-    if stain_normalization:
-        from .normalize import METHOD
-
-        if stain_normalization != METHOD:
-            raise ValueError(f"unknown stain normalisation {stain_normalization!r}; known: {METHOD!r}")
-    stain = stain_normalization or None
-    tasks = [(int(i), paths[i], float(crop_diameters), int(output_size), rbc_diameter_px, stain) for i in keep]
-    results: dict[int, dict] = {}
-    errors: dict[int, str] = {}
-    scale_failed: list[int] = []
-    for index, result, error, no_scale in _run_tasks(tasks, workers, progress, "cropping"):
-        if result is not None:
-            results[index] = result
-        elif no_scale and scale_fallback:
-            scale_failed.append(index)
-            errors[index] = error
-        else:
-            errors[index] = error
-
-    fallback_count = 0
-    if scale_failed and results:
-        median = float(np.median([r["rbc_diameter_px"] for r in results.values()]))
-        retry = [(i, paths[i], float(crop_diameters), int(output_size), median, stain) for i in scale_failed]
-        for index, result, error, _ in _run_tasks(retry, workers, progress, "cropping at median scale"):
-            if result is not None:
-                result["scale_measured"] = False
-                results[index] = result
-                errors.pop(index, None)
-                fallback_count += 1
-            else:
-                errors[index] = error
+    results, errors, fallback_count = crop_single_cell_images(
+        paths, keep, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px,
+        stain_normalization=stain_normalization, scale_fallback=scale_fallback, workers=workers, progress=progress,
+    )
     elapsed = time.perf_counter() - started
 
     done = np.array(sorted(results), np.int64)
@@ -640,7 +658,7 @@ def build_crop_set(
         source=str(source.resolve()),
         failures=failures,
         code_version=crop_code_version(),
-        stain_normalization=stain or "",
+        stain_normalization=stain_normalization or "",
     )
     crop_set.build_seconds = elapsed  # type: ignore[attr-defined]  # for reports, not saved
     return crop_set

@@ -229,7 +229,8 @@ _EXACT_SUM_PIXELS = 2**22
 
 def _mean_colours(pixels: np.ndarray, in_nucleus: np.ndarray) -> np.ndarray:
     """Mean colour (0-1) of a cell's pixels, of those in its nucleus and of the others
-    (rows; 0 for a part without pixels), the same numbers as before, bit for bit.
+    (rows; 0 for a part without pixels), bit for bit the numbers regionprops and
+    np.bincount give.
 
     ``pixels`` (N, 3) uint8 in raster order. The cell's mean is regionprops'
     ``intensity_mean``: np.mean of the float32 values, which adds them one after the other
@@ -272,10 +273,10 @@ def _ellipse(mask: np.ndarray, area: int, measure) -> tuple[float, float, float]
     return (0.0 if l1 == 0 else math.sqrt(1 - l2 / l1)), 4 * math.sqrt(l1), 4 * math.sqrt(l2)
 
 
-def _count_lobes(nuclei: np.ndarray, d: float, n_max: int, areas: np.ndarray | None = None) -> np.ndarray:
+def _count_lobes(nuclei: np.ndarray, d: float, n_max: int, areas: np.ndarray) -> np.ndarray:
     """Lobes per nucleus: parts that stay apart after thinning the narrow bridges away.
 
-    ``areas``: ``np.bincount(nuclei.ravel())`` when the caller has it.
+    ``areas``: ``np.bincount(nuclei.ravel())``.
     """
     radius = max(1, int(round(0.06 * d))) if np.isfinite(d) else 1
     structure = ndi.generate_binary_structure(2, 1)
@@ -289,8 +290,6 @@ def _count_lobes(nuclei: np.ndarray, d: float, n_max: int, areas: np.ndarray | N
         np.maximum.at(owner, parts[inside], nuclei[inside].astype(np.int64))
         np.add.at(counts, owner[1:], 1)
     # a nucleus that vanished in the erosion is still one lobe
-    if areas is None:
-        areas = np.bincount(nuclei.ravel())
     present = np.flatnonzero(areas[1:]) + 1
     counts[present] = np.maximum(counts[present], 1)
     return counts

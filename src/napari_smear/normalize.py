@@ -64,7 +64,7 @@ PBC_REFERENCE = StainAnchors(
     nucleus_od=(1.01, 1.64, 0.38),
 )
 
-# Pixels darker than this (any channel) are left out of the anchor means: JPEG and
+# Channel values darker than this are left out of that channel's anchor mean: JPEG and
 # sensor saturation make their OD meaningless.
 _MIN_INTENSITY = 4.0
 # Anchors are measured on a regular subsample of about this many pixels.
@@ -170,12 +170,17 @@ def recolour(pixels: np.ndarray, segmentation: SmearSegmentation, method: str, *
     field : (H, W, 3) uint8
         The field the anchors are measured on.
     """
+    check_method(method)
+    return apply_stain_map(pixels, stain_anchors(field, segmentation))
+
+
+def check_method(method: str) -> None:
+    """Raise ValueError unless ``method`` is a stain normalisation this version knows."""
     if method != METHOD:
         raise ValueError(
             f"stain normalisation {method!r} is not known to this version of napari-smear "
             f"(it knows {METHOD!r}); a model trained with it needs a newer napari-smear"
         )
-    return apply_stain_map(pixels, stain_anchors(field, segmentation))
 
 
 def normalize_stain(

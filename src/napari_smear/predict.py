@@ -491,7 +491,7 @@ def classify_files(
     """
     import pandas as pd
 
-    from .datasets import _run_tasks
+    from .datasets import crop_single_cell_images
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -502,29 +502,11 @@ def classify_files(
     if not files:
         return pd.DataFrame(columns=columns)
 
-    stain = (info.metadata or {}).get("stain_normalization") or None
-    tasks = [(i, str(p), float(info.crop_diameters), int(info.input_size), None, stain) for i, p in enumerate(files)]
-    crops: dict[int, dict] = {}
-    errors: dict[int, str] = {}
-    no_scale: list[int] = []
-    for index, result, error, scale_failed in _run_tasks(tasks, workers, progress, "cropping"):
-        if result is not None:
-            crops[index] = result
-        else:
-            errors[index] = error
-            if scale_failed and scale_fallback:
-                no_scale.append(index)
-    if no_scale and crops:
-        median = float(np.median([r["rbc_diameter_px"] for r in crops.values()]))
-        retry = [(i, str(files[i]), float(info.crop_diameters), int(info.input_size), median, stain)
-                 for i in no_scale]
-        for index, result, error, _ in _run_tasks(retry, workers, progress, "cropping at median scale"):
-            if result is not None:
-                result["scale_measured"] = False
-                crops[index] = result
-                errors.pop(index, None)
-            else:
-                errors[index] = error
+    crops, errors, _ = crop_single_cell_images(
+        files, range(len(files)), crop_diameters=info.crop_diameters, output_size=info.input_size,
+        stain_normalization=(info.metadata or {}).get("stain_normalization"), scale_fallback=scale_fallback,
+        workers=workers, progress=progress,
+    )
 
     done = sorted(crops)
     probs = np.full((len(files), info.num_classes), np.nan, np.float32)

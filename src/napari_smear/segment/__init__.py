@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from .._workers import process_pool
 from .cells import CellParams, segment_field
 from .scale import (
     RBC_DIAMETER_UM,
@@ -91,7 +92,7 @@ def segment_smear(
     h, w = rgb.shape[:2]
     large = h * w > _SINGLE_PASS_MAX_PIXELS
     workers = max(1, n_workers or min(4, _cpu_count())) if large else 1
-    with _worker_pool(workers) as pool:
+    with process_pool(workers) as pool:
         stain = estimate_stain(_subsample(rgb, 4_000_000))
         if rbc_diameter_px is not None:
             if not np.isfinite(rbc_diameter_px) or rbc_diameter_px <= 0:
@@ -156,58 +157,6 @@ def segment_smear(
         pixel_size_um=pixel_size_um,
         params={"working_diameter_px": working_diameter_px, "scale_factor": factor},
     )
-
-
-def _start_method() -> str:
-    """How to start tile workers.
-
-    A fork is instant and, unlike spawn, does not run the caller's script again in
-    each worker (an unguarded script would otherwise fail); it is safe only from a
-    process with no other threads. From a threaded program (napari's worker
-    thread, Jupyter) the fork server starts workers instead.
-    """
-    import multiprocessing
-    import threading
-
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1 and threading.current_thread() is threading.main_thread():
-        return "fork"
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def _worker_pool(workers: int):
-    """A process pool for the tiles of a large image (``None`` for one worker)."""
-    import contextlib
-
-    method = _start_method()
-    if workers <= 1 or (method != "fork" and not _main_is_importable()):
-        return contextlib.nullcontext(None)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
-
-
-def _main_is_importable() -> bool:
-    """Whether a fork-server or spawned worker may import the caller's main module.
-
-    Such workers run the main script again; one without an ``if __name__ ==
-    "__main__":`` guard would run its own work (and this call) a second time, so
-    its tiles are segmented in this process instead. Interactive sessions and
-    ``python -m`` modules have nothing to run again.
-    """
-    import sys
-
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is None or getattr(main, "__spec__", None) is not None:
-        return True
-    try:
-        with open(path, encoding="utf-8", errors="replace") as source:
-            text = source.read()
-    except OSError:
-        return False
-    return "__name__" in text and "__main__" in text
 
 
 def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):

@@ -43,6 +43,11 @@ def test_contract_on_synthetic_field(synthetic_field):
     assert abs(seg.rbc_diameter_px / 40.0 - 1) < 0.15
     assert _match_truth(seg, truth) > 0.9
     assert seg.counts()["wbc"] == 2
+    # touches_edge: exactly the cells with a pixel in the first/last row or column
+    frame = np.unique(np.r_[seg.labels[0], seg.labels[-1], seg.labels[:, 0], seg.labels[:, -1]])
+    flagged = seg.table.label[seg.table.touches_edge]
+    assert seg.table.touches_edge.dtype == bool
+    assert set(flagged) == set(frame) - {0} and len(flagged) > 0
 
 
 def test_touching_red_cells_are_split():
@@ -102,7 +107,7 @@ def test_blank_field_gives_empty_result():
         warnings.simplefilter("always")
         seg = segment_smear(blank)
     assert seg.n_cells == 0 and not seg.labels.any()
-    assert list(seg.table.columns) == list(TABLE_COLUMNS)
+    assert list(seg.table.columns) == [*TABLE_COLUMNS, "touches_edge"]
 
 
 def test_tiled_processing_matches_single_pass(monkeypatch):

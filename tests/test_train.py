@@ -192,6 +192,36 @@ def test_augmentation_moves_masks_with_the_pixels():
     assert float((jittered - images).abs().mean()) > 0.005
 
 
+def test_border_cut_fills_edge_bands_with_glass_and_clears_the_masks():
+    # noise images and full masks: every cut pixel shows, in the image and the masks
+    images = torch.rand(32, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    masks = torch.ones(32, 2, 40, 40)
+    cut_rgb, cut_masks = augment_batch(
+        images, masks, torch.Generator().manual_seed(3), geometry=False, colour=False,
+        border_cut_probability=1.0, max_border_cut=0.4,
+    )
+    corners = 0
+    for i in range(len(images)):
+        band = cut_masks[i, 0] == 0
+        assert bool(band.any())  # every crop got a band
+        # made of whole rows at the top or bottom and whole columns at the left or right
+        full_rows, full_cols = band.all(dim=1), band.all(dim=0)
+        assert torch.equal(band, full_rows[:, None] | full_cols[None, :])
+        corners += bool(full_rows.any() and full_cols.any())
+        assert not bool(band[16:24, 16:24].any())  # at most 0.4 deep: the centre stays
+        # one colour, the crop's bright glass (its 90th percentile, estimated on a sample)
+        colours = cut_rgb[i][:, band].T.unique(dim=0)
+        assert len(colours) == 1
+        assert torch.allclose(colours[0], images[i].flatten(1).quantile(0.9, dim=1), atol=0.06)
+        assert torch.equal(cut_masks[i][1], cut_masks[i][0])
+        assert torch.equal(cut_rgb[i][:, ~band], images[i][:, ~band])
+    assert 0 < corners < len(images)  # one side or a corner
+    # probability 0 (the default) draws nothing: the other transforms are unchanged
+    plain = augment_batch(images, masks, torch.Generator().manual_seed(4))
+    zero = augment_batch(images, masks, torch.Generator().manual_seed(4), border_cut_probability=0.0)
+    assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1], zero[1])
+
+
 def test_augmentation_is_reproducible_with_a_seeded_generator():
     crop_set = synthetic_crop_set(n_per_class=4, size=32)
     images = torch.from_numpy(crop_set.images).permute(0, 3, 1, 2).float() / 255

@@ -130,6 +130,8 @@ def augment_batch(
     hue_deg: float = 6.0,
     blur_probability: float = 0.2,
     max_blur_sigma: float = 1.0,
+    border_cut_probability: float = 0.0,
+    max_border_cut: float = 0.45,
 ):
     """Randomly transform a batch of crops on its device, masks moving with the pixels.
 
@@ -152,6 +154,14 @@ def augment_batch(
         density ``-log(I)`` (a different stain concentration or hue: e.g. BCCD against
         PBC), brightness, contrast, saturation, a hue rotation about the grey axis and,
         with ``blur_probability``, a Gaussian blur (focus, camera resolution).
+    border_cut_probability : float
+        Share of the crops that get the field's edge through them: a band along one
+        side or two adjacent sides (a corner), up to ``max_border_cut`` of the crop
+        deep, is filled with the crop's glass colour and removed from the masks.
+        That is what :func:`napari_smear.crops.crop_instances` gives for a cell near
+        the edge of a field, which is most white cells of a small camera field (on
+        BCCD, 84 % of the white-cell crops reach past the image) and none of PBC's
+        centred single-cell images. Applied after the geometry, before the colour.
 
     Returns
     -------
@@ -192,6 +202,8 @@ def augment_batch(
         rgb = F.grid_sample(rgb.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         masks = F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         masks = (masks > 0.5).float()
+    if border_cut_probability > 0 and max_border_cut > 0:
+        rgb, masks = _border_cut(rgb.float(), masks.float(), generator, border_cut_probability, max_border_cut)
     if colour:
         rgb = rgb.float()
         channel = torch.exp(torch.randn(batch, 3, generator=generator) * od_jitter)
@@ -214,6 +226,36 @@ def augment_batch(
             rgb = _random_blur(rgb, generator, blur_probability, max_blur_sigma)
         rgb = rgb.clamp(0.0, 1.0)
     return rgb, masks
+
+
+def _border_cut(rgb, masks, generator, probability, max_fraction):
+    """Fill bands along one or two adjacent edges of some crops with the glass colour
+    (see ``border_cut_probability`` in :func:`augment_batch`)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, _, height, width = rgb.shape
+    chosen = torch.rand(batch, generator=generator) < probability
+    if not bool(chosen.any()):
+        return rgb, masks
+    # band depth per side (top, bottom, left, right) as a fraction of the crop
+    depth = _uniform(generator, (batch, 4), 0.05, max_fraction)
+    first = torch.randint(0, 4, (batch,), generator=generator)
+    # the adjacent side that makes a corner with it: left/right for top/bottom and back
+    second = torch.where(first < 2, 2, 0) + torch.randint(0, 2, (batch,), generator=generator)
+    corner = torch.rand(batch, generator=generator) < 0.4
+    active = F.one_hot(first, 4).bool() | (F.one_hot(second, 4).bool() & corner[:, None])
+    depth = torch.where(active & chosen[:, None], depth, torch.zeros(()))
+    ys = ((torch.arange(height) + 0.5) / height)[None, :, None]
+    xs = ((torch.arange(width) + 0.5) / width)[None, None, :]
+    d = depth[:, :, None, None]
+    cut = (ys < d[:, 0]) | (ys > 1 - d[:, 1]) | (xs < d[:, 2]) | (xs > 1 - d[:, 3])
+    cut = cut[:, None].to(rgb.device)
+    # crop_instances pads with the field's bright glass (its 90th percentile)
+    # (on every 5th pixel: a full sort would cost as much as the rest of the augmentation)
+    sample = rgb.flatten(2)[:, :, ::5]
+    glass = sample.kthvalue(max(1, int(0.9 * sample.shape[2])), dim=2).values[:, :, None, None]
+    return torch.where(cut, glass, rgb), masks * ~cut
 
 
 def _hue_rotation(angle):

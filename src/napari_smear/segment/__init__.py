@@ -149,6 +149,7 @@ def segment_smear(
             labels[start : start + 1024] = lut[labels[start : start + 1024]]
             nuclei[start : start + 1024] = lut[nuclei[start : start + 1024]]
         table = table.assign(label=np.arange(1, len(table) + 1, dtype=np.int64))
+    table = _mark_edge_cells(table, (h, w))
     return SmearSegmentation(
         labels=labels,
         nuclei=nuclei,
@@ -460,10 +461,21 @@ def _redraw_white_cells(labels, nuclei, outlines: dict, claimable, scale, rgb, s
     return np.fromiter(outlines, np.int64, len(outlines))
 
 
+def _mark_edge_cells(table: pd.DataFrame, shape: tuple[int, int]) -> pd.DataFrame:
+    """Add ``touches_edge``: the cell reaches the edge of the field, so part of it may
+    lie outside the image (its size and shape are then not the cell's, and counting
+    conventions usually leave such cells out)."""
+    h, w = shape
+    touches = (
+        (table.bbox_min_y <= 0) | (table.bbox_min_x <= 0) | (table.bbox_max_y >= h) | (table.bbox_max_x >= w)
+    )
+    return table.assign(touches_edge=touches.to_numpy(bool))
+
+
 def _empty_table() -> pd.DataFrame:
     return pd.DataFrame(
         {c: pd.Series(dtype="object" if c == "cell_type" else "float64") for c in TABLE_COLUMNS}
-    ).astype({"label": "int64", "area_px": "int64"})
+    ).astype({"label": "int64", "area_px": "int64"}).assign(touches_edge=pd.Series(dtype=bool))
 
 
 def _empty(shape, diameter, pixel_size_um) -> SmearSegmentation:

@@ -34,7 +34,9 @@ class SmearSegmentation:
     table : pandas.DataFrame
         One row per instance with at least :data:`TABLE_COLUMNS`; ``cell_type`` is one
         of ``wbc``, ``rbc``, ``platelet``. Bounding boxes are half-open (max exclusive),
-        as in scikit-image's regionprops.
+        as in scikit-image's regionprops. :func:`~napari_smear.segment_smear` also
+        gives ``touches_edge`` (bool): the cell reaches the edge of the field and may
+        be cut by it.
     rbc_diameter_px : float
         The red-cell diameter (pixels) all size parameters were expressed in: estimated
         from the field, or derived from ``pixel_size_um``.

@@ -90,7 +90,8 @@ MODELS = {
 }
 
 
-def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | None = None):
+def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | None = None,
+         crop_diameters: float | None = None):
     """Build (or reuse) the crop set of ``name``; returns its path."""
     from napari_smear.datasets import (
         build_crop_set, build_point_crop_set, read_point_annotations, save_crop_set,
@@ -98,7 +99,10 @@ def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | No
 
     spec = MODELS[name]
     size = int(output_size or spec["output_size"])
+    diameters = float(crop_diameters or spec["crop_diameters"])
     path = cache / spec["cache"].format(size=size)
+    if diameters != spec["crop_diameters"]:  # another crop window: another file
+        path = path.with_name(path.name.replace(f"_s{size}", f"_s{size}_d{diameters:g}"))
     if path.exists():
         print(f"[{name}] reusing crops {path}")
         return path
@@ -109,7 +113,7 @@ def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | No
         if not manifest.exists():
             raise SystemExit(f"PBC data not found at {manifest}")
         crop_set = build_crop_set(
-            manifest, crop_diameters=spec["crop_diameters"], output_size=size, workers=workers,
+            manifest, crop_diameters=diameters, output_size=size, workers=workers,
             stain_normalization=spec.get("stain_normalization"),
         )
     else:
@@ -122,7 +126,7 @@ def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | No
             if labels.exists():
                 fields.append((image, read_point_annotations(labels)))
         crop_set = build_point_crop_set(
-            fields, CHULA_CLASSES, crop_diameters=spec["crop_diameters"], output_size=size, val_fraction=0.2,
+            fields, CHULA_CLASSES, crop_diameters=diameters, output_size=size, val_fraction=0.2,
             workers=workers,
             source=str(root.resolve()),
         )
@@ -209,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes for segmenting/cropping")
     parser.add_argument("--size-wbc", type=int, default=None, help="crop side in px (default 96)")
     parser.add_argument("--size-rbc", type=int, default=None, help="crop side in px (default 64)")
+    parser.add_argument("--crop-diameters-wbc", type=float, default=None,
+                        help="crop window in red-cell diameters (default 4)")
     parser.add_argument("--kind-wbc", default="gated_attention")
     parser.add_argument("--kind-rbc", default="shape_aware")
     parser.add_argument("--options-wbc", default=json.dumps(WBC_OPTIONS), help="extra train() options as JSON")
@@ -226,7 +232,8 @@ def main(argv=None) -> int:
     names = args.only or list(MODELS)
     for name in names:
         size = args.size_wbc if name == "wbc-pbc8" else args.size_rbc
-        crops = pack(name, Path(args.data), Path(args.cache), args.workers, size)
+        diameters = args.crop_diameters_wbc if name == "wbc-pbc8" else None
+        crops = pack(name, Path(args.data), Path(args.cache), args.workers, size, diameters)
         if not args.pack_only:
             train_one(name, crops, args)
     return 0

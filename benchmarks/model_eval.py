@@ -114,7 +114,8 @@ def bccd_cross_dataset(model_name: str, limit: int, device: str) -> dict:
                        half - best.centroid_x, best.centroid_x + half - w) / (2 * half)
         rows.append({"image": row.image, "truth": truth, "predicted": best["class"],
                      "predicted_5": five[int(p5.argmax())], "confidence": float(best.confidence),
-                     "n_wbc": int(len(wbcs)), "crop_overhang": float(overhang)})
+                     "n_wbc": int(len(wbcs)), "crop_overhang": float(overhang),
+                     "touches_edge": bool(best.get("touches_edge", False))})
     table = pd.DataFrame(rows)
     found = table[table.n_wbc > 0]
     report = {
@@ -127,6 +128,11 @@ def bccd_cross_dataset(model_name: str, limit: int, device: str) -> dict:
         "per_type_accuracy_5_types": {t: float((g.predicted_5 == g.truth).mean()) for t, g in table.groupby("truth")},
         "support": table.truth.value_counts().to_dict(),
         "accuracy_by_crop_overhang": _by_overhang(found),
+        # the white cell itself cut by the field's edge (the crop shows only part of it)
+        "accuracy_by_edge": {
+            ("cut by the edge" if cut else "whole"): {"fields": int(len(g)), "accuracy": float((g.predicted == g.truth).mean())}
+            for cut, g in found.groupby(found.touches_edge.astype(bool))
+        },
         "confusion": pd.crosstab(table.truth, table.predicted).to_dict(),
         "seconds": time.perf_counter() - started,
     }

@@ -195,3 +195,17 @@ def test_differential_counts():
     assert set(plain["class"]) == {"unclassified"} and plain["count"].sum() == 8
     empty = differential_counts(table.iloc[:0])
     assert empty.empty and list(empty.columns) == ["cell_type", "class", "count", "percent"]
+
+
+def test_differential_counts_can_leave_out_the_cells_cut_by_the_edge():
+    table = pd.DataFrame({
+        "label": range(1, 6),
+        "cell_type": ["wbc", "wbc", "wbc", "rbc", "rbc"],
+        "class": ["neutrophil", "lymphocyte", "neutrophil", "normal", "normal"],
+        "touches_edge": [False, True, False, True, True],
+    })
+    whole = differential_counts(table, include_edge_cells=False)
+    assert whole.to_dict("records") == [{"cell_type": "wbc", "class": "neutrophil", "count": 2, "percent": 100.0}]
+    assert differential_counts(table)["count"].sum() == 5  # counted by default
+    # a table without the column (an older CSV) is counted whole
+    assert differential_counts(table.drop(columns="touches_edge"), include_edge_cells=False)["count"].sum() == 5

@@ -609,8 +609,21 @@ class StreamingClassifier:
 # ----------------------------------------------------------------------------- counts
 
 
-def differential_counts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per cell type and class: count and percentage of the cells of that type."""
+def differential_counts(table: pd.DataFrame, *, include_edge_cells: bool = True) -> pd.DataFrame:
+    """Per cell type and class: count and percentage of the cells of that type.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per cell with ``cell_type`` and, where classified, ``class`` (missing or
+        empty: ``"unclassified"``).
+    include_edge_cells : bool
+        False leaves out the cells the image edge cuts (``touches_edge``): the classifier
+        saw only part of each, and where the fields of a slide overlap, the neighbouring
+        field shows it whole. Tables without a ``touches_edge`` column are counted whole.
+    """
+    if not include_edge_cells and "touches_edge" in table.columns:
+        table = table[~table["touches_edge"].fillna(False).astype(bool).to_numpy()]
     if table.empty:
         return pd.DataFrame(columns=["cell_type", "class", "count", "percent"])
     classes = table["class"].fillna("unclassified") if "class" in table else pd.Series("unclassified", index=table.index)

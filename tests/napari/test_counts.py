@@ -63,6 +63,19 @@ def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field
     cls = result.counts["class"].iloc[0]
     np.testing.assert_allclose(bars[0].get_facecolor(), CLASS_COLORS[cls], atol=1e-6)
 
+    # Leaving out the cells cut by the image edge counts whole cells only.
+    from napari_smear.pipeline import differential_counts
+
+    edge_cells = int(result.table["touches_edge"].sum())
+    assert edge_cells > 0  # the synthetic field has red cells cut by its edge
+    counts_widget.include_edge_cells = False
+    pd.testing.assert_frame_equal(counts_widget.counts,
+                                  differential_counts(result.table, include_edge_cells=False))
+    assert counts_widget.counts["count"].sum() == len(result.table) - edge_cells
+    assert f"{edge_cells} cut by the image edge left out" in counts_widget._summary.text()
+    counts_widget.include_edge_cells = True
+    pd.testing.assert_frame_equal(counts_widget.counts, result.counts)
+
     # Export to CSV.
     path = counts_widget.export_csv(tmp_path / "counts.csv")
     pd.testing.assert_frame_equal(pd.read_csv(path), result.counts.reset_index(drop=True), check_dtype=False)

@@ -18,6 +18,7 @@ from napari.layers import Labels
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
+    QCheckBox,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
@@ -49,11 +50,13 @@ WIDGET_NAME = "Differential count"
 UNCLASSIFIED = "unclassified"
 
 
-def counts_from_features(features: pd.DataFrame) -> pd.DataFrame:
+def counts_from_features(features: pd.DataFrame, *, include_edge_cells: bool = True) -> pd.DataFrame:
     """Differential count of a cells layer's features.
 
     Cells whose ``class`` is empty or missing count as ``"unclassified"``; without a
-    ``class`` column every cell is unclassified (a count of cell types).
+    ``class`` column every cell is unclassified (a count of cell types). With
+    ``include_edge_cells=False`` the cells cut by the image edge (``touches_edge``) are
+    left out.
 
     Returns
     -------
@@ -71,7 +74,9 @@ def counts_from_features(features: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame({"cell_type": features["cell_type"].to_numpy()})
     if "class" in features.columns:
         table["class"] = [c if isinstance(c, str) and c else None for c in features["class"]]
-    return differential_counts(table)
+    if "touches_edge" in features.columns:
+        table["touches_edge"] = features["touches_edge"].to_numpy()
+    return differential_counts(table, include_edge_cells=include_edge_cells)
 
 
 class CountsWidget(QWidget):
@@ -94,6 +99,11 @@ class CountsWidget(QWidget):
 
         self._layer_combo = QComboBox()
         self._layer_combo.setToolTip("The cells labels layer to count (made by Segment / Classify cells)")
+        self._edge_checkbox = QCheckBox("Leave out cells cut by the image edge")
+        self._edge_checkbox.setToolTip(
+            "Count only whole cells: the classifier saw part of a cell the edge cuts, and where "
+            "fields overlap the next field shows it whole"
+        )
         self._summary = QLabel("")
         self._summary.setWordWrap(True)
         self._table = QTableWidget(0, 4)
@@ -121,6 +131,7 @@ class CountsWidget(QWidget):
         buttons.addWidget(self._export_button)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
+        layout.addWidget(self._edge_checkbox)
         layout.addWidget(self._summary)
         layout.addWidget(self._table, 1)
         layout.addWidget(self._canvas, 1)
@@ -135,6 +146,7 @@ class CountsWidget(QWidget):
 
         self._layer_combo.currentIndexChanged.connect(self._on_combo_changed)
         self._refresh_button.clicked.connect(self._on_update_clicked)
+        self._edge_checkbox.toggled.connect(lambda *_: self.refresh())
         self._export_button.clicked.connect(self._on_export_clicked)
         viewer_events = (
             napari_viewer.layers.events.inserted,
@@ -162,6 +174,15 @@ class CountsWidget(QWidget):
         return self._counts.copy()
 
     @property
+    def include_edge_cells(self) -> bool:
+        """Whether the cells cut by the image edge are counted (the checkbox unticked)."""
+        return not self._edge_checkbox.isChecked()
+
+    @include_edge_cells.setter
+    def include_edge_cells(self, value: bool) -> None:
+        self._edge_checkbox.setChecked(not value)  # toggled -> refresh
+
+    @property
     def selected_text(self) -> str:
         """What the widget says about the selected cell."""
         return self._selected.text()
@@ -184,13 +205,17 @@ class CountsWidget(QWidget):
             self._counts = self._counts.iloc[0:0]
             self._summary.setText("No cells layer: run Segment cells or Classify cells first.")
         else:
+            features = pd.DataFrame(layer.features)
             try:
-                self._counts = counts_from_features(pd.DataFrame(layer.features))
+                self._counts = counts_from_features(features, include_edge_cells=self.include_edge_cells)
             except ValueError as exc:
                 self._counts = self._counts.iloc[0:0]
                 self._summary.setText(str(exc))
             else:
-                self._summary.setText(_summary(self._counts, layer.name))
+                left_out = 0
+                if not self.include_edge_cells and "touches_edge" in features.columns:
+                    left_out = int(features["touches_edge"].fillna(False).astype(bool).sum())
+                self._summary.setText(_summary(self._counts, layer.name, left_out))
         self._fill_table()
         self._draw()
         self._on_selected_label()
@@ -350,13 +375,14 @@ def _disconnect(widget: CountsWidget, viewer_events: tuple) -> None:
     widget._layer = None
 
 
-def _summary(counts: pd.DataFrame, layer_name: str) -> str:
+def _summary(counts: pd.DataFrame, layer_name: str, edge_cells_left_out: int = 0) -> str:
+    note = f"; {edge_cells_left_out} cut by the image edge left out" if edge_cells_left_out else ""
     if counts.empty:
-        return f"{layer_name}: no cells"
+        return f"{layer_name}: no cells{note}"
     per_type = counts.groupby("cell_type", sort=False)["count"].sum()
     total = int(per_type.sum())
     parts = ", ".join(f"{int(n)} {t}" for t, n in per_type.items())
-    return f"{layer_name}: {total} cells ({parts})"
+    return f"{layer_name}: {total} cells ({parts}){note}"
 
 
 def show_counts(viewer: napari.viewer.Viewer, layer: Labels) -> CountsWidget:

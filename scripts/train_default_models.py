@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--options-wbc", default=json.dumps(WBC_OPTIONS), help="extra train() options as JSON")
     parser.add_argument("--options-rbc", default=json.dumps(RBC_OPTIONS), help="extra train() options as JSON")
     parser.add_argument("--epochs-wbc", type=int, default=80)
-    parser.add_argument("--epochs-rbc", type=int, default=40)
+    parser.add_argument("--epochs-rbc", type=int, default=80)
     parser.add_argument("--patience", type=int, default=None,
                         help="early-stopping patience (default 12)")
     parser.add_argument("--batch-size", type=int, default=128)

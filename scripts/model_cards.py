@@ -204,7 +204,10 @@ def main() -> int:
         "glass-filled bands cut into crop edges (`augment_batch(border_cut_probability=0.5)`, to mimic crops "
         "that reach past the field: 94.33 % on PBC val, 73.2 % on BCCD, no better on the edge cells it "
         "aimed at); filling the part of a crop past the field by mirroring or repeating the edge instead of "
-        "glass (BCCD 74.6 % and 73.2 %: the fill is not what costs the edge cells).",
+        "glass (BCCD 74.6 % and 73.2 %: the fill is not what costs the edge cells). The border-cut run is "
+        "`train_default_models.py --only wbc-pbc8 --epochs-wbc 40` with `\"border_cut_probability\": 0.5` added "
+        "to `--options-wbc`; the flips and the fills were one-off patches of the inference path scored by "
+        "`benchmarks/model_eval.py`'s BCCD loop, not kept as options.",
         f"- **`rbc-chula12`**: 80 epochs instead of 40 took validation accuracy from 79.90 % to {_pct(rbc_val.get('accuracy'))} "
         f"and macro-F1 from 67.38 % to {_pct(rbc_val.get('macro_f1'))} (the crops were re-cut with the current "
         f"segmentation, so the validation set grew from 3607 to {rbc_val.get('n')} cells); the rare classes (teardrop, burr cell, "

@@ -36,6 +36,7 @@ __all__ = [
     "PreparedField",
     "StreamingClassifier",
     "analyze",
+    "cut_by_edge",
     "differential_counts",
     "finish_field",
     "load_models",
@@ -609,6 +610,13 @@ class StreamingClassifier:
 # ----------------------------------------------------------------------------- counts
 
 
+def cut_by_edge(table: pd.DataFrame) -> np.ndarray:
+    """Boolean per row: the cell's ``touches_edge`` is true (all false without the column)."""
+    if "touches_edge" not in table.columns:
+        return np.zeros(len(table), bool)
+    return table["touches_edge"].fillna(False).astype(bool).to_numpy()
+
+
 def differential_counts(table: pd.DataFrame, *, include_edge_cells: bool = True) -> pd.DataFrame:
     """Per cell type and class: count and percentage of the cells of that type.
 
@@ -622,8 +630,8 @@ def differential_counts(table: pd.DataFrame, *, include_edge_cells: bool = True)
         saw only part of each, and where the fields of a slide overlap, the neighbouring
         field shows it whole. Tables without a ``touches_edge`` column are counted whole.
     """
-    if not include_edge_cells and "touches_edge" in table.columns:
-        table = table[~table["touches_edge"].fillna(False).astype(bool).to_numpy()]
+    if not include_edge_cells:
+        table = table[~cut_by_edge(table)]
     if table.empty:
         return pd.DataFrame(columns=["cell_type", "class", "count", "percent"])
     classes = table["class"].fillna("unclassified") if "class" in table else pd.Series("unclassified", index=table.index)

@@ -67,11 +67,11 @@ def truth_segmentation(truth) -> SmearSegmentation:
         "bbox-2": "bbox_max_y", "bbox-3": "bbox_max_x", "area": "area_px",
     })
     props.insert(1, "cell_type", [truth["cell_types"][int(i)] for i in props["label"]])
-    h, w = truth["labels"].shape
-    props["touches_edge"] = ((props.bbox_min_y <= 0) | (props.bbox_min_x <= 0)
-                             | (props.bbox_max_y >= h) | (props.bbox_max_x >= w))
+    from napari_smear.segment import _mark_edge_cells  # the segmenter's own rule
+
     return SmearSegmentation(
-        labels=truth["labels"].astype(np.uint32), nuclei=truth["nuclei"].astype(np.uint32), table=props,
+        labels=truth["labels"].astype(np.uint32), nuclei=truth["nuclei"].astype(np.uint32),
+        table=_mark_edge_cells(props, truth["labels"].shape),
         rbc_diameter_px=float(truth["rbc_diameter_px"]),
     )
 

@@ -212,9 +212,9 @@ class CountsWidget(QWidget):
                 self._counts = self._counts.iloc[0:0]
                 self._summary.setText(str(exc))
             else:
-                left_out = 0
-                if not self.include_edge_cells and "touches_edge" in features.columns:
-                    left_out = int(features["touches_edge"].fillna(False).astype(bool).sum())
+                from napari_smear.pipeline import cut_by_edge
+
+                left_out = 0 if self.include_edge_cells else int(cut_by_edge(features).sum())
                 self._summary.setText(_summary(self._counts, layer.name, left_out))
         self._fill_table()
         self._draw()

@@ -118,6 +118,21 @@ def test_outputs_per_image_and_per_run(setup):
         assert row[f"rbc_{cls}"] == ((cells.cell_type == "rbc") & (cells["class"] == cls)).sum()
     pct = summary[[f"rbc_{c}_pct" for c in RBC_CLASSES]].sum(axis=1)
     np.testing.assert_allclose(pct, 100.0, atol=1e-3)
+    # the same counts over the cells the image edge does not cut, for slides whose fields overlap
+    whole = pd.read_csv(clean / "summary_whole_cells.csv")
+    assert list(whole.columns) == list(summary.columns) and list(whole.image) == list(summary.image)
+    assert whole.cells.tolist() == report.summary_whole_cells.cells.tolist()
+    whole_row = whole.set_index("image").loc["sub/c.png"]
+    inside = cells[~cells.touches_edge]
+    assert cells.touches_edge.any() and not inside.empty
+    assert whole_row.cells == len(inside) and whole_row.rbc == (inside.cell_type == "rbc").sum()
+    for cell_type in ("wbc", "rbc", "platelet"):
+        cut = (cells.touches_edge & (cells.cell_type == cell_type)).sum()
+        assert row[f"{cell_type}_cut_by_edge"] == whole_row[f"{cell_type}_cut_by_edge"] == cut
+    for cls in RBC_CLASSES:
+        expected = ((inside.cell_type == "rbc") & (inside["class"] == cls)).sum()
+        assert whole_row[f"rbc_{cls}"] == expected
+        assert whole_row[f"rbc_{cls}_pct"] == pytest.approx(100.0 * expected / whole_row.rbc, abs=1e-3)
     errors = pd.read_csv(clean / "errors.csv")
     assert list(errors.columns) == ["file", "error"] and errors.empty
 

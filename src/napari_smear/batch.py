@@ -22,7 +22,7 @@ How :func:`analyze_files` is organised, and why:
   on disk, and redoes the others; a run killed at any moment and
   started again ends with the same files as a run never interrupted: per-image files
   hold no timestamps, classification does not depend on batch composition, and
-  ``summary.csv`` is rebuilt from the markers at the end.
+  ``summary.csv`` and ``summary_whole_cells.csv`` are rebuilt from the markers at the end.
 - **Bad files do not stop a batch.** A file that cannot be read or analysed goes to
   ``errors.csv`` with its reason.
 """
@@ -267,6 +267,9 @@ class BatchReport:
         segmented, not classified).
     run : dict
         The content of ``run.json`` (versions, models, settings, timings).
+    summary_whole_cells : pandas.DataFrame
+        ``summary_whole_cells.csv``: as ``summary``, counting only the cells the image
+        edge does not cut (the neighbouring field of a slide shows those whole).
     """
 
     out_dir: Path
@@ -279,6 +282,7 @@ class BatchReport:
     models: list = field(default_factory=list)
     missing_models: list = field(default_factory=list)
     run: dict = field(default_factory=dict)
+    summary_whole_cells: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 # ----------------------------------------------------------------------------- analyze: worker tasks
@@ -414,6 +418,7 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
             job.output(kind).unlink(missing_ok=True)
 
     summary = _summary_row(job, result, settings.specs)
+    whole_cells = _summary_row(job, result, settings.specs, include_edge_cells=False)
     marker = {
         "format": MARKER_FORMAT,
         "image": job.relative,
@@ -421,6 +426,7 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
         "settings": settings.fingerprint,
         "outputs": {kind: {"file": path.name, "bytes": path.stat().st_size} for kind, path in written.items()},
         "summary": summary,
+        "summary_whole_cells": whole_cells,
     }
     with atomic_write(job.marker, "w") as handle:  # flushed to disk, with its directory
         handle.write(_json_text(marker))
@@ -487,7 +493,8 @@ def cells_table(table: pd.DataFrame, specs: Sequence) -> pd.DataFrame:
 def _summary_columns(specs: Sequence) -> list[str]:
     from .segment.types import CELL_TYPES
 
-    columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "cells", *CELL_TYPES]
+    columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "cells", *CELL_TYPES,
+               *(f"{cell_type}_cut_by_edge" for cell_type in CELL_TYPES)]
     for spec in specs:
         for cell_type in spec.cell_types:
             for cls in spec.class_names:
@@ -497,12 +504,22 @@ def _summary_columns(specs: Sequence) -> list[str]:
     return columns
 
 
-def _summary_row(job: _Job, result, specs: Sequence) -> dict:
-    """Counts per cell type and per class, and the differential percentages."""
+def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool = True) -> dict:
+    """Counts per cell type and per class, and the differential percentages.
+
+    ``include_edge_cells=False`` counts only the cells the image edge does not cut (the
+    row of ``summary_whole_cells.csv``); ``<type>_cut_by_edge`` says how many there are
+    either way.
+    """
+    from .pipeline import cut_by_edge
     from .segment.types import CELL_TYPES
 
     table = result.table
     seg = result.segmentation
+    cut = cut_by_edge(table)
+    cut_per_type = Counter(table["cell_type"][cut].tolist())
+    if not include_edge_cells:
+        table = table[~cut]
     # Counted in plain Python (a few dozen cells, where pandas' value_counts and groupby
     # cost milliseconds); keys holding a missing value are counted but never asked for.
     cell_types = table["cell_type"].tolist()
@@ -519,6 +536,8 @@ def _summary_row(job: _Job, result, specs: Sequence) -> dict:
     }
     for cell_type in CELL_TYPES:
         row[cell_type] = per_type[cell_type]
+    for cell_type in CELL_TYPES:
+        row[f"{cell_type}_cut_by_edge"] = cut_per_type[cell_type]
     for spec in specs:
         for cell_type in spec.cell_types:
             n_type = per_type[cell_type]
@@ -807,7 +826,7 @@ def analyze_files(
     ``<stem>_labels.tif``, ``<stem>_nuclei.tif``, ``<stem>_attention.tif`` (float32,
     one page per model, image coordinates), ``<stem>_cells.csv``, ``<stem>_overlay.png``
     and the completion marker ``<stem>_done.json``; once per run ``summary.csv``,
-    ``errors.csv`` and ``run.json``. See ``docs/batch.md`` for the formats.
+    ``summary_whole_cells.csv``, ``errors.csv`` and ``run.json``. See ``docs/batch.md`` for the formats.
 
     Parameters
     ----------
@@ -942,19 +961,23 @@ def analyze_files(
             executor.close()
         stage_seconds["classify"] = classifier.seconds
 
-        rows = []
+        rows, whole_cell_rows = [], []
         for job in jobs:
             marker = _finished_marker(job, fingerprint)
             if marker is not None:
                 rows.append({**marker["summary"], "path": job.path})
+                whole_cell_rows.append({**marker["summary_whole_cells"], "path": job.path})
         columns = _summary_columns(specs)
-        summary = pd.DataFrame(rows, columns=[columns[0], "path", *columns[1:]])
+        columns = [columns[0], "path", *columns[1:]]
+        summary = pd.DataFrame(rows, columns=columns)
+        summary_whole_cells = pd.DataFrame(whole_cell_rows, columns=columns)
         failures.sort(key=lambda f: f.job.index)
         errors = pd.DataFrame(
             {"file": [f.job.path for f in failures], "error": [f.reason for f in failures]},
             columns=["file", "error"],
         )
         write_csv_atomic(out / "summary.csv", summary, float_format="%.6g")
+        write_csv_atomic(out / "summary_whole_cells.csv", summary_whole_cells, float_format="%.6g")
         write_csv_atomic(out / "errors.csv", errors)
         wall = time.perf_counter() - started
         run = _run_record(
@@ -977,6 +1000,7 @@ def analyze_files(
     return BatchReport(
         out_dir=out, summary=summary, errors=errors, total=total, analysed=analysed, skipped=skipped,
         failed=len(failures), models=[m.name for m in loaded], missing_models=missing_models, run=run,
+        summary_whole_cells=summary_whole_cells,
     )
 
 
@@ -1085,7 +1109,7 @@ def _finished_marker(job: _Job, fingerprint: dict) -> dict | None:
                 return None
         except (OSError, KeyError, TypeError):
             return None
-    if not isinstance(marker.get("summary"), dict):
+    if not all(isinstance(marker.get(key), dict) for key in ("summary", "summary_whole_cells")):
         return None
     return marker
 

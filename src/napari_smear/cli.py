@@ -136,8 +136,8 @@ def _add_analyze(subparsers) -> None:
         "analyze", help="analyse folders of smear images: segmentation, classification, attention, QC",
         description="Analyse every image of IN (folders are searched recursively; sub-folders are mirrored in "
                     "OUT_DIR). Per image: <stem>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
-                    "_overlay.png and the completion marker _done.json; per run: summary.csv, errors.csv, "
-                    "run.json. Re-running skips finished images and redoes unfinished ones. See docs/batch.md.",
+                    "_overlay.png and the completion marker _done.json; per run: summary.csv, "
+                    "summary_whole_cells.csv, errors.csv, run.json. Re-running skips finished images and redoes unfinished ones. See docs/batch.md.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image folders or files")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
@@ -220,6 +220,8 @@ def _print_batch_report(report) -> None:
     if len(summary):
         counts = ", ".join(f"{t} {int(summary[t].sum())}" for t in ("wbc", "rbc", "platelet"))
         print(f"cells: {int(summary['cells'].sum())} ({counts})")
+        cut = ", ".join(f"{t} {int(summary[f'{t}_cut_by_edge'].sum())}" for t in ("wbc", "rbc", "platelet"))
+        print(f"cut by the image edge: {cut} (left out of summary_whole_cells.csv)")
         for name, model in models.items():
             for cell_type in model["cell_types"]:
                 total = int(summary[cell_type].sum())
@@ -232,7 +234,7 @@ def _print_batch_report(report) -> None:
                 )
                 shown = ", ".join(f"{c} {100 * n / total:.1f}%" for n, c in parts if n)
                 print(f"  {cell_type} by {name}: {shown}")
-    print(f"outputs in {report.out_dir} (summary.csv, errors.csv, run.json)")
+    print(f"outputs in {report.out_dir} (summary.csv, summary_whole_cells.csv, errors.csv, run.json)")
 
 
 # ----------------------------------------------------------------------------- train

@@ -3,7 +3,7 @@
 It calls :func:`napari_smear.batch.analyze_files` -- the function ``napari-smear
 analyze`` calls -- in a background thread, with a progress bar over the images and a
 Cancel button. Nothing is added to the viewer: the results are files (per image labels,
-nuclei, attention, cell table and QC overlay; per run summary.csv, errors.csv,
+nuclei, attention, cell table and QC overlay; per run summary.csv, summary_whole_cells.csv, errors.csv,
 run.json), and a cancelled or crashed run is resumed by running again.
 """
 from __future__ import annotations

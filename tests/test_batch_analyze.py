@@ -286,6 +286,47 @@ def test_bad_files_are_reported_and_the_batch_carries_on(setup, tmp_path):
     assert read_image(tmp_path / "out" / "blank_overlay.png")[0].shape == (64, 64, 3)
 
 
+def test_load_result_reads_back_what_the_batch_wrote(setup, tmp_path):
+    """load_result gives an AnalysisResult as analyze() would: what Show in viewer displays."""
+    from napari_smear.batch import load_result
+    from napari_smear.pipeline import AnalysisResult
+
+    clean = setup["clean"]
+    result = load_result(clean, "sub/c.png")
+    assert isinstance(result, AnalysisResult)
+    labels = tifffile.imread(clean / "sub" / "c_labels.tif")
+    np.testing.assert_array_equal(result.segmentation.labels, labels)
+    np.testing.assert_array_equal(result.segmentation.nuclei, tifffile.imread(clean / "sub" / "c_nuclei.tif"))
+    assert result.segmentation.rbc_diameter_px > 20
+    cells = pd.read_csv(clean / "sub" / "c_cells.csv")
+    assert result.table["label"].tolist() == cells["label"].tolist()
+    assert result.table["class"].tolist() == cells["class"].tolist()
+    assert list(result.models) == ["wbc", "rbc"]
+    assert result.models["rbc"]["classes"] == RBC_CLASSES and result.models["rbc"]["cell_types"] == ["rbc"]
+    stack = tifffile.imread(clean / "sub" / "c_attention.tif")
+    assert list(result.attention) == ["wbc", "rbc"]
+    np.testing.assert_array_equal(result.attention["rbc"], stack[1])
+    # the differential count of the read-back table is the summary's
+    row = pd.read_csv(clean / "summary.csv").set_index("image").loc["sub/c.png"]
+    counts = result.counts.set_index(["cell_type", "class"])["count"]
+    for cls in RBC_CLASSES:
+        assert counts.get(("rbc", cls), 0) == row[f"rbc_{cls}"]
+
+    # no result, or results changed since: specific errors, nothing written
+    with pytest.raises(FileNotFoundError, match="no finished result for 'nope.png'"):
+        load_result(clean, "nope.png")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("a_labels.tif", "a_nuclei.tif", "a_cells.csv", "a_done.json", "a_overlay.png"):
+        (copy / name).write_bytes((clean / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="a_attention.tif"):
+        load_result(copy, "a.png")
+    (copy / "a_attention.tif").write_bytes((clean / "a_attention.tif").read_bytes())
+    (copy / "a_cells.csv").write_text("label,cell_type\n1,rbc\n")
+    with pytest.raises(ValueError, match="changed since the run"):
+        load_result(copy, "a.png")
+
+
 def test_output_folder_inside_the_input_folder_is_not_read_back(setup, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

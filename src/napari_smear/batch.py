@@ -52,6 +52,7 @@ __all__ = [
     "BatchReport",
     "analyze_files",
     "expand_inputs",
+    "load_result",
     "local_cluster",
     "output_stem",
     "render_overlay",
@@ -565,6 +566,91 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+# ----------------------------------------------------------------------------- reading results back
+
+
+def load_result(out_dir: str | Path, image: str | Path):
+    """One image's results, as :func:`analyze_files` wrote them, as an ``AnalysisResult``.
+
+    What the batch wrote becomes what :func:`napari_smear.analyze` returns, so that
+    :func:`napari_smear.add_to_viewer` shows it (the Batch widget's *Show in viewer*).
+
+    Parameters
+    ----------
+    out_dir : path
+        The output folder of the run.
+    image : str or path
+        The image as ``summary.csv`` names it (path relative to its input folder, e.g.
+        ``"sub/field.png"``).
+
+    Returns
+    -------
+    napari_smear.pipeline.AnalysisResult
+        Labels, nuclei and scale from the TIFFs, the table from ``<stem>_cells.csv``,
+        one attention map per model and the models' classes and cell types from the
+        completion marker.
+
+    Raises
+    ------
+    FileNotFoundError
+        The image has no completion marker there (never analysed, failed, or the run
+        was stopped before it finished), or a file the marker lists is missing.
+    ValueError
+        A file is not what the marker says (changed since the run).
+    """
+    from .io import read_image
+    from .pipeline import AnalysisResult
+    from .segment.types import SmearSegmentation
+
+    out = Path(out_dir)
+    relative = Path(image)
+    stem = output_stem(out, relative)
+    marker_path = Path(str(stem) + MARKER_SUFFIX)
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no finished result for {relative.as_posix()!r} in {out}: {marker_path.name} is missing "
+            "(the image was not analysed, failed (see errors.csv) or its run was stopped)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{marker_path} is not a readable completion marker: {exc}") from exc
+    outputs = marker.get("outputs") if isinstance(marker, dict) else None
+    if not isinstance(outputs, dict):
+        raise ValueError(f"{marker_path} is not a napari-smear completion marker")
+    for kind, entry in outputs.items():
+        path = stem.parent / entry["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"{path} ({kind}) is missing: run the batch again to redo {relative.as_posix()}")
+        if path.stat().st_size != entry["bytes"]:
+            raise ValueError(f"{path} changed since the run that wrote it: run the batch again with overwrite")
+
+    labels, meta = read_image(Path(str(stem) + OUTPUT_SUFFIXES["labels"]), rgb=False)
+    nuclei, _ = read_image(Path(str(stem) + OUTPUT_SUFFIXES["nuclei"]), rgb=False)
+    own = meta.get("napari_smear") or {}
+    table = pd.read_csv(Path(str(stem) + OUTPUT_SUFFIXES["cells"]), keep_default_na=True)
+    if "class" in table:  # pandas reads an all-empty column as float NaN
+        table["class"] = table["class"].astype(object).where(table["class"].notna(), None)
+    diameter = own.get("rbc_diameter_px")
+    segmentation = SmearSegmentation(
+        labels=np.asarray(labels, np.uint32), nuclei=np.asarray(nuclei, np.uint32), table=table,
+        rbc_diameter_px=float(diameter) if diameter is not None else float("nan"),
+        pixel_size_um=own.get("pixel_size_um"), params=dict(own.get("params") or {}),
+    )
+    models = {
+        entry["name"]: {"kind": entry.get("kind"), "classes": list(entry.get("classes", [])),
+                        "cell_types": list(entry.get("cell_types", [])), "path": None}
+        for entry in (marker.get("settings") or {}).get("models", [])
+    }
+    attention: dict[str, np.ndarray] = {}
+    if "attention" in outputs:
+        stack, attention_meta = read_image(Path(str(stem) + OUTPUT_SUFFIXES["attention"]), rgb=False)
+        names = (attention_meta.get("napari_smear") or {}).get("models") or list(models)
+        stack = np.asarray(stack, np.float32).reshape(-1, *labels.shape)
+        attention = {name: stack[k] for k, name in enumerate(names)}
+    return AnalysisResult(segmentation=segmentation, table=table, attention=attention, models=models)
 
 
 # ----------------------------------------------------------------------------- overlay

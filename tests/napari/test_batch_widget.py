@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from conftest import tiny_model_file
 from widget_helpers import cancel_when, run_until_cancelled, shown_errors, wait_until_idle
 
@@ -38,6 +39,7 @@ def widget(make_napari_viewer, monkeypatch):
     _, found = viewer.window.add_plugin_dock_widget("napari-smear", "Batch analyze folder")
     assert isinstance(found, batch_widget_module.BatchWidget)
     found.errors = errors
+    found.test_viewer = viewer  # the real viewer (the widget holds a public-API proxy)
     return found
 
 
@@ -69,6 +71,45 @@ def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, t
     widget.run()
     wait_until_idle(qtbot, widget)
     assert widget.last_report.skipped == 2 and "2 finished earlier" in widget.status
+
+    # the results can be opened in the viewer: image, cells coloured by class, nuclei, attention, counts
+    assert widget._analysed.choices == ("a.png", "sub/b.png") and widget._show_button.enabled
+    widget._analysed.value = "sub/b.png"
+    widget.show_result()
+    wait_until_idle(qtbot, widget)
+    assert widget.errors == [], widget.status
+    viewer = widget.test_viewer
+    assert [layer.name for layer in viewer.layers] == ["b", "b cells", "b nuclei", "b attention (rbc-tiny)"]
+    cells_layer = viewer.layers["b cells"]
+    np.testing.assert_array_equal(cells_layer.data, tifffile.imread(out / "sub" / "b_labels.tif"))
+    features = cells_layer.features
+    assert features["index"].tolist() == cells["label"].tolist()
+    assert features["class"].tolist() == cells["class"].fillna("").tolist()  # "": not classified
+    assert type(cells_layer.colormap).__name__ == "DirectLabelColormap"
+    assert viewer.layers["b"].rgb and widget.status.startswith(f"Showing b: {len(cells)} cells")
+    _, counts = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
+    assert counts.layer.name == "b cells"
+    # opening it again updates the same layers
+    widget.show_result("sub/b.png")
+    wait_until_idle(qtbot, widget)
+    assert len(viewer.layers) == 4 and widget.errors == []
+
+
+def test_results_of_a_moved_input_image_are_explained(widget, qtbot, inputs, tmp_path):
+    out = tmp_path / "out"
+    widget._input.value = inputs
+    widget._output.value = out
+    widget._models.value = []
+    widget._device.value = "cpu"
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    (inputs / "a.png").rename(tmp_path / "moved.png")
+    widget.show_result("a.png")
+    assert "not at" in widget.status and "a.png" in widget.status and not widget.is_running
+    assert len(widget.test_viewer.layers) == 0
+    # choosing another output folder lists its results (none in an empty one)
+    widget._output.value = tmp_path
+    assert widget._analysed.choices == () and not widget._show_button.enabled
 
 
 def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_path, monkeypatch):

@@ -2,9 +2,12 @@
 
 It calls :func:`napari_smear.batch.analyze_files` -- the function ``napari-smear
 analyze`` calls -- in a background thread, with a progress bar over the images and a
-Cancel button. Nothing is added to the viewer: the results are files (per image labels,
-nuclei, attention, cell table and QC overlay; per run summary.csv, summary_whole_cells.csv, errors.csv,
-run.json), and a cancelled or crashed run is resumed by running again.
+Cancel button. The results are files (per image labels, nuclei, attention, cell table and
+QC overlay; per run summary.csv, summary_whole_cells.csv, errors.csv, run.json), and a
+cancelled or crashed run is resumed by running again. Below the run controls, any image
+the output folder holds results for can be opened in the viewer with its cells
+(coloured by class, the table in ``features``), nuclei and attention maps, as the
+"Classify cells" widget would have shown them (:func:`napari_smear.batch.load_result`).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import CheckBox, FileEdit, LineEdit, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, PushButton, SpinBox
 
 from napari_smear._napari.widgets._background import BackgroundTaskWidget
 from napari_smear._napari.widgets.classify import ModelInputs, device_combo, model_choices
@@ -62,11 +65,22 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "(0: in napari's process)",
         )
         self._overwrite = CheckBox(text="redo finished images", value=False)
+        # Looking at the results: any image the output folder holds results for.
+        self._results_title = Label(value="<b>Results</b>")
+        self._analysed = ComboBox(
+            label="analysed image", choices=[],
+            tooltip="Images the output folder holds finished results for (from its summary.csv)",
+        )
+        self._show_button = PushButton(text="Show in viewer", enabled=False)
+        self._show_button.changed.connect(self.show_result)
+        self._analysed.changed.connect(lambda *_: self._update_show_button())
+        self._output.changed.connect(lambda *_: self.refresh_results())
         self.extend([
             self._input, self._output, self._pattern, *models, self._device, self._workers, self._overwrite,
-            *self._run_controls(),
+            *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
+        self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
         #: What the last finished run reported (for scripts and tests).
         self.last_report: BatchReport | None = None
         self.reset_choices()
@@ -102,6 +116,8 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
 
         self._started = time.perf_counter()
         what = ", ".join(Path(m).stem if Path(m).suffix else m for m in models) or "segmentation only"
+        self.task_name, self.result_name = "batch analysis", "result"
+        self._show_button.enabled = False
         self._start(
             compute,
             status=f"Analysing {source} ({what})…",
@@ -110,7 +126,84 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             thread_name="napari-smear-batch",
         )
 
+    def refresh_results(self) -> list[str]:
+        """List the images the output folder holds results for (its ``summary.csv``); return them."""
+        target = _chosen_folder(self._output)
+        self._summary_paths = _analysed_images(target) if target is not None else {}
+        images = list(self._summary_paths)
+        current = self._analysed.value
+        self._analysed.choices = images
+        if images:
+            self._analysed.value = current if current in images else images[0]
+        self._update_show_button()
+        return images
+
+    def show_result(self, image: str | None = None) -> None:
+        """Open ``image`` (default: the chosen one) and its results in the viewer, read in the background.
+
+        Adds the input image (with its pixel size) and, as the "Classify cells" widget
+        does, ``"<image> cells"`` coloured by class with the cell table as ``features``,
+        ``"<image> nuclei"``, one attention layer per model and the Differential count.
+        """
+        if self.is_running:
+            return
+        target = _chosen_folder(self._output)
+        image = image or self._analysed.value
+        if target is None or not image:
+            self._decline("Choose an output folder with results first.", "choose a folder a batch run wrote")
+            return
+        source = self._summary_paths.get(image)
+        if not source:
+            self.refresh_results()
+            source = self._summary_paths.get(image)
+        if not source or not Path(source).is_file():
+            self._decline(
+                f"The input image of {image} is not at {source or 'its recorded path'}; move it back to open it.",
+                f"input image of {image} not found",
+            )
+            return
+
+        def compute(report):
+            from napari_smear._napari.reader import read_smear_images
+            from napari_smear.batch import load_result
+
+            result = load_result(target, image)
+            report(None)  # a point to stop at if cancelled
+            (image_data,) = read_smear_images(source)
+            return image_data, result
+
+        self.task_name, self.result_name = f"opening the results of {image}", f"results of {image}"
+        self._start(
+            compute, status=f"Opening {image} and its results…", on_progress=lambda _: None,
+            on_result=self._add_result_layers, thread_name="napari-smear-batch-results",
+        )
+
     # ------------------------------------------------------------------ worker callbacks
+    def _update_show_button(self) -> None:
+        self._show_button.enabled = bool(self._analysed.value) and not self.is_running
+
+    def _add_result_layers(self, loaded) -> None:
+        from napari.layers import Layer
+
+        from napari_smear._napari.layers import add_to_viewer
+
+        (data, kwargs, layer_type), result = loaded
+        name = kwargs["name"]
+        existing = self._viewer.layers[name] if name in self._viewer.layers else None
+        if existing is not None and tuple(existing.data.shape) == tuple(data.shape):
+            image_layer = existing  # opened before: reuse, keep the user's display settings
+        else:
+            if existing is not None:
+                kwargs = {**kwargs, "name": f"{name} ({self._analysed.value})"}
+            image_layer = self._viewer.add_layer(Layer.create(data, kwargs, layer_type))
+        cells, *_ = add_to_viewer(self._viewer, result, image_layer=image_layer)
+        self._progress.value = self._progress.max
+        self._set_status(f"Showing {image_layer.name}: {len(result.table)} cells in {cells.name!r}.")
+
+    def _on_finished(self) -> None:
+        super()._on_finished()
+        self._update_show_button()
+
     def _on_progress(self, update: tuple[int, int, str]) -> None:
         done, total, message = update
         self._progress.max = max(1, int(total))
@@ -123,12 +216,27 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
         self._set_status(_summary(report, time.perf_counter() - self._started))
+        self.refresh_results()
 
 
 def _chosen_folder(edit: FileEdit) -> Path | None:
     """The folder typed or picked in ``edit``; None while the field is empty."""
     text = str(edit.line_edit.value).strip()
     return Path(text).expanduser() if text else None
+
+
+def _analysed_images(out_dir: Path) -> dict[str, str]:
+    """``image -> path`` of each row of ``out_dir/summary.csv`` (empty without one)."""
+    import pandas as pd
+
+    summary_path = out_dir / "summary.csv"
+    if not summary_path.is_file():
+        return {}
+    try:
+        summary = pd.read_csv(summary_path, usecols=["image", "path"], dtype=str, keep_default_na=False)
+    except (OSError, ValueError):  # not a summary this widget wrote
+        return {}
+    return dict(zip(summary["image"], summary["path"]))
 
 
 def _summary(report: BatchReport, seconds: float) -> str:

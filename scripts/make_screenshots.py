@@ -14,6 +14,8 @@ Writes to docs/images/ (or ``--out``):
 - ``train_widget.png``: the Train classifier dock after a short training run on a few
   labelled PBC images (real CellaVision crops from ``../shared/data/pbc``), with its
   validation curves;
+- ``batch_widget.png``: the Batch analyze folder dock after a run over a few BCCD fields,
+  one of them opened with *Show in viewer*;
 - ``screenshots.json``: which image, models and versions made them.
 
 Models: the installed built-in models (or ``--model`` files). Fallback, stated in
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-images", type=int, default=12, help="PBC images per class for the training shot")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the training shot")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-images", type=int, default=4, help="BCCD fields of the batch shot")
     args = parser.parse_args(argv)
     if not Path(args.image).is_file():
         sys.exit(f"image not found: {args.image} (the real-data screenshots need ../shared/data)")
@@ -202,6 +205,25 @@ def main(argv=None) -> int:
 
     write_png_atomic(out / "attention.png", np.concatenate([plain, gap, glowing], axis=1)[..., :3])
 
+    # --- Batch analyze folder: a few BCCD fields into a folder, one opened again in the viewer.
+    batch_inputs = scratch / "batch-in"
+    batch_inputs.mkdir()
+    field_paths = [Path(args.image)] + sorted(p for p in Path(args.image).parent.glob("*.jpg") if p != Path(args.image))
+    for path in field_paths[: args.batch_images]:
+        (batch_inputs / path.name).write_bytes(path.read_bytes())
+    _, batch = viewer.window.add_plugin_dock_widget("napari-smear", "Batch analyze folder")
+    batch._input.value = batch_inputs
+    batch._output.value = scratch / "batch-out"
+    batch._models.value = [str(Path(m).resolve()) if Path(m).suffix else m for m in models]
+    batch._device.value = "cpu"
+    batch.run()
+    wait_for(batch, app)
+    batch._analysed.value = Path(args.image).name
+    batch.show_result()
+    wait_for(batch, app)
+    settle(app)
+    save_widget(batch, out / "batch_widget.png")
+
     demo = (
         f"the demonstration model trained in the Train classifier shot ({args.train_images} PBC training "
         f"images of each of {', '.join(DEMO_CLASSES)}, {args.epochs} epochs)"
@@ -227,7 +249,8 @@ def main(argv=None) -> int:
     }
     (out / "screenshots.json").write_text(json.dumps(provenance, indent=1, default=str))
     viewer.close()
-    print(f"wrote attention.png, counts_dock.png, train_widget.png, viewer_classify.png and screenshots.json to {out}")
+    print(f"wrote attention.png, batch_widget.png, counts_dock.png, train_widget.png, viewer_classify.png and "
+          f"screenshots.json to {out}")
     print(f"models: {', '.join(f'{m} (built-in)' if v['builtin'] else m for m, v in provenance['models'].items())}")
     if wbc_fallback:
         print("NOTE: " + provenance["fallback"])

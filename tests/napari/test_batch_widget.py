@@ -112,6 +112,29 @@ def test_results_of_a_moved_input_image_are_explained(widget, qtbot, inputs, tmp
     assert widget._analysed.choices == () and not widget._show_button.enabled
 
 
+def test_images_of_the_same_name_in_two_folders_get_their_own_layers(widget, qtbot, tmp_path):
+    from napari_smear.samples import synthetic_smear
+
+    inputs = tmp_path / "in"
+    for k, folder in enumerate(("x", "y")):
+        (inputs / folder).mkdir(parents=True)
+        write_png_atomic(inputs / folder / "f.png", synthetic_smear((120, 160), rbc_diameter_px=24.0, seed=k)[0])
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._models.value = []  # segmentation only: no attention layers
+    widget._device.value = "cpu"
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    viewer = widget.test_viewer
+    for image in ("x/f.png", "y/f.png", "x/f.png"):  # the third opens the first again
+        widget.show_result(image)
+        wait_until_idle(qtbot, widget)
+        assert widget.errors == [], widget.status
+    assert [layer.name for layer in viewer.layers] == ["f", "f cells", "f nuclei", "y/f", "y/f cells", "y/f nuclei"]
+    assert viewer.layers["y/f"].metadata["path"].endswith("y/f.png")
+    np.testing.assert_array_equal(viewer.layers["y/f cells"].data, tifffile.imread(tmp_path / "out" / "y" / "f_labels.tif"))
+
+
 def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_path, monkeypatch):
     seen = {}
 

@@ -170,7 +170,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             result = load_result(target, image)
             report(None)  # a point to stop at if cancelled
             (image_data,) = read_smear_images(source)
-            return image_data, result
+            return image_data, result, image
 
         self.task_name, self.result_name = f"opening the results of {image}", f"results of {image}"
         self._start(
@@ -187,14 +187,15 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
 
         from napari_smear._napari.layers import add_to_viewer
 
-        (data, kwargs, layer_type), result = loaded
-        name = kwargs["name"]
-        existing = self._viewer.layers[name] if name in self._viewer.layers else None
-        if existing is not None and tuple(existing.data.shape) == tuple(data.shape):
-            image_layer = existing  # opened before: reuse, keep the user's display settings
+        (data, kwargs, layer_type), result, image = loaded
+        path = kwargs["metadata"]["path"]
+        same_file = [layer for layer in self._viewer.layers
+                     if layer.metadata.get("path") == path and tuple(layer.data.shape) == tuple(data.shape)]
+        if same_file:
+            image_layer = same_file[0]  # opened before: reuse it, with the user's display settings
         else:
-            if existing is not None:
-                kwargs = {**kwargs, "name": f"{name} ({self._analysed.value})"}
+            if kwargs["name"] in self._viewer.layers:  # another file of the same name (another sub-folder)
+                kwargs = {**kwargs, "name": str(Path(image).with_suffix("").as_posix())}
             image_layer = self._viewer.add_layer(Layer.create(data, kwargs, layer_type))
         cells, *_ = add_to_viewer(self._viewer, result, image_layer=image_layer)
         self._progress.value = self._progress.max

@@ -12,7 +12,9 @@
    wrong) and restricted to the five WBC types BCCD uses (argmax over those five
    probabilities) -- the honest headline is the first.
 
-Nothing here is trained on; BCCD is never used for training or model selection.
+Nothing here is trained on: BCCD is never used for training or for picking an epoch, but
+its figure has helped choose between training variants (docs/models.md says which), so
+read it as optimistic for a third microscope.
 
 Usage::
 

@@ -212,8 +212,8 @@ def main() -> int:
         "and the window reaches past a camera field less often; 80 epochs, same seed: "
         "`train_default_models.py --only wbc-pbc8 --crop-diameters-wbc 3`): 96.14 % on PBC val and 68.6 % on "
         "BCCD (78.6 % over the 5 types), against 96.96 % and 72.9 % for the 4-diameter model; averaging the "
-        "two models' answers gave 96.90 % on PBC val. Not shipped: worse on both data sets, even on the BCCD "
-        "cells whose window stays inside the field (75.6 % against 85.1 %).",
+        "two models' answers gave 96.90 % on PBC val. Not shipped: worse on both data sets (on the 119 BCCD fields where "
+        "its window stays inside the field it was right on 75.6 %).",
         f"- **`rbc-chula12`**: 80 epochs instead of 40 took validation accuracy from 79.90 % to {_pct(rbc_val.get('accuracy'))} "
         f"and macro-F1 from 67.38 % to {_pct(rbc_val.get('macro_f1'))} (the crops were re-cut with the current "
         f"segmentation, so the validation set grew from 3607 to {rbc_val.get('n')} cells); the rare classes (teardrop, burr cell, "

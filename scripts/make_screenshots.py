@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     batch._device.value = "cpu"
     batch.run()
     wait_for(batch, app)
-    batch._analysed.value = Path(args.image).name
+    batch._analysed.value = field_paths[1].name  # not the field already open in the viewer
     batch.show_result()
     wait_for(batch, app)
     settle(app)

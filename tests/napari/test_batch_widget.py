@@ -89,6 +89,9 @@ def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, t
     assert viewer.layers["b"].rgb and widget.status.startswith(f"Showing b: {len(cells)} cells")
     _, counts = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
     assert counts.layer.name == "b cells"
+    # new layers make napari reset the docks' choices: the list of analysed images stays
+    assert widget._analysed.choices == ("a.png", "sub/b.png") and widget._analysed.value == "sub/b.png"
+    assert widget._show_button.enabled
     # opening it again updates the same layers
     widget.show_result("sub/b.png")
     wait_until_idle(qtbot, widget)

@@ -67,8 +67,10 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._overwrite = CheckBox(text="redo finished images", value=False)
         # Looking at the results: any image the output folder holds results for.
         self._results_title = Label(value="<b>Results</b>")
+        # Choices from a callable: napari resets the choices of dock widgets whenever layers
+        # change, and a fixed list would be reset to the empty one given here.
         self._analysed = ComboBox(
-            label="analysed image", choices=[],
+            label="analysed image", choices=self._analysed_choices,
             tooltip="Images the output folder holds finished results for (from its summary.csv)",
         )
         self._show_button = PushButton(text="Show in viewer", enabled=False)
@@ -132,11 +134,14 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._summary_paths = _analysed_images(target) if target is not None else {}
         images = list(self._summary_paths)
         current = self._analysed.value
-        self._analysed.choices = images
+        self._analysed.reset_choices()
         if images:
             self._analysed.value = current if current in images else images[0]
         self._update_show_button()
         return images
+
+    def _analysed_choices(self, *_) -> list[str]:
+        return list(getattr(self, "_summary_paths", {}))
 
     def show_result(self, image: str | None = None) -> None:
         """Open ``image`` (default: the chosen one) and its results in the viewer, read in the background.

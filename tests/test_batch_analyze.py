@@ -325,6 +325,9 @@ def test_load_result_reads_back_what_the_batch_wrote(setup, tmp_path):
     (copy / "a_cells.csv").write_text("label,cell_type\n1,rbc\n")
     with pytest.raises(ValueError, match="changed since the run"):
         load_result(copy, "a.png")
+    (copy / "a_done.json").write_text('{"outputs": {"labels": "a_labels.tif"}}')
+    with pytest.raises(ValueError, match="not a napari-smear completion marker"):
+        load_result(copy, "a.png")
 
 
 def test_output_folder_inside_the_input_folder_is_not_read_back(setup, tmp_path):

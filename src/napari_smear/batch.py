@@ -621,10 +621,13 @@ def load_result(out_dir: str | Path, image: str | Path):
     if not isinstance(outputs, dict):
         raise ValueError(f"{marker_path} is not a napari-smear completion marker")
     for kind, entry in outputs.items():
-        path = stem.parent / entry["file"]
+        try:
+            path, size = stem.parent / entry["file"], entry["bytes"]
+        except (KeyError, TypeError):
+            raise ValueError(f"{marker_path} is not a napari-smear completion marker (output {kind!r})") from None
         if not path.exists():
             raise FileNotFoundError(f"{path} ({kind}) is missing: run the batch again to redo {relative.as_posix()}")
-        if path.stat().st_size != entry["bytes"]:
+        if path.stat().st_size != size:
             raise ValueError(f"{path} changed since the run that wrote it: run the batch again with overwrite")
 
     labels, meta = read_image(Path(str(stem) + OUTPUT_SUFFIXES["labels"]), rgb=False)

@@ -537,7 +537,6 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
     }
     for cell_type in CELL_TYPES:
         row[cell_type] = per_type[cell_type]
-    for cell_type in CELL_TYPES:
         row[f"{cell_type}_cut_by_edge"] = cut_per_type[cell_type]
     for spec in specs:
         for cell_type in spec.cell_types:
@@ -618,22 +617,22 @@ def load_result(out_dir: str | Path, image: str | Path):
     except (OSError, ValueError) as exc:
         raise ValueError(f"{marker_path} is not a readable completion marker: {exc}") from exc
     outputs = marker.get("outputs") if isinstance(marker, dict) else None
-    if not isinstance(outputs, dict):
-        raise ValueError(f"{marker_path} is not a napari-smear completion marker")
-    for kind, entry in outputs.items():
-        try:
-            path, size = stem.parent / entry["file"], entry["bytes"]
-        except (KeyError, TypeError):
-            raise ValueError(f"{marker_path} is not a napari-smear completion marker (output {kind!r})") from None
-        if not path.exists():
+    damage = _damaged_output(outputs, stem.parent) if outputs is not None else ("outputs", None, "malformed")
+    if damage is not None:
+        kind, path, problem = damage
+        if problem == "missing":
             raise FileNotFoundError(f"{path} ({kind}) is missing: run the batch again to redo {relative.as_posix()}")
-        if path.stat().st_size != size:
+        if problem == "changed":
             raise ValueError(f"{path} changed since the run that wrote it: run the batch again with overwrite")
+        raise ValueError(f"{marker_path} is not a napari-smear completion marker (output {kind!r})")
 
-    labels, meta = read_image(Path(str(stem) + OUTPUT_SUFFIXES["labels"]), rgb=False)
-    nuclei, _ = read_image(Path(str(stem) + OUTPUT_SUFFIXES["nuclei"]), rgb=False)
+    def output(kind: str) -> Path:
+        return Path(str(stem) + OUTPUT_SUFFIXES[kind])
+
+    labels, meta = read_image(output("labels"), rgb=False)
+    nuclei, _ = read_image(output("nuclei"), rgb=False)
     own = meta.get("napari_smear") or {}
-    table = pd.read_csv(Path(str(stem) + OUTPUT_SUFFIXES["cells"]), keep_default_na=True)
+    table = pd.read_csv(output("cells"), keep_default_na=True)
     if "class" in table:  # pandas reads an all-empty column as float NaN
         table["class"] = table["class"].astype(object).where(table["class"].notna(), None)
     diameter = own.get("rbc_diameter_px")
@@ -649,7 +648,7 @@ def load_result(out_dir: str | Path, image: str | Path):
     }
     attention: dict[str, np.ndarray] = {}
     if "attention" in outputs:
-        stack, attention_meta = read_image(Path(str(stem) + OUTPUT_SUFFIXES["attention"]), rgb=False)
+        stack, attention_meta = read_image(output("attention"), rgb=False)
         names = (attention_meta.get("napari_smear") or {}).get("models") or list(models)
         stack = np.asarray(stack, np.float32).reshape(-1, *labels.shape)
         attention = {name: stack[k] for k, name in enumerate(names)}
@@ -1191,16 +1190,31 @@ def _finished_marker(job: _Job, fingerprint: dict) -> dict | None:
         return None
     if marker.get("input") != {"bytes": job.size, "mtime_ns": job.mtime_ns}:
         return None
-    folder = job.marker.parent
-    for entry in (marker.get("outputs") or {}).values():
-        try:
-            if (folder / entry["file"]).stat().st_size != entry["bytes"]:
-                return None
-        except (OSError, KeyError, TypeError):
-            return None
+    if _damaged_output(marker.get("outputs") or {}, job.marker.parent) is not None:
+        return None
     if not all(isinstance(marker.get(key), dict) for key in ("summary", "summary_whole_cells")):
         return None
     return marker
+
+
+def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | None:
+    """The first output a marker lists that is not on disk as recorded: ``(kind, path, problem)``
+    with problem ``"malformed"`` (no file name and size), ``"missing"`` or ``"changed"`` (another
+    size); None when every output is there at its recorded size."""
+    if not isinstance(outputs, dict):
+        return "outputs", None, "malformed"
+    for kind, entry in outputs.items():
+        try:
+            path, size = folder / entry["file"], entry["bytes"]
+        except (KeyError, TypeError):
+            return kind, None, "malformed"
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return kind, path, "missing"
+        if actual != size:
+            return kind, path, "changed"
+    return None
 
 
 def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version) -> dict:

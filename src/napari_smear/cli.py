@@ -137,7 +137,8 @@ def _add_analyze(subparsers) -> None:
         description="Analyse every image of IN (folders are searched recursively; sub-folders are mirrored in "
                     "OUT_DIR). Per image: <stem>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
                     "_overlay.png and the completion marker _done.json; per run: summary.csv, "
-                    "summary_whole_cells.csv, errors.csv, run.json. Re-running skips finished images and redoes unfinished ones. See docs/batch.md.",
+                    "summary_whole_cells.csv, errors.csv, run.json. Re-running skips finished images and "
+                    "redoes unfinished ones. See docs/batch.md.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image folders or files")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")

@@ -66,6 +66,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         )
         self._overwrite = CheckBox(text="redo finished images", value=False)
         # Looking at the results: any image the output folder holds results for.
+        self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
         self._results_title = Label(value="<b>Results</b>")
         # Choices from a callable: napari resets the choices of dock widgets whenever layers
         # change, and a fixed list would be reset to the empty one given here.
@@ -82,7 +83,6 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
-        self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
         #: What the last finished run reported (for scripts and tests).
         self.last_report: BatchReport | None = None
         self.reset_choices()
@@ -141,7 +141,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         return images
 
     def _analysed_choices(self, *_) -> list[str]:
-        return list(getattr(self, "_summary_paths", {}))
+        return list(self._summary_paths)
 
     def show_result(self, image: str | None = None) -> None:
         """Open ``image`` (default: the chosen one) and its results in the viewer, read in the background.

@@ -210,12 +210,15 @@ def main() -> int:
         "`benchmarks/model_eval.py`'s BCCD loop, not kept as options.",
         "- **A tighter crop window** (3 red-cell diameters instead of 4, so the cell spans more of the 96 px "
         "and the window reaches past a camera field less often; 80 epochs, same seed: "
-        "`train_default_models.py --only wbc-pbc8 --crop-diameters-wbc 3`): 96.14 % on PBC val and 68.6 % on "
-        "BCCD (78.6 % over the 5 types), against 96.96 % and 72.9 % for the 4-diameter model; averaging the "
-        "two models' answers gave 96.90 % on PBC val. Not shipped: worse on both data sets (on the 119 BCCD fields where "
+        "`train_default_models.py --only wbc-pbc8 --crop-diameters-wbc 3 --epochs-wbc 80 --patience 20 --out DIR`, "
+        "BCCD by `benchmarks/model_eval.py --model DIR/wbc-pbc8.safetensors --skip-scale`): 96.14 % on PBC val and "
+        "68.6 % on BCCD (78.6 % over the 5 types), against 96.96 % and 72.9 % for the 4-diameter model; "
+        "averaging the two models' probabilities on the packed PBC val crops (a one-off script, not kept) gave "
+        "96.90 %. Not shipped: worse on both data sets (on the 119 BCCD fields where "
         "its window stays inside the field it was right on 75.6 %).",
         "- **Training on from the shipped model** for 30 more epochs at a fifth of the learning rate "
-        "(`--epochs-wbc 30` with `\"init_from\"` the shipped file and `\"lr\": 0.0004` added to `--options-wbc`): "
+        "(`--epochs-wbc 30 --patience 30` with `\"init_from\"` the shipped file and `\"lr\": 0.0004` added to "
+        "`--options-wbc`): "
         "its best epoch scored 96.96 % on PBC val, the same as the shipped model. A fresh run with a "
         "longer schedule (120+ epochs, about two hours on 2 CPU cores) is not measured yet.",
         f"- **`rbc-chula12`**: 80 epochs instead of 40 took validation accuracy from 79.90 % to {_pct(rbc_val.get('accuracy'))} "

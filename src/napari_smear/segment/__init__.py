@@ -252,37 +252,66 @@ def _upsampling_index(n_full: int, n_small: int) -> np.ndarray:
     return np.minimum(((np.arange(n_full) + 0.5) * n_small / n_full).astype(np.intp), n_small - 1)
 
 
-def _upsampled_stats(lab: np.ndarray, full_shape: tuple[int, int]) -> pd.DataFrame:
-    """Area, centroid and bounding box of every label of ``lab`` once upsampled
-    (nearest neighbour) to ``full_shape``, computed without upsampling.
+def _linear_weights(n_full: int, n_small: int):
+    """Neighbouring working pixels and weights of each full-resolution row (or
+    column) for linear interpolation between pixel centres."""
+    position = np.clip((np.arange(n_full) + 0.5) * n_small / n_full - 0.5, 0, n_small - 1)
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, n_small - 1)
+    return low, high, (position - low).astype(np.float32)
 
-    A working pixel (i, j) becomes a block of ``my[i] * mx[j]`` full pixels whose
-    rows sum to ``sy[i] * mx[j]`` and columns to ``my[i] * sx[j]``: the moments are
-    weighted sums over the small image.
+
+def _smooth_upsample(lab: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Working-resolution labels drawn at full resolution with smooth outlines.
+
+    Nearest-neighbour upsampling leaves steps a working pixel wide on every outline
+    (4 px on a camera field). The cells' outer outline is instead where the
+    bilinearly interpolated foreground crosses one half, which cuts each step's
+    corner; every working pixel keeps at least its own centre, so no small cell is
+    lost. Which cell a pixel belongs to still comes from the nearest working pixel
+    (or, just outside a cell, from the cell next to it); the borders between
+    touching cells are cut lines anyway. Done in row blocks: no float image of the
+    full size.
     """
-    sh, sw = lab.shape
-    ys = _upsampling_index(full_shape[0], sh)
-    xs = _upsampling_index(full_shape[1], sw)
-    my = np.bincount(ys, minlength=sh).astype(np.float64)
-    mx = np.bincount(xs, minlength=sw).astype(np.float64)
-    sy = np.bincount(ys, weights=np.arange(full_shape[0], dtype=np.float64), minlength=sh)
-    sx = np.bincount(xs, weights=np.arange(full_shape[1], dtype=np.float64), minlength=sw)
-    first_y = np.searchsorted(ys, np.arange(sh))
-    last_y = np.searchsorted(ys, np.arange(sh), side="right")
-    first_x = np.searchsorted(xs, np.arange(sw))
-    last_x = np.searchsorted(xs, np.arange(sw), side="right")
-    flat = lab.ravel()
-    n = int(flat.max()) + 1 if flat.size else 1
-    area = np.bincount(flat, weights=np.outer(my, mx).ravel(), minlength=n)
-    sum_y = np.bincount(flat, weights=np.outer(sy, mx).ravel(), minlength=n)
-    sum_x = np.bincount(flat, weights=np.outer(my, sx).ravel(), minlength=n)
+    ys = _upsampling_index(shape[0], lab.shape[0])
+    xs = _upsampling_index(shape[1], lab.shape[1])
+    y0, y1, wy = _linear_weights(shape[0], lab.shape[0])
+    x0, x1, wx = _linear_weights(shape[1], lab.shape[1])
+    foreground = (lab > 0).astype(np.float32)
+    grown = np.where(lab > 0, lab, ndi.maximum_filter(lab, size=3))
+    out = np.empty(shape, lab.dtype)
+    for start in range(0, shape[0], 1024):
+        rows = slice(start, start + 1024)
+        weight = wy[rows, None]
+        between = foreground[y0[rows]] * (1 - weight) + foreground[y1[rows]] * weight
+        inside = between[:, x0] * (1 - wx) + between[:, x1] * wx > 0.5
+        block = grown[ys[rows, None], xs[None, :]]
+        block[~inside] = 0
+        out[rows] = block
+    return out
+
+
+def _label_stats(lab: np.ndarray) -> pd.DataFrame:
+    """Area, centroid and bounding box of every label of ``lab``, in row blocks (no
+    image-sized temporaries)."""
+    n = int(lab.max()) + 1 if lab.size else 1
+    area = np.zeros(n)
+    sum_y = np.zeros(n)
+    sum_x = np.zeros(n)
+    columns = np.arange(lab.shape[1], dtype=np.float64)
+    for start in range(0, lab.shape[0], 512):
+        block = lab[start : start + 512]
+        rows = block.shape[0]
+        flat = block.ravel()
+        area += np.bincount(flat, minlength=n)
+        sum_y += np.bincount(flat, weights=np.repeat(np.arange(start, start + rows, dtype=np.float64), block.shape[1]), minlength=n)
+        sum_x += np.bincount(flat, weights=np.tile(columns, rows), minlength=n)
     ids = np.flatnonzero(area[1:] > 0) + 1
     boxes = ndi.find_objects(lab)
-    rows = []
-    for i in ids:
-        by, bx = boxes[i - 1]
-        rows.append((first_y[by.start], first_x[bx.start], last_y[by.stop - 1], last_x[bx.stop - 1]))
-    rows = np.asarray(rows, np.int64).reshape(-1, 4)
+    rows = np.asarray(
+        [(boxes[i - 1][0].start, boxes[i - 1][1].start, boxes[i - 1][0].stop, boxes[i - 1][1].stop) for i in ids],
+        np.int64,
+    ).reshape(-1, 4)
     return pd.DataFrame(
         {
             "label": ids.astype(np.int64),
@@ -292,7 +321,7 @@ def _upsampled_stats(lab: np.ndarray, full_shape: tuple[int, int]) -> pd.DataFra
             "bbox_min_x": rows[:, 1],
             "bbox_max_y": rows[:, 2],
             "bbox_max_x": rows[:, 3],
-            "area_px": np.rint(area[ids]).astype(np.int64),
+            "area_px": area[ids].astype(np.int64),
         }
     )
 
@@ -318,17 +347,19 @@ def _exact_stats(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> pd.D
 def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work) -> int:
     """Write the tile's own cells (centroid in its core) into the image, renumbered.
 
-    The cells are upsampled from working resolution straight into the image; a
-    pixel already taken by a neighbouring tile's cell stays with that cell. White
-    cells get their full-resolution outline and nucleus (:func:`_redraw_white_cells`).
-    The table is computed from the working-resolution labels; only cells that lost
-    pixels at a seam, or were redrawn, are measured again at full resolution.
+    The cells are upsampled from working resolution with smooth outlines
+    (:func:`_smooth_upsample`) straight into the image; a pixel already taken by a
+    neighbouring tile's cell stays with that cell. White cells get their
+    full-resolution outline and nucleus (:func:`_redraw_white_cells`). The table is
+    measured on the upsampled labels; only cells that lost pixels at a seam, or
+    were redrawn, are measured again.
     """
     lab, nuc, types, outlines = result
     window = tile.window
     oy, ox = window[0].start, window[1].start
     wh, ww = window[0].stop - oy, window[1].stop - ox
-    stats = _upsampled_stats(lab, (wh, ww))
+    drawn = _smooth_upsample(lab, (wh, ww))
+    stats = _label_stats(drawn)
     cy, cx = tile.core
     gy, gx = stats.centroid_y + oy, stats.centroid_x + ox
     own = ((gy >= cy.start) & (gy < cy.stop) & (gx >= cx.start) & (gx < cx.stop)).to_numpy()
@@ -338,15 +369,16 @@ def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_
     old = stats["label"].to_numpy()
     lut = np.zeros(int(lab.max()) + 1, np.uint32)
     lut[old] = np.arange(next_id, next_id + len(old), dtype=np.uint32)
-    ys = _upsampling_index(wh, lab.shape[0])
-    xs = _upsampling_index(ww, lab.shape[1])
-    new_lab = lut[lab][ys[:, None], xs[None, :]]
+    new_lab = lut[drawn]
+    del drawn
     target = labels[window]
     conflict = (new_lab > 0) & (target > 0)
     touched = np.unique(new_lab[conflict])
     free = target == 0
     target[free] = new_lab[free]
     del new_lab, free, conflict
+    ys = _upsampling_index(wh, lab.shape[0])
+    xs = _upsampling_index(ww, lab.shape[1])
     new_nuc = lut[nuc][ys[:, None], xs[None, :]]
     nuc_target = nuclei[window]
     placed = (new_nuc > 0) & (target == new_nuc)

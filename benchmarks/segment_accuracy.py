@@ -7,7 +7,9 @@ Measures, with ``napari_smear.segment_smear`` at its defaults (automatic scale):
   by the image edge, so a second figure ("edge-ignored") does not count a prediction
   touching the edge that lies in no box of its type as a false positive; the strict
   figure counts every prediction;
-- Chula RBC-12: the share of labelled red-cell points inside a segmented red cell.
+- Chula RBC-12: the share of labelled red-cell points inside a segmented red cell, and
+  how round the whole cells labelled normal are drawn (median circularity and
+  perimeter; pixel steps on the outline lower the one and raise the other).
 
 Usage: python benchmarks/segment_accuracy.py [--data ../shared/data] [--limit N]
 Prints a table and saves benchmarks/results/segment_accuracy.json.
@@ -134,8 +136,16 @@ def evaluate_bccd(data: Path, limit: int | None, segment, read):
 
 
 def evaluate_chula(data: Path, limit: int | None, segment, read):
+    """Share of the labelled points that fall inside a segmented red cell, and the
+    outline fidelity of the cells labelled normal: their median circularity
+    (4 pi area / perimeter^2; a round cell drawn with pixel steps scores low) and
+    perimeter in units of the ruler's circle (pi d), both from
+    :func:`napari_smear.morphology.morphology_table`, cells cut by the edge left out."""
+    from napari_smear.morphology import morphology_table
+
     images = sorted((data / "chula_rbc12" / "images").glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)[:limit]
     inside = total = 0
+    circularity, perimeter = [], []
     for path in images:
         label_file = data / "chula_rbc12" / "labels" / f"{path.stem}.txt"
         if not label_file.exists():
@@ -143,14 +153,29 @@ def evaluate_chula(data: Path, limit: int | None, segment, read):
         pts = np.loadtxt(label_file, ndmin=2)
         if pts.size == 0:
             continue
-        seg = segment(read(path))
+        rgb = read(path)
+        seg = segment(rgb)
         rbc_ids = seg.table.label[seg.table.cell_type == "rbc"].to_numpy()
         h, w = seg.labels.shape
         xs = np.clip(pts[:, 0].round().astype(int), 0, w - 1)
         ys = np.clip(pts[:, 1].round().astype(int), 0, h - 1)
-        inside += int(np.isin(seg.labels[ys, xs], rbc_ids).sum())
+        hit = seg.labels[ys, xs]
+        inside += int(np.isin(hit, rbc_ids).sum())
         total += len(pts)
-    return {"n_images": len(images), "n_points": total, "point_recall": inside / max(total, 1)}
+        whole = seg.table.label[(seg.table.cell_type == "rbc") & ~seg.table.touches_edge].to_numpy()
+        normal = np.unique(hit[(pts[:, 2] == 0) & np.isin(hit, whole)])
+        if normal.size:
+            morph = morphology_table(rgb, seg).set_index("label").loc[normal]
+            circularity.extend(morph.circularity.tolist())
+            perimeter.extend(morph.perimeter_rbc.tolist())
+    return {
+        "n_images": len(images),
+        "n_points": total,
+        "point_recall": inside / max(total, 1),
+        "n_normal_cells": len(circularity),
+        "normal_rbc_circularity_median": float(np.median(circularity)) if circularity else None,
+        "normal_rbc_perimeter_rbc_median": float(np.median(perimeter)) if perimeter else None,
+    }
 
 
 def main(argv=None):
@@ -182,6 +207,9 @@ def main(argv=None):
         )
     print(f"  mean seconds per field (incl. first-call warm-up): {b['seconds_per_field_mean']:.3f}")
     print(f"Chula RBC-12 ({c['n_images']} fields, {c['n_points']} points): point recall {c['point_recall']:.3f}")
+    if c["n_normal_cells"]:
+        print(f"  {c['n_normal_cells']} whole red cells labelled normal: median circularity "
+              f"{c['normal_rbc_circularity_median']:.3f}, perimeter {c['normal_rbc_perimeter_rbc_median']:.3f} x pi d")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"saved {args.out}")

@@ -134,3 +134,11 @@ def test_chula_red_cells_found(field):
     assert np.isin(seg.labels[ys, xs], rbc_ids).mean() > 0.93
     # isolated cells are not over-split: about one red cell per labelled point
     assert seg.counts()["rbc"] < 1.3 * len(points)
+    # outlines drawn without pixel steps: a round cell measures round (median
+    # circularity 0.88-0.89 on these fields; 0.79 when labels were upsampled blockwise)
+    from napari_smear.morphology import morphology_table
+
+    whole = seg.table.label[(seg.table.cell_type == "rbc") & ~seg.table.touches_edge].to_numpy()
+    labelled = np.unique(seg.labels[ys, xs][np.isin(seg.labels[ys, xs], whole)])
+    circularity = morphology_table(rgb, seg).set_index("label").loc[labelled, "circularity"]
+    assert np.median(circularity) > 0.84

@@ -21,7 +21,12 @@ Steps per model:
    it classifies, data licences and credit) and is written to
    ``src/napari_smear/models/weights/<name>.safetensors``; its validation metrics go to
    ``benchmarks/results/<name>_val.json`` and its confusion matrix to
-   ``docs/images/<name>_confusion.png``.
+   ``docs/images/<name>_confusion.png``. With ``--out DIR`` elsewhere (an experiment)
+   the file, its report and its picture all go to DIR and the shipped ones stay.
+
+``--rescore-only`` scores the file in ``--out`` again on the current crops, for when
+the segmentation or cropping changed but the model did not: its report keeps the
+training history and gets the new ``val`` figures.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIR = ROOT / "src" / "napari_smear" / "models" / "weights"
 
 CHULA_CLASSES = [
     "normal", "macrocyte", "microcyte", "spherocyte", "target_cell", "stomatocyte", "ovalocyte",
@@ -150,6 +156,14 @@ def train_one(name: str, crops: Path, args) -> dict:
     extra = json.loads(args.options_wbc if name == "wbc-pbc8" else args.options_rbc)
     epochs = args.epochs_wbc if name == "wbc-pbc8" else args.epochs_rbc
     run_file = runs / f"{name}.safetensors"
+    out_dir = Path(args.out).resolve()
+    # what the card and the benchmarks read belongs to the shipped model: an experiment
+    # (--out elsewhere) keeps its report and confusion picture in its own folder
+    shipping = out_dir == SHIPPED_DIR.resolve()
+    reports = (ROOT / "benchmarks" / "results") if shipping else out_dir
+    images = (ROOT / "docs" / "images") if shipping else out_dir
+    if args.rescore_only:
+        return rescore(name, crop_set, out_dir / f"{name}.safetensors", reports, images, args)
     if args.finalize_only:
         # Ship the best epoch an interrupted run has written so far, without training on.
         if not run_file.exists():
@@ -176,11 +190,9 @@ def train_one(name: str, crops: Path, args) -> dict:
         "credit": spec["credit"],
         "trained_by": "scripts/train_default_models.py",
     })
-    out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = save_model(out_dir / f"{name}.safetensors", model, metadata)
     metrics = evaluate(model, crop_set, "val", info=info, device=args.device)
-    images = ROOT / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
     plot_confusion(metrics["confusion"], info.class_names, images / f"{name}_confusion.png",
                    title=f"{name}: validation confusion (row-normalised)")
@@ -193,12 +205,38 @@ def train_one(name: str, crops: Path, args) -> dict:
         "finalized_from_interrupted_run": result is None, "val": metrics,
         "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
     }
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}_val.json").write_text(json.dumps(report, indent=2))
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"{name}_val.json").write_text(json.dumps(report, indent=2))
     print(f"[{name}] val accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"attention inside {metrics.get('attention_mass_inside')}; wrote {target} "
           f"({report['file_mb']} MB)")
+    return report
+
+
+def rescore(name: str, crop_set, model_file: Path, reports: Path, images: Path, args) -> dict:
+    """Score a trained file again on the current crops (after a change of the
+    segmentation or cropping code) without re-training: its report keeps the training
+    history and command, its ``val`` figures and confusion picture are replaced."""
+    from napari_smear.datasets import crop_code_version
+    from napari_smear.training import evaluate, plot_confusion
+
+    if not model_file.exists():
+        raise SystemExit(f"--rescore-only: no model file at {model_file}")
+    report_file = reports / f"{name}_val.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {"model": name}
+    metrics = evaluate(model_file, crop_set, "val", device=args.device)
+    plot_confusion(metrics["confusion"], metrics["class_names"], images / f"{name}_confusion.png",
+                   title=f"{name}: validation confusion (row-normalised)")
+    report.update({
+        "val": metrics,
+        "rescored": {
+            "crop_code_version": crop_code_version(),
+            "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
+        },
+    })
+    report_file.write_text(json.dumps(report, indent=2))
+    print(f"[{name}] rescored on the current crops: val accuracy {metrics['accuracy']:.4f}, "
+          f"macro-F1 {metrics['macro_f1']:.4f}")
     return report
 
 
@@ -206,11 +244,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--cache", default=str(ROOT / "cache"), help="folder of the packed crop sets")
-    parser.add_argument("--out", default=str(ROOT / "src" / "napari_smear" / "models" / "weights"))
+    parser.add_argument("--out", default=str(SHIPPED_DIR),
+                        help="where the trained file goes (default: the package, i.e. ship it); "
+                             "elsewhere, its report and confusion picture go there too")
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
     parser.add_argument("--pack-only", action="store_true")
     parser.add_argument("--finalize-only", action="store_true",
                         help="ship the best epoch of an interrupted run (runs/<name>.safetensors) as it is")
+    parser.add_argument("--rescore-only", action="store_true",
+                        help="score the file in --out again on the current crops (after a segmentation change) "
+                             "and update its report and confusion picture")
     parser.add_argument("--workers", type=int, default=2, help="processes for segmenting/cropping")
     parser.add_argument("--size-wbc", type=int, default=None, help="crop side in px (default 96)")
     parser.add_argument("--size-rbc", type=int, default=None, help="crop side in px (default 64)")

@@ -234,3 +234,15 @@ def test_upsampled_outlines_are_smooth_and_keep_small_cells():
     circle = 2 * np.sqrt(np.pi * disk.sum())
     assert perimeter(disk) < 1.16 * circle
     assert perimeter(disk) < 0.92 * perimeter(blocky == 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.2, 1.5, 2.0, 4.0])
+def test_upsampling_loses_no_cell(scale):
+    from napari_smear.segment import _smooth_upsample
+
+    rng = np.random.default_rng(0)
+    small = np.zeros((50, 60), np.int32)
+    spots = rng.choice(50 * 60, 40, replace=False)
+    small.ravel()[spots] = np.arange(1, 41)  # one-pixel cells (platelets)
+    full = _smooth_upsample(small, (round(50 * scale), round(60 * scale)))
+    assert set(np.unique(full)) == set(range(41))

@@ -267,8 +267,8 @@ def _smooth_upsample(lab: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     Nearest-neighbour upsampling leaves steps a working pixel wide on every outline
     (4 px on a camera field). The cells' outer outline is instead where the
     bilinearly interpolated foreground crosses one half, which cuts each step's
-    corner; every working pixel keeps at least its own centre, so no small cell is
-    lost. Which cell a pixel belongs to still comes from the nearest working pixel
+    corner; a cell too small to reach one half anywhere is drawn blockwise, so none
+    is lost. Which cell a pixel belongs to still comes from the nearest working pixel
     (or, just outside a cell, from the cell next to it); the borders between
     touching cells are cut lines anyway. Done in row blocks: no float image of the
     full size.
@@ -288,6 +288,19 @@ def _smooth_upsample(lab: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         block = grown[ys[rows, None], xs[None, :]]
         block[~inside] = 0
         out[rows] = block
+    # a cell of one or two working pixels can fall below one half everywhere when
+    # the image is barely downscaled: it is drawn blockwise instead
+    n = int(lab.max()) + 1
+    lost = np.flatnonzero((np.bincount(lab.ravel(), minlength=n) > 0) & (np.bincount(out.ravel(), minlength=n) == 0))
+    lost = lost[lost > 0]
+    if lost.size:
+        boxes = ndi.find_objects(lab)
+        for label in lost:
+            by, bx = boxes[label - 1]
+            fy = slice(np.searchsorted(ys, by.start), np.searchsorted(ys, by.stop - 1, side="right"))
+            fx = slice(np.searchsorted(xs, bx.start), np.searchsorted(xs, bx.stop - 1, side="right"))
+            blockwise = lab[ys[fy, None], xs[None, fx]] == label
+            out[fy, fx][blockwise] = label
     return out
 
 

@@ -117,7 +117,9 @@ def bccd_cross_dataset(model_name: str, limit: int, device: str) -> dict:
         rows.append({"image": row.image, "truth": truth, "predicted": best["class"],
                      "predicted_5": five[int(p5.argmax())], "confidence": float(best.confidence),
                      "n_wbc": int(len(wbcs)), "crop_overhang": float(overhang),
-                     "touches_edge": bool(best.get("touches_edge", False))})
+                     "touches_edge": bool(best.get("touches_edge", False)),
+                     # the cell's size in red-cell diameters (a disk of its area)
+                     "diameter_rbc": float(np.sqrt(4 * best.area_px / np.pi) / result.segmentation.rbc_diameter_px)})
     table = pd.DataFrame(rows)
     found = table[table.n_wbc > 0]
     report = {
@@ -136,6 +138,8 @@ def bccd_cross_dataset(model_name: str, limit: int, device: str) -> dict:
             for cut, g in found.groupby(found.touches_edge.astype(bool))
         },
         "confusion": pd.crosstab(table.truth, table.predicted).to_dict(),
+        # every field's answer, with the answering cell's size and overhang
+        "fields": table.to_dict("records"),
         "seconds": time.perf_counter() - started,
     }
     print(f"BCCD cross-dataset: {report['accuracy']:.4f} (8-class argmax), {report['accuracy_5_types']:.4f} "

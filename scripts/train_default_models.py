@@ -147,7 +147,7 @@ def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | No
 def train_one(name: str, crops: Path, args) -> dict:
     from napari_smear.datasets import load_crop_set
     from napari_smear.models import load_model, save_model
-    from napari_smear.training import evaluate, plot_confusion, train
+    from napari_smear.training import evaluate, train
 
     crop_set = load_crop_set(crops)
     runs = ROOT / "runs"
@@ -193,9 +193,7 @@ def train_one(name: str, crops: Path, args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = save_model(out_dir / f"{name}.safetensors", model, metadata)
     metrics = evaluate(model, crop_set, "val", info=info, device=args.device)
-    images.mkdir(parents=True, exist_ok=True)
-    plot_confusion(metrics["confusion"], info.class_names, images / f"{name}_confusion.png",
-                   title=f"{name}: validation confusion (row-normalised)")
+    _confusion_picture(name, metrics, images)
     report = {
         "model": name, "kind": kind, "options": extra, "file": str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target),
         "file_mb": round(target.stat().st_size / 1e6, 2),
@@ -213,20 +211,27 @@ def train_one(name: str, crops: Path, args) -> dict:
     return report
 
 
+def _confusion_picture(name: str, metrics: dict, folder: Path) -> Path:
+    from napari_smear.training import plot_confusion
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return plot_confusion(metrics["confusion"], metrics["class_names"], folder / f"{name}_confusion.png",
+                          title=f"{name}: validation confusion (row-normalised)")
+
+
 def rescore(name: str, crop_set, model_file: Path, reports: Path, images: Path, args) -> dict:
     """Score a trained file again on the current crops (after a change of the
     segmentation or cropping code) without re-training: its report keeps the training
     history and command, its ``val`` figures and confusion picture are replaced."""
     from napari_smear.datasets import crop_code_version
-    from napari_smear.training import evaluate, plot_confusion
+    from napari_smear.training import evaluate
 
     if not model_file.exists():
         raise SystemExit(f"--rescore-only: no model file at {model_file}")
     report_file = reports / f"{name}_val.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {"model": name}
     metrics = evaluate(model_file, crop_set, "val", device=args.device)
-    plot_confusion(metrics["confusion"], metrics["class_names"], images / f"{name}_confusion.png",
-                   title=f"{name}: validation confusion (row-normalised)")
+    _confusion_picture(name, metrics, images)
     report.update({
         "val": metrics,
         "rescored": {

@@ -107,6 +107,25 @@ def _erythroblast_sizes(evaluation) -> str:
             "calls an erythroblast, so these cells' size, more than their colour, leads the model astray.")
 
 
+def _red_cells_elsewhere(tally) -> list[str]:
+    """Known-limits line on rbc-chula12's answers on BCCD (no labels there: shares only)."""
+    if not tally or not tally.get("n_red_cells"):
+        return []
+    share, val = tally["share_by_class"], tally.get("validation_share_by_class") or {}
+    # the classes it over-answers most against its validation shares
+    odd = sorted((c for c in share if c != "normal"), key=lambda c: share[c] - val.get(c, 0), reverse=True)[:2]
+    odd_text = " and ".join(f"*{c}* for {100 * share[c]:.0f} % ({100 * val.get(c, 0):.1f} % of its validation cells)" for c in odd)
+    return [
+        f"- **`rbc-chula12` on other microscopes**: it learned from one microscope and stain (Chula RBC-12, 1000x) "
+        "without stain normalisation, and no other data set we have labels red-cell morphology, so it has no "
+        f"cross-dataset figure. On BCCD's {tally['n_red_cells']} whole red cells ({tally['n_fields']} fields; "
+        "`benchmarks/model_eval.py`) it answers *normal* for "
+        f"{100 * share.get('normal', 0):.0f} % of them ({100 * val.get('normal', 0):.0f} % of its validation cells are normal), "
+        f"{odd_text}. Treat its answers on another microscope as unchecked, and fine-tune it on a few labelled cells "
+        "of that microscope (*Train classifier* widget, `train(init_from=...)`) before counting on them.",
+    ]
+
+
 def main() -> int:
     from napari_smear.models import BUILTIN_MODELS, available_models
 
@@ -248,6 +267,7 @@ def main() -> int:
         f"({rbc_val.get('n')} validation cells): {_pct(rbc_val.get('accuracy'))} and {_pct(rbc_val.get('macro_f1'))}, "
         "where the model it replaced scored 83.63 % and 70.82 % on the same crops. The rare classes (teardrop, "
         "burr cell, uncategorised: a few dozen training cells each) stay the weak ones, so read their counts as a hint.",
+        *_red_cells_elsewhere((evaluation or {}).get("red_cells_on_bccd")),
         "- **Speed figures** were measured on a quiet 2-core machine (no GPU was available to us).",
         "",
     ]

@@ -617,7 +617,7 @@ def load_result(out_dir: str | Path, image: str | Path):
     except (OSError, ValueError) as exc:
         raise ValueError(f"{marker_path} is not a readable completion marker: {exc}") from exc
     outputs = marker.get("outputs") if isinstance(marker, dict) else None
-    damage = _damaged_output(outputs, stem.parent) if outputs is not None else ("outputs", None, "malformed")
+    damage = _damaged_output(outputs, stem.parent)
     if damage is not None:
         kind, path, problem = damage
         if problem == "missing":

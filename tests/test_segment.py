@@ -246,3 +246,21 @@ def test_upsampling_loses_no_cell(scale):
     small.ravel()[spots] = np.arange(1, 41)  # one-pixel cells (platelets)
     full = _smooth_upsample(small, (round(50 * scale), round(60 * scale)))
     assert set(np.unique(full)) == set(range(41))
+
+
+def test_ruler_of_a_mid_size_field_comes_from_windows_and_sparse_fields_still_get_one():
+    from napari_smear.segment import _SCALE_WHOLE_FIELD_MAX_PIXELS, _estimate_diameter, _window_diameter
+    from napari_smear.segment.stain import estimate_stain
+
+    field, _ = synthetic_smear((1200, 1600), rbc_diameter_px=30.0, seed=4)
+    mosaic = np.tile(field, (2, 2, 1))  # 2400 x 3200: measured on five windows
+    assert mosaic.shape[0] * mosaic.shape[1] > _SCALE_WHOLE_FIELD_MAX_PIXELS
+    stain = estimate_stain(field)
+    windowed = _estimate_diameter(mosaic, stain)
+    assert abs(windowed / _window_diameter(mosaic, stain) - 1) < 0.05
+    assert abs(windowed / 30.0 - 1) < 0.15
+    # cells only in one corner, which none of the five windows reaches: the whole
+    # field is measured instead of giving up
+    sparse = np.full_like(mosaic, 235)
+    sparse[:400, :600] = field[:400, :600]
+    assert abs(_estimate_diameter(sparse, stain) / 30.0 - 1) < 0.15

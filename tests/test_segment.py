@@ -264,3 +264,25 @@ def test_ruler_of_a_mid_size_field_comes_from_windows_and_sparse_fields_still_ge
     sparse = np.full_like(mosaic, 235)
     sparse[:400, :600] = field[:400, :600]
     assert abs(_estimate_diameter(sparse, stain) / 30.0 - 1) < 0.15
+
+
+def test_pale_ring_makes_its_cell_whole_and_glass_between_cells_stays_glass():
+    from napari_smear.segment.cells import CellParams, pale_rings
+
+    d = 24.0
+    yy, xx = np.mgrid[:80, :160]
+    r = np.hypot(yy - 40, xx - 40)
+    # a pale cell: its faint rim closes (faint mask) but only a crescent of it
+    # passed the glass/cell threshold (cells), so its pallor was left open
+    faint = (r >= 7) & (r <= 12)
+    cells = faint & (xx < 36)
+    found = pale_rings(faint, cells, d, CellParams())
+    whole = cells | found
+    assert whole[r <= 12].all() and not whole[r > 13].any()
+    assert not (found & cells).any()
+    # three touching cells enclose a patch of concave-sided glass: not a pallor
+    centres = [(30, 110), (30, 134), (51, 122)]
+    disks = np.zeros_like(faint)
+    for cy, cx in centres:
+        disks |= np.hypot(yy - cy, xx - cx) <= 12.5
+    assert not pale_rings(disks, disks & (xx > 90), d, CellParams()).any()

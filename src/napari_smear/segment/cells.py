@@ -44,6 +44,12 @@ class CellParams:
     rbc_fragment_area: float = 0.3  # smaller watershed pieces join a neighbour
     rbc_clump_spacing: float = 0.5  # centres of packed cells lie at least this far apart
     rbc_clump_min_symmetry: float = 0.1  # weakest outline that still marks a cell's centre
+    # pale red cells (a thin, faint rim round a wide pallor) fall partly under the
+    # glass/cell threshold; rims closed above this fraction of it count, round a
+    # convex pallor of at least this area (see pale_rings; None: not looked for)
+    pale_rbc_density: float | None = 0.5
+    pale_pallor_min_area: float = 0.1
+    pale_pallor_min_solidity: float = 0.85
 
 
 def remove_small_objects(mask: np.ndarray, min_area: int) -> np.ndarray:
@@ -101,6 +107,38 @@ def fill_pallor(mask: np.ndarray, d: float, max_area_fraction: float) -> np.ndar
     # the closing's own pixels next to a filled hole close the rim's gap
     gap = closed & ~filled & ndi.binary_dilation(holes, iterations=radius)
     return filled | holes | gap
+
+
+def pale_rings(faint: np.ndarray, cells: np.ndarray, d: float, params: CellParams) -> np.ndarray:
+    """Pale red cells missing from ``cells``: the pallor a faint rim encloses, and that rim.
+
+    A pale cell's thin rim falls partly under the glass/cell threshold, so its
+    pallor is not enclosed and the cell is lost or glued to a neighbour as a
+    crescent. Above a lower threshold (``faint``) the rim closes; the holes it
+    encloses that ``cells`` lacks, and the faint pixels within a quarter of a cell of
+    them, make the cell whole again. Cells already whole are left as they are.
+
+    A hole counts as a pallor only when it looks like one: at least
+    ``pale_pallor_min_area`` of a cell (and at most ``pallor_hole_area``) and convex.
+    The glass between packed cells (concave sides) and smudges on the glass
+    (ragged) are not: on Chula fields, holes down to a solidity of 0.6 glued
+    neighbouring cells together and outlined smudges as cells.
+    """
+    from skimage.measure import regionprops
+
+    holes = fill_pallor(faint, d, params.pallor_hole_area) & ~faint & ~cells
+    comps, n = ndi.label(holes)
+    if n == 0:
+        return holes
+    keep = np.zeros(n + 1, bool)
+    min_area = _area(d, params.pale_pallor_min_area)
+    for region in regionprops(comps):
+        keep[region.label] = region.area >= min_area and region.solidity >= params.pale_pallor_min_solidity
+    pallor = keep[comps]
+    if not pallor.any():
+        return pallor
+    rim = faint & ~cells & ndi.binary_dilation(pallor, disk(max(1, int(round(d / 4)))))
+    return pallor | rim
 
 
 def _adjacency(labels: np.ndarray, height: np.ndarray):
@@ -523,8 +561,12 @@ def segment_field(
             next_id += 1
 
     # --- red cells: fill central pallor, split touching cells on the distance map
-    rbc = foreground & ~ndi.binary_dilation(labels > 0, iterations=1)
+    clear = ~ndi.binary_dilation(labels > 0, iterations=1)
+    rbc = foreground & clear
     rbc = fill_pallor(rbc, d, params.pallor_hole_area)
+    if params.pale_rbc_density is not None:
+        faint = density > params.pale_rbc_density * stain.foreground_threshold
+        rbc |= pale_rings(faint, rbc, d, params) & clear
     rbc = ndi.binary_opening(rbc, disk(max(1, int(d / 10))))
     rbc = remove_small_objects(rbc, _area(d, params.min_rbc_area))
     if rbc.any():

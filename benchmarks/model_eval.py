@@ -125,8 +125,23 @@ def white_cell_answer(image: str, truth: str, rgb, result, info) -> dict:
             "predicted_5": five[int(p5.argmax())], "confidence": float(best.confidence),
             "n_wbc": int(len(wbcs)), "crop_overhang": float(overhang),
             "touches_edge": bool(best.get("touches_edge", False)),
-            # the cell's size in red-cell diameters (a disk of its area)
-            "diameter_rbc": float(np.sqrt(4 * best.area_px / np.pi) / result.segmentation.rbc_diameter_px)}
+            # the cell's size in red-cell diameters (a disk of its area), and the size of
+            # the field's white cell(s) by BCCD's own mask, against the same ruler
+            "diameter_rbc": float(np.sqrt(4 * best.area_px / np.pi) / result.segmentation.rbc_diameter_px),
+            "truth_mask_diameter_rbc": _truth_mask_diameter(image, result.segmentation.rbc_diameter_px)}
+
+
+def _truth_mask_diameter(image: str, rbc_diameter_px: float) -> float | None:
+    """Diameter of a disk of the area of BCCD's white-cell mask of ``image``, in red-cell
+    diameters (None without a mask)."""
+    from napari_smear.io import read_image
+
+    path = DATA / "bccd" / "wbc_masks" / f"{image}.png"
+    if not path.is_file():
+        return None
+    mask = np.asarray(read_image(path)[0])
+    area = int((mask[..., 0] if mask.ndim == 3 else mask).astype(bool).sum())
+    return float(np.sqrt(4 * area / np.pi) / rbc_diameter_px) if area else None
 
 
 def white_cell_report(rows: list[dict], seconds: float) -> dict:

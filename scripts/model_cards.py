@@ -101,10 +101,18 @@ def _erythroblast_sizes(evaluation) -> str:
     rest = [f["diameter_rbc"] for f in fields if f["predicted"] != "erythroblast"]
     if not ery or not rest:
         return ""
-    return (f" The {len(ery)} fields answered *erythroblast* (none is one) chose small white cells: "
-            f"{np.median(ery):.2f} red-cell diameters across (median, a disk of the cell's area), against "
-            f"{np.median(rest):.2f} for the other answers. A small round cell with a dense nucleus is what PBC "
-            "calls an erythroblast, so these cells' size, more than their colour, leads the model astray.")
+    sentence = (f" The {len(ery)} fields answered *erythroblast* (none is one) chose small white cells: "
+                f"{np.median(ery):.2f} red-cell diameters across (median, a disk of the cell's area), against "
+                f"{np.median(rest):.2f} for the other answers. A small round cell with a dense nucleus is what PBC "
+                "calls an erythroblast, so these cells' size, more than their colour, leads the model astray.")
+    single = [f for f in fields if f.get("n_wbc") == 1 and f.get("truth_mask_diameter_rbc")]
+    ery_truth = [f["truth_mask_diameter_rbc"] for f in single if f["predicted"] == "erythroblast"]
+    rest_truth = [f["truth_mask_diameter_rbc"] for f in single if f["predicted"] != "erythroblast"]
+    if ery_truth and rest_truth:
+        sentence += (f" The segmentation is not what makes them small: BCCD's own white-cell masks measure them "
+                     f"at {np.median(ery_truth):.2f} red-cell diameters against {np.median(rest_truth):.2f} "
+                     f"(fields with one white cell, {len(ery_truth)} and {len(rest_truth)} of them).")
+    return sentence
 
 
 def _red_cells_elsewhere(tally) -> list[str]:

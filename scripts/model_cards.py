@@ -97,8 +97,11 @@ def card(name: str) -> list[str]:
 def _erythroblast_sizes(evaluation) -> str:
     """A sentence on how small the white cells answered *erythroblast* on BCCD are."""
     fields = [f for f in ((evaluation or {}).get("bccd") or {}).get("fields") or [] if "diameter_rbc" in f]
-    ery = [f["diameter_rbc"] for f in fields if f["predicted"] == "erythroblast"]
-    rest = [f["diameter_rbc"] for f in fields if f["predicted"] != "erythroblast"]
+    def by_answer(rows, key):  # the sizes of the fields answered erythroblast, and of the others
+        return ([f[key] for f in rows if f["predicted"] == "erythroblast"],
+                [f[key] for f in rows if f["predicted"] != "erythroblast"])
+
+    ery, rest = by_answer(fields, "diameter_rbc")
     if not ery or not rest:
         return ""
     sentence = (f" The {len(ery)} fields answered *erythroblast* (none is one) chose small white cells: "
@@ -106,8 +109,7 @@ def _erythroblast_sizes(evaluation) -> str:
                 f"{np.median(rest):.2f} for the other answers. A small round cell with a dense nucleus is what PBC "
                 "calls an erythroblast, so these cells' size, more than their colour, leads the model astray.")
     single = [f for f in fields if f.get("n_wbc") == 1 and f.get("truth_mask_diameter_rbc")]
-    ery_truth = [f["truth_mask_diameter_rbc"] for f in single if f["predicted"] == "erythroblast"]
-    rest_truth = [f["truth_mask_diameter_rbc"] for f in single if f["predicted"] != "erythroblast"]
+    ery_truth, rest_truth = by_answer(single, "truth_mask_diameter_rbc")
     if ery_truth and rest_truth:
         sentence += (f" The segmentation is not what makes them small: BCCD's own white-cell masks measure them "
                      f"at {np.median(ery_truth):.2f} red-cell diameters against {np.median(rest_truth):.2f} "

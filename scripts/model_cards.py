@@ -75,11 +75,13 @@ def card(name: str) -> list[str]:
         "### Validation",
         "",
         f"Accuracy **{_pct(metrics.get('accuracy'))}**, macro-F1 **{_pct(metrics.get('macro_f1'))}** on "
-        f"{metrics.get('n')} validation crops (used only to pick the best epoch; the held-out test split is "
+        f"{metrics.get('n')} validation crops (used only to pick the best epoch"
+        f"{' and the prior-correction strength' if meta.get('prior_correction') else ''}; the held-out test split is "
         "not available to us). Attention mass inside the cell mask: "
         f"{metrics.get('attention_mass_inside', float('nan')):.3f}."
         + (f" Scored again on crops of the current segmentation after it changed (`{val['rescored']['command']}`); "
            "the model was not re-trained." if val.get("rescored") else ""),
+        *_prior_correction_lines(meta.get("prior_correction")),
         "",
         "| class | recall | precision | F1 | support |",
         "|---|---|---|---|---|",
@@ -92,6 +94,28 @@ def card(name: str) -> list[str]:
         )
     lines += ["", f"![{name} confusion matrix](images/{name}_confusion.png)", ""]
     return lines
+
+
+def _prior_correction_lines(choice) -> list[str]:
+    """The card's account of the prior correction stored in the model file."""
+    if not choice or not choice.get("scores"):
+        return []
+    strength = choice["strength"]
+    rows = [f"| {row['strength']:g}{' (chosen)' if row['strength'] == strength else ''} | "
+            f"{_pct(row['accuracy'])} | {_pct(row['macro_f1'])} |" for row in choice["scores"]]
+    return [
+        "",
+        f"**Prior correction** (strength {strength:g}): the model learned from class-balanced batches, so "
+        "its raw answers treat every class as equally common and over-call the rare ones. Its logits get "
+        f"`{strength:g} * log(C * prior)` added, `prior` being the class frequencies of its training split "
+        "(`napari_smear.predict.prior_logit_offsets`; pass `prior_correction=0` to `classify_crops` for the "
+        "balanced answer). The strength was chosen on the validation split for the highest macro-F1 "
+        "(`napari_smear.training.select_prior_correction`); the figures above include it.",
+        "",
+        "| strength | val accuracy | val macro-F1 |",
+        "|---|---|---|",
+        *rows,
+    ]
 
 
 def _erythroblast_sizes(evaluation) -> str:
@@ -223,7 +247,11 @@ def main() -> int:
     wbc = _load(RESULTS / "wbc-pbc8_val.json") or {}
     wbc_val = (wbc.get("val") or {}).get("accuracy")
     wbc_epochs = wbc.get("epochs_completed") or (wbc.get("history") or [{}])[-1].get("epoch")
-    rbc_val = (_load(RESULTS / "rbc-chula12_val.json") or {}).get("val") or {}
+    rbc_report = _load(RESULTS / "rbc-chula12_val.json") or {}
+    rbc_val = rbc_report.get("val") or {}
+    # its figures before the prior correction (strength 0 of the choice it stores)
+    rbc_raw = next((row for row in (rbc_report.get("prior_correction") or {}).get("scores", [])
+                    if row["strength"] == 0), {})
     bccd_acc = ((evaluation or {}).get("bccd") or {}).get("accuracy")
     lines += [
         "## Known limits",
@@ -283,7 +311,11 @@ def main() -> int:
         "segmentation, held 3607). Re-trained the same way on crops whose outlines have no working-pixel steps "
         "(3708 validation cells): 84.36 % and 71.25 %, where the model it replaced scored 83.63 % and 70.82 % on "
         f"the same crops. On the current crops, which also hold the pale red cells found since ({rbc_val.get('n')} "
-        f"validation cells): {_pct(rbc_val.get('accuracy'))} and {_pct(rbc_val.get('macro_f1'))}. The rare classes (teardrop, "
+        f"validation cells): {_pct(rbc_raw.get('accuracy', rbc_val.get('accuracy')))} and "
+        f"{_pct(rbc_raw.get('macro_f1', rbc_val.get('macro_f1')))}"
+        + (f"; with the prior correction chosen since (see Validation) {_pct(rbc_val.get('accuracy'))} and "
+           f"{_pct(rbc_val.get('macro_f1'))}" if rbc_raw else "")
+        + ". The rare classes (teardrop, "
         "burr cell, uncategorised: a few dozen training cells each) stay the weak ones, so read their counts as a hint.",
         *_red_cells_elsewhere((evaluation or {}).get("red_cells_on_bccd")),
         "- **Speed figures** were measured on a quiet 2-core machine (no GPU was available to us).",

@@ -38,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = ROOT / "src" / "napari_smear" / "models" / "weights"
+# metadata keys that save_model writes itself
+FILLED_IN_BY_SAVE_MODEL = ("format_version", "kind", "config", "channels", "package_version", "created")
 
 CHULA_CLASSES = [
     "normal", "macrocyte", "microcyte", "spherocyte", "target_cell", "stomatocyte", "ovalocyte",
@@ -180,7 +182,7 @@ def train_one(name: str, crops: Path, args) -> dict:
         model, info = load_model(result.model_path, device="cpu")
     spec = MODELS[name]
     metadata = dict(info.metadata)
-    for key in ("format_version", "kind", "config", "channels", "package_version", "created"):
+    for key in FILLED_IN_BY_SAVE_MODEL:
         metadata.pop(key, None)
     metadata.update({
         "name": name,
@@ -191,8 +193,9 @@ def train_one(name: str, crops: Path, args) -> dict:
         "trained_by": "scripts/train_default_models.py",
     })
     out_dir.mkdir(parents=True, exist_ok=True)
+    metadata["prior_correction"] = _choose_prior_correction(name, model, info, crop_set, args)
     target = save_model(out_dir / f"{name}.safetensors", model, metadata)
-    metrics = evaluate(model, crop_set, "val", info=info, device=args.device)
+    metrics = evaluate(target, crop_set, "val", device=args.device)
     _confusion_picture(name, metrics, images)
     report = {
         "model": name, "kind": kind, "options": extra, "file": str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target),
@@ -201,6 +204,7 @@ def train_one(name: str, crops: Path, args) -> dict:
         "epochs_completed": result.epochs_completed if result else None,
         "history": result.history if result else None,
         "finalized_from_interrupted_run": result is None, "val": metrics,
+        "prior_correction": metadata["prior_correction"],
         "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
     }
     reports.mkdir(parents=True, exist_ok=True)
@@ -219,21 +223,42 @@ def _confusion_picture(name: str, metrics: dict, folder: Path) -> Path:
                           title=f"{name}: validation confusion (row-normalised)")
 
 
+def _choose_prior_correction(name: str, model, info, crop_set, args) -> dict:
+    """Pick the model's prior-correction strength on the val split (highest macro-F1):
+    both models are trained on class-balanced batches, so their raw answers over-call
+    rare classes on data with the training mix."""
+    from napari_smear.training import select_prior_correction
+
+    choice = select_prior_correction(model, crop_set, "val", info=info, device=args.device)
+    table = ", ".join(f"{row['strength']:g}: {100 * row['accuracy']:.2f} % / {100 * row['macro_f1']:.2f} %"
+                      for row in choice["scores"])
+    print(f"[{name}] prior correction (strength: val accuracy / macro-F1) {table}; "
+          f"chosen {choice['strength']:g}")
+    return choice
+
+
 def rescore(name: str, crop_set, model_file: Path, reports: Path, images: Path, args) -> dict:
     """Score a trained file again on the current crops (after a change of the
-    segmentation or cropping code) without re-training: its report keeps the training
-    history and command, its ``val`` figures and confusion picture are replaced."""
+    segmentation or cropping code) without re-training: its prior correction is chosen
+    again and written into the file (the weights stay as they are), its report keeps the
+    training history and command, its ``val`` figures and confusion picture are replaced."""
     from napari_smear.datasets import crop_code_version
+    from napari_smear.models import load_model, save_model
     from napari_smear.training import evaluate
 
     if not model_file.exists():
         raise SystemExit(f"--rescore-only: no model file at {model_file}")
     report_file = reports / f"{name}_val.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {"model": name}
+    model, info = load_model(model_file, device="cpu")
+    metadata = {key: value for key, value in info.metadata.items() if key not in FILLED_IN_BY_SAVE_MODEL}
+    metadata["prior_correction"] = _choose_prior_correction(name, model, info, crop_set, args)
+    save_model(model_file, model, metadata)
     metrics = evaluate(model_file, crop_set, "val", device=args.device)
     _confusion_picture(name, metrics, images)
     report.update({
         "val": metrics,
+        "prior_correction": metadata["prior_correction"],
         "rescored": {
             "crop_code_version": crop_code_version(),
             "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),

@@ -11,7 +11,13 @@ import torch
 from conftest import TINY_CLASSES, tiny_model_file
 
 from napari_smear.models import load_model
-from napari_smear.predict import classify_crops, classify_files, expand_image_inputs, select_device
+from napari_smear.predict import (
+    classify_crops,
+    classify_files,
+    expand_image_inputs,
+    prior_logit_offsets,
+    select_device,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,6 +98,47 @@ def test_classify_crops_rejects_wrong_inputs(tmp_path):
         classify_crops(model, None, images, masks, device="cpu")
     with pytest.raises(ValueError, match="batch_size"):
         classify_crops(model, info, images, masks, device="cpu", batch_size=0)
+
+
+BALANCED_TRAINING = {
+    "training": {"balance": "sampler"},
+    "training_data": {"train_class_counts": dict(zip(TINY_CLASSES, (60, 30, 10)))},
+}
+
+
+def test_prior_correction_gives_back_the_training_frequencies(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors", **BALANCED_TRAINING))
+    images, masks = random_crops(10)
+    raw = classify_crops(model, info, images, masks, device="cpu", amp=False)["probs"]
+    full = classify_crops(model, info, images, masks, device="cpu", amp=False, prior_correction=1.0)["probs"]
+    # Bayes' rule: p(c | x) under the training mix is proportional to the balanced p(c | x) times prior(c)
+    expected = raw * np.array([0.6, 0.3, 0.1])
+    np.testing.assert_allclose(full, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
+    offsets = prior_logit_offsets(info, 0.5)
+    np.testing.assert_allclose(offsets, 0.5 * np.log(3 * np.array([0.6, 0.3, 0.1])), rtol=1e-6)
+    assert prior_logit_offsets(info) is None  # the file stores no strength: no change
+    with pytest.raises(ValueError, match=">= 0"):
+        prior_logit_offsets(info, -0.5)
+
+    # a strength stored in the file is the default, and an explicit 0 turns it off
+    stored = tiny_model_file(tmp_path / "stored.safetensors", **BALANCED_TRAINING,
+                             prior_correction={"strength": 1.0, "selected_by": "macro_f1"})
+    np.testing.assert_allclose(classify_crops(stored, None, images, masks, device="cpu", amp=False)["probs"],
+                               full, atol=1e-5)
+    np.testing.assert_allclose(
+        classify_crops(stored, None, images, masks, device="cpu", amp=False, prior_correction=0)["probs"], raw,
+        atol=1e-5)
+
+
+def test_prior_correction_needs_balanced_training_on_record(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(4)
+    with pytest.raises(ValueError, match="class-balanced batches"):
+        classify_crops(model, info, images, masks, device="cpu", prior_correction=0.5)
+    unbalanced = {**BALANCED_TRAINING, "training": {"balance": "none"}}
+    model, info = load_model(tiny_model_file(tmp_path / "u.safetensors", **unbalanced))
+    with pytest.raises(ValueError, match="balance='none'"):
+        prior_logit_offsets(info, 1.0)
 
 
 def test_out_of_memory_halves_the_batch(tmp_path):

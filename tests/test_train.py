@@ -21,6 +21,7 @@ from napari_smear.training import (
     classification_metrics,
     evaluate,
     plot_confusion,
+    select_prior_correction,
     train,
 )
 
@@ -410,3 +411,23 @@ def test_stain_normalisation_is_recorded_and_kept_when_fine_tuning(tmp_path):
         train(plain, init_from=first.model_path, output=tmp_path / "c.safetensors", epochs=1, progress=False)
     with pytest.raises(ValueError, match="stain normalisation"):
         train(plain, output=tmp_path / "d.safetensors", stain_normalization="anchored-v1", progress=False)
+
+
+def test_select_prior_correction_scores_each_strength_on_val(tmp_path):
+    from conftest import tiny_model_file
+
+    crop_set = synthetic_crop_set()
+    balanced = {"training": {"balance": "sampler"},
+                "training_data": {"train_class_counts": {"round": 30, "long": 10}}}
+    path = tiny_model_file(tmp_path / "m.safetensors", ["round", "long"], **balanced)
+    choice = select_prior_correction(path, crop_set, "val", device="cpu")
+    assert [row["strength"] for row in choice["scores"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert choice["n"] == int((crop_set.split == "val").sum()) and choice["selected_by"] == "macro_f1"
+    best = max(row["macro_f1"] for row in choice["scores"])
+    assert choice["strength"] == min(row["strength"] for row in choice["scores"] if row["macro_f1"] == best)
+    for row in choice["scores"]:  # the same answers as classifying with that strength
+        assert evaluate(path, crop_set, "val", device="cpu", prior_correction=row["strength"])["accuracy"] == (
+            pytest.approx(row["accuracy"]))
+    with pytest.raises(ValueError, match="class-balanced"):
+        select_prior_correction(tiny_model_file(tmp_path / "u.safetensors", ["round", "long"]), crop_set,
+                                device="cpu")

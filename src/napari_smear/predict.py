@@ -23,6 +23,7 @@ __all__ = [
     "autocast_dtype",
     "preprocess_batch",
     "classify_crops",
+    "prior_logit_offsets",
     "classify_files",
     "expand_image_inputs",
 ]
@@ -255,6 +256,7 @@ def classify_crops(
     fuse: bool = True,
     return_attention: bool = True,
     progress: bool | None = None,
+    prior_correction: float | None = None,
 ) -> dict:
     """Classify crops in batches.
 
@@ -292,6 +294,12 @@ def classify_crops(
     progress : bool, optional
         Show a tqdm bar (default: when there is more than one batch and stderr is a
         terminal).
+    prior_correction : float, optional
+        How far to give a model trained on class-balanced batches back the class
+        frequencies of its training data (see :func:`prior_logit_offsets`): 0 keeps the
+        balanced answer, 1 restores the training frequencies in full. Default: the
+        strength stored in the model file (chosen on its validation split; 0 when the
+        file stores none).
 
     Returns
     -------
@@ -351,6 +359,8 @@ def classify_crops(
             warnings.warn(f"torch.compile is not available here ({exc}); running eagerly", stacklevel=2)
     dtype = autocast_dtype(device, amp)
     balance = bool(info.metadata.get("white_balance", False))
+    offsets = prior_logit_offsets(info, prior_correction)
+    offsets = None if offsets is None else torch.tensor(offsets, dtype=torch.float32, device=device)
     mean = torch.tensor(info.mean, dtype=torch.float32, device=device)
     std = torch.tensor(info.std, dtype=torch.float32, device=device)
 
@@ -375,7 +385,10 @@ def classify_crops(
                 morph_batch = None if not morph_features else _to_device(morph[start:stop], device)
                 with _autocast(device, dtype):
                     out = runner(x, morph_batch)
-                batch_probs = torch.softmax(out["logits"].float(), dim=1)
+                logits = out["logits"].float()
+                if offsets is not None:
+                    logits = logits + offsets
+                batch_probs = torch.softmax(logits, dim=1)
                 probs[start:stop] = batch_probs.cpu().numpy()
                 if return_attention:
                     attention[start:stop] = out["attention"].float().clamp(0, 1).to(torch.float16).cpu().numpy()
@@ -404,6 +417,56 @@ def classify_crops(
     if attributes:
         result["attributes"] = attributes
     return result
+
+
+def prior_logit_offsets(info, strength: float | None = None) -> np.ndarray | None:
+    """Logit offsets that give a class-balanced model back its training class frequencies.
+
+    A model trained on class-balanced batches (``train(balance=True)``, the default)
+    answers as if every class were equally common: on data with the training set's
+    mix of classes it over-calls the rare ones. Adding ``strength * log(C * prior)`` to
+    its logits, with ``prior`` the class frequencies of its training split (recorded in
+    the model file), moves its answers back towards that mix (Bayes' rule at
+    ``strength=1``); values between 0 and 1 trade accuracy on common classes against
+    recall of rare ones.
+
+    Parameters
+    ----------
+    info : ModelInfo
+    strength : float, optional
+        0 (no change) or more; default the model file's own ``prior_correction``
+        strength (0 when it stores none).
+
+    Returns
+    -------
+    (C,) float32 array, or None when the strength is 0.
+
+    Raises
+    ------
+    ValueError
+        A negative or non-finite strength, or a non-zero one for a model file that does
+        not record balanced training and its training class counts.
+    """
+    stored = (info.metadata or {}).get("prior_correction") or {}
+    if strength is None:
+        strength = float(stored.get("strength", 0.0)) if isinstance(stored, dict) else 0.0
+    strength = float(strength)
+    if not np.isfinite(strength) or strength < 0:
+        raise ValueError(f"prior_correction must be a finite number >= 0, got {strength!r}")
+    if strength == 0:
+        return None
+    metadata = info.metadata or {}
+    balance = (metadata.get("training") or {}).get("balance")
+    counts = (metadata.get("training_data") or {}).get("train_class_counts") or {}
+    if balance not in ("sampler", "loss") or any(counts.get(name, 0) <= 0 for name in info.class_names):
+        raise ValueError(
+            "prior_correction needs a model trained on class-balanced batches whose file records the "
+            f"training class counts; this one records balance={balance!r} and counts for "
+            f"{sorted(counts)} (classes {info.class_names})"
+        )
+    frequency = np.array([counts[name] for name in info.class_names], np.float64)
+    frequency /= frequency.sum()
+    return (strength * np.log(len(frequency) * frequency)).astype(np.float32)
 
 
 def _attribute_names(model) -> list[str]:

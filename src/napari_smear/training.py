@@ -23,7 +23,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "TrainResult",
     "train",
     "evaluate",
+    "select_prior_correction",
     "classification_metrics",
     "plot_confusion",
     "augment_batch",
@@ -406,6 +407,7 @@ def evaluate(
     amp=True,
     workers: int = 1,
     progress: bool = False,
+    prior_correction: float | None = None,
 ) -> dict:
     """Score a model on one split of a crop set.
 
@@ -425,6 +427,8 @@ def evaluate(
         See :func:`napari_smear.predict.classify_crops`.
     workers, progress
         Cropping processes and progress bars for folder/manifest data.
+    prior_correction : float, optional
+        See :func:`napari_smear.predict.classify_crops` (default: the model file's own).
 
     Returns
     -------
@@ -468,12 +472,83 @@ def evaluate(
     output = classify_crops(
         model, info, subset.images, subset.masks, subset.morph,
         device=torch_device, batch_size=batch_size, amp=amp, return_attention=True, progress=progress,
+        prior_correction=prior_correction,
     )
     y_pred = output["probs"].argmax(axis=1)
     metrics = classification_metrics(y_true, y_pred, info.class_names)
     metrics["split"] = split or "all"
     metrics["attention_mass_inside"] = _attention_inside(output["attention"], subset.masks[:, 0])
     return metrics
+
+
+PRIOR_CORRECTION_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def select_prior_correction(
+    model,
+    data,
+    split: str = "val",
+    *,
+    info=None,
+    strengths: Sequence[float] = PRIOR_CORRECTION_STRENGTHS,
+    device="auto",
+    batch_size: int = 256,
+) -> dict:
+    """Choose the prior-correction strength of a class-balanced model on one split.
+
+    The model runs once; each strength's answers are its logits plus
+    ``strength * log(C * prior)`` (:func:`napari_smear.predict.prior_logit_offsets`).
+    The strength with the highest macro-F1 wins (the smaller on a tie), so rare
+    classes keep their weight: a correction that only buys accuracy on the common
+    classes loses.
+
+    Parameters
+    ----------
+    model, data, info, device, batch_size
+        As for :func:`evaluate`; ``data`` must hold labelled crops of ``split``.
+    split : str
+        The crops to choose on: the validation split, never the test split.
+    strengths : sequence of float
+        Candidates, each >= 0.
+
+    Returns
+    -------
+    dict
+        ``strength`` (the choice), ``split``, ``n``, ``selected_by`` (``"macro_f1"``) and
+        ``scores``: one ``{"strength", "accuracy", "macro_f1"}`` per candidate.
+        Store it as the model file's ``prior_correction`` metadata to make it the
+        model's default.
+    """
+    from .predict import _resolve_model, classify_crops, prior_logit_offsets, select_device
+
+    candidates = sorted({float(s) for s in strengths})
+    if not candidates or candidates[0] < 0 or not all(math.isfinite(s) for s in candidates):
+        raise ValueError(f"strengths must be finite numbers >= 0, got {list(strengths)}")
+    torch_device = select_device(device)
+    model, info = _resolve_model(model, info, torch_device)
+    unit = prior_logit_offsets(info, 1.0)  # raises for a model without balanced training
+    crop_set = load_data(data, crop_diameters=info.crop_diameters, output_size=info.input_size,
+                         stain_normalization=(info.metadata or {}).get("stain_normalization"))
+    index = crop_set.indices(split)
+    if not len(index):
+        raise ValueError(f"the data has no crops in split {split!r}")
+    subset = crop_set.subset(index)
+    to_model = np.array([info.class_names.index(c) if c in info.class_names else -1 for c in subset.class_names])
+    y_true = to_model[subset.labels]
+    if (y_true < 0).any():
+        raise ValueError("the data has classes the model does not know")
+    probs = classify_crops(
+        model, info, subset.images, subset.masks, subset.morph, device=torch_device, batch_size=batch_size,
+        return_attention=False, progress=False, prior_correction=0.0,
+    )["probs"]
+    log_probs = np.log(np.clip(probs.astype(np.float64), 1e-12, None))
+    scores = []
+    for strength in candidates:
+        metrics = classification_metrics(y_true, (log_probs + strength * unit).argmax(axis=1), info.class_names)
+        scores.append({"strength": strength, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
+    best = max(scores, key=lambda row: (row["macro_f1"], -row["strength"]))
+    return {"strength": best["strength"], "split": split, "n": int(len(index)), "selected_by": "macro_f1",
+            "scores": scores}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -18,7 +18,9 @@ Steps per model:
    pick the best epoch). A GPU is used when present (``--device auto``), else the CPU.
    Interrupted runs resume from their checkpoint (``runs/<name>.ckpt/``).
 3. the best epoch's file gets the built-in metadata (name, which segmented cell types
-   it classifies, data licences and credit) and is written to
+   it classifies, data licences and credit) and its prior-correction strength (chosen
+   on val for the highest macro-F1, :func:`napari_smear.training.select_prior_correction`)
+   and is written to
    ``src/napari_smear/models/weights/<name>.safetensors``; its validation metrics go to
    ``benchmarks/results/<name>_val.json`` and its confusion matrix to
    ``docs/images/<name>_confusion.png``. With ``--out DIR`` elsewhere (an experiment)

@@ -100,6 +100,18 @@ def test_evaluate_prints_metrics_and_writes_the_confusion_matrix(tmp_path, capsy
     assert metrics["n"] == 6 and np.array(metrics["confusion"]).sum() == 6
 
 
+def test_evaluate_prior_correction_option(tmp_path, capsys):
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    plain = tiny_model_file(tmp_path / "m.safetensors")
+    code = main(["evaluate", str(plain), str(data), "--device", "cpu", "--quiet", "--prior-correction", "0.5"])
+    assert code == 1
+    assert "class-balanced batches" in capsys.readouterr().err
+    balanced = tiny_model_file(tmp_path / "b.safetensors", training={"balance": "sampler"},
+                               training_data={"train_class_counts": {c: 10 + i for i, c in enumerate(TINY_CLASSES)}})
+    code = main(["evaluate", str(balanced), str(data), "--device", "cpu", "--quiet", "--prior-correction", "0.5"])
+    assert code == 0 and "accuracy" in capsys.readouterr().out
+
+
 def test_train_command_writes_a_model(tmp_path, capsys):
     data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(n_per_class=6), image_codec="raw")
     out = tmp_path / "model.safetensors"

@@ -60,6 +60,11 @@ def _add_inference_options(parser: argparse.ArgumentParser, *, workers_help: str
     parser.add_argument("--no-amp", action="store_true", help="run in float32")
     parser.add_argument("--workers", type=_positive_int, default=1, help=workers_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--prior-correction", type=float, default=None, metavar="STRENGTH",
+        help="how far a class-balanced model's answers are moved back to its training class frequencies "
+             "(0: the balanced answer, 1: in full; default: the strength stored in the model file)",
+    )
 
 
 def _add_models_option(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -346,7 +351,7 @@ def _run_evaluate(args) -> int:
     split = None if args.split == "all" else args.split
     metrics = evaluate(
         args.model, args.data, split, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
-        workers=args.workers, progress=not args.quiet,
+        workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
     )
     print(f"model: {args.model}")
     print(f"data: {args.data}, split {metrics['split']}")
@@ -399,7 +404,7 @@ def _run_classify(args) -> int:
 
     table = classify_files(
         args.inputs, args.model, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
-        workers=args.workers, progress=not args.quiet,
+        workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

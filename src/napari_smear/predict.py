@@ -521,6 +521,7 @@ def classify_files(
     workers: int = 1,
     scale_fallback: bool = True,
     progress: bool = True,
+    prior_correction: float | None = None,
 ):
     """Classify single-cell images (one cell near the centre of each, e.g. PBC crops).
 
@@ -544,6 +545,8 @@ def classify_files(
         red-cell diameter of the others (``scale_measured`` is False for them).
     progress : bool
         Progress bars.
+    prior_correction : float, optional
+        See :func:`classify_crops` (default: the model file's own).
 
     Returns
     -------
@@ -580,6 +583,7 @@ def classify_files(
             np.stack([crops[i]["masks"] for i in done]),
             np.stack([crops[i]["morph"] for i in done]),
             device=device, batch_size=batch_size, amp=amp, return_attention=False, progress=progress,
+            prior_correction=prior_correction,
         )
         probs[done] = output["probs"]
     best = np.full(len(files), -1, np.int64)

@@ -440,7 +440,25 @@ def evaluate(
         and ``attention_mass_inside`` (mean share of the attention map inside the cell
         mask).
     """
-    from .predict import _resolve_model, classify_crops, select_device
+    from .predict import classify_crops
+
+    model, info, torch_device, subset, y_true = _labelled_split(model, info, data, split, device, workers, progress)
+    output = classify_crops(
+        model, info, subset.images, subset.masks, subset.morph,
+        device=torch_device, batch_size=batch_size, amp=amp, return_attention=True, progress=progress,
+        prior_correction=prior_correction,
+    )
+    y_pred = output["probs"].argmax(axis=1)
+    metrics = classification_metrics(y_true, y_pred, info.class_names)
+    metrics["split"] = split or "all"
+    metrics["attention_mass_inside"] = _attention_inside(output["attention"], subset.masks[:, 0])
+    return metrics
+
+
+def _labelled_split(model, info, data, split, device, workers=1, progress=False):
+    """The model on its device, and the crops of one split cut with the model's own
+    convention, with their labels as indices into the model's classes."""
+    from .predict import _resolve_model, select_device
 
     torch_device = select_device(device)
     model, info = _resolve_model(model, info, torch_device)
@@ -452,7 +470,7 @@ def evaluate(
         warnings.warn(
             f"the crops were made at {crop_set.crop_diameters:g} red-cell diameters but the model expects "
             f"{info.crop_diameters:g}: cells appear at another size than in training",
-            stacklevel=2,
+            stacklevel=3,
         )
     unknown = sorted(set(crop_set.class_names) - set(info.class_names))
     index = crop_set.indices(split)
@@ -468,17 +486,7 @@ def evaluate(
         raise ValueError(f"the data has no crops in split {split!r} (splits present: {splits})")
     subset = crop_set.subset(index)
     to_model = np.array([info.class_names.index(c) if c in info.class_names else -1 for c in subset.class_names])
-    y_true = to_model[subset.labels]
-    output = classify_crops(
-        model, info, subset.images, subset.masks, subset.morph,
-        device=torch_device, batch_size=batch_size, amp=amp, return_attention=True, progress=progress,
-        prior_correction=prior_correction,
-    )
-    y_pred = output["probs"].argmax(axis=1)
-    metrics = classification_metrics(y_true, y_pred, info.class_names)
-    metrics["split"] = split or "all"
-    metrics["attention_mass_inside"] = _attention_inside(output["attention"], subset.masks[:, 0])
-    return metrics
+    return model, info, torch_device, subset, to_model[subset.labels]
 
 
 PRIOR_CORRECTION_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -524,19 +532,9 @@ def select_prior_correction(
     candidates = sorted({float(s) for s in strengths})
     if not candidates or candidates[0] < 0 or not all(math.isfinite(s) for s in candidates):
         raise ValueError(f"strengths must be finite numbers >= 0, got {list(strengths)}")
-    torch_device = select_device(device)
-    model, info = _resolve_model(model, info, torch_device)
+    model, info = _resolve_model(model, info, select_device(device))
     unit = prior_logit_offsets(info, 1.0)  # raises for a model without balanced training
-    crop_set = load_data(data, crop_diameters=info.crop_diameters, output_size=info.input_size,
-                         stain_normalization=(info.metadata or {}).get("stain_normalization"))
-    index = crop_set.indices(split)
-    if not len(index):
-        raise ValueError(f"the data has no crops in split {split!r}")
-    subset = crop_set.subset(index)
-    to_model = np.array([info.class_names.index(c) if c in info.class_names else -1 for c in subset.class_names])
-    y_true = to_model[subset.labels]
-    if (y_true < 0).any():
-        raise ValueError("the data has classes the model does not know")
+    model, info, torch_device, subset, y_true = _labelled_split(model, info, data, split, device)
     probs = classify_crops(
         model, info, subset.images, subset.masks, subset.morph, device=torch_device, batch_size=batch_size,
         return_attention=False, progress=False, prior_correction=0.0,
@@ -547,7 +545,7 @@ def select_prior_correction(
         metrics = classification_metrics(y_true, (log_probs + strength * unit).argmax(axis=1), info.class_names)
         scores.append({"strength": strength, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
     best = max(scores, key=lambda row: (row["macro_f1"], -row["strength"]))
-    return {"strength": best["strength"], "split": split, "n": int(len(index)), "selected_by": "macro_f1",
+    return {"strength": best["strength"], "split": split, "n": int(len(y_true)), "selected_by": "macro_f1",
             "scores": scores}
 
 

@@ -79,7 +79,7 @@ def card(name: str) -> list[str]:
         f"{' and the prior-correction strength' if meta.get('prior_correction') else ''}; the held-out test split is "
         "not available to us). Attention mass inside the cell mask: "
         f"{metrics.get('attention_mass_inside', float('nan')):.3f}."
-        + (f" Scored again on crops of the current segmentation after it changed (`{val['rescored']['command']}`); "
+        + (f" Scored again on crops of the current segmentation (`{val['rescored']['command']}`); "
            "the model was not re-trained." if val.get("rescored") else ""),
         *_prior_correction_lines(meta.get("prior_correction")),
         "",

@@ -447,7 +447,8 @@ def prior_logit_offsets(info, strength: float | None = None) -> np.ndarray | Non
         A negative or non-finite strength, or a non-zero one for a model file that does
         not record balanced training and its training class counts.
     """
-    stored = (info.metadata or {}).get("prior_correction") or {}
+    metadata = info.metadata or {}
+    stored = metadata.get("prior_correction") or {}
     if strength is None:
         strength = float(stored.get("strength", 0.0)) if isinstance(stored, dict) else 0.0
     strength = float(strength)
@@ -455,7 +456,6 @@ def prior_logit_offsets(info, strength: float | None = None) -> np.ndarray | Non
         raise ValueError(f"prior_correction must be a finite number >= 0, got {strength!r}")
     if strength == 0:
         return None
-    metadata = info.metadata or {}
     balance = (metadata.get("training") or {}).get("balance")
     counts = (metadata.get("training_data") or {}).get("train_class_counts") or {}
     if balance not in ("sampler", "loss") or any(counts.get(name, 0) <= 0 for name in info.class_names):

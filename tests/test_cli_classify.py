@@ -113,14 +113,18 @@ def test_evaluate_prior_correction_option(tmp_path, capsys):
 
 
 def test_train_command_writes_a_model(tmp_path, capsys):
-    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(n_per_class=6), image_codec="raw")
+    n_per_class = -(-100 // len(TINY_CLASSES))  # half are validation crops: enough to choose a prior correction
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(n_per_class=n_per_class), image_codec="raw")
     out = tmp_path / "model.safetensors"
     code = main(["train", str(data), "--model-kind", "shape_aware", "--out", str(out), "--epochs", "1",
-                 "--batch-size", "8", "--device", "cpu", "--threads", "1", "--quiet",
+                 "--batch-size", "16", "--device", "cpu", "--threads", "1", "--quiet",
                  "--config", json.dumps(TINY_CONFIG)])
     assert code == 0
-    assert read_metadata(out)["class_names"] == TINY_CLASSES
-    assert "macro-F1" in capsys.readouterr().out
+    metadata = read_metadata(out)
+    assert metadata["class_names"] == TINY_CLASSES
+    printed = capsys.readouterr().out
+    assert "macro-F1" in printed
+    assert f"prior correction: strength {metadata['prior_correction']['strength']:g}, chosen on" in printed
     with pytest.raises(SystemExit):  # --config must be a JSON object: a usage error
         build_parser().parse_args(["train", str(data), "--out", str(out), "--config", "[1, 2]"])
 

@@ -431,3 +431,24 @@ def test_select_prior_correction_scores_each_strength_on_val(tmp_path):
     with pytest.raises(ValueError, match="class-balanced"):
         select_prior_correction(tiny_model_file(tmp_path / "u.safetensors", ["round", "long"]), crop_set,
                                 device="cpu")
+
+
+def test_train_stores_the_prior_correction_chosen_on_val(tmp_path):
+    crop_set = synthetic_crop_set(n_per_class=104)  # 52 validation crops
+    settings = dict(model_kind="shape_aware", epochs=1, batch_size=16, config=TINY_SHAPE_AWARE, progress=False,
+                    num_threads=1)
+    result = train(crop_set, output=tmp_path / "m.safetensors", **settings)
+    stored = result.info.metadata["prior_correction"]
+    assert stored["n"] == 52 and stored["split"] == "val"
+    assert any(note.startswith("prior correction: strength") for note in result.notes)
+    # the same rule select_prior_correction applies to a finished file, on the same crops
+    again = select_prior_correction(result.model_path, crop_set, "val", device="cpu")
+    assert again["strength"] == stored["strength"]
+    for mine, theirs in zip(stored["scores"], again["scores"]):
+        assert mine["macro_f1"] == pytest.approx(theirs["macro_f1"])
+
+    unbalanced = train(crop_set, output=tmp_path / "u.safetensors", balance=False, **settings)
+    assert "prior_correction" not in unbalanced.info.metadata
+    few = train(synthetic_crop_set(), output=tmp_path / "f.safetensors", **settings)  # 8 validation crops
+    assert "prior_correction" not in few.info.metadata
+    assert any("prior correction not chosen: 8 validation crops" in note for note in few.notes)

@@ -324,6 +324,10 @@ def _run_train(args) -> int:
         f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.0f} s"
     )
     _print_metrics(metrics)
+    choice = result.info.metadata.get("prior_correction")
+    if choice:
+        print(f"prior correction: strength {choice['strength']:g}, chosen on {choice['n']} validation crops and "
+              "stored in the model file (the figures above are without it)")
     return 0
 
 

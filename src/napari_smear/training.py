@@ -539,14 +539,19 @@ def select_prior_correction(
         model, info, subset.images, subset.masks, subset.morph, device=torch_device, batch_size=batch_size,
         return_attention=False, progress=False, prior_correction=0.0,
     )["probs"]
+    return {**_choose_strength(probs, y_true, unit, info.class_names, candidates), "split": split}
+
+
+def _choose_strength(probs, y_true, unit, class_names, candidates) -> dict:
+    """The prior-correction rule on answers already computed: the candidate strength
+    with the highest macro-F1, the smaller on a tie."""
     log_probs = np.log(np.clip(probs.astype(np.float64), 1e-12, None))
     scores = []
     for strength in candidates:
-        metrics = classification_metrics(y_true, (log_probs + strength * unit).argmax(axis=1), info.class_names)
+        metrics = classification_metrics(y_true, (log_probs + strength * unit).argmax(axis=1), class_names)
         scores.append({"strength": strength, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
     best = max(scores, key=lambda row: (row["macro_f1"], -row["strength"]))
-    return {"strength": best["strength"], "split": split, "n": int(len(y_true)), "selected_by": "macro_f1",
-            "scores": scores}
+    return {"strength": best["strength"], "n": int(len(y_true)), "selected_by": "macro_f1", "scores": scores}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -740,6 +745,7 @@ def train(
     workers: int = 1,
     on_epoch: Callable[[dict], None] | None = None,
     init_from: str | os.PathLike | None = None,
+    choose_prior_correction: bool = True,
 ) -> TrainResult:
     """Train a crop classifier and write the best model file.
 
@@ -827,6 +833,14 @@ def train(
         or be left at their defaults; folder/CSV data are cropped at its scale). Every
         weight tensor whose name and shape match is copied, so a different set of
         classes gets a new classifier head on the pretrained features.
+    choose_prior_correction : bool
+        For a class-balanced model (``balance``), choose its prior-correction strength
+        on the validation crops once training ends, by the rule of
+        :func:`select_prior_correction`, and store it in the model file, so that by
+        default it answers with the class mix of its training data rather than as if
+        every class were equally common. Skipped (nothing stored: the model answers
+        balanced) when the validation split holds fewer than
+        :data:`MIN_VAL_CROPS_FOR_PRIOR_CORRECTION` crops, too few to choose on.
 
     Returns
     -------
@@ -1134,6 +1148,11 @@ def train(
         if state["stopped_early"]:
             log(f"stopped early: no better validation macro-F1 for {patience} epochs (best at epoch {state['best_epoch']})")
         best_model, info = load_model(output, device=torch_device)
+        if choose_prior_correction and balance_mode != "none" and "prior_correction" not in info.metadata:
+            note = _store_prior_correction(output, best_model, info, val_set, torch_device, 2 * batch_size, dtype)
+            notes.append(note)
+            log(note)
+            best_model, info = load_model(output, device=torch_device)
     finally:
         if num_threads is not None:
             torch.set_num_threads(previous_threads)
@@ -1150,6 +1169,35 @@ def train(
         seconds=time.perf_counter() - started,
         notes=notes,
     )
+
+
+#: The fewest validation crops :func:`train` chooses a prior-correction strength on.
+MIN_VAL_CROPS_FOR_PRIOR_CORRECTION = 50
+
+
+def _store_prior_correction(output: Path, model, info, val_set, device, batch_size, dtype) -> str:
+    """Choose the trained model's prior-correction strength on ``val_set`` and write it
+    into its file (weights unchanged); returns a line for the training notes."""
+    from .models import save_model
+    from .predict import classify_crops, prior_logit_offsets
+
+    if len(val_set) < MIN_VAL_CROPS_FOR_PRIOR_CORRECTION:
+        return (f"prior correction not chosen: {len(val_set)} validation crops, fewer than "
+                f"{MIN_VAL_CROPS_FOR_PRIOR_CORRECTION}; the model answers as if all classes were equally common")
+    try:
+        unit = prior_logit_offsets(info, 1.0)
+    except ValueError as exc:  # a class without training crops has no frequency
+        return f"prior correction not chosen: {exc}"
+    probs = classify_crops(
+        model, info, val_set.images, val_set.masks, val_set.morph, device=device, batch_size=batch_size,
+        amp=dtype or False, return_attention=False, progress=False, prior_correction=0.0,
+    )["probs"]
+    choice = {**_choose_strength(probs, val_set.labels, unit, info.class_names, PRIOR_CORRECTION_STRENGTHS),
+              "split": "val"}
+    save_model(output, model, {**info.metadata, "prior_correction": choice})
+    table = ", ".join(f"{row['strength']:g}: {100 * row['macro_f1']:.2f} %" for row in choice["scores"])
+    return (f"prior correction: strength {choice['strength']:g} chosen on {choice['n']} validation crops "
+            f"(validation macro-F1 by strength: {table})")
 
 
 def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:

@@ -56,6 +56,7 @@ def test_fine_tune_on_the_cells_of_the_image(setup, qtbot, tmp_path):
     wait_until_idle(qtbot, widget)
     assert errors == [], errors
     assert widget.status.startswith("Saved mine.safetensors: best epoch"), widget.status
+    assert "Too few held-out cells to choose a prior correction" in widget.status  # about a dozen held out
     assert [r["epoch"] for r in widget.history] == [1, 2]
     assert all(0 <= r["val_accuracy"] <= 1 for r in widget.history)
     assert len(widget.figure.axes[0].lines[0].get_xdata()) == 2

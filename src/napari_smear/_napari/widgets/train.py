@@ -480,10 +480,13 @@ class TrainWidget(BackgroundTaskWidget):
             return
         metrics = result.metrics
         stopped = " (stopped early)" if result.stopped_early else ""
+        choice = result.info.metadata.get("prior_correction")
+        prior = (f" Prior correction {choice['strength']:g} (chosen on the held-out cells)." if choice else
+                 " Too few held-out cells to choose a prior correction: it answers as if all classes were equally common.")
         self._set_status(
             f"Saved {result.model_path.name}: best epoch {result.best_epoch} of {result.epochs_completed}{stopped}, "
             f"validation accuracy {metrics.get('accuracy', float('nan')):.3f}, macro-F1 "
-            f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells. "
+            f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells.{prior} "
             "It is now offered in Classify cells."
         )
 

@@ -178,7 +178,7 @@ def train_one(name: str, crops: Path, args) -> dict:
         result = train(
             crop_set, model_kind=kind, output=run_file, epochs=epochs, seed=args.seed,
             device=args.device, num_threads=args.threads, resume=True,
-        patience=args.patience if args.patience is not None else 12,
+            patience=args.patience if args.patience is not None else 12,
             batch_size=args.batch_size, progress=True, **extra,
         )
         model, info = load_model(result.model_path, device="cpu")
@@ -195,7 +195,10 @@ def train_one(name: str, crops: Path, args) -> dict:
         "trained_by": "scripts/train_default_models.py",
     })
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata["prior_correction"] = _choose_prior_correction(name, model, info, crop_set, args)
+    # train() chose it on the same val crops when it finished (its log shows the table);
+    # a file from an interrupted run (--finalize-only) has none yet
+    metadata["prior_correction"] = (info.metadata.get("prior_correction")
+                                    or _choose_prior_correction(name, model, info, crop_set, args))
     target = save_model(out_dir / f"{name}.safetensors", model, metadata)
     metrics = evaluate(target, crop_set, "val", device=args.device)
     _confusion_picture(name, metrics, images)

@@ -172,6 +172,29 @@ def test_rerun_skips_finished_images_and_redoes_changed_ones(setup, tmp_path):
     assert not (out / "a_done.json").exists()
 
 
+def test_prior_correction_override_is_recorded_and_redoes_images(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png_atomic(inputs / "a.png", field(0))
+    balanced = {"training": {"balance": "sampler"}, "prior_correction": {"strength": 0.5},
+                "training_data": {"train_class_counts": {"normal": 60, "target": 5, "schistocyte": 3}}}
+    model = str(tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], **balanced))
+    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
+    out = tmp_path / "out"
+    analyze_files(inputs, out, **options)
+    used = json.loads((out / "run.json").read_text())["models"]
+    assert [m["prior_correction"] for m in used.values()] == [0.5]  # the file's own
+    off = analyze_files(inputs, out, prior_correction=0.0, **options)
+    assert (off.analysed, off.skipped) == (1, 0)  # answers change: the image is redone
+    assert [m["prior_correction"] for m in json.loads((out / "run.json").read_text())["models"].values()] == [0.0]
+    with pytest.raises(ValueError, match="prior_correction must be a finite number >= 0"):
+        analyze_files(inputs, tmp_path / "bad", prior_correction=-1.0, **options)
+    assert not (tmp_path / "bad" / "a_done.json").exists()
+    plain = str(tiny_model_file(tmp_path / "plain.safetensors", RBC_CLASSES, cell_types=["rbc"]))
+    with pytest.raises(ValueError, match="class-balanced batches"):
+        analyze_files(inputs, tmp_path / "plain", models=[plain], device="cpu", prior_correction=0.5)
+
+
 # ----------------------------------------------------------------------------- interruptions
 
 
@@ -388,6 +411,11 @@ def test_cli_analyze(setup, tmp_path, capsys):
 
     assert main(["analyze", str(tmp_path / "missing"), str(out), "--models", "none"]) == 1
     assert "input not found" in capsys.readouterr().err
+    # the tiny models record no class-balanced training: a prior correction is refused up front
+    assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "prior"), "--models",
+                 ",".join(setup["models"]), "--prior-correction", "0.5", "--quiet"]) == 1
+    assert "class-balanced batches" in capsys.readouterr().err
+    assert not (tmp_path / "prior" / "a_done.json").exists()
     assert main(["analyze", str(setup["inputs"]), str(out), "--models", str(tmp_path / "no.safetensors")]) == 1
     assert "model file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -209,3 +209,23 @@ def test_differential_counts_can_leave_out_the_cells_cut_by_the_edge():
     assert differential_counts(table)["count"].sum() == 5  # counted by default
     # a table without the column (an older CSV) is counted whole
     assert differential_counts(table.drop(columns="touches_edge"), include_edge_cells=False)["count"].sum() == 5
+
+
+def test_analyze_prior_correction_override(field, tmp_path):
+    image, _ = field
+    counts = {"normal": 80, "target": 5, "schistocyte": 3, "spherocyte": 2}
+    model = tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], seed=1,
+                            training={"balance": "sampler"}, training_data={"train_class_counts": counts},
+                            prior_correction={"strength": 1.0})
+    columns = [f"p_{c}" for c in RBC_CLASSES]
+    own = analyze(image, models=[model], device="cpu", morphology=False, prior_correction=None)
+    balanced = analyze(image, models=[model], device="cpu", morphology=False, segmentation=own.segmentation,
+                       prior_correction=0.0)
+    # Bayes' rule at strength 1: the stored correction multiplies the balanced answer by the prior
+    prior = np.array([counts[c] for c in RBC_CLASSES], float)
+    expected = balanced.table[columns].to_numpy() * prior
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(own.table[columns].to_numpy(), expected, atol=2e-3)
+    plain = tiny_model_file(tmp_path / "plain.safetensors", RBC_CLASSES, cell_types=["rbc"])
+    with pytest.raises(ValueError, match="class-balanced batches"):
+        analyze(image, models=[plain], device="cpu", prior_correction=0.5)

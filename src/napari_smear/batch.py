@@ -907,6 +907,7 @@ def analyze_files(
     overlay_max_side: int = OVERLAY_MAX_SIDE,
     max_waiting: int = 16,
     progress: Callable[[int, int, str], None] | None = None,
+    prior_correction: float | None = None,
 ) -> BatchReport:
     """Analyse every image of folders (recursively) or files; write per-image outputs.
 
@@ -959,6 +960,10 @@ def analyze_files(
         ``progress(done, total, message)`` after every image (and, in this process,
         during segmentation); raise inside it to stop the run. Finished images are kept
         and a later run resumes after them.
+    prior_correction : float, optional
+        One prior-correction strength for every model (0: the class-balanced answer);
+        default: each model file's own. The strength each model used is recorded in
+        ``run.json``; images finished with another one are redone.
 
     Returns
     -------
@@ -976,7 +981,7 @@ def analyze_files(
     from . import __version__
     from .io import write_csv_atomic
     from .models import available_models
-    from .pipeline import DEFAULT_MODELS, StreamingClassifier, load_models
+    from .pipeline import DEFAULT_MODELS, StreamingClassifier, check_prior_correction, load_models
     from .predict import select_device
 
     if workers and scheduler is not None:
@@ -1000,7 +1005,8 @@ def analyze_files(
     loaded = load_models(models, str(torch_device))
     specs = tuple(m.spec for m in loaded)
     batch_size = int(batch_size or (1024 if torch_device.type == "cuda" else 32))
-    fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__)
+    strengths = check_prior_correction(loaded, prior_correction)
+    fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__, strengths)
 
     with _exclusive(out):
         _remove_stale_temporaries(out)
@@ -1027,6 +1033,7 @@ def analyze_files(
         )
         classifier = StreamingClassifier(
             loaded, device=torch_device, batch_size=batch_size, amp=amp, max_waiting=max_waiting,
+            prior_correction=prior_correction,
         )
         stage_seconds: dict[str, float] = {}
         analysed = 0
@@ -1217,8 +1224,12 @@ def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | Non
     return None
 
 
-def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version) -> dict:
-    """Everything that changes per-image outputs; a marker with another one is redone."""
+def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version, prior_strengths) -> dict:
+    """Everything that changes per-image outputs; a marker with another one is redone.
+
+    ``prior_strengths`` (model name -> the prior-correction strength used) is part of
+    it: the file's stored strength can change while its weights do not.
+    """
     models = []
     for entry in loaded:
         spec = entry.spec
@@ -1226,7 +1237,7 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
             "name": spec.name, "kind": spec.kind, "classes": list(spec.class_names),
             "cell_types": list(spec.cell_types), "crop_diameters": spec.crop_diameters,
             "input_size": spec.input_size, "morph_features": list(spec.morph_features),
-            "weights_sha256": _weights_sha256(entry.model),
+            "weights_sha256": _weights_sha256(entry.model), "prior_correction": prior_strengths[entry.name],
         })
     value = {
         "napari_smear": version, "models": models, "pixel_size_um": pixel_size_um,
@@ -1334,7 +1345,8 @@ def _run_record(inputs, out, pattern, loaded, missing_models, device, batch_size
         },
         "models": {
             m.name: {**m.spec.describe(), "crop_diameters": m.spec.crop_diameters,
-                     "input_size": m.spec.input_size, "weights_sha256": described["weights_sha256"]}
+                     "input_size": m.spec.input_size, "weights_sha256": described["weights_sha256"],
+                     "prior_correction": described["prior_correction"]}
             for m, described in zip(loaded, fingerprint["models"])
         },
         "missing_builtin_models": list(missing_models),

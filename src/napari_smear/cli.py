@@ -60,6 +60,10 @@ def _add_inference_options(parser: argparse.ArgumentParser, *, workers_help: str
     parser.add_argument("--no-amp", action="store_true", help="run in float32")
     parser.add_argument("--workers", type=_positive_int, default=1, help=workers_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_prior_correction_option(parser)
+
+
+def _add_prior_correction_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prior-correction", type=float, default=None, metavar="STRENGTH",
         help="how far a class-balanced model's answers are moved back to its training class frequencies "
@@ -167,6 +171,7 @@ def _add_analyze(subparsers) -> None:
     parser.add_argument("--no-morphology", action="store_true",
                         help="leave the morphology columns out of the cell tables (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_prior_correction_option(parser)
     parser.set_defaults(func=_cmd_analyze)
 
 
@@ -194,6 +199,7 @@ def _cmd_analyze(args) -> int:
             args.inputs, args.out_dir, models=_model_list(args.models), device=args.device, pattern=args.pattern,
             workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite, batch_size=args.batch_size,
             amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=show,
+            prior_correction=args.prior_correction,
         )
     except RuntimeError as exc:
         raise CommandError(str(exc)) from exc

@@ -390,6 +390,7 @@ def analyze(
     segmentation: SmearSegmentation | None = None,
     morphology: bool = True,
     progress: Callable[[float, str], None] | None = None,
+    prior_correction: float | None = None,
 ) -> AnalysisResult:
     """Segment a smear field, classify its cells and map the models' attention.
 
@@ -406,11 +407,15 @@ def analyze(
         Reuse an existing segmentation instead of segmenting again.
     progress : callable, optional
         ``progress(fraction, message)``; raise inside it to cancel.
+    prior_correction : float, optional
+        One prior-correction strength for every model (0: the class-balanced answer);
+        default: each model file's own (see :func:`napari_smear.predict.prior_logit_offsets`).
     """
     from .predict import classify_crops
 
     report = progress or (lambda f, m: None)
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
+    check_prior_correction(loaded, prior_correction)
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
         image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
@@ -425,12 +430,27 @@ def analyze(
         outputs[entry.name] = classify_crops(
             entry.model, entry.info, images, masks, morph,
             device=device, batch_size=batch_size, return_attention=True, progress=False,
+            prior_correction=prior_correction,
         )
     report(1.0, "done")
     return finish_field(prepared, specs, outputs)
 
 
 # ----------------------------------------------------------------------------- many images
+
+
+def check_prior_correction(models: Sequence[LoadedModel], strength: float | None) -> dict[str, float]:
+    """The prior-correction strength each model will use (``strength``, else its file's
+    own), checked before any image is read: a bad value fails at once, not on the first
+    cells. Raises ValueError as :func:`napari_smear.predict.prior_logit_offsets` does."""
+    from .predict import prior_logit_offsets
+
+    used = {}
+    for entry in models:
+        prior_logit_offsets(entry.info, strength)  # raises for a bad strength or model
+        stored = (entry.info.metadata or {}).get("prior_correction") or {}
+        used[entry.name] = float(strength if strength is not None else stored.get("strength", 0.0))
+    return used
 
 
 class StreamingClassifier:
@@ -462,14 +482,19 @@ class StreamingClassifier:
     max_waiting_pixels : float
         The same bound on the fields' total pixel count (``size`` given to :meth:`add`):
         the caller keeps every waiting field's images in memory.
+    prior_correction : float, optional
+        As for :func:`analyze`.
     """
 
     def __init__(self, models: Sequence[LoadedModel], *, device="auto", batch_size: int = 256,
-                 amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6):
+                 amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
+                 prior_correction: float | None = None):
         from .predict import select_device
 
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_prior_correction(models, prior_correction)
+        self.prior_correction = prior_correction
         self.models = {m.name: m for m in models}
         self.device = select_device(device)
         self.batch_size = int(batch_size)
@@ -591,6 +616,7 @@ class StreamingClassifier:
         out = classify_crops(
             entry.model, entry.info, images, masks, morph, device=self.device,
             batch_size=self.batch_size, amp=self.amp, return_attention=True, progress=False,
+            prior_correction=self.prior_correction,
         )
         self.seconds += time.perf_counter() - started
         self.crops += n

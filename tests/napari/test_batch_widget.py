@@ -177,3 +177,26 @@ def test_overlay_colours_match_the_viewer():
         np.testing.assert_allclose(np.array(ours[name]) / 255, viewer[name][:3], atol=0.01, err_msg=name)
     for cell_type, colour in CELL_TYPE_COLORS.items():
         np.testing.assert_allclose(np.array(CELL_TYPE_RGB[cell_type]) / 255, colour[:3], atol=0.01)
+
+
+def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, model_file, tmp_path, monkeypatch):
+    import napari_smear.batch
+
+    seen = []
+    real = napari_smear.batch.analyze_files
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["prior_correction"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(napari_smear.batch, "analyze_files", spy)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._model_file.value = model_file
+    widget._models.value = [str(model_file.resolve())]
+    widget._device.value = "cpu"
+    widget._class_frequencies.value = False
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen == [0.0] and widget.errors == []
+    assert widget.last_report.analysed == 2

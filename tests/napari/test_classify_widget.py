@@ -231,3 +231,24 @@ def test_attention_is_visible_in_a_screenshot(make_napari_viewer, synthetic_fiel
     # field), the smear is drawn untouched.
     untouched = np.abs(with_attention[..., :3].astype(int) - image_only[..., :3].astype(int)).max(axis=-1) <= 2
     assert untouched.mean() > 0.4
+
+
+def test_class_frequency_checkbox_sets_the_prior_correction(setup, qtbot, monkeypatch):
+    viewer, widget, errors = setup
+    from napari_smear import pipeline
+
+    seen = []
+    real = pipeline.analyze
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["prior_correction"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "analyze", spy)
+    assert widget._class_frequencies.value is True  # default: each model file's own correction
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    widget._class_frequencies.value = False  # every class equally common
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen == [None, 0.0] and errors == []

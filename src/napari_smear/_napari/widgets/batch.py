@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, PushButton, SpinBox
 
 from napari_smear._napari.widgets._background import BackgroundTaskWidget
-from napari_smear._napari.widgets.classify import ModelInputs, device_combo, model_choices
+from napari_smear._napari.widgets.classify import (
+    ModelInputs, class_frequency_checkbox, device_combo, model_choices, prior_correction_option,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -64,6 +66,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             tooltip="Processes of a local Dask cluster for decoding, segmentation and writing "
             "(0: in napari's process)",
         )
+        self._class_frequencies = class_frequency_checkbox()
         self._overwrite = CheckBox(text="redo finished images", value=False)
         # Looking at the results: any image the output folder holds results for.
         self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
@@ -79,7 +82,8 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._analysed.changed.connect(lambda *_: self._update_show_button())
         self._output.changed.connect(lambda *_: self.refresh_results())
         self.extend([
-            self._input, self._output, self._pattern, *models, self._device, self._workers, self._overwrite,
+            self._input, self._output, self._pattern, *models, self._class_frequencies, self._device, self._workers,
+            self._overwrite,
             *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
@@ -107,6 +111,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "pattern": self._pattern.value.strip() or "*",
             "workers": int(self._workers.value),
             "overwrite": bool(self._overwrite.value),
+            "prior_correction": prior_correction_option(self._class_frequencies),
         }
 
         def compute(report):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, Select, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, Select, SpinBox
 from napari.layers import Image, Labels
 
 from napari_smear._napari.layers import (
@@ -70,6 +70,22 @@ def device_choices() -> list[tuple[str, str, bool]]:
         (f"auto ({auto})" if kind == "auto" else kind, kind, kind == "auto" or kind in present)
         for kind in _DEVICE_KINDS
     ]
+
+
+def class_frequency_checkbox() -> CheckBox:
+    """Whether the models' answers follow how common each class was in their training
+    cells (each model file's prior correction) or treat every class as equally common."""
+    return CheckBox(
+        text="correct for class frequencies", value=True,
+        tooltip="On: each model's answers are moved back towards how common each class was among its training "
+        "cells (the strength stored in its file), so rare classes are not over-called. Off: every class is "
+        "treated as equally common: rare classes are called more often (more sensitive, less precise).",
+    )
+
+
+def prior_correction_option(checkbox: CheckBox) -> float | None:
+    """The ``prior_correction`` argument the checkbox stands for (None: each model's own)."""
+    return None if checkbox.value else 0.0
 
 
 def device_combo() -> ComboBox:
@@ -172,8 +188,10 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             label="batch size", value=128, min=1, max=4096, step=16,
             tooltip="Crops per forward pass (halved automatically when a GPU runs out of memory)",
         )
+        self._class_frequencies = class_frequency_checkbox()
         self.extend([
-            self._image_combo, self._cells_combo, *models, self._device, self._batch_size, *self._run_controls(),
+            self._image_combo, self._cells_combo, *models, self._class_frequencies, self._device, self._batch_size,
+            *self._run_controls(),
         ])
         self._started = 0.0
         #: The last result and the layers it added (for scripts and tests).
@@ -240,6 +258,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             "batch_size": int(self._batch_size.value),
             "pixel_size_um": float(pixel_size) if pixel_size else None,
             "segmentation": segmentation,
+            "prior_correction": prior_correction_option(self._class_frequencies),
         }
 
         def compute(report):

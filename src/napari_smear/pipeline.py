@@ -443,13 +443,12 @@ def check_prior_correction(models: Sequence[LoadedModel], strength: float | None
     """The prior-correction strength each model will use (``strength``, else its file's
     own), checked before any image is read: a bad value fails at once, not on the first
     cells. Raises ValueError as :func:`napari_smear.predict.prior_logit_offsets` does."""
-    from .predict import prior_logit_offsets
+    from .predict import prior_correction_strength, prior_logit_offsets
 
     used = {}
     for entry in models:
-        prior_logit_offsets(entry.info, strength)  # raises for a bad strength or model
-        stored = (entry.info.metadata or {}).get("prior_correction") or {}
-        used[entry.name] = float(strength if strength is not None else stored.get("strength", 0.0))
+        used[entry.name] = prior_correction_strength(entry.info, strength)
+        prior_logit_offsets(entry.info, used[entry.name])  # raises for a model without balanced training
     return used
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "autocast_dtype",
     "preprocess_batch",
     "classify_crops",
+    "prior_correction_strength",
     "prior_logit_offsets",
     "classify_files",
     "expand_image_inputs",
@@ -419,6 +420,19 @@ def classify_crops(
     return result
 
 
+def prior_correction_strength(info, strength: float | None = None) -> float:
+    """The prior-correction strength :func:`classify_crops` applies: ``strength``, else
+    the model file's own (0 when it stores none). Raises ValueError for a negative or
+    non-finite value."""
+    if strength is None:
+        stored = (info.metadata or {}).get("prior_correction") or {}
+        strength = stored.get("strength", 0.0) if isinstance(stored, dict) else 0.0
+    strength = float(strength)
+    if not np.isfinite(strength) or strength < 0:
+        raise ValueError(f"prior_correction must be a finite number >= 0, got {strength!r}")
+    return strength
+
+
 def prior_logit_offsets(info, strength: float | None = None) -> np.ndarray | None:
     """Logit offsets that give a class-balanced model back its training class frequencies.
 
@@ -447,15 +461,10 @@ def prior_logit_offsets(info, strength: float | None = None) -> np.ndarray | Non
         A negative or non-finite strength, or a non-zero one for a model file that does
         not record balanced training and its training class counts.
     """
-    metadata = info.metadata or {}
-    stored = metadata.get("prior_correction") or {}
-    if strength is None:
-        strength = float(stored.get("strength", 0.0)) if isinstance(stored, dict) else 0.0
-    strength = float(strength)
-    if not np.isfinite(strength) or strength < 0:
-        raise ValueError(f"prior_correction must be a finite number >= 0, got {strength!r}")
+    strength = prior_correction_strength(info, strength)
     if strength == 0:
         return None
+    metadata = info.metadata or {}
     balance = (metadata.get("training") or {}).get("balance")
     counts = (metadata.get("training_data") or {}).get("train_class_counts") or {}
     if balance not in ("sampler", "loss") or any(counts.get(name, 0) <= 0 for name in info.class_names):

@@ -1,6 +1,8 @@
-"""Ablation of the classifier architectures on PBC: same data, same budget, same seed.
+"""Ablation of the classifier architectures: same data, same budget, same seed.
 
-Trains each model of issue 3 on the PBC ``train`` split and scores it on ``val``:
+Trains each model of issue 3 on a crop set's ``train`` split and scores it on ``val``
+(PBC white cells by default; ``--dataset chula`` runs it on the Chula RBC-12 red-cell
+crops that ``rbc-chula12`` learns from):
 
 1. shape_aware        shape-aware network (BMEC): RGB + shape-mask branch, shape attention
 2. gated_attention    gated attention over high-resolution patches + global branch (Fan et al.)
@@ -15,10 +17,13 @@ Usage::
 
     python benchmarks/ablation.py --crops cache/pbc_s96.npz --epochs 3 --threads 1
 
+    python benchmarks/ablation.py --dataset chula --epochs 10 --threads 2
+
 ``--crops`` is a crop set from ``napari-smear pack-crops ../shared/data/pbc/split.csv``
-(built on the fly into that path when missing). Prints a table, saves
-``benchmarks/results/ablation.json`` and writes the markdown table to
-``docs/ablation.md``. Validation is only ever used for scoring here.
+(built on the fly into that path when missing; for ``--dataset chula`` the cache
+``scripts/train_default_models.py --only rbc-chula12 --pack-only`` writes). Prints a
+table, saves ``benchmarks/results/ablation[_chula].json`` and writes the markdown
+table to ``docs/ablation[-chula].md``. Validation is only ever used for scoring here.
 """
 from __future__ import annotations
 
@@ -45,18 +50,32 @@ VARIANTS = {
 }
 
 
+#: --dataset -> default crop set (under cache/), result files and the page's title
+DATASETS = {
+    "pbc": {"crops": "pbc_s96.npz", "json": "ablation.json", "markdown": "ablation.md", "title": "PBC"},
+    "chula": {"crops": "chula_s64.npz", "json": "ablation_chula.json", "markdown": "ablation-chula.md",
+              "title": "Chula RBC-12"},
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--crops", default=str(ROOT / "cache" / "pbc_s96.npz"))
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="pbc",
+                        help="which crop set (sets the defaults of --crops, --out, --markdown)")
+    parser.add_argument("--crops", default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ablation.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "docs" / "ablation.md"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    dataset = DATASETS[args.dataset]
+    args.crops = args.crops or str(ROOT / "cache" / dataset["crops"])
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / dataset["json"])
+    args.markdown = args.markdown or str(ROOT / "docs" / dataset["markdown"])
 
     import torch
 
@@ -64,6 +83,10 @@ def main(argv=None) -> int:
     from napari_smear.training import train
 
     crops_path = Path(args.crops)
+    if not crops_path.exists() and args.dataset != "pbc":
+        print(f"no crop set at {crops_path}: pack it first with "
+              "`python scripts/train_default_models.py --only rbc-chula12 --pack-only`")
+        return 2
     if not crops_path.exists():
         manifest = DATA / "pbc" / "split.csv"
         if not manifest.exists():
@@ -102,6 +125,7 @@ def main(argv=None) -> int:
 
     baseline = next((r for r in results if r["variant"] == "plain"), None)
     report = {
+        "dataset": dataset["title"],
         "crops": str(crops_path),
         "n": len(crop_set),
         "epochs": args.epochs,
@@ -128,14 +152,15 @@ def _fmt(value, pattern="{:.4f}"):
 
 def _markdown(report, baseline) -> str:
     lines = [
-        "# Classifier ablation on PBC",
+        f"# Classifier ablation on {report.get('dataset', 'PBC')}",
         "",
-        "Every model trained on the PBC `train` split with the same budget "
+        f"Every model trained on the {report.get('dataset', 'PBC')} `train` split with the same budget "
         f"({report['epochs']} epochs"
         + (f", at most {report['max_train_samples']} crops" if report["max_train_samples"] else "")
         + f", seed {report['seed']}, {report['threads']} CPU thread(s), device `{report['device']}`), "
-        "scored on `val` (the split WBCAtt defines for the five WBC classes). "
-        "`attention inside` is the mean share of a model's attention map that falls inside the cell mask.",
+        + ("scored on `val` (the split WBCAtt defines for the five WBC classes). "
+           if report.get("dataset", "PBC") == "PBC" else "scored on `val` (a fifth of the smear fields, held out whole). ")
+        + "`attention inside` is the mean share of a model's attention map that falls inside the cell mask.",
         "",
         f"Command: `{report['command']}`",
         "",

@@ -46,6 +46,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .colors import CELL_TYPE_RGB, class_palette_rgb
+
 __all__ = [
     "OUTPUT_SUFFIXES",
     "MARKER_SUFFIX",
@@ -656,38 +658,7 @@ def load_result(out_dir: str | Path, image: str | Path):
 
 
 # ----------------------------------------------------------------------------- overlay
-
-#: RGB (0-255) of the cell types, as in the viewer (``_napari.layers.CELL_TYPE_COLORS``).
-CELL_TYPE_RGB = {"wbc": (148, 56, 242), "rbc": (235, 41, 41), "platelet": (255, 214, 46)}
-# Class colours as in the viewer (``_napari.layers.CLASS_COLORS`` and its spare tones),
-# so a class looks the same in the QC pictures and in napari.
-_CLASS_RGB = {
-    "neutrophil": (31, 120, 181), "lymphocyte": (43, 161, 43), "monocyte": (255, 128, 13),
-    "eosinophil": (214, 38, 41), "basophil": (148, 102, 189), "ig": (140, 87, 74),
-    "erythroblast": (227, 120, 194), "platelet": CELL_TYPE_RGB["platelet"], "normal": (199, 199, 199),
-}
-_SPARE_RGB = (
-    (23, 190, 207), (188, 189, 34), (140, 86, 75), (227, 119, 194), (127, 127, 127),
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (158, 218, 229), (219, 219, 141), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-)
-
-
-def class_palette_rgb(classes: Iterable[str]) -> dict[str, tuple[int, int, int]]:
-    """A colour per class name (known classes fixed, others in turn from spare tones)."""
-    palette: dict[str, tuple[int, int, int]] = {}
-    spare = [c for c in _SPARE_RGB if c not in _CLASS_RGB.values()]
-    k = 0
-    for name in classes:
-        if name in palette:
-            continue
-        if name in _CLASS_RGB:
-            palette[name] = _CLASS_RGB[name]
-        else:
-            palette[name] = spare[k % len(spare)]
-            k += 1
-    return palette
+# Colours come from napari_smear.colors, as in the viewer.
 
 
 def render_overlay(

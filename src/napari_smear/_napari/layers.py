@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from napari.utils.colormaps import DirectLabelColormap
 
+from napari_smear.colors import CELL_TYPE_RGB, CLASS_RGB, class_palette_rgb
 from napari_smear.io import METADATA_KEY
 from napari_smear.segment.types import TABLE_COLUMNS, SmearSegmentation
 
@@ -46,11 +47,15 @@ __all__ = [
     "add_to_viewer",
 ]
 
+
+def _rgba(rgb) -> tuple[float, float, float, float]:
+    """0-255 RGB -> napari's 0-1 RGBA, opaque."""
+    return (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, 1.0)
+
+
 #: RGBA (0-1) per cell type, shared by every widget that colours cells by type.
 CELL_TYPE_COLORS: dict[str, tuple[float, float, float, float]] = {
-    "wbc": (0.58, 0.22, 0.95, 1.0),  # violet
-    "rbc": (0.92, 0.16, 0.16, 1.0),  # red
-    "platelet": (1.0, 0.84, 0.18, 1.0),  # yellow
+    name: _rgba(rgb) for name, rgb in CELL_TYPE_RGB.items()  # violet, red, yellow
 }
 #: Colour of nuclei in the nuclei layer (stands out on the violet of white cells).
 NUCLEUS_COLOR = (0.0, 0.9, 0.9, 1.0)
@@ -254,31 +259,9 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
 
 # ----------------------------------------------------------------------------- classification
 
-#: Fixed colours of the classes the built-in models know, so that a class has the same
-#: colour in every image and every session (white-cell classes of PBC, platelets, and
-#: normal red cells in a neutral grey so abnormal ones stand out).
-CLASS_COLORS: dict[str, tuple[float, float, float, float]] = {
-    "neutrophil": (0.12, 0.47, 0.71, 1.0),
-    "lymphocyte": (0.17, 0.63, 0.17, 1.0),
-    "monocyte": (1.0, 0.50, 0.05, 1.0),
-    "eosinophil": (0.84, 0.15, 0.16, 1.0),
-    "basophil": (0.58, 0.40, 0.74, 1.0),
-    "ig": (0.55, 0.34, 0.29, 1.0),
-    "erythroblast": (0.89, 0.47, 0.76, 1.0),
-    "platelet": CELL_TYPE_COLORS["platelet"],
-    "normal": (0.78, 0.78, 0.78, 1.0),
-}
-# Colours for other class names, handed out in the order the classes are first seen
-# (matplotlib's tab20 reordered: strong tones first, then the light ones).
-_QUALITATIVE: tuple[tuple[float, float, float, float], ...] = tuple(
-    (r / 255, g / 255, b / 255, 1.0)
-    for r, g, b in (
-        (23, 190, 207), (188, 189, 34), (140, 86, 75), (227, 119, 194), (127, 127, 127),
-        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-        (158, 218, 229), (219, 219, 141), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-        (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    )
-)
+#: Fixed colours of the classes the built-in models know (:data:`napari_smear.colors.CLASS_RGB`),
+#: the same in every image and every session.
+CLASS_COLORS: dict[str, tuple[float, float, float, float]] = {name: _rgba(rgb) for name, rgb in CLASS_RGB.items()}
 #: Opacity factor of cells no model classified: shown in their cell-type colour, faint.
 UNCLASSIFIED_ALPHA = 0.35
 #: Name of the attention colormap (:func:`attention_colormap`).
@@ -320,21 +303,13 @@ def class_palette(
     dict
         Class name -> RGBA (0-1), deterministic for a given order of names.
     """
-    palette: dict[str, tuple[float, float, float, float]] = {
-        str(k): tuple(float(c) for c in v) for k, v in (base or {}).items()
-    }
-    used = set(palette.values())
-    spare = [c for c in _QUALITATIVE if c not in used and c not in CLASS_COLORS.values()]
-    k = 0
-    for name in classes:
-        if not _has_class(name) or str(name) in palette:
-            continue
-        name = str(name)
-        if name in CLASS_COLORS:
-            palette[name] = CLASS_COLORS[name]
-            continue
-        palette[name] = spare[k % len(spare)] if spare else _distinct_colors(k + 1)[k]
-        k += 1
+    kept = {str(k): tuple(float(c) for c in v) for k, v in (base or {}).items()}
+    chosen = class_palette_rgb(
+        [name for name in classes if _has_class(name)],
+        base={name: tuple(255 * c for c in colour[:3]) for name, colour in kept.items()},
+    )
+    # colours already decided keep their exact values (alpha included)
+    palette = {name: kept.get(name) or _rgba(rgb) for name, rgb in chosen.items()}
     return palette
 
 

@@ -1,0 +1,40 @@
+"""One palette for the viewer and the QC pictures: every class its own colour."""
+import itertools
+
+from napari_smear.colors import CLASS_RGB, SPARE_RGB, class_palette_rgb
+from napari_smear.models import read_metadata
+from napari_smear.models.files import resolve_model_path
+
+
+def _difference(a, b) -> int:
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def test_built_in_models_classes_all_get_distinct_colours():
+    """Both built-in models in one viewer: no two of their 21 classes look alike
+    (the spare tones that nearly repeat a fixed class colour are skipped)."""
+    names = [c for m in ("wbc-pbc8", "rbc-chula12") for c in read_metadata(resolve_model_path(m))["class_names"]]
+    palette = class_palette_rgb(names)
+    assert set(palette) == set(names)
+    for (a, ca), (b, cb) in itertools.combinations(palette.items(), 2):
+        assert _difference(ca, cb) >= 24, (a, ca, b, cb)
+    for name in CLASS_RGB:
+        if name in palette:
+            assert palette[name] == CLASS_RGB[name]
+
+
+def test_palette_is_deterministic_and_keeps_decided_colours():
+    first = class_palette_rgb(["macrocyte", "teardrop"])
+    assert class_palette_rgb(["macrocyte", "teardrop"]) == first
+    # a class keeps its spare tone whether or not a known class is in view
+    assert class_palette_rgb(["neutrophil", "macrocyte", "teardrop"])["teardrop"] == first["teardrop"]
+    kept = class_palette_rgb(["teardrop", "schistocyte"], base={"teardrop": (1, 2, 3)})
+    assert kept["teardrop"] == (1, 2, 3)
+    assert kept["schistocyte"] != (1, 2, 3)
+    assert class_palette_rgb([None, float("nan"), ""]) == {}
+
+
+def test_more_classes_than_tones_still_get_colours():
+    names = [f"class {k}" for k in range(len(SPARE_RGB) + 5)]
+    palette = class_palette_rgb(names)
+    assert len(palette) == len(names)

@@ -1,6 +1,8 @@
 """The "Train classifier" widget: fine-tune from the cells of the image, train from a folder, cancel."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -167,19 +169,26 @@ def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
     features["class"] = features["cell_type"]
     seen: dict[str, object] = {}
 
-    def slow_train(data, *, on_epoch=None, epochs=1, **kwargs):
-        run_until_cancelled(
-            lambda step: on_epoch({"epoch": step + 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.4}),
-            seen, steps=999, pause_s=0.02,
-        )
+    def slow_train(data, *, on_epoch=None, epochs=1, output=None, **kwargs):
+        def epoch(step):
+            Path(output).write_bytes(b"best epoch so far")  # as train() saves each better epoch
+            on_epoch({"epoch": step + 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.4})
+
+        run_until_cancelled(epoch, seen, steps=999, pause_s=0.02)
 
     monkeypatch.setattr(napari_smear.training, "train", slow_train)
+    # a model trained earlier under the same name, still offered by Classify cells
+    earlier = tiny_model_file(tmp_path / "mine.safetensors", cell_types=["rbc"])
+    before = earlier.read_bytes()
     widget._start_from.value = None
     widget._crop_size.value = 32
     widget._epochs.value = 500
-    widget._output.value = tmp_path / "never.safetensors"
+    widget._output.value = earlier
     widget.run()
     cancel_when(qtbot, widget, lambda: len(widget.history) >= 2)
     assert type(seen["raised"]).__name__ == "Cancelled"
     assert widget.status == "Cancelled." and errors == []
     assert user_models.paths == ()
+    # the cancelled run left the earlier model as it was, and nothing of its own
+    assert earlier.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors"]

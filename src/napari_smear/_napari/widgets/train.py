@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -504,9 +505,14 @@ def _train_job(job: dict):
     """The background computation of one training run (a closure over plain data)."""
 
     def compute(report):
-        train = importlib.import_module("napari_smear.training").train
+        training = importlib.import_module("napari_smear.training")
+        output = Path(job["output"])
+        # Trained into a file of its own and moved over the chosen name only when
+        # training ends: a cancelled or failed run leaves an earlier model of that
+        # name untouched (Classify cells may still offer it).
+        partial = output.with_name(f".{output.stem}.training.safetensors")
         options = {
-            "output": job["output"], "epochs": job["epochs"], "batch_size": job["batch_size"],
+            "output": partial, "epochs": job["epochs"], "batch_size": job["batch_size"],
             "lr": job["lr"], "device": job["device"], "progress": False,
             "on_epoch": lambda record: report(("epoch", record)),
         }
@@ -526,10 +532,12 @@ def _train_job(job: dict):
             )
             report(("status", job["description"]))
         try:
-            result = train(data, **options)
+            result = training.train(data, **options)
+            record_cell_types(partial, job["cell_types"])
+            os.replace(partial, output)
         finally:
-            _remove_checkpoint(importlib.import_module("napari_smear.training").checkpoint_dir_for(job["output"]))
-        record_cell_types(result.model_path, job["cell_types"])
-        return result
+            _remove_checkpoint(training.checkpoint_dir_for(partial))
+            partial.unlink(missing_ok=True)
+        return dataclasses.replace(result, model_path=output)
 
     return compute

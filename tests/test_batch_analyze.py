@@ -364,6 +364,38 @@ def test_output_folder_inside_the_input_folder_is_not_read_back(setup, tmp_path)
     assert (inputs / "results" / "a_labels.tif").exists()
 
 
+def test_output_folder_that_is_the_input_folder_skips_its_own_outputs(tmp_path):
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    write_png_atomic(folder / "a.png", field(1))
+    for overwrite in (False, True):  # a re-run (and a redo) must not take a_labels.tif etc. for images
+        report = analyze_files(folder, folder, models=[], device="cpu", overwrite=overwrite)
+        assert (report.total, report.failed) == (1, 0)
+        assert list(report.summary.image) == ["a.png"]
+    assert not list(folder.glob("*_labels_*"))
+
+
+def test_inputs_and_outputs_checked_before_any_work(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="pixel_size_um must be a positive number"):
+        analyze_files(empty, tmp_path / "out", models=[], device="cpu", pixel_size_um=-1)
+    (tmp_path / "afile").write_text("x")
+    for out in ("afile", "afile/sub"):
+        with pytest.raises(ValueError, match="is a file"):
+            analyze_files(empty, tmp_path / out, models=[], device="cpu")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="no image files found"):
+        analyze_files(empty, tmp_path / "out", models=[], device="cpu")
+    write_png_atomic(empty / "a.png", field(1))
+    with pytest.raises(ValueError, match=r"no image files found .* matching '\*.jpg'"):
+        analyze_files(empty, tmp_path / "out", models=[], device="cpu", pattern="*.jpg")
+    # one file reached twice (in its folder, by name, and through another spelling): analysed once
+    report = analyze_files([empty, empty / "a.png", tmp_path / "." / "empty"], tmp_path / "out", models=[],
+                           device="cpu")
+    assert (report.total, report.analysed, report.failed) == (1, 1, 0)
+
+
 # ----------------------------------------------------------------------------- Dask
 
 
@@ -411,6 +443,11 @@ def test_cli_analyze(setup, tmp_path, capsys):
 
     assert main(["analyze", str(tmp_path / "missing"), str(out), "--models", "none"]) == 1
     assert "input not found" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "afile"), "--models", "none"]) == 1
+    assert "is a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a usage error (2): not a positive number
+        main(["analyze", str(setup["inputs"] / "a.png"), str(out), "--pixel-size-um", "0"])
     # the tiny models record no class-balanced training: a prior correction is refused up front
     assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "prior"), "--models",
                  ",".join(setup["models"]), "--prior-correction", "0.5", "--quiet"]) == 1

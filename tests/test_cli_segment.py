@@ -16,7 +16,7 @@ def test_segment_cli_writes_outputs_and_records_bad_files(tmp_path, synthetic_fi
     write_png_atomic(inp / "sub" / "field.png", image)
     (inp / "broken.jpg").write_bytes(b"not a jpeg at all")
     out = tmp_path / "out"
-    assert main(["segment", str(inp), "--out", str(out)]) == 0
+    assert main(["segment", str(inp), "--out", str(out)]) == 1  # 1: an image failed (errors.csv)
     labels = tifffile.imread(out / "sub" / "field_labels.tif")
     nuclei = tifffile.imread(out / "sub" / "field_nuclei.tif")
     cells = pd.read_csv(out / "sub" / "field_cells.csv")
@@ -26,6 +26,42 @@ def test_segment_cli_writes_outputs_and_records_bad_files(tmp_path, synthetic_fi
     assert set(np.unique(labels)) - {0} == set(cells.label)
     errors = pd.read_csv(out / "errors.csv")
     assert errors.file.str.endswith("broken.jpg").all() and len(errors) == 1
+
+    # fixed and run again: errors.csv holds this run's failures (none), not the last run's
+    (inp / "broken.jpg").unlink()
+    assert main(["segment", str(inp), "--out", str(out)]) == 0
+    assert pd.read_csv(out / "errors.csv").empty
+
+
+def test_segment_cli_into_its_input_folder_skips_its_own_outputs(tmp_path, synthetic_field, capsys):
+    image, _ = synthetic_field
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    write_png_atomic(folder / "field.png", image)
+    for _ in range(2):  # the second run must not take field_labels.tif etc. for images
+        assert main(["segment", str(folder), "--out", str(folder)]) == 0
+    assert "1 image(s) segmented, 0 failed" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "errors.csv", "field.png", "field_cells.csv", "field_labels.tif", "field_nuclei.tif"]
+
+
+def test_segment_cli_clear_errors_before_any_work(tmp_path, synthetic_field, capsys):
+    image, _ = synthetic_field
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["segment", str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert "no image files found" in capsys.readouterr().err
+    write_png_atomic(tmp_path / "a.png", image)
+    (tmp_path / "afile").write_text("x")
+    for out in ("afile", "afile/sub"):
+        assert main(["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / out)]) == 1
+        assert "is a file" in capsys.readouterr().err
+    # two files whose outputs would share names: the second is refused, not overwritten
+    write_png_atomic(empty / "field.png", image)
+    tifffile.imwrite(empty / "field.tif", image)
+    assert main(["segment", str(empty), "--out", str(tmp_path / "o")]) == 1
+    errors = pd.read_csv(tmp_path / "o" / "errors.csv")
+    assert len(errors) == 1 and "rename one of the two files" in errors.error[0]
 
 
 def test_demo_runs_the_pipeline(tmp_path, capsys):

@@ -96,7 +96,11 @@ def expand_inputs(
         Glob matched against file names inside folders (e.g. ``"*.jpg"``).
     exclude : path, optional
         A folder whose files are never taken from a folder search (the output folder,
-        when it lies inside an input folder). Hidden files and folders are skipped too.
+        when it lies inside an input folder). When it *is* an input folder, the files
+        named like this package's outputs (``*_labels.tif``, ``*_overlay.png``, ...)
+        are skipped instead, so a re-run does not analyse its own outputs. Hidden files
+        and folders are skipped too. A file reached twice (given directly and inside a
+        folder, or through two spellings of one folder) is taken once.
 
     Returns
     -------
@@ -107,11 +111,20 @@ def expand_inputs(
 
     skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+
+    def take(f: Path, relative: Path) -> None:
+        real = f.resolve()
+        if real not in seen:
+            seen.add(real)
+            found.append((f, relative))
+
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             root = p.resolve()
             skip_here = skip if skip is not None and skip != root and skip.is_relative_to(root) else None
+            outputs_here = skip is not None and root.is_relative_to(skip)  # writing into this folder
             for f in sorted(p.rglob(pattern)):
                 relative = f.relative_to(p)
                 if any(part.startswith(".") for part in relative.parts):
@@ -120,12 +133,44 @@ def expand_inputs(
                     continue
                 if skip_here is not None and f.resolve().is_relative_to(skip_here):
                     continue
-                found.append((f, relative))
+                if outputs_here and is_output_name(f.name):
+                    continue
+                take(f, relative)
         elif p.is_file():
-            found.append((p, Path(p.name)))
+            take(p, Path(p.name))
         else:
             raise FileNotFoundError(f"input not found: {p}")
     return found
+
+
+def is_output_name(name: str) -> bool:
+    """Whether a file name is one this package writes next to an image's outputs
+    (``<stem>_labels.tif``, ``<stem>_overlay.png``, ...)."""
+    return any(name.endswith(suffix) for suffix in OUTPUT_SUFFIXES.values())
+
+
+def _check_pixel_size(pixel_size_um) -> None:
+    """Checked before any image is read (each would fail on its own otherwise)."""
+    if pixel_size_um is not None and not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
+        raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the output folder (and its parents); a clear ValueError, before any work,
+    when that cannot be done: the path or one of its parents is a file, or the folder
+    cannot be created or written to."""
+    out = Path(path)
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            what = "is a file" if folder == out else f"lies inside {folder}, which is a file"
+            raise ValueError(f"the output folder {out} {what}: choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to the output folder {out} (permission denied)")
+    return out
 
 
 def output_stem(out_dir: Path, relative: Path) -> Path:
@@ -153,32 +198,36 @@ def segment_files(
     from .io import read_image, write_csv_atomic, write_tiff_atomic
     from .segment import segment_smear
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = expand_inputs(inputs, exclude=out)
-    rows, errors = [], []
-    for i, (path, rel) in enumerate(files):
+    _check_pixel_size(pixel_size_um)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out = prepare_output_dir(out_dir)
+    with _exclusive(out):
+        jobs, failures = _plan([Path(p) for p in inputs], out, "*")
+        if not jobs and not failures:
+            raise ValueError(f"no image files found in {', '.join(str(p) for p in inputs)}")
+        rows = [{"path": f.job.path, "error": f.reason} for f in failures]
+        errors = [{"file": f.job.path, "error": f.reason} for f in failures]
+        for i, job in enumerate(jobs):
+            if progress:
+                progress(i, len(jobs), job.path)
+            t0 = time.perf_counter()
+            try:
+                image, meta = read_image(job.path)
+                seg = segment_smear(image, pixel_size_um=pixel_size_um or meta.get("pixel_size_um"))
+                Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
+                write_tiff_atomic(f"{job.stem}_labels.tif", seg.labels)
+                write_tiff_atomic(f"{job.stem}_nuclei.tif", seg.nuclei)
+                write_csv_atomic(f"{job.stem}_cells.csv", seg.table)
+                rows.append({"path": job.path, **seg.counts(), "rbc_diameter_px": seg.rbc_diameter_px,
+                             "seconds": time.perf_counter() - t0, "error": ""})
+            except Exception as exc:  # one bad file must not stop a batch: record why
+                reason = f"{type(exc).__name__}: {exc}"
+                errors.append({"file": job.path, "error": reason})
+                rows.append({"path": job.path, "error": reason})
         if progress:
-            progress(i, len(files), str(path))
-        t0 = time.perf_counter()
-        try:
-            image, meta = read_image(path)
-            seg = segment_smear(image, pixel_size_um=pixel_size_um or meta.get("pixel_size_um"))
-            stem = output_stem(out, rel)
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            write_tiff_atomic(f"{stem}_labels.tif", seg.labels)
-            write_tiff_atomic(f"{stem}_nuclei.tif", seg.nuclei)
-            write_csv_atomic(f"{stem}_cells.csv", seg.table)
-            rows.append({"path": str(path), **seg.counts(), "rbc_diameter_px": seg.rbc_diameter_px,
-                         "seconds": time.perf_counter() - t0, "error": ""})
-        except Exception as exc:  # one bad file must not stop a batch: record why
-            reason = f"{type(exc).__name__}: {exc}"
-            errors.append({"file": str(path), "error": reason})
-            rows.append({"path": str(path), "error": reason})
-    if progress:
-        progress(len(files), len(files), "done")
-    if errors:
-        write_csv_atomic(out / "errors.csv", pd.DataFrame(errors))
+            progress(len(jobs), len(jobs), "done")
+        # this run's failures only (none: an empty table, not an earlier run's list)
+        write_csv_atomic(out / "errors.csv", pd.DataFrame(errors, columns=["file", "error"]))
     return pd.DataFrame(rows)
 
 
@@ -257,7 +306,8 @@ class BatchReport:
     ----------
     out_dir : pathlib.Path
     summary : pandas.DataFrame
-        ``summary.csv``: one row per analysed image (this run's and earlier runs').
+        ``summary.csv``: one row per image of this run's inputs with a finished result
+        (analysed now or by an earlier run).
     errors : pandas.DataFrame
         ``errors.csv``: ``file, error`` for every image that failed in this run.
     total, analysed, skipped, failed : int
@@ -959,13 +1009,13 @@ def analyze_files(
         raise ValueError("give either workers (a local Dask cluster) or scheduler (an existing one), not both")
     if isinstance(workers, bool) or int(workers) < 0:
         raise ValueError(f"workers must be 0 (this process) or a positive number, got {workers!r}")
+    _check_pixel_size(pixel_size_um)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [Path(p) for p in inputs]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
 
     missing_models: list[str] = []
     if models is None:
@@ -983,6 +1033,11 @@ def analyze_files(
         _remove_stale_temporaries(out)
         jobs, failures = _plan(inputs, out, pattern)
         total = len(jobs) + len(failures)
+        if not total:
+            raise ValueError(
+                f"no image files found in {', '.join(str(p) for p in inputs)}"
+                + (f" matching {pattern!r}" if pattern != "*" else "")
+            )
         todo, skipped = [], 0
         for job in jobs:
             if not overwrite and _finished_marker(job, fingerprint) is not None:

@@ -26,6 +26,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -93,7 +103,8 @@ def _add_segment(subparsers) -> None:
     parser = subparsers.add_parser("segment", help="segment smear images (files or folders)")
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--pixel-size-um", type=float, default=None, help="pixel size; default: automatic scale")
+    parser.add_argument("--pixel-size-um", type=_positive_float, default=None,
+                        help="pixel size in micrometres; default: from the file, else automatic scale")
     parser.set_defaults(func=_cmd_segment)
 
 
@@ -114,7 +125,7 @@ def _cmd_segment(args) -> int:
     for _, row in bad.iterrows():
         print(f"FAILED {row.path}: {row.error}", file=sys.stderr)
     print(f"{len(ok)} image(s) segmented, {len(bad)} failed; outputs in {args.out}")
-    return 0 if len(ok) or not len(summary) else 1
+    return 1 if len(bad) else 0
 
 
 def _add_demo(subparsers) -> None:
@@ -165,8 +176,8 @@ def _add_analyze(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo images an earlier run finished")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="crops per classifier batch (default 32 on CPU, 1024 on a GPU)")
-    parser.add_argument("--pixel-size-um", type=float, default=None,
-                        help="pixel size of every image (default: from the file, else measured)")
+    parser.add_argument("--pixel-size-um", type=_positive_float, default=None,
+                        help="pixel size of every image in micrometres (default: from the file, else measured)")
     parser.add_argument("--no-amp", action="store_true", help="classify in float32")
     parser.add_argument("--no-morphology", action="store_true",
                         help="leave the morphology columns out of the cell tables (faster)")
@@ -212,7 +223,7 @@ def _cmd_analyze(args) -> int:
     for path, error in zip(report.errors.file, report.errors.error):
         print(f"FAILED {path}: {error.splitlines()[0] if error else ''}", file=sys.stderr)
     _print_batch_report(report)
-    return 0 if report.analysed + report.skipped or not report.total else 1
+    return 1 if report.failed else 0  # scripts learn that errors.csv lists something
 
 
 def _print_batch_report(report) -> None:
@@ -495,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 success, 1 failure, 2 usage error)."""
+    """Run the command line; returns the exit status (0 success, 1 failure (for the batch
+    commands: any image failed, see errors.csv), 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -503,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-smear: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+    except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as exc:
+        # OSError: an output path that is a folder, a full disk, a permission...
         print(f"napari-smear {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

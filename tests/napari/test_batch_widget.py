@@ -60,6 +60,7 @@ def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, t
     assert (report.total, report.analysed, report.failed) == (3, 2, 1)
     assert widget.status.startswith("2 analysed, 0 finished earlier, 1 failed of 3 images")
     assert "errors.csv" in widget.status and str(out) in widget.status
+    assert "broken.jpg: " in widget.status  # which image failed, and why
     assert widget._progress.value == widget._progress.max == 3 and seen
     for stem in ("a", "sub/b"):
         for suffix in ("_labels.tif", "_nuclei.tif", "_attention.tif", "_cells.csv", "_overlay.png", "_done.json"):

@@ -227,6 +227,10 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
         self._set_status(_summary(report, time.perf_counter() - self._started))
+        if report.failed:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"napari-smear batch: {_failures(report)}")
         self.refresh_results()
 
 
@@ -255,6 +259,15 @@ def _summary(report: BatchReport, seconds: float) -> str:
     text = f"{', '.join(parts)} of {report.total} images in {seconds:.1f} s"
     if report.missing_models:
         text += f"; not installed: {', '.join(report.missing_models)}"
+    text = f"{text}. Results in {report.out_dir}"
     if report.failed:
-        text += " (see errors.csv)"
-    return f"{text}. Results in {report.out_dir}"
+        text += f". {_failures(report)}"
+    return text
+
+
+def _failures(report: BatchReport, shown: int = 3) -> str:
+    """Which images failed and why (the first few; errors.csv lists them all)."""
+    lines = [f"{Path(path).name}: {str(error).splitlines()[0] if error else 'failed'}"
+             for path, error in zip(report.errors.file, report.errors.error)]
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    return f"{report.failed} image(s) failed (all listed in errors.csv): " + "; ".join(lines[:shown]) + more

@@ -118,15 +118,18 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     code = main(["train", str(data), "--model-kind", "shape_aware", "--out", str(out), "--epochs", "1",
                  "--batch-size", "16", "--device", "cpu", "--threads", "1", "--quiet",
-                 "--config", json.dumps(TINY_CONFIG)])
+                 "--config", json.dumps(TINY_CONFIG), "--cell-types", "platelet, wbc"])
     assert code == 0
     metadata = read_metadata(out)
     assert metadata["class_names"] == TINY_CLASSES
+    assert metadata["cell_types"] == ["wbc", "platelet"]  # analyze gives it only these cells
     printed = capsys.readouterr().out
-    assert "macro-F1" in printed
+    assert "macro-F1" in printed and "classifies: wbc, platelet cells" in printed
     assert f"prior correction: strength {metadata['prior_correction']['strength']:g}, chosen on" in printed
     with pytest.raises(SystemExit):  # --config must be a JSON object: a usage error
         build_parser().parse_args(["train", str(data), "--out", str(out), "--config", "[1, 2]"])
+    assert main(["train", str(data), "--out", str(tmp_path / "m2.safetensors"), "--cell-types", "wbc,neutrophil"]) == 1
+    assert "cell_types must be some of" in capsys.readouterr().err
 
 
 def test_pack_crops_command(tmp_path, shared_data, capsys):

@@ -229,3 +229,16 @@ def test_analyze_prior_correction_override(field, tmp_path):
     plain = tiny_model_file(tmp_path / "plain.safetensors", RBC_CLASSES, cell_types=["rbc"])
     with pytest.raises(ValueError, match="class-balanced batches"):
         analyze(image, models=[plain], device="cpu", prior_correction=0.5)
+
+
+def test_two_models_for_one_cell_type_are_refused(tmp_path):
+    """One class column per cell: two models answering for the same cells would overwrite
+    each other's answers (and their p_<class> columns could clash)."""
+    first = tiny_model_file(tmp_path / "first.safetensors", WBC_CLASSES, cell_types=["wbc", "platelet"])
+    second = tiny_model_file(tmp_path / "second.safetensors", WBC_CLASSES, cell_types=["wbc"], seed=1)
+    with pytest.raises(ValueError, match="'first' and 'second' both classify wbc cells"):
+        load_models([first, second], device="cpu")
+    # a model file that does not say which cells it is for classifies them all
+    anything = tiny_model_file(tmp_path / "anything.safetensors", RBC_CLASSES, seed=2)
+    with pytest.raises(ValueError, match="both classify"):
+        load_models([anything, second], device="cpu")

@@ -401,11 +401,13 @@ def test_stain_normalisation_is_recorded_and_kept_when_fine_tuning(tmp_path):
     crop_set = synthetic_crop_set(n_per_class=8)
     crop_set.stain_normalization = "anchored-v1"
     first = train(crop_set, model_kind="shape_aware", output=tmp_path / "a.safetensors", epochs=1, batch_size=8,
-                  config=TINY_SHAPE_AWARE, progress=False, num_threads=1)
+                  config=TINY_SHAPE_AWARE, progress=False, num_threads=1, cell_types=["platelet", "wbc"])
     assert first.info.metadata["stain_normalization"] == "anchored-v1"
+    assert first.info.metadata["cell_types"] == ["wbc", "platelet"]
     tuned = train(crop_set, init_from=first.model_path, output=tmp_path / "b.safetensors", epochs=1,
                   batch_size=8, progress=False, num_threads=1)
     assert tuned.info.metadata["stain_normalization"] == "anchored-v1"
+    assert tuned.info.metadata["cell_types"] == ["wbc", "platelet"]  # the cells its base model was for
     plain = synthetic_crop_set(n_per_class=8)
     with pytest.raises(ValueError, match="stain normalisation 'none'.*a.safetensors was trained with it"):
         train(plain, init_from=first.model_path, output=tmp_path / "c.safetensors", epochs=1, progress=False)

@@ -274,6 +274,9 @@ def _add_train(subparsers) -> None:
                         help="architecture: plain, shape_aware, gated_attention, daffnet, global_attention "
                              "(default shape_aware)")
     parser.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    parser.add_argument("--cell-types", default=None, metavar="TYPES",
+                        help="segmented cells the model is for, comma-separated: wbc, rbc, platelet (e.g. "
+                             "'wbc,platelet'); `analyze` gives it only those. Default: every cell type")
     parser.add_argument("--epochs", type=_positive_int, default=30)
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -333,9 +336,13 @@ def _run_train(args) -> int:
         crop_diameters=args.crop_diameters,
         output_size=args.output_size,
         workers=args.workers,
+        cell_types=[t.strip() for t in args.cell_types.split(",") if t.strip()] if args.cell_types else None,
     )
     metrics = result.metrics
     print(f"model: {result.model_path} ({result.info.kind}, {len(result.info.class_names)} classes)")
+    cell_types = result.info.metadata.get("cell_types")
+    print(f"classifies: {', '.join(cell_types)} cells" if cell_types else
+          "classifies: every segmented cell type (white and red cells, platelets); --cell-types restricts it")
     print(
         f"best epoch {result.best_epoch} of {result.epochs_completed}"
         f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.0f} s"

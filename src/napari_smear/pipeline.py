@@ -169,7 +169,9 @@ def load_models(models: Sequence, device: str = "auto") -> list[LoadedModel]:
     napari_smear.models.ModelFileError
         A missing or malformed model.
     ValueError
-        Two models that would file their results under the same name.
+        Two models that would file their results under the same name, or that both
+        classify one cell type (a cell has one ``class`` column, and the two models'
+        ``p_<class>`` columns could clash).
     """
     loaded = []
     for spec in models:
@@ -179,6 +181,15 @@ def load_models(models: Sequence, device: str = "auto") -> list[LoadedModel]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"two models are both named {duplicates[0]!r}: rename one of the model files")
+    owner: dict[str, str] = {}
+    for entry in loaded:
+        for cell_type in entry.spec.cell_types:
+            if cell_type in owner:
+                raise ValueError(
+                    f"models {owner[cell_type]!r} and {entry.name!r} both classify {cell_type} cells: "
+                    "choose one model per cell type"
+                )
+            owner[cell_type] = entry.name
     return loaded
 
 

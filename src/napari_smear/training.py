@@ -746,6 +746,7 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     init_from: str | os.PathLike | None = None,
     choose_prior_correction: bool = True,
+    cell_types: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train a crop classifier and write the best model file.
 
@@ -833,6 +834,10 @@ def train(
         or be left at their defaults; folder/CSV data are cropped at its scale). Every
         weight tensor whose name and shape match is copied, so a different set of
         classes gets a new classifier head on the pretrained features.
+    cell_types : sequence of str, optional
+        Which segmented cells the model is for (``wbc``, ``rbc``, ``platelet``),
+        stored in the file: :func:`napari_smear.analyze` gives it only those. Default:
+        the starting model's when fine-tuning, else none stored (every cell type).
     choose_prior_correction : bool
         For a class-balanced model (``balance``), choose its prior-correction strength
         on the validation crops once training ends, by the rule of
@@ -871,6 +876,10 @@ def train(
         raise ValueError(f"output must be a .safetensors file, got {output}")
 
     init = _fine_tuning_start(init_from, model_kind, config) if init_from is not None else None
+    if cell_types is None and init is not None:
+        cell_types = init["cell_types"]
+    if cell_types is not None:
+        cell_types = _check_cell_types(cell_types)
     if init is not None:
         model_kind, config = init["kind"], init["config"]
         crop_diameters, output_size = init["crop_diameters"], init["input_size"]
@@ -1129,7 +1138,7 @@ def train(
                 }
                 save_model(output, model, _model_metadata(
                     crop_set, class_names, mean, std, size, best_metrics, fingerprint, train_index, val_index,
-                    morph_features, model, epochs, patience, torch_device, dtype, notes,
+                    morph_features, model, epochs, patience, torch_device, dtype, notes, cell_types,
                 ))
             else:
                 state["since_best"] += 1
@@ -1218,7 +1227,20 @@ def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
         "input_size": int(metadata["input_size"]), "crop_diameters": float(metadata["crop_diameters"]),
         "mean": metadata["mean"], "std": metadata["std"], "class_names": list(metadata["class_names"]),
         "stain_normalization": metadata.get("stain_normalization") or None,
+        "cell_types": metadata.get("cell_types") or None,
     }
+
+
+def _check_cell_types(cell_types: Sequence[str]) -> list[str]:
+    from .segment.types import CELL_TYPES
+
+    if isinstance(cell_types, str):
+        cell_types = [cell_types]
+    chosen = [str(t) for t in cell_types]
+    unknown = [t for t in chosen if t not in CELL_TYPES]
+    if unknown or not chosen:
+        raise ValueError(f"cell_types must be some of {list(CELL_TYPES)}, got {list(cell_types)!r}")
+    return [t for t in CELL_TYPES if t in chosen]
 
 
 def _load_pretrained(model, init: dict, class_names: list[str]) -> str:
@@ -1279,7 +1301,7 @@ def _epoch_logger(progress: bool) -> Callable[[str], None]:
 
 
 def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint, train_index, val_index,
-                    morph_features, model, epochs, patience, device, dtype, notes) -> dict:
+                    morph_features, model, epochs, patience, device, dtype, notes, cell_types=None) -> dict:
     train_counts = np.bincount(crop_set.labels[train_index], minlength=len(class_names))
     metadata = {
         "class_names": class_names,
@@ -1308,6 +1330,8 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
             "amp": str(dtype).removeprefix("torch.") if dtype else None,
         },
     }
+    if cell_types:
+        metadata["cell_types"] = list(cell_types)
     if fingerprint.get("white_balance"):
         metadata["white_balance"] = True
     if crop_set.stain_normalization:

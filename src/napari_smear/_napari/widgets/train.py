@@ -168,14 +168,6 @@ def crop_set_from_cells(
     )
 
 
-def record_cell_types(model_path: Path, cell_types: list[str]) -> None:
-    """Store which segmented cell types the model classifies (``analyze`` reads it)."""
-    from napari_smear.models import load_model, save_model
-
-    model, info = load_model(model_path, device="cpu")
-    save_model(model_path, model, {**info.metadata, "cell_types": list(cell_types)})
-
-
 def _remove_checkpoint(folder: Path) -> None:
     """Delete a finished run's checkpoint folder (the widget never resumes)."""
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {"state.json", "last.safetensors"}:
@@ -513,7 +505,7 @@ def _train_job(job: dict):
         partial = output.with_name(f".{output.stem}.training.safetensors")
         options = {
             "output": partial, "epochs": job["epochs"], "batch_size": job["batch_size"],
-            "lr": job["lr"], "device": job["device"], "progress": False,
+            "lr": job["lr"], "device": job["device"], "progress": False, "cell_types": job["cell_types"],
             "on_epoch": lambda record: report(("epoch", record)),
         }
         if job["init_from"] is not None:
@@ -533,7 +525,6 @@ def _train_job(job: dict):
             report(("status", job["description"]))
         try:
             result = training.train(data, **options)
-            record_cell_types(partial, job["cell_types"])
             os.replace(partial, output)
         finally:
             _remove_checkpoint(training.checkpoint_dir_for(partial))

@@ -283,3 +283,19 @@ def test_weights_folder_is_inside_the_package():
     # (The folder itself may be absent from a fresh clone: git does not keep empty folders.)
     assert folder.parent.name == "models" and folder.parent.parent.name == "napari_smear"
     assert set(available_models()) <= set(registry.BUILTIN_MODELS)
+
+
+def test_saved_model_is_readable_like_any_other_output(tmp_path):
+    """A model shared in a group folder: the file gets the usual permissions (the umask's),
+    not the owner-only ones of a private temporary file."""
+    import os
+
+    from conftest import tiny_model_file
+
+    previous = os.umask(0o022)
+    try:
+        path = tiny_model_file(tmp_path / "shared.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]  # no temporary left

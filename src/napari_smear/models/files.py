@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,8 +151,6 @@ def save_model(path: str | os.PathLike, model: nn.Module, metadata: dict[str, An
     pathlib.Path
         The written file.
     """
-    from safetensors.torch import save_file
-
     kind = getattr(model, "kind", None)
     if kind not in MODEL_KINDS or not isinstance(getattr(model, "config", None), dict):
         raise TypeError(f"model must be built by build_model (one of {list(MODEL_KINDS)}), got {type(model).__name__}")
@@ -184,14 +181,15 @@ def save_model(path: str | os.PathLike, model: nn.Module, metadata: dict[str, An
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={METADATA_KEY: text})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # Written through open() with the usual permissions (the umask's), so a model shared
+    # in a group folder is readable by colleagues: safetensors' save_file creates its
+    # file owner-only (0600). A model file is a few MB, so the bytes are held once.
+    from safetensors.torch import save as safetensors_bytes
+
+    from ..io import atomic_write
+
+    with atomic_write(path, "wb") as handle:
+        handle.write(safetensors_bytes(tensors, metadata={METADATA_KEY: text}))
     return path
 
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import uuid
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,7 +107,9 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
         ``path`` (str), ``format`` (``"tiff"``, ``"png"``, ``"jpeg"``, ``"bmp"``),
         ``pixel_size_um`` (float or None: from OME ``PhysicalSizeX`` or, for plain
         TIFF, from the resolution tags when they are in centimetres or ImageJ
-        micrometres), ``axes`` (tifffile axes string for TIFF, else None),
+        micrometres), ``pixel_size_yx_um`` ((y, x) floats or None: the same with the
+        row height, which differs only for non-square pixels; a warning says so),
+        ``axes`` (tifffile axes string for TIFF, else None),
         ``napari_smear`` (the dict napari-smear stored in a TIFF it wrote through
         :func:`write_tiff_atomic` with ``napari_smear_metadata``, else None),
         ``shape`` and ``dtype`` of the array as read (before any RGB conversion).
@@ -155,7 +158,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
             series = tif.series[0]
             data = series.asarray()
             axes = series.axes
-            pixel_size_um = _tiff_pixel_size_um(tif)
+            pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
             own_metadata = _napari_smear_description(tif.pages[0].description)
     except ImageReadError:
         raise
@@ -167,10 +170,18 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
     if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):
         data = np.moveaxis(data, axes.index("S"), -1)
         axes = axes.replace("S", "") + "S"
+    if pixel_size_yx_um is not None and not np.isclose(*pixel_size_yx_um, rtol=0.01):
+        warnings.warn(
+            f"{path.name}: the pixels are not square ({pixel_size_yx_um[0]:g} um high, "
+            f"{pixel_size_yx_um[1]:g} um wide); napari shows them so, but the cell sizes are "
+            "measured with the width",
+            stacklevel=3,
+        )
     return data, {
         "format": "tiff",
         "axes": axes,
-        "pixel_size_um": pixel_size_um,
+        "pixel_size_um": pixel_size_yx_um[1] if pixel_size_yx_um else None,
+        "pixel_size_yx_um": pixel_size_yx_um,
         "napari_smear": own_metadata,
     }
 
@@ -188,17 +199,26 @@ def _napari_smear_description(description: str) -> dict | None:
     return None
 
 
-def _tiff_pixel_size_um(tif: Any) -> float | None:
-    """Pixel size from OME-XML, else from the first page's resolution tags."""
+def _tiff_pixel_size_yx_um(tif: Any) -> tuple[float, float] | None:
+    """(row height, column width) in µm from OME-XML, else from the first page's
+    resolution tags; a missing height is taken equal to the width."""
     if tif.is_ome and tif.ome_metadata:
-        size = _ome_pixel_size_um(tif.ome_metadata)
+        size = _ome_pixel_size_yx_um(tif.ome_metadata)
         if size is not None:
             return size
-    page = tif.pages[0]
-    tags = page.tags
-    if "XResolution" not in tags:
+    tags = tif.pages[0].tags
+    width = _resolution_tag_um(tif, tags, "XResolution")
+    if width is None:
         return None
-    numerator, denominator = tags["XResolution"].value
+    height = _resolution_tag_um(tif, tags, "YResolution")
+    return (height if height is not None else width, width)
+
+
+def _resolution_tag_um(tif: Any, tags: Any, name: str) -> float | None:
+    """Pixel size (µm) of one resolution tag, when its unit is a length."""
+    if name not in tags:
+        return None
+    numerator, denominator = tags[name].value
     if not numerator or not denominator:
         return None
     pixels_per_unit = numerator / denominator
@@ -214,36 +234,47 @@ def _tiff_pixel_size_um(tif: Any) -> float | None:
     return None
 
 
-def _ome_pixel_size_um(ome_xml: str) -> float | None:
+def _ome_pixel_size_yx_um(ome_xml: str) -> tuple[float, float] | None:
     try:
         root = ET.fromstring(ome_xml)
     except ET.ParseError:
         return None
     for element in root.iter():
         if element.tag.rsplit("}", 1)[-1] == "Pixels" and "PhysicalSizeX" in element.attrib:
-            try:
-                value = float(element.attrib["PhysicalSizeX"])
-            except ValueError:
+            width = _ome_length_um(element.attrib, "X")
+            if width is None:
                 return None
-            unit = element.attrib.get("PhysicalSizeXUnit", "µm")  # OME default unit
-            factor = _UNIT_TO_UM.get(unit)
-            if factor is None or not np.isfinite(value) or value <= 0:
-                return None
-            return value * factor
+            height = _ome_length_um(element.attrib, "Y") if "PhysicalSizeY" in element.attrib else None
+            return (height if height is not None else width, width)
     return None
+
+
+def _ome_length_um(attributes: dict, axis: str) -> float | None:
+    try:
+        value = float(attributes[f"PhysicalSize{axis}"])
+    except ValueError:
+        return None
+    factor = _UNIT_TO_UM.get(attributes.get(f"PhysicalSize{axis}Unit", "µm"))  # OME default unit: µm
+    if factor is None or not np.isfinite(value) or value <= 0:
+        return None
+    return value * factor
 
 
 def _read_with_imageio(path: Path) -> tuple[np.ndarray, dict]:
     import imageio.v3 as iio
 
     fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp"}[path.suffix.lower()]
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"cannot read {path}: the file is empty (0 bytes)")
     try:
         data = np.asarray(iio.imread(path))
     except Exception as exc:  # Pillow raises OSError/SyntaxError/ValueError on bad files
-        raise ImageReadError(
-            f"cannot read {path} as {fmt.upper()}: {type(exc).__name__}: {exc}"
-        ) from exc
-    return data, {"format": fmt, "axes": None, "pixel_size_um": None, "napari_smear": None}
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "backend" in reason.lower():  # imageio's "no plugin could read it", with pip advice
+            reason = f"the file is damaged or is not a {fmt.upper()} image"
+        raise ImageReadError(f"cannot read {path} as {fmt.upper()}: {reason}") from exc
+    return data, {"format": fmt, "axes": None, "pixel_size_um": None, "pixel_size_yx_um": None,
+                  "napari_smear": None}
 
 
 # --------------------------------------------------------------------------- checking

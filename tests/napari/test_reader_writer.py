@@ -110,6 +110,51 @@ def test_writer_and_reader_round_trip_functions(tmp_path):
     assert type(kwargs_back["colormap"]).__name__ == "DirectLabelColormap"
 
 
+def test_round_trip_keeps_placement_and_class_colours(tmp_path):
+    """A crop's cells layer (translated) comes back where it was, coloured by class."""
+    from napari_smear._napari.layers import class_palette
+
+    cells, _ = segmentation_layers(_segmentation(), image_layer_name="crop", scale=(0.5, 0.5), translate=(5, 7))
+    data, kwargs, _ = cells
+    features = kwargs["features"].assign(**{"class": ["spherocyte", "neutrophil"]})
+    palette = class_palette(["neutrophil", "spherocyte"])
+    meta = {**kwargs, "features": features, "units": ("micrometer", "micrometer"),
+            "metadata": {**kwargs["metadata"], "napari_smear": {
+                **kwargs["metadata"]["napari_smear"], "class_colors": {k: list(v) for k, v in palette.items()}}}}
+    (path, _) = write_labels(str(tmp_path / "crop_cells.tif"), data, meta)
+    (layer,) = get_reader(path)(path)
+    _, back, _ = layer
+    assert back["translate"] == pytest.approx((5, 7)) and back["scale"] == pytest.approx((0.5, 0.5))
+    assert "translate" not in back["metadata"]["napari_smear"]
+    colormap = back["colormap"]
+    np.testing.assert_allclose(colormap.map(1), palette["spherocyte"], atol=1e-6)
+    np.testing.assert_allclose(colormap.map(2), palette["neutrophil"], atol=1e-6)
+
+
+def test_writer_refuses_labels_that_are_not_one_field(tmp_path):
+    with pytest.raises(ValueError, match="saves 2-D labels layers.*3 dimensions"):
+        write_labels(str(tmp_path / "stack.tif"), np.zeros((3, 20, 20), np.uint32), {"name": "stack"})
+    assert not list(tmp_path.iterdir())
+
+
+def test_reader_non_square_pixels_and_damaged_files(tmp_path, rgb):
+    path = tmp_path / "tall.tif"
+    # 10 px per µm across, 5 px per µm down (resolution tags in px per cm)
+    tifffile.imwrite(path, rgb, photometric="rgb", resolution=(1e5, 5e4), resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match="not square"):
+        (layer,) = get_reader(str(path))(str(path))
+    assert layer[1]["scale"] == pytest.approx((0.2, 0.1))
+    from napari_smear.io import ImageReadError, read_image
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="the file is empty"):
+        read_image(tmp_path / "empty.png")
+    (tmp_path / "junk.png").write_bytes(b"this is no picture at all" * 10)
+    with pytest.raises(ImageReadError, match="damaged or is not a PNG image") as caught:
+        read_image(tmp_path / "junk.png")
+    assert "pip install" not in str(caught.value)
+
+
 def test_writer_without_features_writes_only_the_tiff(tmp_path):
     labels = np.zeros((20, 20), np.int32)
     labels[5:9, 5:9] = 3

@@ -53,37 +53,56 @@ def _layer_data(path: PathLike) -> LayerData:
             "format": meta["format"],
         },
     }
-    pixel_size = meta["pixel_size_um"]
+    pixel_size = meta.get("pixel_size_yx_um")
     if pixel_size is not None:
         spatial_ndim = data.ndim - (1 if is_rgb else 0)
-        kwargs["scale"] = (1.0,) * (spatial_ndim - 2) + (pixel_size, pixel_size)
-        if spatial_ndim == 2:
-            kwargs["units"] = ("µm", "µm")
+        kwargs["scale"] = (1.0,) * (spatial_ndim - 2) + tuple(pixel_size)
+        # the leading axes (planes, channels) have no length: napari's unit for a plain index
+        kwargs["units"] = ("pixel",) * (spatial_ndim - 2) + ("µm", "µm")
     return data, kwargs, "image"
 
 
 def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) -> LayerData:
-    from napari_smear._napari.layers import cell_type_colormap, features_from_table
+    from napari_smear._napari.layers import features_from_table
     from napari_smear._napari.writer import cells_csv_path
 
+    placement = ("name", "scale", "translate")  # the layer's own settings, not metadata
     kwargs: dict = {
         "name": own.get("name") or file_stem(path),
         "metadata": {
             "path": os.fspath(path),
             "pixel_size_um": meta["pixel_size_um"],
-            METADATA_KEY: {k: v for k, v in own.items() if k != "name"},
+            METADATA_KEY: {k: v for k, v in own.items() if k not in placement},
         },
     }
-    if meta["pixel_size_um"] is not None:
-        kwargs["scale"] = (meta["pixel_size_um"],) * 2
+    if meta.get("pixel_size_yx_um") is not None:
+        kwargs["scale"] = tuple(meta["pixel_size_yx_um"])
         kwargs["units"] = ("µm", "µm")
+    if data.ndim == 2:
+        for key in ("scale", "translate"):  # as the writer recorded them
+            if isinstance(own.get(key), list) and len(own[key]) == 2:
+                kwargs[key] = tuple(float(v) for v in own[key])
     csv_path = cells_csv_path(path)
     if csv_path.exists():
         table = pd.read_csv(csv_path)
         if "label" in table.columns:
             kwargs["features"] = features_from_table(table)
             if "cell_type" in table.columns and own.get("kind") == "cells":
-                kwargs["colormap"] = cell_type_colormap(table)
+                kwargs["colormap"] = _cells_colormap(table, own)
         else:
             kwargs["features"] = table
     return np.asarray(data, dtype=np.uint32), kwargs, "labels"
+
+
+def _cells_colormap(table: pd.DataFrame, own: dict):
+    """Classified cells in their class colours (as stored by the writer), else by cell type."""
+    from napari_smear._napari.layers import (
+        cell_type_colormap,
+        class_palette,
+        classified_colormap,
+    )
+
+    if "class" in table.columns and table["class"].notna().any():
+        palette = class_palette(table["class"].dropna().astype(str), base=own.get("class_colors"))
+        return classified_colormap(table, palette)
+    return cell_type_colormap(table)

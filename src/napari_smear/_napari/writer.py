@@ -25,8 +25,9 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
 
     Both files are written atomically. The TIFF records the pixel size (resolution
     tags, when the layer's scale is in µm or its metadata has ``pixel_size_um``) and
-    napari-smear's layer metadata (RBC diameter, ...) so the napari-smear reader opens
-    it again as the same labels layer, features included.
+    napari-smear's layer metadata (RBC diameter, class colours, ...) and the layer's
+    scale and translate, so the napari-smear reader opens it again as the same labels
+    layer in the same place, features and colours included. Only 2-D layers.
 
     Parameters
     ----------
@@ -47,6 +48,11 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     if not target.name.lower().endswith(LABELS_SUFFIXES):
         target = target.with_name(target.name + ".tif")
     labels = np.asarray(data)
+    if labels.ndim != 2:
+        raise ValueError(
+            f"napari-smear saves 2-D labels layers (one smear field); this layer has {labels.ndim} dimensions "
+            f"{labels.shape}: save it with napari's own TIFF writer"
+        )
     if labels.dtype.kind not in "iub":
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
@@ -61,6 +67,11 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     pixel_size_um = _pixel_size_um(meta, layer_metadata, own)
     if pixel_size_um is not None:
         own["pixel_size_um"] = pixel_size_um
+    # where the layer sits over its image (a crop's offset, a non-µm scale): the reader
+    # places it there again
+    for key in ("scale", "translate"):
+        if meta.get(key) is not None:
+            own[key] = [float(v) for v in list(meta[key])[-2:]]
 
     written = [
         str(

@@ -144,3 +144,12 @@ def test_pack_crops_command(tmp_path, shared_data, capsys):
     assert len(crop_set) == 4 and crop_set.class_names == ["lymphocyte", "platelet"]
     assert crop_set.output_size == 32
     assert "images/s" in capsys.readouterr().out
+
+
+def test_evaluate_warns_when_crops_and_model_differ_in_stain_normalisation(tmp_path):
+    from napari_smear.training import evaluate
+
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")  # packed without it
+    model = tiny_model_file(tmp_path / "m.safetensors", stain_normalization="anchored-v1")
+    with pytest.warns(UserWarning, match="stain normalisation 'none' but the model was trained with 'anchored-v1'"):
+        evaluate(model, data, "val", device="cpu")

@@ -472,6 +472,14 @@ def _labelled_split(model, info, data, split, device, workers=1, progress=False)
             f"{info.crop_diameters:g}: cells appear at another size than in training",
             stacklevel=3,
         )
+    wanted = (info.metadata or {}).get("stain_normalization") or ""
+    if (crop_set.stain_normalization or "") != wanted:
+        warnings.warn(
+            f"the crops were made with stain normalisation {crop_set.stain_normalization or 'none'!r} but the "
+            f"model was trained with {wanted or 'none'!r}: their colours differ from what it learned "
+            "(pack the crops again with the model's setting)",
+            stacklevel=3,
+        )
     unknown = sorted(set(crop_set.class_names) - set(info.class_names))
     index = crop_set.indices(split)
     if unknown:

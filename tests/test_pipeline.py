@@ -107,6 +107,8 @@ def test_analyze_without_models_and_on_an_empty_field(field):
     with pytest.warns(UserWarning, match="no stained cells"):
         empty = analyze(blank, models=[], device="cpu")
     assert empty.table.empty and empty.counts.empty
+    # the same columns as a field with cells (morphology included): per-image CSVs stack
+    assert list(empty.table.columns) == list(result.table.columns)
 
 
 def test_bad_model_fails_before_segmenting(field, tmp_path):

@@ -297,7 +297,7 @@ def prepare_field(
 
     started = time.perf_counter()
     table = segmentation.table.copy()
-    if morphology and len(table):
+    if morphology:  # also on a field without cells: every per-cell table has the same columns
         morph = morphology_table(rgb, segmentation).drop(columns=["area_px"])
         table = table.merge(morph, on="label", how="left")
     timings["morphology"] = time.perf_counter() - started

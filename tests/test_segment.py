@@ -84,8 +84,15 @@ def test_odd_inputs_are_converted(synthetic_field):
     assert segment_smear(as16).counts() == ref
     asfloat = image.astype(np.float32) / 255
     assert segment_smear(asfloat).counts() == ref
-    gray = segment_smear(image.mean(-1).astype(np.uint8))  # handled, not a crash
+    with pytest.warns(UserWarning, match="no colour"):  # handled, not a crash, and said
+        gray = segment_smear(image.mean(-1).astype(np.uint8))
     assert gray.labels.shape == image.shape[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a black field: no divide-by-zero noise either
+        for value in (0, 255):
+            with pytest.warns(UserWarning, match="no stained cells"):
+                segment_smear(np.dstack([np.full((64, 64), value, np.uint8), np.full((64, 64), 30, np.uint8),
+                                         np.zeros((64, 64), np.uint8)]))
 
 
 @pytest.mark.parametrize(

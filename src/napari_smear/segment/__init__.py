@@ -91,6 +91,13 @@ def segment_smear(
     from ..io import as_rgb_uint8
 
     rgb = as_rgb_uint8(image)
+    sample = _subsample(rgb, 250_000)
+    if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
+        warnings.warn(
+            "the image has no colour (grayscale): white cells are told apart by the violet of their "
+            "nuclei, so none will be found, and colour classifiers see no stain; use the colour image",
+            stacklevel=2,
+        )
     params = params or CellParams()
     report = progress or (lambda fraction, message: None)
     report(0.0, "estimating stain and scale")

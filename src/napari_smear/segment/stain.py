@@ -52,7 +52,8 @@ def estimate_background(rgb: np.ndarray) -> np.ndarray:
         flat = flat[:: flat.shape[0] // 400_000]
     brightness = flat.astype(np.float32).mean(1)
     bright = flat[brightness >= np.percentile(brightness, 90)]
-    return np.median(bright, axis=0).astype(np.float32)
+    # at least 1, as the pixels are in the logarithms (a black field has no glass colour)
+    return np.maximum(np.median(bright, axis=0), 1.0).astype(np.float32)
 
 
 def _log_channels(rgb: np.ndarray):

@@ -252,3 +252,20 @@ def test_class_frequency_checkbox_sets_the_prior_correction(setup, qtbot, monkey
     widget.run()
     wait_until_idle(qtbot, widget)
     assert seen == [None, 0.0] and errors == []
+
+
+def test_renamed_image_keeps_its_cells(setup, qtbot):
+    """After the image layer is renamed, choosing it finds its cells layer (with the
+    user's edits) instead of offering to segment it again; another image is not linked."""
+    viewer, widget, errors = setup
+    image = viewer.layers["synthetic smear"]
+    cells = viewer.layers["synthetic smear cells"]
+    image.name = "patient 7"
+    other = viewer.add_image(np.asarray(image.data)[::2, ::2], name="other", rgb=True)
+    widget._image_combo.value = other
+    assert widget._cells_combo.value is None  # not its cells (another size)
+    widget._image_combo.value = viewer.layers["patient 7"]
+    assert widget._cells_combo.value is cells
+    assert cells.metadata["napari_smear"]["image_layer"] == "patient 7"
+    assert viewer.layers["synthetic smear nuclei"].metadata["napari_smear"]["image_layer"] == "patient 7"
+    assert errors == []

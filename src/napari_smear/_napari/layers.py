@@ -607,6 +607,40 @@ def add_to_viewer(
     return shown
 
 
+def relink_renamed_image(viewer: Any, image_layer: Any) -> list[Layer]:
+    """Point napari-smear layers made for an image at its new name after a rename.
+
+    Result layers record the name of the image they were made for
+    (``metadata["napari_smear"]["image_layer"]``). When no layer records
+    ``image_layer``'s name, the layers that record one name no longer in the viewer,
+    and whose labels have the image's size, were made for it before it was renamed
+    (when exactly one such name exists): they are updated to the new name, so the
+    docks find its cells (with the user's edits) instead of segmenting again.
+
+    Returns the layers updated (empty when nothing was done).
+    """
+    present = {layer.name for layer in viewer.layers}
+    ours = [layer for layer in viewer.layers if isinstance(layer.metadata.get(METADATA_KEY), dict)]
+    if any(layer.metadata[METADATA_KEY].get("image_layer") == image_layer.name for layer in ours):
+        return []
+    shape = _image_shape(image_layer)
+    orphans: dict[str, list[Layer]] = {}
+    for layer in ours:
+        recorded = layer.metadata[METADATA_KEY].get("image_layer")
+        if recorded and recorded not in present:
+            orphans.setdefault(recorded, []).append(layer)
+    fitting = [name for name, layers in orphans.items()
+               if any(getattr(lyr, "ndim", 0) == 2 and tuple(lyr.data.shape[-2:]) == shape
+                      for lyr in layers if lyr.metadata[METADATA_KEY].get("kind") == "cells")]
+    if len(fitting) != 1:
+        return []
+    updated = orphans[fitting[0]]
+    for layer in updated:
+        layer.metadata = {**layer.metadata, METADATA_KEY: {**layer.metadata[METADATA_KEY],
+                                                          "image_layer": image_layer.name}}
+    return updated
+
+
 def _image_shape(layer: Any) -> tuple[int, ...]:
     data = layer.data[0] if layer.multiscale else layer.data
     shape = tuple(data.shape)

@@ -20,6 +20,7 @@ from napari.layers import Image, Labels
 from napari_smear._napari.layers import (
     METADATA_KEY,
     analysis_layers,
+    relink_renamed_image,
     segmentation_from_layers,
     show_layers,
 )
@@ -302,6 +303,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         self._pick_cells_layer(layer)
 
     def _pick_cells_layer(self, image_layer: Image) -> None:
+        relink_renamed_image(self._viewer, image_layer)  # its cells, made before it was renamed
         for _, candidate in self._cells_layer_choices():
             if candidate is not None and candidate.metadata[METADATA_KEY].get("image_layer") == image_layer.name:
                 self._cells_combo.value = candidate

@@ -93,21 +93,26 @@ def crop_instances(
     from .io import as_rgb_uint8
 
     rgb = as_rgb_uint8(image)
-    if rgb.shape[:2] != segmentation.labels.shape:
-        raise ValueError(
-            f"image shape {rgb.shape[:2]} does not match the segmentation's labels "
-            f"shape {segmentation.labels.shape}"
-        )
+    segmentation.check_image(rgb)
     if not np.isfinite(segmentation.rbc_diameter_px) or segmentation.rbc_diameter_px <= 0:
         raise ValueError("the segmentation has no red-cell diameter; cannot crop at normalised scale")
-    if crop_diameters <= 0 or output_size < 8:
-        raise ValueError("crop_diameters must be > 0 and output_size >= 8")
+    if not (np.isfinite(crop_diameters) and crop_diameters > 0) or not output_size >= 8:
+        raise ValueError(f"crop_diameters must be a number > 0 and output_size >= 8, got {crop_diameters!r}, "
+                         f"{output_size!r}")
     table = segmentation.table
     if cell_types is not None:
+        from .segment.types import CELL_TYPES
+
         types = [cell_types] if isinstance(cell_types, str) else list(cell_types)
+        unknown = [t for t in types if t not in CELL_TYPES]
+        if unknown:
+            raise ValueError(f"cell_types must be some of {list(CELL_TYPES)}, got {unknown}")
         table = table[table.cell_type.isin(types)]
     if labels is not None:
-        wanted = np.asarray(labels, np.int64)
+        given = np.atleast_1d(np.asarray(labels))
+        if given.size and (given.dtype.kind not in "iu" and not np.all(np.mod(given.astype(float), 1) == 0)):
+            raise ValueError(f"labels must be integer label ids, got {given[:5].tolist()}")
+        wanted = given.astype(np.int64)
         missing = np.setdiff1d(wanted, table.label.to_numpy())
         if missing.size:
             raise ValueError(f"label ids not in the segmentation: {missing[:10].tolist()}")
@@ -187,6 +192,15 @@ def paste_maps(maps: np.ndarray, crops: InstanceCrops, labels: np.ndarray) -> np
     maps = np.asarray(maps, np.float32)
     if maps.ndim != 3 or len(maps) != len(crops):
         raise ValueError(f"maps must be (N={len(crops)}, h, w); got shape {maps.shape}")
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be the (H, W) integer label image of the segmentation; got "
+                         f"{labels.dtype} {labels.shape}")
+    if len(crops) and (crops.windows[:, 2].min() < -labels.shape[0] or crops.windows[:, 3].min() < -labels.shape[1]
+                       or crops.windows[:, 0].max() > 2 * labels.shape[0]
+                       or crops.windows[:, 1].max() > 2 * labels.shape[1]):
+        raise ValueError(f"the crops' windows do not lie on a {labels.shape} label image: pass the labels "
+                         "of the field they were cut from")
     out = np.zeros(labels.shape, np.float32)
     if len(crops) == 0:
         return out

@@ -125,6 +125,8 @@ class CropSet:
             self.rbc_diameter_px = np.full(n, np.nan, np.float32)
         if self.scale_measured is None:
             self.scale_measured = np.ones(n, bool)
+        if self.stain_normalization is None:  # "": none, as everywhere a crop set is written
+            self.stain_normalization = ""
         self.validate()
 
     def validate(self) -> None:
@@ -932,7 +934,7 @@ def save_crop_set(
         "failed_paths": _str_array(p for p, _ in crop_set.failures),
         "failed_reasons": _str_array(r for _, r in crop_set.failures),
         "code_version": np.array(str(crop_set.code_version)),
-        "stain_normalization": np.array(str(crop_set.stain_normalization)),
+        "stain_normalization": np.array(str(crop_set.stain_normalization or "")),  # None: none
     }
     if image_codec == "jpeg":
         arrays["images_jpeg"], arrays["images_jpeg_offsets"] = _encode_jpeg(crop_set.images, jpeg_quality)
@@ -1001,7 +1003,7 @@ def load_crop_set(path: str | os.PathLike) -> CropSet:
             # files written before versions were recorded: made by an unknown version
             code_version=str(archive["code_version"]) if "code_version" in archive.files else "unknown",
             stain_normalization=(
-                str(archive["stain_normalization"]) if "stain_normalization" in archive.files else ""
+                _method_name(archive["stain_normalization"]) if "stain_normalization" in archive.files else ""
             ),
         )
 
@@ -1058,3 +1060,10 @@ def load_data(
     if cache is not None:
         save_crop_set(cache, crop_set)
     return crop_set
+
+
+def _method_name(stored) -> str:
+    """The stain-normalisation method a crop set file records ("" for none; files written
+    before this was checked may hold the text "None")."""
+    name = str(stored)
+    return "" if name in ("None", "none") else name

@@ -52,6 +52,7 @@ def morphology_table(image: np.ndarray, segmentation) -> pd.DataFrame:
     from .io import as_rgb_uint8
 
     rgb8 = as_rgb_uint8(image)
+    segmentation.check_image(rgb8)
     labels = np.asarray(segmentation.labels)
     nuc = np.asarray(segmentation.nuclei)
     d = float(segmentation.rbc_diameter_px)

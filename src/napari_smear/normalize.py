@@ -210,6 +210,7 @@ def normalize_stain(
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"normalize_stain needs an (H, W, 3) uint8 image; got {rgb.shape} {rgb.dtype}")
+    segmentation.check_image(rgb)
     if anchors is None:
         anchors = stain_anchors(rgb, segmentation)
     return apply_stain_map(rgb, anchors, reference)

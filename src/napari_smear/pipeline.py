@@ -18,6 +18,7 @@ is cheapest (see :mod:`napari_smear.batch`):
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -173,6 +174,9 @@ def load_models(models: Sequence, device: str = "auto") -> list[LoadedModel]:
         classify one cell type (a cell has one ``class`` column, and the two models'
         ``p_<class>`` columns could clash).
     """
+    if isinstance(models, (str, os.PathLike)) or (isinstance(models, tuple) and len(models) == 2
+                                                   and not isinstance(models[0], (str, os.PathLike, tuple))):
+        models = [models]  # one model given on its own, not in a list
     loaded = []
     for spec in models:
         name, model, info = _load(spec, device)
@@ -293,6 +297,8 @@ def prepare_field(
         segmentation = segment_smear(
             rgb, pixel_size_um=pixel_size_um, n_workers=segment_threads, progress=progress,
         )
+    else:
+        segmentation.check_image(rgb)
     timings["segment"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -544,6 +550,15 @@ class StreamingClassifier:
         unknown = set(crops) - set(self.models)
         if unknown:
             raise ValueError(f"crops for models that are not loaded: {sorted(unknown)}")
+        for name, (images, masks, morph) in crops.items():  # checked before anything is queued
+            side = self.models[name].spec.input_size
+            if len(images) and (np.shape(images)[1:] != (side, side, 3) or np.shape(masks)[1:] != (2, side, side)
+                                or len(masks) != len(images) or (morph is not None and len(morph) != len(images))):
+                raise ValueError(
+                    f"field {key!r}: model {name!r} takes {len(images)} crops of (N, {side}, {side}, 3) with masks "
+                    f"(N, 2, {side}, {side}) and one morphology row each; got images {np.shape(images)}, masks "
+                    f"{np.shape(masks)}, morphology {np.shape(morph)}"
+                )
         results: dict[str, dict] = {}
         total = 0
         for name, (images, masks, morph) in crops.items():
@@ -670,7 +685,8 @@ def differential_counts(table: pd.DataFrame, *, include_edge_cells: bool = True)
         table = table[~cut_by_edge(table)]
     if table.empty:
         return pd.DataFrame(columns=["cell_type", "class", "count", "percent"])
-    classes = table["class"].fillna("unclassified") if "class" in table else pd.Series("unclassified", index=table.index)
+    classes = (table["class"].replace("", np.nan).fillna("unclassified") if "class" in table
+               else pd.Series("unclassified", index=table.index))
     counts = (
         pd.DataFrame({"cell_type": table.cell_type, "class": classes})
         .value_counts()

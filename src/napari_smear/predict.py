@@ -427,6 +427,8 @@ def prior_correction_strength(info, strength: float | None = None) -> float:
     if strength is None:
         stored = (info.metadata or {}).get("prior_correction") or {}
         strength = stored.get("strength", 0.0) if isinstance(stored, dict) else 0.0
+    if isinstance(strength, (bool, np.bool_)) or not isinstance(strength, (int, float, np.integer, np.floating)):
+        raise TypeError(f"prior_correction must be a number (0: balanced, 1: in full), got {strength!r}")
     strength = float(strength)
     if not np.isfinite(strength) or strength < 0:
         raise ValueError(f"prior_correction must be a finite number >= 0, got {strength!r}")

@@ -327,7 +327,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     name_or_path : str or os.PathLike
         A built-in model name (see ``available_models()``) or a ``.safetensors`` path.
     device : str or torch.device
-        Where to put the model.
+        Where to put the model: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or
+        ``"auto"`` (see :func:`napari_smear.predict.select_device`; a device this
+        machine lacks is a ValueError).
 
     Returns
     -------
@@ -381,7 +383,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
             f"{path}: the weights do not match the {kind!r} architecture of its metadata; " + "; ".join(problems)
         )
     model.load_state_dict(state, strict=True)
-    model.eval().to(device)
+    from ..predict import select_device  # a clear error for a device this machine lacks
+
+    model.eval().to(select_device(device))
     info = ModelInfo(
         kind=kind,
         config=dict(config),

@@ -90,6 +90,11 @@ def segment_smear(
     """
     from ..io import as_rgb_uint8
 
+    for name, value in (("pixel_size_um", pixel_size_um), ("rbc_diameter_px", rbc_diameter_px),
+                        ("working_diameter_px", working_diameter_px)):
+        _check_positive(name, value)
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
+        raise ValueError(f"tile_size must be an integer >= 64 (working pixels), got {tile_size!r}")
     rgb = as_rgb_uint8(image)
     sample = _subsample(rgb, 250_000)
     if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
@@ -171,6 +176,16 @@ def segment_smear(
         pixel_size_um=pixel_size_um,
         params={"working_diameter_px": working_diameter_px, "scale_factor": factor},
     )
+
+
+def _check_positive(name: str, value) -> None:
+    """A size argument: None (not given) or a finite number > 0; a clear error otherwise."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):

@@ -59,3 +59,12 @@ class SmearSegmentation:
         """Number of instances per cell type (every type present, zeros included)."""
         vc = self.table["cell_type"].value_counts()
         return {t: int(vc.get(t, 0)) for t in CELL_TYPES}
+
+    def check_image(self, image: np.ndarray) -> None:
+        """Raise ValueError unless ``image`` (H, W[, C]) is the field these labels are of."""
+        shape = tuple(np.shape(image)[:2])
+        if shape != tuple(np.shape(self.labels)):
+            raise ValueError(
+                f"image shape {shape} does not match the segmentation's labels shape "
+                f"{tuple(np.shape(self.labels))}: pass the image that was segmented"
+            )

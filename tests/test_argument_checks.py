@@ -1,0 +1,104 @@
+"""The public API answers bad arguments with a clear error before any work, and takes
+the common shorthands (one model name on its own, None for "no stain normalisation")."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_CLASSES, tiny_model_file
+
+from napari_smear import analyze, segment_smear
+from napari_smear.crops import crop_instances, paste_maps
+from napari_smear.models import load_model
+from napari_smear.morphology import morphology_table
+from napari_smear.normalize import normalize_stain
+from napari_smear.pipeline import StreamingClassifier, differential_counts, load_models
+from napari_smear.predict import prior_correction_strength
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def segmented(synthetic_field):
+    image, _ = synthetic_field
+    return image, segment_smear(image)
+
+
+def test_image_and_segmentation_must_match(segmented):
+    image, seg = segmented
+    other = image[:-10]
+    for call in (lambda: analyze(other, segmentation=seg, models=[]),
+                 lambda: morphology_table(other, seg),
+                 lambda: normalize_stain(np.ascontiguousarray(other), seg),
+                 lambda: crop_instances(other, seg)):
+        with pytest.raises(ValueError, match="does not match the segmentation's labels shape"):
+            call()
+
+
+def test_crop_arguments(segmented):
+    image, seg = segmented
+    with pytest.raises(ValueError, match="crop_diameters must be a number > 0"):
+        crop_instances(image, seg, crop_diameters=float("nan"))
+    with pytest.raises(ValueError, match="cell_types must be some of"):
+        crop_instances(image, seg, cell_types="wbcs")
+    with pytest.raises(ValueError, match="integer label ids"):
+        crop_instances(image, seg, labels=[1.7])
+    one = crop_instances(image, seg, labels=1)  # a single id
+    assert list(one.labels) == [1]
+    with pytest.raises(ValueError, match="label image"):
+        paste_maps(np.zeros((1, 4, 4)), one, (100, 100))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"working_diameter_px": 0}, ValueError, "working_diameter_px must be a positive number"),
+    ({"working_diameter_px": -5}, ValueError, "working_diameter_px must be a positive number"),
+    ({"pixel_size_um": "0.1"}, TypeError, "pixel_size_um must be a number"),
+    ({"rbc_diameter_px": float("inf")}, ValueError, "rbc_diameter_px must be a positive number"),
+    ({"tile_size": 10}, ValueError, "tile_size must be an integer"),
+])
+def test_segment_size_arguments(segmented, kwargs, error, match):
+    image, _ = segmented
+    with pytest.raises(error, match=match):
+        segment_smear(image, **kwargs)
+
+
+def test_models_devices_and_prior_correction(tmp_path, segmented):
+    model = tiny_model_file(tmp_path / "m.safetensors", cell_types=["wbc"])
+    with pytest.raises(ValueError, match="unknown device|not available|no CUDA"):
+        load_model(model, device="gpu")
+    (entry,) = load_models(str(model), device="cpu")  # one model, not in a list
+    assert entry.name == "m"
+    with pytest.raises(TypeError, match="prior_correction must be a number"):
+        prior_correction_strength(entry.info, True)
+    image, seg = segmented
+    assert set(analyze(image, segmentation=seg, models=str(model), device="cpu").models) == {"m"}
+
+
+def test_streaming_classifier_refuses_crops_of_another_size(tmp_path):
+    (entry,) = load_models([tiny_model_file(tmp_path / "m.safetensors")], device="cpu")  # 32 px crops
+    classifier = StreamingClassifier([entry], device="cpu", batch_size=4)
+    bad = (np.zeros((2, 64, 64, 3), np.uint8), np.zeros((2, 2, 64, 64), bool), None)
+    with pytest.raises(ValueError, match=r"takes 2 crops of \(N, 32, 32, 3\)"):
+        classifier.add("field", {"m": bad})
+    good = (np.zeros((2, 32, 32, 3), np.uint8), np.zeros((2, 2, 32, 32), bool), None)
+    assert classifier.add("field", {"m": good}) == []  # the refused field was not queued
+    (done,) = classifier.flush()
+    assert done[0] == "field" and done[1]["m"]["probs"].shape == (2, len(TINY_CLASSES))
+
+
+def test_differential_counts_take_an_empty_class_for_unclassified():
+    table = pd.DataFrame({"label": [1, 2, 3], "cell_type": ["wbc"] * 3, "class": ["neutrophil", "", None],
+                          "model": ["m"] * 3})
+    counts = differential_counts(table)
+    assert dict(zip(counts["class"], counts["count"])) == {"neutrophil": 1, "unclassified": 2}
+
+
+def test_crop_set_without_stain_normalisation_round_trips(tmp_path):
+    from test_cli_classify import tiny_crop_set
+
+    from napari_smear.datasets import load_crop_set, save_crop_set
+
+    crop_set = tiny_crop_set()
+    crop_set.stain_normalization = None  # "none", as a user would write it
+    back = load_crop_set(save_crop_set(tmp_path / "c.npz", crop_set, image_codec="raw"))
+    assert back.stain_normalization == ""

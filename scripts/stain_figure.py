@@ -19,7 +19,10 @@ DATA = ROOT.parent / "shared" / "data"
 TYPES = ("neutrophil", "eosinophil", "lymphocyte", "monocyte")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0]).parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -86,7 +86,7 @@ def test_finetune_from_folder(tmp_path, capsys):
     out = tmp_path / "mine.safetensors"
     result = example("finetune_from_folder.py")([
         str(tmp_path / "cells"), "--base", str(base), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-        "--cell-types", "rbc", "platelet", "--device", "cpu",
+        "--cell-types", "platelet,rbc", "--device", "cpu",
     ])
     assert result.epochs_completed == 2
     metadata = read_metadata(out)

@@ -153,3 +153,22 @@ def test_pixel_size_is_taken_from_the_layer_metadata(viewer_with_widget):
     assert widget._pixel_size.value == pytest.approx(0.125)
     widget._image_combo.value = viewer.layers["synthetic smear"]
     assert widget._pixel_size.value == 0.0
+
+
+def test_results_lie_on_a_rotated_sheared_image(viewer_with_widget, qtbot):
+    """An image turned, sheared or given an affine in the viewer: its cells turn with it
+    (every data pixel lands on the same world point as the image's)."""
+    viewer, widget, errors = viewer_with_widget
+    image = viewer.layers["synthetic smear"]
+    image.scale = (0.2, 0.2)
+    image.rotate = 30
+    image.shear = [0.1]
+    image.affine = np.array([[1.0, 0.0, 5.0], [0.0, 1.0, -3.0], [0.0, 0.0, 1.0]])
+    widget._image_combo.value = image
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == []
+    for name in ("synthetic smear cells", "synthetic smear nuclei"):
+        layer = viewer.layers[name]
+        for point in ([0, 8], [100, 300], [479, 639]):
+            np.testing.assert_allclose(layer.data_to_world(point), image.data_to_world(point), atol=1e-6)

@@ -139,6 +139,7 @@ def segmentation_layers(
     scale: Sequence[float] | None = None,
     translate: Sequence[float] | None = None,
     units: Sequence[Any] | None = None,
+    orientation: Mapping[str, Any] | None = None,
 ) -> list[tuple[np.ndarray, dict, str]]:
     """Layer-data tuples showing a segmentation: cells coloured by type, and nuclei.
 
@@ -154,6 +155,9 @@ def segmentation_layers(
     units : sequence of 2 units, optional
         The image layer's (y, x) units (e.g. ``("µm", "µm")`` or pint units), so the
         viewer keeps consistent units and the writer can record the pixel size.
+    orientation : mapping, optional
+        The image layer's ``rotate``, ``shear`` and ``affine`` when it is turned or
+        sheared (see :func:`layer_orientation`), so the labels turn with it.
 
     Returns
     -------
@@ -165,7 +169,7 @@ def segmentation_layers(
         pixel size, source layer and parameters. Nuclei: ids of their cells, one colour.
     """
     features = features_from_table(seg.table)
-    common = _placement_kwargs(scale, translate, units)
+    common = _placement_kwargs(scale, translate, units, orientation)
     info = {
         "rbc_diameter_px": float(seg.rbc_diameter_px),
         "pixel_size_um": None if seg.pixel_size_um is None else float(seg.pixel_size_um),
@@ -361,10 +365,30 @@ def classification_features(table: pd.DataFrame) -> pd.DataFrame:
     return features[leading + probabilities + rest]
 
 
+def layer_orientation(layer: Any) -> dict[str, Any] | None:
+    """``rotate``, ``shear`` and ``affine`` of a 2-D image layer that is turned, sheared or
+    given an affine transform (None when it is not, or has more than two dimensions):
+    result layers given them lie on the image."""
+    if getattr(layer, "ndim", 0) != 2:
+        return None
+    rotate = np.asarray(layer.rotate, dtype=float)
+    shear = np.asarray(layer.shear, dtype=float)
+    affine = np.asarray(layer.affine.affine_matrix, dtype=float)
+    if np.allclose(rotate, np.eye(2)) and np.allclose(shear, 0) and np.allclose(affine, np.eye(3)):
+        return None
+    return {"rotate": rotate.tolist(), "shear": shear.tolist(), "affine": affine.tolist()}
+
+
 def _placement_kwargs(
-    scale: Sequence[float] | None, translate: Sequence[float] | None, units: Sequence[Any] | None
+    scale: Sequence[float] | None,
+    translate: Sequence[float] | None,
+    units: Sequence[Any] | None,
+    orientation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     common: dict[str, Any] = {}
+    for key in ("rotate", "shear", "affine"):
+        if orientation and orientation.get(key) is not None:
+            common[key] = np.asarray(orientation[key], dtype=float)
     if scale is not None:
         common["scale"] = tuple(float(v) for v in scale)
     if translate is not None:
@@ -389,6 +413,7 @@ def attention_layer(
     scale: Sequence[float] | None = None,
     translate: Sequence[float] | None = None,
     units: Sequence[Any] | None = None,
+    orientation: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict, str]:
     """Layer-data tuple of one model's attention map, ``"<image> attention (<model>)"``.
 
@@ -411,7 +436,7 @@ def attention_layer(
             "metadata": {
                 METADATA_KEY: {"kind": "attention", "model": model_name, "image_layer": image_layer_name}
             },
-            **_placement_kwargs(scale, translate, units),
+            **_placement_kwargs(scale, translate, units, orientation),
         },
         "image",
     )
@@ -426,6 +451,7 @@ def analysis_layers(
     units: Sequence[Any] | None = None,
     cells_name: str | None = None,
     nuclei_name: str | None = None,
+    orientation: Mapping[str, Any] | None = None,
 ) -> list[tuple[np.ndarray, dict, str]]:
     """Layer-data tuples showing an :class:`~napari_smear.pipeline.AnalysisResult`.
 
@@ -435,8 +461,9 @@ def analysis_layers(
         What :func:`napari_smear.analyze` returned.
     image_layer_name : str
         Name of the analysed image layer (the layers are named after it).
-    scale, translate, units
-        The image layer's placement, so the new layers overlay it.
+    scale, translate, units, orientation
+        The image layer's placement (see :func:`segmentation_layers`), so the new layers
+        overlay it.
     cells_name, nuclei_name : str, optional
         Names of existing cells/nuclei layers to update instead of
         ``"<image> cells"`` / ``"<image> nuclei"``.
@@ -450,7 +477,8 @@ def analysis_layers(
         attention image per model (:func:`attention_layer`).
     """
     cells, nuclei = segmentation_layers(
-        result.segmentation, image_layer_name=image_layer_name, scale=scale, translate=translate, units=units
+        result.segmentation, image_layer_name=image_layer_name, scale=scale, translate=translate, units=units,
+        orientation=orientation,
     )
     features = classification_features(result.table)
     ordered_classes = [c for description in result.models.values() for c in description.get("classes", [])]
@@ -476,7 +504,7 @@ def analysis_layers(
         layer_data.append(
             attention_layer(
                 attention, model_name=model_name, image_layer_name=image_layer_name,
-                scale=scale, translate=translate, units=units,
+                scale=scale, translate=translate, units=units, orientation=orientation,
             )
         )
     return layer_data
@@ -485,8 +513,8 @@ def analysis_layers(
 # What updating an existing layer in place changes: the data and what the analysis
 # decides; the user's display choices (opacity, blending, an image colormap) are kept.
 _UPDATED_ATTRIBUTES = {
-    "labels": ("features", "colormap", "metadata", "scale", "translate", "units"),
-    "image": ("contrast_limits", "metadata", "scale", "translate", "units"),
+    "labels": ("features", "colormap", "metadata", "scale", "translate", "units", "rotate", "shear", "affine"),
+    "image": ("contrast_limits", "metadata", "scale", "translate", "units", "rotate", "shear", "affine"),
 }
 
 
@@ -598,6 +626,7 @@ def add_to_viewer(
             "scale": tuple(layer.scale[-2:]),
             "translate": tuple(layer.translate[-2:]),
             "units": tuple(layer.units[-2:]),
+            "orientation": layer_orientation(layer),
         }
     shown = show_layers(viewer, analysis_layers(result, **placement))
     if counts and getattr(viewer, "window", None) is not None:

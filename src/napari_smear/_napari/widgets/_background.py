@@ -117,15 +117,18 @@ def run_in_background(
 
 
 def capture_geometry(layer: Any) -> dict[str, tuple]:
-    """The 2-D ``scale``, ``translate`` and ``units`` of ``layer``, read now.
+    """The 2-D ``scale``, ``translate``, ``units`` (and ``orientation``) of ``layer``, read now.
 
     Result layers are placed with these: the worker never touches viewer objects, and
     the layer may be moved, renamed or removed while it runs.
     """
+    from napari_smear._napari.layers import layer_orientation
+
     return {
         "scale": tuple(layer.scale[-2:]),
         "translate": tuple(layer.translate[-2:]),
         "units": tuple(layer.units[-2:]),
+        "orientation": layer_orientation(layer),  # a turned or sheared image: results turn with it
     }
 
 

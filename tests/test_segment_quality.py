@@ -91,6 +91,21 @@ def test_bccd_automatic_scale_matches_box_sizes():
     assert errors.max() < 0.30, np.round(errors, 3)
 
 
+def test_too_few_cells_for_the_ruler_is_said():
+    """A small crop around one white cell: the ruler may measure the white cell, and says
+    the field is too sparse to trust; the whole field is measured without a word."""
+    import warnings
+
+    from napari_smear import segment_smear
+
+    rgb = _read(_require_data("bccd", "images", "BloodImage_00000.jpg"))
+    with pytest.warns(UserWarning, match="red cells' worth of stained area"):
+        segment_smear(rgb[100:400, 100:500])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        segment_smear(rgb)
+
+
 def test_bccd_white_cell_masks(bccd_results):
     dice_cell, dice_nucleus = [], []
     for stem, (_, seg) in bccd_results.items():

@@ -126,6 +126,7 @@ def segment_smear(
                     stacklevel=2,
                 )
                 return _empty(rgb.shape[:2], math.nan, pixel_size_um)
+            _warn_if_few_cells(rgb, stain, diameter)
 
         factor = min(1.0, working_diameter_px / diameter)
         d_work = diameter * factor
@@ -176,6 +177,28 @@ def segment_smear(
         pixel_size_um=pixel_size_um,
         params={"working_diameter_px": working_diameter_px, "scale_factor": factor},
     )
+
+
+# Below this many red cells' worth of stained area the ruler has too little to go on: in
+# a small crop around a white cell it can measure the white cell (BCCD crops of 300 x 400
+# px around one measured 193 px against the field's 96 px). PBC's single-cell images,
+# the smallest fields the ruler is known to measure right, hold 6.5 or more.
+_FEW_CELLS_FOR_RULER = 5.0
+
+
+def _warn_if_few_cells(rgb: np.ndarray, stain: StainModel, diameter: float) -> None:
+    """Warn when the field is too sparse for the measured red-cell size to be trusted."""
+    sample = _subsample(rgb, 1_000_000)
+    density, _ = stain_channels(sample, stain)
+    stained = float((density > stain.foreground_threshold).mean()) * rgb.shape[0] * rgb.shape[1]
+    cells = stained / (math.pi * diameter * diameter / 4)
+    if cells < _FEW_CELLS_FOR_RULER:
+        warnings.warn(
+            f"the field holds only about {cells:.1f} red cells' worth of stained area, too little to measure "
+            f"the red-cell size reliably (measured {diameter:.0f} px across); if the cells come out too large "
+            "or too small, pass pixel_size_um or rbc_diameter_px",
+            stacklevel=3,
+        )
 
 
 def _check_positive(name: str, value) -> None:

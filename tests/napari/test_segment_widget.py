@@ -172,3 +172,20 @@ def test_results_lie_on_a_rotated_sheared_image(viewer_with_widget, qtbot):
         layer = viewer.layers[name]
         for point in ([0, 8], [100, 300], [479, 639]):
             np.testing.assert_allclose(layer.data_to_world(point), image.data_to_world(point), atol=1e-6)
+
+
+def test_a_stack_is_declined_with_the_way_out(viewer_with_widget):
+    """A (Z, Y, X, 3) layer: declined before any work, saying how to get one field per layer."""
+    viewer, widget, errors = viewer_with_widget
+    image = viewer.layers["synthetic smear"]
+    stack = viewer.add_image(np.stack([np.asarray(image.data)] * 3), name="stack", rgb=True)
+    widget._image_combo.value = stack
+    widget.run()
+    assert not widget.is_running
+    assert "a stack of 3 planes" in widget.status and "Split Stack" in widget.status
+    assert "stack cells" not in viewer.layers
+    # one plane on its own (a leading axis of length 1) is a field
+    from napari_smear._napari.widgets._background import stack_problem
+
+    single = viewer.add_image(np.asarray(image.data)[None], name="one plane", rgb=True)
+    assert stack_problem(single) is None

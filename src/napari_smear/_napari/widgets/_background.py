@@ -14,6 +14,7 @@ line, one run at a time, cancelling, and reporting errors.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -130,6 +131,21 @@ def capture_geometry(layer: Any) -> dict[str, tuple]:
         "units": tuple(layer.units[-2:]),
         "orientation": layer_orientation(layer),  # a turned or sheared image: results turn with it
     }
+
+
+def stack_problem(layer: Any) -> str | None:
+    """Why an image layer cannot be analysed as one field, when it is a stack (planes,
+    time points, channels beyond RGB), with the way out in napari; else None."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    spatial = tuple(data.shape[:-1] if layer.rgb else data.shape)
+    if len(spatial) <= 2 or all(n == 1 for n in spatial[:-2]):
+        return None
+    planes = math.prod(spatial[:-2])
+    return (
+        f"{layer.name!r} is a stack of {planes} planes {tuple(data.shape)}; napari-smear analyses one field "
+        "at a time: split it into one layer per plane (right-click the layer > Split Stack), or pass one "
+        "plane from a script"
+    )
 
 
 class BackgroundTaskWidget(Container):

@@ -25,7 +25,7 @@ from napari_smear._napari.layers import (
     show_layers,
 )
 from napari_smear._napari.widgets import user_models
-from napari_smear._napari.widgets._background import BackgroundTaskWidget, capture_geometry
+from napari_smear._napari.widgets._background import BackgroundTaskWidget, capture_geometry, stack_problem
 
 if TYPE_CHECKING:
     import napari
@@ -222,6 +222,10 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
                 "No model chosen: pick one in 'models', or add a model file (train one with Train classifier).",
                 "choose a model first",
             )
+            return
+        problem = stack_problem(image_layer)
+        if problem:
+            self._decline(f"Cannot classify: {problem}.", problem)
             return
         image = image_layer.data[0] if image_layer.multiscale else image_layer.data
         cells_layer = self._cells_combo.value

@@ -8,7 +8,12 @@ from magicgui.widgets import ComboBox, FloatSpinBox
 from napari.layers import Image
 
 from napari_smear._napari.layers import segmentation_layers, show_layers
-from napari_smear._napari.widgets._background import BackgroundTaskWidget, Cancelled, capture_geometry
+from napari_smear._napari.widgets._background import (
+    BackgroundTaskWidget,
+    Cancelled,
+    capture_geometry,
+    stack_problem,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -70,6 +75,10 @@ class SegmentWidget(BackgroundTaskWidget):
         layer = self._image_combo.value
         if layer is None:
             self._decline("No image layer: open or add an image first.", "open or add an image layer first")
+            return
+        problem = stack_problem(layer)
+        if problem:
+            self._decline(f"Cannot segment: {problem}.", problem)
             return
         try:
             from napari_smear.segment import segment_smear

@@ -292,21 +292,8 @@ _LEADING_COLUMNS = ("index", "label", "cell_type", "class", "confidence", "model
 def class_palette(
     classes: Iterable[Any], base: Mapping[str, Any] | None = None
 ) -> dict[str, tuple[float, float, float, float]]:
-    """A colour per class name: :data:`CLASS_COLORS` where known, else distinct tones.
-
-    Parameters
-    ----------
-    classes : iterable of str
-        Class names in the order they should receive colours (e.g. every model's
-        ``class_names`` in turn); empty and missing names are skipped.
-    base : mapping, optional
-        Colours already decided (e.g. a layer's stored palette); they are kept.
-
-    Returns
-    -------
-    dict
-        Class name -> RGBA (0-1), deterministic for a given order of names.
-    """
+    """:func:`napari_smear.colors.class_palette_rgb` as napari colours: class name -> RGBA
+    (0-1). ``base`` (e.g. a layer's stored palette, RGBA) keeps its exact values."""
     kept = {str(k): tuple(float(c) for c in v) for k, v in (base or {}).items()}
     chosen = class_palette_rgb(
         [name for name in classes if _has_class(name)],

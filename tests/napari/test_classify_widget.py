@@ -134,7 +134,13 @@ def test_segment_then_classify_with_a_wbc_model(setup, qtbot, model_file, tmp_pa
 
     # A model for white cells only (its file says so) leaves the other cells unclassified.
     wbc_only = tiny_model_file(tmp_path / "wbc.safetensors", cell_types=["wbc"])
-    widget._model_file.value = wbc_only  # "add model file": registered and selected
+    rbc_only = tiny_model_file(tmp_path / "rbc.safetensors", cell_types=["rbc"])
+    user_models.add(rbc_only)
+    widget._models.value = [str(model_file.resolve()), str(rbc_only.resolve())]
+    widget._model_file.value = wbc_only  # "add model file": registered and selected...
+    # ...in place of the selected model for the same cells (one model per cell type)
+    assert list(widget._models.value) == [str(rbc_only.resolve()), str(wbc_only.resolve())]
+    assert "in place of tiny" in widget.status
     widget._models.value = [str(wbc_only.resolve())]
     widget.run()
     wait_until_idle(qtbot, widget)

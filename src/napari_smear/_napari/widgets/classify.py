@@ -144,7 +144,20 @@ class ModelInputs:
         except ValueError as exc:  # ModelFileError: not a model file
             self._fail(str(exc))
             return
-        self._models.value = [*(v for v in self._models.value if v != str(added)), str(added)]
+        # One model per cell type (analyze refuses two): the new model replaces the
+        # selected ones that classify any of its cell types.
+        types = _cell_types_of(str(added))
+        kept, replaced = [], []
+        for value in self._models.value:
+            if value == str(added):
+                continue
+            (replaced if types & _cell_types_of(value) else kept).append(value)
+        self._models.value = [*kept, str(added)]
+        if replaced:
+            self._set_status(
+                f"Added {Path(added).name} for {', '.join(sorted(types))} cells, in place of "
+                f"{', '.join(_model_name(v) for v in replaced)} (one model per cell type)."
+            )
 
     def _on_user_models_changed(self, _paths: tuple = ()) -> None:
         selected = list(self._models.value or ())
@@ -339,6 +352,18 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             from napari_smear._napari.widgets.counts import show_counts
 
             show_counts(self._viewer, layers[0])
+
+
+def _cell_types_of(value: str) -> set[str]:
+    """The segmented cell types a model (built-in name or file) classifies."""
+    from napari_smear.models import ModelFileError, read_metadata
+    from napari_smear.models.files import resolve_model_path
+
+    try:
+        types = read_metadata(resolve_model_path(value)).get("cell_types")
+    except (ModelFileError, OSError):
+        return set()
+    return set(types or ("wbc", "rbc", "platelet"))
 
 
 def _is_attention(layer: Any) -> bool:

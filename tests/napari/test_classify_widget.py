@@ -274,4 +274,11 @@ def test_renamed_image_keeps_its_cells(setup, qtbot):
     assert widget._cells_combo.value is cells
     assert cells.metadata["napari_smear"]["image_layer"] == "patient 7"
     assert viewer.layers["synthetic smear nuclei"].metadata["napari_smear"]["image_layer"] == "patient 7"
+    # closed, and another field of the same size opened: it does not take these cells over
+    data = np.asarray(image.data)
+    viewer.layers.remove("patient 7")
+    newcomer = viewer.add_image(data.copy(), name="next field", rgb=True)
+    widget._image_combo.value = newcomer
+    assert widget._cells_combo.value is None
+    assert cells.metadata["napari_smear"]["image_layer"] == "patient 7"
     assert errors == []

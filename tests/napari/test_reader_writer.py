@@ -222,3 +222,15 @@ def test_bccd_sample_offline_raises_a_clear_error(monkeypatch):
     monkeypatch.setattr(sample_data, "fetch_bccd_sample", offline)
     with pytest.raises(RuntimeError, match="no network"):
         sample_data.bccd_sample()
+
+
+def test_round_trip_keeps_pixel_units_of_a_pixel_layer(tmp_path):
+    """A cells layer over an uncalibrated image (scale 1, pixel units) that records a
+    typed pixel size comes back in pixels, like its image, not in µm."""
+    cells, _ = segmentation_layers(_segmentation(), image_layer_name="jpeg", scale=(1, 1), translate=(0, 0),
+                                   units=("pixel", "pixel"))
+    data, kwargs, _ = cells
+    meta = {**kwargs, "metadata": {**kwargs["metadata"], "pixel_size_um": 0.1}}
+    (path, _) = write_labels(str(tmp_path / "c.tif"), data, meta)
+    (layer,) = get_reader(path)(path)
+    assert layer[1]["scale"] == pytest.approx((1, 1)) and layer[1]["units"] == ("pixel", "pixel")

@@ -172,6 +172,14 @@ def test_results_lie_on_a_rotated_sheared_image(viewer_with_widget, qtbot):
         layer = viewer.layers[name]
         for point in ([0, 8], [100, 300], [479, 639]):
             np.testing.assert_allclose(layer.data_to_world(point), image.data_to_world(point), atol=1e-6)
+    # turned back and segmented again: the layers updated in place lose the old turn
+    image.rotate = 0
+    image.shear = [0.0]
+    image.affine = np.eye(3)
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    cells = viewer.layers["synthetic smear cells"]
+    np.testing.assert_allclose(cells.data_to_world([100, 300]), image.data_to_world([100, 300]), atol=1e-6)
 
 
 def test_a_stack_is_declined_with_the_way_out(viewer_with_widget):

@@ -85,7 +85,8 @@ def add_segmented_field(viewer, synthetic_field, name="synthetic smear", scale=(
     rgb, truth = synthetic_field
     image = viewer.add_image(rgb, name=name, rgb=True, scale=scale)
     for data, kwargs, layer_type in segmentation_layers(
-        truth_segmentation(truth), image_layer_name=name, scale=scale, units=tuple(image.units)
+        truth_segmentation(truth), image_layer_name=name, scale=scale, units=tuple(image.units),
+        image_layer_id=image.unique_id,
     ):
         viewer.add_layer(Layer.create(data, kwargs, layer_type))
     return image, viewer.layers[f"{name} cells"], viewer.layers[f"{name} nuclei"]

@@ -140,6 +140,7 @@ def segmentation_layers(
     translate: Sequence[float] | None = None,
     units: Sequence[Any] | None = None,
     orientation: Mapping[str, Any] | None = None,
+    image_layer_id: str | None = None,
 ) -> list[tuple[np.ndarray, dict, str]]:
     """Layer-data tuples showing a segmentation: cells coloured by type, and nuclei.
 
@@ -158,6 +159,9 @@ def segmentation_layers(
     orientation : mapping, optional
         The image layer's ``rotate``, ``shear`` and ``affine`` when it is turned or
         sheared (see :func:`layer_orientation`), so the labels turn with it.
+    image_layer_id : str, optional
+        The image layer's ``unique_id``, recorded so that the layers follow it when it
+        is renamed (:func:`relink_renamed_image`).
 
     Returns
     -------
@@ -174,6 +178,7 @@ def segmentation_layers(
         "rbc_diameter_px": float(seg.rbc_diameter_px),
         "pixel_size_um": None if seg.pixel_size_um is None else float(seg.pixel_size_um),
         "image_layer": image_layer_name,
+        "image_layer_id": image_layer_id,
         "params": dict(seg.params),
         # The segmentation's own columns: classification adds more to the features,
         # and segmentation_from_layers gives back only these.
@@ -353,17 +358,15 @@ def classification_features(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def layer_orientation(layer: Any) -> dict[str, Any] | None:
-    """``rotate``, ``shear`` and ``affine`` of a 2-D image layer that is turned, sheared or
-    given an affine transform (None when it is not, or has more than two dimensions):
-    result layers given them lie on the image."""
+    """``rotate``, ``shear`` and ``affine`` of a 2-D image layer (None for a stack): result
+    layers given them lie on the image, turned or not."""
     if getattr(layer, "ndim", 0) != 2:
         return None
-    rotate = np.asarray(layer.rotate, dtype=float)
-    shear = np.asarray(layer.shear, dtype=float)
-    affine = np.asarray(layer.affine.affine_matrix, dtype=float)
-    if np.allclose(rotate, np.eye(2)) and np.allclose(shear, 0) and np.allclose(affine, np.eye(3)):
-        return None
-    return {"rotate": rotate.tolist(), "shear": shear.tolist(), "affine": affine.tolist()}
+    return {
+        "rotate": np.asarray(layer.rotate, dtype=float).tolist(),
+        "shear": np.asarray(layer.shear, dtype=float).tolist(),
+        "affine": np.asarray(layer.affine.affine_matrix, dtype=float).tolist(),
+    }
 
 
 def _placement_kwargs(
@@ -373,9 +376,12 @@ def _placement_kwargs(
     orientation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     common: dict[str, Any] = {}
-    for key in ("rotate", "shear", "affine"):
-        if orientation and orientation.get(key) is not None:
-            common[key] = np.asarray(orientation[key], dtype=float)
+    # always explicit (identity unless the image is turned), so a layer updated in place
+    # after the image was turned back loses the old turn
+    identity = {"rotate": np.eye(2), "shear": np.zeros(1), "affine": np.eye(3)}
+    for key, default in identity.items():
+        value = (orientation or {}).get(key)
+        common[key] = default if value is None else np.asarray(value, dtype=float)
     if scale is not None:
         common["scale"] = tuple(float(v) for v in scale)
     if translate is not None:
@@ -401,6 +407,7 @@ def attention_layer(
     translate: Sequence[float] | None = None,
     units: Sequence[Any] | None = None,
     orientation: Mapping[str, Any] | None = None,
+    image_layer_id: str | None = None,
 ) -> tuple[np.ndarray, dict, str]:
     """Layer-data tuple of one model's attention map, ``"<image> attention (<model>)"``.
 
@@ -421,7 +428,8 @@ def attention_layer(
             "opacity": ATTENTION_OPACITY,
             "contrast_limits": (0.0, 1.0),
             "metadata": {
-                METADATA_KEY: {"kind": "attention", "model": model_name, "image_layer": image_layer_name}
+                METADATA_KEY: {"kind": "attention", "model": model_name, "image_layer": image_layer_name,
+                               "image_layer_id": image_layer_id}
             },
             **_placement_kwargs(scale, translate, units, orientation),
         },
@@ -439,6 +447,7 @@ def analysis_layers(
     cells_name: str | None = None,
     nuclei_name: str | None = None,
     orientation: Mapping[str, Any] | None = None,
+    image_layer_id: str | None = None,
 ) -> list[tuple[np.ndarray, dict, str]]:
     """Layer-data tuples showing an :class:`~napari_smear.pipeline.AnalysisResult`.
 
@@ -448,9 +457,9 @@ def analysis_layers(
         What :func:`napari_smear.analyze` returned.
     image_layer_name : str
         Name of the analysed image layer (the layers are named after it).
-    scale, translate, units, orientation
-        The image layer's placement (see :func:`segmentation_layers`), so the new layers
-        overlay it.
+    scale, translate, units, orientation, image_layer_id
+        The image layer's placement and identity (see :func:`segmentation_layers`), so
+        the new layers overlay it and follow it.
     cells_name, nuclei_name : str, optional
         Names of existing cells/nuclei layers to update instead of
         ``"<image> cells"`` / ``"<image> nuclei"``.
@@ -465,7 +474,7 @@ def analysis_layers(
     """
     cells, nuclei = segmentation_layers(
         result.segmentation, image_layer_name=image_layer_name, scale=scale, translate=translate, units=units,
-        orientation=orientation,
+        orientation=orientation, image_layer_id=image_layer_id,
     )
     features = classification_features(result.table)
     ordered_classes = [c for description in result.models.values() for c in description.get("classes", [])]
@@ -492,6 +501,7 @@ def analysis_layers(
             attention_layer(
                 attention, model_name=model_name, image_layer_name=image_layer_name,
                 scale=scale, translate=translate, units=units, orientation=orientation,
+                image_layer_id=image_layer_id,
             )
         )
     return layer_data
@@ -614,6 +624,7 @@ def add_to_viewer(
             "translate": tuple(layer.translate[-2:]),
             "units": tuple(layer.units[-2:]),
             "orientation": layer_orientation(layer),
+            "image_layer_id": layer.unique_id,
         }
     shown = show_layers(viewer, analysis_layers(result, **placement))
     if counts and getattr(viewer, "window", None) is not None:
@@ -627,30 +638,23 @@ def relink_renamed_image(viewer: Any, image_layer: Any) -> list[Layer]:
     """Point napari-smear layers made for an image at its new name after a rename.
 
     Result layers record the name of the image they were made for
-    (``metadata["napari_smear"]["image_layer"]``). When no layer records
-    ``image_layer``'s name, the layers that record one name no longer in the viewer,
-    and whose labels have the image's size, were made for it before it was renamed
-    (when exactly one such name exists): they are updated to the new name, so the
-    docks find its cells (with the user's edits) instead of segmenting again.
+    (``metadata["napari_smear"]["image_layer"]``) and its ``unique_id``
+    (``image_layer_id``). The layers that record ``image_layer``'s own id under another
+    name were made for it before it was renamed: they are updated to the new name, so
+    the docks find its cells (with the user's edits) instead of segmenting again.
+    Another image, even of the same size, never takes them over.
 
     Returns the layers updated (empty when nothing was done).
     """
-    present = {layer.name for layer in viewer.layers}
-    ours = [layer for layer in viewer.layers if isinstance(layer.metadata.get(METADATA_KEY), dict)]
-    if any(layer.metadata[METADATA_KEY].get("image_layer") == image_layer.name for layer in ours):
+    own_id = getattr(image_layer, "unique_id", None)
+    if own_id is None:
         return []
-    shape = _image_shape(image_layer)
-    orphans: dict[str, list[Layer]] = {}
-    for layer in ours:
-        recorded = layer.metadata[METADATA_KEY].get("image_layer")
-        if recorded and recorded not in present:
-            orphans.setdefault(recorded, []).append(layer)
-    fitting = [name for name, layers in orphans.items()
-               if any(getattr(lyr, "ndim", 0) == 2 and tuple(lyr.data.shape[-2:]) == shape
-                      for lyr in layers if lyr.metadata[METADATA_KEY].get("kind") == "cells")]
-    if len(fitting) != 1:
-        return []
-    updated = orphans[fitting[0]]
+    updated = [
+        layer for layer in viewer.layers
+        if isinstance(layer.metadata.get(METADATA_KEY), dict)
+        and layer.metadata[METADATA_KEY].get("image_layer_id") == own_id
+        and layer.metadata[METADATA_KEY].get("image_layer") != image_layer.name
+    ]
     for layer in updated:
         layer.metadata = {**layer.metadata, METADATA_KEY: {**layer.metadata[METADATA_KEY],
                                                           "image_layer": image_layer.name}}

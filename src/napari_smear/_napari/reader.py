@@ -66,7 +66,7 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
     from napari_smear._napari.layers import features_from_table
     from napari_smear._napari.writer import cells_csv_path
 
-    placement = ("name", "scale", "translate")  # the layer's own settings, not metadata
+    placement = ("name", "scale", "translate", "units")  # the layer's own settings, not metadata
     kwargs: dict = {
         "name": own.get("name") or file_stem(path),
         "metadata": {
@@ -82,6 +82,11 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
         for key in ("scale", "translate"):  # as the writer recorded them
             if isinstance(own.get(key), list) and len(own[key]) == 2:
                 kwargs[key] = tuple(float(v) for v in own[key])
+        if isinstance(own.get("scale"), list):  # the scale's units go with it (pixels stay pixels)
+            if isinstance(own.get("units"), list) and len(own["units"]) == 2:
+                kwargs["units"] = tuple(str(u) for u in own["units"])
+            else:
+                kwargs.pop("units", None)
     csv_path = cells_csv_path(path)
     if csv_path.exists():
         table = pd.read_csv(csv_path)

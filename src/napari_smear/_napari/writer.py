@@ -72,6 +72,8 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     for key in ("scale", "translate"):
         if meta.get(key) is not None:
             own[key] = [float(v) for v in list(meta[key])[-2:]]
+    if meta.get("units") is not None:
+        own["units"] = [str(u) for u in list(meta["units"])[-2:]]
 
     written = [
         str(

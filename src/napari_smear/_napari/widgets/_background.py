@@ -118,7 +118,8 @@ def run_in_background(
 
 
 def capture_geometry(layer: Any) -> dict[str, tuple]:
-    """The 2-D ``scale``, ``translate``, ``units`` (and ``orientation``) of ``layer``, read now.
+    """The 2-D ``scale``, ``translate``, ``units`` and ``orientation`` of ``layer``, and its
+    ``image_layer_id``, read now.
 
     Result layers are placed with these: the worker never touches viewer objects, and
     the layer may be moved, renamed or removed while it runs.
@@ -130,6 +131,7 @@ def capture_geometry(layer: Any) -> dict[str, tuple]:
         "translate": tuple(layer.translate[-2:]),
         "units": tuple(layer.units[-2:]),
         "orientation": layer_orientation(layer),  # a turned or sheared image: results turn with it
+        "image_layer_id": getattr(layer, "unique_id", None),  # results follow it when it is renamed
     }
 
 

@@ -91,6 +91,8 @@ def test_differential_counts_take_an_empty_class_for_unclassified():
                           "model": ["m"] * 3})
     counts = differential_counts(table)
     assert dict(zip(counts["class"], counts["count"])) == {"neutrophil": 1, "unclassified": 2}
+    categorical = differential_counts(table.astype({"class": "category"}))  # e.g. read with dtype="category"
+    assert dict(zip(categorical["class"], categorical["count"])) == {"neutrophil": 1, "unclassified": 2}
 
 
 def test_crop_set_without_stain_normalisation_round_trips(tmp_path):

@@ -685,8 +685,8 @@ def differential_counts(table: pd.DataFrame, *, include_edge_cells: bool = True)
         table = table[~cut_by_edge(table)]
     if table.empty:
         return pd.DataFrame(columns=["cell_type", "class", "count", "percent"])
-    classes = (table["class"].replace("", np.nan).fillna("unclassified") if "class" in table
-               else pd.Series("unclassified", index=table.index))
+    classes = (table["class"].astype(object).replace("", np.nan).fillna("unclassified") if "class" in table
+               else pd.Series("unclassified", index=table.index))  # object: a categorical column too
     counts = (
         pd.DataFrame({"cell_type": table.cell_type, "class": classes})
         .value_counts()

@@ -441,8 +441,9 @@ def test_cli_analyze(setup, tmp_path, capsys):
     cells = pd.read_csv(seg_only / "a_cells.csv")
     assert cells["class"].isna().all() and "perimeter_px" not in cells.columns
 
-    assert main(["analyze", str(tmp_path / "missing"), str(out), "--models", "none"]) == 1
+    assert main(["analyze", str(tmp_path / "missing"), str(tmp_path / "not made"), "--models", "none"]) == 1
     assert "input not found" in capsys.readouterr().err
+    assert not (tmp_path / "not made").exists()  # nothing is created for a run that cannot start
     (tmp_path / "afile").write_text("x")
     assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "afile"), "--models", "none"]) == 1
     assert "is a file" in capsys.readouterr().err

@@ -155,6 +155,13 @@ def _check_pixel_size(pixel_size_um) -> None:
         raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
 
 
+def _check_inputs_exist(inputs) -> None:
+    """Before the output folder is made: a missing input is a FileNotFoundError."""
+    for item in inputs:
+        if not Path(item).exists():
+            raise FileNotFoundError(f"input not found: {item}")
+
+
 def prepare_output_dir(path: str | Path) -> Path:
     """Create the output folder (and its parents); a clear ValueError, before any work,
     when that cannot be done: the path or one of its parents is a file, or the folder
@@ -200,6 +207,7 @@ def segment_files(
 
     _check_pixel_size(pixel_size_um)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    _check_inputs_exist(inputs)
     out = prepare_output_dir(out_dir)
     with _exclusive(out):
         jobs, failures = _plan([Path(p) for p in inputs], out, "*")
@@ -1015,6 +1023,7 @@ def analyze_files(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [Path(p) for p in inputs]
+    _check_inputs_exist(inputs)
     out = prepare_output_dir(out_dir)
 
     missing_models: list[str] = []

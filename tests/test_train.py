@@ -454,3 +454,67 @@ def test_train_stores_the_prior_correction_chosen_on_val(tmp_path):
     few = train(synthetic_crop_set(), output=tmp_path / "f.safetensors", **settings)  # 8 validation crops
     assert "prior_correction" not in few.info.metadata
     assert any("prior correction not chosen: 8 validation crops" in note for note in few.notes)
+
+
+def test_training_inputs_checked_before_any_work(tmp_path):
+    """No validation crops, an output that is a folder or a file of another kind: clear
+    errors up front (an empty val split used to report the old model file as the result)."""
+    crop_set = synthetic_crop_set(n_per_class=4)
+    one_each = crop_set.subset(np.array([0, 4]))  # one image per class: nothing to hold out
+    no_val = dataclasses.replace(one_each, split=np.full(2, "train", dtype="<U5"))
+    with pytest.raises(ValueError, match="no validation crops"):
+        train(no_val, output=tmp_path / "m.safetensors", epochs=1, progress=False)
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        train(crop_set, output=tmp_path / "folder.safetensors", epochs=1, progress=False)
+    (tmp_path / "notes.safetensors").write_text("my notes")
+    with pytest.raises(ValueError, match="not a napari-smear model file.*refusing to overwrite it"):
+        train(crop_set, output=tmp_path / "notes.safetensors", epochs=1, progress=False)
+    assert (tmp_path / "notes.safetensors").read_text() == "my notes"
+
+
+def test_resumed_run_records_the_cell_types_asked_for(tmp_path):
+    crop_set = synthetic_crop_set(n_per_class=8)
+    options = dict(model_kind="shape_aware", output=tmp_path / "m.safetensors", epochs=1, batch_size=8,
+                   config=TINY_SHAPE_AWARE, progress=False, num_threads=1)
+    train(crop_set, **options)
+    again = train(crop_set, resume=True, cell_types=["wbc"], **options)  # finished: nothing to train
+    assert again.info.metadata["cell_types"] == ["wbc"] == read_metadata(tmp_path / "m.safetensors")["cell_types"]
+
+
+def test_folder_and_manifest_layouts(tmp_path):
+    from napari_smear.datasets import _entries_from_folder, _read_manifest
+
+    for name in ("train/a", "train/b", "validation/a"):
+        (tmp_path / "mixed" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match="mixes split folders"):
+        _entries_from_folder(tmp_path / "mixed", 0.2)
+    for name in ("a", "b", "empty"):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+    for name in ("a/1.png", "b/2.png"):
+        (tmp_path / "classes" / name).write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"\['empty'\].*hold no image files"):
+        _, labels, _ = _entries_from_folder(tmp_path / "classes", 0.2)
+    assert sorted(labels) == ["a", "b"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nx.png,lymphocyte \ny.png,lymphocyte\n")
+    assert _read_manifest(manifest, 0.2)[1] == ["lymphocyte", "lymphocyte"]
+
+
+def test_a_cache_older_than_its_folder_is_refused(tmp_path):
+    from napari_smear.datasets import load_data
+
+    folder = tmp_path / "cells"
+    for name in ("round/1.png", "long/2.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    crop_set = synthetic_crop_set(n_per_class=4).subset(np.array([0, 4]))  # one "round", one "long"
+    crop_set = dataclasses.replace(
+        crop_set, paths=np.array([str(folder / "round" / "1.png"), str(folder / "long" / "2.png")]),
+        source=str(folder.resolve()),
+    )
+    cache = save_crop_set(tmp_path / "cache.npz", crop_set, image_codec="raw")
+    assert len(load_data(folder, cache=cache, output_size=32)) == 2  # current: reused
+    (folder / "long" / "3.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="out of date: .* 1 added"):
+        load_data(folder, cache=cache, output_size=32)

@@ -26,6 +26,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _crop_side(text: str) -> int:
+    value = _positive_int(text)
+    if value % 16 or value < 16:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 16 (the models need it), got {text}")
+    return value
+
+
+def _jpeg_quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a JPEG quality from 1 to 100, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -50,7 +64,8 @@ def _add_crop_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cropping (folder or CSV data)")
     group.add_argument("--crop-diameters", type=float, default=4.0,
                        help="crop window side in red-cell diameters (default 4)")
-    group.add_argument("--output-size", type=_positive_int, default=96, help="crop side in pixels (default 96)")
+    group.add_argument("--output-size", type=_crop_side, default=96,
+                        help="crop side in pixels, a multiple of 16 (default 96)")
     group.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping (default 1)")
     # the methods of napari_smear.normalize (not imported here: it pulls in the segmentation)
     group.add_argument("--stain-normalization", choices=("none", "anchored-v1"), default="none",
@@ -366,7 +381,8 @@ def _add_evaluate(subparsers) -> None:
     )
     parser.add_argument("model", help="model name or .safetensors file")
     parser.add_argument("data", help="class folder, CSV manifest or crop-set .npz")
-    parser.add_argument("--split", default="val", help="train, val, test or all (default val)")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test", "all"),
+                        help="train, val, test or all (default val)")
     parser.add_argument("--confusion", default=None, help="write the confusion matrix as an image (e.g. cm.png)")
     parser.add_argument("--json", default=None, help="write all metrics as JSON")
     _add_inference_options(parser, workers_help="processes for cropping folder/CSV data")
@@ -466,7 +482,7 @@ def _add_pack_crops(subparsers) -> None:
     parser.add_argument("--out", required=True, help=".npz file to write")
     parser.add_argument("--codec", choices=("jpeg", "raw"), default="jpeg",
                         help="how crops are stored: JPEG (about 4 KB per 96 px crop) or raw pixels (default jpeg)")
-    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--jpeg-quality", type=_jpeg_quality, default=90, help="1-100 (default 90)")
     parser.add_argument("--val-fraction", type=float, default=0.15,
                         help="share of each class put in val when the data names no split (default 0.15)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

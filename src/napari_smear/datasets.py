@@ -295,9 +295,16 @@ def _entries_from_folder(folder: Path, val_fraction: float):
     if not subfolders:
         raise ValueError(f"{folder} has no sub-folders: expected one sub-folder of images per class")
     names = {p.name.lower() for p in subfolders}
+    if names & set(SPLITS) and not (names <= set(SPLITS) and "train" in names):
+        raise ValueError(
+            f"{folder} mixes split folders ({', '.join(sorted(names & set(SPLITS)))}) with other folders "
+            f"({', '.join(sorted(p.name for p in subfolders if p.name.lower() not in SPLITS))}): use either "
+            f"class folders only, or {'/'.join(SPLITS)} folders (train required) each holding class folders"
+        )
     paths: list[str] = []
     labels: list[str] = []
     splits: list[str] = []
+    empty: list[str] = []
     if names <= set(SPLITS) and "train" in names:
         for split_folder in subfolders:
             for class_folder in sorted(p for p in split_folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -308,10 +315,15 @@ def _entries_from_folder(folder: Path, val_fraction: float):
         split = np.array(splits, dtype="<U5")
     else:
         for class_folder in subfolders:
-            for path in _image_paths(class_folder):
+            found = _image_paths(class_folder)
+            if not found:
+                empty.append(class_folder.name)
+            for path in found:
                 paths.append(str(path))
                 labels.append(class_folder.name)
         split = _hash_split([os.path.relpath(p, folder) for p in paths], labels, val_fraction)
+    if empty and paths:
+        warnings.warn(f"class folder(s) {empty} of {folder} hold no image files: left out", stacklevel=3)
     if not paths:
         raise ValueError(f"no image files ({', '.join(_supported())}) found under the class sub-folders of {folder}")
     return paths, labels, split
@@ -341,7 +353,7 @@ def _read_manifest(csv_path: Path, val_fraction: float):
         raise ValueError(f"manifest {csv_path} has no rows")
     base = csv_path.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in table["path"]]
-    labels = table["label"].astype(str).tolist()
+    labels = table["label"].astype(str).str.strip().tolist()  # "lymphocyte " is "lymphocyte"
     if any(not label for label in labels):
         raise ValueError(f"manifest {csv_path} has rows with an empty label")
     if "split" in table.columns:
@@ -1052,6 +1064,7 @@ def load_data(
                 "delete it or pass another --cache"
             )
         check_code_version(cached, f"the cached crops in {cache}")
+        _check_cache_is_current(cached, path, cache)
         return cached
     crop_set = build_crop_set(
         path, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress,
@@ -1060,6 +1073,30 @@ def load_data(
     if cache is not None:
         save_crop_set(cache, crop_set)
     return crop_set
+
+
+def _check_cache_is_current(cached: CropSet, source: Path, cache) -> None:
+    """A cache whose source folder or manifest has gained, lost or relabelled images since
+    it was built is an error (it would train on the old data without a word)."""
+    if not source.exists():
+        return  # the cache stands alone (the source moved or was deleted)
+    if source.is_dir():
+        paths, labels, _ = _entries_from_folder(source, 0.2)
+    else:
+        paths, labels, *_ = _read_manifest(source, 0.2)
+    now = {str(p): str(label) for p, label in zip(paths, labels)}
+    before = {str(p): cached.class_names[int(i)] for p, i in zip(cached.paths, cached.labels)}
+    failed = {str(p) for p, _ in cached.failures}
+    added = sorted(set(now) - set(before) - failed)
+    removed = sorted((set(before) | failed) - set(now))
+    relabelled = sorted(p for p in set(now) & set(before) if now[p] != before[p])
+    if added or removed or relabelled:
+        what = "; ".join(f"{len(v)} {k} (first: {Path(v[0]).name})" for k, v in
+                         (("added", added), ("removed", removed), ("with another class", relabelled)) if v)
+        raise ValueError(
+            f"the cache {cache} is out of date: {source} has images {what} since it was built; "
+            "delete it (it is rebuilt) or pass another --cache"
+        )
 
 
 def _method_name(stored) -> str:

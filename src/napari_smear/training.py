@@ -882,6 +882,7 @@ def train(
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {output}")
+    _check_output_file(output)
 
     init = _fine_tuning_start(init_from, model_kind, config) if init_from is not None else None
     if cell_types is None and init is not None:
@@ -926,6 +927,18 @@ def train(
         held = _hash_split(crop_set.paths[train_index].tolist(), crop_set.labels[train_index].tolist(), 0.15) == "val"
         val_index, train_index = train_index[held], train_index[~held]
         notes.append("no 'val' split in the data: 15% of each class of 'train' held out for validation")
+    if not len(val_index):
+        raise ValueError(
+            f"no validation crops ({crop_set.describe()}): every class needs at least two images that can be "
+            "cropped (one is held out to choose the best epoch), or give a 'val' split"
+        )
+    unscored = [c for c, n in zip(crop_set.class_names, np.bincount(crop_set.labels[val_index],
+                                                                       minlength=len(crop_set.class_names))) if n == 0]
+    if unscored:
+        note = (f"class(es) {unscored} have no validation crops (their held-out images could not be cropped, or "
+                "there were too few): the best epoch is chosen without them")
+        notes.append(note)
+        warnings.warn(note, stacklevel=2)
     if max_train_samples is not None and len(train_index) > max_train_samples:
         rng = np.random.default_rng(seed)
         train_index = np.sort(rng.choice(train_index, size=int(max_train_samples), replace=False))
@@ -1165,6 +1178,10 @@ def train(
         if state["stopped_early"]:
             log(f"stopped early: no better validation macro-F1 for {patience} epochs (best at epoch {state['best_epoch']})")
         best_model, info = load_model(output, device=torch_device)
+        if cell_types and info.metadata.get("cell_types") != cell_types:
+            # a resumed run whose best epoch came before this call still gets them
+            save_model(output, best_model, {**info.metadata, "cell_types": list(cell_types)})
+            best_model, info = load_model(output, device=torch_device)
         if choose_prior_correction and balance_mode != "none" and "prior_correction" not in info.metadata:
             note = _store_prior_correction(output, best_model, info, val_set, torch_device, 2 * batch_size, dtype)
             notes.append(note)
@@ -1237,6 +1254,22 @@ def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
         "stain_normalization": metadata.get("stain_normalization") or None,
         "cell_types": metadata.get("cell_types") or None,
     }
+
+
+def _check_output_file(output: Path) -> None:
+    """Before any work: the model file can be written there, and what it replaces is a model."""
+    from .models import ModelFileError, read_metadata
+
+    if output.is_dir():
+        raise ValueError(f"output {output} is a folder: give a .safetensors file name")
+    for folder in output.parents:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output {output} lies inside {folder}, which is a file")
+    if output.exists():
+        try:
+            read_metadata(output)
+        except ModelFileError as exc:
+            raise ValueError(f"{exc}; refusing to overwrite it with the trained model") from exc
 
 
 def _check_cell_types(cell_types: Sequence[str]) -> list[str]:

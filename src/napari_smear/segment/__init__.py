@@ -119,14 +119,14 @@ def segment_smear(
         elif pixel_size_um is not None:
             diameter = rbc_diameter_from_pixel_size(pixel_size_um)
         else:
-            diameter = _estimate_diameter(rgb, stain, pool)
+            diameter, stained_share = _measure_scale(rgb, stain, pool)
             if diameter is None:
                 warnings.warn(
                     "no stained cells found in the field: returning an empty segmentation",
                     stacklevel=2,
                 )
                 return _empty(rgb.shape[:2], math.nan, pixel_size_um)
-            _warn_if_few_cells(rgb, stain, diameter)
+            _warn_if_few_cells(rgb.shape[:2], stained_share, diameter)
 
         factor = min(1.0, working_diameter_px / diameter)
         d_work = diameter * factor
@@ -186,12 +186,10 @@ def segment_smear(
 _FEW_CELLS_FOR_RULER = 5.0
 
 
-def _warn_if_few_cells(rgb: np.ndarray, stain: StainModel, diameter: float) -> None:
-    """Warn when the field is too sparse for the measured red-cell size to be trusted."""
-    sample = _subsample(rgb, 1_000_000)
-    density, _ = stain_channels(sample, stain)
-    stained = float((density > stain.foreground_threshold).mean()) * rgb.shape[0] * rgb.shape[1]
-    cells = stained / (math.pi * diameter * diameter / 4)
+def _warn_if_few_cells(shape: tuple[int, int], stained_share: float, diameter: float) -> None:
+    """Warn when the field is too sparse for the measured red-cell size to be trusted
+    (``stained_share``: the stained share of the pixels the ruler measured)."""
+    cells = stained_share * shape[0] * shape[1] / (math.pi * diameter * diameter / 4)
     if cells < _FEW_CELLS_FOR_RULER:
         warnings.warn(
             f"the field holds only about {cells:.1f} red cells' worth of stained area, too little to measure "
@@ -254,19 +252,32 @@ def _subsample(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
     return rgb[::step, ::step] if step > 1 else rgb
 
 
-def _window_diameter(window: np.ndarray, stain: StainModel) -> float | None:
-    density, _ = stain_channels(window, stain)
+def _measure_window(window: np.ndarray, stain: StainModel) -> tuple[float | None, float]:
+    """Red-cell diameter of a window (None when it cannot be measured) and the share of
+    its pixels that are stained matter."""
+    stained = stain_channels(window, stain)[0] > stain.foreground_threshold
     try:
-        return estimate_rbc_diameter(density > stain.foreground_threshold)
+        diameter = estimate_rbc_diameter(stained)
     except ScaleEstimateError:
-        return None
+        diameter = None
+    return diameter, float(stained.mean())
+
+
+def _window_diameter(window: np.ndarray, stain: StainModel) -> float | None:
+    return _measure_window(window, stain)[0]
 
 
 def _estimate_diameter(rgb: np.ndarray, stain: StainModel, pool=None) -> float | None:
-    """Red-cell diameter from native-resolution windows of the field (measured in
-    the worker processes of ``pool`` when given)."""
+    """Red-cell diameter from native-resolution windows of the field (see :func:`_measure_scale`)."""
+    return _measure_scale(rgb, stain, pool)[0]
+
+
+def _measure_scale(rgb: np.ndarray, stain: StainModel, pool=None) -> tuple[float | None, float]:
+    """Red-cell diameter from native-resolution windows of the field (measured in the
+    worker processes of ``pool`` when given; None for a field with no stained matter),
+    and the stained share of the pixels it was measured on."""
     h, w = rgb.shape[:2]
-    found: list[float | None] = []
+    found: list[tuple[float | None, float]] = []
     if h * w > _SCALE_WHOLE_FIELD_MAX_PIXELS:
         # The centre and four points around it sample the whole slide: hundreds of
         # red cells at any magnification, and on a 3000 x 3000 field less than half
@@ -277,21 +288,22 @@ def _estimate_diameter(rgb: np.ndarray, stain: StainModel, pool=None) -> float |
         spots = [(ys[1], xs[1]), (ys[0], xs[0]), (ys[0], xs[2]), (ys[2], xs[0]), (ys[2], xs[2])]
         windows = [rgb[y : y + side, x : x + side] for y, x in spots]
         if pool is not None:
-            found = list(pool.map(_window_diameter, windows, [stain] * len(windows)))
+            found = list(pool.map(_measure_window, windows, [stain] * len(windows)))
         else:
-            found = [_window_diameter(win, stain) for win in windows]
-    estimates = [v for v in found if v is not None]
+            found = [_measure_window(win, stain) for win in windows]
+    estimates = [v for v, _ in found if v is not None]
     if not estimates and h * w <= _SCALE_WINDOWS_ONLY_MIN_PIXELS:
         # a small field, or a sparse one whose windows missed the cells: measure it whole
-        estimates = [v for v in [_window_diameter(rgb, stain)] if v is not None]
+        found = [_measure_window(rgb, stain)]
+        estimates = [v for v, _ in found if v is not None]
     if not estimates:
         if not (stain_channels(_subsample(rgb, 1_000_000), stain)[0] > stain.foreground_threshold).any():
-            return None
+            return None, 0.0
         raise ScaleEstimateError(
             "could not measure the red-cell size in this field (too few round cells); "
             "pass pixel_size_um= or rbc_diameter_px="
         )
-    return float(np.median(estimates))
+    return float(np.median(estimates)), float(np.mean([share for _, share in found]))
 
 
 def _resize_rgb(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -151,8 +151,9 @@ def is_output_name(name: str) -> bool:
 
 def _check_pixel_size(pixel_size_um) -> None:
     """Checked before any image is read (each would fail on its own otherwise)."""
-    if pixel_size_um is not None and not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
-        raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
+    from .segment import _check_positive
+
+    _check_positive("pixel_size_um", pixel_size_um)
 
 
 def _check_inputs_exist(inputs) -> None:

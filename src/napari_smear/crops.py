@@ -101,13 +101,9 @@ def crop_instances(
                          f"{output_size!r}")
     table = segmentation.table
     if cell_types is not None:
-        from .segment.types import CELL_TYPES
+        from .segment.types import check_cell_types
 
-        types = [cell_types] if isinstance(cell_types, str) else list(cell_types)
-        unknown = [t for t in types if t not in CELL_TYPES]
-        if unknown:
-            raise ValueError(f"cell_types must be some of {list(CELL_TYPES)}, got {unknown}")
-        table = table[table.cell_type.isin(types)]
+        table = table[table.cell_type.isin(check_cell_types(cell_types))]
     if labels is not None:
         given = np.atleast_1d(np.asarray(labels))
         if given.size and (given.dtype.kind not in "iu" and not np.all(np.mod(given.astype(float), 1) == 0)):

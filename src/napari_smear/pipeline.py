@@ -27,7 +27,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import pandas as pd
 
-from .segment.types import SmearSegmentation
+from .segment.types import CELL_TYPES, SmearSegmentation
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -46,7 +46,7 @@ __all__ = [
 
 DEFAULT_MODELS = ("wbc-pbc8", "rbc-chula12")
 # Which segmented cells a model sees when its file does not say (metadata "cell_types").
-_DEFAULT_CELL_TYPES = ("wbc", "rbc", "platelet")
+_DEFAULT_CELL_TYPES = CELL_TYPES
 
 
 @dataclass

@@ -462,9 +462,10 @@ def _labelled_split(model, info, data, split, device, workers=1, progress=False)
 
     torch_device = select_device(device)
     model, info = _resolve_model(model, info, torch_device)
+    wanted = (info.metadata or {}).get("stain_normalization") or ""
     crop_set = load_data(
         data, crop_diameters=info.crop_diameters, output_size=info.input_size, workers=workers, progress=progress,
-        stain_normalization=(info.metadata or {}).get("stain_normalization"),
+        stain_normalization=wanted or None,
     )
     if not math.isclose(crop_set.crop_diameters, info.crop_diameters, rel_tol=1e-3):
         warnings.warn(
@@ -472,7 +473,6 @@ def _labelled_split(model, info, data, split, device, workers=1, progress=False)
             f"{info.crop_diameters:g}: cells appear at another size than in training",
             stacklevel=3,
         )
-    wanted = (info.metadata or {}).get("stain_normalization") or ""
     if (crop_set.stain_normalization or "") != wanted:
         warnings.warn(
             f"the crops were made with stain normalisation {crop_set.stain_normalization or 'none'!r} but the "
@@ -1273,15 +1273,12 @@ def _check_output_file(output: Path) -> None:
 
 
 def _check_cell_types(cell_types: Sequence[str]) -> list[str]:
-    from .segment.types import CELL_TYPES
+    from .segment.types import CELL_TYPES, check_cell_types
 
-    if isinstance(cell_types, str):
-        cell_types = [cell_types]
-    chosen = [str(t) for t in cell_types]
-    unknown = [t for t in chosen if t not in CELL_TYPES]
-    if unknown or not chosen:
-        raise ValueError(f"cell_types must be some of {list(CELL_TYPES)}, got {list(cell_types)!r}")
-    return [t for t in CELL_TYPES if t in chosen]
+    chosen = check_cell_types(cell_types)
+    if not chosen:
+        raise ValueError(f"cell_types must be some of {list(CELL_TYPES)}, got none")
+    return chosen
 
 
 def _load_pretrained(model, init: dict, class_names: list[str]) -> str:

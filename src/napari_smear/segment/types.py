@@ -8,6 +8,16 @@ import pandas as pd
 
 CELL_TYPES = ("wbc", "rbc", "platelet")
 
+
+def check_cell_types(cell_types) -> list[str]:
+    """``cell_types`` (one name or several) as a list in :data:`CELL_TYPES` order; a
+    ValueError naming the unknown ones (a misspelt type would otherwise match no cell)."""
+    chosen = [cell_types] if isinstance(cell_types, str) else [str(t) for t in cell_types]
+    unknown = [t for t in chosen if t not in CELL_TYPES]
+    if unknown:
+        raise ValueError(f"cell_types must be some of {list(CELL_TYPES)}, got {unknown}")
+    return [t for t in CELL_TYPES if t in chosen]
+
 TABLE_COLUMNS = (
     "label",
     "cell_type",

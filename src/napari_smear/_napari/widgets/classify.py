@@ -358,12 +358,13 @@ def _cell_types_of(value: str) -> set[str]:
     """The segmented cell types a model (built-in name or file) classifies."""
     from napari_smear.models import ModelFileError, read_metadata
     from napari_smear.models.files import resolve_model_path
+    from napari_smear.segment.types import CELL_TYPES
 
     try:
         types = read_metadata(resolve_model_path(value)).get("cell_types")
     except (ModelFileError, OSError):
         return set()
-    return set(types or ("wbc", "rbc", "platelet"))
+    return set(types or CELL_TYPES)  # a file that does not say classifies every type (as analyze does)
 
 
 def _is_attention(layer: Any) -> bool:

@@ -34,6 +34,7 @@ from napari_smear._napari.widgets.classify import (
     image_layer_choices,
     model_choices,
 )
+from napari_smear.segment.types import CELL_TYPES
 
 if TYPE_CHECKING:
     import napari
@@ -52,7 +53,6 @@ __all__ = [
 FROM_FOLDER = "folder of labelled cell images"
 FROM_VIEWER = "cells of the current image"
 NEW_MODEL = "(new model)"
-CELL_TYPES = ("wbc", "rbc", "platelet")
 #: Default learning rates: from scratch (train()'s default) and for fine-tuning.
 LR_NEW, LR_FINE_TUNE = 2e-3, 5e-4
 

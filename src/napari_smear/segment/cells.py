@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
-from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from . import binary
 from .stain import StainModel, colour_distance, stain_channels
 
 
@@ -102,10 +102,10 @@ def fill_pallor(mask: np.ndarray, d: float, max_area_fraction: float) -> np.ndar
     max_area = _area(d, max_area_fraction)
     filled = remove_small_holes(mask, max_area)
     radius = max(1, int(round(d / 8)))
-    closed = ndi.binary_closing(filled, disk(radius), border_value=0)
+    closed = binary.closing(filled, binary.disk_rows(radius))
     holes = small_holes(closed, max_area)
     # the closing's own pixels next to a filled hole close the rim's gap
-    gap = closed & ~filled & ndi.binary_dilation(holes, iterations=radius)
+    gap = closed & ~filled & binary.dilate(holes, binary.diamond_rows(radius))
     return filled | holes | gap
 
 
@@ -124,20 +124,26 @@ def pale_rings(faint: np.ndarray, cells: np.ndarray, d: float, params: CellParam
     (ragged) are not: on Chula fields, holes down to a solidity of 0.6 glued
     neighbouring cells together and outlined smudges as cells.
     """
-    from skimage.measure import regionprops
+    from skimage.morphology import convex_hull_image
 
     holes = fill_pallor(faint, d, params.pallor_hole_area) & ~faint & ~cells
     comps, n = ndi.label(holes)
     if n == 0:
         return holes
     keep = np.zeros(n + 1, bool)
-    min_area = _area(d, params.pale_pallor_min_area)
-    for region in regionprops(comps):
-        keep[region.label] = region.area >= min_area and region.solidity >= params.pale_pallor_min_solidity
+    area = np.bincount(comps.ravel(), minlength=n + 1)
+    boxes = ndi.find_objects(comps)
+    # solidity (area over convex-hull area, as regionprops measures it) only for
+    # the holes large enough to be a pallor: most holes are specks
+    for label in np.flatnonzero(area >= _area(d, params.pale_pallor_min_area)):
+        if label == 0:
+            continue
+        hole = comps[boxes[label - 1]] == label
+        keep[label] = area[label] / convex_hull_image(hole).sum() >= params.pale_pallor_min_solidity
     pallor = keep[comps]
     if not pallor.any():
         return pallor
-    rim = faint & ~cells & ndi.binary_dilation(pallor, disk(max(1, int(round(d / 4)))))
+    rim = faint & ~cells & binary.dilate(pallor, binary.disk_rows(max(1, int(round(d / 4)))))
     return pallor | rim
 
 
@@ -291,7 +297,7 @@ def split_clumps(labels: np.ndarray, density: np.ndarray, d: float, params: "Cel
     is_clump[clumps] = True
     in_clump = is_clump[labels]
     # only the outlines of (and around) clumps need to vote
-    near = ndi.distance_transform_edt(~in_clump) <= 0.7 * d
+    near = binary.dilate(in_clump, binary.ball_rows(0.7 * d))
     reference = float(np.median(density[labels > 0]))  # a typical cell's density
     symmetry = radial_symmetry(density, d, reference, where=near)
     spacing = max(2, int(round(params.rbc_clump_spacing * d)))
@@ -485,7 +491,7 @@ def segment_field(
 
     # --- group violet blobs: lobes of one nucleus join, lone small blobs are platelets
     gap = max(1, int(round(params.nucleus_lobe_gap * d / 2)))
-    groups, n_groups = ndi.label(ndi.binary_dilation(violet, disk(gap)))
+    groups, n_groups = ndi.label(binary.dilate(violet, binary.disk_rows(gap)))
     groups = groups * violet
     # a blob much smaller than the largest lobe of its group is a platelet lying
     # against the cell, not a lobe: it becomes a group of its own
@@ -561,13 +567,13 @@ def segment_field(
             next_id += 1
 
     # --- red cells: fill central pallor, split touching cells on the distance map
-    clear = ~ndi.binary_dilation(labels > 0, iterations=1)
+    clear = ~binary.dilate(labels > 0, binary.diamond_rows(1))
     rbc = foreground & clear
     rbc = fill_pallor(rbc, d, params.pallor_hole_area)
     if params.pale_rbc_density is not None:
         faint = density > params.pale_rbc_density * stain.foreground_threshold
         rbc |= pale_rings(faint, rbc, d, params) & clear
-    rbc = ndi.binary_opening(rbc, disk(max(1, int(d / 10))))
+    rbc = binary.opening(rbc, binary.disk_rows(max(1, int(d / 10))))
     rbc = remove_small_objects(rbc, _area(d, params.min_rbc_area))
     if rbc.any():
         rbc_labels = split_touching_cells(rbc, d, params)

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 
+from . import binary
 from .cells import fill_holes, fill_pallor, remove_small_objects
 
 # A human red cell is about 7.5 um across; used only to turn an explicit pixel size into
@@ -75,7 +76,9 @@ def _opened_area(mask: np.ndarray, edt: np.ndarray, radius: float) -> int:
     centres = edt >= radius
     if not centres.any():
         return 0
-    return int(((ndi.distance_transform_edt(~centres) < radius) & mask).sum())
+    # the pixels nearer than ``radius`` to a centre: a dilation, exact and much
+    # faster than a distance map of the whole mask
+    return int((binary.dilate(centres, binary.ball_rows(radius, strict=True)) & mask).sum())
 
 
 def granulometry_radius(mask: np.ndarray, r_min: float, r_max: float, steps: int = 8) -> float:

@@ -1,0 +1,73 @@
+"""The row-run binary morphology (segment.binary) must equal scipy's pixel for pixel:
+the segmentation's output is defined by scipy's operations."""
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.morphology import disk
+
+from napari_smear.segment import binary
+
+
+def _masks(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        noise = rng.random((h, w))
+        if rng.random() < 0.5:  # blobs, like cells, as well as salt and pepper
+            noise = ndi.gaussian_filter(noise, rng.uniform(0.5, 3))
+        yield noise < np.quantile(noise, rng.uniform(0.05, 0.95))
+
+
+@pytest.mark.parametrize("radius", range(0, 41))
+def test_disk_rows_match_skimage_disk(radius):
+    assert binary.footprint_rows(disk(radius)) == binary.disk_rows(radius)
+
+
+def test_disk_dilation_erosion_closing_opening_match_scipy():
+    rng = np.random.default_rng(1)
+    for mask in _masks(0, 150):
+        r = int(rng.integers(0, 9))
+        rows, fp = binary.disk_rows(r), disk(r)
+        np.testing.assert_array_equal(binary.dilate(mask, rows), ndi.binary_dilation(mask, fp))
+        np.testing.assert_array_equal(binary.erode(mask, rows), ndi.binary_erosion(mask, fp))
+        np.testing.assert_array_equal(binary.closing(mask, rows), ndi.binary_closing(mask, fp, border_value=0))
+        np.testing.assert_array_equal(binary.opening(mask, rows), ndi.binary_opening(mask, fp))
+
+
+def test_diamond_is_the_iterated_cross():
+    rng = np.random.default_rng(2)
+    for mask in _masks(3, 80):
+        r = int(rng.integers(1, 7))
+        np.testing.assert_array_equal(binary.dilate(mask, binary.diamond_rows(r)), ndi.binary_dilation(mask, iterations=r))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_ball_is_a_distance_map_threshold(strict):
+    rng = np.random.default_rng(4)
+    for mask in _masks(5, 120):
+        if not mask.any():
+            continue
+        radius = float(rng.choice([rng.uniform(0.3, 25), float(rng.integers(1, 12))]))  # integers: ties
+        distance = ndi.distance_transform_edt(~mask)
+        expected = distance < radius if strict else distance <= radius
+        np.testing.assert_array_equal(binary.dilate(mask, binary.ball_rows(radius, strict=strict)), expected)
+
+
+def test_large_mask_and_footprints_taller_than_the_image():
+    mask = ndi.gaussian_filter(np.random.default_rng(6).random((700, 900)), 4) > 0.5
+    rows = binary.disk_rows(6)
+    np.testing.assert_array_equal(binary.dilate(mask, rows), ndi.binary_dilation(mask, disk(6)))
+    thin = mask[:3]
+    np.testing.assert_array_equal(binary.dilate(thin, rows), ndi.binary_dilation(thin, disk(6)))
+    np.testing.assert_array_equal(binary.erode(thin, rows), ndi.binary_erosion(thin, disk(6)))
+
+
+def test_bad_footprints_are_refused():
+    with pytest.raises(ValueError, match="odd"):
+        binary.footprint_rows(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="centred"):
+        binary.footprint_rows(np.array([[1, 0, 0], [1, 1, 1], [0, 0, 1]]))
+    with pytest.raises(ValueError, match="empty"):
+        binary.dilate(np.ones((4, 4), bool), {})
+    with pytest.raises(ValueError, match="2-D"):
+        binary.dilate(np.ones((2, 4, 4), bool), binary.disk_rows(1))

@@ -215,6 +215,37 @@ def merge_by_dynamics(
     return roots[labels]
 
 
+def _flood(height: np.ndarray, markers: np.ndarray, n_markers: int, mask: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(height, markers, mask=mask)``, flooding only
+    where it has a choice to make.
+
+    The flood never crosses from one 4-connected piece of ``mask`` to another, so a
+    piece that holds a single marker becomes that marker's basin whole (and one with
+    none stays 0), which is what the watershed would give it. Only pieces with
+    several markers are flooded; isolated round cells, most of a smear, are not.
+    (Where two fronts reach a pixel at exactly the same height at the same time the
+    watershed's choice depends on its heap's layout, so flooding a piece alone may
+    pick the other side; on the smoothed distance maps flooded here that did not
+    happen on 38 fields and a 16 MP mosaic, nor in the tests.)
+    """
+    pieces, n_pieces = ndi.label(mask)
+    seeded = markers > 0
+    pair = np.unique(pieces[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded])
+    piece_of_pair, marker_of_pair = pair // (n_markers + 1), pair % (n_markers + 1)
+    n_seeds = np.bincount(piece_of_pair, minlength=n_pieces + 1)
+    whole = np.zeros(n_pieces + 1, markers.dtype)
+    single = n_seeds[piece_of_pair] == 1
+    whole[piece_of_pair[single]] = marker_of_pair[single]
+    basins = whole[pieces]
+    contested = n_seeds > 1
+    contested[0] = False
+    if contested.any():
+        region = contested[pieces]
+        flooded = watershed(height, np.where(region, markers, 0), mask=region)
+        basins[region] = flooded[region]
+    return basins
+
+
 def split_touching_cells(mask: np.ndarray, d: float, params: "CellParams") -> np.ndarray:
     """Instance labels of the red cells in ``mask`` (cells ``d`` pixels across).
 
@@ -227,7 +258,7 @@ def split_touching_cells(mask: np.ndarray, d: float, params: "CellParams") -> np
     edt[~mask] = 0
     peaks = (edt == ndi.maximum_filter(edt, size=3)) & mask
     markers, n = ndi.label(peaks, structure=np.ones((3, 3)))
-    basins = watershed(-edt, markers, mask=mask)
+    basins = _flood(-edt, markers, n, mask)
     seed_height = np.zeros(n + 1, np.float32)
     seed_height[markers[peaks]] = edt[peaks]
     return merge_by_dynamics(

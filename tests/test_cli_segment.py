@@ -70,3 +70,39 @@ def test_demo_runs_the_pipeline(tmp_path, capsys):
     synthetic = summary[summary.path.str.contains("synthetic")]
     assert len(synthetic) == 3 and (synthetic.wbc == 3).all()
     assert "wbc" in capsys.readouterr().out
+
+
+def test_segment_cli_working_diameter(tmp_path, synthetic_field, capsys):
+    """--working-diameter is segment_smear's working_diameter_px; bad values are refused by the parser."""
+    import pytest
+
+    from napari_smear import segment_smear
+
+    image, _ = synthetic_field
+    write_png_atomic(tmp_path / "field.png", image)
+    assert main(["segment", str(tmp_path / "field.png"), "--out", str(tmp_path / "out"), "--working-diameter", "16"]) == 0
+    expected = segment_smear(image, working_diameter_px=16)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "field_labels.tif"), expected.labels)
+    assert not np.array_equal(expected.labels, segment_smear(image).labels)  # it did change the resolution
+    for bad in ("0", "-3", "nan"):
+        with pytest.raises(SystemExit) as stop:
+            main(["segment", str(tmp_path / "field.png"), "--out", str(tmp_path / "o2"), "--working-diameter", bad])
+        assert stop.value.code == 2
+    assert "--working-diameter" in capsys.readouterr().err
+
+
+def test_analyze_files_records_the_working_diameter_and_redoes_images_made_at_another(tmp_path, synthetic_field):
+    import json
+
+    from napari_smear.batch import analyze_files
+
+    image, _ = synthetic_field
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "field.png", image)
+    out = tmp_path / "out"
+    first = analyze_files(tmp_path / "in", out, models=[])
+    assert json.loads((out / "run.json").read_text())["settings"]["working_diameter_px"] is None
+    again = analyze_files(tmp_path / "in", out, models=[])  # same settings: nothing to redo
+    faster = analyze_files(tmp_path / "in", out, models=[], working_diameter_px=16)
+    assert json.loads((out / "run.json").read_text())["settings"]["working_diameter_px"] == 16
+    assert (first.analysed, again.skipped, faster.analysed) == (1, 1, 1)

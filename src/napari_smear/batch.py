@@ -149,11 +149,12 @@ def is_output_name(name: str) -> bool:
     return any(name.endswith(suffix) for suffix in OUTPUT_SUFFIXES.values())
 
 
-def _check_pixel_size(pixel_size_um) -> None:
+def _check_pixel_size(pixel_size_um, working_diameter_px=None) -> None:
     """Checked before any image is read (each would fail on its own otherwise)."""
     from .segment import _check_positive
 
     _check_positive("pixel_size_um", pixel_size_um)
+    _check_positive("working_diameter_px", working_diameter_px)
 
 
 def _check_inputs_exist(inputs) -> None:
@@ -196,17 +197,20 @@ def segment_files(
     *,
     pixel_size_um: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    working_diameter_px: float | None = None,
 ) -> pd.DataFrame:
     """Segment every image; per image write ``<stem>_labels.tif``, ``<stem>_nuclei.tif``
     and ``<stem>_cells.csv``. A file that cannot be read or segmented is recorded with
     its reason (``errors.csv``) and the run carries on.
 
-    Returns one row per image: path, counts per cell type, rbc_diameter_px, seconds, error.
+    ``working_diameter_px``: the segmentation's working resolution (see
+    :func:`napari_smear.segment_smear`; default its own). Returns one row per image:
+    path, counts per cell type, rbc_diameter_px, seconds, error.
     """
     from .io import read_image, write_csv_atomic, write_tiff_atomic
     from .segment import segment_smear
 
-    _check_pixel_size(pixel_size_um)
+    _check_pixel_size(pixel_size_um, working_diameter_px)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     _check_inputs_exist(inputs)
     out = prepare_output_dir(out_dir)
@@ -222,7 +226,8 @@ def segment_files(
             t0 = time.perf_counter()
             try:
                 image, meta = read_image(job.path)
-                seg = segment_smear(image, pixel_size_um=pixel_size_um or meta.get("pixel_size_um"))
+                seg = segment_smear(image, pixel_size_um=pixel_size_um or meta.get("pixel_size_um"),
+                                    working_diameter_px=working_diameter_px)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
                 write_tiff_atomic(f"{job.stem}_labels.tif", seg.labels)
                 write_tiff_atomic(f"{job.stem}_nuclei.tif", seg.nuclei)
@@ -276,6 +281,7 @@ class _Settings:
     overlay_max_side: int
     fingerprint: dict
     worker_threads: int | None = None
+    working_diameter_px: float | None = None
 
 
 @dataclass
@@ -378,6 +384,7 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
             prepared = prepare_field(
                 image, settings.specs, pixel_size_um=pixel_size, morphology=settings.morphology,
                 segment_threads=settings.worker_threads, progress=report if progress else None,
+                working_diameter_px=settings.working_diameter_px,
             )
     except _ProgressInterrupt:
         raise
@@ -938,6 +945,7 @@ def analyze_files(
     max_waiting: int = 16,
     progress: Callable[[int, int, str], None] | None = None,
     prior_correction: float | None = None,
+    working_diameter_px: float | None = None,
 ) -> BatchReport:
     """Analyse every image of folders (recursively) or files; write per-image outputs.
 
@@ -994,6 +1002,11 @@ def analyze_files(
         One prior-correction strength for every model (0: the class-balanced answer);
         default: each model file's own. The strength each model used is recorded in
         ``run.json``; images finished with another one are redone.
+    working_diameter_px : float, optional
+        The segmentation's working resolution, red-cell diameters in working pixels
+        (see :func:`napari_smear.segment_smear`; default its own, 24). 16 segments large
+        scans about 1.5 times as fast at a small cost in accuracy. Images finished with
+        another one are redone.
 
     Returns
     -------
@@ -1018,7 +1031,7 @@ def analyze_files(
         raise ValueError("give either workers (a local Dask cluster) or scheduler (an existing one), not both")
     if isinstance(workers, bool) or int(workers) < 0:
         raise ValueError(f"workers must be 0 (this process) or a positive number, got {workers!r}")
-    _check_pixel_size(pixel_size_um)
+    _check_pixel_size(pixel_size_um, working_diameter_px)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
@@ -1037,7 +1050,8 @@ def analyze_files(
     specs = tuple(m.spec for m in loaded)
     batch_size = int(batch_size or (1024 if torch_device.type == "cuda" else 32))
     strengths = check_prior_correction(loaded, prior_correction)
-    fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__, strengths)
+    fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__, strengths,
+                               working_diameter_px)
 
     with _exclusive(out):
         _remove_stale_temporaries(out)
@@ -1065,7 +1079,7 @@ def analyze_files(
         settings = _Settings(
             specs=specs, pixel_size_um=pixel_size_um, morphology=morphology,
             overlay_max_side=int(overlay_max_side), fingerprint=fingerprint,
-            worker_threads=None if executor.inline else 1,
+            worker_threads=None if executor.inline else 1, working_diameter_px=working_diameter_px,
         )
         classifier = StreamingClassifier(
             loaded, device=torch_device, batch_size=batch_size, amp=amp, max_waiting=max_waiting,
@@ -1260,11 +1274,14 @@ def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | Non
     return None
 
 
-def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version, prior_strengths) -> dict:
+def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version, prior_strengths,
+                 working_diameter_px=None) -> dict:
     """Everything that changes per-image outputs; a marker with another one is redone.
 
     ``prior_strengths`` (model name -> the prior-correction strength used) is part of
-    it: the file's stored strength can change while its weights do not.
+    it: the file's stored strength can change while its weights do not. The working
+    resolution enters only when one is chosen, so runs at the default keep the
+    fingerprint they had before it could be chosen.
     """
     models = []
     for entry in loaded:
@@ -1279,6 +1296,8 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
         "napari_smear": version, "models": models, "pixel_size_um": pixel_size_um,
         "morphology": bool(morphology), "overlay_max_side": int(overlay_max_side), "amp": bool(amp),
     }
+    if working_diameter_px is not None:
+        value["working_diameter_px"] = float(working_diameter_px)
     return json.loads(_json_text(value))  # as it reads back from a marker
 
 
@@ -1377,7 +1396,7 @@ def _run_record(inputs, out, pattern, loaded, missing_models, device, batch_size
             "workers": int(workers or 0), "scheduler": None if scheduler is None else executor.description,
             "executor": executor.description,
             "overwrite": bool(overwrite), "pixel_size_um": pixel_size_um, "morphology": bool(morphology),
-            "overlay_max_side": int(overlay_max_side),
+            "overlay_max_side": int(overlay_max_side), "working_diameter_px": fingerprint.get("working_diameter_px"),
         },
         "models": {
             m.name: {**m.spec.describe(), "crop_diameters": m.spec.crop_diameters,

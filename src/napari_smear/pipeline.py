@@ -267,6 +267,7 @@ def prepare_field(
     morphology: bool = True,
     segment_threads: int | None = None,
     progress: Callable[[float, str], None] | None = None,
+    working_diameter_px: float | None = None,
 ) -> PreparedField:
     """Stage 1: segment a field and crop the cells each model classifies.
 
@@ -282,6 +283,8 @@ def prepare_field(
         Add the morphology columns (:func:`napari_smear.morphology.morphology_table`).
     segment_threads : int, optional
         Threads for the tiles of large fields (default: segmentation's own choice).
+    working_diameter_px : float, optional
+        See :func:`napari_smear.segment_smear` (default: its own).
     progress : callable, optional
         ``progress(fraction, message)`` during segmentation; raise inside it to cancel.
     """
@@ -296,6 +299,7 @@ def prepare_field(
     if segmentation is None:
         segmentation = segment_smear(
             rgb, pixel_size_um=pixel_size_um, n_workers=segment_threads, progress=progress,
+            working_diameter_px=working_diameter_px,
         )
     else:
         segmentation.check_image(rgb)
@@ -408,6 +412,7 @@ def analyze(
     morphology: bool = True,
     progress: Callable[[float, str], None] | None = None,
     prior_correction: float | None = None,
+    working_diameter_px: float | None = None,
 ) -> AnalysisResult:
     """Segment a smear field, classify its cells and map the models' attention.
 
@@ -427,6 +432,8 @@ def analyze(
     prior_correction : float, optional
         One prior-correction strength for every model (0: the class-balanced answer);
         default: each model file's own (see :func:`napari_smear.predict.prior_logit_offsets`).
+    working_diameter_px : float, optional
+        Working resolution of the segmentation (see :func:`napari_smear.segment_smear`).
     """
     from .predict import classify_crops
 
@@ -436,7 +443,7 @@ def analyze(
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
         image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
-        progress=lambda f, m: report(0.4 * f, f"segmenting: {m}"),
+        progress=lambda f, m: report(0.4 * f, f"segmenting: {m}"), working_diameter_px=working_diameter_px,
     )
     outputs: dict[str, dict] = {}
     for k, entry in enumerate(loaded):

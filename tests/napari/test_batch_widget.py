@@ -142,7 +142,7 @@ def test_images_of_the_same_name_in_two_folders_get_their_own_layers(widget, qtb
 def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_path, monkeypatch):
     seen = {}
 
-    def slow_segment(image, *, pixel_size_um=None, n_workers=None, progress=None):
+    def slow_segment(image, *, pixel_size_um=None, n_workers=None, progress=None, working_diameter_px=None):
         run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)

@@ -82,8 +82,8 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
     calls: list[float | None] = []
     release = threading.Event()
 
-    def fake_segment(image, *, pixel_size_um=None, progress=None):
-        calls.append(pixel_size_um)
+    def fake_segment(image, *, pixel_size_um=None, working_diameter_px=None, progress=None):
+        calls.append((pixel_size_um, working_diameter_px))
         assert image.shape == (480, 640, 3)
         progress(0.5, "halfway")
         assert release.wait(10)
@@ -98,21 +98,27 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
     widget.run()  # ignored: a run is active
     release.set()
     wait_until_idle(qtbot, widget)
-    assert calls == [0.1]
+    assert calls == [(0.1, 24.0)]
     assert errors == []
     n_layers = len(viewer.layers)
     widget.run()  # again: the layers are updated in place, not duplicated
     wait_until_idle(qtbot, widget)
     assert len(viewer.layers) == n_layers
-    assert calls == [0.1, 0.1]
+    assert calls == [(0.1, 24.0), (0.1, 24.0)]
     assert "81 cells: 2 wbc, 73 rbc, 6 platelet" in widget.status
+    # "faster" segments at a lower working resolution
+    assert [label for label, _ in segment_widget_module.DETAIL_CHOICES] == ["standard", "faster (large scans)"]
+    widget._detail.value = 16.0
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert calls[-1] == (0.1, 16.0)
 
 
 def test_cancel_stops_the_run_and_adds_nothing(viewer_with_widget, qtbot, monkeypatch):
     viewer, widget, errors = viewer_with_widget
     seen: dict[str, object] = {}
 
-    def slow_segment(image, *, pixel_size_um=None, progress=None):
+    def slow_segment(image, *, pixel_size_um=None, working_diameter_px=None, progress=None):
         run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
@@ -128,7 +134,7 @@ def test_cancel_stops_the_run_and_adds_nothing(viewer_with_widget, qtbot, monkey
 def test_errors_are_reported(viewer_with_widget, qtbot, monkeypatch):
     viewer, widget, errors = viewer_with_widget
 
-    def failing_segment(image, *, pixel_size_um=None, progress=None):
+    def failing_segment(image, *, pixel_size_um=None, working_diameter_px=None, progress=None):
         raise ValueError("got shape (5, 32, 32); expected a 2-D RGB field")
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", failing_segment)

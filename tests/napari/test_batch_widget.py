@@ -187,7 +187,7 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     real = napari_smear.batch.analyze_files
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["prior_correction"])
+        seen.append((kwargs["prior_correction"], kwargs["working_diameter_px"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(napari_smear.batch, "analyze_files", spy)
@@ -199,5 +199,11 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     widget._class_frequencies.value = False
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen == [0.0] and widget.errors == []
+    assert seen == [(0.0, None)] and widget.errors == []  # standard detail: analyze_files' default
+    assert widget.last_report.analysed == 2
+    # "faster" detail reaches the run and, as another setting, redoes the images
+    widget._detail.value = 16.0
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen[-1] == (0.0, 16.0) and widget.errors == []
     assert widget.last_report.analysed == 2

@@ -22,6 +22,7 @@ from napari_smear._napari.widgets._background import BackgroundTaskWidget
 from napari_smear._napari.widgets.classify import (
     ModelInputs, class_frequency_checkbox, device_combo, model_choices, prior_correction_option,
 )
+from napari_smear._napari.widgets.segment import DETAIL_CHOICES, detail_combo
 
 if TYPE_CHECKING:
     import napari
@@ -67,6 +68,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "(0: in napari's process)",
         )
         self._class_frequencies = class_frequency_checkbox()
+        self._detail = detail_combo()
         self._overwrite = CheckBox(text="redo finished images", value=False)
         # Looking at the results: any image the output folder holds results for.
         self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
@@ -82,8 +84,8 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._analysed.changed.connect(lambda *_: self._update_show_button())
         self._output.changed.connect(lambda *_: self.refresh_results())
         self.extend([
-            self._input, self._output, self._pattern, *models, self._class_frequencies, self._device, self._workers,
-            self._overwrite,
+            self._input, self._output, self._pattern, *models, self._class_frequencies, self._detail, self._device,
+            self._workers, self._overwrite,
             *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
@@ -112,6 +114,8 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "workers": int(self._workers.value),
             "overwrite": bool(self._overwrite.value),
             "prior_correction": prior_correction_option(self._class_frequencies),
+            # standard detail is analyze_files' default: None keeps earlier runs' results valid
+            "working_diameter_px": None if self._detail.value == DETAIL_CHOICES[0][1] else float(self._detail.value),
         }
 
         def compute(report):

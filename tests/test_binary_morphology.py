@@ -93,3 +93,10 @@ def test_flood_equals_the_watershed_it_replaces():
             peaks &= rng.random((h, w)) < 0.5
         markers, n = ndi.label(peaks, structure=np.ones((3, 3)))
         np.testing.assert_array_equal(_flood(-height, markers, n, mask), watershed(-height, markers, mask=mask))
+
+
+def test_non_whole_disc_radii_and_lopsided_rows_are_refused():
+    with pytest.raises(ValueError, match="whole number"):
+        binary.disk_rows(2.5)
+    with pytest.raises(ValueError, match="symmetric"):
+        binary.dilate(np.ones((5, 5), bool), {1: 0})

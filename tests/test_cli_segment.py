@@ -106,3 +106,27 @@ def test_analyze_files_records_the_working_diameter_and_redoes_images_made_at_an
     faster = analyze_files(tmp_path / "in", out, models=[], working_diameter_px=16)
     assert json.loads((out / "run.json").read_text())["settings"]["working_diameter_px"] == 16
     assert (first.analysed, again.skipped, faster.analysed) == (1, 1, 1)
+
+
+def test_working_diameter_floor_and_default_are_one_setting(tmp_path, synthetic_field, capsys):
+    """Below 12 px per red cell touching cells merge: refused everywhere; 24 is the default
+    however it is given (the Segment dock's "standard", the batch fingerprint)."""
+    import pytest
+
+    from napari_smear import segment_smear
+    from napari_smear.batch import _working_diameter_setting, segment_files
+    from napari_smear.segment import DEFAULT_WORKING_DIAMETER_PX, MIN_WORKING_DIAMETER_PX
+
+    image, _ = synthetic_field
+    with pytest.raises(ValueError, match="at least 12"):
+        segment_smear(image, working_diameter_px=MIN_WORKING_DIAMETER_PX - 1)
+    with pytest.raises(ValueError, match="at least 12"):
+        segment_files([tmp_path], tmp_path / "out", working_diameter_px=4)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    with pytest.raises(SystemExit):
+        main(["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--working-diameter", "8"])
+    assert "expected at least 12" in capsys.readouterr().err
+    assert _working_diameter_setting(24) is None and _working_diameter_setting(None) is None
+    assert _working_diameter_setting(16) == 16.0
+    np.testing.assert_array_equal(segment_smear(image, working_diameter_px=None).labels,
+                                  segment_smear(image, working_diameter_px=DEFAULT_WORKING_DIAMETER_PX).labels)

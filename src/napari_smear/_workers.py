@@ -47,22 +47,27 @@ def _keep_freed_memory() -> None:
     one afresh and unmaps it when freed, so every tile pays the kernel again for
     zeroed pages: a quarter of the CPU time of a 100 MP image went to the kernel.
     Keeping freed memory (up to glibc's 32 MB limit for reusable blocks) took the
-    workers' system time from 6.0 s to 2.3 s there. Only in our own short-lived
-    workers: the caller's process (napari) keeps its allocator as it is. A no-op
-    where the C library is not glibc.
+    workers' system time from 6.0 s to 2.3 s there. Only in the process pools of
+    :func:`process_pool` (tiles, crop sets), not in the caller's process (napari keeps
+    its allocator as it is) nor in Dask workers. A no-op where the C library is not
+    glibc; never raises (an exception in a pool initializer would break the pool).
     """
-    import ctypes
-    import ctypes.util
+    import sys
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    if not sys.platform.startswith("linux"):
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # blocks up to 32 MB come from the reusable heap
-    mallopt(m_trim_threshold, 1 << 30)  # free memory is returned only above 1 GB of it
-    mallopt(m_top_pad, 64 * 1024 * 1024)  # grow the heap in steps of 64 MB
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: leave them be
+            return
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # blocks up to 32 MB come from the reusable heap
+        libc.mallopt(m_trim_threshold, 1 << 30)  # free memory is returned only above 1 GB of it
+        libc.mallopt(m_top_pad, 64 * 1024 * 1024)  # grow the heap in steps of 64 MB
+    except Exception:  # an optimisation only
+        return
 
 
 def _main_is_importable() -> bool:

@@ -151,10 +151,20 @@ def is_output_name(name: str) -> bool:
 
 def _check_pixel_size(pixel_size_um, working_diameter_px=None) -> None:
     """Checked before any image is read (each would fail on its own otherwise)."""
-    from .segment import _check_positive
+    from .segment import _check_positive, check_working_diameter
 
     _check_positive("pixel_size_um", pixel_size_um)
-    _check_positive("working_diameter_px", working_diameter_px)
+    check_working_diameter(working_diameter_px)
+
+
+def _working_diameter_setting(working_diameter_px) -> float | None:
+    """None for the default resolution, however it was given (24 or None): the runs made
+    before it could be chosen, and runs that name the default, share one fingerprint."""
+    from .segment import DEFAULT_WORKING_DIAMETER_PX
+
+    if working_diameter_px is None or float(working_diameter_px) == DEFAULT_WORKING_DIAMETER_PX:
+        return None
+    return float(working_diameter_px)
 
 
 def _check_inputs_exist(inputs) -> None:
@@ -1032,6 +1042,7 @@ def analyze_files(
     if isinstance(workers, bool) or int(workers) < 0:
         raise ValueError(f"workers must be 0 (this process) or a positive number, got {workers!r}")
     _check_pixel_size(pixel_size_um, working_diameter_px)
+    working_diameter_px = _working_diameter_setting(working_diameter_px)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):

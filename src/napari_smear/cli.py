@@ -124,11 +124,20 @@ def _add_segment(subparsers) -> None:
     parser.set_defaults(func=_cmd_segment)
 
 
+def _working_diameter(text: str) -> float:
+    from .segment import MIN_WORKING_DIAMETER_PX
+
+    value = _positive_float(text)
+    if value < MIN_WORKING_DIAMETER_PX:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_WORKING_DIAMETER_PX:g} (px per red cell), got {text}")
+    return value
+
+
 def _add_working_diameter_option(parser) -> None:
     parser.add_argument(
-        "--working-diameter", type=_positive_float, default=None, metavar="PX",
-        help="segment at a resolution where a red cell is PX pixels across (default 24); 16 segments large "
-             "scans about 1.5 times as fast at a small cost in accuracy (docs/benchmarks.md)",
+        "--working-diameter", type=_working_diameter, default=None, metavar="PX",
+        help="segment at a resolution where a red cell is PX pixels across (default 24, at least 12); 16 "
+             "segments large scans about 1.5 times as fast at a small cost in accuracy (docs/benchmarks.md)",
     )
 
 

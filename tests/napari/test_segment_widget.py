@@ -203,3 +203,9 @@ def test_a_stack_is_declined_with_the_way_out(viewer_with_widget):
 
     single = viewer.add_image(np.asarray(image.data)[None], name="one plane", rgb=True)
     assert stack_problem(single) is None
+
+
+def test_standard_detail_is_the_library_default():
+    from napari_smear.segment import DEFAULT_WORKING_DIAMETER_PX
+
+    assert segment_widget_module.DETAIL_CHOICES[0] == ("standard", DEFAULT_WORKING_DIAMETER_PX)

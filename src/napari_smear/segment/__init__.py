@@ -38,6 +38,10 @@ ProgressCallback = Callable[[float, str], None]
 # Segmentation runs where a red cell is about this many pixels across: enough to split
 # touching cells and find platelets, and fast at any magnification.
 DEFAULT_WORKING_DIAMETER_PX = 24.0
+# Coarser than this, touching red cells merge and platelets vanish: at 12 px one Chula
+# field gave 118 red cells against 122 at 16 and 24 px, at 8 px 108 (and a synthetic
+# field 5 platelets of 6); 16 px is the coarsest measured on the whole benchmarks.
+MIN_WORKING_DIAMETER_PX = 12.0
 # Fields up to this size are processed whole; larger ones in tiles.
 _SINGLE_PASS_MAX_PIXELS = 12_000_000
 # The ruler is measured on the whole field up to this size, above it on five windows
@@ -73,7 +77,7 @@ def segment_smear(
         Red-cell diameter in pixels; overrides both the estimate and ``pixel_size_um``.
     working_diameter_px : float, optional
         Fields are processed downscaled so that a red cell is about this many pixels
-        across (never upscaled); None means the default, 24. Lower is faster on
+        across (never upscaled); None means the default, 24; at least 12. Lower is faster on
         large images at a small cost in accuracy (16: 1.5 times as fast on a 100 MP
         scan; docs/benchmarks.md, "Working resolution").
     tile_size : int
@@ -92,10 +96,8 @@ def segment_smear(
     """
     from ..io import as_rgb_uint8
 
-    if working_diameter_px is None:
-        working_diameter_px = DEFAULT_WORKING_DIAMETER_PX
-    for name, value in (("pixel_size_um", pixel_size_um), ("rbc_diameter_px", rbc_diameter_px),
-                        ("working_diameter_px", working_diameter_px)):
+    working_diameter_px = check_working_diameter(working_diameter_px)
+    for name, value in (("pixel_size_um", pixel_size_um), ("rbc_diameter_px", rbc_diameter_px)):
         _check_positive(name, value)
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
         raise ValueError(f"tile_size must be an integer >= 64 (working pixels), got {tile_size!r}")
@@ -201,6 +203,20 @@ def _warn_if_few_cells(shape: tuple[int, int], stained_share: float, diameter: f
             "or too small, pass pixel_size_um or rbc_diameter_px",
             stacklevel=3,
         )
+
+
+def check_working_diameter(working_diameter_px) -> float:
+    """The working resolution to use: the default for None, else a number of at least
+    ``MIN_WORKING_DIAMETER_PX`` (a clear error otherwise)."""
+    if working_diameter_px is None:
+        return DEFAULT_WORKING_DIAMETER_PX
+    _check_positive("working_diameter_px", working_diameter_px)
+    if working_diameter_px < MIN_WORKING_DIAMETER_PX:
+        raise ValueError(
+            f"working_diameter_px must be at least {MIN_WORKING_DIAMETER_PX:g} (a red cell that many working "
+            f"pixels across; coarser, touching cells merge), got {working_diameter_px!r}"
+        )
+    return float(working_diameter_px)
 
 
 def _check_positive(name: str, value) -> None:

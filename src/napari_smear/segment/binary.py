@@ -16,7 +16,10 @@ import numpy as np
 
 
 def disk_rows(radius: int) -> dict[int, int]:
-    """Row offset -> run half-width of ``skimage.morphology.disk(radius)`` (x^2 + y^2 <= r^2)."""
+    """Row offset -> run half-width of ``skimage.morphology.disk(radius)`` (x^2 + y^2 <= r^2)
+    for a whole-number radius (skimage draws other radii differently)."""
+    if int(radius) != radius or radius < 0:
+        raise ValueError(f"disk radius must be a whole number >= 0, got {radius!r}")
     r = int(radius)
     return {dy: int(np.floor(np.sqrt(r * r - dy * dy) + 1e-9)) for dy in range(-r, r + 1)}
 
@@ -97,6 +100,9 @@ def _combine(mask: np.ndarray, rows: dict[int, int], grow: bool) -> np.ndarray:
         raise ValueError(f"expected a 2-D mask, got shape {image.shape}")
     if not rows:
         raise ValueError("the footprint is empty")
+    if rows != {-dy: half for dy, half in rows.items()}:
+        # scipy reflects the footprint for dilation; for a symmetric one that is itself
+        raise ValueError("the footprint must be symmetric about its centre row")
     if max(rows.values()) * 2 + 1 >= 65536:
         raise ValueError("footprint too wide")
     h = image.shape[0]

@@ -74,7 +74,7 @@ def _block_mean(values: np.ndarray, k: int) -> np.ndarray:
 def _opened_area(mask: np.ndarray, edt: np.ndarray, radius: float) -> int:
     """Area of the opening of ``mask`` by a disc of ``radius`` (via distance maps)."""
     centres = edt >= radius
-    if not centres.any():
+    if radius <= 0 or not centres.any():
         return 0
     # the pixels nearer than ``radius`` to a centre: a dilation, exact and much
     # faster than a distance map of the whole mask

@@ -5,10 +5,10 @@ pixel of the image, so a disc of radius 6 costs over a hundred passes. A footpri
 that is symmetric and whose rows are each one centred run of pixels (a disc, a
 diamond, a Euclidean ball) is the union of its rows: the image is first dilated
 along each row by every run half-width the footprint has (from one running sum
-along the rows, so the cost does not grow with the width), then
-those row-dilated images are OR-ed together shifted by each row's offset. The
-result is identical to scipy's (pixels outside the image count as background, as
-with scipy's default ``border_value=0``); tests check it pixel for pixel.
+along the rows, so the cost does not grow with the width), then those row-dilated
+images are OR-ed together shifted by each row's offset (AND-ed for an erosion).
+The result is identical to scipy's (pixels outside the image count as background,
+as with scipy's default ``border_value=0``); tests check it pixel for pixel.
 """
 from __future__ import annotations
 

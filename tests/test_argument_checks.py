@@ -104,3 +104,17 @@ def test_crop_set_without_stain_normalisation_round_trips(tmp_path):
     crop_set.stain_normalization = None  # "none", as a user would write it
     back = load_crop_set(save_crop_set(tmp_path / "c.npz", crop_set, image_codec="raw"))
     assert back.stain_normalization == ""
+
+
+def test_paste_maps_in_row_blocks_gives_the_same_maps(segmented, monkeypatch):
+    """paste_maps works in row blocks (bounded memory on whole-slide regions): the block
+    size must not change a single value."""
+    import napari_smear.crops
+
+    image, seg = segmented
+    crops = crop_instances(image, seg)
+    maps = np.random.default_rng(3).random((len(crops), 12, 12)).astype(np.float32)
+    whole = paste_maps(maps, crops, seg.labels)
+    monkeypatch.setattr(napari_smear.crops, "_PASTE_BLOCK_PIXELS", 3 * seg.labels.shape[1] + 7)  # 3 rows a block
+    np.testing.assert_array_equal(paste_maps(maps, crops, seg.labels), whole)
+    assert whole[seg.labels == 0].max() == 0 and whole.max() > 0

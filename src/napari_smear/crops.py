@@ -202,17 +202,28 @@ def paste_maps(maps: np.ndarray, crops: InstanceCrops, labels: np.ndarray) -> np
         return out
     lut = np.full(int(max(labels.max(), crops.labels.max())) + 1, -1, np.int64)
     lut[crops.labels] = np.arange(len(crops))
-    ys, xs = np.nonzero(labels)
-    idx = lut[labels[ys, xs]]
-    keep = idx >= 0
-    ys, xs, idx = ys[keep], xs[keep], idx[keep]
-    win = crops.windows[idx]
     h, w = maps.shape[1:]
-    u = (ys - win[:, 0]) / (win[:, 2] - win[:, 0]) * h - 0.5
-    v = (xs - win[:, 1]) / (win[:, 3] - win[:, 1]) * w - 0.5
-    coords = np.stack([idx.astype(np.float64), u, v])
-    out[ys, xs] = ndi.map_coordinates(maps, coords, order=1, mode="nearest")
+    windows = crops.windows
+    # In row blocks: every cell pixel needs about 60 bytes of coordinates, which for a
+    # whole-slide region (46 M cell pixels in 151 MP) ran to 6 GB at once. Each pixel is
+    # interpolated on its own, so the blocks give the same values.
+    rows_per_block = max(1, _PASTE_BLOCK_PIXELS // max(1, labels.shape[1]))
+    for start in range(0, labels.shape[0], rows_per_block):
+        block = labels[start : start + rows_per_block]
+        ys, xs = np.nonzero(block)
+        idx = lut[block[ys, xs]]
+        keep = idx >= 0
+        ys, xs, idx = ys[keep] + start, xs[keep], idx[keep]
+        y0, x0, y1, x1 = (windows[idx, k] for k in range(4))
+        u = (ys - y0) / (y1 - y0) * h - 0.5
+        v = (xs - x0) / (x1 - x0) * w - 0.5
+        coords = np.stack([idx.astype(np.float64), u, v])
+        out[ys, xs] = ndi.map_coordinates(maps, coords, order=1, mode="nearest")
     return out
+
+
+# pixels of label image per block of paste_maps (about 0.3 GB of temporaries at most)
+_PASTE_BLOCK_PIXELS = 4_000_000
 
 
 def crop_single_cell(

@@ -345,3 +345,17 @@ def test_png_writer_checks_its_input(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         write_png_atomic(tmp_path / "x.png", np.zeros((20, 20, 5), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_png_jpeg_are_not_refused_as_decompression_bombs(tmp_path, monkeypatch):
+    """Pillow refuses images over its MAX_IMAGE_PIXELS (179 MP by default): a whole-slide
+    region saved as JPEG is larger. Reading lifts the limit for the read only."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then "a bomb"
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for name in ("big.png", "big.jpg"):
+        Image.fromarray(image).save(tmp_path / name)
+        data, _ = read_image(tmp_path / name)
+        assert data.shape == (64, 64, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored

@@ -260,6 +260,34 @@ def _ome_length_um(attributes: dict, axis: str) -> float | None:
     return value * factor
 
 
+# Pillow refuses images over 179 MP as possible decompression bombs (and warns over 89 MP);
+# a whole-slide region saved as JPEG or PNG is larger than that, and legitimate here.
+# Up to 1 GP reads quietly, up to 2 GP with Pillow's warning; beyond, a tiled TIFF is the
+# format (its reader has no such limit).
+_MAX_PNG_JPEG_PIXELS = 1_000_000_000
+
+
+def _large_images_allowed():
+    import contextlib
+
+    @contextlib.contextmanager
+    def allowed():
+        try:
+            from PIL import Image
+        except ImportError:
+            yield
+            return
+        previous = Image.MAX_IMAGE_PIXELS
+        if previous is not None:
+            Image.MAX_IMAGE_PIXELS = max(previous, _MAX_PNG_JPEG_PIXELS)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+    return allowed()
+
+
 def _read_with_imageio(path: Path) -> tuple[np.ndarray, dict]:
     import imageio.v3 as iio
 
@@ -267,7 +295,8 @@ def _read_with_imageio(path: Path) -> tuple[np.ndarray, dict]:
     if path.stat().st_size == 0:
         raise ImageReadError(f"cannot read {path}: the file is empty (0 bytes)")
     try:
-        data = np.asarray(iio.imread(path))
+        with _large_images_allowed():
+            data = np.asarray(iio.imread(path))
     except Exception as exc:  # Pillow raises OSError/SyntaxError/ValueError on bad files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "backend" in reason.lower():  # imageio's "no plugin could read it", with pip advice

@@ -217,7 +217,7 @@ def segment_files(
     :func:`napari_smear.segment_smear`; default its own). Returns one row per image:
     path, counts per cell type, rbc_diameter_px, seconds, error.
     """
-    from .io import read_image, write_csv_atomic, write_tiff_atomic
+    from .io import read_image, write_csv_atomic
     from .segment import segment_smear
 
     _check_pixel_size(pixel_size_um, working_diameter_px)
@@ -236,11 +236,19 @@ def segment_files(
             t0 = time.perf_counter()
             try:
                 image, meta = read_image(job.path)
-                seg = segment_smear(image, pixel_size_um=pixel_size_um or meta.get("pixel_size_um"),
-                                    working_diameter_px=working_diameter_px)
+                pixel_size = pixel_size_um or meta.get("pixel_size_um")
+                seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
-                write_tiff_atomic(f"{job.stem}_labels.tif", seg.labels)
-                write_tiff_atomic(f"{job.stem}_nuclei.tif", seg.nuclei)
+                # as analyze writes them: compressed, with the pixel size and the metadata
+                # the napari reader places and names the layers by
+                diameter = float(seg.rbc_diameter_px)
+                common = {"image": job.relative, "pixel_size_um": float(pixel_size) if pixel_size else None,
+                          "rbc_diameter_px": diameter if math.isfinite(diameter) else None,
+                          "params": dict(seg.params)}
+                name = Path(job.stem).name
+                for suffix, layer, data in (("labels", "cells", seg.labels), ("nuclei", "nuclei", seg.nuclei)):
+                    _write_tiff(Path(f"{job.stem}_{suffix}.tif"), np.asarray(data, np.uint32), pixel_size,
+                                {**common, "kind": layer, "name": f"{name} {layer}"})
                 write_csv_atomic(f"{job.stem}_cells.csv", seg.table)
                 rows.append({"path": job.path, **seg.counts(), "rbc_diameter_px": seg.rbc_diameter_px,
                              "seconds": time.perf_counter() - t0, "error": ""})

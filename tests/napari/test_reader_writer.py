@@ -234,3 +234,27 @@ def test_round_trip_keeps_pixel_units_of_a_pixel_layer(tmp_path):
     (path, _) = write_labels(str(tmp_path / "c.tif"), data, meta)
     (layer,) = get_reader(path)(path)
     assert layer[1]["scale"] == pytest.approx((1, 1)) and layer[1]["units"] == ("pixel", "pixel")
+
+
+def test_segment_cli_outputs_open_as_placed_labels_with_their_table(tmp_path, synthetic_field):
+    """`napari-smear segment` writes its TIFFs as analyze does (compressed, pixel size,
+    metadata), and the reader attaches <stem>_cells.csv to <stem>_labels.tif."""
+    from napari_smear.cli import main
+
+    image, _ = synthetic_field
+    write_tiff_atomic(tmp_path / "field.tif", image, pixel_size_um=0.2)
+    assert main(["segment", str(tmp_path / "field.tif"), "--out", str(tmp_path / "out")]) == 0
+    labels_path = tmp_path / "out" / "field_labels.tif"
+    with tifffile.TiffFile(labels_path) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+    (cells,) = get_reader(str(labels_path))(str(labels_path))
+    data, kwargs, layer_type = cells
+    assert layer_type == "labels" and kwargs["name"] == "field cells"
+    assert kwargs["scale"] == pytest.approx((0.2, 0.2))
+    assert kwargs["metadata"]["napari_smear"]["kind"] == "cells"
+    table = pd.read_csv(tmp_path / "out" / "field_cells.csv")
+    assert set(kwargs["features"]["index"]) == set(table.label) == set(np.unique(data)) - {0}
+    assert type(kwargs["colormap"]).__name__ == "DirectLabelColormap"
+    nuclei_path = str(tmp_path / "out" / "field_nuclei.tif")
+    ((_, nuclei_kwargs, nuclei_type),) = get_reader(nuclei_path)(nuclei_path)
+    assert nuclei_type == "labels" and nuclei_kwargs["name"] == "field nuclei" and "features" not in nuclei_kwargs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -88,6 +89,10 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
             else:
                 kwargs.pop("units", None)
     csv_path = cells_csv_path(path)
+    if not csv_path.exists() and own.get("kind") == "cells" and Path(path).stem.endswith("_labels"):
+        # `napari-smear analyze` / `segment` name the table after the image, not the TIFF:
+        # x_labels.tif goes with x_cells.csv
+        csv_path = Path(path).with_name(f"{Path(path).stem[: -len('_labels')]}_cells.csv")
     if csv_path.exists():
         table = pd.read_csv(csv_path)
         if "label" in table.columns:

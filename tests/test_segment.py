@@ -293,3 +293,29 @@ def test_pale_ring_makes_its_cell_whole_and_glass_between_cells_stays_glass():
     for cy, cx in centres:
         disks |= np.hypot(yy - cy, xx - cx) <= 12.5
     assert not pale_rings(disks, disks & (xx > 90), d, CellParams()).any()
+
+
+def test_progress_is_reported_before_each_tile_starts(synthetic_field, monkeypatch):
+    """A cancel (an exception from progress) is seen before the first tile's result:
+    on a large image that result takes seconds."""
+    import napari_smear.segment as segment_module
+
+    image, _ = synthetic_field
+    monkeypatch.setattr(segment_module, "_SINGLE_PASS_MAX_PIXELS", 100_000)  # tile this small field
+    messages = []
+    seg = segment_module.segment_smear(image, tile_size=128, n_workers=1,
+                                       progress=lambda fraction, message: messages.append(message))
+    assert seg.n_cells > 0
+    assert messages[:2] == ["estimating stain and scale", "measuring the red-cell size"]
+    first_start = messages.index("segmenting tile 1/" + messages[-1].split("/")[-1])
+    assert first_start < messages.index("segmented tile 1/" + messages[-1].split("/")[-1])
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_first_tile(fraction, message):
+        if message.startswith("segmenting tile 1/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        segment_module.segment_smear(image, tile_size=128, n_workers=1, progress=stop_at_first_tile)

@@ -118,6 +118,7 @@ def segment_smear(
     workers = max(1, n_workers or min(4, _cpu_count())) if large else 1
     with process_pool(workers) as pool:
         stain = estimate_stain(_subsample(rgb, 4_000_000))
+        report(0.0, "measuring the red-cell size")  # each report is also a chance to cancel
         if rbc_diameter_px is not None:
             if not np.isfinite(rbc_diameter_px) or rbc_diameter_px <= 0:
                 raise ValueError(f"rbc_diameter_px must be positive, got {rbc_diameter_px!r}")
@@ -157,13 +158,20 @@ def segment_smear(
 
         next_id = 1
         total = len(tiles)
+        finished = 0
+
+        def queued(index: int) -> None:
+            # the first results take a while on a large image: a cancel is seen between tiles
+            report(finished / total, f"segmenting tile {index + 1}/{total}")
+
         for done, (tile, result) in enumerate(
-            _map_tiles(tiles, shrink, stain, d_work, params, pool, workers)
+            _map_tiles(tiles, shrink, stain, d_work, params, pool, workers, on_queued=queued)
         ):
             next_id = _paste(
                 labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work
             )
-            report((done + 1) / total, f"segmented tile {done + 1}/{total}")
+            finished = done + 1
+            report(finished / total, f"segmented tile {finished}/{total}")
 
     table = pd.concat(tables, ignore_index=True) if tables else _empty_table()
     if len(table) and int(table.label.iloc[-1]) != len(table):
@@ -229,16 +237,19 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):
-    """Yield (tile, segment_field result) in tile order.
+def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers, on_queued=None):
+    """Yield (tile, segment_field result) in tile order; ``on_queued(i)`` is called as
+    tile ``i`` starts (is handed to a worker).
 
     With a pool, the tiles are segmented in its worker processes (the work is
     mostly numpy/scipy calls that hold the GIL, so threads would not run it in
     parallel). The parent downscales the tiles and keeps at most two per worker
     in flight, so memory stays bounded by the tile size.
     """
+    queued = on_queued or (lambda index: None)
     if pool is None or len(tiles) == 1:
-        for tile in tiles:
+        for index, tile in enumerate(tiles):
+            queued(index)
             small = shrink(tile)
             yield tile, segment_field(small, stain, d_work, params)
         return
@@ -246,7 +257,8 @@ def _map_tiles(tiles, shrink, stain, d_work, params, pool, workers):
 
     pending: deque = deque()
     try:
-        for tile in tiles:
+        for index, tile in enumerate(tiles):
+            queued(index)
             small = shrink(tile)
             pending.append((tile, pool.submit(segment_field, small, stain, d_work, params)))
             del small

@@ -244,3 +244,15 @@ def test_two_models_for_one_cell_type_are_refused(tmp_path):
     anything = tiny_model_file(tmp_path / "anything.safetensors", RBC_CLASSES, seed=2)
     with pytest.raises(ValueError, match="both classify"):
         load_models([anything, second], device="cpu")
+
+
+def test_analyze_reports_each_stage(field, model_files):
+    messages = []
+    analyze(field[0], models=[model_files[0]], device="cpu",
+            progress=lambda fraction, message: messages.append((fraction, message)))
+    text = [m for _, m in messages]
+    assert text[0] == "estimating stain and scale"
+    assert any(m.startswith("measuring the morphology of") for m in text)
+    assert any(m.startswith("cropping the") for m in text)
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0

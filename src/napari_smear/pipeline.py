@@ -286,7 +286,8 @@ def prepare_field(
     working_diameter_px : float, optional
         See :func:`napari_smear.segment_smear` (default: its own).
     progress : callable, optional
-        ``progress(fraction, message)`` during segmentation; raise inside it to cancel.
+        ``progress(fraction, message)`` during segmentation, then (fraction 1) as the
+        morphology and the crops are made; raise inside it to cancel.
     """
     from .crops import crop_instances
     from .io import as_rgb_uint8
@@ -304,10 +305,13 @@ def prepare_field(
     else:
         segmentation.check_image(rgb)
     timings["segment"] = time.perf_counter() - started
+    # the stages after segmentation take as long again on a large image: say which runs
+    report = progress or (lambda fraction, message: None)
 
     started = time.perf_counter()
     table = segmentation.table.copy()
     if morphology:  # also on a field without cells: every per-cell table has the same columns
+        report(1.0, f"measuring the morphology of {len(table)} cells")
         morph = morphology_table(rgb, segmentation).drop(columns=["area_px"])
         table = table.merge(morph, on="label", how="left")
     timings["morphology"] = time.perf_counter() - started
@@ -323,6 +327,7 @@ def prepare_field(
             conventions.setdefault(key, []).append(spec)
     for (crop_diameters, input_size, stain), group in conventions.items():
         types = sorted({t for spec in group for t in spec.cell_types})
+        report(1.0, f"cropping the {', '.join(types)} cells for {', '.join(spec.name for spec in group)}")
         shared = crop_instances(
             rgb, segmentation, crop_diameters=crop_diameters, output_size=input_size, cell_types=types,
             stain_normalization=stain,
@@ -443,7 +448,7 @@ def analyze(
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
         image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
-        progress=lambda f, m: report(0.4 * f, f"segmenting: {m}"), working_diameter_px=working_diameter_px,
+        progress=lambda f, m: report(0.4 * f, m), working_diameter_px=working_diameter_px,
     )
     outputs: dict[str, dict] = {}
     for k, entry in enumerate(loaded):

@@ -359,3 +359,18 @@ def test_large_png_jpeg_are_not_refused_as_decompression_bombs(tmp_path, monkeyp
         data, _ = read_image(tmp_path / name)
         assert data.shape == (64, 64, 3)
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+
+
+def test_tiff_needing_codecs_says_how_to_get_them(tmp_path, rgb, monkeypatch):
+    import tifffile
+
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, rgb)
+
+    def needs_codecs(*args, **kwargs):
+        raise ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", needs_codecs)
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", needs_codecs)
+    with pytest.raises(ImageReadError, match=r"napari-smear\[wsi\]"):
+        read_image(path)

@@ -163,8 +163,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises many types on corrupt input
+        advice = ""
+        if "imagecodecs" in str(exc):  # JPEG/JPEG 2000/LZW-compressed tiles: the usual slide scans
+            advice = "; install the codecs with: pip install 'napari-smear[wsi]' (the imagecodecs package)"
         raise ImageReadError(
-            f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}"
+            f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}"
         ) from exc
     # Planar RGB (axes 'SYX') -> interleaved, so the colour axis is last as everywhere else.
     if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):

@@ -458,3 +458,15 @@ def test_cli_analyze(setup, tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["analyze", str(out), "--workers", "2", "--scheduler", "tcp://x:1"])
+
+
+def test_progress_names_every_stage_of_an_image(setup, tmp_path):
+    """In this process the stages of one large image take minutes: each is named."""
+    messages = []
+    analyze_files(setup["inputs"] / "a.png", tmp_path / "out", models=setup["models"], device="cpu",
+                  batch_size=BATCH, progress=lambda done, total, message: messages.append(message))
+    stages = [m.split(": ", 1)[1] for m in messages if m.startswith("a.png: ")]
+    assert stages[0] == "estimating stain and scale"
+    for start in ("measuring the morphology of", "cropping the", "classifying", "writing the results"):
+        assert any(stage.startswith(start) for stage in stages), (start, stages)
+    assert messages[-1] == "analysed a.png"

@@ -1181,9 +1181,15 @@ def _run(executor, todo: list[_Job], settings: _Settings, classifier, progress, 
     # Enough stage-1 tasks queued that no worker idles while this process classifies.
     max_in_flight = 1 if executor.inline else 2 * executor.workers + 1
 
+    def say(job: _Job, message: str) -> None:
+        # in this process the stages of one large image take minutes: say which runs
+        if executor.inline and progress:
+            progress(counter[0], total, f"{job.relative}: {message}")
+
     def submit_finish(completed):
         for key, outputs in completed:
             job, slim = waiting.pop(key)
+            say(job, "writing the results")
             finishing[executor.submit(_finish_job, slim, outputs, settings)] = job
 
     while pending or in_flight or waiting or finishing:
@@ -1211,6 +1217,9 @@ def _run(executor, todo: list[_Job], settings: _Settings, classifier, progress, 
                     continue
                 crops, pixels = value
                 waiting[job.key] = (job, slim)
+                n_crops = sum(len(images) for images, *_ in crops.values())
+                if n_crops:
+                    say(job, f"classifying {n_crops} cells")
                 submit_finish(classifier.add(job.key, crops, size=pixels))
             else:
                 job = finishing.pop(future)

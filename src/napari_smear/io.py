@@ -148,6 +148,35 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
     return data, meta
 
 
+def read_pyramid_levels(path: str | os.PathLike) -> list[np.ndarray]:
+    """The reduced-resolution levels of a pyramidal TIFF / OME-TIFF (largest first, the
+    full-resolution level not included), in the layout :func:`read_image` gives the full
+    one (``rgb=False``); an empty list for any other file.
+
+    Whole-slide scanners store such pyramids; napari shows them as a multiscale layer,
+    which pans and zooms without drawing the full-resolution pixels.
+    """
+    import tifffile
+
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return []
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series or len(tif.series[0].levels) < 2:
+                return []
+            series = tif.series[0]
+            levels = [(level.asarray(), level.axes) for level in series.levels[1:]]
+    except Exception:  # the full level was read fine; without its pyramid the image still shows
+        return []
+    out = []
+    for data, axes in levels:
+        if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):
+            data = np.moveaxis(data, axes.index("S"), -1)
+        out.append(data)
+    return out
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
     import tifffile
 

@@ -258,3 +258,30 @@ def test_segment_cli_outputs_open_as_placed_labels_with_their_table(tmp_path, sy
     nuclei_path = str(tmp_path / "out" / "field_nuclei.tif")
     ((_, nuclei_kwargs, nuclei_type),) = get_reader(nuclei_path)(nuclei_path)
     assert nuclei_type == "labels" and nuclei_kwargs["name"] == "field nuclei" and "features" not in nuclei_kwargs
+
+
+def test_pyramidal_ome_tiff_opens_as_a_multiscale_layer(tmp_path, synthetic_field):
+    """A scanner's pyramid: napari gets every level (multiscale), the pixel size on the
+    full level; read_image still gives the full level alone."""
+    from napari_smear.io import read_image, read_pyramid_levels
+
+    image, _ = synthetic_field
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        options = {"tile": (64, 64), "photometric": "rgb"}
+        tif.write(image, subifds=2, metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}, **options)
+        tif.write(image[::2, ::2], subfiletype=1, **options)
+        tif.write(image[::4, ::4], subfiletype=1, **options)
+    (layer,) = get_reader(str(path))(str(path))
+    data, kwargs, layer_type = layer
+    assert layer_type == "image" and kwargs["multiscale"] and kwargs["rgb"]
+    assert [level.shape for level in data] == [image.shape, image[::2, ::2].shape, image[::4, ::4].shape]
+    np.testing.assert_array_equal(data[0], image)
+    assert kwargs["scale"] == pytest.approx((0.25, 0.25))
+    full, meta = read_image(path)
+    np.testing.assert_array_equal(full, image)
+    assert len(read_pyramid_levels(path)) == 2 and read_pyramid_levels(tmp_path / "none.png") == []
+    # a plain TIFF stays one array
+    write_tiff_atomic(tmp_path / "plain.tif", image)
+    ((plain, plain_kwargs, _),) = get_reader(str(tmp_path / "plain.tif"))(str(tmp_path / "plain.tif"))
+    assert isinstance(plain, np.ndarray) and "multiscale" not in plain_kwargs

@@ -209,3 +209,28 @@ def test_standard_detail_is_the_library_default():
     from napari_smear.segment import DEFAULT_WORKING_DIAMETER_PX
 
     assert segment_widget_module.DETAIL_CHOICES[0] == ("standard", DEFAULT_WORKING_DIAMETER_PX)
+
+
+def test_segments_the_full_level_of_a_pyramid(make_napari_viewer, qtbot, tmp_path, synthetic_field, monkeypatch):
+    import tifffile
+
+    errors = shown_errors(monkeypatch)
+    image, _ = synthetic_field
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(image, subifds=1, metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+                  tile=(64, 64), photometric="rgb")
+        tif.write(image[::2, ::2], subfiletype=1, tile=(64, 64), photometric="rgb")
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin="napari-smear")
+    assert layer.multiscale and layer.rgb
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Segment cells")
+    widget._image_combo.value = layer
+    assert widget._pixel_size.value == pytest.approx(0.25)
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == []
+    cells = viewer.layers["slide cells"]
+    assert cells.data.shape == image.shape[:2]
+    np.testing.assert_allclose(cells.scale, (0.25, 0.25))
+    assert (cells.features["cell_type"] == "wbc").sum() == 2

@@ -9,7 +9,7 @@ import numpy as np
 
 import pandas as pd
 
-from napari_smear.io import METADATA_KEY, file_stem, is_supported_path, read_image
+from napari_smear.io import METADATA_KEY, file_stem, is_supported_path, read_image, read_pyramid_levels
 
 PathLike = str | os.PathLike
 LayerData = tuple[np.ndarray, dict, str]
@@ -54,9 +54,18 @@ def _layer_data(path: PathLike) -> LayerData:
             "format": meta["format"],
         },
     }
+    spatial_ndim = data.ndim - (1 if is_rgb else 0)
+    levels = read_pyramid_levels(path) if meta.get("format") == "tiff" else []
+    if levels and all(
+        level.ndim == data.ndim and (not is_rgb or level.shape[-1] == data.shape[-1])
+        and level.shape[-2 if is_rgb else -1] < data.shape[-2 if is_rgb else -1]
+        for level in levels
+    ):
+        # a scanner's pyramid: a multiscale layer (the widgets segment its full level, data[0])
+        data = [data, *levels]
+        kwargs["multiscale"] = True
     pixel_size = meta.get("pixel_size_yx_um")
     if pixel_size is not None:
-        spatial_ndim = data.ndim - (1 if is_rgb else 0)
         kwargs["scale"] = (1.0,) * (spatial_ndim - 2) + tuple(pixel_size)
         # the leading axes (planes, channels) have no length: napari's unit for a plain index
         kwargs["units"] = ("pixel",) * (spatial_ndim - 2) + ("µm", "µm")

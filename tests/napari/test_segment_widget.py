@@ -110,6 +110,7 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
     assert [label for label, _ in segment_widget_module.DETAIL_CHOICES] == ["standard", "faster (large scans)"]
     widget._detail.value = 16.0
     widget.run()
+    assert "faster (large scans) detail" in widget.status  # what the run uses is said while it runs
     wait_until_idle(qtbot, widget)
     assert calls[-1] == (0.1, 16.0)
 

@@ -120,6 +120,8 @@ class SegmentWidget(BackgroundTaskWidget):
             )
 
         scale_text = f"{pixel_size:g} µm/px" if pixel_size else "automatic scale"
+        if working_diameter != DETAIL_CHOICES[0][1]:
+            scale_text += f", {dict((v, k) for k, v in DETAIL_CHOICES).get(working_diameter, 'custom')} detail"
         self._start(
             compute,
             status=f"Segmenting {layer.name!r} ({scale_text})…",

@@ -239,17 +239,8 @@ def segment_files(
                 pixel_size = pixel_size_um or meta.get("pixel_size_um")
                 seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
-                # as analyze writes them: compressed, with the pixel size and the metadata
-                # the napari reader places and names the layers by
-                diameter = float(seg.rbc_diameter_px)
-                common = {"image": job.relative, "pixel_size_um": float(pixel_size) if pixel_size else None,
-                          "rbc_diameter_px": diameter if math.isfinite(diameter) else None,
-                          "params": dict(seg.params)}
-                name = Path(job.stem).name
-                for suffix, layer, data in (("labels", "cells", seg.labels), ("nuclei", "nuclei", seg.nuclei)):
-                    _write_tiff(Path(f"{job.stem}_{suffix}.tif"), np.asarray(data, np.uint32), pixel_size,
-                                {**common, "kind": layer, "name": f"{name} {layer}"})
-                write_csv_atomic(f"{job.stem}_cells.csv", seg.table)
+                _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
+                write_csv_atomic(job.output("cells"), seg.table)
                 rows.append({"path": job.path, **seg.counts(), "rbc_diameter_px": seg.rbc_diameter_px,
                              "seconds": time.perf_counter() - t0, "error": ""})
             except Exception as exc:  # one bad file must not stop a batch: record why
@@ -469,21 +460,8 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
     stem.parent.mkdir(parents=True, exist_ok=True)
     job.marker.unlink(missing_ok=True)  # no marker may vouch for files being replaced
     seg = result.segmentation
-    diameter = float(seg.rbc_diameter_px)
     pixel_size = float(pixel_size_um) if pixel_size_um else None
-    common = {
-        "image": job.relative,
-        "rbc_diameter_px": diameter if math.isfinite(diameter) else None,
-        "pixel_size_um": pixel_size,
-        "params": dict(seg.params),
-    }
-    written: dict[str, Path] = {}
-    for kind, data in (("labels", seg.labels), ("nuclei", seg.nuclei)):
-        layer = "cells" if kind == "labels" else "nuclei"
-        written[kind] = _write_tiff(
-            job.output(kind), np.asarray(data, np.uint32), pixel_size,
-            {**common, "kind": layer, "name": f"{stem.name} {layer}"},
-        )
+    written, common = _write_segmentation_tiffs(job, seg, pixel_size)
     names = [spec.name for spec in settings.specs]
     if names:
         stack = np.stack([result.attention[name] for name in names]).astype(np.float32, copy=False)
@@ -536,6 +514,29 @@ def _renamed_into_place(path: Path, mode: str):
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _write_segmentation_tiffs(job: _Job, seg, pixel_size_um: float | None) -> tuple[dict[str, Path], dict]:
+    """``<stem>_labels.tif`` and ``<stem>_nuclei.tif`` of ``job``: compressed, with the
+    pixel size and the metadata the napari reader places and names the layers by.
+    Returns the files written (by kind) and the metadata common to an image's TIFFs."""
+    diameter = float(seg.rbc_diameter_px)
+    pixel_size = float(pixel_size_um) if pixel_size_um else None
+    common = {
+        "image": job.relative,
+        "rbc_diameter_px": diameter if math.isfinite(diameter) else None,
+        "pixel_size_um": pixel_size,
+        "params": dict(seg.params),
+    }
+    name = Path(job.stem).name
+    written = {}
+    for kind, data in (("labels", seg.labels), ("nuclei", seg.nuclei)):
+        layer = "cells" if kind == "labels" else "nuclei"
+        written[kind] = _write_tiff(
+            job.output(kind), np.asarray(data, np.uint32), pixel_size,
+            {**common, "kind": layer, "name": f"{name} {layer}"},
+        )
+    return written, common
 
 
 def _write_tiff(path: Path, array: np.ndarray, pixel_size_um: float | None, metadata: dict) -> Path:

@@ -169,12 +169,14 @@ def read_pyramid_levels(path: str | os.PathLike) -> list[np.ndarray]:
             levels = [(level.asarray(), level.axes) for level in series.levels[1:]]
     except Exception:  # the full level was read fine; without its pyramid the image still shows
         return []
-    out = []
-    for data, axes in levels:
-        if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):
-            data = np.moveaxis(data, axes.index("S"), -1)
-        out.append(data)
-    return out
+    return [_colour_axis_last(data, axes)[0] for data, axes in levels]
+
+
+def _colour_axis_last(data: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
+    """Planar RGB (axes 'SYX') -> interleaved, so the colour axis is last as everywhere else."""
+    if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):
+        return np.moveaxis(data, axes.index("S"), -1), axes.replace("S", "") + "S"
+    return data, axes
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
@@ -198,10 +200,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
         raise ImageReadError(
             f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}"
         ) from exc
-    # Planar RGB (axes 'SYX') -> interleaved, so the colour axis is last as everywhere else.
-    if "S" in axes and axes.index("S") != len(axes) - 1 and data.ndim == len(axes):
-        data = np.moveaxis(data, axes.index("S"), -1)
-        axes = axes.replace("S", "") + "S"
+    data, axes = _colour_axis_last(data, axes)
     if pixel_size_yx_um is not None and not np.isclose(*pixel_size_yx_um, rtol=0.01):
         warnings.warn(
             f"{path.name}: the pixels are not square ({pixel_size_yx_um[0]:g} um high, "
@@ -299,25 +298,20 @@ def _ome_length_um(attributes: dict, axis: str) -> float | None:
 _MAX_PNG_JPEG_PIXELS = 1_000_000_000
 
 
+@contextlib.contextmanager
 def _large_images_allowed():
-    import contextlib
-
-    @contextlib.contextmanager
-    def allowed():
-        try:
-            from PIL import Image
-        except ImportError:
-            yield
-            return
-        previous = Image.MAX_IMAGE_PIXELS
-        if previous is not None:
-            Image.MAX_IMAGE_PIXELS = max(previous, _MAX_PNG_JPEG_PIXELS)
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-
-    return allowed()
+    try:
+        from PIL import Image
+    except ImportError:
+        yield
+        return
+    previous = Image.MAX_IMAGE_PIXELS
+    if previous is not None:
+        Image.MAX_IMAGE_PIXELS = max(previous, _MAX_PNG_JPEG_PIXELS)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _read_with_imageio(path: Path) -> tuple[np.ndarray, dict]:

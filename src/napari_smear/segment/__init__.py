@@ -119,9 +119,7 @@ def segment_smear(
     with process_pool(workers) as pool:
         stain = estimate_stain(_subsample(rgb, 4_000_000))
         report(0.0, "measuring the red-cell size")  # each report is also a chance to cancel
-        if rbc_diameter_px is not None:
-            if not np.isfinite(rbc_diameter_px) or rbc_diameter_px <= 0:
-                raise ValueError(f"rbc_diameter_px must be positive, got {rbc_diameter_px!r}")
+        if rbc_diameter_px is not None:  # checked by _check_positive above
             diameter = float(rbc_diameter_px)
         elif pixel_size_um is not None:
             diameter = rbc_diameter_from_pixel_size(pixel_size_um)

@@ -92,18 +92,24 @@ def test_bccd_automatic_scale_matches_box_sizes():
 
 
 def test_too_few_cells_for_the_ruler_is_said():
-    """A small crop around one white cell: the ruler may measure the white cell, and says
-    the field is too sparse to trust; the whole field is measured without a word."""
+    """A field with a few cells only: the ruler says it is too sparse to trust; a whole
+    BCCD field, and a 300 x 400 crop of it around its white cell, are measured without a
+    word and alike (the crop once measured the white cell, 193 px, and warned; its
+    ruler windows now fit the glass as the field's stain model did)."""
     import warnings
 
     from napari_smear import segment_smear
+    from napari_smear.samples import synthetic_smear
 
-    rgb = _read(_require_data("bccd", "images", "BloodImage_00000.jpg"))
+    sparse, _ = synthetic_smear((300, 400), rbc_diameter_px=40, n_rbc=3, n_wbc=1, n_platelets=0, seed=2)
     with pytest.warns(UserWarning, match="red cells' worth of stained area"):
-        segment_smear(rgb[100:400, 100:500])
+        segment_smear(sparse)
+    rgb = _read(_require_data("bccd", "images", "BloodImage_00000.jpg"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        segment_smear(rgb)
+        whole = segment_smear(rgb)
+        crop = segment_smear(rgb[100:400, 100:500])
+    assert crop.rbc_diameter_px == pytest.approx(whole.rbc_diameter_px, rel=0.1)
 
 
 def test_bccd_white_cell_masks(bccd_results):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .segment.field_of_view import fill_outside_view, find_outside_view
 from .segment.types import SmearSegmentation
 
 DEFAULT_CROP_DIAMETERS = 4.0
@@ -94,6 +95,11 @@ def crop_instances(
 
     rgb = as_rgb_uint8(image)
     segmentation.check_image(rgb)
+    outside_view = find_outside_view(rgb)
+    if outside_view is not None:
+        # the black surround of an eyepiece photo is painted as glass, as segment_smear
+        # saw it: the crops (and the stain measured on the field) hold no black
+        rgb = fill_outside_view(rgb, outside_view)
     if not np.isfinite(segmentation.rbc_diameter_px) or segmentation.rbc_diameter_px <= 0:
         raise ValueError("the segmentation has no red-cell diameter; cannot crop at normalised scale")
     if not (np.isfinite(crop_diameters) and crop_diameters > 0) or not output_size >= 8:

@@ -13,6 +13,7 @@ __all__ = [
     "BCCD_BASE_URL",
     "BCCD_SHA256",
     "synthetic_smear",
+    "eyepiece_photo",
     "fetch_bccd_sample",
 ]
 
@@ -203,6 +204,52 @@ def synthetic_smear(
         "rbc_diameter_px": diameter,
     }
     return rgb, truth
+
+
+def eyepiece_photo(
+    image: np.ndarray, *, radius: float = 0.55, fade: float = 0.0, vignette: float = 0.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A field as a phone photographs it through a microscope eyepiece: a round view
+    in a black frame, for testing and benchmarking on real fields.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8
+        The field.
+    radius : float
+        Radius of the view as a share of the image's short side (0.55: the view is cut
+        by the long sides, as a phone's wider frame usually shows it).
+    fade : float
+        Width of the rim over which the light falls to black, as a share of the radius
+        (0: a sharp field stop).
+    vignette : float
+        Light lost at the radius inside the view (the lens darkens towards the rim,
+        in proportion to the squared distance from the centre).
+    seed : int
+        Seed of the sensor noise in the black.
+
+    Returns
+    -------
+    photo : (H, W, 3) uint8
+    radial : (H, W) float
+        Each pixel's distance from the centre as a share of the view's radius (the
+        view is ``radial < 1``).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    radial = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) / (radius * min(h, w))
+    if fade > 0:
+        t = np.clip((1 - radial) / fade, 0, 1)
+        light = t * t * (3 - 2 * t)
+    else:
+        light = (radial < 1).astype(np.float64)
+    light = light * np.clip(1 - vignette * radial**2, 0, 1)
+    noise = np.random.default_rng(seed).integers(0, 10, image.shape) * (light[..., None] < 0.5)
+    photo = np.clip(image * light[..., None] + noise, 0, 255).astype(np.uint8)
+    return photo, radial
 
 
 def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:

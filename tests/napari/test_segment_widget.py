@@ -235,3 +235,20 @@ def test_segments_the_full_level_of_a_pyramid(make_napari_viewer, qtbot, tmp_pat
     assert cells.data.shape == image.shape[:2]
     np.testing.assert_allclose(cells.scale, (0.25, 0.25))
     assert (cells.features["cell_type"] == "wbc").sum() == 2
+
+
+def test_an_eyepiece_photo_leaves_its_black_frame_out(viewer_with_widget, qtbot):
+    # a phone photo through the eyepiece: the widget finds the cells of the round view
+    # and says why the black frame holds none
+    from napari_smear.samples import eyepiece_photo
+
+    viewer, widget, errors = viewer_with_widget
+    photo, radial = eyepiece_photo(viewer.layers["synthetic smear"].data, fade=0.015, vignette=0.1)
+    widget._image_combo.value = viewer.add_image(photo, name="phone", rgb=True)
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == []
+    cells = viewer.layers["phone cells"]
+    assert not cells.data[radial > 1.02].any()
+    assert (cells.features["cell_type"] == "rbc").sum() > 20
+    assert "unlit (an eyepiece frame) and was left out" in widget.status

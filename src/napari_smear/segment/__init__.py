@@ -11,7 +11,9 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from .._workers import process_pool
+from . import binary
 from .cells import CellParams, segment_field
+from .field_of_view import fill_outside_view, find_outside_view
 from .scale import (
     RBC_DIAMETER_UM,
     ScaleEstimateError,
@@ -31,6 +33,8 @@ __all__ = [
     "estimate_rbc_diameter",
     "ScaleEstimateError",
     "RBC_DIAMETER_UM",
+    "find_outside_view",
+    "fill_outside_view",
 ]
 
 ProgressCallback = Callable[[float, str], None]
@@ -102,6 +106,11 @@ def segment_smear(
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
         raise ValueError(f"tile_size must be an integer >= 64 (working pixels), got {tile_size!r}")
     rgb = as_rgb_uint8(image)
+    # the black surround of an eyepiece photo (or a scan's unscanned fill) looks like
+    # the densest stain: it is painted as glass first, and cells at its rim marked cut
+    outside_view = find_outside_view(rgb)
+    if outside_view is not None:
+        rgb = fill_outside_view(rgb, outside_view)
     sample = _subsample(rgb, 250_000)
     if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
         warnings.warn(
@@ -172,6 +181,8 @@ def segment_smear(
             report(finished / total, f"segmented tile {finished}/{total}")
 
     table = pd.concat(tables, ignore_index=True) if tables else _empty_table()
+    if outside_view is not None:
+        table = _drop_cells_outside_view(table, labels, nuclei, outside_view, next_id)
     if len(table) and int(table.label.iloc[-1]) != len(table):
         # a cell wholly covered at a seam left a gap in the ids: number them 1..N
         lut = np.zeros(next_id, np.uint32)
@@ -180,14 +191,17 @@ def segment_smear(
             labels[start : start + 1024] = lut[labels[start : start + 1024]]
             nuclei[start : start + 1024] = lut[nuclei[start : start + 1024]]
         table = table.assign(label=np.arange(1, len(table) + 1, dtype=np.int64))
-    table = _mark_edge_cells(table, (h, w))
+    table = _mark_edge_cells(table, (h, w), labels, outside_view)
+    params_used = {"working_diameter_px": working_diameter_px, "scale_factor": factor}
+    if outside_view is not None:
+        params_used["outside_view_share"] = float(outside_view.mean())
     return SmearSegmentation(
         labels=labels,
         nuclei=nuclei,
         table=table,
         rbc_diameter_px=float(diameter),
         pixel_size_um=pixel_size_um,
-        params={"working_diameter_px": working_diameter_px, "scale_factor": factor},
+        params=params_used,
     )
 
 
@@ -604,15 +618,42 @@ def _redraw_white_cells(labels, nuclei, outlines: dict, claimable, scale, rgb, s
     return np.fromiter(outlines, np.int64, len(outlines))
 
 
-def _mark_edge_cells(table: pd.DataFrame, shape: tuple[int, int]) -> pd.DataFrame:
-    """Add ``touches_edge``: the cell reaches the edge of the field, so part of it may
-    lie outside the image (its size and shape are then not the cell's, and counting
-    conventions usually leave such cells out)."""
+def _drop_cells_outside_view(table, labels, nuclei, outside_view, next_id) -> pd.DataFrame:
+    """Remove the cells centred outside the view (found in the painted frame, where
+    its glass is extrapolated least well: the corners); the ids are renumbered later."""
+    if not len(table):
+        return table
+    h, w = labels.shape
+    cy = table.centroid_y.to_numpy().round().astype(np.intp).clip(0, h - 1)
+    cx = table.centroid_x.to_numpy().round().astype(np.intp).clip(0, w - 1)
+    stray = outside_view[cy, cx]
+    if not stray.any():
+        return table
+    lut = np.arange(next_id, dtype=np.uint32)
+    lut[table.label.to_numpy()[stray]] = 0
+    for start in range(0, h, 1024):  # in row blocks: no image-sized temporary
+        labels[start : start + 1024] = lut[labels[start : start + 1024]]
+        nuclei[start : start + 1024] = lut[nuclei[start : start + 1024]]
+    return table[~stray].reset_index(drop=True)
+
+
+def _mark_edge_cells(
+    table: pd.DataFrame, shape: tuple[int, int], labels: np.ndarray | None = None,
+    outside_view: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Add ``touches_edge``: the cell reaches the edge of the field (the image's, or
+    the rim of the view when ``outside_view`` is given), so part of it may be cut off
+    (its size and shape are then not the cell's, and counting conventions usually
+    leave such cells out)."""
     h, w = shape
     touches = (
         (table.bbox_min_y <= 0) | (table.bbox_min_x <= 0) | (table.bbox_max_y >= h) | (table.bbox_max_x >= w)
-    )
-    return table.assign(touches_edge=touches.to_numpy(bool))
+    ).to_numpy(bool, copy=True)
+    if outside_view is not None and labels is not None and len(table):
+        rim = binary.dilate(outside_view, binary.disk_rows(2)) & ~outside_view
+        cut = np.unique(labels[rim])
+        touches |= np.isin(table.label.to_numpy(), cut[cut > 0])
+    return table.assign(touches_edge=touches)
 
 
 def _empty_table() -> pd.DataFrame:

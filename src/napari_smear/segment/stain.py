@@ -37,6 +37,11 @@ class StainModel:
     # hue whatever its strength), and the spread of red-cell pixels around it
     rbc_chroma: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     chroma_spread: float = 0.1
+    # the glass/stain split the field's illumination surface was fitted with (on the
+    # density before flattening; NaN: the foreground threshold). Tiles and ruler windows
+    # fit theirs with it too: with the tighter flattened threshold they kept only the
+    # brightest glass of a strongly vignetted field and lost its cells.
+    illumination_threshold: float = float("nan")
 
 
 def optical_density(rgb: np.ndarray, background_rgb) -> np.ndarray:
@@ -83,19 +88,33 @@ def _illumination(log_sum: np.ndarray, level: float, threshold: float) -> np.nda
     Returns ``level`` (the global glass) as a constant where no fit is possible.
     """
     h, w = log_sum.shape
+    fit = fit_illumination(log_sum, level, threshold)
+    if fit is None:
+        return np.full((h, w), level, np.float32)
+    coef, degree, lo, hi = fit
+    full = illumination_surface(coef, degree, (h, w))
+    return np.clip(full, lo, hi, out=full)
+
+
+def fit_illumination(log_sum: np.ndarray, level: float, threshold: float):
+    """The fit of :func:`_illumination`: ``(coef, degree, lo, hi)`` (the quadratic's or
+    plane's coefficients over coordinates scaled to [-1, 1], and the range of the
+    glass it was fitted to), or None when the field has too little glass. NaN pixels
+    are never glass (left out of the fit)."""
+    h, w = log_sum.shape
     step = max(1, int(np.sqrt(h * w / _ILLUMINATION_SAMPLES)))
     sample = log_sum[step // 2 :: step, step // 2 :: step]
     sy = (np.arange(sample.shape[0]) * step + step // 2) / max(h - 1, 1) * 2 - 1
     sx = (np.arange(sample.shape[1]) * step + step // 2) / max(w - 1, 1) * 2 - 1
     yy, xx = np.meshgrid(sy.astype(np.float32), sx.astype(np.float32), indexing="ij")
     surface = np.full(sample.shape, level, np.float32)
-    coef, degree = None, 0
+    coef, degree, lo, hi = None, 0, level, level
     for _ in range(3):
         glass = (surface - sample) < threshold * 0.5
         share = glass.mean()
         degree = 2 if share >= _MIN_GLASS_SHARE else 1 if share >= _MIN_GLASS_SHARE / 10 else -1
         if degree < 0 or glass.sum() < 20:
-            return np.full((h, w), level, np.float32)
+            return None
         a = _design(yy[glass], xx[glass], degree)
         values = sample[glass]
         coef = np.linalg.lstsq(a, values, rcond=None)[0]
@@ -108,6 +127,12 @@ def _illumination(log_sum: np.ndarray, level: float, threshold: float) -> np.nda
             values = values[keep]
         lo, hi = float(values.min()), float(values.max())
         surface = np.clip(_design(yy, xx, degree) @ coef, lo, hi).astype(np.float32)
+    return coef, degree, lo, hi
+
+
+def illumination_surface(coef, degree: int, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 value of a :func:`fit_illumination` fit, unclipped."""
+    h, w = shape
     gy = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2 - 1)[:, None]
     gx = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2 - 1)[None, :]
     full = np.full((h, w), coef[0], np.float32)
@@ -115,7 +140,7 @@ def _illumination(log_sum: np.ndarray, level: float, threshold: float) -> np.nda
         full += coef[1] * gy + coef[2] * gx
     if degree >= 2:
         full += coef[3] * gy * gy + coef[4] * gy * gx + coef[5] * gx * gx
-    return np.clip(full, lo, hi, out=full)
+    return full
 
 
 # Histogram thresholds are computed on at most this many pixels (a regular sample).
@@ -154,6 +179,7 @@ def estimate_stain(rgb: np.ndarray) -> StainModel:
     level = float(np.log(bg).sum())
     density = level - log_sum
     t = _threshold(density)
+    fit_threshold = t
     if np.isfinite(t):  # the threshold is measured again once the illumination is flat
         density = _illumination(log_sum, level, t) - log_sum
         t = _threshold(density)
@@ -179,6 +205,7 @@ def estimate_stain(rgb: np.ndarray) -> StainModel:
         cytoplasm_threshold=rbc_hue + 0.09,
         rbc_chroma=chroma,
         chroma_spread=spread,
+        illumination_threshold=float(fit_threshold),
     )
 
 
@@ -200,7 +227,9 @@ def stain_channels(rgb: np.ndarray, stain: StainModel):
     log_sum, log_hue = _log_channels(rgb)
     level = float(np.log(bg).sum())
     if np.isfinite(stain.foreground_threshold):
-        density = _illumination(log_sum, level, stain.foreground_threshold)
+        # every tile's glass is fitted as the field's was (see StainModel)
+        split = stain.illumination_threshold
+        density = _illumination(log_sum, level, split if np.isfinite(split) else stain.foreground_threshold)
         density -= log_sum
     else:
         density = level - log_sum

@@ -158,4 +158,9 @@ def _summary(seg: SmearSegmentation) -> str:
     diameter = f"RBC diameter {seg.rbc_diameter_px:.1f} px"
     if seg.pixel_size_um:
         diameter += f" ({seg.rbc_diameter_px * seg.pixel_size_um:.1f} µm)"
-    return f"{seg.n_cells} cells: {parts}; {diameter}"
+    text = f"{seg.n_cells} cells: {parts}; {diameter}"
+    outside = seg.params.get("outside_view_share")
+    if outside:
+        # say it: the user sees a black frame with no cells in it and should know why
+        text += f"; {outside:.0%} of the image is unlit (an eyepiece frame) and was left out"
+    return text

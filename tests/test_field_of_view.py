@@ -1,0 +1,111 @@
+"""Eyepiece photos (a round view in a black frame) and vignetting: the black surround is
+found and painted as glass, cells at its rim are marked cut, and strong vignetting does
+not lose the glass."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_smear import segment_smear
+from napari_smear.crops import crop_instances
+from napari_smear.samples import eyepiece_photo, synthetic_smear
+from napari_smear.segment import fill_outside_view, find_outside_view
+
+
+def eyepiece(image, **options):
+    photo, radial = eyepiece_photo(image, **options)
+    return photo
+
+
+def _radius(shape):
+    """Distance from the centre in pixels, and the view's radius (eyepiece_photo's default)."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    return np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2), 0.55 * min(h, w)
+
+
+@pytest.fixture(scope="module")
+def field():
+    return synthetic_smear((600, 800), rbc_diameter_px=36, n_wbc=2, n_platelets=6, seed=11)
+
+
+def test_lit_fields_have_no_outside(field):
+    image, _ = field
+    assert find_outside_view(image) is None
+    assert find_outside_view(np.full((50, 60, 3), 230, np.uint8)) is None
+    assert find_outside_view(np.zeros((50, 60, 3), np.uint8)) is None  # dark: nothing to tell apart
+    # a dark speck (under 1 % of the field) is not an unlit region
+    speck = image.copy()
+    speck[100:120, 100:120] = 0
+    assert find_outside_view(speck) is None
+
+
+def test_finds_the_black_frame(field):
+    image, _ = field
+    photo = eyepiece(image, fade=0.015)
+    outside = find_outside_view(photo)
+    r, r0 = _radius(image.shape[:2])
+    assert outside is not None and outside.shape == image.shape[:2]
+    assert outside[r > r0].mean() > 0.99  # the frame
+    assert not outside[r < 0.95 * r0].any()  # the view, a margin from its rim
+    filled = fill_outside_view(photo, outside)
+    assert filled[outside].max(-1).min() > 150  # painted as glass, not black
+    np.testing.assert_array_equal(filled[~outside], photo[~outside])
+    with pytest.raises(ValueError, match="outside must be"):
+        fill_outside_view(photo, outside[:10])
+
+
+def _found(seg, truth, where):
+    """Share of true cells centred in ``where`` whose centre lies in a predicted cell
+    of their type."""
+    types = dict(zip(seg.table.label, seg.table.cell_type))
+    hits = total = 0
+    for lab, kind in truth["cell_types"].items():
+        ys, xs = np.nonzero(truth["labels"] == lab)
+        if not ys.size:
+            continue
+        cy, cx = int(np.median(ys)), int(np.median(xs))
+        if not where[cy, cx]:
+            continue
+        total += 1
+        pred = int(seg.labels[cy, cx])
+        hits += pred > 0 and types.get(pred) == kind
+    return hits / total
+
+
+@pytest.mark.parametrize("fade, vignette", [(0.0, 0.0), (0.015, 0.1)])
+def test_eyepiece_photo_segments_like_the_field(field, fade, vignette):
+    image, truth = field
+    photo = eyepiece(image, fade=fade, vignette=vignette)
+    r, r0 = _radius(image.shape[:2])
+    seg = segment_smear(photo)
+    table = seg.table
+    assert seg.params["outside_view_share"] == pytest.approx((r >= r0).mean(), abs=0.03)
+    # the frame is neither cells nor two giant "white cells" (what it was before)
+    assert not seg.labels[r > 1.02 * r0].any()
+    assert table.area_px.max() < 4 * np.pi / 4 * seg.rbc_diameter_px ** 2
+    assert seg.rbc_diameter_px == pytest.approx(truth["rbc_diameter_px"], rel=0.15)
+    assert _found(seg, truth, r < 0.85 * r0) >= 0.9
+    # cells on the rim of the view are marked cut; cells well inside are not
+    cy, cx = table.centroid_y.to_numpy(int), table.centroid_x.to_numpy(int)
+    on_rim = r[cy, cx] > r0 - 0.3 * seg.rbc_diameter_px
+    deep = r[cy, cx] < r0 - 1.5 * seg.rbc_diameter_px
+    assert table.touches_edge[on_rim].all()
+    assert not table.touches_edge[deep & (table.bbox_min_y > 0) & (table.bbox_min_x > 0)].any()
+    # the crops of rim cells hold painted glass, not the black frame
+    crops = crop_instances(photo, seg, labels=table.label[on_rim].to_numpy()[:5])
+    assert crops.images.max(-1).min() > 60
+
+
+def test_strong_vignetting_keeps_the_cells(field):
+    # a phone camera's lens darkens the rim: 20 % at the short side's half, more in the
+    # corners. The glass fit used to start from the centre's brightness alone and lost
+    # the cells of darkened fields.
+    image, truth = field
+    r, r0 = _radius(image.shape[:2])
+    dimmed = np.clip(image * (1 - 0.2 * (r / r0) ** 2)[..., None], 0, 255).astype(np.uint8)
+    plain = segment_smear(image)
+    seg = segment_smear(dimmed)
+    assert seg.rbc_diameter_px == pytest.approx(plain.rbc_diameter_px, rel=0.1)
+    everywhere = np.ones(image.shape[:2], bool)
+    assert _found(seg, truth, everywhere) >= _found(plain, truth, everywhere) - 0.05

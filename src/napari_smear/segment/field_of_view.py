@@ -130,9 +130,9 @@ def fill_outside_view(rgb: np.ndarray, outside: np.ndarray) -> np.ndarray:
     colour = np.clip(np.round(colour), 0, 255).astype(np.uint8)
     if step > 1:
         rows = np.minimum(np.arange(h) // step, colour.shape[0] - 1)
-        for start in range(0, h, 1024):  # row blocks: no image-sized index arrays
+        cols = np.minimum(np.arange(w) // step, colour.shape[1] - 1)
+        for start in range(0, h, 1024):  # row blocks: no image-sized temporaries
             block = slice(start, min(h, start + 1024))
-            cols = np.minimum(np.arange(w) // step, colour.shape[1] - 1)
             painted = colour[rows[block]][:, cols]
             where = outside[block]
             filled[block][where] = painted[where]

@@ -470,3 +470,20 @@ def test_progress_names_every_stage_of_an_image(setup, tmp_path):
     for start in ("measuring the morphology of", "cropping the", "classifying", "writing the results"):
         assert any(stage.startswith(start) for stage in stages), (start, stages)
     assert messages[-1] == "analysed a.png"
+
+
+def test_an_eyepiece_photo_in_the_batch(setup, tmp_path):
+    # the summary says how much of the image was the unlit frame (counts per area need
+    # it) and an ordinary field says 0
+    from napari_smear.samples import eyepiece_photo, synthetic_smear
+
+    photo, radial = eyepiece_photo(synthetic_smear((480, 640), rbc_diameter_px=36.0, seed=3)[0], fade=0.015)
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "phone.png", photo)
+    report = analyze_files(tmp_path / "in", tmp_path / "out", models=setup["models"], device="cpu", batch_size=BATCH)
+    row = report.summary.iloc[0]
+    assert row["outside_view_share"] == pytest.approx((radial >= 1).mean(), abs=0.03)
+    labels = tifffile.imread(tmp_path / "out" / "phone_labels.tif")
+    assert not labels[radial > 1.02].any()
+    clean = pd.read_csv(setup["clean"] / "summary.csv")
+    assert (clean["outside_view_share"] == 0).all()

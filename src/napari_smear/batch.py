@@ -581,7 +581,8 @@ def cells_table(table: pd.DataFrame, specs: Sequence) -> pd.DataFrame:
 def _summary_columns(specs: Sequence) -> list[str]:
     from .segment.types import CELL_TYPES
 
-    columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "cells", *CELL_TYPES,
+    columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "outside_view_share", "cells",
+               *CELL_TYPES,
                *(f"{cell_type}_cut_by_edge" for cell_type in CELL_TYPES)]
     for spec in specs:
         for cell_type in spec.cell_types:
@@ -620,6 +621,8 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
         "width": int(seg.labels.shape[1]),
         "rbc_diameter_px": round(diameter, 3) if math.isfinite(diameter) else None,
         "pixel_size_um": seg.pixel_size_um,
+        # the unlit frame of an eyepiece photo holds no cells: counts per area need it
+        "outside_view_share": round(float(seg.params.get("outside_view_share", 0.0)), 4),
         "cells": int(len(table)),
     }
     for cell_type in CELL_TYPES:

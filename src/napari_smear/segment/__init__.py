@@ -187,9 +187,7 @@ def segment_smear(
         # a cell wholly covered at a seam left a gap in the ids: number them 1..N
         lut = np.zeros(next_id, np.uint32)
         lut[table.label.to_numpy()] = np.arange(1, len(table) + 1, dtype=np.uint32)
-        for start in range(0, h, 1024):  # in row blocks: no image-sized temporary
-            labels[start : start + 1024] = lut[labels[start : start + 1024]]
-            nuclei[start : start + 1024] = lut[nuclei[start : start + 1024]]
+        _relabel(labels, nuclei, lut)
         table = table.assign(label=np.arange(1, len(table) + 1, dtype=np.int64))
     table = _mark_edge_cells(table, (h, w), labels, outside_view)
     params_used = {"working_diameter_px": working_diameter_px, "scale_factor": factor}
@@ -631,10 +629,16 @@ def _drop_cells_outside_view(table, labels, nuclei, outside_view, next_id) -> pd
         return table
     lut = np.arange(next_id, dtype=np.uint32)
     lut[table.label.to_numpy()[stray]] = 0
-    for start in range(0, h, 1024):  # in row blocks: no image-sized temporary
+    _relabel(labels, nuclei, lut)
+    return table[~stray].reset_index(drop=True)
+
+
+def _relabel(labels: np.ndarray, nuclei: np.ndarray, lut: np.ndarray) -> None:
+    """Map both label images through ``lut`` in place, in row blocks (no image-sized
+    temporary on a whole-slide region)."""
+    for start in range(0, labels.shape[0], 1024):
         labels[start : start + 1024] = lut[labels[start : start + 1024]]
         nuclei[start : start + 1024] = lut[nuclei[start : start + 1024]]
-    return table[~stray].reset_index(drop=True)
 
 
 def _mark_edge_cells(

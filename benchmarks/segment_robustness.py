@@ -51,11 +51,7 @@ def degrade(rgb: np.ndarray, condition: dict | None):
 
     if condition is None:
         return rgb, None
-    if condition["frame"]:
-        return eyepiece_photo(rgb, radius=condition["radius"], fade=condition["fade"], vignette=condition["vignette"])
-    _, radial = eyepiece_photo(rgb, radius=condition["radius"])
-    light = np.clip(1 - condition["vignette"] * radial**2, 0, 1)
-    return np.clip(rgb * light[..., None], 0, 255).astype(np.uint8), radial
+    return eyepiece_photo(rgb, **condition)
 
 
 def run_condition(data: Path, step: int, condition: dict | None, segment, read) -> dict:
@@ -142,14 +138,7 @@ def main(argv=None):
     import imageio.v3 as iio
 
     from napari_smear import segment_smear
-    from napari_smear.segment import ScaleEstimateError
-    from napari_smear.segment.types import SmearSegmentation
-
-    def _no_cells(rgb):
-        from napari_smear.segment import _empty_table
-
-        zeros = np.zeros(rgb.shape[:2], np.uint32)
-        return SmearSegmentation(zeros, zeros.copy(), _empty_table(), float("nan"))
+    from napari_smear.segment import ScaleEstimateError, _empty
 
     def read(path):
         return np.asarray(iio.imread(path))
@@ -163,7 +152,7 @@ def main(argv=None):
                 return segment_smear(rgb)
             except ScaleEstimateError:  # no ruler: the field counts with no cell found
                 failures.append("no scale")
-                return _no_cells(rgb)
+                return _empty(rgb.shape[:2], float("nan"), None)
 
     results = {"step": args.step, "conditions": {}}
     print(f"{'condition':15s} {'WBC Dice':>8s} {'WBC rec':>8s} {'RBC rec':>8s} {'Chula rec':>9s} {'in frame':>8s} "

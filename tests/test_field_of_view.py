@@ -102,8 +102,7 @@ def test_strong_vignetting_keeps_the_cells(field):
     # corners. The glass fit used to start from the centre's brightness alone and lost
     # the cells of darkened fields.
     image, truth = field
-    r, r0 = _radius(image.shape[:2])
-    dimmed = np.clip(image * (1 - 0.2 * (r / r0) ** 2)[..., None], 0, 255).astype(np.uint8)
+    dimmed, _ = eyepiece_photo(image, vignette=0.2, frame=False)
     plain = segment_smear(image)
     seg = segment_smear(dimmed)
     assert seg.rbc_diameter_px == pytest.approx(plain.rbc_diameter_px, rel=0.1)

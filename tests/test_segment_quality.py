@@ -176,8 +176,7 @@ def test_bccd_fields_photographed_with_a_phone(frame):
         if frame:
             photo, radial = eyepiece_photo(rgb, fade=0.015, vignette=0.1)
         else:
-            _, radial = eyepiece_photo(rgb)
-            photo = np.clip(rgb * (1 - 0.2 * radial**2)[..., None], 0, 255).astype(np.uint8)
+            photo, radial = eyepiece_photo(rgb, vignette=0.2, frame=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             seg = segment_smear(photo)

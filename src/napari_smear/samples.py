@@ -207,7 +207,8 @@ def synthetic_smear(
 
 
 def eyepiece_photo(
-    image: np.ndarray, *, radius: float = 0.55, fade: float = 0.0, vignette: float = 0.0, seed: int = 0
+    image: np.ndarray, *, radius: float = 0.55, fade: float = 0.0, vignette: float = 0.0, frame: bool = True,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A field as a phone photographs it through a microscope eyepiece: a round view
     in a black frame, for testing and benchmarking on real fields.
@@ -225,6 +226,9 @@ def eyepiece_photo(
     vignette : float
         Light lost at the radius inside the view (the lens darkens towards the rim,
         in proportion to the squared distance from the centre).
+    frame : bool
+        Black out everything beyond the radius (False: the vignetting alone, over the
+        whole image, as a camera lens without an eyepiece gives it).
     seed : int
         Seed of the sensor noise in the black.
 
@@ -241,13 +245,15 @@ def eyepiece_photo(
     h, w = image.shape[:2]
     yy, xx = np.mgrid[:h, :w]
     radial = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) / (radius * min(h, w))
-    if fade > 0:
+    if not frame:
+        light = np.ones((h, w))
+    elif fade > 0:
         t = np.clip((1 - radial) / fade, 0, 1)
         light = t * t * (3 - 2 * t)
     else:
         light = (radial < 1).astype(np.float64)
     light = light * np.clip(1 - vignette * radial**2, 0, 1)
-    noise = np.random.default_rng(seed).integers(0, 10, image.shape) * (light[..., None] < 0.5)
+    noise = np.random.default_rng(seed).integers(0, 10, image.shape) * (frame & (light[..., None] < 0.5))
     photo = np.clip(image * light[..., None] + noise, 0, 255).astype(np.uint8)
     return photo, radial
 

@@ -38,6 +38,12 @@ _DETECT_PIXELS = 1_000_000
 _GLANCE_PIXELS = 30_000
 
 
+def _sample_step(shape: tuple[int, ...], max_pixels: int) -> int:
+    """The stride of a regular subsample of at most ``max_pixels`` pixels (the fill
+    must sample the mask as the detection did, so both take it from here)."""
+    return max(1, int(math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels))))
+
+
 def _brightness(sample: np.ndarray) -> np.ndarray:
     # the brightest channel, over 3 x 3 pixels (JPEG noise in the black)
     return ndi.uniform_filter(sample.max(-1).astype(np.float32), 3)
@@ -65,12 +71,12 @@ def find_outside_view(rgb: np.ndarray) -> np.ndarray | None:
     h, w = rgb.shape[:2]
     # Most fields have no black at all: a coarse look (a tenth of the pixels at most,
     # unsmoothed, a looser limit) settles them for a millisecond instead of ten.
-    coarse_step = max(1, int(math.ceil(math.sqrt(h * w / _GLANCE_PIXELS))))
+    coarse_step = _sample_step((h, w), _GLANCE_PIXELS)
     glance = rgb[::coarse_step, ::coarse_step].max(-1)
     glance_glass = float(np.percentile(glance, 90))
     if glance_glass < 20 or (glance < 1.5 * _BLACK_SHARE * glance_glass).mean() < _MIN_BLACK_AREA_SHARE / 2:
         return None
-    step = max(1, int(math.ceil(math.sqrt(h * w / _DETECT_PIXELS))))
+    step = _sample_step((h, w), _DETECT_PIXELS)
     sample = rgb[::step, ::step]
     bright = _brightness(sample)
     glass = float(np.percentile(bright, 90))
@@ -112,7 +118,7 @@ def fill_outside_view(rgb: np.ndarray, outside: np.ndarray) -> np.ndarray:
     if outside.shape != rgb.shape[:2]:
         raise ValueError(f"outside must be (H, W) = {rgb.shape[:2]}, got {outside.shape}")
     h, w = rgb.shape[:2]
-    step = max(1, int(math.ceil(math.sqrt(h * w / _DETECT_PIXELS))))
+    step = _sample_step((h, w), _DETECT_PIXELS)
     sample = rgb[::step, ::step]
     sample_outside = outside[::step, ::step]
     inside_pixels = sample[~sample_outside]

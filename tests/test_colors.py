@@ -1,7 +1,7 @@
 """One palette for the viewer and the QC pictures: every class its own colour."""
 import itertools
 
-from napari_smear.colors import CLASS_RGB, SPARE_RGB, class_palette_rgb
+from napari_smear.colors import CELL_TYPE_RGB, CLASS_RGB, SPARE_RGB, class_palette_rgb
 from napari_smear.models import read_metadata
 from napari_smear.models.files import resolve_model_path
 
@@ -21,6 +21,17 @@ def test_built_in_models_classes_all_get_distinct_colours():
     for name in CLASS_RGB:
         if name in palette:
             assert palette[name] == CLASS_RGB[name]
+
+
+def test_class_colours_differ_from_the_cell_type_colours_beside_them():
+    """Cells no model classifies keep their cell-type colour on the same layer as the
+    classified ones (and in the overlay pictures): no class may look like a type, except
+    the platelet class, which is the platelet type."""
+    names = [c for m in ("wbc-pbc8", "rbc-chula12") for c in read_metadata(resolve_model_path(m))["class_names"]]
+    for name, colour in class_palette_rgb(names).items():
+        for cell_type, type_colour in CELL_TYPE_RGB.items():
+            if name != cell_type:
+                assert _difference(colour, type_colour) >= 24, (name, colour, cell_type, type_colour)
 
 
 def test_palette_is_deterministic_and_keeps_decided_colours():

@@ -136,6 +136,20 @@ def test_singleton_axes_are_dropped(rgb):
     np.testing.assert_array_equal(as_rgb_uint8(rgb[None, None, ..., 0, None])[..., 0], rgb[..., 0])
 
 
+def test_an_image_one_pixel_high_is_not_taken_for_a_stack_of_one():
+    """The size in the refusal is the image's own (it was 640 x 3 for a 1 x 640 row)."""
+    with pytest.raises(ValueError, match=r"got an image of 1 x 640 pixels"):
+        as_rgb_uint8(np.zeros((1, 640, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"got an image of 1 x 1 pixels"):
+        as_rgb_uint8(np.zeros((1, 1, 3), np.uint8))
+
+
+def test_a_file_path_instead_of_pixels_says_to_read_it():
+    for given in ("field.jpg", Path("field.jpg")):
+        with pytest.raises(TypeError, match=r"got a file path \('field.jpg'\).*read_image"):
+            as_rgb_uint8(given)
+
+
 def test_3d_stack_is_rejected_with_the_shape():
     with pytest.raises(ValueError, match=r"got shape \(5, 32, 32\); expected a 2-D RGB field.*pass one plane"):
         as_rgb_uint8(np.zeros((5, 32, 32), np.uint8))
@@ -219,6 +233,32 @@ def test_corrupt_file_raises_image_read_error(tmp_path, name):
     path.write_bytes(b"this is not an image" * 10)
     with pytest.raises(ImageReadError, match=f"cannot read .*{name}"):
         read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".jpg"])
+def test_empty_file_says_it_is_empty(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"the file is empty \(0 bytes\)"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_cmyk_files_read_as_their_colours_not_as_alpha(tmp_path, suffix):
+    """Printing software saves CMYK; its fourth channel (black ink) was taken for
+    alpha, and every such field read as blank white with no cell in it."""
+    from PIL import Image
+
+    field = np.zeros((48, 64, 3), np.uint8)
+    field[...] = (230, 215, 220)  # glass
+    field[10:30, 10:30] = (200, 90, 100)  # a red cell
+    field[20:40, 35:55] = (90, 50, 150)  # a violet nucleus
+    path = tmp_path / f"cmyk{suffix}"
+    Image.fromarray(field).convert("CMYK").save(path, quality=95)
+    read, _ = read_image(path)
+    assert read.shape == field.shape
+    tolerance = 8 if suffix == ".jpg" else 1  # JPEG is lossy
+    assert np.abs(read.astype(int) - field).mean() < tolerance
 
 
 def test_truncated_png_raises_image_read_error(tmp_path, rgb):

@@ -115,6 +115,11 @@ def test_blank_field_gives_empty_result():
         seg = segment_smear(blank)
     assert seg.n_cells == 0 and not seg.labels.any()
     assert list(seg.table.columns) == [*TABLE_COLUMNS, "touches_edge"]
+    # nothing to crop is no crops (a blank field has no ruler either), not an error
+    from napari_smear.crops import crop_instances
+
+    crops = crop_instances(blank, seg, output_size=32)
+    assert len(crops) == 0 and crops.images.shape == (0, 32, 32, 3)
 
 
 def test_tiled_processing_matches_single_pass(monkeypatch):

@@ -1422,6 +1422,8 @@ def _run_record(inputs, out, pattern, loaded, missing_models, device, batch_size
         "started": started_at.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": [str(p) for p in inputs],
+        # summary.csv keeps each input path as given; a relative one is relative to this
+        "working_directory": os.getcwd(),
         "out_dir": str(out),
         "settings": {
             "pattern": pattern, "device": str(device), "batch_size": batch_size, "amp": bool(amp),

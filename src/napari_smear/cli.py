@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -453,7 +454,8 @@ def _add_classify(subparsers) -> None:
         "classify", help="classify single-cell images (files or folders) into a CSV",
         description="Classify single-cell images (one cell near the centre, like PBC / CellaVision crops). "
                     "Folders are searched recursively. Images that cannot be read or cropped are reported on "
-                    "stderr and listed in the CSV with their error.",
+                    "stderr and listed in the CSV with their error; the exit status is then 1, as when "
+                    "nothing was classified.",
     )
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--model", default="wbc-pbc8", help="model name or .safetensors file (default wbc-pbc8)")
@@ -485,7 +487,7 @@ def _run_classify(args) -> int:
     if not len(table):
         print("napari-smear classify: no image files found in the inputs", file=sys.stderr)
         return 1
-    return 0 if classified else 1
+    return 1 if len(failed) else 0  # like segment and analyze: scripts learn that the CSV lists errors
 
 
 # ----------------------------------------------------------------------------- pack-crops
@@ -551,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 1 failure (for the batch
-    commands: any image failed, see errors.csv), 2 usage error)."""
+    commands: any image failed, see errors.csv), 2 usage error, 130 interrupted, 141 the
+    reader of the output went away)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -559,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-smear: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whatever read the output stopped (``| head``): stop quietly, as a shell tool
+        # does, with no error message about it; later output goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as exc:
         # OSError: an output path that is a folder, a full disk, a permission...
         print(f"napari-smear {args.command}: error: {exc}", file=sys.stderr)

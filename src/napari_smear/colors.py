@@ -22,7 +22,9 @@ CLASS_RGB: dict[str, RGB] = {
     "neutrophil": (31, 120, 181),
     "lymphocyte": (43, 161, 43),
     "monocyte": (255, 128, 13),
-    "eosinophil": (214, 38, 41),
+    # crimson, not tab10's red: that is within a shade of the red-cell colour, which
+    # the cells no model classifies keep on the same layer
+    "eosinophil": (178, 24, 43),
     "basophil": (148, 102, 189),
     "ig": (140, 87, 74),
     "erythroblast": (227, 120, 194),
@@ -78,8 +80,9 @@ def class_palette_rgb(classes: Iterable[object], base: Mapping[str, RGB] | None 
         if str(name) not in palette and str(name) not in names:
             names.append(str(name))
     # every fixed class colour is reserved, whether or not its class is in view, so a
-    # class gets the same spare tone in every image and never a known class's colour
-    reserved = [*palette.values(), *CLASS_RGB.values()]
+    # class gets the same spare tone in every image and never a known class's colour;
+    # so are the cell-type colours, which unclassified cells show beside the classes
+    reserved = [*palette.values(), *CLASS_RGB.values(), *CELL_TYPE_RGB.values()]
     spare: list[RGB] = []
     for tone in SPARE_RGB:  # nor two spare tones that read as one
         if not any(_close(tone, used) for used in [*reserved, *spare]):

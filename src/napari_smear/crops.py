@@ -100,7 +100,8 @@ def crop_instances(
         # the black surround of an eyepiece photo is painted as glass, as segment_smear
         # saw it: the crops (and the stain measured on the field) hold no black
         rgb = fill_outside_view(rgb, outside_view)
-    if not np.isfinite(segmentation.rbc_diameter_px) or segmentation.rbc_diameter_px <= 0:
+    has_scale = np.isfinite(segmentation.rbc_diameter_px) and segmentation.rbc_diameter_px > 0
+    if not has_scale and len(segmentation.table):
         raise ValueError("the segmentation has no red-cell diameter; cannot crop at normalised scale")
     if not (np.isfinite(crop_diameters) and crop_diameters > 0) or not output_size >= 8:
         raise ValueError(f"crop_diameters must be a number > 0 and output_size >= 8, got {crop_diameters!r}, "
@@ -119,7 +120,8 @@ def crop_instances(
         if missing.size:
             raise ValueError(f"label ids not in the segmentation: {missing[:10].tolist()}")
         table = table.set_index("label").loc[wanted].reset_index()
-    half = crop_diameters * segmentation.rbc_diameter_px / 2
+    # a field without cells (a blank one has no ruler either) gives no crops
+    half = crop_diameters * segmentation.rbc_diameter_px / 2 if has_scale else 0.0
     cy = table.centroid_y.to_numpy(np.float64)
     cx = table.centroid_x.to_numpy(np.float64)
     windows = np.stack([cy - half, cx - half, cy + half, cx + half], axis=1)

@@ -97,7 +97,8 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
     rgb : bool, default True
         If True, return the image as (H, W, 3) uint8 RGB through :func:`as_rgb_uint8`
         (what segmentation and the pipeline take). If False, return the array as stored
-        (any dtype, grayscale, RGBA, stacks), e.g. for display.
+        (any dtype, grayscale, RGBA, stacks), e.g. for display. CMYK files (from
+        printing software) are converted to RGB either way.
 
     Returns
     -------
@@ -182,6 +183,8 @@ def _colour_axis_last(data: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
 def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
     import tifffile
 
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"cannot read {path}: the file is empty (0 bytes)")
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
@@ -191,6 +194,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
             axes = series.axes
             pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
             own_metadata = _napari_smear_description(tif.pages[0].description)
+            # printing software saves CMYK: its 4th channel is black ink, not alpha
+            is_cmyk = tif.pages[0].photometric == tifffile.PHOTOMETRIC.SEPARATED
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises many types on corrupt input
@@ -201,6 +206,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
             f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}"
         ) from exc
     data, axes = _colour_axis_last(data, axes)
+    if is_cmyk and data.ndim >= 3 and data.shape[-1] >= 4:
+        data = _cmyk_to_rgb(data)
     if pixel_size_yx_um is not None and not np.isclose(*pixel_size_yx_um, rtol=0.01):
         warnings.warn(
             f"{path.name}: the pixels are not square ({pixel_size_yx_um[0]:g} um high, "
@@ -215,6 +222,20 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
         "pixel_size_yx_um": pixel_size_yx_um,
         "napari_smear": own_metadata,
     }
+
+
+def _cmyk_to_rgb(data: np.ndarray) -> np.ndarray:
+    """CMYK ink coverage (colour axis last; channels past the fourth dropped) -> RGB of
+    the same dtype: each colour is what its ink and the black ink let through."""
+    ink = data[..., :4]
+    if np.issubdtype(ink.dtype, np.integer):  # full range by convention, like alpha
+        unit = ink.astype(np.float32) / float(np.iinfo(ink.dtype).max)
+    else:
+        unit = np.clip(np.nan_to_num(ink.astype(np.float32)), 0.0, 1.0)
+    rgb = (1.0 - unit[..., :3]) * (1.0 - unit[..., 3:4])
+    if np.issubdtype(data.dtype, np.integer):
+        return np.round(rgb * np.iinfo(data.dtype).max).astype(data.dtype)
+    return rgb.astype(np.float32)
 
 
 def _napari_smear_description(description: str) -> dict | None:
@@ -323,6 +344,10 @@ def _read_with_imageio(path: Path) -> tuple[np.ndarray, dict]:
     try:
         with _large_images_allowed():
             data = np.asarray(iio.imread(path))
+            if fmt == "jpeg" and data.ndim == 3 and data.shape[-1] == 4:
+                # a JPEG has no alpha: four channels are CMYK (from printing software),
+                # which Pillow converts (Adobe's inverted variant included)
+                data = np.asarray(iio.imread(path, mode="RGB"))
     except Exception as exc:  # Pillow raises OSError/SyntaxError/ValueError on bad files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "backend" in reason.lower():  # imageio's "no plugin could read it", with pip advice
@@ -374,6 +399,11 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
         For empty arrays, complex dtypes, 3-D stacks or more than 4 channels, images
         smaller than 16 x 16 pixels, and all-NaN images.
     """
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"got a file path ({os.fspath(image)!r}), not pixels; read the file first: "
+            "image, meta = napari_smear.io.read_image(path)"
+        )
     array = np.asarray(image)
     if np.iscomplexobj(array):
         raise ValueError(
@@ -386,8 +416,9 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
         raise ValueError(f"got an empty image of shape {array.shape}")
 
     original_shape = array.shape
-    # Drop singleton axes (e.g. a (1, H, W, 3) TIFF series) but never the two image axes.
-    while array.ndim > 2 and array.shape[0] == 1:
+    # Drop singleton axes (e.g. a (1, H, W, 3) TIFF series) but never the two image
+    # axes: a (1, W, 3) array is an image one pixel high, not a stack of one.
+    while array.ndim > 2 and array.shape[0] == 1 and (array.ndim > 3 or array.shape[-1] not in (2, 3, 4)):
         array = array[0]
     while array.ndim > 2 and array.shape[-1] == 1:
         array = array[..., 0]

@@ -207,3 +207,18 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     wait_until_idle(qtbot, widget)
     assert seen[-1] == (0.0, 16.0) and widget.errors == []
     assert widget.last_report.analysed == 2
+
+
+def test_results_of_a_run_given_relative_paths_open_from_another_folder(widget, qtbot, inputs, tmp_path, monkeypatch):
+    """summary.csv keeps an input path as given on the command line; napari started in
+    another folder still finds the image (it said the image had been moved)."""
+    from napari_smear.batch import analyze_files
+
+    monkeypatch.chdir(tmp_path)
+    analyze_files(["in"], "out", models=[], device="cpu", progress=None)
+    assert pd.read_csv(tmp_path / "out" / "summary.csv").path.str.startswith("in").all()
+    monkeypatch.chdir(inputs / "sub")
+    widget._output.value = tmp_path / "out"
+    widget.show_result("a.png")
+    wait_until_idle(qtbot, widget)
+    assert widget.errors == [] and widget.status.startswith("Showing a"), widget.status

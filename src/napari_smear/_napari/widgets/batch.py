@@ -245,7 +245,11 @@ def _chosen_folder(edit: FileEdit) -> Path | None:
 
 
 def _analysed_images(out_dir: Path) -> dict[str, str]:
-    """``image -> path`` of each row of ``out_dir/summary.csv`` (empty without one)."""
+    """``image -> path`` of each row of ``out_dir/summary.csv`` (empty without one); a
+    path given relative on the command line is resolved against the folder the run
+    started in (``run.json``), not the one napari runs in."""
+    import json
+
     import pandas as pd
 
     summary_path = out_dir / "summary.csv"
@@ -255,7 +259,14 @@ def _analysed_images(out_dir: Path) -> dict[str, str]:
         summary = pd.read_csv(summary_path, usecols=["image", "path"], dtype=str, keep_default_na=False)
     except (OSError, ValueError):  # not a summary this widget wrote
         return {}
-    return dict(zip(summary["image"], summary["path"]))
+    try:
+        started_in = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("working_directory")
+    except (OSError, ValueError, AttributeError):  # no record (or an older one): paths as written
+        started_in = None
+    paths = summary["path"]
+    if started_in:
+        paths = [str(Path(started_in) / p) if p and not Path(p).is_absolute() else p for p in paths]
+    return dict(zip(summary["image"], paths))
 
 
 def _summary(report: BatchReport, seconds: float) -> str:

@@ -285,7 +285,10 @@ def test_bad_files_are_reported_and_the_batch_carries_on(setup, tmp_path):
     (inputs / "notes.txt").write_text("not an image: ignored")
     write_png_atomic(inputs / ".hidden.png", image)  # hidden: ignored
 
-    report = analyze_files(inputs, tmp_path / "out", models=setup["models"], device="cpu", batch_size=BATCH)
+    with pytest.warns(UserWarning) as shown:
+        report = analyze_files(inputs, tmp_path / "out", models=setup["models"], device="cpu", batch_size=BATCH)
+    # napari-smear's warnings name the image they are about, and summary.csv keeps them
+    assert any(str(w.message).startswith("odd/gray.png: the image has no colour") for w in shown)
     errors = pd.read_csv(tmp_path / "out" / "errors.csv")
     reasons = {Path(f).name: e for f, e in zip(errors.file, errors.error)}
     assert set(reasons) == {"corrupt.jpg", "empty.png", "truncated.png", "stack.tif", "tiny.png", "good.tif"}
@@ -303,6 +306,9 @@ def test_bad_files_are_reported_and_the_batch_carries_on(setup, tmp_path):
         assert summary.loc[name, ["wbc", "rbc", "platelet"]].tolist() == \
             summary.loc["good.png", ["wbc", "rbc", "platelet"]].tolist()
     assert summary.loc["odd/gray.png", "rbc"] > 10 and summary.loc["odd/gray16.tif", "rbc"] > 10
+    assert "no colour (grayscale)" in summary.loc["odd/gray.png", "warnings"]
+    assert (summary.loc[["good.png", "odd/rgba.png"], "warnings"] == "").all()  # none
+    assert list(pd.read_csv(tmp_path / "out" / "summary.csv").columns)[-1] == "warnings"
     # a field with no cells is a result, not an error: empty table, picture without legend
     assert summary.loc["blank.png", "cells"] == 0
     assert pd.read_csv(tmp_path / "out" / "blank_cells.csv").empty

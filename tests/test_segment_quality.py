@@ -91,6 +91,29 @@ def test_bccd_automatic_scale_matches_box_sizes():
     assert errors.max() < 0.30, np.round(errors, 3)
 
 
+@pytest.mark.parametrize(
+    "relative, expected_px",
+    [
+        # pale cells whose pallor opens onto the glass measured as rings: 31 px
+        (("bccd", "images", "BloodImage_00351.jpg"), 100.0),
+        # PBC training images with a few red cells round the white cell: 19-21 px
+        (("pbc", "images", "monocyte", "MO_468506.jpg"), 52.0),
+        (("pbc", "images", "ig", "MY_612971.jpg"), 52.0),
+        (("pbc", "images", "platelet", "PLATELET_803035.jpg"), 52.0),
+    ],
+)
+def test_ruler_does_not_settle_on_the_width_of_ring_shaped_cells(relative, expected_px):
+    """Fields where the first guess fell to the width of ring-shaped red cells, a fixed
+    point of the refinement (the typical size of their data set: BCCD about 100 px from
+    its boxes, PBC 52 px, the median over 800 of its images)."""
+    from napari_smear.segment import _estimate_diameter
+    from napari_smear.segment.stain import estimate_stain
+
+    rgb = _read(_require_data(*relative))
+    diameter = _estimate_diameter(rgb, estimate_stain(rgb))
+    assert abs(diameter / expected_px - 1) < 0.15, diameter
+
+
 def test_too_few_cells_for_the_ruler_is_said():
     """A small crop around one white cell: the ruler may measure the white cell, and says
     the field is too sparse to trust; the whole field is measured without a word."""

@@ -299,6 +299,7 @@ class _Prepared:
     prepared: Any  # pipeline.PreparedField
     pixel_size_um: float | None
     timings: dict
+    notes: tuple[str, ...] = ()  # napari-smear's warnings about this image
 
 
 @dataclass
@@ -306,6 +307,7 @@ class _Finished:
     job: _Job
     summary: dict
     timings: dict
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -388,18 +390,38 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
         image, meta = read_image(job.path)
         decode = time.perf_counter() - started
         pixel_size = settings.pixel_size_um or meta.get("pixel_size_um")
-        with warnings.catch_warnings():
+        # napari-smear's warnings about the image (grayscale, too few cells to trust the
+        # ruler, ...) are kept with it: a worker process would print them with no file
+        # name, and summary.csv records them per image
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.filterwarnings("ignore", message="no stained cells")  # an empty field is a result
             prepared = prepare_field(
                 image, settings.specs, pixel_size_um=pixel_size, morphology=settings.morphology,
                 segment_threads=settings.worker_threads, progress=report if progress else None,
                 working_diameter_px=settings.working_diameter_px,
             )
+        notes = _own_warnings(caught)
     except _ProgressInterrupt:
         raise
     except Exception as exc:  # a bad file is recorded with its reason, never raised
         return _Failed(job, _reason(exc))
-    return _Prepared(job, prepared, pixel_size, {"decode": decode, **prepared.timings})
+    return _Prepared(job, prepared, pixel_size, {"decode": decode, **prepared.timings}, notes)
+
+
+def _own_warnings(caught) -> tuple[str, ...]:
+    """The distinct messages of napari-smear's own warnings among ``caught``; others are
+    shown as they came."""
+    notes: dict[str, None] = {}
+    for record in caught:
+        if record.filename.startswith(_PACKAGE_DIR) and issubclass(record.category, UserWarning):
+            notes[str(record.message)] = None
+        else:
+            warnings.showwarning(record.message, record.category, record.filename, record.lineno)
+    return tuple(notes)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 
 def _crop_pixels(item):
@@ -425,12 +447,12 @@ def _finish_job(item: _Prepared, outputs: dict, settings: _Settings):
         started = time.perf_counter()
         result = finish_field(item.prepared, settings.specs, outputs)
         assembled = time.perf_counter()
-        summary = _write_outputs(item.job, result, item.prepared.rgb, item.pixel_size_um, settings)
+        summary = _write_outputs(item.job, result, item.prepared.rgb, item.pixel_size_um, settings, item.notes)
         written = time.perf_counter()
     except Exception as exc:  # e.g. a full disk: recorded, and the image is redone next run
         return _Failed(item.job, _reason(exc))
     timings = {**item.timings, "assemble": assembled - started, "write": written - assembled}
-    return _Finished(item.job, summary, timings)
+    return _Finished(item.job, summary, timings, item.notes)
 
 
 def _limit_torch_threads(threads: int) -> None:
@@ -444,7 +466,8 @@ def _limit_torch_threads(threads: int) -> None:
 # ----------------------------------------------------------------------------- analyze: outputs
 
 
-def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: _Settings) -> dict:
+def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: _Settings,
+                   notes: Sequence[str] = ()) -> dict:
     """Write one image's outputs, each renamed into place, then its marker; return its summary row.
 
     The outputs are written under temporary names and renamed (a reader, or a run
@@ -482,8 +505,9 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
         if kind not in written:
             job.output(kind).unlink(missing_ok=True)
 
-    summary = _summary_row(job, result, settings.specs)
-    whole_cells = _summary_row(job, result, settings.specs, include_edge_cells=False)
+    summary = {**_summary_row(job, result, settings.specs), "warnings": "; ".join(notes)}
+    whole_cells = {**_summary_row(job, result, settings.specs, include_edge_cells=False),
+                   "warnings": summary["warnings"]}
     marker = {
         "format": MARKER_FORMAT,
         "image": job.relative,
@@ -1123,6 +1147,8 @@ def analyze_files(
                         for stage, seconds in outcome.timings.items():
                             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
                         message = f"analysed {outcome.job.relative}"
+                        for note in outcome.notes:  # shown with the file they are about
+                            warnings.warn(f"{outcome.job.relative}: {note}", UserWarning, stacklevel=2)
                     if progress:
                         progress(done, total, message)
         finally:
@@ -1136,7 +1162,7 @@ def analyze_files(
                 rows.append({**marker["summary"], "path": job.path})
                 whole_cell_rows.append({**marker["summary_whole_cells"], "path": job.path})
         columns = _summary_columns(specs)
-        columns = [columns[0], "path", *columns[1:]]
+        columns = [columns[0], "path", *columns[1:], "warnings"]
         summary = pd.DataFrame(rows, columns=columns)
         summary_whole_cells = pd.DataFrame(whole_cell_rows, columns=columns)
         failures.sort(key=lambda f: f.job.index)

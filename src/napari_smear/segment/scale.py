@@ -24,6 +24,12 @@ _MEASURE_DIAMETER_PX = 16.0
 # Ratio of the two measured on isolated cells of Chula RBC-12 fields and on
 # BCCD / PBC fields against their box sizes.
 _INSCRIBED_TO_EQUIVALENT = 1.12
+# Whole isolated cells needed to take their median size as the answer.
+_MIN_SINGLE_CELLS = 5
+_MIN_CONFIRMING_CELLS = 2
+# A first answer that fewer whole cells confirm is checked against a second start from
+# the largest objects, tried only when that start lies this far above the first.
+_SECOND_START_RATIO = 1.15
 
 
 class ScaleEstimateError(ValueError):
@@ -53,15 +59,16 @@ def _typical(radii: np.ndarray) -> float:
     return float(np.median(big))
 
 
-def _rough_diameter(fg: np.ndarray) -> float:
-    """First guess (within a factor of about 1.5): typical distance-transform peak."""
+def _rough_diameters(fg: np.ndarray) -> tuple[float, float]:
+    """First guess (within a factor of about 1.5): typical distance-transform peak; and
+    a second one from the largest peaks (see :func:`estimate_rbc_diameter`)."""
     radii = _peak_radii(fill_holes(fg))
     if radii.size < 3:
         raise ScaleEstimateError(
             f"found only {radii.size} cell-like objects; cannot estimate the red-cell "
             "diameter (pass pixel_size_um or rbc_diameter_px explicitly)"
         )
-    return 2.0 * _typical(radii)
+    return 2.0 * _typical(radii), 2.0 * float(np.percentile(radii, 90))
 
 
 def _block_mean(values: np.ndarray, k: int) -> np.ndarray:
@@ -135,6 +142,8 @@ def estimate_rbc_diameter(foreground: np.ndarray) -> float:
     overlapping cells) says which components are single cells; the median equivalent
     diameter of those is the answer when there are enough of them, else the
     granulometric diameter corrected by the measured inscribed-to-equivalent ratio.
+    An answer that hardly any whole cell confirms is checked against a second start
+    from the largest objects of the field.
     """
     fg = np.asarray(foreground, bool)
     if fg.sum() < 50:
@@ -143,7 +152,33 @@ def estimate_rbc_diameter(foreground: np.ndarray) -> float:
             "diameter (pass pixel_size_um or rbc_diameter_px explicitly)"
         )
     fg = remove_small_objects(fg, 20)
-    rough = _rough_diameter(fg)
+    rough, large = _rough_diameters(fg)
+    d, n_singles = _refine_diameter(fg, rough)
+    if n_singles < _MIN_CONFIRMING_CELLS and large > _SECOND_START_RATIO * rough:
+        # Pale cells whose pallor opens onto the glass are stained rings, and speckled
+        # white-cell cytoplasm adds many small peaks: the first guess can then fall to
+        # the width of a ring, where the pallor is too big to fill and the rings measure
+        # as cells of twice their width, a fixed point no refinement leaves (one BCCD
+        # field measured 31 px for 95 px cells; a PBC crop, with a few red cells round
+        # its white cell, 20 px for 52). Whole cells, isolated and convex, confirm the
+        # right scale; when fewer than two confirm the first answer, start again from
+        # the largest objects and keep that answer if more do. Measured on 292 BCCD
+        # fields, 498 Chula fields and 800 PBC training images: 23 answers changed, none
+        # for the worse; answers over 30 % off the data set's typical size went from
+        # 4 to 3 on BCCD and from 32 to 20 on PBC, Chula's are all unchanged.
+        try:
+            d_large, n_large = _refine_diameter(fg, large)
+        except ScaleEstimateError:
+            n_large = 0
+        if n_large >= _MIN_CONFIRMING_CELLS and n_large > n_singles:
+            d = d_large
+    return d
+
+
+def _refine_diameter(fg: np.ndarray, rough: float) -> tuple[float, int]:
+    """Diameter refined from ``rough`` (see :func:`estimate_rbc_diameter`), and the
+    number of whole isolated cells found at that size (the answer is their median
+    size when there are enough of them, else the granulometry's)."""
     k = max(1, int(rough / _MEASURE_DIAMETER_PX))
     mask = _block_mean(fg.astype(np.float32), k) > 0.5
     d = rough / k
@@ -157,6 +192,6 @@ def estimate_rbc_diameter(foreground: np.ndarray) -> float:
             )
         d = 2 * radius * _INSCRIBED_TO_EQUIVALENT
     singles = _isolated_cell_diameters(filled, radius)
-    if singles.size >= 5:
+    if singles.size >= _MIN_SINGLE_CELLS:
         d = float(np.median(singles))
-    return float(d * k)
+    return float(d * k), int(singles.size)

@@ -257,7 +257,35 @@ def test_segment_cli_outputs_open_as_placed_labels_with_their_table(tmp_path, sy
     assert type(kwargs["colormap"]).__name__ == "DirectLabelColormap"
     nuclei_path = str(tmp_path / "out" / "field_nuclei.tif")
     ((_, nuclei_kwargs, nuclei_type),) = get_reader(nuclei_path)(nuclei_path)
-    assert nuclei_type == "labels" and nuclei_kwargs["name"] == "field nuclei" and "features" not in nuclei_kwargs
+    assert nuclei_type == "labels" and nuclei_kwargs["name"] == "field nuclei"
+    # a nucleus carries its cell's id: hovering it shows the cell's row, as in the widgets' layers
+    assert nuclei_kwargs["features"]["index"].tolist() == kwargs["features"]["index"].tolist()
+    assert type(nuclei_kwargs["colormap"]).__name__ == "DirectLabelColormap"
+
+
+def test_batch_attention_file_opens_as_one_layer_per_model(tmp_path, synthetic_field):
+    """<image>_attention.tif holds a plane per model: it opens as the attention layers
+    Show in viewer adds (it opened as one grey stack)."""
+    from conftest import tiny_model_file
+
+    from napari_smear.batch import analyze_files
+
+    image, _ = synthetic_field
+    (tmp_path / "in").mkdir()
+    write_tiff_atomic(tmp_path / "in" / "field.tif", image, pixel_size_um=0.2)
+    models = [tiny_model_file(tmp_path / "rbc-a.safetensors", ["normal", "odd"], cell_types=["rbc"]),
+              tiny_model_file(tmp_path / "wbc-b.safetensors", cell_types=["wbc"])]
+    analyze_files(tmp_path / "in", tmp_path / "out", models=models, device="cpu")
+    path = str(tmp_path / "out" / "field_attention.tif")
+    with tifffile.TiffFile(path) as tif:
+        stack = tif.asarray()
+    layers = get_reader(path)(path)
+    assert len(layers) == 2 == len(stack)
+    for (data, kwargs, layer_type), plane in zip(layers, stack):
+        assert layer_type == "image" and kwargs["name"].startswith("field attention (")
+        np.testing.assert_array_equal(data, plane)
+        assert kwargs["scale"] == pytest.approx((0.2, 0.2)) and kwargs["contrast_limits"] == (0.0, 1.0)
+    assert layers[0][1]["name"] != layers[1][1]["name"]
 
 
 def test_pyramidal_ome_tiff_opens_as_a_multiscale_layer(tmp_path, synthetic_field):

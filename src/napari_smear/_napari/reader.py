@@ -36,14 +36,22 @@ def read_smear_images(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     (16-bit stays 16-bit); segmentation converts them itself.
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [_layer_data(p) for p in paths]
+    return [layer for p in paths for layer in _layers_of(p)]
 
 
-def _layer_data(path: PathLike) -> LayerData:
+def _layers_of(path: PathLike) -> list[LayerData]:
     data, meta = read_image(path, rgb=False)
     own = meta.get("napari_smear")
     if own and own.get("kind") in LABEL_KINDS:
-        return _labels_layer_data(path, data, meta, own)
+        return [_labels_layer_data(path, data, meta, own)]
+    if own and own.get("kind") == "attention":
+        layers = _attention_layers(path, data, meta, own)
+        if layers:
+            return layers
+    return [_image_layer_data(path, data, meta)]
+
+
+def _image_layer_data(path: PathLike, data: np.ndarray, meta: dict) -> LayerData:
     is_rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     kwargs: dict = {
         "name": file_stem(path),
@@ -72,6 +80,27 @@ def _layer_data(path: PathLike) -> LayerData:
     return data, kwargs, "image"
 
 
+def _attention_layers(path: PathLike, data: np.ndarray, meta: dict, own: dict) -> list[LayerData]:
+    """A batch run's ``<image>_attention.tif`` (one plane per model, the models named in
+    its metadata): one attention layer per model, as *Show in viewer* adds them; empty
+    when the file does not say which plane is which."""
+    from napari_smear._napari.layers import attention_layer
+
+    models = own.get("models")
+    if not isinstance(models, list) or not models or data.ndim not in (2, 3):
+        return []
+    maps = np.asarray(data, dtype=np.float32).reshape(-1, *data.shape[-2:])
+    if len(maps) != len(models):
+        return []
+    name = str(own.get("name") or file_stem(path))
+    image_name = name[: -len(" attention")] if name.endswith(" attention") else name
+    placement: dict = {}
+    if meta.get("pixel_size_yx_um") is not None:
+        placement = {"scale": tuple(meta["pixel_size_yx_um"]), "units": ("µm", "µm")}
+    return [attention_layer(plane, model_name=str(model), image_layer_name=image_name, **placement)
+            for plane, model in zip(maps, models)]
+
+
 def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) -> LayerData:
     from napari_smear._napari.layers import features_from_table
     from napari_smear._napari.writer import cells_csv_path
@@ -98,10 +127,12 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
             else:
                 kwargs.pop("units", None)
     csv_path = cells_csv_path(path)
-    if not csv_path.exists() and own.get("kind") == "cells" and Path(path).stem.endswith("_labels"):
+    suffix = {"cells": "_labels", "nuclei": "_nuclei"}.get(str(own.get("kind")))
+    if not csv_path.exists() and suffix and Path(path).stem.endswith(suffix):
         # `napari-smear analyze` / `segment` name the table after the image, not the TIFF:
-        # x_labels.tif goes with x_cells.csv
-        csv_path = Path(path).with_name(f"{Path(path).stem[: -len('_labels')]}_cells.csv")
+        # x_labels.tif and x_nuclei.tif go with x_cells.csv (a nucleus carries its cell's
+        # id, so hovering it shows its cell's row, as in the layers the widgets add)
+        csv_path = Path(path).with_name(f"{Path(path).stem[: -len(suffix)]}_cells.csv")
     if csv_path.exists():
         table = pd.read_csv(csv_path)
         if "label" in table.columns:
@@ -110,6 +141,10 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
                 kwargs["colormap"] = _cells_colormap(table, own)
         else:
             kwargs["features"] = table
+    if own.get("kind") == "nuclei":
+        from napari_smear._napari.layers import nuclei_colormap
+
+        kwargs["colormap"] = nuclei_colormap()
     return np.asarray(data, dtype=np.uint32), kwargs, "labels"
 
 

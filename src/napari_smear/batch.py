@@ -410,14 +410,15 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
 
 
 def _own_warnings(caught) -> tuple[str, ...]:
-    """The distinct messages of napari-smear's own warnings among ``caught``; others are
-    shown as they came."""
+    """The distinct messages of napari-smear's own warnings among ``caught``; others
+    are issued again, through the filters they would have met (``caught`` was recorded
+    with every warning let through)."""
     notes: dict[str, None] = {}
     for record in caught:
         if record.filename.startswith(_PACKAGE_DIR) and issubclass(record.category, UserWarning):
             notes[str(record.message)] = None
         else:
-            warnings.showwarning(record.message, record.category, record.filename, record.lineno)
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
     return tuple(notes)
 
 

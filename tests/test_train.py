@@ -518,3 +518,31 @@ def test_a_cache_older_than_its_folder_is_refused(tmp_path):
     (folder / "long" / "3.png").write_bytes(b"")
     with pytest.raises(ValueError, match="out of date: .* 1 added"):
         load_data(folder, cache=cache, output_size=32)
+
+
+def test_scale_outliers_of_a_batch():
+    from napari_smear.datasets import scale_outliers
+
+    diameters = {f"cell{i}": 52.0 + (i % 5) for i in range(28)}
+    diameters.update({"ring": 20.0, "white cell": 80.0})
+    assert scale_outliers(diameters) == ["ring", "white cell"]
+    # a small batch, or one of two magnifications, keeps every image's own ruler
+    assert scale_outliers({k: diameters[k] for k in list(diameters)[:10] + ["ring"]}) == []
+    assert scale_outliers({**diameters, **{f"x{i}": 30.0 for i in range(8)}}) == []
+
+
+def test_single_cell_images_far_off_the_batch_scale_are_cropped_at_its_median(shared_data, tmp_path):
+    """A PBC image whose own ruler measures 18.5 px (the batch: about 52) is cropped at
+    the batch median, and says so in scale_measured."""
+    from napari_smear.datasets import crop_single_cell_images
+
+    files = _pbc_files(shared_data, {"eosinophil": 10, "neutrophil": 10}, skip=20)
+    paths = [str(shared_data / "pbc" / p) for p in files.path]
+    paths.append(str(shared_data / "pbc" / "images" / "eosinophil" / "EO_894061.jpg"))
+    results, errors, fallback = crop_single_cell_images(
+        paths, range(len(paths)), crop_diameters=4.0, output_size=32, progress=False)
+    assert not errors and fallback >= 1
+    median = np.median([r["rbc_diameter_px"] for r in results.values()])
+    odd = results[len(paths) - 1]
+    assert odd["scale_measured"] is False and odd["rbc_diameter_px"] == pytest.approx(median, rel=0.05)
+    assert 40 < median < 65

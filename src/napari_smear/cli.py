@@ -460,7 +460,8 @@ def _add_classify(subparsers) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--model", default="wbc-pbc8", help="model name or .safetensors file (default wbc-pbc8)")
     parser.add_argument("--out", required=True, help="CSV to write (path, prediction, confidence, p_<class>..., scale_measured (false: the "
-                             "image's own red cells could not be measured and the others' scale was used), error)")
+                             "image's own red cells could not be measured, or measured far off the others', and the "
+                             "others' median scale was used), error)")
     _add_inference_options(parser, workers_help="processes for cropping")
     parser.set_defaults(func=_run_classify)
 

@@ -552,8 +552,10 @@ def classify_files(
     workers : int
         Processes for segmenting and cropping.
     scale_fallback : bool
-        Images with too few red cells to measure the scale are cropped at the median
-        red-cell diameter of the others (``scale_measured`` is False for them).
+        Images with too few red cells to measure the scale, or whose measured scale is
+        more than 1.4 times off the others' median (in a batch of 20 or more where at
+        most 10 % are: one analyser's crops), are cropped at the median red-cell
+        diameter of the others (``scale_measured`` is False for them).
     progress : bool
         Progress bars.
     prior_correction : float, optional

@@ -130,3 +130,14 @@ def test_working_diameter_floor_and_default_are_one_setting(tmp_path, synthetic_
     assert _working_diameter_setting(16) == 16.0
     np.testing.assert_array_equal(segment_smear(image, working_diameter_px=None).labels,
                                   segment_smear(image, working_diameter_px=DEFAULT_WORKING_DIAMETER_PX).labels)
+
+
+def test_segment_cli_warnings_name_their_file(tmp_path, synthetic_field):
+    import pytest
+
+    image, _ = synthetic_field
+    gray = np.round(image.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "gray.png", gray)
+    with pytest.warns(UserWarning, match=r"^gray.png: the image has no colour"):
+        assert main(["segment", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0

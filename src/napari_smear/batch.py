@@ -237,7 +237,11 @@ def segment_files(
             try:
                 image, meta = read_image(job.path)
                 pixel_size = pixel_size_um or meta.get("pixel_size_um")
-                seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
+                for note in _own_warnings(caught):  # shown with the file they are about
+                    warnings.warn(f"{job.relative}: {note}", UserWarning, stacklevel=2)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
                 _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
                 write_csv_atomic(job.output("cells"), seg.table)

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -237,10 +238,9 @@ def segment_files(
             try:
                 image, meta = read_image(job.path)
                 pixel_size = pixel_size_um or meta.get("pixel_size_um")
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                with _own_warnings_held_back():
                     seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
-                for note in _own_warnings(caught):  # shown with the file they are about
+                for note in _image_notes(seg):  # shown with the file they are about
                     warnings.warn(f"{job.relative}: {note}", UserWarning, stacklevel=2)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
                 _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
@@ -397,15 +397,13 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
         # napari-smear's warnings about the image (grayscale, too few cells to trust the
         # ruler, ...) are kept with it: a worker process would print them with no file
         # name, and summary.csv records them per image
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            warnings.filterwarnings("ignore", message="no stained cells")  # an empty field is a result
+        with _own_warnings_held_back():
             prepared = prepare_field(
                 image, settings.specs, pixel_size_um=pixel_size, morphology=settings.morphology,
                 segment_threads=settings.worker_threads, progress=report if progress else None,
                 working_diameter_px=settings.working_diameter_px,
             )
-        notes = _own_warnings(caught)
+        notes = _image_notes(prepared.segmentation)
     except _ProgressInterrupt:
         raise
     except Exception as exc:  # a bad file is recorded with its reason, never raised
@@ -413,17 +411,31 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
     return _Prepared(job, prepared, pixel_size, {"decode": decode, **prepared.timings}, notes)
 
 
-def _own_warnings(caught) -> tuple[str, ...]:
-    """The distinct messages of napari-smear's own warnings among ``caught``; others
-    are issued again, through the filters they would have met (``caught`` was recorded
-    with every warning let through)."""
-    notes: dict[str, None] = {}
+def _image_notes(segmentation) -> tuple[str, ...]:
+    """What the segmentation warned about the image (``params["warnings"]``), except
+    that it is empty: a field with no cells is a result like any other."""
+    return tuple(note for note in segmentation.params.get("warnings", ())
+                 if not note.startswith("no stained cells"))
+
+
+@contextlib.contextmanager
+def _own_warnings_held_back():
+    """Keep napari-smear's own warnings from being printed without the image's name
+    (the caller shows them with it, from the result); others pass as usual.
+
+    ``warnings.catch_warnings`` changes the process's warning state, so it is used on
+    the main thread only (the command line); on a widget's helper thread the library's
+    warnings print as they are, and the widget shows the result's notes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
     for record in caught:
-        if record.filename.startswith(_PACKAGE_DIR) and issubclass(record.category, UserWarning):
-            notes[str(record.message)] = None
-        else:
+        if not (record.filename.startswith(_PACKAGE_DIR) and issubclass(record.category, UserWarning)):
             warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
-    return tuple(notes)
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)

@@ -222,3 +222,20 @@ def test_results_of_a_run_given_relative_paths_open_from_another_folder(widget, 
     widget.show_result("a.png")
     wait_until_idle(qtbot, widget)
     assert widget.errors == [] and widget.status.startswith("Showing a"), widget.status
+
+
+def test_images_warned_about_are_counted_in_the_status(widget, qtbot, tmp_path):
+    from napari_smear.samples import synthetic_smear
+
+    rgb = synthetic_smear((160, 200), rbc_diameter_px=24.0, seed=3)[0]
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "colour.png", rgb)
+    write_png_atomic(tmp_path / "in" / "gray.png", np.round(rgb.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8))
+    widget._input.value = tmp_path / "in"
+    widget._output.value = tmp_path / "out"
+    widget._models.value = []
+    widget._device.value = "cpu"
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert widget.errors == []
+    assert "1 with warnings (summary.csv, column warnings), the first: gray.png: the image has no colour" in widget.status

@@ -252,3 +252,22 @@ def test_an_eyepiece_photo_leaves_its_black_frame_out(viewer_with_widget, qtbot)
     assert not cells.data[radial > 1.02].any()
     assert (cells.features["cell_type"] == "rbc").sum() > 20
     assert "unlit (an eyepiece frame) and was left out" in widget.status
+
+
+def test_warnings_about_the_image_reach_the_user(viewer_with_widget, qtbot, monkeypatch):
+    """The run is on a helper thread, whose Python warnings napari does not show: what
+    segment_smear warned about (here, a grayscale image) is in the status line and a
+    napari warning notification."""
+    from napari_smear._napari.widgets import _background
+
+    viewer, widget, errors = viewer_with_widget
+    shown: list[str] = []
+    monkeypatch.setattr(_background, "show_warning", shown.append)
+    rgb = viewer.layers["synthetic smear"].data
+    gray = np.round(rgb.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    widget._image_combo.value = viewer.add_image(gray, name="gray field")
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == [] and "gray field cells" in viewer.layers
+    assert "Warning: the image has no colour (grayscale)" in widget.status
+    assert len(shown) == 1 and "no colour (grayscale)" in shown[0]

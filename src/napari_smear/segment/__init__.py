@@ -111,13 +111,16 @@ def segment_smear(
     outside_view = find_outside_view(rgb)
     if outside_view is not None:
         rgb = fill_outside_view(rgb, outside_view)
+    # what is warned about is also kept in the result (params["warnings"]): a widget
+    # running this on a helper thread, or a batch, shows it with its image
+    notes: list[str] = []
     sample = _subsample(rgb, 250_000)
     if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
-        warnings.warn(
+        notes.append(
             "the image has no colour (grayscale): white cells are told apart by the violet of their "
-            "nuclei, so none will be found, and colour classifiers see no stain; use the colour image",
-            stacklevel=2,
+            "nuclei, so none will be found, and colour classifiers see no stain; use the colour image"
         )
+        warnings.warn(notes[-1], stacklevel=2)
     params = params or CellParams()
     report = progress or (lambda fraction, message: None)
     report(0.0, "estimating stain and scale")
@@ -135,12 +138,15 @@ def segment_smear(
         else:
             diameter, stained_share = _measure_scale(rgb, stain, pool)
             if diameter is None:
-                warnings.warn(
-                    "no stained cells found in the field: returning an empty segmentation",
-                    stacklevel=2,
-                )
-                return _empty(rgb.shape[:2], math.nan, pixel_size_um)
-            _warn_if_few_cells(rgb.shape[:2], stained_share, diameter)
+                notes.append("no stained cells found in the field: returning an empty segmentation")
+                warnings.warn(notes[-1], stacklevel=2)
+                empty = _empty(rgb.shape[:2], math.nan, pixel_size_um)
+                empty.params["warnings"] = notes
+                return empty
+            few = _few_cells_note(rgb.shape[:2], stained_share, diameter)
+            if few:
+                notes.append(few)
+                warnings.warn(few, stacklevel=2)
 
         factor = min(1.0, working_diameter_px / diameter)
         d_work = diameter * factor
@@ -190,7 +196,7 @@ def segment_smear(
         _relabel(labels, nuclei, lut)
         table = table.assign(label=np.arange(1, len(table) + 1, dtype=np.int64))
     table = _mark_edge_cells(table, (h, w), labels, outside_view)
-    params_used = {"working_diameter_px": working_diameter_px, "scale_factor": factor}
+    params_used = {"working_diameter_px": working_diameter_px, "scale_factor": factor, "warnings": notes}
     if outside_view is not None:
         params_used["outside_view_share"] = float(outside_view.mean())
     return SmearSegmentation(
@@ -210,17 +216,17 @@ def segment_smear(
 _FEW_CELLS_FOR_RULER = 5.0
 
 
-def _warn_if_few_cells(shape: tuple[int, int], stained_share: float, diameter: float) -> None:
-    """Warn when the field is too sparse for the measured red-cell size to be trusted
-    (``stained_share``: the stained share of the pixels the ruler measured)."""
+def _few_cells_note(shape: tuple[int, int], stained_share: float, diameter: float) -> str | None:
+    """The warning for a field too sparse for the measured red-cell size to be trusted
+    (``stained_share``: the stained share of the pixels the ruler measured); else None."""
     cells = stained_share * shape[0] * shape[1] / (math.pi * diameter * diameter / 4)
-    if cells < _FEW_CELLS_FOR_RULER:
-        warnings.warn(
-            f"the field holds only about {cells:.1f} red cells' worth of stained area, too little to measure "
-            f"the red-cell size reliably (measured {diameter:.0f} px across); if the cells come out too large "
-            "or too small, pass pixel_size_um or rbc_diameter_px",
-            stacklevel=3,
-        )
+    if cells >= _FEW_CELLS_FOR_RULER:
+        return None
+    return (
+        f"the field holds only about {cells:.1f} red cells' worth of stained area, too little to measure "
+        f"the red-cell size reliably (measured {diameter:.0f} px across); if the cells come out too large "
+        "or too small, pass pixel_size_um or rbc_diameter_px"
+    )
 
 
 def check_working_diameter(working_diameter_px) -> float:

@@ -52,6 +52,11 @@ class SmearSegmentation:
         from the field, or derived from ``pixel_size_um``.
     pixel_size_um : float or None
         Pixel size if it was given.
+    params : dict
+        How it was made (``working_diameter_px``, ``scale_factor``, and
+        ``outside_view_share`` for an eyepiece photo) and ``warnings``: what
+        :func:`~napari_smear.segment_smear` warned about the image (a list of str), for
+        whoever shows the result away from where Python warnings are printed.
     """
 
     labels: np.ndarray

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, Label, ProgressBar, PushButton
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 if TYPE_CHECKING:
@@ -295,6 +295,17 @@ class BackgroundTaskWidget(Container):
         """Explain why a run cannot start: in the status line and as a napari notice."""
         self._set_status(status)
         show_info(f"napari-smear: {notice}")
+
+    def _show_notes(self, notes) -> None:
+        """What the computation warned about the image (``params["warnings"]`` of a
+        segmentation): added to the status line and shown as napari warnings. The run
+        was on a helper thread, whose Python warnings napari does not show."""
+        notes = [str(note) for note in (notes or ()) if note]
+        if not notes:
+            return
+        self._set_status(self.status + "".join(f"\nWarning: {note}" for note in notes))
+        for note in notes:
+            show_warning(f"napari-smear: {note}")
 
     def _fail(self, message: str) -> None:
         self._set_status(f"Failed: {message}")

@@ -277,7 +277,21 @@ def _summary(report: BatchReport, seconds: float) -> str:
     text = f"{text}. Results in {report.out_dir}"
     if report.failed:
         text += f". {_failures(report)}"
+    warned = _warned_images(report)
+    if warned:
+        first = report.summary.loc[report.summary["image"] == warned[0], "warnings"].iloc[0]
+        text += (f". {len(warned)} with warnings (summary.csv, column warnings), the first: "
+                 f"{warned[0]}: {first}")
     return text
+
+
+def _warned_images(report: BatchReport) -> list[str]:
+    """Images of the run that napari-smear warned about (summary.csv's ``warnings``)."""
+    summary = report.summary
+    if summary is None or summary.empty or "warnings" not in summary.columns:
+        return []
+    notes = summary["warnings"].fillna("").astype(str)
+    return summary.loc[notes != "", "image"].astype(str).tolist()
 
 
 def _failures(report: BatchReport, shown: int = 3) -> str:

@@ -150,6 +150,7 @@ class SegmentWidget(BackgroundTaskWidget):
         show_layers(self._viewer, segmentation_layers(result, **target))
         self._progress.value = 100
         self._set_status(_summary(result))
+        self._show_notes(result.params.get("warnings"))
 
 
 def _summary(seg: SmearSegmentation) -> str:

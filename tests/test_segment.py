@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -324,3 +325,32 @@ def test_progress_is_reported_before_each_tile_starts(synthetic_field, monkeypat
 
     with pytest.raises(Stop):
         segment_module.segment_smear(image, tile_size=128, n_workers=1, progress=stop_at_first_tile)
+
+
+def test_refresh_table_after_labels_edited_by_hand():
+    from napari_smear.segment import refresh_table
+
+    image, _ = synthetic_smear((240, 320), rbc_diameter_px=30, seed=2)
+    seg = segment_smear(image)
+    assert refresh_table(seg) is seg  # unedited: as it was
+    labels, nuclei = seg.labels.copy(), seg.nuclei.copy()
+    table = seg.table.set_index("label")
+    gone = int(table.index[table.cell_type == "rbc"][0])
+    labels[labels == gone] = 0
+    redrawn = int(table.index[table.cell_type == "rbc"][1])
+    row = int(round(table.loc[redrawn, "centroid_y"]))
+    labels[row][labels[row] == redrawn] = 0  # a stroke of the eraser across it
+    free = np.argwhere((labels == 0) & (nuclei == 0))
+    painted, with_nucleus = int(labels.max()) + 1, int(labels.max()) + 2
+    for label, (y, x), nucleated in ((painted, free[0], False), (with_nucleus, free[-1], True)):
+        box = (slice(max(0, y - 4), y + 4), slice(max(0, x - 4), x + 4))
+        labels[box][labels[box] == 0] = label
+        if nucleated:
+            nuclei[y, x] = label
+    edited = refresh_table(replace(seg, labels=labels, nuclei=nuclei))
+    rows = edited.table.set_index("label")
+    assert gone not in rows.index and {painted, with_nucleus} <= set(rows.index)
+    assert rows.loc[with_nucleus, "cell_type"] == "wbc" and rows.loc[painted, "cell_type"] == "platelet"
+    assert rows.loc[redrawn, "area_px"] == int((labels == redrawn).sum()) < table.loc[redrawn, "area_px"]
+    assert edited.params["edited"] == {"removed": 1, "added": 2, "redrawn": 1}
+    assert list(edited.table.columns) == list(seg.table.columns)

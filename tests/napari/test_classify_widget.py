@@ -282,3 +282,30 @@ def test_renamed_image_keeps_its_cells(setup, qtbot):
     assert widget._cells_combo.value is None
     assert cells.metadata["napari_smear"]["image_layer"] == "patient 7"
     assert errors == []
+
+
+def test_cells_painted_or_erased_by_hand_are_measured_again(setup, qtbot):
+    """A cell erased with napari's eraser is no longer classified or counted; a cell
+    painted with a new label is (it had no row, so it was never classified)."""
+    viewer, widget, errors = setup
+    cells = viewer.layers["synthetic smear cells"]
+    features = cells.features
+    erased = int(features.loc[features["cell_type"] == "rbc", "index"].iloc[0])
+    data = cells.data.copy()
+    data[data == erased] = 0
+    new_id = int(data.max()) + 1
+    free = np.argwhere(data == 0)
+    y, x = free[len(free) // 2]
+    yy, xx = np.ogrid[: data.shape[0], : data.shape[1]]
+    disc = ((yy - y) ** 2 + (xx - x) ** 2 <= 15**2) & (data == 0)
+    data[disc] = new_id
+    cells.data = data
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == [], errors
+    after = viewer.layers["synthetic smear cells"].features
+    assert erased not in set(after["index"]) and new_id in set(after["index"])
+    row = after.set_index("index").loc[new_id]
+    assert row["class"] != "" and row["area_px"] == int(disc.sum())
+    assert row["cell_type"] in ("rbc", "platelet")  # no nucleus: typed by its size
+    assert "Cells edited by hand, measured again: 1 removed, 1 added" in widget.status

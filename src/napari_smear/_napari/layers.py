@@ -229,6 +229,8 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
     SmearSegmentation
         Its ``table`` holds the segmentation's columns only (those recorded in the
         layer's metadata when it was made): columns a classification added are left out.
+        When the labels were edited by hand (brush, eraser), the table is measured again
+        from them (:func:`napari_smear.segment.refresh_table`).
 
     Raises
     ------
@@ -257,14 +259,17 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
         # Drop what a classification added (class, probabilities, morphology): they are
         # results, and analyze() computes them again.
         table = table[[c for c in own_columns if c in table.columns]]
-    return SmearSegmentation(
+    from napari_smear.segment import refresh_table
+
+    # cells painted or erased by hand since the table was made are measured again
+    return refresh_table(SmearSegmentation(
         labels=labels,
         nuclei=nuclei,
         table=table,
         rbc_diameter_px=float(info["rbc_diameter_px"]),
         pixel_size_um=info.get("pixel_size_um"),
         params=dict(info.get("params", {})),
-    )
+    ))
 
 
 # ----------------------------------------------------------------------------- classification

@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 
 from .._workers import process_pool
 from . import binary
-from .cells import CellParams, segment_field
+from .cells import CellParams, _area, segment_field
 from .field_of_view import fill_outside_view, find_outside_view
 from .scale import (
     RBC_DIAMETER_UM,
@@ -35,6 +35,7 @@ __all__ = [
     "RBC_DIAMETER_UM",
     "find_outside_view",
     "fill_outside_view",
+    "refresh_table",
 ]
 
 ProgressCallback = Callable[[float, str], None]
@@ -452,6 +453,49 @@ def _label_stats(lab: np.ndarray) -> pd.DataFrame:
             "bbox_max_x": rows[:, 3],
             "area_px": area[ids].astype(np.int64),
         }
+    )
+
+
+def refresh_table(segmentation: SmearSegmentation) -> SmearSegmentation:
+    """``segmentation`` with its table measured again from its labels, for labels edited
+    by hand (napari's brush and eraser on the cells layer).
+
+    A label no longer in the image loses its row; a label painted anew gets one, typed
+    ``wbc`` when a nucleus carries its id, ``platelet`` when it is smaller than the
+    smallest red cell the segmentation keeps, else ``rbc``; every cell's centroid, box,
+    area and ``touches_edge`` are measured again. Unedited segmentations (the same
+    labels with the same areas) come back as they are. ``params["edited"]`` says what
+    changed (``removed``, ``added``, ``redrawn`` counts).
+    """
+    table = segmentation.table
+    stats = _label_stats(segmentation.labels)
+    old_area = dict(zip(table.label.to_numpy(np.int64), table.area_px.to_numpy(np.int64)))
+    if len(stats) == len(table) and all(old_area.get(k) == a for k, a in zip(stats.label, stats.area_px)):
+        return segmentation
+    known = dict(zip(table.label.to_numpy(np.int64), table.cell_type))
+    with_nucleus = set(np.unique(segmentation.nuclei).tolist()) - {0}
+    smallest_rbc = _area(segmentation.rbc_diameter_px, CellParams().min_rbc_area)
+    types = [
+        known.get(int(k)) or ("wbc" if int(k) in with_nucleus else "platelet" if a < smallest_rbc else "rbc")
+        for k, a in zip(stats.label, stats.area_px)
+    ]
+    refreshed = _mark_edge_cells(stats.assign(cell_type=types)[list(TABLE_COLUMNS)], segmentation.labels.shape)
+    if "touches_edge" in table.columns:  # untouched cells keep theirs (an eyepiece rim's too)
+        kept = dict(zip(table.label.to_numpy(np.int64), table.touches_edge.to_numpy(bool)))
+        refreshed["touches_edge"] = [
+            kept[k] if old_area.get(k) == a else t
+            for k, a, t in zip(stats.label, stats.area_px, refreshed.touches_edge)
+        ]
+    present = set(stats.label.tolist())
+    edited = {
+        "removed": sum(1 for k in old_area if k not in present),
+        "added": sum(1 for k in present if k not in old_area),
+        "redrawn": sum(1 for k, a in zip(stats.label, stats.area_px) if k in old_area and old_area[k] != a),
+    }
+    return SmearSegmentation(
+        labels=segmentation.labels, nuclei=segmentation.nuclei, table=refreshed,
+        rbc_diameter_px=segmentation.rbc_diameter_px, pixel_size_um=segmentation.pixel_size_um,
+        params={**segmentation.params, "edited": edited},
     )
 
 

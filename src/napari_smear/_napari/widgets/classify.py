@@ -347,7 +347,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             self._pick_cells_layer(self._image_combo.value)  # the next run reuses these cells
         self.last_run_seconds = time.perf_counter() - self._started
         self._progress.value = 100
-        self._set_status(_summary(result, self.last_run_seconds))
+        self._set_status(_summary(result, self.last_run_seconds) + _edits(result.segmentation.params.get("edited")))
         self._show_notes(result.segmentation.params.get("warnings"))
         if getattr(self._viewer, "window", None) is not None:
             from napari_smear._napari.widgets.counts import show_counts
@@ -392,6 +392,14 @@ def _nuclei_layer_for(viewer: Any, cells_layer: Labels) -> Labels | None:
 def _model_name(value: str) -> str:
     path = Path(value)
     return path.stem if path.suffix == ".safetensors" else value
+
+
+def _edits(edited: dict | None) -> str:
+    """What the status adds when the cells were painted or erased by hand before the run."""
+    if not edited or not any(edited.values()):
+        return ""
+    parts = [f"{edited.get(k, 0)} {k}" for k in ("removed", "added", "redrawn") if edited.get(k)]
+    return f". Cells edited by hand, measured again: {', '.join(parts)}"
 
 
 def _summary(result: AnalysisResult, seconds: float) -> str:

@@ -196,7 +196,9 @@ class BackgroundTaskWidget(Container):
         progress_max: int = 100,
         status_lines: int = 0,
     ):
-        super().__init__(labels=True)
+        # scrollable: a dock taller than the screen (several docks, a long status) scrolls
+        # instead of pushing its buttons and napari's status bar off the screen
+        super().__init__(labels=True, scrollable=True)
         self._viewer = napari_viewer
         self._run_button = PushButton(text=run_text)
         self._cancel_button = PushButton(text="Cancel", enabled=False)
@@ -216,6 +218,18 @@ class BackgroundTaskWidget(Container):
         self.native.destroyed.connect(lambda *_: state["cancel"] and state["cancel"].set())
 
     # ------------------------------------------------------------------ public API
+    @property
+    def native(self):
+        """The Qt widget napari docks: the scroll area round the form (magicgui's
+        ``native`` is the form inside it, which napari would dock without its scroll
+        bars, so a dock taller than the screen pushed its buttons off it)."""
+        return self.root_native_widget
+
+    @property
+    def form(self):
+        """The Qt widget holding the form's layout, inside :attr:`native`."""
+        return super().native
+
     @property
     def is_running(self) -> bool:
         """Whether a run (including one being cancelled) is still going."""

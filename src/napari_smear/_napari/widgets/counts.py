@@ -20,10 +20,12 @@ from qtpy.QtWidgets import (
     QComboBox,
     QCheckBox,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
@@ -129,12 +131,23 @@ class CountsWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self._refresh_button)
         buttons.addWidget(self._export_button)
+        # The table and the plot scroll: with many classes they are taller than a
+        # laptop screen, and beside other docks they pushed the buttons (and napari's
+        # status bar) off it. The layer choice and the buttons stay in view.
+        body = QWidget()
+        body_layout = QVBoxLayout(body)
+        body_layout.setContentsMargins(0, 0, 0, 0)
+        body_layout.addWidget(self._summary)
+        body_layout.addWidget(self._table, 1)
+        body_layout.addWidget(self._canvas, 1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(body)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
         layout.addWidget(self._edge_checkbox)
-        layout.addWidget(self._summary)
-        layout.addWidget(self._table, 1)
-        layout.addWidget(self._canvas, 1)
+        layout.addWidget(scroll, 1)
         layout.addLayout(buttons)
         layout.addWidget(self._selected)
 

@@ -414,7 +414,7 @@ class TrainWidget(BackgroundTaskWidget):
         self._figure = Figure(figsize=(4, 2.6), layout="constrained")
         self._canvas = FigureCanvasQTAgg(self._figure)
         self._canvas.setMinimumHeight(200)
-        self.native.layout().addWidget(self._canvas)
+        self.form.layout().addWidget(self._canvas)
         self._draw()
 
     def _draw(self) -> None:

@@ -192,3 +192,21 @@ def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
     # the cancelled run left the earlier model as it was, and nothing of its own
     assert earlier.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors"]
+
+
+def test_another_images_cells_are_refused(setup, tmp_path):
+    """Two fields of the same size: training on one's pixels with the other's cells and
+    classes is refused, and choosing an image picks its own cells layer."""
+    viewer, widget, errors = setup
+    cells = viewer.layers["synthetic smear cells"]
+    cells.features["class"] = np.where(cells.features["cell_type"] == "rbc", "normal", "odd")
+    other = viewer.add_image(np.zeros(viewer.layers["synthetic smear"].data.shape, np.uint8), name="other", rgb=True)
+    widget._source.value = train_module.FROM_VIEWER
+    widget._output.value = tmp_path / "m.safetensors"
+    widget._image_combo.value = other
+    widget._cells_combo.value = cells
+    widget.run()
+    assert "was made from image 'synthetic smear', not 'other'" in widget.status and not widget.is_running
+    widget._image_combo.value = viewer.layers["synthetic smear"]
+    assert widget._cells_combo.value is cells
+    assert errors == []

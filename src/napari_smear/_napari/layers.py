@@ -425,7 +425,7 @@ def attention_layer(
     The (H, W) float32 map (0 outside the classified cells, each cell's map in [0, 1])
     is shown with :func:`attention_colormap` (transparent at 0), translucent blending and
     contrast limits (0, 1), so maps of different images and models compare and the smear
-    shows through.
+    shows through. The layer starts hidden, so that the cells' class colours read true.
     """
     data = np.asarray(attention, dtype=np.float32)
     if data.ndim != 2:
@@ -434,6 +434,9 @@ def attention_layer(
         data,
         {
             "name": f"{image_layer_name} attention ({model_name})",
+            # hidden at first: over the cells it tints their class colours (a blue
+            # neutrophil looked lime); one click on its eye shows it
+            "visible": False,
             "colormap": attention_colormap(),
             "blending": ATTENTION_BLENDING,
             "opacity": ATTENTION_OPACITY,

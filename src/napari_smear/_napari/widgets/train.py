@@ -23,7 +23,7 @@ import pandas as pd
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, RadioButtons, Select, SpinBox
 from napari.layers import Image, Labels
 
-from napari_smear._napari.layers import METADATA_KEY, segmentation_from_layers
+from napari_smear._napari.layers import METADATA_KEY, relink_renamed_image, segmentation_from_layers
 from napari_smear._napari.widgets import user_models
 from napari_smear._napari.widgets._background import BackgroundTaskWidget
 from napari_smear._napari.widgets.classify import (
@@ -243,6 +243,7 @@ class TrainWidget(BackgroundTaskWidget):
         self._source.changed.connect(self._on_source_changed)
         self._start_from.changed.connect(self._on_start_changed)
         self._classes_from.changed.connect(self._on_classes_from_changed)
+        self._image_combo.changed.connect(self._on_image_changed)
         self._follow_user_models()
         self.reset_choices()
         self._on_source_changed(self._source.value)
@@ -321,6 +322,15 @@ class TrainWidget(BackgroundTaskWidget):
         image_layer, cells_layer = self._image_combo.value, self._cells_combo.value
         if image_layer is None or cells_layer is None:
             raise ValueError("open an image and segment it (Segment cells) first, then set classes on its cells")
+        relink_renamed_image(self._viewer, image_layer)  # cells made before the image was renamed
+        owner = cells_layer.metadata.get(METADATA_KEY, {}).get("image_layer")
+        if owner and owner != image_layer.name:
+            # two fields of the same size would otherwise train on one's pixels with the
+            # other's cells and classes, without any error
+            raise ValueError(
+                f"cells layer {cells_layer.name!r} was made from image {owner!r}, not {image_layer.name!r}: "
+                "choose that image, or this image's own cells layer"
+            )
         image = image_layer.data[0] if image_layer.multiscale else image_layer.data
         segmentation = segmentation_from_layers(cells_layer, _nuclei_layer_for(self._viewer, cells_layer))
         if tuple(segmentation.labels.shape) != tuple(image.shape[:2]):
@@ -373,6 +383,17 @@ class TrainWidget(BackgroundTaskWidget):
 
     def _start_choices(self, _widget: Any = None) -> list[tuple[str, str | None]]:
         return [(NEW_MODEL, None), *model_choices()]
+
+    def _on_image_changed(self, layer: Image | None) -> None:
+        """Pick the cells layer made from this image (another image's cells are refused
+        at Train: see _job)."""
+        if layer is None or self.is_running:
+            return
+        relink_renamed_image(self._viewer, layer)
+        for _, candidate in self._cells_layer_choices():
+            if candidate.metadata.get(METADATA_KEY, {}).get("image_layer") == layer.name:
+                self._cells_combo.value = candidate
+                return
 
     def _on_source_changed(self, value: str) -> None:
         from_folder = value == FROM_FOLDER

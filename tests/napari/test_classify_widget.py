@@ -309,3 +309,33 @@ def test_cells_painted_or_erased_by_hand_are_measured_again(setup, qtbot):
     assert row["class"] != "" and row["area_px"] == int(disc.sum())
     assert row["cell_type"] in ("rbc", "platelet")  # no nucleus: typed by its size
     assert "Cells edited by hand, measured again: 1 removed, 1 added" in widget.status
+
+
+def test_batch_outputs_opened_with_their_image_are_its_cells(make_napari_viewer, qtbot, tmp_path, synthetic_field,
+                                                              model_file, monkeypatch):
+    """File > Open of an image and of its batch labels: Classify uses those cells (with
+    their table) instead of segmenting the image again."""
+    from napari_smear.batch import analyze_files
+    from napari_smear.io import write_png_atomic
+
+    errors = shown_errors(monkeypatch)
+    image, _ = synthetic_field
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "field.png", image)
+    analyze_files(tmp_path / "in", tmp_path / "out", models=[], device="cpu")
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "in" / "field.png"), plugin="napari-smear")
+    viewer.open(str(tmp_path / "out" / "field_labels.tif"), plugin="napari-smear")
+    user_models.add(model_file)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
+    widget._models.value = [str(model_file.resolve())]
+    widget._image_combo.value = viewer.layers["field"]
+    assert widget._cells_combo.value is viewer.layers["field cells"]
+    segmented = []
+    import napari_smear.segment
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", lambda *a, **k: segmented.append(1))
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == [] and segmented == []
+    assert (viewer.layers["field cells"].features["class"] != "").any()

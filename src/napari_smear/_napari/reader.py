@@ -114,6 +114,10 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
             METADATA_KEY: {k: v for k, v in own.items() if k not in placement},
         },
     }
+    if "image_layer" not in own and isinstance(own.get("image"), str):
+        # a batch run records the input image's path; opened beside it, that image's
+        # layer is named after its file: the docks then find these cells for it
+        kwargs["metadata"][METADATA_KEY]["image_layer"] = file_stem(own["image"])
     if meta.get("pixel_size_yx_um") is not None:
         kwargs["scale"] = tuple(meta["pixel_size_yx_um"])
         kwargs["units"] = ("µm", "µm")

@@ -533,7 +533,7 @@ def crop_single_cell_images(
                 results[index] = result
                 errors.pop(index, None)
                 fallback_count += 1
-            else:
+            elif index not in results:  # an outlier that fails again keeps its own crop
                 errors[index] = error
     return results, errors, fallback_count
 

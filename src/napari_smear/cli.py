@@ -566,7 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # whatever read the output stopped (``| head``): stop quietly, as a shell tool
         # does, with no error message about it; later output goes nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout with no file behind it
+            pass
         return 141
     except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as exc:
         # OSError: an output path that is a folder, a full disk, a permission...

@@ -213,7 +213,7 @@ def segmentation_layers(
     return [cells, nuclei]
 
 
-def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> SmearSegmentation:
+def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None, *, refresh: bool = True) -> SmearSegmentation:
     """Rebuild a :class:`SmearSegmentation` from the layers :func:`segmentation_layers` made.
 
     Parameters
@@ -223,14 +223,17 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
         its metadata the RBC diameter).
     nuclei_layer : napari.layers.Labels, optional
         The nuclei layer; without it ``nuclei`` is all zeros.
+    refresh : bool
+        Measure the table again from the labels when they were edited by hand (brush,
+        eraser; :func:`napari_smear.segment.refresh_table`, a pass over every pixel). A
+        widget passes False and does it in its worker.
 
     Returns
     -------
     SmearSegmentation
         Its ``table`` holds the segmentation's columns only (those recorded in the
         layer's metadata when it was made): columns a classification added are left out.
-        When the labels were edited by hand (brush, eraser), the table is measured again
-        from them (:func:`napari_smear.segment.refresh_table`).
+        With ``refresh``, a table measured again from labels edited by hand.
 
     Raises
     ------
@@ -261,15 +264,16 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None) -> Smea
         table = table[[c for c in own_columns if c in table.columns]]
     from napari_smear.segment import refresh_table
 
-    # cells painted or erased by hand since the table was made are measured again
-    return refresh_table(SmearSegmentation(
+    segmentation = SmearSegmentation(
         labels=labels,
         nuclei=nuclei,
         table=table,
         rbc_diameter_px=float(info["rbc_diameter_px"]),
         pixel_size_um=info.get("pixel_size_um"),
         params=dict(info.get("params", {})),
-    ))
+    )
+    # cells painted or erased by hand since the table was made are measured again
+    return refresh_table(segmentation) if refresh else segmentation
 
 
 # ----------------------------------------------------------------------------- classification

@@ -247,7 +247,8 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         if cells_layer is not None:
             nuclei_layer = _nuclei_layer_for(self._viewer, cells_layer)
             try:
-                segmentation = segmentation_from_layers(cells_layer, nuclei_layer)
+                # edits by hand are measured in the worker (a pass over every pixel)
+                segmentation = segmentation_from_layers(cells_layer, nuclei_layer, refresh=False)
             except ValueError as exc:
                 self._fail(str(exc))
                 return
@@ -281,9 +282,12 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
 
         def compute(report):
             from napari_smear import pipeline
+            from napari_smear.segment import refresh_table
 
             # The pixels are materialised here, so a lazy (dask) layer does not freeze the viewer.
             pixels = np.asarray(image)
+            if options["segmentation"] is not None:  # cells painted or erased by hand
+                options["segmentation"] = refresh_table(options["segmentation"])
             return pipeline.analyze(pixels, progress=lambda f, m="": report((float(f), str(m))), **options)
 
         what = "segmenting and classifying" if segmentation is None else "classifying"

@@ -138,7 +138,7 @@ def test_fetch_bccd_offline_gives_a_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setenv(samples.CACHE_ENV, str(tmp_path))
     _make_pooch_fail(monkeypatch, requests.exceptions.ConnectionError("Name or service not known"))
-    with pytest.raises(RuntimeError, match=r"could not download the BCCD sample .*no network.*synthetic"):
+    with pytest.raises(RuntimeError, match=r"could not download the BCCD sample .*no network.*File > Open Sample > napari-smear > Synthetic smear"):
         fetch_bccd_sample()
 
 

@@ -423,6 +423,13 @@ def _draw_cell(cell, cell_id, background, transmittance, labels, nuclei) -> None
         nuclei[y0:y1, x0:x1][inside & (nucleus >= 0.5)] = cell_id
 
 
+# where the offline sample is, for a GUI user and for a script
+_SYNTHETIC_SAMPLE_WAYS = (
+    "in napari File > Open Sample > napari-smear > Synthetic smear (offline); "
+    "in a script napari_smear.samples.synthetic_smear()"
+)
+
+
 def fetch_bccd_sample(name: str = "BloodImage_00000") -> Path:
     """Download (once) a BCCD blood-smear field and return its local path.
 
@@ -462,12 +469,11 @@ def fetch_bccd_sample(name: str = "BloodImage_00000") -> Path:
     except ValueError as exc:  # pooch's hash mismatch
         raise RuntimeError(
             f"the downloaded BCCD sample {name!r} does not match its pinned sha256 "
-            f"({exc}); use the synthetic sample instead (napari_smear.samples.synthetic_smear)"
+            f"({exc}); use the synthetic sample instead: {_SYNTHETIC_SAMPLE_WAYS}"
         ) from exc
     except Exception as exc:  # requests' ConnectionError, HTTPError, timeouts, OSError
         raise RuntimeError(
             f"could not download the BCCD sample {name!r} (no network?): "
-            f"{type(exc).__name__}: {exc}. Use the synthetic sample instead "
-            "(napari_smear.samples.synthetic_smear)"
+            f"{type(exc).__name__}: {exc}. Use the synthetic sample instead: {_SYNTHETIC_SAMPLE_WAYS}"
         ) from exc
 

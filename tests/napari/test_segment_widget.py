@@ -271,3 +271,13 @@ def test_warnings_about_the_image_reach_the_user(viewer_with_widget, qtbot, monk
     assert errors == [] and "gray field cells" in viewer.layers
     assert "Warning: the image has no colour (grayscale)" in widget.status
     assert len(shown) == 1 and "no colour (grayscale)" in shown[0]
+
+
+def test_attention_maps_are_not_offered_for_segmentation(viewer_with_widget):
+    from napari_smear._napari.layers import attention_layer
+
+    viewer, widget, _ = viewer_with_widget
+    data, kwargs, _ = attention_layer(np.zeros((480, 640), np.float32), model_name="m", image_layer_name="synthetic smear")
+    viewer.add_image(data, **kwargs)
+    widget.reset_choices()
+    assert [layer.name for layer in widget._image_combo.choices] == ["synthetic smear"]

@@ -132,7 +132,9 @@ class SegmentWidget(BackgroundTaskWidget):
 
     # ------------------------------------------------------------------ callbacks
     def _image_layer_choices(self, _widget: Any = None) -> list[tuple[str, Image]]:
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+        from napari_smear._napari.widgets.classify import image_layer_choices
+
+        return image_layer_choices(self._viewer)  # not the attention maps
 
     def _on_image_changed(self, layer: Image | None) -> None:
         if layer is None or self.is_running:

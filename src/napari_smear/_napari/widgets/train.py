@@ -453,7 +453,8 @@ class TrainWidget(BackgroundTaskWidget):
             axes.plot(epochs, [r["val_accuracy"] for r in self.history], "o-", ms=3, label="accuracy")
             axes.plot(epochs, [r["val_macro_f1"] for r in self.history], "s-", ms=3, label="macro-F1")
             loss = axes.twinx()
-            loss.plot(epochs, [r["train_loss"] for r in self.history], color="0.6", lw=1, ls="--", label="train loss")
+            loss.plot(epochs, [r["train_loss"] for r in self.history], color="0.6", lw=1, ls="--", marker=".",
+                      label="train loss")  # a marker: one epoch is one point, which a line alone does not draw
             loss.set_ylabel("train loss", fontsize=8, color="0.4")
             loss.tick_params(labelsize=7, colors="0.4")
             best = max(self.history, key=lambda r: r["val_macro_f1"])

@@ -240,8 +240,7 @@ def segment_files(
                 pixel_size = pixel_size_um or meta.get("pixel_size_um")
                 with _own_warnings_held_back():
                     seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
-                for note in _image_notes(seg):  # shown with the file they are about
-                    warnings.warn(f"{job.relative}: {note}", UserWarning, stacklevel=2)
+                _warn_about(job.relative, _image_notes(seg))
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
                 _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
                 write_csv_atomic(job.output("cells"), seg.table)
@@ -416,6 +415,12 @@ def _image_notes(segmentation) -> tuple[str, ...]:
     that it is empty: a field with no cells is a result like any other."""
     return tuple(note for note in segmentation.params.get("warnings", ())
                  if not note.startswith("no stained cells"))
+
+
+def _warn_about(image: str, notes) -> None:
+    """Issue the warnings about ``image`` again, each with its name."""
+    for note in notes:
+        warnings.warn(f"{image}: {note}", UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -1164,8 +1169,7 @@ def analyze_files(
                         for stage, seconds in outcome.timings.items():
                             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
                         message = f"analysed {outcome.job.relative}"
-                        for note in outcome.notes:  # shown with the file they are about
-                            warnings.warn(f"{outcome.job.relative}: {note}", UserWarning, stacklevel=2)
+                        _warn_about(outcome.job.relative, outcome.notes)
                     if progress:
                         progress(done, total, message)
         finally:

@@ -225,13 +225,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def _cmyk_to_rgb(data: np.ndarray) -> np.ndarray:
-    """CMYK ink coverage (colour axis last; channels past the fourth dropped) -> RGB of
-    the same dtype: each colour is what its ink and the black ink let through."""
-    ink = data[..., :4]
-    if np.issubdtype(ink.dtype, np.integer):  # full range by convention, like alpha
-        unit = ink.astype(np.float32) / float(np.iinfo(ink.dtype).max)
-    else:
-        unit = np.clip(np.nan_to_num(ink.astype(np.float32)), 0.0, 1.0)
+    """CMYK ink coverage (colour axis last; channels past the fourth dropped) -> RGB,
+    integer dtypes kept, others float32: each colour is what its ink and the black ink
+    let through."""
+    unit = _full_range_to_unit(data[..., :4], nan=0.0)
     rgb = (1.0 - unit[..., :3]) * (1.0 - unit[..., 3:4])
     if np.issubdtype(data.dtype, np.integer):
         return np.round(rgb * np.iinfo(data.dtype).max).astype(data.dtype)
@@ -458,13 +455,19 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
 
 
 def _alpha_to_unit(alpha: np.ndarray) -> np.ndarray:
-    """Alpha channel -> float32 in [0, 1]; alpha is full-range by convention."""
-    if alpha.dtype == bool:
-        return alpha.astype(np.float32)
-    if np.issubdtype(alpha.dtype, np.integer):
-        return alpha.astype(np.float32) / float(np.iinfo(alpha.dtype).max)
-    alpha = np.nan_to_num(alpha.astype(np.float32), nan=1.0, posinf=1.0, neginf=0.0)
-    return np.clip(alpha, 0.0, 1.0)
+    """Alpha channel -> float32 in [0, 1] (NaN: opaque)."""
+    return _full_range_to_unit(alpha, nan=1.0)
+
+
+def _full_range_to_unit(values: np.ndarray, *, nan: float) -> np.ndarray:
+    """A full-range channel (alpha, ink coverage: the dtype's whole range is 0 to 1 by
+    convention, unlike pixel values) -> float32 in [0, 1]; NaN becomes ``nan``."""
+    if values.dtype == bool:
+        return values.astype(np.float32)
+    if np.issubdtype(values.dtype, np.integer):
+        return values.astype(np.float32) / float(np.iinfo(values.dtype).max)
+    values = np.nan_to_num(values.astype(np.float32), nan=nan, posinf=1.0, neginf=0.0)
+    return np.clip(values, 0.0, 1.0)
 
 
 def _to_unit_float(array: np.ndarray) -> np.ndarray:

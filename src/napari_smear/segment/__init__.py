@@ -115,13 +115,17 @@ def segment_smear(
     # what is warned about is also kept in the result (params["warnings"]): a widget
     # running this on a helper thread, or a batch, shows it with its image
     notes: list[str] = []
+
+    def warn(note: str) -> None:
+        notes.append(note)
+        warnings.warn(note, stacklevel=3)  # the caller of segment_smear
+
     sample = _subsample(rgb, 250_000)
     if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
-        notes.append(
+        warn(
             "the image has no colour (grayscale): white cells are told apart by the violet of their "
             "nuclei, so none will be found, and colour classifiers see no stain; use the colour image"
         )
-        warnings.warn(notes[-1], stacklevel=2)
     params = params or CellParams()
     report = progress or (lambda fraction, message: None)
     report(0.0, "estimating stain and scale")
@@ -139,15 +143,13 @@ def segment_smear(
         else:
             diameter, stained_share = _measure_scale(rgb, stain, pool)
             if diameter is None:
-                notes.append("no stained cells found in the field: returning an empty segmentation")
-                warnings.warn(notes[-1], stacklevel=2)
+                warn("no stained cells found in the field: returning an empty segmentation")
                 empty = _empty(rgb.shape[:2], math.nan, pixel_size_um)
                 empty.params["warnings"] = notes
                 return empty
             few = _few_cells_note(rgb.shape[:2], stained_share, diameter)
             if few:
-                notes.append(few)
-                warnings.warn(few, stacklevel=2)
+                warn(few)
 
         factor = min(1.0, working_diameter_px / diameter)
         d_work = diameter * factor

@@ -115,6 +115,16 @@ def cells_layer_choices(viewer: Any) -> list[tuple[str, Labels]]:
     ]
 
 
+def cells_layer_of(viewer: Any, image_layer: Any) -> Labels | None:
+    """The cells layer made from ``image_layer`` (also one made before the image was
+    renamed), or None: never another image's, which may have the same size."""
+    relink_renamed_image(viewer, image_layer)
+    for _, candidate in cells_layer_choices(viewer):
+        if candidate.metadata[METADATA_KEY].get("image_layer") == image_layer.name:
+            return candidate
+    return None
+
+
 class ModelInputs:
     """The "models" list and "add model file" field of a widget that classifies cells.
 
@@ -324,12 +334,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         self._pick_cells_layer(layer)
 
     def _pick_cells_layer(self, image_layer: Image) -> None:
-        relink_renamed_image(self._viewer, image_layer)  # its cells, made before it was renamed
-        for _, candidate in self._cells_layer_choices():
-            if candidate is not None and candidate.metadata[METADATA_KEY].get("image_layer") == image_layer.name:
-                self._cells_combo.value = candidate
-                return
-        self._cells_combo.value = None
+        self._cells_combo.value = cells_layer_of(self._viewer, image_layer)
 
     def _select_default_models(self) -> None:
         values = [value for _, value in model_choices()]

@@ -30,6 +30,7 @@ from napari_smear._napari.widgets.classify import (
     _model_name,
     _nuclei_layer_for,
     cells_layer_choices,
+    cells_layer_of,
     device_combo,
     image_layer_choices,
     model_choices,
@@ -389,11 +390,9 @@ class TrainWidget(BackgroundTaskWidget):
         at Train: see _job)."""
         if layer is None or self.is_running:
             return
-        relink_renamed_image(self._viewer, layer)
-        for _, candidate in self._cells_layer_choices():
-            if candidate.metadata.get(METADATA_KEY, {}).get("image_layer") == layer.name:
-                self._cells_combo.value = candidate
-                return
+        own = cells_layer_of(self._viewer, layer)
+        if own is not None:
+            self._cells_combo.value = own
 
     def _on_source_changed(self, value: str) -> None:
         from_folder = value == FROM_FOLDER

@@ -20,7 +20,7 @@ from .scale import (
     estimate_rbc_diameter,
     rbc_diameter_from_pixel_size,
 )
-from .stain import StainModel, estimate_stain, stain_channels
+from .stain import FieldChannels, StainModel, _estimate_stain, stain_channels
 from .tiles import Tile, iter_tiles
 from .types import CELL_TYPES, TABLE_COLUMNS, SmearSegmentation
 
@@ -134,14 +134,17 @@ def segment_smear(
     large = h * w > _SINGLE_PASS_MAX_PIXELS
     workers = max(1, n_workers or min(4, _cpu_count())) if large else 1
     with process_pool(workers) as pool:
-        stain = estimate_stain(_subsample(rgb, 4_000_000))
+        stain_sample = _subsample(rgb, 4_000_000)
+        stain, channels = _estimate_stain(stain_sample)
+        if stain_sample is not rgb:  # what was computed on the sample is not the field's
+            channels = None
         report(0.0, "measuring the red-cell size")  # each report is also a chance to cancel
         if rbc_diameter_px is not None:  # checked by _check_positive above
             diameter = float(rbc_diameter_px)
         elif pixel_size_um is not None:
             diameter = rbc_diameter_from_pixel_size(pixel_size_um)
         else:
-            diameter, stained_share = _measure_scale(rgb, stain, pool)
+            diameter, stained_share = _measure_scale(rgb, stain, pool, channels)
             if diameter is None:
                 warn("no stained cells found in the field: returning an empty segmentation")
                 empty = _empty(rgb.shape[:2], math.nan, pixel_size_um)
@@ -303,10 +306,12 @@ def _subsample(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
     return rgb[::step, ::step] if step > 1 else rgb
 
 
-def _measure_window(window: np.ndarray, stain: StainModel) -> tuple[float | None, float]:
+def _measure_window(
+    window: np.ndarray, stain: StainModel, channels: FieldChannels | None = None
+) -> tuple[float | None, float]:
     """Red-cell diameter of a window (None when it cannot be measured) and the share of
-    its pixels that are stained matter."""
-    stained = stain_channels(window, stain)[0] > stain.foreground_threshold
+    its pixels that are stained matter (``channels``: the window's, when known)."""
+    stained = stain_channels(window, stain, channels)[0] > stain.foreground_threshold
     try:
         diameter = estimate_rbc_diameter(stained)
     except ScaleEstimateError:
@@ -323,10 +328,13 @@ def _estimate_diameter(rgb: np.ndarray, stain: StainModel, pool=None) -> float |
     return _measure_scale(rgb, stain, pool)[0]
 
 
-def _measure_scale(rgb: np.ndarray, stain: StainModel, pool=None) -> tuple[float | None, float]:
+def _measure_scale(
+    rgb: np.ndarray, stain: StainModel, pool=None, channels: FieldChannels | None = None
+) -> tuple[float | None, float]:
     """Red-cell diameter from native-resolution windows of the field (measured in the
     worker processes of ``pool`` when given; None for a field with no stained matter),
-    and the stained share of the pixels it was measured on."""
+    and the stained share of the pixels it was measured on (``channels``: the whole
+    field's, from :func:`stain._estimate_stain`, reused when it is measured whole)."""
     h, w = rgb.shape[:2]
     found: list[tuple[float | None, float]] = []
     if h * w > _SCALE_WHOLE_FIELD_MAX_PIXELS:
@@ -345,7 +353,7 @@ def _measure_scale(rgb: np.ndarray, stain: StainModel, pool=None) -> tuple[float
     estimates = [v for v, _ in found if v is not None]
     if not estimates and h * w <= _SCALE_WINDOWS_ONLY_MIN_PIXELS:
         # a small field, or a sparse one whose windows missed the cells: measure it whole
-        found = [_measure_window(rgb, stain)]
+        found = [_measure_window(rgb, stain, channels)]
         estimates = [v for v, _ in found if v is not None]
     if not estimates:
         if not (stain_channels(_subsample(rgb, 1_000_000), stain)[0] > stain.foreground_threshold).any():

@@ -33,7 +33,7 @@ def test_counts_from_features():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field, tmp_path):
+def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field, tmp_path, qtbot, monkeypatch):
     from napari_smear.pipeline import analyze
 
     viewer = make_napari_viewer()
@@ -89,6 +89,36 @@ def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field
     row = counts_widget.counts.query("cell_type == 'wbc' and `class` == 'basophil'")
     assert row["count"].tolist() == [1] and row["percent"].tolist() == [50.0]
     np.testing.assert_allclose(cells.colormap.map(label), CLASS_COLORS["basophil"], atol=1e-6)
+
+    # The user erases a red cell with the fill tool: the dock measures the layer again
+    # (once the strokes pause) and counts one red cell fewer; the corrected class stays.
+    rbc_before = int(counts_widget.counts.query("cell_type == 'rbc'")["count"].sum())
+    erased = features[(features["cell_type"] == "rbc") & ~features["touches_edge"]].iloc[0]
+    erased_label = int(erased["index"])
+    ys, xs = np.nonzero(cells.data == erased_label)
+    cells.fill((ys[0], xs[0]), 0)
+    qtbot.waitUntil(lambda: "Measured again after hand edits: 1 removed" in counts_widget._summary.text(), timeout=5000)
+    assert int(counts_widget.counts.query("cell_type == 'rbc'")["count"].sum()) == rbc_before - 1
+    assert erased_label not in set(cells.features["index"])
+    assert cells.features.set_index("index").loc[label, "class"] == "basophil"
+    # A cell painted with a new label gets a row (no class yet) and is counted.
+    new_label = int(cells.features["index"].max()) + 1
+    cells.paint((ys.mean(), xs.mean()), new_label)  # a brush dab where the erased cell was
+    qtbot.waitUntil(lambda: new_label in set(cells.features["index"]), timeout=5000)
+    assert cells.features.set_index("index").loc[new_label, "class"] == ""
+    assert counts_widget.counts["count"].sum() == len(cells.features)
+    # A whole-slide layer is measured again only when Update is pressed (a pass over
+    # every pixel); until then the dock says so.
+    from napari_smear._napari.widgets import counts as counts_module
+
+    monkeypatch.setattr(counts_module, "AUTO_REMEASURE_MAX_PIXELS", 0)
+    total = int(counts_widget.counts["count"].sum())
+    cells.fill((int(ys.mean()), int(xs.mean())), 0)  # erase the painted cell again
+    qtbot.waitUntil(lambda: "press Update to count them again" in counts_widget._summary.text(), timeout=5000)
+    assert int(counts_widget.counts["count"].sum()) == total
+    counts_widget._refresh_button.click()
+    assert int(counts_widget.counts["count"].sum()) == total - 1
+    assert "press Update" not in counts_widget._summary.text()
 
     # Selecting a cell names its class and confidence.
     cells.selected_label = label

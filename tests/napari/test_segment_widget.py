@@ -281,3 +281,25 @@ def test_attention_maps_are_not_offered_for_segmentation(viewer_with_widget):
     viewer.add_image(data, **kwargs)
     widget.reset_choices()
     assert [layer.name for layer in widget._image_combo.choices] == ["synthetic smear"]
+
+
+def test_segmenting_again_removes_the_old_cells_attention_maps(viewer_with_widget, qtbot, monkeypatch, synthetic_field):
+    from napari_smear._napari.layers import attention_layer
+
+    viewer, widget, errors = viewer_with_widget
+    _, truth = synthetic_field
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", lambda image, **_: truth_segmentation(truth))
+    image = viewer.layers["synthetic smear"]
+    for model, name, layer_id in (("m1", "synthetic smear", image.unique_id), ("m2", "synthetic smear", None),
+                                  ("m1", "other field", "another-layer-id")):
+        data, kwargs, _ = attention_layer(np.zeros((480, 640), np.float32), model_name=model,
+                                          image_layer_name=name, image_layer_id=layer_id)
+        viewer.add_image(data, **kwargs)
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == []
+    names = [layer.name for layer in viewer.layers]
+    # the maps of this image's earlier cells went; another image's map stays
+    assert "synthetic smear attention (m1)" not in names and "synthetic smear attention (m2)" not in names
+    assert "other field attention (m1)" in names
+    assert "removed 2 attention maps of the cells segmented before" in widget.status

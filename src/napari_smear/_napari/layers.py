@@ -276,6 +276,82 @@ def segmentation_from_layers(cells_layer: Any, nuclei_layer: Any = None, *, refr
     return refresh_table(segmentation) if refresh else segmentation
 
 
+def nuclei_layer_of(viewer: Any, cells_layer: Any) -> Any:
+    """The nuclei layer made together with ``cells_layer`` (same segmentation), if any."""
+    from napari.layers import Labels
+
+    info = cells_layer.metadata.get(METADATA_KEY, {})
+    candidates = [
+        layer for layer in viewer.layers
+        if isinstance(layer, Labels)
+        and layer.metadata.get(METADATA_KEY, {}).get("kind") == "nuclei"
+        and layer.metadata[METADATA_KEY].get("image_layer") == info.get("image_layer")
+        and layer.data.shape == cells_layer.data.shape
+    ]
+    paired = cells_layer.name.replace(" cells", " nuclei")
+    for layer in candidates:
+        if layer.name == paired:
+            return layer
+    return candidates[0] if candidates else None
+
+
+def attention_layers_of(viewer: Any, image_layer_name: str, image_layer_id: str | None = None) -> list[Any]:
+    """The attention layers made from the cells of an image (by its layer id when it is
+    known, else by its name)."""
+    found = []
+    for layer in viewer.layers:
+        info = getattr(layer, "metadata", {}).get(METADATA_KEY, {})
+        if info.get("kind") != "attention":
+            continue
+        if image_layer_id is not None and info.get("image_layer_id") is not None:
+            if info["image_layer_id"] == image_layer_id:
+                found.append(layer)
+        elif info.get("image_layer") == image_layer_name:
+            found.append(layer)
+    return found
+
+
+def refresh_cells_layer(cells_layer: Any, nuclei_layer: Any = None) -> dict[str, int] | None:
+    """Measure a cells layer again after hand edits (brush, eraser, fill) and update its
+    features and colours in place.
+
+    A cell erased to the last pixel loses its row; a cell painted with a new label
+    gets one (typed as :func:`napari_smear.segment.refresh_table` says: ``wbc`` when
+    ``nuclei_layer`` holds its id, else by size) with no class; every other cell keeps
+    its class, confidence and the other columns a classification added, with its
+    area, centroid and box measured again (the morphology a classification measured
+    is measured again when it runs next). A pass over every pixel of the layer.
+
+    Returns
+    -------
+    dict or None
+        ``removed``, ``added`` and ``redrawn`` counts; None when nothing changed (the
+        layer is then left as it was).
+    """
+    from napari_smear.segment import refresh_table
+
+    refreshed = refresh_table(segmentation_from_layers(cells_layer, nuclei_layer, refresh=False))
+    edited = refreshed.params.get("edited")
+    if not edited:
+        return None
+    old = pd.DataFrame(cells_layer.features)
+    table = refreshed.table.copy()
+    added_columns = [c for c in old.columns if c not in table.columns and c != "index"]
+    if added_columns and "label" in old.columns:
+        kept = old.drop_duplicates("label").set_index("label")[added_columns]
+        table = table.join(kept, on="label")
+    if "class" in table.columns:
+        for column in ("class", "model"):  # "" for the new cells, as classification_features writes them
+            if column in table.columns:
+                table[column] = [str(v) if _has_class(v) else "" for v in table[column]]
+        cells_layer.features = classification_features(table)
+        recolor_by_class(cells_layer)
+    else:
+        cells_layer.features = features_from_table(table)
+        cells_layer.colormap = cell_type_colormap(table)
+    return edited
+
+
 # ----------------------------------------------------------------------------- classification
 
 #: Fixed colours of the classes the built-in models know (:data:`napari_smear.colors.CLASS_RGB`),

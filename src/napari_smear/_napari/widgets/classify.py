@@ -20,6 +20,7 @@ from napari.layers import Image, Labels
 from napari_smear._napari.layers import (
     METADATA_KEY,
     analysis_layers,
+    nuclei_layer_of,
     relink_renamed_image,
     segmentation_from_layers,
     show_layers,
@@ -255,7 +256,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         segmentation = None
         nuclei_layer = None
         if cells_layer is not None:
-            nuclei_layer = _nuclei_layer_for(self._viewer, cells_layer)
+            nuclei_layer = nuclei_layer_of(self._viewer, cells_layer)
             try:
                 # edits by hand are measured in the worker (a pass over every pixel)
                 segmentation = segmentation_from_layers(cells_layer, nuclei_layer, refresh=False)
@@ -379,23 +380,6 @@ def _cell_types_of(value: str) -> set[str]:
 
 def _is_attention(layer: Any) -> bool:
     return layer.metadata.get(METADATA_KEY, {}).get("kind") == "attention"
-
-
-def _nuclei_layer_for(viewer: Any, cells_layer: Labels) -> Labels | None:
-    """The nuclei layer made together with ``cells_layer`` (same segmentation), if any."""
-    info = cells_layer.metadata.get(METADATA_KEY, {})
-    candidates = [
-        layer for layer in viewer.layers
-        if isinstance(layer, Labels)
-        and layer.metadata.get(METADATA_KEY, {}).get("kind") == "nuclei"
-        and layer.metadata[METADATA_KEY].get("image_layer") == info.get("image_layer")
-        and layer.data.shape == cells_layer.data.shape
-    ]
-    paired = cells_layer.name.replace(" cells", " nuclei")
-    for layer in candidates:
-        if layer.name == paired:
-            return layer
-    return candidates[0] if candidates else None
 
 
 def _model_name(value: str) -> str:

@@ -39,7 +39,9 @@ from napari_smear._napari.layers import (
     UNCLASSIFIED_ALPHA,
     UNKNOWN_COLOR,
     class_palette,
+    nuclei_layer_of,
     recolor_by_class,
+    refresh_cells_layer,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +52,11 @@ __all__ = ["CountsWidget", "show_counts", "counts_from_features", "WIDGET_NAME"]
 #: The widget's display name in the manifest (the dock's title).
 WIDGET_NAME = "Differential count"
 UNCLASSIFIED = "unclassified"
+#: Cells layers up to this many pixels are measured again as soon as they are painted
+#: or erased by hand (a pass over every pixel: about 20 ms on a camera field, a few
+#: tenths of a second at this size, on the GUI thread); larger ones when Update is
+#: pressed.
+AUTO_REMEASURE_MAX_PIXELS = 16_000_000
 
 
 def counts_from_features(features: pd.DataFrame, *, include_edge_cells: bool = True) -> pd.DataFrame:
@@ -119,7 +126,8 @@ class CountsWidget(QWidget):
         self._canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self._refresh_button = QPushButton("Update")
         self._refresh_button.setToolTip(
-            "Count again and recolour the cells, e.g. after editing 'class' in the features table"
+            "Measure cells painted or erased by hand, count again and recolour the cells, "
+            "e.g. after editing 'class' in the features table"
         )
         self._export_button = QPushButton("Export CSV…")
         self._selected = QLabel("")
@@ -156,6 +164,13 @@ class CountsWidget(QWidget):
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.setInterval(0)
         self._refresh_timer.timeout.connect(self.refresh)
+        # Brush strokes come one after another: measure once they pause.
+        self._edit_timer = QTimer(self)
+        self._edit_timer.setSingleShot(True)
+        self._edit_timer.setInterval(400)
+        self._edit_timer.timeout.connect(self._on_edits_settled)
+        self._edited_by_hand = False  # painted since last measured (large layers)
+        self._last_edit: dict[str, int] | None = None
 
         self._layer_combo.currentIndexChanged.connect(self._on_combo_changed)
         self._refresh_button.clicked.connect(self._on_update_clicked)
@@ -228,7 +243,10 @@ class CountsWidget(QWidget):
                 from napari_smear.pipeline import cut_by_edge
 
                 left_out = 0 if self.include_edge_cells else int(cut_by_edge(features).sum())
-                self._summary.setText(_summary(self._counts, layer.name, left_out))
+                self._summary.setText(
+                    _summary(self._counts, layer.name, left_out)
+                    + _edit_note(self._last_edit, self._edited_by_hand and layer.data.size > AUTO_REMEASURE_MAX_PIXELS)
+                )
         self._fill_table()
         self._draw()
         self._on_selected_label()
@@ -269,23 +287,63 @@ class CountsWidget(QWidget):
 
     def _watch(self, layer: Labels | None) -> None:
         if self._layer is not None:
-            for event in (self._layer.events.features, self._layer.events.colormap):
-                event.disconnect(self._schedule_refresh)
-            self._layer.events.selected_label.disconnect(self._on_selected_label)
+            _unwatch(self, self._layer)
         self._layer = layer
+        self._edited_by_hand = False
+        self._last_edit = None
         if layer is not None:
             for event in (layer.events.features, layer.events.colormap):
                 event.connect(self._schedule_refresh)
             layer.events.selected_label.connect(self._on_selected_label)
+            layer.events.paint.connect(self._on_painted)
+            layer.events.data.connect(self._on_data_replaced)
         self.refresh()
 
     def _schedule_refresh(self, *_: Any) -> None:
         self._refresh_timer.start()
 
-    def _on_update_clicked(self) -> None:
-        if self._layer is not None and "class" in self._layer.features.columns:
-            recolor_by_class(self._layer)  # edited classes get their colours
+    def _on_data_replaced(self, *_: Any) -> None:
+        # segmented again: the notes about earlier hand edits no longer apply
+        self._edit_timer.stop()
+        self._edited_by_hand = False
+        self._last_edit = None
+        self._schedule_refresh()
+
+    def _on_painted(self, *_: Any) -> None:
+        self._edited_by_hand = True
+        self._edit_timer.start()
+
+    def _on_edits_settled(self) -> None:
+        layer = self._layer
+        if layer is None:
+            return
+        if layer.data.size <= AUTO_REMEASURE_MAX_PIXELS:
+            self.remeasure()
+        else:
+            self.refresh()  # the summary says to press Update
+
+    def remeasure(self) -> dict[str, int] | None:
+        """Measure the cells layer again after hand edits (see
+        :func:`napari_smear._napari.layers.refresh_cells_layer`) and count it; returns
+        what changed (None: nothing, or the layer was not made by a segmentation)."""
+        layer = self._layer
+        self._edited_by_hand = False
+        if layer is None:
+            return None
+        try:
+            edited = refresh_cells_layer(layer, nuclei_layer_of(self._viewer, layer))
+        except ValueError:  # not a segmentation's layer (no table metadata): count the features
+            edited = None
+        if edited:
+            self._last_edit = edited
         self.refresh()
+        return edited
+
+    def _on_update_clicked(self) -> None:
+        self._edit_timer.stop()
+        if self.remeasure() is None and self._layer is not None and "class" in self._layer.features.columns:
+            recolor_by_class(self._layer)  # edited classes get their colours
+            self.refresh()
 
     def _on_export_clicked(self) -> None:
         if self._layer is None:
@@ -377,15 +435,30 @@ def _same_layer(a: Any, b: Any) -> bool:
     return a.unique_id == b.unique_id
 
 
+def _unwatch(widget: CountsWidget, layer: Labels) -> None:
+    for event in (layer.events.features, layer.events.colormap):
+        event.disconnect(widget._schedule_refresh)
+    layer.events.selected_label.disconnect(widget._on_selected_label)
+    layer.events.paint.disconnect(widget._on_painted)
+    layer.events.data.disconnect(widget._on_data_replaced)
+
+
 def _disconnect(widget: CountsWidget, viewer_events: tuple) -> None:
     for event in viewer_events:
         event.disconnect(widget._fill_layer_combo)
-    layer = widget._layer
-    if layer is not None:
-        for event in (layer.events.features, layer.events.colormap):
-            event.disconnect(widget._schedule_refresh)
-        layer.events.selected_label.disconnect(widget._on_selected_label)
+    if widget._layer is not None:
+        _unwatch(widget, widget._layer)
     widget._layer = None
+
+
+def _edit_note(last_edit: dict[str, int] | None, pending: bool) -> str:
+    """What the summary adds about hand edits of the cells layer."""
+    if pending:
+        return ". Cells painted or erased by hand since they were measured: press Update to count them again"
+    if not last_edit:
+        return ""
+    parts = [f"{last_edit[k]} {k}" for k in ("removed", "added", "redrawn") if last_edit.get(k)]
+    return f". Measured again after hand edits: {', '.join(parts)}" if parts else ""
 
 
 def _summary(counts: pd.DataFrame, layer_name: str, edge_cells_left_out: int = 0) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, FloatSpinBox
 from napari.layers import Image
 
-from napari_smear._napari.layers import segmentation_layers, show_layers
+from napari_smear._napari.layers import attention_layers_of, segmentation_layers, show_layers
 from napari_smear._napari.widgets._background import (
     BackgroundTaskWidget,
     Cancelled,
@@ -150,8 +150,17 @@ class SegmentWidget(BackgroundTaskWidget):
 
     def _show_result(self, result: SmearSegmentation, target: dict) -> None:
         show_layers(self._viewer, segmentation_layers(result, **target))
+        # attention maps of the cells this replaces would sit over the new cells as if
+        # they were theirs
+        stale = attention_layers_of(self._viewer, target["image_layer_name"], target.get("image_layer_id"))
+        for layer in stale:
+            self._viewer.layers.remove(layer)
         self._progress.value = 100
-        self._set_status(_summary(result))
+        removed = (
+            f"; removed {len(stale)} attention map{'s' if len(stale) > 1 else ''} of the cells segmented before"
+            if stale else ""
+        )
+        self._set_status(_summary(result) + removed)
         self._show_notes(result.params.get("warnings"))
 
 

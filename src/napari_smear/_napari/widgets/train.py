@@ -23,12 +23,11 @@ import pandas as pd
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, RadioButtons, Select, SpinBox
 from napari.layers import Image, Labels
 
-from napari_smear._napari.layers import METADATA_KEY, relink_renamed_image, segmentation_from_layers
+from napari_smear._napari.layers import METADATA_KEY, nuclei_layer_of, relink_renamed_image, segmentation_from_layers
 from napari_smear._napari.widgets import user_models
 from napari_smear._napari.widgets._background import BackgroundTaskWidget
 from napari_smear._napari.widgets.classify import (
     _model_name,
-    _nuclei_layer_for,
     cells_layer_choices,
     cells_layer_of,
     device_combo,
@@ -333,7 +332,7 @@ class TrainWidget(BackgroundTaskWidget):
                 "choose that image, or this image's own cells layer"
             )
         image = image_layer.data[0] if image_layer.multiscale else image_layer.data
-        segmentation = segmentation_from_layers(cells_layer, _nuclei_layer_for(self._viewer, cells_layer))
+        segmentation = segmentation_from_layers(cells_layer, nuclei_layer_of(self._viewer, cells_layer))
         if tuple(segmentation.labels.shape) != tuple(image.shape[:2]):
             raise ValueError(f"cells layer {cells_layer.name!r} does not match image {image_layer.name!r} in size")
         # A snapshot: painting on the layers during training must not change the data.

@@ -114,6 +114,23 @@ def test_ruler_does_not_settle_on_the_width_of_ring_shaped_cells(relative, expec
     assert abs(diameter / expected_px - 1) < 0.15, diameter
 
 
+@pytest.mark.parametrize("name", ["EO_188271.jpg", "EO_168236.jpg"])
+def test_pale_red_cells_round_a_dark_white_cell_are_found(name):
+    """PBC eosinophils among very pale red cells: the flattened field's three-class
+    split once put the red cells with the glass, so only the white cell was stained,
+    the ruler found no red cell and the eosinophil's granular cytoplasm was taken for a
+    red cell beside its nucleus."""
+    from napari_smear import segment_smear
+
+    seg = segment_smear(_read(_require_data("pbc", "images", "eosinophil", name)))
+    counts = seg.counts()
+    assert counts.get("rbc", 0) >= 5 and counts.get("wbc", 0) == 1, counts
+    assert abs(seg.rbc_diameter_px / 52.0 - 1) < 0.15, seg.rbc_diameter_px  # PBC's typical size
+    wbc = int(seg.table.label[seg.table.cell_type == "wbc"].iloc[0])
+    # the whole cell, not its nucleus alone
+    assert (seg.labels == wbc).sum() > 1.5 * (seg.nuclei == wbc).sum()
+
+
 def test_too_few_cells_for_the_ruler_is_said():
     """A small crop around one white cell: the ruler may measure the white cell, and says
     the field is too sparse to trust; the whole field is measured without a word."""

@@ -223,6 +223,40 @@ def test_border_cut_fills_edge_bands_with_glass_and_clears_the_masks():
     assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1], zero[1])
 
 
+def test_faint_cytoplasm_fades_the_cytoplasm_to_glass_and_shrinks_the_cell_mask():
+    # a disk cell with a smaller nucleus on bright glass, and a platelet-like crop without a nucleus
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    r = torch.hypot(yy - 23.5, xx - 23.5)
+    cell, nucleus = (r < 16).float(), (r < 7).float()
+    images = torch.full((8, 3, 48, 48), 0.9)
+    images[:, :, cell.bool()] = torch.tensor([0.7, 0.5, 0.8])[:, None]
+    images[:, :, nucleus.bool()] = torch.tensor([0.3, 0.2, 0.5])[:, None]
+    masks = torch.stack([cell, nucleus])[None].repeat(8, 1, 1, 1)
+    masks[7, 1] = 0  # no nucleus: never faded
+    out_rgb, out_masks = augment_batch(
+        images, masks, torch.Generator().manual_seed(0), geometry=False, colour=False,
+        faint_cytoplasm_probability=1.0, min_faint_cytoplasm=0.5,
+    )
+    cytoplasm = (cell - nucleus).bool()
+    for i in range(7):
+        # the nucleus and the glass are untouched; the cytoplasm moved at least half way to the glass
+        assert torch.equal(out_rgb[i][:, nucleus.bool()], images[i][:, nucleus.bool()])
+        assert torch.equal(out_rgb[i][:, ~cell.bool()], images[i][:, ~cell.bool()])
+        moved = (out_rgb[i][:, cytoplasm] - images[i][:, cytoplasm]).abs().mean()
+        assert float(moved) >= 0.5 * float((0.9 - images[i][:, cytoplasm]).abs().mean()) - 1e-6
+        assert torch.equal(out_masks[i, 1], masks[i, 1])
+        kept = out_masks[i, 0].bool()
+        assert bool((kept <= cell.bool()).all()) and bool((nucleus.bool() <= kept).all())
+        if float(moved) >= 0.75 * float((0.9 - images[i][:, cytoplasm]).abs().mean()) + 1e-3:
+            # strongly faded: the mask keeps the nucleus and a rim of at most 4 px
+            assert float(r[kept].max()) <= 7 + 4 * 1.5
+    assert torch.equal(out_rgb[7], images[7]) and torch.equal(out_masks[7], masks[7])
+    # probability 0 (the default) draws nothing: the other transforms are unchanged
+    plain = augment_batch(images, masks, torch.Generator().manual_seed(4))
+    zero = augment_batch(images, masks, torch.Generator().manual_seed(4), faint_cytoplasm_probability=0.0)
+    assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1], zero[1])
+
+
 def test_augmentation_is_reproducible_with_a_seeded_generator():
     crop_set = synthetic_crop_set(n_per_class=4, size=32)
     images = torch.from_numpy(crop_set.images).permute(0, 3, 1, 2).float() / 255
@@ -351,6 +385,18 @@ def test_attention_supervision_runs_and_is_refused_for_plain(tmp_path):
     with pytest.raises(ValueError, match="no supervisable attention"):
         train(crop_set, model_kind="plain", output=tmp_path / "p.safetensors", attention_supervision=1.0,
               progress=False)
+
+
+def test_faint_cytoplasm_classes_train_and_unknown_ones_are_refused(tmp_path):
+    crop_set = synthetic_crop_set(n_per_class=8)
+    faint = {"faint_cytoplasm_probability": 1.0, "faint_cytoplasm_classes": [crop_set.class_names[0]]}
+    result = train(crop_set, model_kind="shape_aware", output=tmp_path / "s.safetensors", epochs=1, batch_size=8,
+                   config=TINY_SHAPE_AWARE, augment_options=faint, progress=False, num_threads=1)
+    assert np.isfinite(result.history[0]["train_loss"])
+    with pytest.raises(ValueError, match="unknown classes"):
+        train(crop_set, model_kind="shape_aware", output=tmp_path / "t.safetensors", epochs=1, batch_size=8,
+              config=TINY_SHAPE_AWARE, augment_options={**faint, "faint_cytoplasm_classes": ["no_such_class"]},
+              progress=False, num_threads=1)
 
 
 def test_train_rejects_bad_arguments(tmp_path):

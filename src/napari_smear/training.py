@@ -133,6 +133,9 @@ def augment_batch(
     max_blur_sigma: float = 1.0,
     border_cut_probability: float = 0.0,
     max_border_cut: float = 0.45,
+    faint_cytoplasm_probability: float = 0.0,
+    min_faint_cytoplasm: float = 0.5,
+    faint_cytoplasm_eligible=None,
 ):
     """Randomly transform a batch of crops on its device, masks moving with the pixels.
 
@@ -163,6 +166,20 @@ def augment_batch(
         the edge of a field, which is most white cells of a small camera field (on
         BCCD, 84 % of the white-cell crops reach past the image) and none of PBC's
         centred single-cell images. Applied after the geometry, before the colour.
+    faint_cytoplasm_probability : float
+        Share of the crops with a nucleus whose cytoplasm (cell mask minus nucleus
+        mask) is faded towards the crop's glass colour, by a strength drawn from
+        ``min_faint_cytoplasm`` to 1. On some microscopes and stains a neutrophil's
+        cytoplasm is barely darker than the glass (BCCD's camera fields), so the cell
+        shows as a lobed nucleus alone; where the fade is strong (0.75 or more) the
+        segmentation would not find that cytoplasm either, so the cell mask shrinks to
+        the nucleus and a rim of 1-4 px round it. Applied after the geometry and any
+        border cut, before the colour.
+    faint_cytoplasm_eligible : torch.Tensor, optional
+        (B,) bool: the crops that may be faded (default: every crop with a nucleus).
+        :func:`train` sets it from ``augment_options["faint_cytoplasm_classes"]``: an
+        eosinophil or basophil is told by the granules in its cytoplasm, so fading it
+        would teach the model a wrong answer.
 
     Returns
     -------
@@ -205,6 +222,9 @@ def augment_batch(
         masks = (masks > 0.5).float()
     if border_cut_probability > 0 and max_border_cut > 0:
         rgb, masks = _border_cut(rgb.float(), masks.float(), generator, border_cut_probability, max_border_cut)
+    if faint_cytoplasm_probability > 0:
+        rgb, masks = _faint_cytoplasm(rgb.float(), masks.float(), generator, faint_cytoplasm_probability,
+                                      min_faint_cytoplasm, faint_cytoplasm_eligible)
     if colour:
         rgb = rgb.float()
         channel = torch.exp(torch.randn(batch, 3, generator=generator) * od_jitter)
@@ -252,11 +272,48 @@ def _border_cut(rgb, masks, generator, probability, max_fraction):
     d = depth[:, :, None, None]
     cut = (ys < d[:, 0]) | (ys > 1 - d[:, 1]) | (xs < d[:, 2]) | (xs > 1 - d[:, 3])
     cut = cut[:, None].to(rgb.device)
-    # crop_instances pads with the field's bright glass (its 90th percentile)
-    # (on every 5th pixel: a full sort would cost as much as the rest of the augmentation)
+    # crop_instances pads with the field's bright glass
+    return torch.where(cut, _glass_colour(rgb), rgb), masks * ~cut
+
+
+def _glass_colour(rgb):
+    """(B, 3, 1, 1) bright glass colour of each crop: its 90th percentile per channel,
+    the colour :func:`napari_smear.crops.crop_instances` pads with (on every 5th pixel:
+    a full sort would cost as much as the rest of the augmentation)."""
     sample = rgb.flatten(2)[:, :, ::5]
-    glass = sample.kthvalue(max(1, int(0.9 * sample.shape[2])), dim=2).values[:, :, None, None]
-    return torch.where(cut, glass, rgb), masks * ~cut
+    return sample.kthvalue(max(1, int(0.9 * sample.shape[2])), dim=2).values[:, :, None, None]
+
+
+def _faint_cytoplasm(rgb, masks, generator, probability, min_strength, eligible=None):
+    """Fade the cytoplasm of some crops towards their glass colour (see
+    ``faint_cytoplasm_probability`` in :func:`augment_batch`)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = rgb.shape[0]
+    has_nucleus = masks[:, 1].flatten(1).amax(dim=1) > 0
+    chosen = (torch.rand(batch, generator=generator) < probability) & has_nucleus.cpu()
+    if eligible is not None:
+        chosen &= torch.as_tensor(eligible, dtype=torch.bool).reshape(-1).cpu()
+    strength = _uniform(generator, (batch,), min(max(min_strength, 0.0), 1.0), 1.0)
+    rim = torch.randint(1, 5, (batch,), generator=generator)
+    if not bool(chosen.any()):
+        return rgb, masks
+    cell, nucleus = masks[:, :1], masks[:, 1:2]
+    cytoplasm = cell * (1 - nucleus)
+    weight = torch.where(chosen, strength, torch.zeros(()))[:, None, None, None].to(rgb.device)
+    faded = rgb + (_glass_colour(rgb) - rgb) * (cytoplasm * weight)
+    # strongly faded: the segmentation would keep only the nucleus and a thin rim
+    shrink = (chosen & (strength >= 0.75)).to(rgb.device)
+    if bool(shrink.any()):
+        near = torch.zeros_like(nucleus)
+        for radius in rim[shrink.cpu()].unique().tolist():
+            grown = F.max_pool2d(nucleus, 2 * radius + 1, stride=1, padding=radius)
+            pick = (shrink & (rim.to(rgb.device) == radius))[:, None, None, None]
+            near = torch.where(pick, grown, near)
+        cell = torch.where(shrink[:, None, None, None], cell * near, cell)
+        masks = torch.cat([cell, masks[:, 1:]], dim=1)
+    return faded, masks
 
 
 def _hue_rotation(angle):
@@ -1059,6 +1116,15 @@ def train(
         )
         val_set = crop_set.subset(val_index)
         augment_kwargs = dict(augment_options or {})
+        # the classes whose crops may have their cytoplasm faded (augment_batch)
+        faint_classes = augment_kwargs.pop("faint_cytoplasm_classes", None)
+        faint_index = None
+        if faint_classes is not None:
+            unknown = sorted(set(faint_classes) - set(class_names))
+            if unknown:
+                raise ValueError(f"augment_options['faint_cytoplasm_classes'] names unknown classes {unknown}; "
+                                 f"the classes are {class_names}")
+            faint_index = torch.tensor([class_names.index(c) for c in faint_classes], device=torch_device)
         log = _epoch_logger(progress)
         for line in notes:
             log(line)
@@ -1096,6 +1162,8 @@ def train(
                 if white_balance:
                     rgb = balance_crops(rgb, mask_float)
                 if augment:
+                    if faint_index is not None:
+                        augment_kwargs["faint_cytoplasm_eligible"] = torch.isin(labels, faint_index)
                     rgb, mask_float = augment_batch(rgb, mask_float, generator, **augment_kwargs)
                 x = torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1)
                 if channels_last:

@@ -12,7 +12,7 @@ import tifffile
 
 from napari_smear._napari.layers import segmentation_layers
 from napari_smear._napari.reader import get_reader
-from napari_smear._napari.writer import cells_csv_path, write_labels
+from napari_smear._napari.writer import cells_csv_path, write_labels, write_layers_folder
 from napari_smear.io import write_tiff_atomic
 from napari_smear.segment.types import SmearSegmentation
 
@@ -197,6 +197,57 @@ def test_viewer_open_and_save_through_the_plugin(make_napari_viewer, tmp_path, r
     np.testing.assert_allclose(reopened.scale, image.scale)
     assert list(reopened.features.columns) == list(cells.features.columns)
     assert reopened.metadata["napari_smear"]["rbc_diameter_px"] == 10.5
+
+
+def test_saving_cells_nuclei_and_image_together_writes_one_folder(make_napari_viewer, tmp_path, rgb):
+    viewer = make_napari_viewer()
+    path = tmp_path / "field.tif"
+    write_tiff_atomic(path, rgb, pixel_size_um=0.2)
+    (image,) = viewer.open(str(path), plugin="napari-smear")
+    for data, kwargs, layer_type in segmentation_layers(
+        _segmentation(), image_layer_name="field", scale=image.scale, translate=image.translate, units=image.units,
+    ):
+        viewer.add_labels(data, **kwargs)
+    cells, nuclei = viewer.layers["field cells"], viewer.layers["field nuclei"]
+    # the cells and nuclei of one segmentation, selected together: napari writes no labels TIFF itself
+    viewer.layers.selection = {cells, nuclei}
+    folder = tmp_path / "saved"
+    written = viewer.layers.save(str(folder), selected=True)
+    assert len(nuclei.features)  # the nuclei layer carries its cells' table too
+    assert sorted(Path(p).name for p in written) == [
+        "field cells.tif", "field cells_cells.csv", "field nuclei.tif", "field nuclei_cells.csv",
+    ]
+    # everything (image included) into another folder; each file opens as its layer again
+    everything = tmp_path / "all"
+    viewer.layers.save(str(everything))
+    assert sorted(p.name for p in everything.iterdir()) == [
+        "field cells.tif", "field cells_cells.csv", "field nuclei.tif", "field nuclei_cells.csv", "field.tif",
+    ]
+    for name, original in (("field", image), ("field cells", cells), ("field nuclei", nuclei)):
+        (reopened,) = viewer.open(str(everything / f"{name}.tif"), plugin="napari-smear")
+        assert type(reopened) is type(original)
+        np.testing.assert_array_equal(reopened.data, original.data)
+        np.testing.assert_allclose(reopened.scale, original.scale)
+    assert list(viewer.layers[-2].features.columns) == list(cells.features.columns)
+
+
+def test_layers_folder_writer_names_and_refusals(tmp_path):
+    labels = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    layers = [(labels, {"name": "a/b: cells"}, "labels"), (labels, {"name": "A/B: CELLS"}, "labels"),
+              (labels, {"name": ""}, "labels")]
+    written = write_layers_folder(str(tmp_path / "out.tif"), layers)  # a .tif ending names the folder
+    assert [Path(p).name for p in written] == ["a_b_ cells.tif", "A_B_ CELLS-2.tif", "labels.tif"]
+    assert all(Path(p).parent == tmp_path / "out" for p in written)
+    np.testing.assert_array_equal(tifffile.imread(written[1]), labels)
+    with pytest.raises(ValueError, match="labels and image layers"):
+        write_layers_folder(str(tmp_path / "x"), [(labels, {"name": "c"}, "labels"), (np.zeros((2, 2)), {}, "points")])
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(FileExistsError, match="folder"):
+        write_layers_folder(str(tmp_path / "a_file"), layers)
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    with pytest.raises(ValueError, match="2-D image"):
+        write_layers_folder(str(tmp_path / "y"), [(labels, {"name": "c"}, "labels"),
+                                                  (np.zeros((2, 3, 4, 5)), {"name": "stack"}, "image")])
 
 
 def test_bccd_sample_layer_data(monkeypatch):

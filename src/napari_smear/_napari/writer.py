@@ -1,7 +1,9 @@
-"""npe2 writer: a labels layer -> uint32 TIFF, plus its features -> ``<stem>_cells.csv``."""
+"""npe2 writers: a labels layer -> uint32 TIFF, plus its features -> ``<stem>_cells.csv``;
+several layers (the cells and nuclei of a segmentation, with their image) -> one folder."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,83 @@ def _pixel_size_um(meta: dict, layer_metadata: dict, own: dict) -> float | None:
         ):
             return float(scale[-1])
     return None
+
+
+def write_layers_folder(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
+    """Write several layers into one folder: labels as :func:`write_labels` does (TIFF
+    plus ``<name>_cells.csv``), images as TIFF with their pixel size and place.
+
+    What *File > Save Selected Layers* (or ``viewer.layers.save(folder)``) calls for a
+    segmentation's cells and nuclei layers, with or without their image: the single-layer
+    writer takes one layer at a time, and napari itself writes no labels TIFF. Each file
+    is named after its layer (characters a file name cannot hold become ``_``; a second
+    layer of the same name gets ``-2``), and the napari-smear reader opens each again as
+    the same layer in the same place.
+
+    Parameters
+    ----------
+    path : str
+        The folder (created when missing); a ``.tif``/``.tiff`` ending is dropped, so
+        ``smear.tif`` writes into ``smear/``.
+    layer_data : list of (data, meta, layer_type)
+        What napari passes: labels and image layers, 2-D (an RGB image is (H, W, 3));
+        of a multiscale image, the full-resolution level is written.
+
+    Returns
+    -------
+    list of str
+        Every file written, layer by layer.
+    """
+    folder = Path(path)
+    if folder.name.lower().endswith(LABELS_SUFFIXES):
+        folder = folder.with_name(folder.name.rsplit(".", 1)[0])
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; several layers are saved into a folder: choose a folder name")
+    unsupported = sorted({kind for _, _, kind in layer_data if kind not in ("labels", "image")})
+    if unsupported:
+        raise ValueError(f"napari-smear saves labels and image layers into a folder, not {', '.join(unsupported)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    used: set[str] = set()
+    for data, meta, kind in layer_data:
+        stem = _file_stem(meta.get("name") or kind, used)
+        if kind == "labels":
+            written += write_labels(str(folder / f"{stem}.tif"), data, meta)
+        else:
+            written.append(_write_image(folder / f"{stem}.tif", data, meta))
+    return written
+
+
+def _file_stem(name: str, used: set[str]) -> str:
+    """A file name for a layer name, unique among ``used`` (case-insensitively)."""
+    stem = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", str(name)).strip(" .") or "layer"
+    candidate, k = stem, 2
+    while candidate.lower() in used:
+        candidate, k = f"{stem}-{k}", k + 1
+    used.add(candidate.lower())
+    return candidate
+
+
+def _write_image(target: Path, data: Any, meta: dict) -> str:
+    """An image layer as TIFF with its pixel size, scale and translate (full resolution)."""
+    if meta.get("multiscale") or isinstance(data, (list, tuple)):
+        data = data[0]
+    image = np.asarray(data)
+    rgb = bool(meta.get("rgb")) and image.ndim == 3 and image.shape[-1] in (3, 4)
+    if image.ndim != (3 if rgb else 2):
+        raise ValueError(
+            f"napari-smear saves 2-D image layers (one smear field); layer {meta.get('name')!r} has shape "
+            f"{image.shape}: save it with napari's own writer"
+        )
+    layer_metadata = dict(meta.get("metadata") or {})
+    own = {"kind": "image", "name": meta.get("name")}
+    pixel_size_um = _pixel_size_um(meta, layer_metadata, own)
+    for key in ("scale", "translate"):
+        if meta.get(key) is not None:
+            own[key] = [float(v) for v in list(meta[key])[-2:]]
+    if meta.get("units") is not None:
+        own["units"] = [str(u) for u in list(meta["units"])[-2:]]
+    return str(write_tiff_atomic(
+        target, image, pixel_size_um=pixel_size_um, napari_smear_metadata=own, compression="zlib",
+        photometric="rgb" if rgb else "minisblack",
+    ))

@@ -453,6 +453,15 @@ def test_cli_analyze(setup, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "afile"), "--models", "none"]) == 1
     assert "is a file" in capsys.readouterr().err
+    # the output folder by --out, as the other commands take it; an image file last is no folder
+    assert main(["analyze", str(setup["inputs"] / "a.png"), "--out", str(tmp_path / "by_option"),
+                 "--models", "none", "--quiet", "--no-morphology"]) == 0
+    assert (tmp_path / "by_option" / "a_cells.csv").is_file()
+    capsys.readouterr()
+    assert main(["analyze", str(setup["inputs"] / "a.png"), "--models", "none"]) == 1
+    assert "no output folder" in capsys.readouterr().err
+    assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "b.png"), "--models", "none"]) == 1
+    assert "names an image file" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
     with pytest.raises(SystemExit):  # a usage error (2): not a positive number
         main(["analyze", str(setup["inputs"] / "a.png"), str(out), "--pixel-size-um", "0"])
     # the tiny models record no class-balanced training: a prior correction is refused up front

@@ -189,14 +189,17 @@ def _cmd_demo(args) -> int:
 def _add_analyze(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze", help="analyse folders of smear images: segmentation, classification, attention, QC",
+        usage="napari-smear analyze [options] IN [IN ...] OUT_DIR\n       napari-smear analyze [options] IN [IN ...] --out OUT_DIR",
         description="Analyse every image of IN (folders are searched recursively; sub-folders are mirrored in "
                     "OUT_DIR). Per image: <stem>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
                     "_overlay.png and the completion marker _done.json; per run: summary.csv, "
                     "summary_whole_cells.csv, errors.csv, run.json. Re-running skips finished images and "
                     "redoes unfinished ones. See docs/batch.md.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="IN", help="image folders or files")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
+    # OUT_DIR as the last positional (the original form) or as --out, like every other command
+    parser.add_argument("paths", nargs="+", metavar="IN",
+                        help="image folders or files, then OUT_DIR unless --out gives it")
+    parser.add_argument("--out", default=None, metavar="OUT_DIR", help="output folder (or give it last, after IN)")
     _add_models_option(parser, "built-in names or .safetensors files, space or comma separated; 'none' for "
                                "segmentation only (default: the installed built-in models)")
     parser.add_argument("--device", default="auto", help="classifier device: auto, cpu, cuda, cuda:N or mps")
@@ -229,6 +232,24 @@ def _cmd_analyze(args) -> int:
 
     if args.workers < 0:
         raise CommandError(f"--workers must be 0 or more, got {args.workers}")
+    if args.out is not None:
+        args.inputs, args.out_dir = list(args.paths), args.out
+    elif len(args.paths) >= 2:
+        args.inputs, args.out_dir = list(args.paths[:-1]), args.paths[-1]
+        from .io import is_supported_path
+
+        # the last path is the output folder: an image there means it was left out
+        if Path(args.out_dir).is_file() or is_supported_path(args.out_dir):
+            what = "is a file" if Path(args.out_dir).is_file() else "names an image file"
+            raise CommandError(
+                f"the last path, {args.out_dir}, is taken for the output folder but {what}: "
+                "give the output folder last or with --out OUT_DIR"
+            )
+    else:
+        raise CommandError(
+            f"no output folder: give it after the inputs (napari-smear analyze {args.paths[0]} OUT_DIR) "
+            "or with --out OUT_DIR"
+        )
     bar = None
 
     def show(done, total, message):

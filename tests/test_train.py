@@ -399,6 +399,37 @@ def test_faint_cytoplasm_classes_train_and_unknown_ones_are_refused(tmp_path):
               progress=False, num_threads=1)
 
 
+def test_mixstyle_mixes_feature_statistics_in_training_only(tmp_path):
+    from napari_smear.models import build_model
+    from napari_smear.training import _add_mixstyle
+
+    torch.manual_seed(0)
+    model = build_model("plain", 3, dropout=0.0)  # no dropout: any change in training is MixStyle's
+    x = torch.rand(6, 5, 32, 32)
+    model.eval()
+    before = model(x, None)["logits"]
+    handles = _add_mixstyle(model, 1.0)
+    assert len(handles) >= 2  # after stages 1 and 2 of every backbone
+    assert torch.equal(model(x, None)["logits"], before)  # inference is untouched
+    model.train()
+    torch.manual_seed(1)
+    mixed = model(x, None)["logits"]
+    for handle in handles:
+        handle.remove()
+    torch.manual_seed(1)
+    plain = model(x, None)["logits"]
+    assert mixed.shape == plain.shape and not torch.allclose(mixed, plain)
+    assert _add_mixstyle(model, 0.0) == []
+
+    crop_set = synthetic_crop_set(n_per_class=8)
+    result = train(crop_set, model_kind="shape_aware", output=tmp_path / "m.safetensors", epochs=1, batch_size=8,
+                   config=TINY_SHAPE_AWARE, mixstyle=0.5, progress=False, num_threads=1)
+    assert np.isfinite(result.history[0]["train_loss"])
+    assert result.info.metadata["training"]["mixstyle"] == 0.5
+    with pytest.raises(ValueError, match="probability"):
+        train(crop_set, output=tmp_path / "n.safetensors", mixstyle=1.5, progress=False)
+
+
 def test_train_rejects_bad_arguments(tmp_path):
     crop_set = synthetic_crop_set(n_per_class=4)
     with pytest.raises(ValueError, match="unknown model kind"):

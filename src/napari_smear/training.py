@@ -316,6 +316,56 @@ def _faint_cytoplasm(rgb, masks, generator, probability, min_strength, eligible=
     return faded, masks
 
 
+class _MixStyle:
+    """Forward hook: MixStyle on a module's output feature maps while the model trains.
+
+    With probability ``p`` per batch, every sample's per-channel mean and standard
+    deviation (over its feature map) are replaced by ``lam * own + (1 - lam) * other``,
+    ``other`` a random other sample of the batch and ``lam ~ Beta(alpha, alpha)``
+    (Zhou, Yang, Qiao, Xiang: Domain generalization with MixStyle, ICLR 2021). The
+    statistics are detached, as in the paper. Draws come from torch's global generator,
+    which :func:`train` seeds.
+    """
+
+    def __init__(self, p: float, alpha: float = 0.1, eps: float = 1e-6):
+        import torch
+
+        self.p, self.eps = float(p), eps
+        self.beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+
+    def __call__(self, module, inputs, output):
+        import torch
+
+        if not module.training or output.shape[0] < 2 or float(torch.rand(())) >= self.p:
+            return output
+        x = output.float()
+        mean = x.mean(dim=(2, 3), keepdim=True).detach()
+        std = (x.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        batch = x.shape[0]
+        lam = self.beta.sample((batch, 1, 1, 1)).to(x.device)
+        other = torch.randperm(batch).to(x.device)
+        mixed_mean = lam * mean + (1 - lam) * mean[other]
+        mixed_std = lam * std + (1 - lam) * std[other]
+        return ((x - mean) / std * mixed_std + mixed_mean).to(output.dtype)
+
+
+def _add_mixstyle(model, probability: float) -> list:
+    """Hook MixStyle after the first two stages of every residual backbone of ``model``
+    (none for probability 0); returns the hook handles."""
+    from .models.backbone import ResidualBackbone
+
+    if not probability:
+        return []
+    hook = _MixStyle(probability)
+    handles = []
+    for module in model.modules():
+        if isinstance(module, ResidualBackbone):
+            handles += [module.stages[0].register_forward_hook(hook), module.stages[1].register_forward_hook(hook)]
+    if not handles:
+        raise ValueError(f"mixstyle needs a model with a residual backbone; {type(model).__name__} has none")
+    return handles
+
+
 def _hue_rotation(angle):
     """(B, 3, 3) rotations of RGB about the grey axis (1, 1, 1) by ``angle`` radians."""
     import torch
@@ -793,6 +843,7 @@ def train(
     augment: bool = True,
     augment_options: dict | None = None,
     white_balance: bool = False,
+    mixstyle: float = 0.0,
     device="auto",
     amp: bool | None = None,
     amp_dtype: str | None = None,
@@ -854,6 +905,14 @@ def train(
         (:func:`napari_smear.predict.white_balance`); recorded in the model file so that
         inference does the same. Makes a model far less sensitive to the microscope's
         illumination and background tint.
+    mixstyle : float
+        Probability, per training batch, of MixStyle (Zhou et al., ICLR 2021) after the
+        first two stages of every residual backbone: each crop's per-channel feature
+        mean and standard deviation are replaced by a random mix of its own and another
+        crop's. Those statistics carry the "style" (stain, illumination, camera) more
+        than the content, so mixing them is a cheap way of training for other
+        microscopes. Training only: the model and its file are unchanged, and inference
+        is not affected. 0 (default) leaves training as it was.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then CPU (see
         :func:`napari_smear.predict.select_device`).
@@ -929,6 +988,8 @@ def train(
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not 0.0 <= float(mixstyle) <= 1.0:
+        raise ValueError(f"mixstyle is a probability (0 to 1), got {mixstyle!r}")
     if not lr > 0 or weight_decay < 0 or attention_supervision < 0 or attribute_weight < 0:
         raise ValueError("lr must be > 0 and weight_decay, attention_supervision, attribute_weight >= 0")
     if balance not in (True, False, "sampler", "loss"):
@@ -1042,9 +1103,11 @@ def train(
             "max_train_samples": max_train_samples, "source": crop_set.source,
             "init_from": str(init["path"]) if init is not None else None,
             **({"white_balance": True} if white_balance else {}),
+            **({"mixstyle": float(mixstyle)} if mixstyle else {}),
         }
         fingerprint = json.loads(json.dumps(fingerprint))
 
+        mixstyle_hooks = _add_mixstyle(model, mixstyle)
         channels_last = torch_device.type == "cuda"
         model.to(torch_device)
         if channels_last:
@@ -1243,6 +1306,8 @@ def train(
             )
             if on_epoch is not None:
                 on_epoch(dict(record))
+        for handle in mixstyle_hooks:
+            handle.remove()
         if state["stopped_early"]:
             log(f"stopped early: no better validation macro-F1 for {patience} epochs (best at epoch {state['best_epoch']})")
         best_model, info = load_model(output, device=torch_device)
@@ -1434,6 +1499,7 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
             "patience": patience,
             "device": str(device),
             "amp": str(dtype).removeprefix("torch.") if dtype else None,
+            **({"mixstyle": fingerprint["mixstyle"]} if fingerprint.get("mixstyle") else {}),
         },
     }
     if cell_types:

@@ -47,8 +47,11 @@ def test_manifest_contributions():
     assert [item.command for item in menu] == ["napari-smear.segment_widget"]
     samples = {s.key: s.display_name for s in contributions.sample_data}
     assert samples == {"synthetic": "Synthetic smear (offline)", "bccd": "BCCD blood smear field"}
-    (writer,) = contributions.writers
-    assert writer.layer_types == ["labels"] and ".tif" in writer.filename_extensions
+    one_layer, several = contributions.writers
+    assert one_layer.layer_types == ["labels"] and ".tif" in one_layer.filename_extensions
+    # cells + nuclei (+ image) saved together: a folder, so any name is accepted
+    assert several.command == "napari-smear.write_layers_folder"
+    assert several.layer_types == ["labels+", "image*"] and several.filename_extensions == []
     (reader,) = contributions.readers
     assert {"*.tif", "*.png", "*.jpg"} <= set(reader.filename_patterns)
 

@@ -15,6 +15,9 @@
    red-cell model (``--red-cell-model``); BCCD has no red-cell labels, so only the share
    of each answer is reported, next to the model's validation shares. Each field is
    segmented once for both models.
+4. **White cells and platelets against the boxes** after classification: detection F1
+   with the types of the segmentation alone and with the analysis's types (a white cell
+   the white-cell model calls a platelet is re-typed a platelet).
 
 Nothing here is trained on: BCCD is never used for training or for picking an epoch, but
 its figure has helped choose between training variants (docs/models.md says which), so
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # segment_accuracy's box reading and matching
 DATA = ROOT.parent / "shared" / "data"
 PBC_DOWNSCALE = 256 / 363
 BCCD_TO_PBC = {
@@ -187,6 +191,45 @@ def _by_overhang(table) -> dict:
     return out
 
 
+class DetectionTally:
+    """White-cell and platelet detection against BCCD's boxes, typed by the segmentation
+    alone (``segmented_type``) and after the classifiers (``cell_type``: a white cell
+    that ``wbc-pbc8`` calls a platelet is re-typed, see
+    :func:`napari_smear.pipeline.retype_platelet_clumps`). Matching as in
+    ``segment_accuracy.py``: a cell matches a box of its type when its centroid is inside
+    it, one to one."""
+
+    KINDS = ("wbc", "platelet")
+
+    def __init__(self):
+        self.counts = {(column, kind): [0, 0, 0] for column in ("segmented_type", "cell_type") for kind in self.KINDS}
+
+    def add(self, image: str, table) -> None:
+        from segment_accuracy import match_centroids, read_boxes
+
+        boxes = read_boxes(DATA / "bccd" / "boxes" / f"{image}.xml")
+        for (column, kind), tally in self.counts.items():
+            if column not in table:
+                continue
+            rows = table[table[column] == kind]
+            tally[0] += match_centroids(rows[["centroid_x", "centroid_y"]].to_numpy(), boxes[kind])
+            tally[1] += len(rows)
+            tally[2] += len(boxes[kind])
+
+    def report(self) -> dict:
+        out = {}
+        for (column, kind), (tp, n_pred, n_true) in self.counts.items():
+            precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
+            f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+            out.setdefault(column, {})[kind] = {"precision": precision, "recall": recall, "f1": f1,
+                                                "tp": tp, "n_pred": n_pred, "n_true": n_true}
+        for column, name in (("segmented_type", "types from the segmentation alone"), ("cell_type", "types after classification")):
+            parts = ", ".join(f"{k} F1 {v['f1']:.3f} (P {v['precision']:.3f} R {v['recall']:.3f})"
+                              for k, v in out[column].items())
+            print(f"BCCD detection, {name}: {parts}", flush=True)
+        return out
+
+
 def red_cell_report(model_name: str, answers: list[str], info, n_fields: int) -> dict:
     """What a red-cell model answers on BCCD, a microscope and stain it never saw.
 
@@ -239,15 +282,18 @@ def main(argv=None) -> int:
         models.append(load_model(args.red_cell_model, device="cpu"))
     truths = bccd_white_cell_types()
     white_rows, red_answers, n_fields = [], [], 0
+    detection = DetectionTally()
     started = time.perf_counter()
     for image, rgb, result in bccd_fields(models, args.bccd_limit, args.device):
         n_fields += 1
         if image in truths:
             white_rows.append(white_cell_answer(image, truths[image], rgb, result, info))
+        detection.add(image, result.table)
         table = result.table
         whole_red = table[(table.cell_type == "rbc") & ~table.touches_edge & table["class"].notna()]
         red_answers.extend(whole_red["class"].tolist())
     report["bccd"] = white_cell_report(white_rows, time.perf_counter() - started)
+    report["bccd_detection"] = detection.report()
     if args.red_cell_model:
         report["red_cells_on_bccd"] = red_cell_report(args.red_cell_model, red_answers, models[1][1], n_fields)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -252,6 +252,25 @@ def main(argv=None) -> int:
                     "include_edge_cells=False)`).",
                     "",
                 ]
+        detection = evaluation.get("bccd_detection") or {}
+        if "segmented_type" in detection and "cell_type" in detection:
+            before, after = detection["segmented_type"], detection["cell_type"]
+            lines += [
+                "**Platelet clumps.** A clump of platelets can be as large as a white cell's nucleus, and the "
+                "segmentation types it a white cell; `wbc-pbc8` has a platelet class, and a white cell it calls a "
+                "platelet is re-typed a platelet in the analysis (`segmented_type` keeps the segmentation's type; "
+                "`napari_smear.pipeline.retype_platelet_clumps`). Detection against BCCD's boxes over all "
+                f"{before['wbc']['n_true']} white-cell and {before['platelet']['n_true']} platelet boxes (a cell "
+                "matches a box of its type when its centroid is inside it):",
+                "",
+                "| types | white-cell F1 (precision / recall) | platelet F1 (precision / recall) |",
+                "|---|---|---|",
+            ]
+            for name, part in (("segmentation alone", before), ("after classification", after)):
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{part[k]['f1']:.4f} ({part[k]['precision']:.4f} / {part[k]['recall']:.4f})"
+                    for k in ("wbc", "platelet")) + " |")
+            lines.append("")
 
     speed = _load(RESULTS / "classify_speed.json")
     if speed:

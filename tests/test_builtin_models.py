@@ -115,3 +115,18 @@ def test_rbc_model_on_real_chula_cells(shared_data):
     majority = np.bincount(crop_set.labels).max() / len(crop_set.labels)
     # better than always answering the most common class of these fields
     assert accuracy > majority, (accuracy, majority)
+
+
+def test_bccd_platelet_clumps_segmented_as_white_cells_are_retyped(shared_data):
+    """On these BCCD fields a clump of platelets is large enough to be segmented as a
+    white cell; wbc-pbc8 calls it a platelet, and the analysis types it so."""
+    from napari_smear import analyze
+
+    model, info = _require("wbc-pbc8")
+    for image in ("BloodImage_00110", "BloodImage_00222"):
+        result = analyze(read_rgb(shared_data / "bccd" / "images" / f"{image}.jpg"), models=[(model, info)],
+                         device="cpu", morphology=False)
+        table = result.table
+        retyped = table[(table.segmented_type == "wbc") & (table.cell_type == "platelet")]
+        assert len(retyped) == 1 and (retyped["class"] == "platelet").all(), image
+        assert (table.cell_type == "wbc").sum() == 1, image  # the field's one white cell

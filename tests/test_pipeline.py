@@ -14,8 +14,10 @@ from napari_smear.pipeline import (
     analyze,
     differential_counts,
     finish_field,
+    ModelSpec,
     load_models,
     prepare_field,
+    retype_platelet_clumps,
 )
 from napari_smear.predict import classify_crops
 
@@ -256,3 +258,21 @@ def test_analyze_reports_each_stage(field, model_files):
     assert any(m.startswith("cropping the") for m in text)
     fractions = [f for f, _ in messages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_white_cells_a_white_cell_model_calls_platelets_are_retyped():
+    table = pd.DataFrame({
+        "label": [1, 2, 3, 4],
+        "cell_type": ["wbc", "wbc", "platelet", "wbc"],
+        "class": ["platelet", "neutrophil", "platelet", "platelet"],
+        "model": ["wbc8", "wbc8", "wbc8", "wbc-only"],
+    })
+    spec = dict(kind="plain", crop_diameters=4.0, input_size=32)
+    deciding = ModelSpec(name="wbc8", class_names=("neutrophil", "platelet"), cell_types=("wbc", "platelet"), **spec)
+    # a model that never sees segmented platelets has not learned to tell them from white cells
+    wbc_only = ModelSpec(name="wbc-only", class_names=("neutrophil", "platelet"), cell_types=("wbc",), **spec)
+    out = retype_platelet_clumps(table, [deciding, wbc_only])
+    assert out.cell_type.tolist() == ["platelet", "wbc", "platelet", "wbc"]
+    assert out.segmented_type.tolist() == ["wbc", "wbc", "platelet", "wbc"]
+    assert table.cell_type.tolist() == ["wbc", "wbc", "platelet", "wbc"]  # the input is left as it was
+    assert retype_platelet_clumps(table.iloc[:0], [deciding]).empty

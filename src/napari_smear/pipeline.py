@@ -367,6 +367,12 @@ def finish_field(
     outputs : dict
         Per model name, ``{"probs": (N, C), "attention": (N, S, S) or None}`` for the
         crops of ``prepared.crops[name]``, in the same order.
+
+    Notes
+    -----
+    A cell the segmentation typed ``wbc`` that a model classifying both white cells
+    and platelets answers ``platelet`` is re-typed ``platelet`` (see
+    :func:`retype_platelet_clumps`); ``segmented_type`` keeps the segmentation's type.
     """
     from .crops import paste_maps
 
@@ -395,12 +401,38 @@ def finish_field(
             paste_maps(maps, crops, segmentation.labels) if maps is not None
             else np.zeros(segmentation.labels.shape, np.float32)
         )
+    table = retype_platelet_clumps(table, specs)
     return AnalysisResult(
         segmentation=segmentation,
         table=table,
         attention=attention,
         models={spec.name: spec.describe() for spec in specs},
     )
+
+
+def retype_platelet_clumps(table: pd.DataFrame, specs: Sequence[ModelSpec]) -> pd.DataFrame:
+    """Give the type ``platelet`` to white cells that a white-cell model calls platelets.
+
+    The segmentation types violet matter of a nucleus's size as a white cell; a clump
+    of platelets reaches that size too (on BCCD's camera fields, 10 of 315 segmented
+    white cells, 6 of them inside a platelet box and 1 inside a white-cell box). A model
+    trained on white cells *and* platelets (``wbc-pbc8``) tells them apart by their
+    look, so its ``platelet`` answer for a ``wbc`` cell re-types it. Measured with the
+    full analysis against BCCD's boxes (`benchmarks/model_eval.py`): white-cell detection F1 0.9675 -> 0.9835
+    (precision 0.946 -> 0.977, recall unchanged) and platelet F1 0.697 -> 0.704.
+    The cell's violet pixels stay in the nuclei image.
+
+    Returns a copy with ``segmented_type`` (the segmentation's type) added after the
+    other columns, and ``cell_type`` changed where a model re-typed the cell.
+    """
+    table = table.copy()
+    table["segmented_type"] = table["cell_type"]
+    deciders = {spec.name for spec in specs
+                if "platelet" in spec.class_names and {"wbc", "platelet"} <= set(spec.cell_types)}
+    if deciders and len(table):
+        clumps = (table.cell_type == "wbc") & (table["class"] == "platelet") & table["model"].isin(deciders)
+        table.loc[clumps, "cell_type"] = "platelet"
+    return table
 
 
 # ----------------------------------------------------------------------------- one image

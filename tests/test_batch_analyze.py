@@ -118,6 +118,10 @@ def test_outputs_per_image_and_per_run(setup):
         assert row[f"rbc_{cls}"] == ((cells.cell_type == "rbc") & (cells["class"] == cls)).sum()
     pct = summary[[f"rbc_{c}_pct" for c in RBC_CLASSES]].sum(axis=1)
     np.testing.assert_allclose(pct, 100.0, atol=1e-3)
+    # each model's median confidence on the field (a QC figure: low on unfamiliar data)
+    for model in ("wbc", "rbc"):
+        expected = cells.loc[cells.model == model, "confidence"].median()
+        assert row[f"{model}_median_confidence"] == pytest.approx(expected, abs=1e-4)
     # the same counts over the cells the image edge does not cut, for slides whose fields overlap
     whole = pd.read_csv(clean / "summary_whole_cells.csv")
     assert list(whole.columns) == list(summary.columns) and list(whole.image) == list(summary.image)

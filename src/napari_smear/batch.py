@@ -636,6 +636,7 @@ def _summary_columns(specs: Sequence) -> list[str]:
                 for name in (f"{cell_type}_{cls}", f"{cell_type}_{cls}_pct"):
                     if name not in columns:
                         columns.append(name)
+    columns += [f"{spec.name}_median_confidence" for spec in specs]
     return columns
 
 
@@ -681,7 +682,20 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
                 count = pairs[(cell_type, cls)]
                 row[f"{cell_type}_{cls}"] = count
                 row[f"{cell_type}_{cls}_pct"] = round(100.0 * count / n_type, 4) if n_type else None
+    for spec in specs:
+        # how sure the model is on this field: far below its usual level, the field looks
+        # unlike the model's training data (another stain or microscope); docs/batch.md
+        row[f"{spec.name}_median_confidence"] = _median_confidence(table, spec.name)
     return row
+
+
+def _median_confidence(table, model_name: str) -> float | None:
+    """Median top-class probability of the cells ``model_name`` classified (None: none)."""
+    if "model" not in table or "confidence" not in table:
+        return None
+    values = [c for m, c in zip(table["model"].tolist(), table["confidence"].tolist())
+              if m == model_name and c == c]
+    return round(float(np.median(values)), 4) if values else None
 
 
 def _json_text(value: Any) -> str:

@@ -118,6 +118,9 @@ def test_outputs_per_image_and_per_run(setup):
         assert row[f"rbc_{cls}"] == ((cells.cell_type == "rbc") & (cells["class"] == cls)).sum()
     pct = summary[[f"rbc_{c}_pct" for c in RBC_CLASSES]].sum(axis=1)
     np.testing.assert_allclose(pct, 100.0, atol=1e-3)
+    # white cells the white-cell model re-typed as platelets (clumps), counted per field
+    retyped = ((cells.segmented_type == "wbc") & (cells.cell_type == "platelet")).sum()
+    assert row.platelet_from_wbc == retyped
     # each model's median confidence on the field (a QC figure: low on unfamiliar data)
     for model in ("wbc", "rbc"):
         expected = cells.loc[cells.model == model, "confidence"].median()

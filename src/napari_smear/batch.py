@@ -629,7 +629,7 @@ def _summary_columns(specs: Sequence) -> list[str]:
 
     columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "outside_view_share", "cells",
                *CELL_TYPES,
-               *(f"{cell_type}_cut_by_edge" for cell_type in CELL_TYPES)]
+               *(f"{cell_type}_cut_by_edge" for cell_type in CELL_TYPES), "platelet_from_wbc"]
     for spec in specs:
         for cell_type in spec.cell_types:
             for cls in spec.class_names:
@@ -675,6 +675,11 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
     for cell_type in CELL_TYPES:
         row[cell_type] = per_type[cell_type]
         row[f"{cell_type}_cut_by_edge"] = cut_per_type[cell_type]
+    # platelet clumps the segmentation typed as white cells (pipeline.retype_platelet_clumps)
+    row["platelet_from_wbc"] = (
+        int(((table["segmented_type"] == "wbc") & (table["cell_type"] == "platelet")).sum())
+        if "segmented_type" in table else 0
+    )
     for spec in specs:
         for cell_type in spec.cell_types:
             n_type = per_type[cell_type]

@@ -299,6 +299,9 @@ def _print_batch_report(report) -> None:
     summary = report.summary
     if len(summary):
         counts = ", ".join(f"{t} {int(summary[t].sum())}" for t in ("wbc", "rbc", "platelet"))
+        retyped = int(summary["platelet_from_wbc"].fillna(0).sum()) if "platelet_from_wbc" in summary else 0
+        if retyped:
+            counts += f", {retyped} of them segmented as white cells and re-typed by the white-cell model"
         print(f"cells: {int(summary['cells'].sum())} ({counts})")
         cut = ", ".join(f"{t} {int(summary[f'{t}_cut_by_edge'].sum())}" for t in ("wbc", "rbc", "platelet"))
         print(f"cut by the image edge: {cut} (left out of summary_whole_cells.csv)")

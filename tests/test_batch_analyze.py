@@ -17,7 +17,7 @@ import tifffile
 from conftest import tiny_model_file
 
 from napari_smear import batch
-from napari_smear.batch import analyze_files
+from napari_smear.batch import OUTPUT_VERSION, analyze_files
 from napari_smear.cli import main
 from napari_smear.io import read_image, write_png_atomic, write_tiff_atomic
 
@@ -170,6 +170,14 @@ def test_rerun_skips_finished_images_and_redoes_changed_ones(setup, tmp_path):
     (out / "d_overlay.png").unlink()
     again = analyze_files(inputs, out, **options)
     assert (again.analysed, again.skipped) == (2, 2)
+    # an image finished by code whose outputs differed (an older output version) is redone
+    marker_path = out / "sub" / "c_done.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["settings"]["output_version"] == OUTPUT_VERSION
+    marker["settings"]["output_version"] = OUTPUT_VERSION - 1
+    marker_path.write_text(json.dumps(marker))
+    again = analyze_files(inputs, out, **options)
+    assert (again.analysed, again.skipped) == (1, 3)
     # other weights: every image is redone; one that can no longer be analysed loses its
     # marker (no stale summary row)
     other = tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], seed=7)

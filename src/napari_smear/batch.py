@@ -73,6 +73,13 @@ OUTPUT_SUFFIXES = {
 #: Written last for each image: its presence means every output above is complete.
 MARKER_SUFFIX = "_done.json"
 MARKER_FORMAT = 1
+#: Version of the per-image outputs for the same inputs, models and settings, part of the
+#: resume fingerprint: raised whenever the code changes what an image's files hold, so
+#: that a re-run redoes images finished by older code (the package version alone did not
+#: move with such changes). 2: platelet clumps re-typed (``segmented_type`` column),
+#: ``platelet_from_wbc`` and ``<model>_median_confidence`` in the summary.
+OUTPUT_VERSION = 2
+
 #: The QC overlay is drawn at most this many pixels on its longer side.
 OVERLAY_MAX_SIDE = 2048
 # Names io.atomic_write gives its temporary files: ".<final name>.<12 hex>.tmp".
@@ -1391,7 +1398,7 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
             "weights_sha256": _weights_sha256(entry.model), "prior_correction": prior_strengths[entry.name],
         })
     value = {
-        "napari_smear": version, "models": models, "pixel_size_um": pixel_size_um,
+        "napari_smear": version, "output_version": OUTPUT_VERSION, "models": models, "pixel_size_um": pixel_size_um,
         "morphology": bool(morphology), "overlay_max_side": int(overlay_max_side), "amp": bool(amp),
     }
     if working_diameter_px is not None:

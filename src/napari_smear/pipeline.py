@@ -418,9 +418,9 @@ def retype_platelet_clumps(table: pd.DataFrame, specs: Sequence[ModelSpec]) -> p
     white cells, 6 of them inside a platelet box and 1 inside a white-cell box). A model
     trained on white cells *and* platelets (``wbc-pbc8``) tells them apart by their
     look, so its ``platelet`` answer for a ``wbc`` cell re-types it. Measured with the
-    full analysis against BCCD's boxes (`benchmarks/model_eval.py`): white-cell detection F1 0.9675 -> 0.9835
-    (precision 0.946 -> 0.977, recall unchanged) and platelet F1 0.697 -> 0.704.
-    The cell's violet pixels stay in the nuclei image.
+    full analysis against BCCD's boxes (``benchmarks/model_eval.py``): white-cell
+    detection F1 0.9675 -> 0.9835 (precision 0.946 -> 0.977, recall unchanged) and
+    platelet F1 0.697 -> 0.704. The cell's violet pixels stay in the nuclei image.
 
     Returns a copy with ``segmented_type`` (the segmentation's type) added after the
     other columns, and ``cell_type`` changed where a model re-typed the cell.

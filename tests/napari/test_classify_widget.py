@@ -339,3 +339,20 @@ def test_batch_outputs_opened_with_their_image_are_its_cells(make_napari_viewer,
     wait_until_idle(qtbot, widget)
     assert errors == [] and segmented == []
     assert (viewer.layers["field cells"].features["class"] != "").any()
+
+
+def test_summary_says_how_many_white_cells_were_retyped_platelets():
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "label": [1, 2, 3], "cell_type": ["wbc", "platelet", "rbc"], "segmented_type": ["wbc", "wbc", "rbc"],
+        "class": ["neutrophil", "platelet", None], "confidence": [0.9, 0.95, np.nan],
+        "model": ["wbc8", "wbc8", None],
+    })
+    result = napari_smear.pipeline.AnalysisResult(segmentation=None, table=table, models={"wbc8": {}})
+    text = classify_module._summary(result, 1.0)
+    assert text.startswith("2 of 3 cells classified by wbc8")
+    assert "1 segmented as white cells and re-typed platelets" in text
+    plain = classify_module._summary(napari_smear.pipeline.AnalysisResult(
+        segmentation=None, table=table.assign(segmented_type=table.cell_type), models={"wbc8": {}}), 1.0)
+    assert "re-typed" not in plain

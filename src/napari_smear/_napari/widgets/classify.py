@@ -404,4 +404,10 @@ def _summary(result: AnalysisResult, seconds: float) -> str:
         detail = ", ".join(f"{int(n)} {c}" for c, n in zip(top["class"], top["count"]))
         parts.append(f"{int(group['count'].sum())} {cell_type}" + (f" ({detail}{', …' if len(group) > 3 else ''})" if detail else ""))
     models = ", ".join(result.models)
-    return f"{classified} of {len(table)} cells classified by {models} in {seconds:.1f} s: " + "; ".join(parts)
+    text = f"{classified} of {len(table)} cells classified by {models} in {seconds:.1f} s: " + "; ".join(parts)
+    if "segmented_type" in table.columns:
+        # say why the white-cell count fell: pipeline.retype_platelet_clumps
+        retyped = int(((table["segmented_type"] == "wbc") & (table["cell_type"] == "platelet")).sum())
+        if retyped:
+            text += f" ({retyped} segmented as white cells and re-typed platelets by the white-cell model)"
+    return text

@@ -654,7 +654,7 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
     row of ``summary_whole_cells.csv``); ``<type>_cut_by_edge`` says how many there are
     either way.
     """
-    from .pipeline import cut_by_edge
+    from .pipeline import cut_by_edge, retyped_platelets
     from .segment.types import CELL_TYPES
 
     table = result.table
@@ -683,10 +683,7 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
         row[cell_type] = per_type[cell_type]
         row[f"{cell_type}_cut_by_edge"] = cut_per_type[cell_type]
     # platelet clumps the segmentation typed as white cells (pipeline.retype_platelet_clumps)
-    row["platelet_from_wbc"] = (
-        int(((table["segmented_type"] == "wbc") & (table["cell_type"] == "platelet")).sum())
-        if "segmented_type" in table else 0
-    )
+    row["platelet_from_wbc"] = int(retyped_platelets(table).sum())
     for spec in specs:
         for cell_type in spec.cell_types:
             n_type = per_type[cell_type]

@@ -435,6 +435,14 @@ def retype_platelet_clumps(table: pd.DataFrame, specs: Sequence[ModelSpec]) -> p
     return table
 
 
+def retyped_platelets(table: pd.DataFrame) -> pd.Series:
+    """Which cells :func:`retype_platelet_clumps` re-typed (all False for a table
+    without ``segmented_type``, e.g. a segmentation's own)."""
+    if "segmented_type" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return (table["segmented_type"] == "wbc") & (table["cell_type"] == "platelet")
+
+
 # ----------------------------------------------------------------------------- one image
 
 

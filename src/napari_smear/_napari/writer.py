@@ -69,13 +69,7 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     pixel_size_um = _pixel_size_um(meta, layer_metadata, own)
     if pixel_size_um is not None:
         own["pixel_size_um"] = pixel_size_um
-    # where the layer sits over its image (a crop's offset, a non-µm scale): the reader
-    # places it there again
-    for key in ("scale", "translate"):
-        if meta.get(key) is not None:
-            own[key] = [float(v) for v in list(meta[key])[-2:]]
-    if meta.get("units") is not None:
-        own["units"] = [str(u) for u in list(meta["units"])[-2:]]
+    _record_placement(own, meta)
 
     written = [
         str(
@@ -92,6 +86,16 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     if features is not None and len(features) > 0:
         written.append(str(write_csv_atomic(cells_csv_path(target), pd.DataFrame(features))))
     return written
+
+
+def _record_placement(own: dict, meta: dict) -> None:
+    """Store where the layer sits over its image (a crop's offset, a non-µm scale) in
+    ``own``, the napari-smear metadata written to the TIFF: the reader places it there again."""
+    for key in ("scale", "translate"):
+        if meta.get(key) is not None:
+            own[key] = [float(v) for v in list(meta[key])[-2:]]
+    if meta.get("units") is not None:
+        own["units"] = [str(u) for u in list(meta["units"])[-2:]]
 
 
 def _pixel_size_um(meta: dict, layer_metadata: dict, own: dict) -> float | None:
@@ -181,11 +185,7 @@ def _write_image(target: Path, data: Any, meta: dict) -> str:
     layer_metadata = dict(meta.get("metadata") or {})
     own = {"kind": "image", "name": meta.get("name")}
     pixel_size_um = _pixel_size_um(meta, layer_metadata, own)
-    for key in ("scale", "translate"):
-        if meta.get(key) is not None:
-            own[key] = [float(v) for v in list(meta[key])[-2:]]
-    if meta.get("units") is not None:
-        own["units"] = [str(u) for u in list(meta["units"])[-2:]]
+    _record_placement(own, meta)
     return str(write_tiff_atomic(
         target, image, pixel_size_um=pixel_size_um, napari_smear_metadata=own, compression="zlib",
         photometric="rgb" if rgb else "minisblack",

@@ -396,6 +396,8 @@ def _edits(edited: dict | None) -> str:
 
 
 def _summary(result: AnalysisResult, seconds: float) -> str:
+    from napari_smear.pipeline import retyped_platelets
+
     table = result.table
     classified = int(table["class"].notna().sum()) if "class" in table.columns else 0
     parts = []
@@ -405,9 +407,8 @@ def _summary(result: AnalysisResult, seconds: float) -> str:
         parts.append(f"{int(group['count'].sum())} {cell_type}" + (f" ({detail}{', …' if len(group) > 3 else ''})" if detail else ""))
     models = ", ".join(result.models)
     text = f"{classified} of {len(table)} cells classified by {models} in {seconds:.1f} s: " + "; ".join(parts)
-    if "segmented_type" in table.columns:
-        # say why the white-cell count fell: pipeline.retype_platelet_clumps
-        retyped = int(((table["segmented_type"] == "wbc") & (table["cell_type"] == "platelet")).sum())
-        if retyped:
-            text += f" ({retyped} segmented as white cells and re-typed platelets by the white-cell model)"
+    # say why the white-cell count fell: pipeline.retype_platelet_clumps
+    retyped = int(retyped_platelets(table).sum())
+    if retyped:
+        text += f" ({retyped} segmented as white cells and re-typed platelets by the white-cell model)"
     return text

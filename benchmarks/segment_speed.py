@@ -1,6 +1,7 @@
 """Segmentation speed: seconds per BCCD field, and MP/s + peak RSS on a large tiled image.
 
 Usage: python benchmarks/segment_speed.py [--fields 40] [--large-side 10000] [--workers N] [--working-diameter PX]
+       python benchmarks/segment_speed.py --on-disk --large-side 20000   (a slide through memory-mapped files)
 The large image is a mosaic of real Chula RBC-12 fields (or synthetic fields when the
 shared data is absent), segmented through the tiled path (tiles in N worker
 processes; default: segment_smear's own choice). Peak RSS is measured in a fresh
@@ -86,12 +87,64 @@ def bench_large(side: int, workers: int | None, working_diameter: float | None =
             "n_cells": int(seg.n_cells), "rbc_diameter_px": seg.rbc_diameter_px}
 
 
+def _run_sampling_anonymous_memory(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``command``; also its peak anonymous memory in MB (RssAnon, sampled every
+    20 ms from here: a sampling thread inside it would make the package start its
+    workers by fork server instead of fork)."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_kb = 0
+    status = Path(f"/proc/{child.pid}/status")
+    while child.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.02)
+    stdout, stderr = child.communicate()
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr), peak_kb / 1024
+
+
+def bench_on_disk(tiff: Path, workers: int | None, working_diameter: float | None = None) -> dict:
+    """``napari-smear segment --on-disk`` on a TIFF: time and memory (RSS counts the
+    file pages the maps touched; anonymous memory is what the process itself holds)."""
+    import tempfile
+
+    import torch  # noqa: F401  (imported before timing: the first resize loads it)
+
+    from napari_smear import segment_smear  # noqa: F401
+    from napari_smear.batch import segment_files
+
+    with tempfile.TemporaryDirectory(dir=tiff.parent) as out:
+        t0 = time.perf_counter()
+        summary = segment_files([tiff], out, working_diameter_px=working_diameter, on_disk=True)
+        seconds = time.perf_counter() - t0
+    row = summary.iloc[0]
+    if row.error:
+        raise RuntimeError(row.error)
+    import tifffile
+
+    side = tifffile.TiffFile(tiff).series[0].shape[0]
+    mp = side * side / 1e6
+    return {"side": side, "mosaic_of": "chula_rbc12" if any((DATA / "chula_rbc12" / "images").glob("*.jpg")) else "synthetic",
+            "megapixels": mp, "workers": workers, "on_disk": True, "seconds": seconds, "mp_per_s": mp / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "largest_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "n_cells": int(row.wbc + row.rbc + row.platelet), "rbc_diameter_px": float(row.rbc_diameter_px),
+            "seconds_include": "reading the TIFF, segmenting, writing the label TIFFs and the table"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fields", type=int, default=40)
     ap.add_argument("--large-side", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=None, help="tile worker processes (default: automatic)")
     ap.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--on-disk", action="store_true",
+                    help="write the large image to an uncompressed TIFF and segment it as `napari-smear segment "
+                         "--on-disk` does (memory-mapped; includes writing the outputs); skips the BCCD fields")
+    ap.add_argument("--tiff", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--working-diameter", type=float, default=None,
                     help="segment_smear's working_diameter_px (default: its own, 24)")
     ap.add_argument("--out", type=Path, default=None,
@@ -100,11 +153,45 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.out is None:
         name = "segment_speed.json" if args.working_diameter is None else f"segment_speed_wd{args.working_diameter:g}.json"
+        if args.on_disk:
+            name = name.replace("segment_speed", "segment_speed_on_disk")
         args.out = ROOT / "benchmarks" / "results" / name
     if args.large_only:
-        print(json.dumps(bench_large(args.large_side, args.workers, args.working_diameter)))
+        if args.tiff is not None:
+            print(json.dumps(bench_on_disk(args.tiff, args.workers, args.working_diameter)))
+        else:
+            print(json.dumps(bench_large(args.large_side, args.workers, args.working_diameter)))
         return
     result = {"working_diameter_px": args.working_diameter}
+    if args.on_disk:
+        import tempfile
+
+        import tifffile
+
+        scratch = tempfile.TemporaryDirectory(prefix="segment-speed-")
+        tiff = Path(scratch.name) / "mosaic.tif"
+        tifffile.imwrite(tiff, make_mosaic(args.large_side), bigtiff=True)  # uncompressed: mapped in place
+        command = [sys.executable, __file__, "--large-only", "--tiff", str(tiff)]
+        if args.workers is not None:
+            command += ["--workers", str(args.workers)]
+        if args.working_diameter is not None:
+            command += ["--working-diameter", str(args.working_diameter)]
+        child, anonymous_mb = _run_sampling_anonymous_memory(command)
+        scratch.cleanup()
+        if child.returncode:
+            sys.exit(child.stderr)
+        result["large_on_disk"] = g = json.loads(child.stdout.strip().splitlines()[-1])
+        g["peak_anonymous_mb"] = anonymous_mb
+        print(
+            f"large image on disk {g['side']}x{g['side']} ({g['megapixels']:.0f} MP): {g['seconds']:.1f} s, "
+            f"{g['mp_per_s']:.1f} MP/s, peak anonymous memory {g['peak_anonymous_mb']:.0f} MB, peak RSS "
+            f"{g['peak_rss_mb']:.0f} MB (with file pages), largest worker {g['largest_worker_rss_mb']:.0f} MB, "
+            f"{g['n_cells']} cells"
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"saved {args.out}")
+        return
     if (DATA / "bccd").exists():
         result["fields"] = bench_fields(args.fields, args.working_diameter)
         f = result["fields"]

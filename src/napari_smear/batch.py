@@ -216,14 +216,21 @@ def segment_files(
     pixel_size_um: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     working_diameter_px: float | None = None,
+    on_disk: bool | None = None,
 ) -> pd.DataFrame:
     """Segment every image; per image write ``<stem>_labels.tif``, ``<stem>_nuclei.tif``
     and ``<stem>_cells.csv``. A file that cannot be read or segmented is recorded with
     its reason (``errors.csv``) and the run carries on.
 
     ``working_diameter_px``: the segmentation's working resolution (see
-    :func:`napari_smear.segment_smear`; default its own). Returns one row per image:
-    path, counts per cell type, rbc_diameter_px, seconds, error.
+    :func:`napari_smear.segment_smear`; default its own). ``on_disk``: segment TIFFs
+    through memory-mapped files, for slides larger than memory (the image, decoded once
+    when compressed, and the two label images live in a scratch folder inside
+    ``out_dir`` while the image is segmented, 11 bytes a pixel; see
+    :func:`segment_file_on_disk`); True for every TIFF, False never, None (default) for
+    a TIFF whose image and label images would fill more than half the memory
+    available. Returns one row per image: path, counts per cell type,
+    rbc_diameter_px, seconds, on_disk, error.
     """
     from .io import read_image, write_csv_atomic
     from .segment import segment_smear
@@ -243,16 +250,21 @@ def segment_files(
                 progress(i, len(jobs), job.path)
             t0 = time.perf_counter()
             try:
-                image, meta = read_image(job.path)
-                pixel_size = pixel_size_um or meta.get("pixel_size_um")
-                with _own_warnings_held_back():
-                    seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
-                _warn_about(job.relative, _image_notes(seg))
+                disk = _segment_on_disk(job.path, on_disk)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
-                _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
+                if disk:
+                    seg = segment_file_on_disk(job, out, pixel_size_um, working_diameter_px)
+                else:
+                    image, meta = read_image(job.path)
+                    pixel_size = pixel_size_um or meta.get("pixel_size_um")
+                    with _own_warnings_held_back():
+                        seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
+                    _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
+                _warn_about(job.relative, _image_notes(seg))
                 write_csv_atomic(job.output("cells"), seg.table)
                 rows.append({"path": job.path, **seg.counts(), "rbc_diameter_px": seg.rbc_diameter_px,
-                             "seconds": time.perf_counter() - t0, "error": ""})
+                             "seconds": time.perf_counter() - t0, "on_disk": disk, "error": ""})
+                del seg
             except Exception as exc:  # one bad file must not stop a batch: record why
                 reason = f"{type(exc).__name__}: {exc}"
                 errors.append({"file": job.path, "error": reason})
@@ -262,6 +274,70 @@ def segment_files(
         # this run's failures only (none: an empty table, not an earlier run's list)
         write_csv_atomic(out / "errors.csv", pd.DataFrame(errors, columns=["file", "error"]))
     return pd.DataFrame(rows)
+
+
+# Bytes a pixel takes while it is segmented: the RGB image and two uint32 label images.
+_BYTES_PER_PIXEL_SEGMENTED = 3 + 4 + 4
+
+
+def _available_memory_bytes() -> int | None:
+    """Memory available to new allocations (Linux ``MemAvailable``), else None."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _segment_on_disk(path: str | Path, on_disk: bool | None) -> bool:
+    """Whether ``segment_files`` segments ``path`` through memory-mapped files."""
+    from .io import decoded_size_bytes
+
+    if on_disk is False:
+        return False
+    image_bytes = decoded_size_bytes(path)
+    if image_bytes is None:  # not a TIFF (or unreadable: read_image then says why)
+        return False
+    if on_disk:
+        return True
+    available = _available_memory_bytes()
+    needed = image_bytes // 3 * _BYTES_PER_PIXEL_SEGMENTED
+    return available is not None and needed > available // 2
+
+
+def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, working_diameter_px: float | None):
+    """Segment one TIFF through memory-mapped files and write its label TIFFs (tiled,
+    compressed: read back like the others); the slide never has to fit in memory.
+
+    The image (decoded once when compressed) and the two label images live in a
+    scratch folder inside ``out_dir`` (``.scratch-*``, removed afterwards, also on
+    failure). Returns the segmentation with empty (0 x 0) label images: they are in
+    the TIFFs written; its table, scale and notes are whole.
+    """
+    import tempfile
+
+    from .io import open_image_on_disk
+    from .segment import segment_smear
+
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+        image, meta = open_image_on_disk(job.path, scratch)
+        pixel_size = pixel_size_um or meta.get("pixel_size_um")
+        shape = image.shape[:2]
+        labels = np.memmap(Path(scratch) / "labels.u32", np.uint32, "w+", shape=shape)
+        nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
+        with _own_warnings_held_back():
+            seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
+                                out=(labels, nuclei))
+        _write_segmentation_tiffs(job, seg, pixel_size)
+        # the maps must be closed before their files are removed (Windows); numpy
+        # closes a map when the last array on it goes
+        nothing = np.zeros((0, 0), np.uint32)
+        result = replace(seg, labels=nothing, nuclei=nothing)
+        del image, labels, nuclei, seg
+    return result
 
 
 # ----------------------------------------------------------------------------- analyze: types
@@ -604,9 +680,19 @@ def _write_tiff(path: Path, array: np.ndarray, pixel_size_um: float | None, meta
         pixels_per_cm = 1e4 / float(pixel_size_um)
         options.update(resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
     description = json.dumps({METADATA_KEY: _plain(metadata)}, ensure_ascii=True, sort_keys=True)
+    if isinstance(array, np.memmap) or isinstance(getattr(array, "base", None), np.memmap):
+        # a slide larger than memory: written tile by tile from its file
+        source = array
+        height, width = source.shape[:2]
+        options.update(shape=source.shape, dtype=source.dtype, tile=(_TILE, _TILE))
+        array = (np.ascontiguousarray(source[y : y + _TILE, x : x + _TILE])
+                 for y in range(0, height, _TILE) for x in range(0, width, _TILE))
     with _renamed_into_place(path, "wb") as handle:
         tifffile.imwrite(handle, array, description=description, metadata=None, compression="zlib", **options)
     return path
+
+
+_TILE = 512  # TIFF tile side of label images written from memory-mapped files
 
 
 def _pil_image(rgb: np.ndarray):

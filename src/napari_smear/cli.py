@@ -122,6 +122,15 @@ def _add_segment(subparsers) -> None:
     parser.add_argument("--pixel-size-um", type=_positive_float, default=None,
                         help="pixel size in micrometres; default: from the file, else automatic scale")
     _add_working_diameter_option(parser)
+    disk = parser.add_mutually_exclusive_group()
+    disk.add_argument(
+        "--on-disk", dest="on_disk", action="store_const", const=True, default=None,
+        help="segment TIFFs through memory-mapped files in a scratch folder inside --out (11 bytes a pixel "
+             "of disk), for slides larger than memory; default: only TIFFs that would fill more than half "
+             "the memory available",
+    )
+    disk.add_argument("--in-memory", dest="on_disk", action="store_const", const=False,
+                      help="never segment through files, whatever the image's size")
     parser.set_defaults(func=_cmd_segment)
 
 
@@ -150,12 +159,13 @@ def _cmd_segment(args) -> int:
             print(f"[{i + 1}/{n}] {path}", file=sys.stderr)
 
     summary = segment_files(args.inputs, args.out, pixel_size_um=args.pixel_size_um, progress=show,
-                            working_diameter_px=args.working_diameter)
+                            working_diameter_px=args.working_diameter, on_disk=args.on_disk)
     ok = summary[summary.error == ""]
     cols = [c for c in ("wbc", "rbc", "platelet") if c in ok]
     for _, row in ok.iterrows():
         counts = ", ".join(f"{c} {int(row[c])}" for c in cols)
-        print(f"{Path(row.path).name}: {counts} (red-cell diameter {row.rbc_diameter_px:.1f} px)")
+        through = ", segmented through files on disk" if row.get("on_disk") is True else ""
+        print(f"{Path(row.path).name}: {counts} (red-cell diameter {row.rbc_diameter_px:.1f} px{through})")
     bad = summary[summary.error != ""]
     for _, row in bad.iterrows():
         print(f"FAILED {row.path}: {row.error}", file=sys.stderr)

@@ -24,6 +24,8 @@ __all__ = [
     "is_supported_path",
     "file_stem",
     "read_image",
+    "open_image_on_disk",
+    "decoded_size_bytes",
     "as_rgb_uint8",
     "atomic_write",
     "write_tiff_atomic",
@@ -147,6 +149,99 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
     return data, meta
+
+
+def decoded_size_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes the pixels of a TIFF's first image take once decoded, read from its
+    header (nothing is decoded); None for other files or an unreadable header."""
+    import tifffile
+
+    path = Path(path)
+    if not str(path).lower().endswith(_TIFF_SUFFIXES):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+    except Exception:  # read_image gives the specific reason when the file is opened
+        return None
+
+
+def open_image_on_disk(
+    path: str | os.PathLike, scratch_dir: str | os.PathLike | None = None
+) -> tuple[np.memmap, dict]:
+    """A TIFF's image as a read-only memory map, for slides larger than memory.
+
+    An uncompressed TIFF is mapped where it lies; a compressed one (a whole-slide
+    scanner's JPEG tiles, say) is decoded once, tile by tile, into a file in
+    ``scratch_dir`` (default: the system's temporary folder), which the caller removes
+    after use (the map keeps it open until then). Either way the pixels are read from
+    disk as they are used, so :func:`napari_smear.segment_smear` with
+    ``out=`` memory maps segments the slide in the memory of a few tiles.
+
+    Returns ``(image, meta)`` as :func:`read_image` does; ``meta["scratch_file"]`` is
+    the decoded copy's path (None when the file was mapped directly).
+
+    Raises
+    ------
+    ImageReadError
+        For a file that is not a TIFF or cannot be decoded.
+    ValueError
+        For a TIFF that is not one 8-bit RGB image with the colour last (the layout
+        scanners write): convert it with :func:`read_image` when it fits in memory.
+    """
+    import tempfile
+
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if not str(path).lower().endswith(_TIFF_SUFFIXES):
+        raise ImageReadError(f"cannot map {path} from disk: only TIFF files can be (got {path.suffix!r})")
+    def unreadable(exc: Exception) -> ImageReadError:
+        advice = "; install the codecs with: pip install 'napari-smear[wsi]'" if "imagecodecs" in str(exc) else ""
+        return ImageReadError(f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}")
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ImageReadError(f"cannot read {path}: the TIFF file holds no image")
+            series = tif.series[0]
+            shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+            pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
+            own_metadata = _napari_smear_description(tif.pages[0].description)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # tifffile raises many types on corrupt input
+        raise unreadable(exc) from exc
+    if not (len(shape) == 3 and shape[-1] == 3 and dtype == np.uint8 and axes.endswith("S")):
+        raise ValueError(
+            f"{path}: reading from disk needs one 8-bit RGB image with the colour last, as "
+            f"slide scanners write; this file holds shape {shape} ({axes}), dtype {dtype}"
+        )
+    scratch = None
+    try:
+        try:
+            image = tifffile.memmap(path, mode="r")
+        except ValueError:  # compressed or scattered: decode once, tile by tile, into a scratch file
+            handle, name = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".rgb", dir=scratch_dir)
+            os.close(handle)
+            scratch = Path(name)
+            with tifffile.TiffFile(path) as tif:
+                image = tif.series[0].asarray(out=str(scratch))
+    except Exception as exc:
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                scratch.unlink()
+        raise unreadable(exc) from exc
+    image = image.reshape(shape)
+    return image, {
+        "path": str(path), "format": "tiff", "axes": axes, "shape": shape, "dtype": str(dtype),
+        "pixel_size_um": pixel_size_yx_um[1] if pixel_size_yx_um else None,
+        "pixel_size_yx_um": pixel_size_yx_um, "napari_smear": own_metadata,
+        "scratch_file": str(scratch) if scratch is not None else None,
+    }
 
 
 def read_pyramid_levels(path: str | os.PathLike) -> list[np.ndarray]:

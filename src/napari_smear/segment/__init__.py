@@ -67,6 +67,7 @@ def segment_smear(
     params: CellParams | None = None,
     n_workers: int | None = None,
     progress: ProgressCallback | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SmearSegmentation:
     """Segment every cell of a stained blood or bone-marrow smear field.
 
@@ -94,6 +95,13 @@ def segment_smear(
         most 4; 1 runs them in this process).
     progress : callable, optional
         ``progress(fraction, message)``; raise inside it to cancel.
+    out : (labels, nuclei), optional
+        Two writable (H, W) uint32 arrays to write the label images into (they are
+        zeroed first), instead of new ones in memory; the result holds them. For a
+        slide larger than memory pass memory-mapped files (``np.memmap``) here and a
+        memory-mapped image (:func:`napari_smear.io.open_image_on_disk`): the tiles
+        are then read and written through the files, and working memory stays that
+        of a few tiles (``napari-smear segment --on-disk`` does this).
 
     Returns
     -------
@@ -107,6 +115,8 @@ def segment_smear(
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
         raise ValueError(f"tile_size must be an integer >= 64 (working pixels), got {tile_size!r}")
     rgb = as_rgb_uint8(image)
+    if out is not None:
+        _check_out(out, rgb.shape[:2])
     # the black surround of an eyepiece photo (or a scan's unscanned fill) looks like
     # the densest stain: it is painted as glass first, and cells at its rim marked cut
     outside_view = find_outside_view(rgb)
@@ -147,7 +157,7 @@ def segment_smear(
             diameter, stained_share = _measure_scale(rgb, stain, pool, channels)
             if diameter is None:
                 warn("no stained cells found in the field: returning an empty segmentation")
-                empty = _empty(rgb.shape[:2], math.nan, pixel_size_um)
+                empty = _empty(rgb.shape[:2], math.nan, pixel_size_um, out)
                 empty.params["warnings"] = notes
                 return empty
             few = _few_cells_note(rgb.shape[:2], stained_share, diameter)
@@ -159,8 +169,14 @@ def segment_smear(
         core = int(tile_size / factor)
         margin = int(math.ceil(3.0 * diameter))
 
-        labels = np.zeros((h, w), np.uint32)
-        nuclei = np.zeros((h, w), np.uint32)
+        if out is None:
+            labels = np.zeros((h, w), np.uint32)
+            nuclei = np.zeros((h, w), np.uint32)
+        else:
+            labels, nuclei = out
+            for start in range(0, h, 1024):  # row blocks: a file-backed array may exceed memory
+                labels[start : start + 1024] = 0
+                nuclei[start : start + 1024] = 0
         tables: list[pd.DataFrame] = []
 
         if not large:
@@ -233,6 +249,24 @@ def _few_cells_note(shape: tuple[int, int], stained_share: float, diameter: floa
         f"the red-cell size reliably (measured {diameter:.0f} px across); if the cells come out too large "
         "or too small, pass pixel_size_um or rbc_diameter_px"
     )
+
+
+def _check_out(out, shape: tuple[int, int]) -> None:
+    """``out`` of :func:`segment_smear`: two distinct writable (H, W) uint32 arrays."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out must be a (labels, nuclei) pair of arrays, got {type(out).__name__}")
+    for name, array in zip(("labels", "nuclei"), out):
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"out's {name} must be a numpy array (np.memmap for a file), got {type(array).__name__}")
+        if array.shape != tuple(shape) or array.dtype != np.uint32:
+            raise ValueError(
+                f"out's {name} must be a {shape[0]} x {shape[1]} uint32 array (the image's height and width), "
+                f"got shape {array.shape}, dtype {array.dtype}"
+            )
+        if not array.flags.writeable:
+            raise ValueError(f"out's {name} is read-only (a memory map opened with mode 'r'?)")
+    if np.may_share_memory(out[0], out[1]):
+        raise ValueError("out's labels and nuclei must be two separate arrays")
 
 
 def check_working_diameter(working_diameter_px) -> float:
@@ -369,7 +403,10 @@ def _resize_rgb(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # a read-only memory-mapped image: torch wants its own copy
+        rgb = rgb.copy()
+    t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, size=shape, mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).clamp_(0, 255).round_().to(torch.uint8).numpy()
 
@@ -731,10 +768,17 @@ def _empty_table() -> pd.DataFrame:
     ).astype({"label": "int64", "area_px": "int64"}).assign(touches_edge=pd.Series(dtype=bool))
 
 
-def _empty(shape, diameter, pixel_size_um) -> SmearSegmentation:
+def _empty(shape, diameter, pixel_size_um, out=None) -> SmearSegmentation:
+    if out is None:
+        labels, nuclei = np.zeros(shape, np.uint32), np.zeros(shape, np.uint32)
+    else:
+        labels, nuclei = out
+        for start in range(0, shape[0], 1024):
+            labels[start : start + 1024] = 0
+            nuclei[start : start + 1024] = 0
     return SmearSegmentation(
-        labels=np.zeros(shape, np.uint32),
-        nuclei=np.zeros(shape, np.uint32),
+        labels=labels,
+        nuclei=nuclei,
         table=_empty_table(),
         rbc_diameter_px=diameter,
         pixel_size_um=pixel_size_um,

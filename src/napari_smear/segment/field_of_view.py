@@ -131,7 +131,7 @@ def fill_outside_view(rgb: np.ndarray, outside: np.ndarray) -> np.ndarray:
     # NaN is never glass to the fit, so the surface is fitted to the view alone
     log_sum[sample_outside] = np.nan
     fit = fit_illumination(log_sum, level, threshold) if np.isfinite(threshold) else None
-    filled = rgb.copy()
+    filled = _copy_like(rgb)
     if fit is None:
         filled[outside] = np.round(background).astype(np.uint8)
         return filled
@@ -154,3 +154,17 @@ def fill_outside_view(rgb: np.ndarray, outside: np.ndarray) -> np.ndarray:
     else:
         filled[outside] = colour[outside]
     return filled
+
+
+def _copy_like(rgb: np.ndarray) -> np.ndarray:
+    """A writable copy of ``rgb``; of a memory-mapped image (a slide larger than
+    memory, see :func:`napari_smear.io.open_image_on_disk`) a copy in an anonymous
+    temporary file, so painting its frame does not need the slide's size in memory."""
+    if not isinstance(rgb, np.memmap) and not isinstance(getattr(rgb, "base", None), np.memmap):
+        return rgb.copy()
+    import tempfile
+
+    copy = np.memmap(tempfile.TemporaryFile(), dtype=rgb.dtype, mode="w+", shape=rgb.shape)
+    for start in range(0, rgb.shape[0], 1024):
+        copy[start : start + 1024] = rgb[start : start + 1024]
+    return copy

@@ -171,12 +171,7 @@ def main(argv=None):
         scratch = tempfile.TemporaryDirectory(prefix="segment-speed-")
         tiff = Path(scratch.name) / "mosaic.tif"
         tifffile.imwrite(tiff, make_mosaic(args.large_side), bigtiff=True)  # uncompressed: mapped in place
-        command = [sys.executable, __file__, "--large-only", "--tiff", str(tiff)]
-        if args.workers is not None:
-            command += ["--workers", str(args.workers)]
-        if args.working_diameter is not None:
-            command += ["--working-diameter", str(args.working_diameter)]
-        child, anonymous_mb = _run_sampling_anonymous_memory(command)
+        child, anonymous_mb = _run_sampling_anonymous_memory(_child_command(args, "--tiff", str(tiff)))
         scratch.cleanup()
         if child.returncode:
             sys.exit(child.stderr)
@@ -188,20 +183,14 @@ def main(argv=None):
             f"{g['peak_rss_mb']:.0f} MB (with file pages), largest worker {g['largest_worker_rss_mb']:.0f} MB, "
             f"{g['n_cells']} cells"
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"saved {args.out}")
+        _save(result, args.out)
         return
     if (DATA / "bccd").exists():
         result["fields"] = bench_fields(args.fields, args.working_diameter)
         f = result["fields"]
         print(f"BCCD fields: {f['seconds_per_field_mean']:.3f} s/field mean, {f['seconds_per_field_median']:.3f} median, {f['seconds_per_field_p90']:.3f} p90 ({f['n_fields']} fields)")
-    command = [sys.executable, __file__, "--large-only", "--large-side", str(args.large_side)]
-    if args.workers is not None:
-        command += ["--workers", str(args.workers)]
-    if args.working_diameter is not None:
-        command += ["--working-diameter", str(args.working_diameter)]
-    child = subprocess.run(command, capture_output=True, text=True, check=True)
+    child = subprocess.run(_child_command(args, "--large-side", str(args.large_side)),
+                           capture_output=True, text=True, check=True)
     result["large"] = json.loads(child.stdout.strip().splitlines()[-1])
     g = result["large"]
     print(
@@ -209,9 +198,23 @@ def main(argv=None):
         f"{g['seconds']:.1f} s, {g['mp_per_s']:.1f} MP/s, peak RSS {g['peak_rss_mb']:.0f} MB "
         f"(largest worker {g['largest_worker_rss_mb']:.0f} MB), {g['n_cells']} cells"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"saved {args.out}")
+    _save(result, args.out)
+
+
+def _child_command(args, *extra: str) -> list[str]:
+    """This script again, measuring the large image in a fresh process."""
+    command = [sys.executable, __file__, "--large-only", *extra]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    if args.working_diameter is not None:
+        command += ["--working-diameter", str(args.working_diameter)]
+    return command
+
+
+def _save(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -430,6 +430,42 @@ def test_mixstyle_mixes_feature_statistics_in_training_only(tmp_path):
         train(crop_set, output=tmp_path / "n.safetensors", mixstyle=1.5, progress=False)
 
 
+def test_weight_averaging_writes_the_mean_of_the_epochs_weights(tmp_path):
+    from napari_smear.models import load_model
+    from napari_smear.training import _WeightAverage
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    b = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    average = _WeightAverage(a)
+    average.add(a)
+    average.add(b)
+    assert torch.allclose(average.model[0].weight, (a[0].weight + b[0].weight) / 2)
+    # BatchNorm statistics are measured again, on the batches given, as a plain mean
+    x = torch.randn(16, 3, 12, 12) * 3 + 1
+    seq = average.model
+    seq.forward = lambda inputs, morph=None: torch.nn.Sequential.forward(seq, inputs)
+    ready = average.ready([(x[:8], None), (x[8:], None)], None, torch.device("cpu"))
+    assert not ready.training
+    features = seq[0](x)
+    expected_mean = (features[:8].mean((0, 2, 3)) + features[8:].mean((0, 2, 3))) / 2
+    assert torch.allclose(ready[1].running_mean, expected_mean, atol=1e-5)
+    assert ready[1].momentum == b[1].momentum
+
+    crop_set = synthetic_crop_set(n_per_class=8)
+    result = train(crop_set, model_kind="shape_aware", output=tmp_path / "m.safetensors", epochs=3, batch_size=8,
+                   config=TINY_SHAPE_AWARE, average_weights_from=2, patience=None, progress=False, num_threads=1)
+    assert result.info.metadata["training"]["average_weights_from"] == 2
+    averaged, _ = load_model(tmp_path / "m.safetensors")
+    assert all(torch.isfinite(v).all() for v in averaged.state_dict().values() if v.dtype.is_floating_point)
+    with pytest.raises(ValueError, match="average_weights_from"):
+        train(crop_set, output=tmp_path / "n.safetensors", epochs=3, average_weights_from=4, progress=False)
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        train(crop_set, model_kind="shape_aware", output=tmp_path / "m.safetensors", epochs=3, batch_size=8,
+              config=TINY_SHAPE_AWARE, average_weights_from=2, patience=None, progress=False, num_threads=1,
+              resume=True)
+
+
 def test_train_rejects_bad_arguments(tmp_path):
     crop_set = synthetic_crop_set(n_per_class=4)
     with pytest.raises(ValueError, match="unknown model kind"):

@@ -199,10 +199,8 @@ def open_image_on_disk(
         raise FileNotFoundError(f"image file not found: {path}")
     if not str(path).lower().endswith(_TIFF_SUFFIXES):
         raise ImageReadError(f"cannot map {path} from disk: only TIFF files can be (got {path.suffix!r})")
-    def unreadable(exc: Exception) -> ImageReadError:
-        advice = "; install the codecs with: pip install 'napari-smear[wsi]'" if "imagecodecs" in str(exc) else ""
-        return ImageReadError(f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}")
-
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"cannot read {path}: the file is empty (0 bytes)")
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
@@ -214,7 +212,7 @@ def open_image_on_disk(
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises many types on corrupt input
-        raise unreadable(exc) from exc
+        raise _unreadable_tiff(path, exc) from exc
     if not (len(shape) == 3 and shape[-1] == 3 and dtype == np.uint8 and axes.endswith("S")):
         raise ValueError(
             f"{path}: reading from disk needs one 8-bit RGB image with the colour last, as "
@@ -234,7 +232,7 @@ def open_image_on_disk(
         if scratch is not None:
             with contextlib.suppress(OSError):
                 scratch.unlink()
-        raise unreadable(exc) from exc
+        raise _unreadable_tiff(path, exc) from exc
     image = image.reshape(shape)
     return image, {
         "path": str(path), "format": "tiff", "axes": axes, "shape": shape, "dtype": str(dtype),
@@ -294,12 +292,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises many types on corrupt input
-        advice = ""
-        if "imagecodecs" in str(exc):  # JPEG/JPEG 2000/LZW-compressed tiles: the usual slide scans
-            advice = "; install the codecs with: pip install 'napari-smear[wsi]' (the imagecodecs package)"
-        raise ImageReadError(
-            f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}"
-        ) from exc
+        raise _unreadable_tiff(path, exc) from exc
     data, axes = _colour_axis_last(data, axes)
     if is_cmyk and data.ndim >= 3 and data.shape[-1] >= 4:
         data = _cmyk_to_rgb(data)
@@ -317,6 +310,14 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
         "pixel_size_yx_um": pixel_size_yx_um,
         "napari_smear": own_metadata,
     }
+
+
+def _unreadable_tiff(path: Path, exc: Exception) -> ImageReadError:
+    """The error for a TIFF tifffile could not decode, with the fix when it is the codecs."""
+    advice = ""
+    if "imagecodecs" in str(exc):  # JPEG/JPEG 2000/LZW-compressed tiles: the usual slide scans
+        advice = "; install the codecs with: pip install 'napari-smear[wsi]' (the imagecodecs package)"
+    return ImageReadError(f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}")
 
 
 def _cmyk_to_rgb(data: np.ndarray) -> np.ndarray:

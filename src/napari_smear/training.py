@@ -349,6 +349,55 @@ class _MixStyle:
         return ((x - mean) / std * mixed_std + mixed_mean).to(output.dtype)
 
 
+# BatchNorm statistics of a weight average are measured on this many training crops
+_BATCHNORM_RECOUNT_CROPS = 4096
+
+
+class _WeightAverage:
+    """The running average of a model's weights (``train(average_weights_from=...)``)."""
+
+    def __init__(self, model):
+        import copy
+
+        self.model = copy.deepcopy(model)
+        self.count = 0
+
+    def add(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            current = model.state_dict()
+            for name, value in self.model.state_dict().items():
+                if value.dtype.is_floating_point and not _is_batchnorm_statistic(name):
+                    value.mul_(self.count / (self.count + 1)).add_(current[name].detach(), alpha=1 / (self.count + 1))
+        self.count += 1
+
+    def ready(self, batches, dtype, device):
+        """The averaged model with its BatchNorm statistics measured on ``batches``
+        (inputs, morphology) in training mode; returned in eval mode."""
+        import contextlib
+
+        import torch
+
+        norms = [m for m in self.model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain mean over the batches
+        self.model.train()
+        with torch.no_grad():
+            for x, morph in batches:
+                with (torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+                    self.model(x, morph)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        return self.model.eval()
+
+
+def _is_batchnorm_statistic(name: str) -> bool:
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
 def _add_mixstyle(model, probability: float) -> list:
     """Hook MixStyle after the first two stages of every residual backbone of ``model``
     (none for probability 0); returns the hook handles."""
@@ -844,6 +893,7 @@ def train(
     augment_options: dict | None = None,
     white_balance: bool = False,
     mixstyle: float = 0.0,
+    average_weights_from: int | None = None,
     device="auto",
     amp: bool | None = None,
     amp_dtype: str | None = None,
@@ -913,6 +963,15 @@ def train(
         than the content, so mixing them is a cheap way of training for other
         microscopes. Training only: the model and its file are unchanged, and inference
         is not affected. 0 (default) leaves training as it was.
+    average_weights_from : int, optional
+        Stochastic weight averaging (Izmailov et al., UAI 2018; for other domains,
+        SWAD, Cha et al., NeurIPS 2021): from this epoch on, the model scored and
+        written is the average of the weights at the end of every epoch since, its
+        BatchNorm statistics measured again on the (augmented) training crops. An
+        average of points along the trajectory lies in a flatter minimum, which
+        transfers better to data unlike the training data. The best epoch is still
+        chosen on the validation split, among the averages. None (default): no
+        averaging. A run with averaging cannot be resumed from its checkpoint.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then CPU (see
         :func:`napari_smear.predict.select_device`).
@@ -990,6 +1049,11 @@ def train(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not 0.0 <= float(mixstyle) <= 1.0:
         raise ValueError(f"mixstyle is a probability (0 to 1), got {mixstyle!r}")
+    if average_weights_from is not None:
+        if isinstance(average_weights_from, bool) or not isinstance(average_weights_from, int) or not (
+                1 <= average_weights_from <= epochs):
+            raise ValueError(f"average_weights_from must be an epoch from 1 to epochs ({epochs}), "
+                             f"got {average_weights_from!r}")
     if not lr > 0 or weight_decay < 0 or attention_supervision < 0 or attribute_weight < 0:
         raise ValueError("lr must be > 0 and weight_decay, attention_supervision, attribute_weight >= 0")
     if balance not in (True, False, "sampler", "loss"):
@@ -1104,14 +1168,22 @@ def train(
             "init_from": str(init["path"]) if init is not None else None,
             **({"white_balance": True} if white_balance else {}),
             **({"mixstyle": float(mixstyle)} if mixstyle else {}),
+            **({"average_weights_from": average_weights_from} if average_weights_from is not None else {}),
         }
         fingerprint = json.loads(json.dumps(fingerprint))
 
+        # the average lives in a copy made before any MixStyle hook (which would mix
+        # styles while its BatchNorm statistics are measured)
+        averaging = _WeightAverage(model) if average_weights_from is not None else None
         mixstyle_hooks = _add_mixstyle(model, mixstyle)
         channels_last = torch_device.type == "cuda"
         model.to(torch_device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        if averaging is not None:
+            averaging.model.to(torch_device)
+            if channels_last:
+                averaging.model.to(memory_format=torch.channels_last)
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():
             # no weight decay on norms, biases and the learned attention map
@@ -1129,6 +1201,9 @@ def train(
             loaded = _load_checkpoint(ckpt_dir)
             if loaded is None:
                 notes.append(f"resume: no checkpoint in {ckpt_dir}; starting afresh")
+            elif averaging is not None:
+                raise ValueError(f"cannot resume from {ckpt_dir}: a run with average_weights_from cannot be resumed "
+                                 "(the running average is not checkpointed); start it afresh (resume=False)")
             else:
                 saved, tensors = loaded
                 differing = [k for k in _FINGERPRINT_KEYS if saved.get("fingerprint", {}).get(k) != fingerprint.get(k)]
@@ -1262,8 +1337,28 @@ def train(
                     f"the training loss became {train_loss} in epoch {epoch}; lower lr (now {lr}) or turn amp off"
                 )
 
+            scored = model
+            if averaging is not None and epoch >= average_weights_from:
+                averaging.add(model)
+
+                def training_batches():  # the epoch's first batches again, augmented alike
+                    replay = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                    for start in range(0, min(n_train, _BATCHNORM_RECOUNT_CROPS), batch_size):
+                        index = order[start:start + batch_size]
+                        rgb = host_tensors[0][index].to(torch_device).permute(0, 3, 1, 2).float() / 255.0
+                        mask_float = host_tensors[1][index].to(torch_device).float()
+                        if white_balance:
+                            rgb = balance_crops(rgb, mask_float)
+                        if augment:
+                            kwargs = {k: v for k, v in augment_kwargs.items() if k != "faint_cytoplasm_eligible"}
+                            rgb, mask_float = augment_batch(rgb, mask_float, replay, **kwargs)
+                        x = torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1)
+                        morph = host_tensors[3][index].to(torch_device) if morph_features else None
+                        yield x, morph
+
+                scored = averaging.ready(training_batches(), dtype, torch_device)
             val_output = classify_crops(
-                model, val_info, val_set.images, val_set.masks, val_set.morph, device=torch_device,
+                scored, val_info, val_set.images, val_set.masks, val_set.morph, device=torch_device,
                 batch_size=2 * batch_size, amp=dtype or False, return_attention=True, progress=False,
             )
             to_model = np.arange(len(class_names))
@@ -1288,7 +1383,7 @@ def train(
                     **{k: metrics[k] for k in ("n", "accuracy", "macro_f1", "per_class_recall", "per_class_precision",
                                                "per_class_f1", "support", "confusion", "attention_mass_inside")},
                 }
-                save_model(output, model, _model_metadata(
+                save_model(output, scored, _model_metadata(
                     crop_set, class_names, mean, std, size, best_metrics, fingerprint, train_index, val_index,
                     morph_features, model, epochs, patience, torch_device, dtype, notes, cell_types,
                 ))
@@ -1500,6 +1595,8 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
             "device": str(device),
             "amp": str(dtype).removeprefix("torch.") if dtype else None,
             **({"mixstyle": fingerprint["mixstyle"]} if fingerprint.get("mixstyle") else {}),
+            **({"average_weights_from": fingerprint["average_weights_from"]}
+               if fingerprint.get("average_weights_from") is not None else {}),
         },
     }
     if cell_types:

@@ -517,3 +517,16 @@ def test_an_eyepiece_photo_in_the_batch(setup, tmp_path):
     assert not labels[radial > 1.02].any()
     clean = pd.read_csv(setup["clean"] / "summary.csv")
     assert (clean["outside_view_share"] == 0).all()
+
+
+def test_an_image_too_large_for_the_memory_left_is_refused_and_the_batch_goes_on(setup, tmp_path, monkeypatch):
+    # 300 x 400 px needs about 4.8 MB at 40 bytes a pixel; the fields of 168 x 224 px 1.5 MB
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "large.png", field(7, shape=(300, 400)))
+    write_png_atomic(tmp_path / "in" / "small.png", field(8))
+    monkeypatch.setattr(batch, "_available_memory_bytes", lambda: 2_000_000)
+    report = analyze_files(tmp_path / "in", tmp_path / "out", models=setup["models"], device="cpu", batch_size=BATCH)
+    assert (report.analysed, report.failed) == (1, 1)
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    assert errors.file.str.endswith("large.png").all()
+    assert "MemoryError" in errors.error[0] and "300 x 400" in errors.error[0] and "--on-disk" in errors.error[0]

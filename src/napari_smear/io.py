@@ -151,6 +151,27 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
     return data, meta
 
 
+def stored_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of an image file, read from its header (nothing is decoded);
+    None when the header cannot be read (:func:`read_image` then says why)."""
+    path = Path(path)
+    try:
+        if str(path).lower().endswith(_TIFF_SUFFIXES):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, axes = series.shape, series.axes
+            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+        from PIL import Image
+
+        with Image.open(path) as image:
+            width, height = image.size
+        return int(height), int(width)
+    except Exception:
+        return None
+
+
 def decoded_size_bytes(path: str | os.PathLike) -> int | None:
     """Bytes the pixels of a TIFF's first image take once decoded, read from its
     header (nothing is decoded); None for other files or an unreadable header."""

@@ -145,6 +145,11 @@ def test_a_tiff_too_large_for_the_memory_left_goes_through_disk(field, tmp_path,
     assert batch._segment_on_disk(tmp_path / "slide.tif", None)
     assert not batch._segment_on_disk(tmp_path / "slide.tif", False)
     assert not batch._segment_on_disk(tmp_path / "photo.png", True)  # only TIFFs can be mapped
+    # a layout that cannot be mapped is read in memory as before, unless asked for (then a clear error)
+    tifffile.imwrite(tmp_path / "wide.tif", field.astype(np.uint16) * 257)
+    assert not batch._segment_on_disk(tmp_path / "wide.tif", None)
+    summary = batch.segment_files([tmp_path / "wide.tif"], tmp_path / "out", on_disk=True)
+    assert "8-bit RGB" in summary.error[0]
 
 
 def test_cli_segment_on_disk(field, tmp_path, capsys):

@@ -293,19 +293,21 @@ def _available_memory_bytes() -> int | None:
 
 
 def _segment_on_disk(path: str | Path, on_disk: bool | None) -> bool:
-    """Whether ``segment_files`` segments ``path`` through memory-mapped files."""
-    from .io import decoded_size_bytes
+    """Whether ``segment_files`` segments ``path`` through memory-mapped files: always
+    when asked (``open_image_on_disk`` then says why a file cannot be), never for a
+    file that is not a TIFF, and by default when the file can be and its image and
+    label images would fill more than half the memory available."""
+    from .io import can_open_on_disk, stored_image_size
 
-    if on_disk is False:
-        return False
-    image_bytes = decoded_size_bytes(path)
-    if image_bytes is None:  # not a TIFF (or unreadable: read_image then says why)
+    if on_disk is False or not str(path).lower().endswith((".tif", ".tiff")):
         return False
     if on_disk:
         return True
+    size = stored_image_size(path)
     available = _available_memory_bytes()
-    needed = image_bytes // 3 * _BYTES_PER_PIXEL_SEGMENTED
-    return available is not None and needed > available // 2
+    if size is None or available is None or not can_open_on_disk(path):
+        return False  # read in memory as before (read_image converts other layouts)
+    return size[0] * size[1] * _BYTES_PER_PIXEL_SEGMENTED > available // 2
 
 
 def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, working_diameter_px: float | None):

@@ -25,7 +25,8 @@ __all__ = [
     "file_stem",
     "read_image",
     "open_image_on_disk",
-    "decoded_size_bytes",
+    "can_open_on_disk",
+    "stored_image_size",
     "as_rgb_uint8",
     "atomic_write",
     "write_tiff_atomic",
@@ -172,20 +173,24 @@ def stored_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
 
 
-def decoded_size_bytes(path: str | os.PathLike) -> int | None:
-    """Bytes the pixels of a TIFF's first image take once decoded, read from its
-    header (nothing is decoded); None for other files or an unreadable header."""
+def can_open_on_disk(path: str | os.PathLike) -> bool:
+    """Whether :func:`open_image_on_disk` takes the file: a TIFF holding one 8-bit RGB
+    image with the colour last (read from its header; nothing is decoded)."""
     import tifffile
 
     path = Path(path)
     if not str(path).lower().endswith(_TIFF_SUFFIXES):
-        return None
+        return False
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+            return _mappable_layout(tuple(series.shape), np.dtype(series.dtype), series.axes)
     except Exception:  # read_image gives the specific reason when the file is opened
-        return None
+        return False
+
+
+def _mappable_layout(shape: tuple, dtype: np.dtype, axes: str) -> bool:
+    return len(shape) == 3 and shape[-1] == 3 and dtype == np.uint8 and axes.endswith("S")
 
 
 def open_image_on_disk(
@@ -234,7 +239,7 @@ def open_image_on_disk(
         raise
     except Exception as exc:  # tifffile raises many types on corrupt input
         raise _unreadable_tiff(path, exc) from exc
-    if not (len(shape) == 3 and shape[-1] == 3 and dtype == np.uint8 and axes.endswith("S")):
+    if not _mappable_layout(shape, dtype, axes):
         raise ValueError(
             f"{path}: reading from disk needs one 8-bit RGB image with the colour last, as "
             f"slide scanners write; this file holds shape {shape} ({axes}), dtype {dtype}"

@@ -140,6 +140,9 @@ _NEIGHBOUR_CODES = (
 )
 
 
+_PERIMETER_BLOCK_ROWS = 512
+
+
 def _perimeters(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     """``skimage.measure.perimeter(labels == k, 4)`` for each label ``k`` in ``which``, bit
     for bit, from one pass over the image instead of one per label.
@@ -149,23 +152,33 @@ def _perimeters(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     it. Each label's histogram of codes then goes through the same dot product as in
     scikit-image (the codes of non-border pixels, which it counts too, weigh nothing).
     """
-    pad = np.pad(labels, 1)
-    centre = pad[1:-1, 1:-1]
-    interior = (pad[:-2, 1:-1] == centre) & (pad[2:, 1:-1] == centre)
-    interior &= pad[1:-1, :-2] == centre
-    interior &= pad[1:-1, 2:] == centre
-    border = np.zeros(pad.shape, bool)
-    border[1:-1, 1:-1] = (centre != 0) & ~interior
-    width = pad.shape[1]
-    border, pad = border.ravel(), pad.ravel()
-    at = np.flatnonzero(border)  # in the padded image, whose margin holds no border pixel
-    own = pad[at]
-    code = np.ones(len(at), np.intp)
-    for dy, dx, weight in _NEIGHBOUR_CODES:
-        near = at + (dy * width + dx)
-        code += weight * (border[near] & (pad[near] == own))
-    n = int(labels.max()) + 1
-    hist = np.bincount(own.astype(np.intp) * 50 + code, minlength=n * 50).reshape(n, 50)
+    h, w = labels.shape
+    n = int(labels.max()) + 1 if labels.size else 1
+    hist = np.zeros(n * 50, np.int64)
+    width = w + 2
+    # In row blocks, each with two rows of context above and below (a pixel's code needs
+    # its neighbours' border status, which needs theirs): the same counts as one pass
+    # over the zero-padded image, without its image-sized temporaries.
+    for start in range(0, h, _PERIMETER_BLOCK_ROWS):
+        stop = min(h, start + _PERIMETER_BLOCK_ROWS)
+        pad = np.zeros((stop - start + 4, width), labels.dtype)
+        first, last = max(start - 2, 0), min(stop + 2, h)
+        pad[first - (start - 2) : last - (start - 2), 1:-1] = labels[first:last]
+        centre = pad[1:-1, 1:-1]
+        interior = (pad[:-2, 1:-1] == centre) & (pad[2:, 1:-1] == centre)
+        interior &= pad[1:-1, :-2] == centre
+        interior &= pad[1:-1, 2:] == centre
+        border = np.zeros(pad.shape, bool)
+        border[1:-1, 1:-1] = (centre != 0) & ~interior
+        at = np.flatnonzero(border[2:-2]) + 2 * width  # the block's own rows
+        border, pad = border.ravel(), pad.ravel()
+        own = pad[at]
+        code = np.ones(len(at), np.intp)
+        for dy, dx, weight in _NEIGHBOUR_CODES:
+            near = at + (dy * width + dx)
+            code += weight * (border[near] & (pad[near] == own))
+        hist += np.bincount(own.astype(np.intp) * 50 + code, minlength=n * 50)
+    hist = hist.reshape(n, 50)
     return np.array([hist[k] @ _PERIMETER_WEIGHTS for k in which], dtype=np.float64)
 
 

@@ -141,6 +141,9 @@ def test_stages_give_what_analyze_gives(field, model_files):
     pd.testing.assert_frame_equal(staged.table, whole.table)
     for name in whole.attention:
         np.testing.assert_array_equal(staged.attention[name], whole.attention[name])
+    # models loaded once (load_models) serve analyze as they are, for field after field
+    again = analyze(image, models=loaded, device="cpu", batch_size=8)
+    pd.testing.assert_frame_equal(again.table, whole.table)
 
 
 def test_streaming_classifier_matches_one_field_at_a_time(field, model_files):

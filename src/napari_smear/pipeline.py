@@ -200,6 +200,8 @@ def load_models(models: Sequence, device: str = "auto") -> list[LoadedModel]:
 def _load(spec, device):
     from .models import load_model
 
+    if isinstance(spec, LoadedModel):  # from load_models: loaded once, used for many fields
+        return spec.name, spec.model, spec.info
     if isinstance(spec, tuple) and len(spec) == 2:
         model, info = spec
         name = info.metadata.get("name") or (info.path.stem if info.path else info.kind)
@@ -465,9 +467,10 @@ def analyze(
     ----------
     image : array-like
         RGB field (see :func:`napari_smear.io.as_rgb_uint8` for accepted inputs).
-    models : sequence of str, path or (model, ModelInfo)
+    models : sequence of str, path, (model, ModelInfo) or LoadedModel
         Built-in names (``"wbc-pbc8"``, ``"rbc-chula12"``), model files, or already
-        loaded models. Each classifies the cell types its file declares.
+        loaded models (what :func:`load_models` returns: load once, analyse many
+        fields). Each classifies the cell types its file declares.
     device : str
         ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
     segmentation : SmearSegmentation, optional

@@ -131,6 +131,16 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "m2.safetensors"), "--cell-types", "wbc,neutrophil"]) == 1
     assert "cell_types must be some of" in capsys.readouterr().err
 
+    # fine-tune the model just written, with weight averaging: its architecture and cell types carry over
+    tuned = tmp_path / "tuned.safetensors"
+    code = main(["train", str(data), "--init-from", str(out), "--out", str(tuned), "--epochs", "2",
+                 "--average-weights-from", "1", "--mixstyle", "0.5", "--batch-size", "16", "--device", "cpu",
+                 "--threads", "1", "--quiet"])
+    assert code == 0
+    training = read_metadata(tuned)["training"]
+    assert training["lr"] == 5e-4 and training["average_weights_from"] == 1 and training["mixstyle"] == 0.5
+    assert read_metadata(tuned)["cell_types"] == ["wbc", "platelet"]
+
 
 def test_pack_crops_command(tmp_path, shared_data, capsys):
     table = pd.read_csv(shared_data / "pbc" / "split.csv")

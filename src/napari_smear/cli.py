@@ -349,7 +349,18 @@ def _add_train(subparsers) -> None:
                              "'wbc,platelet'); `analyze` gives it only those. Default: every cell type")
     parser.add_argument("--epochs", type=_positive_int, default=30)
     parser.add_argument("--batch-size", type=_positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak AdamW learning rate (default 2e-3; 5e-4 when fine-tuning with --init-from)")
+    parser.add_argument("--init-from", default=None, metavar="MODEL",
+                        help="fine-tune: start from this model (built-in name or .safetensors file), keeping its "
+                             "architecture, crop scale and stain normalisation; e.g. wbc-pbc8 on your own "
+                             "microscope's crops")
+    parser.add_argument("--average-weights-from", type=_positive_int, default=None, metavar="EPOCH",
+                        help="stochastic weight averaging: from this epoch on, the model written is the average of "
+                             "the weights at the end of every epoch since (how wbc-pbc8's second stage was made)")
+    parser.add_argument("--mixstyle", type=float, default=0.0, metavar="P",
+                        help="MixStyle (feature-statistics mixing for other stains and cameras) in a share P of "
+                             "the training batches (default 0: off)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--patience", type=int, default=8,
                         help="stop after this many epochs without a better validation macro-F1 (0: never)")
@@ -375,6 +386,10 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(func=_run_train)
 
 
+# the Train classifier dock's default for fine-tuning too
+_FINE_TUNE_LR = 5e-4
+
+
 def _run_train(args) -> int:
     from .training import train
 
@@ -386,7 +401,7 @@ def _run_train(args) -> int:
         output=args.out,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (_FINE_TUNE_LR if args.init_from else 2e-3),
         weight_decay=args.weight_decay,
         attention_supervision=args.attention_supervision,
         attribute_weight=args.attribute_weight,
@@ -407,6 +422,9 @@ def _run_train(args) -> int:
         output_size=args.output_size,
         workers=args.workers,
         cell_types=[t.strip() for t in args.cell_types.split(",") if t.strip()] if args.cell_types else None,
+        init_from=args.init_from,
+        average_weights_from=args.average_weights_from,
+        mixstyle=args.mixstyle,
     )
     metrics = result.metrics
     print(f"model: {result.model_path} ({result.info.kind}, {len(result.info.class_names)} classes)")

@@ -225,20 +225,10 @@ def open_image_on_disk(
         raise FileNotFoundError(f"image file not found: {path}")
     if not str(path).lower().endswith(_TIFF_SUFFIXES):
         raise ImageReadError(f"cannot map {path} from disk: only TIFF files can be (got {path.suffix!r})")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"cannot read {path}: the file is empty (0 bytes)")
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise ImageReadError(f"cannot read {path}: the TIFF file holds no image")
-            series = tif.series[0]
-            shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
-            pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
-            own_metadata = _napari_smear_description(tif.pages[0].description)
-    except ImageReadError:
-        raise
-    except Exception as exc:  # tifffile raises many types on corrupt input
-        raise _unreadable_tiff(path, exc) from exc
+    with _first_tiff_series(path) as (tif, series):
+        shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+        pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
+        own_metadata = _napari_smear_description(tif.pages[0].description)
     if not _mappable_layout(shape, dtype, axes):
         raise ValueError(
             f"{path}: reading from disk needs one 8-bit RGB image with the colour last, as "
@@ -299,7 +289,11 @@ def _colour_axis_last(data: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
     return data, axes
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+@contextlib.contextmanager
+def _first_tiff_series(path: Path):
+    """``(tif, series)``: an open TIFF and its first image series. An empty, corrupt or
+    imageless file, or a failure while the block reads it, raises
+    :class:`ImageReadError` naming the file (tifffile raises many types)."""
     import tifffile
 
     if path.stat().st_size == 0:
@@ -308,17 +302,23 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise ImageReadError(f"cannot read {path}: the TIFF file holds no image")
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
-            pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
-            own_metadata = _napari_smear_description(tif.pages[0].description)
-            # printing software saves CMYK: its 4th channel is black ink, not alpha
-            is_cmyk = tif.pages[0].photometric == tifffile.PHOTOMETRIC.SEPARATED
+            yield tif, tif.series[0]
     except ImageReadError:
         raise
-    except Exception as exc:  # tifffile raises many types on corrupt input
+    except Exception as exc:
         raise _unreadable_tiff(path, exc) from exc
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+    import tifffile
+
+    with _first_tiff_series(path) as (tif, series):
+        data = series.asarray()
+        axes = series.axes
+        pixel_size_yx_um = _tiff_pixel_size_yx_um(tif)
+        own_metadata = _napari_smear_description(tif.pages[0].description)
+        # printing software saves CMYK: its 4th channel is black ink, not alpha
+        is_cmyk = tif.pages[0].photometric == tifffile.PHOTOMETRIC.SEPARATED
     data, axes = _colour_axis_last(data, axes)
     if is_cmyk and data.ndim >= 3 and data.shape[-1] >= 4:
         data = _cmyk_to_rgb(data)

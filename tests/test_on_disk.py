@@ -116,7 +116,11 @@ def test_segment_files_on_disk_writes_what_the_in_memory_path_writes(field, tmp_
 
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "slide.tif", field, tile=(128, 128), compression="zlib")
-    disk = segment_files([tmp_path / "in"], tmp_path / "disk", on_disk=True)
+    reports = []
+    disk = segment_files([tmp_path / "in"], tmp_path / "disk", on_disk=True,
+                         image_progress=lambda fraction, message: reports.append((fraction, message)))
+    assert reports and all(0 <= f <= 1 for f, _ in reports)  # the CLI's bar follows these
+    assert any("red-cell size" in message for _, message in reports)
     memory = segment_files([tmp_path / "in"], tmp_path / "memory", on_disk=False)
     assert disk.on_disk.tolist() == [True] and memory.on_disk.tolist() == [False]
     assert disk.error.tolist() == [""]

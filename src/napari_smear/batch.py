@@ -217,6 +217,7 @@ def segment_files(
     progress: Callable[[int, int, str], None] | None = None,
     working_diameter_px: float | None = None,
     on_disk: bool | None = None,
+    image_progress: Callable[[float, str], None] | None = None,
 ) -> pd.DataFrame:
     """Segment every image; per image write ``<stem>_labels.tif``, ``<stem>_nuclei.tif``
     and ``<stem>_cells.csv``. A file that cannot be read or segmented is recorded with
@@ -230,7 +231,9 @@ def segment_files(
     :func:`segment_file_on_disk`); True for every TIFF, False never, None (default) for
     a TIFF whose image and label images would fill more than half the memory
     available. Returns one row per image: path, counts per cell type,
-    rbc_diameter_px, seconds, on_disk, error.
+    rbc_diameter_px, seconds, on_disk, error. ``image_progress(fraction, message)``:
+    how far the current image is (the segmentation's own reports: tiles of a large
+    image); raise inside it to cancel.
     """
     from .io import read_image, write_csv_atomic
     from .segment import segment_smear
@@ -253,12 +256,13 @@ def segment_files(
                 disk = _segment_on_disk(job.path, on_disk)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
                 if disk:
-                    seg = segment_file_on_disk(job, out, pixel_size_um, working_diameter_px)
+                    seg = segment_file_on_disk(job, out, pixel_size_um, working_diameter_px, image_progress)
                 else:
                     image, meta = read_image(job.path)
                     pixel_size = pixel_size_um or meta.get("pixel_size_um")
                     with _own_warnings_held_back():
-                        seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px)
+                        seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
+                                            progress=image_progress)
                     _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
                 _warn_about(job.relative, _image_notes(seg))
                 write_csv_atomic(job.output("cells"), seg.table)
@@ -310,7 +314,8 @@ def _segment_on_disk(path: str | Path, on_disk: bool | None) -> bool:
     return size[0] * size[1] * _BYTES_PER_PIXEL_SEGMENTED > available // 2
 
 
-def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, working_diameter_px: float | None):
+def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, working_diameter_px: float | None,
+                         progress: Callable[[float, str], None] | None = None):
     """Segment one TIFF through memory-mapped files and write its label TIFFs (tiled,
     compressed: read back like the others); the slide never has to fit in memory.
 
@@ -332,7 +337,7 @@ def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, workin
         nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
         with _own_warnings_held_back():
             seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
-                                out=(labels, nuclei))
+                                out=(labels, nuclei), progress=progress)
         _write_segmentation_tiffs(job, seg, pixel_size)
         # the maps must be closed before their files are removed (Windows); numpy
         # closes a map when the last array on it goes

@@ -131,6 +131,7 @@ def _add_segment(subparsers) -> None:
     )
     disk.add_argument("--in-memory", dest="on_disk", action="store_const", const=False,
                       help="never segment through files, whatever the image's size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_segment)
 
 
@@ -152,14 +153,36 @@ def _add_working_diameter_option(parser) -> None:
 
 
 def _cmd_segment(args) -> int:
+    from tqdm.auto import tqdm
+
     from .batch import segment_files
 
-    def show(i, n, path):
-        if i < n:
-            print(f"[{i + 1}/{n}] {path}", file=sys.stderr)
+    bar = None
+    current = ""
 
-    summary = segment_files(args.inputs, args.out, pixel_size_um=args.pixel_size_um, progress=show,
-                            working_diameter_px=args.working_diameter, on_disk=args.on_disk)
+    def show(i, n, path):
+        nonlocal bar, current
+        if args.quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=n, unit="img", desc="segmenting", file=sys.stderr, smoothing=0.05)
+        bar.n, current = i, Path(path).name
+        bar.set_postfix_str(current[-60:], refresh=False)
+        bar.refresh()
+
+    def within(fraction, message):  # a large image's tiles move the bar too
+        if bar is not None:
+            bar.n = int(bar.n) + min(max(fraction, 0.0), 0.999)
+            bar.set_postfix_str(f"{current}: {message}"[-60:], refresh=False)
+            bar.refresh()
+
+    try:
+        summary = segment_files(args.inputs, args.out, pixel_size_um=args.pixel_size_um, progress=show,
+                                working_diameter_px=args.working_diameter, on_disk=args.on_disk,
+                                image_progress=None if args.quiet else within)
+    finally:
+        if bar is not None:
+            bar.close()
     ok = summary[summary.error == ""]
     cols = [c for c in ("wbc", "rbc", "platelet") if c in ok]
     for _, row in ok.iterrows():

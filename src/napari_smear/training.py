@@ -1341,7 +1341,7 @@ def train(
             if averaging is not None and epoch >= average_weights_from:
                 averaging.add(model)
 
-                def training_batches():  # the epoch's first batches again, augmented alike
+                def training_batches():  # BatchNorm statistics: the epoch's first crops, augmented as in training
                     replay = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
                     for start in range(0, min(n_train, _BATCHNORM_RECOUNT_CROPS), batch_size):
                         index = order[start:start + batch_size]

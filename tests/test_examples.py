@@ -95,3 +95,21 @@ def test_finetune_from_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "epoch 2:" in printed and "classifier rows kept for 1 known class(es), new for ['rbc']" in printed
     assert f"saved {out}" in printed
+
+
+def test_segment_whole_slide(tmp_path, capsys):
+    import tifffile
+
+    from napari_smear.samples import synthetic_smear
+
+    slide = np.concatenate([synthetic_smear((480, 640), rbc_diameter_px=36.0, seed=s)[0] for s in (0, 1)], axis=1)
+    tifffile.imwrite(tmp_path / "slide.tif", slide, tile=(256, 256), compression="zlib")  # a compressed scan
+    out = tmp_path / "results"
+    counts = example("segment_whole_slide.py")([str(tmp_path / "slide.tif"), "--out", str(out),
+                                                "--region", "100", "200", "256"])
+    cells = pd.read_csv(out / "slide_cells.csv")
+    assert counts.cells.sum() == len(cells) > 20
+    assert set(counts.cell_type) <= {"wbc", "rbc", "platelet"}
+    assert (out / "slide_region.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["slide_cells.csv", "slide_counts.csv", "slide_region.png"]
+    assert "decoded once into" in capsys.readouterr().out

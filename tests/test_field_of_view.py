@@ -108,3 +108,35 @@ def test_strong_vignetting_keeps_the_cells(field):
     assert seg.rbc_diameter_px == pytest.approx(plain.rbc_diameter_px, rel=0.1)
     everywhere = np.ones(image.shape[:2], bool)
     assert _found(seg, truth, everywhere) >= _found(plain, truth, everywhere) - 0.05
+
+
+def _with_scale_bar(image):
+    """``image`` with a camera program's green scale bar and label burned in over it."""
+    marked = image.copy()
+    marked[560:566, 40:240] = (40, 220, 60)  # the bar
+    for k in range(5):  # the label: five glyph-like blocks with anti-aliased edges
+        x = 60 + 30 * k
+        marked[530:550, x : x + 14] = (60, 200, 70)
+        marked[529, x : x + 14] = (150, 215, 150)
+    return marked
+
+
+def test_a_burned_in_green_scale_bar_is_painted_out(field):
+    from napari_smear.segment import find_overlay
+
+    image, _ = field
+    assert find_overlay(image) is None  # stains are never green
+    marked = _with_scale_bar(image)
+    overlay = find_overlay(marked)
+    assert overlay is not None and overlay[563, 100] and overlay[540, 65] and overlay[529, 65]
+    assert not overlay[300, 400]
+    clean, seg = segment_smear(image), segment_smear(marked)
+    assert seg.params["overlay_share"] == pytest.approx(overlay.mean())
+    assert "outside_view_share" not in seg.params  # no frame: the widget says nothing of one
+    assert seg.counts()["wbc"] == clean.counts()["wbc"]  # the bar is no white cell
+    cy = seg.table.centroid_y.round().astype(int).clip(0, 599)
+    cx = seg.table.centroid_x.round().astype(int).clip(0, 799)
+    assert not overlay[cy, cx].any()  # no cell is centred on the annotation
+    crops = crop_instances(marked, seg, cell_types=["wbc"])
+    green = crops.images[..., 1].astype(int) - np.maximum(crops.images[..., 0], crops.images[..., 2])
+    assert (green < 40).all()  # the crops hold no annotation either

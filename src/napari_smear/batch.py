@@ -77,8 +77,9 @@ MARKER_FORMAT = 1
 #: resume fingerprint: raised whenever the code changes what an image's files hold, so
 #: that a re-run redoes images finished by older code (the package version alone did not
 #: move with such changes). 2: platelet clumps re-typed (``segmented_type`` column),
-#: ``platelet_from_wbc`` and ``<model>_median_confidence`` in the summary.
-OUTPUT_VERSION = 2
+#: ``platelet_from_wbc`` and ``<model>_median_confidence`` in the summary. 3: burned-in
+#: green annotations painted out before segmentation, ``overlay_share`` in the summary.
+OUTPUT_VERSION = 3
 
 #: The QC overlay is drawn at most this many pixels on its longer side.
 OVERLAY_MAX_SIDE = 2048
@@ -754,7 +755,7 @@ def cells_table(table: pd.DataFrame, specs: Sequence) -> pd.DataFrame:
 def _summary_columns(specs: Sequence) -> list[str]:
     from .segment.types import CELL_TYPES
 
-    columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "outside_view_share", "cells",
+    columns = ["image", "height", "width", "rbc_diameter_px", "pixel_size_um", "outside_view_share", "overlay_share", "cells",
                *CELL_TYPES,
                *(f"{cell_type}_cut_by_edge" for cell_type in CELL_TYPES), "platelet_from_wbc"]
     for spec in specs:
@@ -797,6 +798,7 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
         "pixel_size_um": seg.pixel_size_um,
         # the unlit frame of an eyepiece photo holds no cells: counts per area need it
         "outside_view_share": round(float(seg.params.get("outside_view_share", 0.0)), 4),
+        "overlay_share": round(float(seg.params.get("overlay_share", 0.0)), 5),
         "cells": int(len(table)),
     }
     for cell_type in CELL_TYPES:

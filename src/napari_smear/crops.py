@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .segment.field_of_view import fill_outside_view, find_outside_view
+from .segment.field_of_view import fill_outside_view, find_not_specimen
 from .segment.types import SmearSegmentation
 
 DEFAULT_CROP_DIAMETERS = 4.0
@@ -95,11 +95,12 @@ def crop_instances(
 
     rgb = as_rgb_uint8(image)
     segmentation.check_image(rgb)
-    outside_view = find_outside_view(rgb)
-    if outside_view is not None:
-        # the black surround of an eyepiece photo is painted as glass, as segment_smear
-        # saw it: the crops (and the stain measured on the field) hold no black
-        rgb = fill_outside_view(rgb, outside_view)
+    painted = find_not_specimen(rgb)[0]
+    if painted is not None:
+        # the black surround of an eyepiece photo and burned-in annotations are painted
+        # as glass, as segment_smear saw them: the crops (and the stain measured on the
+        # field) hold neither
+        rgb = fill_outside_view(rgb, painted)
     has_scale = np.isfinite(segmentation.rbc_diameter_px) and segmentation.rbc_diameter_px > 0
     if not has_scale and len(segmentation.table):
         raise ValueError("the segmentation has no red-cell diameter; cannot crop at normalised scale")

@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from .._workers import process_pool
 from . import binary
 from .cells import CellParams, _area, segment_field
-from .field_of_view import fill_outside_view, find_outside_view
+from .field_of_view import fill_outside_view, find_not_specimen, find_outside_view, find_overlay
 from .scale import (
     RBC_DIAMETER_UM,
     ScaleEstimateError,
@@ -34,6 +34,7 @@ __all__ = [
     "ScaleEstimateError",
     "RBC_DIAMETER_UM",
     "find_outside_view",
+    "find_overlay",
     "fill_outside_view",
     "refresh_table",
 ]
@@ -118,10 +119,11 @@ def segment_smear(
     if out is not None:
         _check_out(out, rgb.shape[:2])
     # the black surround of an eyepiece photo (or a scan's unscanned fill) looks like
-    # the densest stain: it is painted as glass first, and cells at its rim marked cut
-    outside_view = find_outside_view(rgb)
-    if outside_view is not None:
-        rgb = fill_outside_view(rgb, outside_view)
+    # the densest stain, a burned-in green scale bar like a violet nucleus: both are
+    # painted as glass first, and cells at their rim marked cut
+    painted, frame, overlay = find_not_specimen(rgb)
+    if painted is not None:
+        rgb = fill_outside_view(rgb, painted)
     # what is warned about is also kept in the result (params["warnings"]): a widget
     # running this on a helper thread, or a batch, shows it with its image
     notes: list[str] = []
@@ -209,18 +211,20 @@ def segment_smear(
             report(finished / total, f"segmented tile {finished}/{total}")
 
     table = pd.concat(tables, ignore_index=True) if tables else _empty_table()
-    if outside_view is not None:
-        table = _drop_cells_outside_view(table, labels, nuclei, outside_view, next_id)
+    if painted is not None:
+        table = _drop_cells_outside_view(table, labels, nuclei, painted, next_id)
     if len(table) and int(table.label.iloc[-1]) != len(table):
         # a cell wholly covered at a seam left a gap in the ids: number them 1..N
         lut = np.zeros(next_id, np.uint32)
         lut[table.label.to_numpy()] = np.arange(1, len(table) + 1, dtype=np.uint32)
         _relabel(labels, nuclei, lut)
         table = table.assign(label=np.arange(1, len(table) + 1, dtype=np.int64))
-    table = _mark_edge_cells(table, (h, w), labels, outside_view)
+    table = _mark_edge_cells(table, (h, w), labels, painted)
     params_used = {"working_diameter_px": working_diameter_px, "scale_factor": factor, "warnings": notes}
-    if outside_view is not None:
-        params_used["outside_view_share"] = float(outside_view.mean())
+    if frame is not None:
+        params_used["outside_view_share"] = float(frame.mean())
+    if overlay is not None:  # what the widget and the batch say was painted out
+        params_used["overlay_share"] = float(overlay.mean())
     return SmearSegmentation(
         labels=labels,
         nuclei=nuclei,

@@ -175,4 +175,6 @@ def _summary(seg: SmearSegmentation) -> str:
     if outside:
         # say it: the user sees a black frame with no cells in it and should know why
         text += f"; {outside:.0%} of the image is unlit (an eyepiece frame) and was left out"
+    if seg.params.get("overlay_share"):
+        text += "; a burned-in green annotation (scale bar, text) was painted out as glass"
     return text

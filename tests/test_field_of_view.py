@@ -140,3 +140,12 @@ def test_a_burned_in_green_scale_bar_is_painted_out(field):
     crops = crop_instances(marked, seg, cell_types=["wbc"])
     green = crops.images[..., 1].astype(int) - np.maximum(crops.images[..., 0], crops.images[..., 2])
     assert (green < 40).all()  # the crops hold no annotation either
+
+
+def test_overlays_are_not_searched_on_slide_sized_images(monkeypatch):
+    import napari_smear.segment.field_of_view as fov
+
+    marked = _with_scale_bar(np.full((600, 800, 3), 220, np.uint8))
+    assert fov.find_overlay(marked) is not None
+    monkeypatch.setattr(fov, "_OVERLAY_MAX_PIXELS", 600 * 800 - 1)  # painting would copy a whole scan
+    assert fov.find_overlay(marked) is None

@@ -302,15 +302,15 @@ def _segment_on_disk(path: str | Path, on_disk: bool | None) -> bool:
     when asked (``open_image_on_disk`` then says why a file cannot be), never for a
     file that is not a TIFF, and by default when the file can be and its image and
     label images would fill more than half the memory available."""
-    from .io import can_open_on_disk, stored_image_size
+    from .io import on_disk_size
 
     if on_disk is False or not str(path).lower().endswith((".tif", ".tiff")):
         return False
     if on_disk:
         return True
-    size = stored_image_size(path)
+    size = on_disk_size(path)
     available = _available_memory_bytes()
-    if size is None or available is None or not can_open_on_disk(path):
+    if size is None or available is None:
         return False  # read in memory as before (read_image converts other layouts)
     return size[0] * size[1] * _BYTES_PER_PIXEL_SEGMENTED > available // 2
 
@@ -708,14 +708,14 @@ def _write_tiff(path: Path, array: np.ndarray, pixel_size_um: float | None, meta
     pixel size and napari-smear metadata (same tags as ``io.write_tiff_atomic``)."""
     import tifffile
 
-    from .io import METADATA_KEY
+    from .io import METADATA_KEY, is_memory_mapped
 
     options: dict[str, Any] = {}
     if pixel_size_um:
         pixels_per_cm = 1e4 / float(pixel_size_um)
         options.update(resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
     description = json.dumps({METADATA_KEY: _plain(metadata)}, ensure_ascii=True, sort_keys=True)
-    if isinstance(array, np.memmap) or isinstance(getattr(array, "base", None), np.memmap):
+    if is_memory_mapped(array):
         # a slide larger than memory: written tile by tile from its file
         source = array
         height, width = source.shape[:2]

@@ -152,37 +152,47 @@ def _add_working_diameter_option(parser) -> None:
     )
 
 
-def _cmd_segment(args) -> int:
-    from tqdm.auto import tqdm
+class _ImagesBar:
+    """One progress bar (stderr) over the images of a run; none when ``quiet``."""
 
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def show(self, done: float, total: int, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=self.desc, file=sys.stderr, smoothing=0.05)
+        self.bar.n = done
+        self.bar.set_postfix_str(text[-60:], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_segment(args) -> int:
     from .batch import segment_files
 
-    bar = None
-    current = ""
+    bar = _ImagesBar("segmenting", args.quiet)
+    current = {"name": "", "done": 0, "total": 0}
 
     def show(i, n, path):
-        nonlocal bar, current
-        if args.quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=n, unit="img", desc="segmenting", file=sys.stderr, smoothing=0.05)
-        bar.n, current = i, Path(path).name
-        bar.set_postfix_str(current[-60:], refresh=False)
-        bar.refresh()
+        current.update(name=Path(path).name, done=i, total=n)
+        bar.show(i, n, current["name"])
 
     def within(fraction, message):  # a large image's tiles move the bar too
-        if bar is not None:
-            bar.n = int(bar.n) + min(max(fraction, 0.0), 0.999)
-            bar.set_postfix_str(f"{current}: {message}"[-60:], refresh=False)
-            bar.refresh()
+        bar.show(current["done"] + min(max(fraction, 0.0), 0.999), current["total"], f"{current['name']}: {message}")
 
     try:
         summary = segment_files(args.inputs, args.out, pixel_size_um=args.pixel_size_um, progress=show,
                                 working_diameter_px=args.working_diameter, on_disk=args.on_disk,
                                 image_progress=None if args.quiet else within)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     ok = summary[summary.error == ""]
     cols = [c for c in ("wbc", "rbc", "platelet") if c in ok]
     for _, row in ok.iterrows():
@@ -259,8 +269,6 @@ def _add_analyze(subparsers) -> None:
 
 
 def _cmd_analyze(args) -> int:
-    from tqdm.auto import tqdm
-
     from .batch import analyze_files
 
     if args.workers < 0:
@@ -283,30 +291,19 @@ def _cmd_analyze(args) -> int:
             f"no output folder: give it after the inputs (napari-smear analyze {args.paths[0]} OUT_DIR) "
             "or with --out OUT_DIR"
         )
-    bar = None
-
-    def show(done, total, message):
-        nonlocal bar
-        if args.quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=total, unit="img", desc="analyzing", file=sys.stderr, smoothing=0.05)
-        bar.n = done
-        bar.set_postfix_str(message[-60:], refresh=False)
-        bar.refresh()
+    bar = _ImagesBar("analyzing", args.quiet)
 
     try:
         report = analyze_files(
             args.inputs, args.out_dir, models=_model_list(args.models), device=args.device, pattern=args.pattern,
             workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite, batch_size=args.batch_size,
-            amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=show,
+            amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=bar.show,
             prior_correction=args.prior_correction, working_diameter_px=args.working_diameter,
         )
     except RuntimeError as exc:
         raise CommandError(str(exc)) from exc
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     for name in report.missing_models:
         print(f"napari-smear analyze: built-in model {name!r} is not installed: the cells it classifies were "
               "segmented but not classified", file=sys.stderr)

@@ -25,7 +25,8 @@ __all__ = [
     "file_stem",
     "read_image",
     "open_image_on_disk",
-    "can_open_on_disk",
+    "on_disk_size",
+    "is_memory_mapped",
     "stored_image_size",
     "as_rgb_uint8",
     "atomic_write",
@@ -173,20 +174,28 @@ def stored_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
 
 
-def can_open_on_disk(path: str | os.PathLike) -> bool:
-    """Whether :func:`open_image_on_disk` takes the file: a TIFF holding one 8-bit RGB
-    image with the colour last (read from its header; nothing is decoded)."""
+def on_disk_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of the image when :func:`open_image_on_disk` takes the file (a
+    TIFF holding one 8-bit RGB image with the colour last), else None; read from its
+    header, nothing is decoded."""
     import tifffile
 
     path = Path(path)
     if not str(path).lower().endswith(_TIFF_SUFFIXES):
-        return False
+        return None
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return _mappable_layout(tuple(series.shape), np.dtype(series.dtype), series.axes)
+            shape = tuple(series.shape)
+            return shape[:2] if _mappable_layout(shape, np.dtype(series.dtype), series.axes) else None
     except Exception:  # read_image gives the specific reason when the file is opened
-        return False
+        return None
+
+
+def is_memory_mapped(array: Any) -> bool:
+    """Whether ``array`` (or the array it views) is a memory map of a file: a slide
+    larger than memory, to be copied and written piece by piece."""
+    return isinstance(array, np.memmap) or isinstance(getattr(array, "base", None), np.memmap)
 
 
 def _mappable_layout(shape: tuple, dtype: np.dtype, axes: str) -> bool:

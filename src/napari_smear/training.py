@@ -1267,6 +1267,21 @@ def train(
         for line in notes:
             log(line)
 
+        def model_input(images, masks, labels, generator):
+            """A batch of crops as the model takes them (white-balanced, augmented,
+            normalised), and its masks as augmented; ``labels`` (or None) say which
+            crops may have their cytoplasm faded."""
+            rgb = images.permute(0, 3, 1, 2).float() / 255.0
+            mask_float = masks.float()
+            if white_balance:
+                rgb = balance_crops(rgb, mask_float)
+            if augment:
+                options = augment_kwargs
+                if faint_index is not None and labels is not None:
+                    options = {**augment_kwargs, "faint_cytoplasm_eligible": torch.isin(labels, faint_index)}
+                rgb, mask_float = augment_batch(rgb, mask_float, generator, **options)
+            return torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1), mask_float
+
         from tqdm.auto import tqdm
 
         while state["epoch"] < epochs and not state["stopped_early"]:
@@ -1295,15 +1310,7 @@ def train(
                 extra = tensors[3:]
                 morph = extra.pop(0) if morph_features else None
                 targets = extra.pop(0) if attr_targets is not None else None
-                rgb = images.permute(0, 3, 1, 2).float() / 255.0
-                mask_float = masks.float()
-                if white_balance:
-                    rgb = balance_crops(rgb, mask_float)
-                if augment:
-                    if faint_index is not None:
-                        augment_kwargs["faint_cytoplasm_eligible"] = torch.isin(labels, faint_index)
-                    rgb, mask_float = augment_batch(rgb, mask_float, generator, **augment_kwargs)
-                x = torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1)
+                x, mask_float = model_input(images, masks, labels, generator)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
@@ -1345,14 +1352,8 @@ def train(
                     replay = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
                     for start in range(0, min(n_train, _BATCHNORM_RECOUNT_CROPS), batch_size):
                         index = order[start:start + batch_size]
-                        rgb = host_tensors[0][index].to(torch_device).permute(0, 3, 1, 2).float() / 255.0
-                        mask_float = host_tensors[1][index].to(torch_device).float()
-                        if white_balance:
-                            rgb = balance_crops(rgb, mask_float)
-                        if augment:
-                            kwargs = {k: v for k, v in augment_kwargs.items() if k != "faint_cytoplasm_eligible"}
-                            rgb, mask_float = augment_batch(rgb, mask_float, replay, **kwargs)
-                        x = torch.cat([(rgb - mean_t) / std_t, mask_float], dim=1)
+                        x, _ = model_input(host_tensors[0][index].to(torch_device),
+                                           host_tensors[1][index].to(torch_device), None, replay)
                         morph = host_tensors[3][index].to(torch_device) if morph_features else None
                         yield x, morph
 

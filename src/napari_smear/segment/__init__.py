@@ -171,14 +171,7 @@ def segment_smear(
         core = int(tile_size / factor)
         margin = int(math.ceil(3.0 * diameter))
 
-        if out is None:
-            labels = np.zeros((h, w), np.uint32)
-            nuclei = np.zeros((h, w), np.uint32)
-        else:
-            labels, nuclei = out
-            for start in range(0, h, 1024):  # row blocks: a file-backed array may exceed memory
-                labels[start : start + 1024] = 0
-                nuclei[start : start + 1024] = 0
+        labels, nuclei = _label_images((h, w), out)
         tables: list[pd.DataFrame] = []
 
         if not large:
@@ -777,14 +770,19 @@ def _empty_table() -> pd.DataFrame:
     ).astype({"label": "int64", "area_px": "int64"}).assign(touches_edge=pd.Series(dtype=bool))
 
 
-def _empty(shape, diameter, pixel_size_um, out=None) -> SmearSegmentation:
+def _label_images(shape, out=None) -> tuple[np.ndarray, np.ndarray]:
+    """Empty (zero) cells and nuclei label images: new ones, or ``out`` cleared."""
     if out is None:
-        labels, nuclei = np.zeros(shape, np.uint32), np.zeros(shape, np.uint32)
-    else:
-        labels, nuclei = out
-        for start in range(0, shape[0], 1024):
-            labels[start : start + 1024] = 0
-            nuclei[start : start + 1024] = 0
+        return np.zeros(shape, np.uint32), np.zeros(shape, np.uint32)
+    labels, nuclei = out
+    for start in range(0, shape[0], 1024):  # row blocks: a file-backed array may exceed memory
+        labels[start : start + 1024] = 0
+        nuclei[start : start + 1024] = 0
+    return labels, nuclei
+
+
+def _empty(shape, diameter, pixel_size_um, out=None) -> SmearSegmentation:
+    labels, nuclei = _label_images(shape, out)
     return SmearSegmentation(
         labels=labels,
         nuclei=nuclei,

@@ -227,9 +227,12 @@ def _copy_like(rgb: np.ndarray) -> np.ndarray:
     """A writable copy of ``rgb``; of a memory-mapped image (a slide larger than
     memory, see :func:`napari_smear.io.open_image_on_disk`) a copy in an anonymous
     temporary file, so painting its frame does not need the slide's size in memory."""
-    if not isinstance(rgb, np.memmap) and not isinstance(getattr(rgb, "base", None), np.memmap):
-        return rgb.copy()
     import tempfile
+
+    from ..io import is_memory_mapped
+
+    if not is_memory_mapped(rgb):
+        return rgb.copy()
 
     copy = np.memmap(tempfile.TemporaryFile(), dtype=rgb.dtype, mode="w+", shape=rgb.shape)
     for start in range(0, rgb.shape[0], 1024):

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -509,6 +511,78 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
 _ANALYSIS_BYTES_PER_PIXEL = 40
 
 
+def _analyze_on_disk(path: str | Path, on_disk: bool | None) -> bool:
+    """Whether ``analyze_files`` analyses ``path`` region by region through
+    memory-mapped files (:func:`analyze_file_on_disk`): always when asked (a TIFF that
+    cannot be mapped then fails with the reason), never for a file that is not a TIFF,
+    and by default when the file can be and analysing it in memory would take more
+    than half the memory available."""
+    from .io import on_disk_size
+
+    if on_disk is False or not str(path).lower().endswith((".tif", ".tiff")):
+        return False
+    if on_disk:
+        return True
+    size = on_disk_size(path)
+    available = _available_memory_bytes()
+    if size is None or available is None:
+        return False
+    return size[0] * size[1] * _ANALYSIS_BYTES_PER_PIXEL > available // 2
+
+
+def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", loaded: Sequence, *, device,
+                         batch_size: int, amp: bool, prior_correction: float | None,
+                         progress: Callable[[float, str], None] | None = None) -> "_Finished":
+    """Analyse one TIFF larger than memory and write its outputs, as the other images'.
+
+    The image (decoded once when compressed), its two label images and one attention
+    map per model live as memory-mapped files in a scratch folder inside ``out_dir``
+    (``.scratch-*``, removed afterwards, also on failure: 3 + 8 + 4 bytes a pixel per
+    model on disk); the cells are measured, cropped and classified region by region
+    (:func:`napari_smear.pipeline.analyze_by_region`), and the TIFFs are written tile by
+    tile. The outputs are those an analysis in memory gives.
+    """
+    import tempfile
+
+    from .io import open_image_on_disk
+    from .pipeline import analyze_by_region
+    from .segment import segment_smear
+
+    report = progress or (lambda fraction, message: None)
+    timings = {}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+        started = time.perf_counter()
+        image, meta = open_image_on_disk(job.path, scratch)
+        timings["decode"] = time.perf_counter() - started
+        pixel_size = settings.pixel_size_um or meta.get("pixel_size_um")
+        shape = image.shape[:2]
+        labels = np.memmap(Path(scratch) / "labels.u32", np.uint32, "w+", shape=shape)
+        nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
+        attention = {spec.name: np.memmap(Path(scratch) / f"attention-{k}.f32", np.float32, "w+", shape=shape)
+                     for k, spec in enumerate(settings.specs)}
+        with _own_warnings_held_back():
+            started = time.perf_counter()
+            seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=settings.working_diameter_px,
+                                out=(labels, nuclei), progress=lambda f, m: report(0.4 * f, m))
+            timings["segment"] = time.perf_counter() - started
+            started = time.perf_counter()
+            result = analyze_by_region(
+                image, models=loaded, device=device, batch_size=batch_size, amp=amp, segmentation=seg,
+                morphology=settings.morphology, progress=report, prior_correction=prior_correction,
+                attention_out=attention,
+            )
+            timings["regions"] = time.perf_counter() - started
+        notes = _image_notes(seg)
+        report(1.0, "writing the results")
+        started = time.perf_counter()
+        summary = _write_outputs(job, result, image, pixel_size, settings, notes)
+        timings["write"] = time.perf_counter() - started
+        # the maps must be closed before their files are removed (Windows); numpy
+        # closes a map when the last array on it goes
+        del image, labels, nuclei, attention, seg, result
+    return _Finished(job, summary, timings, notes)
+
+
 def _check_memory_for_analysis(path) -> None:
     """Refuse, with the figures, an image the analysis would need more memory for than
     is available: the batch records it and carries on, where the system would
@@ -523,8 +597,8 @@ def _check_memory_for_analysis(path) -> None:
     if needed > available:
         raise MemoryError(
             f"analysing this {size[0]} x {size[1]} image needs about {needed / 2**30:.1f} GB of memory and "
-            f"{available / 2**30:.1f} GB is available; segment it alone with `napari-smear segment --on-disk` "
-            "(memory-mapped files), or analyse regions of it"
+            f"{available / 2**30:.1f} GB is available; save it as a TIFF (8-bit RGB), which is analysed "
+            "region by region through memory-mapped files (`napari-smear analyze --on-disk`)"
         )
 
 
@@ -627,9 +701,8 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
     written, common = _write_segmentation_tiffs(job, seg, pixel_size)
     names = [spec.name for spec in settings.specs]
     if names:
-        stack = np.stack([result.attention[name] for name in names]).astype(np.float32, copy=False)
-        written["attention"] = _write_tiff(
-            job.output("attention"), stack, pixel_size,
+        written["attention"] = _write_tiff(  # one float32 page per model
+            job.output("attention"), [result.attention[name] for name in names], pixel_size,
             {**common, "kind": "attention", "models": names, "name": f"{stem.name} attention"},
         )
     with _renamed_into_place(job.output("cells"), "w") as handle:
@@ -703,9 +776,10 @@ def _write_segmentation_tiffs(job: _Job, seg, pixel_size_um: float | None) -> tu
     return written, common
 
 
-def _write_tiff(path: Path, array: np.ndarray, pixel_size_um: float | None, metadata: dict) -> Path:
+def _write_tiff(path: Path, array, pixel_size_um: float | None, metadata: dict) -> Path:
     """A zlib-compressed TIFF that :func:`napari_smear.io.read_image` reads back with its
-    pixel size and napari-smear metadata (same tags as ``io.write_tiff_atomic``)."""
+    pixel size and napari-smear metadata (same tags as ``io.write_tiff_atomic``).
+    ``array``: one image, or a list of (H, W) images stacked into pages."""
     import tifffile
 
     from .io import METADATA_KEY, is_memory_mapped
@@ -715,13 +789,17 @@ def _write_tiff(path: Path, array: np.ndarray, pixel_size_um: float | None, meta
         pixels_per_cm = 1e4 / float(pixel_size_um)
         options.update(resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
     description = json.dumps({METADATA_KEY: _plain(metadata)}, ensure_ascii=True, sort_keys=True)
-    if is_memory_mapped(array):
-        # a slide larger than memory: written tile by tile from its file
-        source = array
-        height, width = source.shape[:2]
-        options.update(shape=source.shape, dtype=source.dtype, tile=(_TILE, _TILE))
-        array = (np.ascontiguousarray(source[y : y + _TILE, x : x + _TILE])
-                 for y in range(0, height, _TILE) for x in range(0, width, _TILE))
+    pages = list(array) if isinstance(array, (list, tuple)) else [array]
+    if any(is_memory_mapped(page) for page in pages):
+        # a slide larger than memory: written tile by tile from its file(s), one page
+        # per array of a list
+        height, width = pages[0].shape[:2]
+        shape = pages[0].shape if isinstance(array, np.ndarray) else (len(pages), *pages[0].shape)
+        options.update(shape=shape, dtype=pages[0].dtype, tile=(_TILE, _TILE))
+        array = (np.ascontiguousarray(page[y : y + _TILE, x : x + _TILE])
+                 for page in pages for y in range(0, height, _TILE) for x in range(0, width, _TILE))
+    elif isinstance(array, (list, tuple)):
+        array = np.stack(pages)
     with _renamed_into_place(path, "wb") as handle:
         tifffile.imwrite(handle, array, description=description, metadata=None, compression="zlib", **options)
     return path
@@ -1159,6 +1237,7 @@ def analyze_files(
     progress: Callable[[int, int, str], None] | None = None,
     prior_correction: float | None = None,
     working_diameter_px: float | None = None,
+    on_disk: bool | None = None,
 ) -> BatchReport:
     """Analyse every image of folders (recursively) or files; write per-image outputs.
 
@@ -1220,6 +1299,11 @@ def analyze_files(
         (see :func:`napari_smear.segment_smear`; default its own, 24). 16 segments large
         scans about 1.5 times as fast at a small cost in accuracy. Images finished with
         another one are redone.
+    on_disk : bool, optional
+        Analyse TIFFs region by region through memory-mapped files, for slides larger
+        than memory (:func:`analyze_file_on_disk`; the same outputs, in this process,
+        after the other images): True for every TIFF, False never, None (default) for
+        a TIFF whose analysis in memory would take more than half the memory available.
 
     Returns
     -------
@@ -1301,10 +1385,17 @@ def analyze_files(
         )
         stage_seconds: dict[str, float] = {}
         analysed = 0
+        # slides larger than memory go region by region through files, in this process
+        slides = [job for job in todo if _analyze_on_disk(job.path, on_disk)]
+        in_memory = [job for job in todo if job not in slides]
         try:
             with _classifier_threads(torch_device, executor.local_workers), _deterministic_cudnn(torch_device):
                 counter = [done]
-                for outcome in _run(executor, todo, settings, classifier, progress, counter, total):
+                for outcome in itertools.chain(
+                    _run(executor, in_memory, settings, classifier, progress, counter, total),
+                    _run_on_disk(slides, out, settings, loaded, torch_device, batch_size, amp, prior_correction,
+                                 progress, counter, total),
+                ):
                     counter[0] = done = done + 1
                     if isinstance(outcome, _Failed):
                         failures.append(outcome)
@@ -1423,6 +1514,27 @@ def _run(executor, todo: list[_Job], settings: _Settings, classifier, progress, 
         submit_finish(classifier.step())
         if not pending and not in_flight:
             submit_finish(classifier.flush())
+
+
+def _run_on_disk(slides: list[_Job], out: Path, settings: _Settings, loaded, device, batch_size: int, amp: bool,
+                 prior_correction, progress, counter: list, total: int):
+    """Analyse each slide with :func:`analyze_file_on_disk`; yield a _Finished or
+    _Failed per slide. An exception from ``progress`` stops the run, as in ``_run``."""
+    for job in slides:
+        def report(fraction, message, job=job):
+            if progress:
+                try:
+                    progress(counter[0], total, f"{job.relative}: {message}")
+                except BaseException as exc:
+                    raise _ProgressInterrupt(exc) from exc
+
+        try:
+            yield analyze_file_on_disk(job, out, settings, loaded, device=device, batch_size=batch_size, amp=amp,
+                                       prior_correction=prior_correction, progress=report)
+        except _ProgressInterrupt as exc:
+            raise exc.original from None
+        except Exception as exc:  # a bad file or a full disk is recorded, and the batch goes on
+            yield _Failed(job, _reason(exc))
 
 
 def _outcome(future, job: _Job):
@@ -1555,7 +1667,11 @@ def _exclusive(out: Path):
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Delete the temporary files of writes a killed run left unfinished."""
+    """Delete the temporary files of writes a killed run left unfinished, and the
+    scratch folders of slides it was analysing on disk."""
+    for scratch in out.glob(".scratch-*"):
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
     for folder, _, names in os.walk(out):
         for name in names:
             if _TEMPORARY_NAME.match(name):

@@ -263,6 +263,16 @@ def _add_analyze(subparsers) -> None:
     parser.add_argument("--no-amp", action="store_true", help="classify in float32")
     parser.add_argument("--no-morphology", action="store_true",
                         help="leave the morphology columns out of the cell tables (faster)")
+    disk = parser.add_mutually_exclusive_group()
+    disk.add_argument(
+        "--on-disk", dest="on_disk", action="store_const", const=True, default=None,
+        help="analyse TIFFs region by region through memory-mapped files in a scratch folder inside OUT_DIR "
+             "(the image, its label images and the attention maps: 11 bytes a pixel of disk plus 4 per model), "
+             "for slides larger than memory; default: only TIFFs whose analysis in memory would take more than "
+             "half the memory available",
+    )
+    disk.add_argument("--in-memory", dest="on_disk", action="store_const", const=False,
+                      help="never analyse through files, whatever the image's size")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_prior_correction_option(parser)
     parser.set_defaults(func=_cmd_analyze)
@@ -299,6 +309,7 @@ def _cmd_analyze(args) -> int:
             workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite, batch_size=args.batch_size,
             amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=bar.show,
             prior_correction=args.prior_correction, working_diameter_px=args.working_diameter,
+            on_disk=args.on_disk,
         )
     except RuntimeError as exc:
         raise CommandError(str(exc)) from exc

@@ -60,6 +60,54 @@ class InstanceCrops:
         )
 
 
+@dataclass(frozen=True)
+class FieldColours:
+    """The colours a field's crops are made with, measured once on the whole field.
+
+    A whole slide is cropped region by region (:func:`napari_smear.pipeline.analyze`
+    on a large image); each region's crops must take the glass colour and the stain of
+    the whole field, not of the region, to be the crops the field would give at once.
+
+    Attributes
+    ----------
+    glass : (3,) float
+        Fill colour of a crop window's part past the field (the field's bright tenth).
+    stain : StainAnchors or None
+        The field's stain anchors (:func:`napari_smear.normalize.stain_anchors`); None
+        when the crops are not stain-normalised.
+    """
+
+    glass: tuple[float, float, float]
+    stain: object = None
+
+
+def field_colours(painted: np.ndarray, segmentation: SmearSegmentation,
+                  stain_normalization: str | None = None) -> FieldColours:
+    """Measure :class:`FieldColours` on a whole field whose frame and annotations are
+    already painted as glass (``prepare_crop_field``)."""
+    stain = None
+    if stain_normalization:
+        from .normalize import check_method, stain_anchors
+
+        check_method(stain_normalization)
+        stain = stain_anchors(painted, segmentation)
+    return FieldColours(_glass_colour(painted), stain)
+
+
+def prepare_crop_field(rgb: np.ndarray) -> np.ndarray:
+    """The field as crops are cut from it: an eyepiece photo's black surround and
+    burned-in annotations painted as glass, as :func:`napari_smear.segment_smear` saw
+    them (``rgb`` itself when there is neither)."""
+    painted = find_not_specimen(rgb)[0]
+    return rgb if painted is None else fill_outside_view(rgb, painted)
+
+
+def _glass_colour(rgb: np.ndarray) -> tuple[float, float, float]:
+    # padding past the image border takes the glass colour (the bright tenth)
+    sample = rgb.reshape(-1, 3)[:: max(1, rgb.size // 300_000)]
+    return tuple(float(v) for v in np.percentile(sample, 90, axis=0))
+
+
 def crop_instances(
     image: np.ndarray,
     segmentation: SmearSegmentation,
@@ -69,6 +117,8 @@ def crop_instances(
     labels=None,
     cell_types=None,
     stain_normalization: str | None = None,
+    colours: FieldColours | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> InstanceCrops:
     """Crop every instance (or the given ``labels`` / ``cell_types``) at normalised scale.
 
@@ -90,17 +140,28 @@ def crop_instances(
         Recolour the crops into the reference stain with this method (a model's
         ``metadata["stain_normalization"]``, see :mod:`napari_smear.normalize`), with the
         colours measured on the whole field.
+    colours : FieldColours, optional
+        For a region of a larger field (``image`` and ``segmentation`` cut from it):
+        the glass and stain measured on the whole field (:func:`field_colours`); the
+        region is then taken as :func:`prepare_crop_field` left it (painted).
+    origin : (int, int)
+        For such a region: the field pixel at its top left corner. The table's
+        centroids stay in field coordinates and the crops' ``windows`` are given in
+        the region's, each computed so that the crops are those of the whole field
+        bit for bit (a whole number subtracted from a sampling position is exact).
     """
     from .io import as_rgb_uint8
 
     rgb = as_rgb_uint8(image)
     segmentation.check_image(rgb)
-    painted = find_not_specimen(rgb)[0]
-    if painted is not None:
+    if colours is None:
         # the black surround of an eyepiece photo and burned-in annotations are painted
         # as glass, as segment_smear saw them: the crops (and the stain measured on the
         # field) hold neither
-        rgb = fill_outside_view(rgb, painted)
+        rgb = prepare_crop_field(rgb)
+        colours = field_colours(rgb, segmentation, stain_normalization) if len(segmentation.table) else None
+    elif stain_normalization and colours.stain is None:
+        raise ValueError("colours were measured without stain anchors; measure them with the stain normalisation")
     has_scale = np.isfinite(segmentation.rbc_diameter_px) and segmentation.rbc_diameter_px > 0
     if not has_scale and len(segmentation.table):
         raise ValueError("the segmentation has no red-cell diameter; cannot crop at normalised scale")
@@ -127,38 +188,49 @@ def crop_instances(
     cx = table.centroid_x.to_numpy(np.float64)
     windows = np.stack([cy - half, cx - half, cy + half, cx + half], axis=1)
     ids = table.label.to_numpy(np.int64)
+    oy, ox = (int(v) for v in origin)
     images, masks = _sample_windows(
-        rgb, segmentation.labels, segmentation.nuclei, windows, ids, output_size
+        rgb, segmentation.labels, segmentation.nuclei, windows, ids, output_size,
+        glass=None if colours is None else colours.glass, origin=(oy, ox), side=2 * half,
     )
+    if oy or ox:
+        windows = windows - np.array([oy, ox, oy, ox], np.float64)
     if stain_normalization and len(ids):
         # the colour map is measured on the whole field but applied to the crop pixels
         # only: a few cells' worth of pixels instead of the field
-        from .normalize import recolour
+        from .normalize import apply_stain_map
 
-        images = recolour(images, segmentation, stain_normalization, field=rgb)
+        images = apply_stain_map(images, colours.stain)
     return InstanceCrops(
         images, masks, ids, windows, float(crop_diameters), float(segmentation.rbc_diameter_px)
     )
 
 
-def _sample_windows(rgb, labels, nuclei, windows, ids, size):
+def anti_alias_sigma(window_side: float, output_size: int) -> float:
+    """Gaussian sigma (image pixels) the field is smoothed with before a window of
+    ``window_side`` pixels is sampled at ``output_size`` (0: not smoothed)."""
+    sigma = max(0.0, (window_side / output_size - 1.0) / 2.0)
+    return 0.0 if sigma < 0.3 else sigma
+
+
+def _sample_windows(rgb, labels, nuclei, windows, ids, size, *, side, glass=None, origin=(0, 0)):
     n = len(ids)
     images = np.empty((n, size, size, 3), np.uint8)
     masks = np.zeros((n, 2, size, size), np.uint8)
     if n == 0:
         return images, masks
-    side = windows[0, 2] - windows[0, 0]
+    # the window side as set, not read off a window (whose corners carry the rounding
+    # of its centre): every call cuts a cell the same way, on a region as on the field
     step = side / size
     # Anti-alias once for the whole image instead of per crop.
-    sigma = max(0.0, (step - 1.0) / 2.0)
-    smooth = rgb if sigma < 0.3 else ndi.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0))
-    # padding past the image border takes the glass colour (the bright tenth)
-    glass = np.percentile(rgb.reshape(-1, 3)[:: max(1, rgb.size // 300_000)], 90, axis=0)
+    sigma = anti_alias_sigma(side, size)
+    smooth = rgb if sigma == 0 else ndi.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0))
+    glass = np.asarray(_glass_colour(rgb) if glass is None else glass)
     offsets = (np.arange(size) + 0.5) * step - 0.5  # pixel centres inside the window
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
-        ys = windows[start:stop, 0, None] + offsets[None]  # (m, S)
-        xs = windows[start:stop, 1, None] + offsets[None]
+        ys = windows[start:stop, 0, None] + offsets[None] - origin[0]  # (m, S)
+        xs = windows[start:stop, 1, None] + offsets[None] - origin[1]
         m = stop - start
         yy = np.broadcast_to(ys[:, :, None], (m, size, size))
         xx = np.broadcast_to(xs[:, None, :], (m, size, size))

@@ -37,6 +37,7 @@ __all__ = [
     "PreparedField",
     "StreamingClassifier",
     "analyze",
+    "analyze_by_region",
     "cut_by_edge",
     "differential_counts",
     "finish_field",
@@ -291,9 +292,8 @@ def prepare_field(
         ``progress(fraction, message)`` during segmentation, then (fraction 1) as the
         morphology and the crops are made; raise inside it to cancel.
     """
-    from .crops import crop_instances
     from .io import as_rgb_uint8
-    from .morphology import crop_morphology, morphology_table
+    from .morphology import morphology_table
     from .segment import segment_smear
 
     timings: dict[str, float] = {}
@@ -319,22 +319,58 @@ def prepare_field(
     timings["morphology"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    crops, morph_features = crop_for_models(rgb, segmentation, specs, report=report)
+    timings["crop"] = time.perf_counter() - started
+    return PreparedField(rgb, segmentation, table, crops, morph_features, timings)
+
+
+def _crop_conventions(specs: Sequence[ModelSpec]) -> dict[tuple[float, int, str | None], list[ModelSpec]]:
+    """The models grouped by crop convention (window, size, stain normalisation)."""
+    conventions: dict[tuple[float, int, str | None], list[ModelSpec]] = {}
+    for spec in specs:
+        conventions.setdefault((spec.crop_diameters, spec.input_size, spec.stain_normalization), []).append(spec)
+    return conventions
+
+
+def crop_for_models(
+    rgb: np.ndarray,
+    segmentation: SmearSegmentation,
+    specs: Sequence[ModelSpec],
+    *,
+    colours: dict | None = None,
+    origin: tuple[int, int] = (0, 0),
+    report: Callable[[float, str], None] | None = None,
+) -> tuple[dict, dict]:
+    """The crops (and morphology features) of the cells each model classifies.
+
+    Returns ``(crops, morph)``: per model name an :class:`~napari_smear.crops.InstanceCrops`
+    (models with no such cell are absent) and, for models that consume morphology
+    features, their (N, M) float32 array. ``colours``: for a region of a larger field,
+    per crop convention (``(crop_diameters, input_size, stain_normalization)``) the
+    :class:`~napari_smear.crops.FieldColours` of the whole field (``rgb`` then as
+    :func:`~napari_smear.crops.prepare_crop_field` left it) and ``origin`` its top left
+    pixel in the field (see :func:`~napari_smear.crops.crop_instances`).
+    """
+    from .crops import crop_instances
+    from .morphology import crop_morphology
+
+    report = report or (lambda fraction, message: None)
+    table = segmentation.table
     crops, morph_features = {}, {}
     # Models with the same crop convention share one cropping pass (the whole-image
     # anti-aliasing dominates its cost); each takes its cell types from it, in table order.
-    conventions: dict[tuple[float, int, str | None], list[ModelSpec]] = {}
-    for spec in specs:
-        if len(table) and table.cell_type.isin(spec.cell_types).any():
-            key = (spec.crop_diameters, spec.input_size, spec.stain_normalization)
-            conventions.setdefault(key, []).append(spec)
-    for (crop_diameters, input_size, stain), group in conventions.items():
+    for key, group in _crop_conventions(specs).items():
+        group = [spec for spec in group if len(table) and table.cell_type.isin(spec.cell_types).any()]
+        if not group:
+            continue
+        crop_diameters, input_size, stain = key
         types = sorted({t for spec in group for t in spec.cell_types})
         report(1.0, f"cropping the {', '.join(types)} cells for {', '.join(spec.name for spec in group)}")
         shared = crop_instances(
             rgb, segmentation, crop_diameters=crop_diameters, output_size=input_size, cell_types=types,
-            stain_normalization=stain,
+            stain_normalization=stain, colours=None if colours is None else colours[key], origin=origin,
         )
-        shared_types = segmentation.table.set_index("label").cell_type.reindex(shared.labels).to_numpy()
+        shared_types = table.set_index("label").cell_type.reindex(shared.labels).to_numpy()
         for spec in group:
             keep = np.isin(shared_types, spec.cell_types)
             crops[spec.name] = shared if keep.all() else shared.subset(keep)
@@ -345,8 +381,7 @@ def prepare_field(
             feats = crop_morphology(crop.images, crop.masks, crop.crop_diameters)
             values = feats[list(spec.morph_features)].to_numpy(np.float32)
             morph_features[spec.name] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    timings["crop"] = time.perf_counter() - started
-    return PreparedField(rgb, segmentation, table, crops, morph_features, timings)
+    return crops, morph_features
 
 
 # ----------------------------------------------------------------------------- stage 3: finish
@@ -482,12 +517,25 @@ def analyze(
         default: each model file's own (see :func:`napari_smear.predict.prior_logit_offsets`).
     working_diameter_px : float, optional
         Working resolution of the segmentation (see :func:`napari_smear.segment_smear`).
+
+    A field larger than ``REGION_ANALYSIS_PIXELS`` (48 megapixels) is analysed region
+    by region (:func:`analyze_by_region`): the same result in less memory.
     """
+    from .io import as_rgb_uint8
     from .predict import classify_crops
 
     report = progress or (lambda f, m: None)
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
     check_prior_correction(loaded, prior_correction)
+    image = as_rgb_uint8(image)
+    if image.shape[0] * image.shape[1] > REGION_ANALYSIS_PIXELS:
+        # a slide: the same result, with memory bounded by the region size (all of the
+        # crops and the anti-aliased copy of the field would take 15 bytes a pixel)
+        return analyze_by_region(
+            image, models=loaded, device=device, batch_size=batch_size, pixel_size_um=pixel_size_um,
+            segmentation=segmentation, morphology=morphology, progress=progress,
+            prior_correction=prior_correction, working_diameter_px=working_diameter_px,
+        )
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
         image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
@@ -506,6 +554,198 @@ def analyze(
         )
     report(1.0, "done")
     return finish_field(prepared, specs, outputs)
+
+
+# ----------------------------------------------------------------------------- a large image, region by region
+
+#: Side (pixels) of the square regions :func:`analyze_by_region` owns cells by.
+REGION_SIDE = 4096
+#: :func:`analyze` takes a field larger than this (pixels) region by region.
+REGION_ANALYSIS_PIXELS = 3 * REGION_SIDE * REGION_SIDE
+
+
+def analyze_by_region(
+    image,
+    *,
+    models: Sequence = DEFAULT_MODELS,
+    device: str = "auto",
+    batch_size: int = 256,
+    amp: bool = True,
+    pixel_size_um: float | None = None,
+    segmentation: SmearSegmentation | None = None,
+    morphology: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    prior_correction: float | None = None,
+    working_diameter_px: float | None = None,
+    region_side: int = REGION_SIDE,
+    attention_out: dict[str, np.ndarray] | None = None,
+) -> AnalysisResult:
+    """:func:`analyze` a large image (a whole-slide region or scan) region by region.
+
+    The same result as :func:`analyze` (tested cell for cell), with memory bounded by
+    the region size instead of the image's: each cell belongs to the square region of
+    ``region_side`` pixels its centroid lies in, and each region is measured, cropped,
+    classified and its attention pasted on its own, from a window of the image that
+    reaches as far as its cells' crop windows and their anti-aliasing. What must be
+    measured on the whole field is: the glass colour and the stain anchors the crops
+    are made with (:func:`napari_smear.crops.field_colours`), and the painting of an
+    eyepiece frame or burned-in annotation.
+
+    With a segmentation whose label images are memory-mapped files
+    (``segment_smear(out=...)``), the image opened with
+    :func:`napari_smear.io.open_image_on_disk` and ``attention_out`` memory-mapped as
+    well, a slide larger than memory is analysed with a few hundred megabytes per
+    region (``napari-smear analyze`` does this by itself for such TIFFs).
+
+    Parameters
+    ----------
+    image, models, device, batch_size, pixel_size_um, segmentation, morphology, progress,
+    prior_correction, working_diameter_px
+        As for :func:`analyze`.
+    amp : bool
+        Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
+    region_side : int
+        Side of the regions in pixels (at least 256).
+    attention_out : dict, optional
+        Per model name, a (H, W) float32 array to write its attention map into (for
+        example an ``np.memmap``); it is zeroed first. Models not named get an array
+        in memory.
+    """
+    from .crops import anti_alias_sigma, field_colours, prepare_crop_field
+    from .io import as_rgb_uint8
+    from .segment import segment_smear
+
+    if isinstance(region_side, bool) or not isinstance(region_side, (int, np.integer)) or region_side < 256:
+        raise ValueError(f"region_side must be a whole number of pixels >= 256, got {region_side!r}")
+    report = progress or (lambda f, m: None)
+    loaded = load_models(models, device)  # first: a bad model name fails before segmenting
+    check_prior_correction(loaded, prior_correction)
+    specs = [m.spec for m in loaded]
+    rgb = as_rgb_uint8(image)
+    if segmentation is None:
+        segmentation = segment_smear(
+            rgb, pixel_size_um=pixel_size_um, progress=lambda f, m: report(0.4 * f, m),
+            working_diameter_px=working_diameter_px,
+        )
+    else:
+        segmentation.check_image(rgb)
+    shape = rgb.shape[:2]
+    attention = {spec.name: _attention_array((attention_out or {}).get(spec.name), shape, spec.name)
+                 for spec in specs}
+    table = segmentation.table
+    report(0.4, "measuring the glass and stain of the whole field")
+    painted = prepare_crop_field(rgb)
+    conventions = _crop_conventions(specs)
+    colours = {key: field_colours(painted, segmentation, key[2]) for key in conventions} if len(table) else {}
+
+    # how far past its cells a region's window must reach: their crop windows, and the
+    # anti-aliasing and interpolation of the pixels at the windows' edges
+    diameter = float(segmentation.rbc_diameter_px)
+    half, margin = 0.0, 2
+    if np.isfinite(diameter) and diameter > 0:
+        for crop_diameters, input_size, _ in conventions:
+            half = max(half, crop_diameters * diameter / 2)
+            margin = max(margin, int(4.0 * anti_alias_sigma(crop_diameters * diameter, input_size) + 0.5) + 2)
+    cy = table.centroid_y.to_numpy(np.float64)
+    cx = table.centroid_x.to_numpy(np.float64)
+    region_of = (np.floor(cy).astype(np.int64) // region_side) * (-(-shape[1] // region_side)) + (
+        np.floor(cx).astype(np.int64) // region_side)
+    order = np.argsort(region_of, kind="stable")
+    starts = np.flatnonzero(np.r_[True, region_of[order][1:] != region_of[order][:-1]]) if len(order) else []
+    groups = np.split(order, starts[1:]) if len(order) else []
+
+    pieces, positions, done = [], [], 0
+    for k, rows in enumerate(groups):
+        report(0.4 + 0.6 * done / max(len(table), 1),
+               f"region {k + 1} of {len(groups)}: {len(rows)} cells")
+        owned = table.iloc[rows]
+        y0 = max(0, int(np.floor(min(owned.bbox_min_y.min(), cy[rows].min() - half))) - margin)
+        x0 = max(0, int(np.floor(min(owned.bbox_min_x.min(), cx[rows].min() - half))) - margin)
+        y1 = min(shape[0], int(np.ceil(max(owned.bbox_max_y.max(), cy[rows].max() + half))) + margin)
+        x1 = min(shape[1], int(np.ceil(max(owned.bbox_max_x.max(), cx[rows].max() + half))) + margin)
+        piece, maps = _analyze_region(
+            rgb, painted, segmentation, owned, (y0, x0, y1, x1), loaded, colours,
+            device=device, batch_size=batch_size, amp=amp, morphology=morphology,
+            prior_correction=prior_correction,
+        )
+        inside = maps.pop(None)
+        for name, values in maps.items():
+            window = attention[name][y0:y1, x0:x1]
+            window[inside] = values[inside]
+        pieces.append(piece)
+        positions.append(rows)
+        done += len(rows)
+    if not pieces:  # no cells: the table still has every column analyze gives
+        pieces.append(_analyze_region(
+            rgb, painted, segmentation, table.iloc[:0], (0, 0, min(shape[0], 16), min(shape[1], 16)), loaded,
+            colours, device=device, batch_size=batch_size, amp=amp, morphology=morphology,
+            prior_correction=prior_correction,
+        )[0])
+        positions.append(np.zeros(0, np.int64))
+    result_table = pd.concat(pieces, ignore_index=True)
+    result_table = result_table.iloc[np.argsort(np.concatenate(positions), kind="stable")].reset_index(drop=True)
+    report(1.0, "done")
+    return AnalysisResult(
+        segmentation=segmentation, table=result_table, attention=attention,
+        models={spec.name: spec.describe() for spec in specs},
+    )
+
+
+def _attention_array(given, shape, name) -> np.ndarray:
+    if given is None:
+        return np.zeros(shape, np.float32)
+    if not isinstance(given, np.ndarray) or given.shape != shape or given.dtype != np.float32:
+        raise ValueError(f"attention_out[{name!r}] must be a {shape} float32 array; got "
+                         f"{getattr(given, 'dtype', type(given).__name__)} {getattr(given, 'shape', '')}")
+    for start in range(0, shape[0], 1024):  # row blocks: a memory map is not read into memory
+        given[start:start + 1024] = 0
+    return given
+
+
+def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, *, device, batch_size, amp,
+                    morphology, prior_correction):
+    """Measure, crop, classify and finish the ``owned`` cells of one region.
+
+    Returns their table rows (image coordinates) and the region's attention maps per
+    model name, with the mask of the owned cells' pixels under the key None.
+    """
+    from .morphology import morphology_table
+    from .predict import classify_crops
+
+    y0, x0, y1, x1 = window
+    labels = np.asarray(segmentation.labels[y0:y1, x0:x1])
+    max_label = int(owned.label.max()) if len(owned) else 0
+    is_owned = np.zeros(max_label + 1, bool)
+    is_owned[owned.label.to_numpy(np.int64)] = True
+    # only the region's own cells are measured and cropped; the nuclei stay whole (the
+    # lobe count erodes them all together, as on the whole field)
+    mine = np.zeros(labels.shape, bool)
+    small = labels <= max_label
+    mine[small] = is_owned[labels[small]]
+    labels = np.where(mine, labels, 0).astype(labels.dtype, copy=False)
+    # the table keeps field coordinates: the crops are placed through their origin
+    region = replace(segmentation, labels=labels, nuclei=np.asarray(segmentation.nuclei[y0:y1, x0:x1]),
+                     table=owned.reset_index(drop=True))
+    region_rgb = np.asarray(rgb[y0:y1, x0:x1])
+    table = region.table.copy()
+    if morphology:
+        morph = morphology_table(region_rgb, region).drop(columns=["area_px"])
+        table = table.merge(morph, on="label", how="left")
+    specs = [m.spec for m in loaded]
+    crops, morph_features = crop_for_models(
+        np.asarray(painted[y0:y1, x0:x1]), region, specs, colours=colours, origin=(y0, x0),
+    )
+    outputs = {}
+    for entry in loaded:
+        crop = crops.get(entry.name)
+        if crop is not None:
+            outputs[entry.name] = classify_crops(
+                entry.model, entry.info, crop.images, crop.masks, morph_features.get(entry.name),
+                device=device, batch_size=batch_size, amp=amp, return_attention=True, progress=False,
+                prior_correction=prior_correction,
+            )
+    result = finish_field(PreparedField(region_rgb, region, table, crops, morph_features), specs, outputs)
+    return result.table, {**result.attention, None: mine}
 
 
 # ----------------------------------------------------------------------------- many images

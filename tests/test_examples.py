@@ -113,3 +113,20 @@ def test_segment_whole_slide(tmp_path, capsys):
     assert (out / "slide_region.png").exists()
     assert sorted(p.name for p in out.iterdir()) == ["slide_cells.csv", "slide_counts.csv", "slide_region.png"]
     assert "decoded once into" in capsys.readouterr().out
+
+
+def test_classify_whole_slide(tmp_path, one_torch_thread):
+    import tifffile
+
+    from napari_smear.samples import synthetic_smear
+
+    slide = np.concatenate([synthetic_smear((480, 640), rbc_diameter_px=36.0, seed=s)[0] for s in (0, 1)], axis=1)
+    tifffile.imwrite(tmp_path / "slide.tif", slide)
+    out = tmp_path / "results"
+    example("segment_whole_slide.py")([str(tmp_path / "slide.tif"), "--out", str(out), "--classify"])
+    cells = pd.read_csv(out / "slide_cells.csv")
+    assert cells["class"].notna().all() and {"confidence", "p_neutrophil"} <= set(cells.columns)
+    differential = pd.read_csv(out / "slide_differential.csv")
+    assert differential["count"].sum() == len(cells)
+    assert sorted(p.name for p in out.iterdir()) == ["slide_cells.csv", "slide_counts.csv",
+                                                     "slide_differential.csv"]

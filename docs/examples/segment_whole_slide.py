@@ -1,7 +1,8 @@
-"""Segment a whole-slide TIFF larger than memory, then count and look at a region of it.
+"""Segment (and classify) a whole-slide TIFF larger than memory; count, look at a region.
 
     python docs/examples/segment_whole_slide.py slide.tif --out slide_results/
     python docs/examples/segment_whole_slide.py slide.tif --out slide_results/ --region 20000 20000 4096
+    python docs/examples/segment_whole_slide.py slide.tif --out slide_results/ --classify
 
 The slide is read through a memory map (a compressed scan is decoded once into a
 scratch file inside ``--out``) and the two label images are built in memory-mapped
@@ -15,6 +16,12 @@ of that window with the cells outlined (``<stem>_region.png``). The memory-mappe
 images are left in ``--out`` as ``<stem>_labels.u32`` / ``<stem>_nuclei.u32`` (raw
 uint32, the slide's height x width) for more analysis; ``--keep-labels`` is off by
 default, and they are removed at the end.
+
+With ``--classify`` every cell is also classified by the built-in models, region by
+region (``napari_smear.pipeline.analyze_by_region``: memory bounded by the region, the
+attention maps written into memory-mapped files too): the cell table then holds each
+cell's class and confidence, and ``<stem>_differential.csv`` the differential count.
+``napari-smear analyze --on-disk`` does all of this for a folder of slides.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--region", type=int, nargs=3, metavar=("Y", "X", "SIDE"), default=None,
                         help="draw this square window (top-left corner and side, in pixels) with its cells")
     parser.add_argument("--keep-labels", action="store_true", help="keep the memory-mapped label images")
+    parser.add_argument("--classify", action="store_true",
+                        help="classify every cell with the built-in models and write the differential count")
     return parser.parse_args(argv)
 
 
@@ -56,7 +65,19 @@ def main(argv=None):
         print(f"  {100 * fraction:5.1f} %  {message}", flush=True)
 
     seg = segment_smear(image, pixel_size_um=meta["pixel_size_um"], out=(labels, nuclei), progress=progress)
-    write_csv_atomic(out / f"{slide.stem}_cells.csv", seg.table)
+    table, attention_files = seg.table, []
+    if args.classify:
+        from napari_smear.pipeline import DEFAULT_MODELS, analyze_by_region
+
+        attention_files = [out / f"{slide.stem}_attention_{name}.f32" for name in DEFAULT_MODELS]
+        attention = {name: np.memmap(path, np.float32, "w+", shape=(height, width))
+                     for name, path in zip(DEFAULT_MODELS, attention_files)}
+        result = analyze_by_region(image, segmentation=seg, attention_out=attention, progress=progress)
+        table = result.table
+        write_csv_atomic(out / f"{slide.stem}_differential.csv", result.counts)
+        print(result.counts.to_string(index=False))
+        del result, attention
+    write_csv_atomic(out / f"{slide.stem}_cells.csv", table)
     counts = (seg.table.assign(cut_by_edge=seg.table.touches_edge)
               .groupby(["cell_type", "cut_by_edge"]).size().rename("cells").reset_index())
     write_csv_atomic(out / f"{slide.stem}_counts.csv", counts)
@@ -74,10 +95,10 @@ def main(argv=None):
         write_png_atomic(out / f"{slide.stem}_region.png", picture)
         print(f"region written to {out / f'{slide.stem}_region.png'}")
 
-    del labels, nuclei, seg, image  # closes the maps (before their files go)
+    del labels, nuclei, seg, image, table  # closes the maps (before their files go)
     if not args.keep_labels:
-        labels_file.unlink()
-        nuclei_file.unlink()
+        for path in (labels_file, nuclei_file, *attention_files):
+            path.unlink()
     if meta["scratch_file"]:
         Path(meta["scratch_file"]).unlink()
     return pd.read_csv(out / f"{slide.stem}_counts.csv")

@@ -22,6 +22,7 @@ _LAZY = {
     "train": "napari_smear.training",
     "classify_crops": "napari_smear.predict",
     "analyze": "napari_smear.pipeline",
+    "analyze_by_region": "napari_smear.pipeline",
     "add_to_viewer": "napari_smear._napari.layers",
     "synthetic_smear": "napari_smear.samples",
 }

@@ -69,6 +69,12 @@ def card(name: str) -> list[str]:
            "median stain, anchored on its own red cells and white-cell nuclei, before its cells are cropped, in "
            "training and in use alike (see [architecture](architecture.md#stain-normalisation))."]
           if meta.get("stain_normalization") else []),
+        *([f"- **Turned views**: each crop is classified {meta['test_time_views']} ways (as it is and turned "
+           "over: mirrored, and by quarter turns) and the class probabilities and attention maps are averaged "
+           "(`test_time_views` in the file; `classify_crops(..., test_time_views=1)` for one view, "
+           f"{meta['test_time_views']} times faster): a cell has no up or down on a slide. The figures below "
+           "include it; see Known limits, *Turned views*."]
+          if (meta.get("test_time_views") or 1) > 1 else []),
         f"- **Licence and credit**: {meta.get('licence', '')} {meta.get('credit', '')}",
         f"- **Re-train**: `{val.get('command', 'python scripts/train_default_models.py --only ' + name)}` "
         + (f"(two stages: {val['stages']['first']['epochs_completed']} epochs, best epoch "

@@ -210,6 +210,28 @@ def test_prior_correction_override_is_recorded_and_redoes_images(tmp_path):
         analyze_files(inputs, tmp_path / "plain", models=[plain], device="cpu", prior_correction=0.5)
 
 
+def test_test_time_views_are_recorded_and_redo_images(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png_atomic(inputs / "a.png", field(0))
+    model = str(tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], test_time_views=4))
+    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
+    out = tmp_path / "out"
+    analyze_files(inputs, out, **options)
+    used = lambda: [m["test_time_views"] for m in json.loads((out / "run.json").read_text())["models"].values()]
+    assert used() == [4]  # the file's own
+    again = analyze_files(inputs, out, **options)
+    assert (again.analysed, again.skipped) == (0, 1)
+    one = analyze_files(inputs, out, test_time_views=1, **options)
+    assert (one.analysed, one.skipped) == (1, 0) and used() == [1]  # answers change: the image is redone
+    analyze_files(inputs, tmp_path / "four", **options)
+    one_view, four_views = (pd.read_csv(folder / "a_cells.csv").confidence.dropna() for folder in (out, tmp_path / "four"))
+    assert not np.allclose(one_view, four_views)
+    with pytest.raises(ValueError, match="test_time_views must be one of"):
+        analyze_files(inputs, tmp_path / "bad", test_time_views=3, **options)
+    assert not (tmp_path / "bad" / "a_done.json").exists()
+
+
 # ----------------------------------------------------------------------------- interruptions
 
 

@@ -198,6 +198,57 @@ def test_daffnet_gets_its_morphology_and_attributes(tmp_path):
         classify_crops(model, info, images, masks, np.zeros((6, 5)), device="cpu")
 
 
+def test_test_time_views_average_the_turned_crops(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(6)
+
+    def run(imgs, msks, **options):
+        return classify_crops(model, info, np.ascontiguousarray(imgs), np.ascontiguousarray(msks), device="cpu",
+                              amp=False, **options)
+
+    plain = run(images, masks)
+    mirrored = run(images[:, :, ::-1], masks[:, :, :, ::-1])
+    two = run(images, masks, test_time_views=2)
+    np.testing.assert_allclose(two["probs"], (plain["probs"] + mirrored["probs"]) / 2, atol=1e-5)
+    # each view's attention is turned back onto the crop before the mean
+    expected = (plain["attention"].astype(np.float32) + mirrored["attention"].astype(np.float32)[:, :, ::-1]) / 2
+    np.testing.assert_allclose(two["attention"].astype(np.float32), expected, atol=2e-3)
+    # every quarter turn, mirrored and not: the mean of the eight views
+    views = [(images, masks)]
+    for k in range(1, 4):
+        views.append((np.rot90(images, k, axes=(1, 2)), np.rot90(masks, k, axes=(2, 3))))
+    views += [(v[:, :, ::-1], m[:, :, :, ::-1]) for v, m in views]
+    eight = run(images, masks, test_time_views=8)
+    np.testing.assert_allclose(eight["probs"], np.mean([run(v, m)["probs"] for v, m in views], axis=0), atol=1e-5)
+    # the same answer for a crop whichever way up it comes
+    turned = run(np.rot90(images, 1, axes=(1, 2)), np.rot90(masks, 1, axes=(2, 3)), test_time_views=8)
+    np.testing.assert_allclose(turned["probs"], eight["probs"], atol=1e-5)
+
+
+def test_test_time_views_default_to_the_model_files_own(tmp_path):
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors", test_time_views=4))
+    images, masks = random_crops(4)
+    own = classify_crops(model, info, images, masks, device="cpu", amp=False)
+    np.testing.assert_allclose(own["probs"], classify_crops(model, info, images, masks, device="cpu", amp=False,
+                                                            test_time_views=4)["probs"], atol=1e-6)
+    one = classify_crops(model, info, images, masks, device="cpu", amp=False, test_time_views=1)
+    assert not np.allclose(one["probs"], own["probs"], atol=1e-6)
+    for bad in (3, 0, True, "8"):
+        with pytest.raises(ValueError, match=r"test_time_views must be one of \[1, 2, 4, 8\]"):
+            classify_crops(model, info, images, masks, device="cpu", test_time_views=bad)
+
+
+def test_daffnet_attributes_are_averaged_over_the_views(tmp_path):
+    path = tiny_model_file(
+        tmp_path / "d.safetensors", kind="daffnet", config={"widths": [8, 16, 32, 64], "morph_features": 18}
+    )
+    model, info = load_model(path)
+    images, masks = random_crops(4)
+    result = classify_crops(model, info, images, masks, device="cpu", test_time_views=8)
+    np.testing.assert_allclose(result["attributes"]["nucleus_shape"].sum(axis=1), 1, atol=1e-4)
+    np.testing.assert_allclose(result["probs"].sum(axis=1), 1, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -532,7 +532,8 @@ def _analyze_on_disk(path: str | Path, on_disk: bool | None) -> bool:
 
 def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", loaded: Sequence, *, device,
                          batch_size: int, amp: bool, prior_correction: float | None,
-                         progress: Callable[[float, str], None] | None = None) -> "_Finished":
+                         progress: Callable[[float, str], None] | None = None,
+                         test_time_views: int | None = None) -> "_Finished":
     """Analyse one TIFF larger than memory and write its outputs, as the other images'.
 
     The image (decoded once when compressed), its two label images and one attention
@@ -569,7 +570,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
             result = analyze_by_region(
                 image, models=loaded, device=device, batch_size=batch_size, amp=amp, segmentation=seg,
                 morphology=settings.morphology, progress=report, prior_correction=prior_correction,
-                attention_out=attention,
+                attention_out=attention, test_time_views=test_time_views,
             )
             timings["regions"] = time.perf_counter() - started
         notes = _image_notes(seg)
@@ -1238,6 +1239,7 @@ def analyze_files(
     prior_correction: float | None = None,
     working_diameter_px: float | None = None,
     on_disk: bool | None = None,
+    test_time_views: int | None = None,
 ) -> BatchReport:
     """Analyse every image of folders (recursively) or files; write per-image outputs.
 
@@ -1304,6 +1306,10 @@ def analyze_files(
         than memory (:func:`analyze_file_on_disk`; the same outputs, in this process,
         after the other images): True for every TIFF, False never, None (default) for
         a TIFF whose analysis in memory would take more than half the memory available.
+    test_time_views : {1, 2, 4, 8}, optional
+        One number of turned views for every model (1: each crop once, the fastest on a
+        CPU); default: each model file's own (the built-in models: 8). Recorded in
+        ``run.json``; images finished with another one are redone.
 
     Returns
     -------
@@ -1321,7 +1327,9 @@ def analyze_files(
     from . import __version__
     from .io import write_csv_atomic
     from .models import available_models
-    from .pipeline import DEFAULT_MODELS, StreamingClassifier, check_prior_correction, load_models
+    from .pipeline import (
+        DEFAULT_MODELS, StreamingClassifier, check_prior_correction, check_test_time_views, load_models,
+    )
     from .predict import select_device
 
     if workers and scheduler is not None:
@@ -1348,8 +1356,9 @@ def analyze_files(
     specs = tuple(m.spec for m in loaded)
     batch_size = int(batch_size or (1024 if torch_device.type == "cuda" else 32))
     strengths = check_prior_correction(loaded, prior_correction)
+    views = check_test_time_views(loaded, test_time_views)
     fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__, strengths,
-                               working_diameter_px)
+                               working_diameter_px, views)
 
     with _exclusive(out):
         _remove_stale_temporaries(out)
@@ -1381,7 +1390,7 @@ def analyze_files(
         )
         classifier = StreamingClassifier(
             loaded, device=torch_device, batch_size=batch_size, amp=amp, max_waiting=max_waiting,
-            prior_correction=prior_correction,
+            prior_correction=prior_correction, test_time_views=test_time_views,
         )
         stage_seconds: dict[str, float] = {}
         analysed = 0
@@ -1394,7 +1403,7 @@ def analyze_files(
                 for outcome in itertools.chain(
                     _run(executor, in_memory, settings, classifier, progress, counter, total),
                     _run_on_disk(slides, out, settings, loaded, torch_device, batch_size, amp, prior_correction,
-                                 progress, counter, total),
+                                 test_time_views, progress, counter, total),
                 ):
                     counter[0] = done = done + 1
                     if isinstance(outcome, _Failed):
@@ -1517,7 +1526,7 @@ def _run(executor, todo: list[_Job], settings: _Settings, classifier, progress, 
 
 
 def _run_on_disk(slides: list[_Job], out: Path, settings: _Settings, loaded, device, batch_size: int, amp: bool,
-                 prior_correction, progress, counter: list, total: int):
+                 prior_correction, test_time_views, progress, counter: list, total: int):
     """Analyse each slide with :func:`analyze_file_on_disk`; yield a _Finished or
     _Failed per slide. An exception from ``progress`` stops the run, as in ``_run``."""
     for job in slides:
@@ -1530,7 +1539,8 @@ def _run_on_disk(slides: list[_Job], out: Path, settings: _Settings, loaded, dev
 
         try:
             yield analyze_file_on_disk(job, out, settings, loaded, device=device, batch_size=batch_size, amp=amp,
-                                       prior_correction=prior_correction, progress=report)
+                                       prior_correction=prior_correction, progress=report,
+                                       test_time_views=test_time_views)
         except _ProgressInterrupt as exc:
             raise exc.original from None
         except Exception as exc:  # a bad file or a full disk is recorded, and the batch goes on
@@ -1611,11 +1621,12 @@ def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | Non
 
 
 def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version, prior_strengths,
-                 working_diameter_px=None) -> dict:
+                 working_diameter_px=None, views=None) -> dict:
     """Everything that changes per-image outputs; a marker with another one is redone.
 
     ``prior_strengths`` (model name -> the prior-correction strength used) is part of
-    it: the file's stored strength can change while its weights do not. The working
+    it: the file's stored strength can change while its weights do not; so is ``views``
+    (model name -> the number of turned views averaged) where it is more than one. The working
     resolution enters only when one is chosen, so runs at the default keep the
     fingerprint they had before it could be chosen.
     """
@@ -1628,6 +1639,8 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
             "input_size": spec.input_size, "morph_features": list(spec.morph_features),
             "weights_sha256": _weights_sha256(entry.model), "prior_correction": prior_strengths[entry.name],
         })
+        if (views or {}).get(entry.name, 1) > 1:  # one view: the fingerprint of runs before views existed
+            models[-1]["test_time_views"] = views[entry.name]
     value = {
         "napari_smear": version, "output_version": OUTPUT_VERSION, "models": models, "pixel_size_um": pixel_size_um,
         "morphology": bool(morphology), "overlay_max_side": int(overlay_max_side), "amp": bool(amp),
@@ -1743,7 +1756,8 @@ def _run_record(inputs, out, pattern, loaded, missing_models, device, batch_size
         "models": {
             m.name: {**m.spec.describe(), "crop_diameters": m.spec.crop_diameters,
                      "input_size": m.spec.input_size, "weights_sha256": described["weights_sha256"],
-                     "prior_correction": described["prior_correction"]}
+                     "prior_correction": described["prior_correction"],
+                     "test_time_views": described.get("test_time_views", 1)}
             for m, described in zip(loaded, fingerprint["models"])
         },
         "missing_builtin_models": list(missing_models),

@@ -275,6 +275,11 @@ def _add_analyze(subparsers) -> None:
                       help="never analyse through files, whatever the image's size")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_prior_correction_option(parser)
+    parser.add_argument(
+        "--test-time-views", type=int, choices=(1, 2, 4, 8), default=None, metavar="N",
+        help="classify each crop N ways (turned and mirrored: 1, 2, 4 or 8) and average the answers; "
+             "default: the model file's own (the built-in models: 8); 1 is the fastest on a CPU",
+    )
     parser.set_defaults(func=_cmd_analyze)
 
 
@@ -309,7 +314,7 @@ def _cmd_analyze(args) -> int:
             workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite, batch_size=args.batch_size,
             amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=bar.show,
             prior_correction=args.prior_correction, working_diameter_px=args.working_diameter,
-            on_disk=args.on_disk,
+            on_disk=args.on_disk, test_time_views=args.test_time_views,
         )
     except RuntimeError as exc:
         raise CommandError(str(exc)) from exc

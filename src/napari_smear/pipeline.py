@@ -495,6 +495,7 @@ def analyze(
     progress: Callable[[float, str], None] | None = None,
     prior_correction: float | None = None,
     working_diameter_px: float | None = None,
+    test_time_views: int | None = None,
 ) -> AnalysisResult:
     """Segment a smear field, classify its cells and map the models' attention.
 
@@ -517,6 +518,9 @@ def analyze(
         default: each model file's own (see :func:`napari_smear.predict.prior_logit_offsets`).
     working_diameter_px : float, optional
         Working resolution of the segmentation (see :func:`napari_smear.segment_smear`).
+    test_time_views : {1, 2, 4, 8}, optional
+        One number of turned views for every model (1: each crop once, the fastest);
+        default: each model file's own (see :func:`napari_smear.predict.classify_crops`).
 
     A field larger than ``REGION_ANALYSIS_PIXELS`` (48 megapixels) is analysed region
     by region (:func:`analyze_by_region`): the same result in less memory.
@@ -527,6 +531,7 @@ def analyze(
     report = progress or (lambda f, m: None)
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
     check_prior_correction(loaded, prior_correction)
+    check_test_time_views(loaded, test_time_views)
     image = as_rgb_uint8(image)
     if image.shape[0] * image.shape[1] > REGION_ANALYSIS_PIXELS:
         # a slide: the same result, with memory bounded by the region size (all of the
@@ -535,6 +540,7 @@ def analyze(
             image, models=loaded, device=device, batch_size=batch_size, pixel_size_um=pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
             prior_correction=prior_correction, working_diameter_px=working_diameter_px,
+            test_time_views=test_time_views,
         )
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
@@ -550,7 +556,7 @@ def analyze(
         outputs[entry.name] = classify_crops(
             entry.model, entry.info, images, masks, morph,
             device=device, batch_size=batch_size, return_attention=True, progress=False,
-            prior_correction=prior_correction,
+            prior_correction=prior_correction, test_time_views=test_time_views,
         )
     report(1.0, "done")
     return finish_field(prepared, specs, outputs)
@@ -579,6 +585,7 @@ def analyze_by_region(
     working_diameter_px: float | None = None,
     region_side: int = REGION_SIDE,
     attention_out: dict[str, np.ndarray] | None = None,
+    test_time_views: int | None = None,
 ) -> AnalysisResult:
     """:func:`analyze` a large image (a whole-slide region or scan) region by region.
 
@@ -600,7 +607,7 @@ def analyze_by_region(
     Parameters
     ----------
     image, models, device, batch_size, pixel_size_um, segmentation, morphology, progress,
-    prior_correction, working_diameter_px
+    prior_correction, working_diameter_px, test_time_views
         As for :func:`analyze`.
     amp : bool
         Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
@@ -620,6 +627,7 @@ def analyze_by_region(
     report = progress or (lambda f, m: None)
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
     check_prior_correction(loaded, prior_correction)
+    check_test_time_views(loaded, test_time_views)
     specs = [m.spec for m in loaded]
     rgb = as_rgb_uint8(image)
     if segmentation is None:
@@ -666,7 +674,7 @@ def analyze_by_region(
         piece, maps = _analyze_region(
             rgb, painted, segmentation, owned, (y0, x0, y1, x1), loaded, colours,
             device=device, batch_size=batch_size, amp=amp, morphology=morphology,
-            prior_correction=prior_correction,
+            prior_correction=prior_correction, test_time_views=test_time_views,
         )
         inside = maps.pop(None)
         for name, values in maps.items():
@@ -679,7 +687,7 @@ def analyze_by_region(
         pieces.append(_analyze_region(
             rgb, painted, segmentation, table.iloc[:0], (0, 0, min(shape[0], 16), min(shape[1], 16)), loaded,
             colours, device=device, batch_size=batch_size, amp=amp, morphology=morphology,
-            prior_correction=prior_correction,
+            prior_correction=prior_correction, test_time_views=test_time_views,
         )[0])
         positions.append(np.zeros(0, np.int64))
     result_table = pd.concat(pieces, ignore_index=True)
@@ -703,7 +711,7 @@ def _attention_array(given, shape, name) -> np.ndarray:
 
 
 def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, *, device, batch_size, amp,
-                    morphology, prior_correction):
+                    morphology, prior_correction, test_time_views):
     """Measure, crop, classify and finish the ``owned`` cells of one region.
 
     Returns their table rows (image coordinates) and the region's attention maps per
@@ -742,7 +750,7 @@ def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, 
             outputs[entry.name] = classify_crops(
                 entry.model, entry.info, crop.images, crop.masks, morph_features.get(entry.name),
                 device=device, batch_size=batch_size, amp=amp, return_attention=True, progress=False,
-                prior_correction=prior_correction,
+                prior_correction=prior_correction, test_time_views=test_time_views,
             )
     result = finish_field(PreparedField(region_rgb, region, table, crops, morph_features), specs, outputs)
     return result.table, {**result.attention, None: mine}
@@ -762,6 +770,14 @@ def check_prior_correction(models: Sequence[LoadedModel], strength: float | None
         used[entry.name] = prior_correction_strength(entry.info, strength)
         prior_logit_offsets(entry.info, used[entry.name])  # raises for a model without balanced training
     return used
+
+
+def check_test_time_views(models: Sequence[LoadedModel], views: int | None) -> dict[str, int]:
+    """The number of turned views each model will average (``views``, else its file's
+    own), checked before any image is read (see :func:`napari_smear.predict.classify_crops`)."""
+    from .predict import check_test_time_views as views_of
+
+    return {entry.name: views_of(entry.info, views) for entry in models}
 
 
 class StreamingClassifier:
@@ -793,19 +809,21 @@ class StreamingClassifier:
     max_waiting_pixels : float
         The same bound on the fields' total pixel count (``size`` given to :meth:`add`):
         the caller keeps every waiting field's images in memory.
-    prior_correction : float, optional
+    prior_correction, test_time_views : optional
         As for :func:`analyze`.
     """
 
     def __init__(self, models: Sequence[LoadedModel], *, device="auto", batch_size: int = 256,
                  amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
-                 prior_correction: float | None = None):
+                 prior_correction: float | None = None, test_time_views: int | None = None):
         from .predict import select_device
 
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         check_prior_correction(models, prior_correction)
+        check_test_time_views(models, test_time_views)
         self.prior_correction = prior_correction
+        self.test_time_views = test_time_views
         self.models = {m.name: m for m in models}
         self.device = select_device(device)
         self.batch_size = int(batch_size)
@@ -936,7 +954,7 @@ class StreamingClassifier:
         out = classify_crops(
             entry.model, entry.info, images, masks, morph, device=self.device,
             batch_size=self.batch_size, amp=self.amp, return_attention=True, progress=False,
-            prior_correction=self.prior_correction,
+            prior_correction=self.prior_correction, test_time_views=self.test_time_views,
         )
         self.seconds += time.perf_counter() - started
         self.crops += n

@@ -23,6 +23,7 @@ __all__ = [
     "autocast_dtype",
     "preprocess_batch",
     "classify_crops",
+    "check_test_time_views",
     "prior_correction_strength",
     "prior_logit_offsets",
     "classify_files",
@@ -258,6 +259,7 @@ def classify_crops(
     return_attention: bool = True,
     progress: bool | None = None,
     prior_correction: float | None = None,
+    test_time_views: int | None = None,
 ) -> dict:
     """Classify crops in batches.
 
@@ -301,6 +303,13 @@ def classify_crops(
         balanced answer, 1 restores the training frequencies in full. Default: the
         strength stored in the model file (chosen on its validation split; 0 when the
         file stores none).
+    test_time_views : {1, 2, 4, 8}, optional
+        Classify each crop as it is and turned over (2: mirrored left-right; 4: and
+        upside down, both; 8: every quarter turn of both) and average the class
+        probabilities (and the attention maps, turned back): a cell has no up or down
+        on a slide, and the average is steadier than any one view. Costs as many
+        forward passes. Default: the model file's own (metadata ``test_time_views``;
+        1 when it stores none).
 
     Returns
     -------
@@ -359,6 +368,7 @@ def classify_crops(
         except Exception as exc:  # compile support depends on the platform
             warnings.warn(f"torch.compile is not available here ({exc}); running eagerly", stacklevel=2)
     dtype = autocast_dtype(device, amp)
+    views = check_test_time_views(info, test_time_views)
     balance = bool(info.metadata.get("white_balance", False))
     offsets = prior_logit_offsets(info, prior_correction)
     offsets = None if offsets is None else torch.tensor(offsets, dtype=torch.float32, device=device)
@@ -384,17 +394,14 @@ def classify_crops(
                     mean, std, channels_last=channels_last, balance=balance,
                 )
                 morph_batch = None if not morph_features else _to_device(morph[start:stop], device)
-                with _autocast(device, dtype):
-                    out = runner(x, morph_batch)
-                logits = out["logits"].float()
-                if offsets is not None:
-                    logits = logits + offsets
-                batch_probs = torch.softmax(logits, dim=1)
+                batch_probs, batch_attention, batch_attributes = _classify_views(
+                    runner, x, morph_batch, views, offsets, device, dtype, channels_last, return_attention,
+                )
                 probs[start:stop] = batch_probs.cpu().numpy()
                 if return_attention:
-                    attention[start:stop] = out["attention"].float().clamp(0, 1).to(torch.float16).cpu().numpy()
-                for name, logits in zip(_attribute_names(model), out.get("attr_logits") or []):
-                    values = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                    attention[start:stop] = batch_attention.to(torch.float16).cpu().numpy()
+                for name, values in zip(_attribute_names(model), batch_attributes):
+                    values = values.cpu().numpy()
                     attributes.setdefault(name, np.empty((n, values.shape[1]), np.float32))[start:stop] = values
             except Exception as exc:
                 if runner is not model and not _is_oom(exc):
@@ -418,6 +425,66 @@ def classify_crops(
     if attributes:
         result["attributes"] = attributes
     return result
+
+
+#: Numbers of views :func:`classify_crops` can average (see ``test_time_views``).
+TEST_TIME_VIEWS = (1, 2, 4, 8)
+# The views, as (mirror left-right, quarter turns): the first 1, 2, 4 or 8 of them in
+# this order make the groups the numbers name (4: as is, turned upside down, mirrored,
+# mirrored and turned upside down = mirrored top-bottom).
+_VIEW_ORDER = ((False, 0), (True, 0), (False, 2), (True, 2), (False, 1), (True, 1), (False, 3), (True, 3))
+
+
+def check_test_time_views(info, views: int | None = None) -> int:
+    """The number of views :func:`classify_crops` averages: ``views``, else the model
+    file's own (metadata ``test_time_views``), else 1; a ValueError for another number."""
+    if views is None:
+        views = (getattr(info, "metadata", None) or {}).get("test_time_views", 1)
+    if isinstance(views, bool) or views not in TEST_TIME_VIEWS:
+        raise ValueError(f"test_time_views must be one of {list(TEST_TIME_VIEWS)}, got {views!r}")
+    return int(views)
+
+
+def _turned(x, mirror: bool, turns: int, *, back: bool = False):
+    """``x`` (..., H, W) mirrored left-right then turned ``turns`` quarter turns (``back``:
+    the inverse, for maps computed on such a view)."""
+    import torch
+
+    if back:
+        x = torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
+        return torch.flip(x, dims=(-1,)) if mirror else x
+    x = torch.flip(x, dims=(-1,)) if mirror else x
+    return torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+
+
+def _classify_views(runner, x, morph, views: int, offsets, device, dtype, channels_last: bool, return_attention: bool):
+    """Class probabilities, attention maps (clamped to [0, 1]; None unless asked) and
+    attribute probabilities of one batch, each the mean over ``views`` views of it."""
+    import torch
+
+    probs = attention = None
+    attributes: list = []
+    for mirror, turns in _VIEW_ORDER[:views]:
+        view = _turned(x, mirror, turns)
+        if channels_last and (mirror or turns):
+            view = view.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, dtype):
+            out = runner(view, morph)
+        logits = out["logits"].float()
+        if offsets is not None:
+            logits = logits + offsets
+        p = torch.softmax(logits, dim=1)
+        probs = p if probs is None else probs + p
+        if return_attention:
+            a = _turned(out["attention"].float().clamp(0, 1), mirror, turns, back=True)
+            attention = a if attention is None else attention + a
+        values = [torch.softmax(v.float(), dim=1) for v in out.get("attr_logits") or []]
+        attributes = values if not attributes else [a + v for a, v in zip(attributes, values)]
+    if views > 1:
+        probs = probs / views
+        attention = None if attention is None else attention / views
+        attributes = [a / views for a in attributes]
+    return probs, attention, attributes
 
 
 def prior_correction_strength(info, strength: float | None = None) -> float:

@@ -109,7 +109,7 @@ MODELS = {
         "crop_diameters": 2.0,
         "jpeg_quality": 90,
         "cell_types": ["rbc"],
-        # as for wbc-pbc8; on val 86.98 / 73.22 -> 87.44 / 73.78 % (accuracy / macro-F1)
+        # as for wbc-pbc8; on val 87.01 / 73.10 -> 87.55 / 73.98 % (accuracy / macro-F1)
         "test_time_views": 8,
         "description": "Red-cell morphology, 13 Chula RBC-12 classes (12 types plus normal).",
         "licence": "Weights: BSD-3-Clause (napari-smear). Training data: Chula RBC-12 dataset, MIT.",

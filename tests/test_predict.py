@@ -223,6 +223,9 @@ def test_test_time_views_average_the_turned_crops(tmp_path):
     # the same answer for a crop whichever way up it comes
     turned = run(np.rot90(images, 1, axes=(1, 2)), np.rot90(masks, 1, axes=(2, 3)), test_time_views=8)
     np.testing.assert_allclose(turned["probs"], eight["probs"], atol=1e-5)
+    # and its attention map turns with it (each view's map was turned back onto its crop)
+    np.testing.assert_allclose(turned["attention"].astype(np.float32),
+                               np.rot90(eight["attention"].astype(np.float32), 1, axes=(1, 2)), atol=2e-3)
 
 
 def test_test_time_views_default_to_the_model_files_own(tmp_path):

@@ -445,6 +445,20 @@ def check_test_time_views(info, views: int | None = None) -> int:
     return int(views)
 
 
+def turned_views(images: np.ndarray, masks: np.ndarray, views: int):
+    """The first ``views`` turned copies of (N, S, S, 3) crops and their (N, 2, S, S)
+    masks, in the order :func:`classify_crops` averages them (a generator of
+    ``(images, masks)``, each C-contiguous)."""
+    for mirror, turns in _VIEW_ORDER[:views]:
+        view_images, view_masks = images, masks
+        if mirror:
+            view_images, view_masks = view_images[:, :, ::-1], view_masks[..., ::-1]
+        if turns:
+            view_images = np.rot90(view_images, turns, axes=(1, 2))
+            view_masks = np.rot90(view_masks, turns, axes=(2, 3))
+        yield np.ascontiguousarray(view_images), np.ascontiguousarray(view_masks)
+
+
 def _turned(x, mirror: bool, turns: int, *, back: bool = False):
     """``x`` (..., H, W) mirrored left-right then turned ``turns`` quarter turns (``back``:
     the inverse, for maps computed on such a view)."""

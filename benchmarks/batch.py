@@ -17,6 +17,7 @@ image (with workers, stages of different images overlap).
 
     .venv/bin/python benchmarks/batch.py --limit 40
     .venv/bin/python benchmarks/batch.py --limit 40 --workers 0,2 --device cuda
+    .venv/bin/python benchmarks/batch.py --limit 40 --workers 0 --test-time-views 1,8   # the cost of turned views
 
 Results: printed, and saved to benchmarks/results/batch.json (``--json``).
 """
@@ -55,12 +56,12 @@ def stand_in_models(folder: Path) -> list[Path]:
     return paths
 
 
-def one_setup(files, warmup, models, workers, device, batch_size, scratch: Path) -> dict:
+def one_setup(files, warmup, models, workers, device, batch_size, scratch: Path, views=None) -> dict:
     from distributed import Client
 
     from napari_smear.batch import analyze_files, local_cluster
 
-    options = {"models": models, "device": device, "batch_size": batch_size}
+    options = {"models": models, "device": device, "batch_size": batch_size, "test_time_views": views}
     cluster = client = None
     started = time.perf_counter()
     if workers:
@@ -106,6 +107,9 @@ def main() -> int:
     parser.add_argument("--no-segmentation-only", action="store_true", help="skip the segmentation-only runs")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "batch.json")
     parser.add_argument("--context", default="", help="what else ran on the machine (saved in the JSON)")
+    parser.add_argument("--test-time-views", default="default",
+                        help="comma-separated turned views per crop for the classifying set-ups, e.g. '1,8' "
+                             "(default: each model file's own)")
     args = parser.parse_args()
 
     import torch
@@ -133,12 +137,17 @@ def main() -> int:
             models = [str(p) for p in stand_in_models(tmp)]
             models_note = ("built-in models not installed: untrained stand-ins with the default shape_aware "
                            "architecture at 96 px, 8 classes for wbc+platelet and 12 for rbc (same speed)")
-        setups = [(m, w, d) for d in devices for w in workers_list for m in ([models] + ([] if args.no_segmentation_only or d != "cpu" else [[]]))]
+        views_list = [None if v.strip() == "default" else int(v) for v in args.test_time_views.split(",")]
+        setups = [(m, w, d, v) for d in devices for w in workers_list
+                  for m in ([models] + ([] if args.no_segmentation_only or d != "cpu" else [[]]))
+                  for v in (views_list if m else [None])]
         results = []
-        for k, (chosen, workers, device) in enumerate(setups):
-            label = f"{'classify' if chosen else 'segment-only'}, {workers} worker(s), {device}"
+        for k, (chosen, workers, device, views) in enumerate(setups):
+            label = (f"{'classify' if chosen else 'segment-only'}, {workers} worker(s), {device}"
+                     + (f", {views} view(s)" if views else ""))
             print(f"[{k + 1}/{len(setups)}] {label} ...", flush=True)
-            row = one_setup(files, warmup, chosen, workers, device, args.batch_size, tmp / f"run{k}")
+            row = one_setup(files, warmup, chosen, workers, device, args.batch_size, tmp / f"run{k}", views)
+            row["test_time_views"] = views or "model's own"
             results.append(row)
             stages = ", ".join(f"{s} {row['ms_per_image'][s]:.0f}" for s in STAGES)
             print(f"    {row['fields_per_s']:.2f} fields/s ({row['images']} in {row['wall_s']:.1f} s; cluster start "
@@ -162,7 +171,8 @@ def main() -> int:
     args.json.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\n{'set-up':44s} {'fields/s':>9s}  " + " ".join(f"{s:>9s}" for s in STAGES))
     for row in results:
-        label = f"{'classify' if row['models'] else 'segment-only'}, {row['workers']} worker(s), {row['device']}"
+        label = (f"{'classify' if row['models'] else 'segment-only'}, {row['workers']} worker(s), {row['device']}"
+                 + (f", views {row['test_time_views']}" if row["models"] else ""))
         print(f"{label:44s} {row['fields_per_s']:9.2f}  " + " ".join(f"{row['ms_per_image'][s]:9.0f}" for s in STAGES))
     print(f"models: {models_note}\nsaved {args.json}")
     return 0

@@ -528,6 +528,21 @@ def test_stain_normalisation_is_recorded_and_kept_when_fine_tuning(tmp_path):
         train(plain, output=tmp_path / "d.safetensors", stain_normalization="anchored-v1", progress=False)
 
 
+def test_fine_tuning_keeps_the_turned_views_of_its_start_model(tmp_path):
+    from napari_smear.models import load_model, save_model
+
+    crop_set = synthetic_crop_set(n_per_class=8)
+    first = train(crop_set, model_kind="shape_aware", output=tmp_path / "a.safetensors", epochs=1, batch_size=8,
+                  config=TINY_SHAPE_AWARE, progress=False, num_threads=1)
+    assert "test_time_views" not in first.info.metadata
+    model, info = load_model(first.model_path)
+    save_model(tmp_path / "a8.safetensors", model, {**info.metadata, "test_time_views": 8})
+    tuned = train(crop_set, init_from=tmp_path / "a8.safetensors", output=tmp_path / "b.safetensors", epochs=1,
+                  batch_size=8, progress=False, num_threads=1)
+    assert tuned.info.metadata["test_time_views"] == 8
+    assert load_model(tmp_path / "b.safetensors")[1].metadata["test_time_views"] == 8
+
+
 def test_select_prior_correction_scores_each_strength_on_val(tmp_path):
     from conftest import tiny_model_file
 

@@ -1031,7 +1031,8 @@ def train(
         and RGB normalisation are used (``model_kind`` and ``config`` must agree with it
         or be left at their defaults; folder/CSV data are cropped at its scale). Every
         weight tensor whose name and shape match is copied, so a different set of
-        classes gets a new classifier head on the pretrained features.
+        classes gets a new classifier head on the pretrained features. The new file
+        keeps the turned views the start model answers with (``test_time_views``).
     cell_types : sequence of str, optional
         Which segmented cells the model is for (``wbc``, ``rbc``, ``platelet``),
         stored in the file: :func:`napari_smear.analyze` gives it only those. Default:
@@ -1402,6 +1403,7 @@ def train(
                 save_model(output, scored, _model_metadata(
                     crop_set, class_names, mean, std, size, best_metrics, fingerprint, train_index, val_index,
                     morph_features, model, epochs, patience, torch_device, dtype, notes, cell_types,
+                    test_time_views=init["test_time_views"] if init is not None else None,
                 ))
             else:
                 state["since_best"] += 1
@@ -1500,6 +1502,7 @@ def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
         "mean": metadata["mean"], "std": metadata["std"], "class_names": list(metadata["class_names"]),
         "stain_normalization": metadata.get("stain_normalization") or None,
         "cell_types": metadata.get("cell_types") or None,
+        "test_time_views": metadata.get("test_time_views"),
     }
 
 
@@ -1586,7 +1589,8 @@ def _epoch_logger(progress: bool) -> Callable[[str], None]:
 
 
 def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint, train_index, val_index,
-                    morph_features, model, epochs, patience, device, dtype, notes, cell_types=None) -> dict:
+                    morph_features, model, epochs, patience, device, dtype, notes, cell_types=None,
+                    test_time_views=None) -> dict:
     train_counts = np.bincount(crop_set.labels[train_index], minlength=len(class_names))
     metadata = {
         "class_names": class_names,
@@ -1626,6 +1630,8 @@ def _model_metadata(crop_set, class_names, mean, std, size, metrics, fingerprint
         metadata["stain_normalization"] = crop_set.stain_normalization
     if morph_features:
         metadata["morph_features"] = list(crop_set.morph_names)
+    if test_time_views and test_time_views > 1:  # a fine-tuned model answers as the one it started from
+        metadata["test_time_views"] = int(test_time_views)
     names = list(getattr(model, "attribute_names", []) or [])
     if names:
         values = {n: v for n, v in zip(crop_set.attribute_names, crop_set.attribute_values)}

@@ -187,7 +187,7 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     real = napari_smear.batch.analyze_files
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["prior_correction"], kwargs["working_diameter_px"]))
+        seen.append((kwargs["prior_correction"], kwargs["working_diameter_px"], kwargs["test_time_views"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(napari_smear.batch, "analyze_files", spy)
@@ -199,14 +199,19 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     widget._class_frequencies.value = False
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen == [(0.0, None)] and widget.errors == []  # standard detail: analyze_files' default
+    assert seen == [(0.0, None, None)] and widget.errors == []  # standard detail: analyze_files' default
     assert widget.last_report.analysed == 2
     # "faster" detail reaches the run and, as another setting, redoes the images
     widget._detail.value = 16.0
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen[-1] == (0.0, 16.0) and widget.errors == []
+    assert seen[-1] == (0.0, 16.0, None) and widget.errors == []
     assert widget.last_report.analysed == 2
+    # one view per cell reaches the run
+    widget._turned_views.value = False
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen[-1] == (0.0, 16.0, 1) and widget.errors == []
 
 
 def test_results_of_a_run_given_relative_paths_open_from_another_folder(widget, qtbot, inputs, tmp_path, monkeypatch):

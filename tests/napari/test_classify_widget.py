@@ -247,17 +247,19 @@ def test_class_frequency_checkbox_sets_the_prior_correction(setup, qtbot, monkey
     real = pipeline.analyze
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["prior_correction"])
+        seen.append((kwargs["prior_correction"], kwargs["test_time_views"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "analyze", spy)
     assert widget._class_frequencies.value is True  # default: each model file's own correction
+    assert widget._turned_views.value is True  # default: each model file's own views
     widget.run()
     wait_until_idle(qtbot, widget)
     widget._class_frequencies.value = False  # every class equally common
+    widget._turned_views.value = False  # each cell once
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen == [None, 0.0] and errors == []
+    assert seen == [(None, None), (0.0, 1)] and errors == []
 
 
 def test_renamed_image_keeps_its_cells(setup, qtbot):

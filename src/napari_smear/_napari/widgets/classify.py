@@ -85,6 +85,21 @@ def class_frequency_checkbox() -> CheckBox:
     )
 
 
+def turned_views_checkbox() -> CheckBox:
+    """Whether each model classifies each cell in the turned views its file asks for
+    (the built-in models: 8, averaged) or once (faster on a CPU)."""
+    return CheckBox(
+        text="average turned views", value=True,
+        tooltip="On: each cell is classified as its model file asks (the built-in models: as it is, mirrored and "
+        "turned, 8 views averaged: steadier answers). Off: each cell once, up to 8 times faster on a CPU.",
+    )
+
+
+def test_time_views_option(checkbox: CheckBox) -> int | None:
+    """The ``test_time_views`` argument the checkbox stands for (None: each model's own)."""
+    return None if checkbox.value else 1
+
+
 def prior_correction_option(checkbox: CheckBox) -> float | None:
     """The ``prior_correction`` argument the checkbox stands for (None: each model's own)."""
     return None if checkbox.value else 0.0
@@ -214,8 +229,10 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             tooltip="Crops per forward pass (halved automatically when a GPU runs out of memory)",
         )
         self._class_frequencies = class_frequency_checkbox()
+        self._turned_views = turned_views_checkbox()
         self.extend([
-            self._image_combo, self._cells_combo, *models, self._class_frequencies, self._device, self._batch_size,
+            self._image_combo, self._cells_combo, *models, self._class_frequencies, self._turned_views, self._device,
+            self._batch_size,
             *self._run_controls(),
         ])
         self._started = 0.0
@@ -289,6 +306,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             "pixel_size_um": float(pixel_size) if pixel_size else None,
             "segmentation": segmentation,
             "prior_correction": prior_correction_option(self._class_frequencies),
+            "test_time_views": test_time_views_option(self._turned_views),
         }
 
         def compute(report):

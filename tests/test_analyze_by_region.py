@@ -152,6 +152,26 @@ def test_which_images_go_through_disk_and_a_failure_is_recorded(models, mosaic, 
     assert not stale.exists()  # a killed run's scratch folder is removed
 
 
+def test_stopping_a_slide_part_way_leaves_no_scratch_and_no_marker(models, mosaic, tmp_path):
+    from napari_smear.batch import analyze_files
+
+    class Stop(Exception):
+        pass
+
+    def progress(done, total, message):
+        if "region" in message:
+            raise Stop(message)
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "slide.tif", mosaic)
+    with pytest.raises(Stop, match="region 1 of"):
+        analyze_files(tmp_path / "in", tmp_path / "out", models=models, device="cpu", on_disk=True,
+                      progress=progress)
+    assert not list((tmp_path / "out").glob(".scratch-*")) and not (tmp_path / "out" / "slide_done.json").exists()
+    again = analyze_files(tmp_path / "in", tmp_path / "out", models=models, device="cpu", on_disk=True)
+    assert (again.analysed, again.skipped) == (1, 0)  # the next run does it
+
+
 def test_cli_analyze_on_disk(mosaic, tmp_path, capsys):
     from napari_smear.cli import main
 

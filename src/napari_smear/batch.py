@@ -300,10 +300,17 @@ def _available_memory_bytes() -> int | None:
 
 
 def _segment_on_disk(path: str | Path, on_disk: bool | None) -> bool:
-    """Whether ``segment_files`` segments ``path`` through memory-mapped files: always
-    when asked (``open_image_on_disk`` then says why a file cannot be), never for a
-    file that is not a TIFF, and by default when the file can be and its image and
-    label images would fill more than half the memory available."""
+    """Whether ``segment_files`` segments ``path`` through memory-mapped files (see
+    :func:`_through_disk`; its image and two label images: 11 bytes a pixel)."""
+    return _through_disk(path, on_disk, _BYTES_PER_PIXEL_SEGMENTED)
+
+
+def _through_disk(path: str | Path, on_disk: bool | None, bytes_per_pixel: float) -> bool:
+    """Whether ``path`` goes through memory-mapped files: always when asked
+    (``open_image_on_disk`` then says why a file cannot be), never for a file that is
+    not a TIFF, and by default when the file can be and ``bytes_per_pixel`` of its
+    pixels would fill more than half the memory available (a TIFF that cannot be
+    mapped is read in memory as before: ``read_image`` converts other layouts)."""
     from .io import on_disk_size
 
     if on_disk is False or not str(path).lower().endswith((".tif", ".tiff")):
@@ -313,8 +320,8 @@ def _segment_on_disk(path: str | Path, on_disk: bool | None) -> bool:
     size = on_disk_size(path)
     available = _available_memory_bytes()
     if size is None or available is None:
-        return False  # read in memory as before (read_image converts other layouts)
-    return size[0] * size[1] * _BYTES_PER_PIXEL_SEGMENTED > available // 2
+        return False
+    return size[0] * size[1] * bytes_per_pixel > available // 2
 
 
 def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, working_diameter_px: float | None,
@@ -513,21 +520,9 @@ _ANALYSIS_BYTES_PER_PIXEL = 40
 
 def _analyze_on_disk(path: str | Path, on_disk: bool | None) -> bool:
     """Whether ``analyze_files`` analyses ``path`` region by region through
-    memory-mapped files (:func:`analyze_file_on_disk`): always when asked (a TIFF that
-    cannot be mapped then fails with the reason), never for a file that is not a TIFF,
-    and by default when the file can be and analysing it in memory would take more
-    than half the memory available."""
-    from .io import on_disk_size
-
-    if on_disk is False or not str(path).lower().endswith((".tif", ".tiff")):
-        return False
-    if on_disk:
-        return True
-    size = on_disk_size(path)
-    available = _available_memory_bytes()
-    if size is None or available is None:
-        return False
-    return size[0] * size[1] * _ANALYSIS_BYTES_PER_PIXEL > available // 2
+    memory-mapped files (:func:`analyze_file_on_disk`; see :func:`_through_disk`, with
+    what analysing it in memory takes: about 40 bytes a pixel)."""
+    return _through_disk(path, on_disk, _ANALYSIS_BYTES_PER_PIXEL)
 
 
 def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", loaded: Sequence, *, device,

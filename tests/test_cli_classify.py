@@ -112,6 +112,18 @@ def test_evaluate_prior_correction_option(tmp_path, capsys):
     assert code == 0 and "accuracy" in capsys.readouterr().out
 
 
+def test_evaluate_test_time_views_option(tmp_path, capsys):
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    for views in ("1", "8"):
+        assert main(["evaluate", str(model), str(data), "--device", "cpu", "--quiet", "--test-time-views", views,
+                     "--json", str(tmp_path / f"m{views}.json")]) == 0
+    one, eight = (json.loads((tmp_path / f"m{v}.json").read_text()) for v in ("1", "8"))
+    assert one["n"] == eight["n"] == 6
+    with pytest.raises(SystemExit):  # only 1, 2, 4 or 8
+        build_parser().parse_args(["classify", "x.png", "--out", "p.csv", "--test-time-views", "3"])
+
+
 def test_train_command_writes_a_model(tmp_path, capsys):
     n_per_class = -(-100 // len(TINY_CLASSES))  # half are validation crops: enough to choose a prior correction
     data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(n_per_class=n_per_class), image_codec="raw")

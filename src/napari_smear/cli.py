@@ -87,6 +87,15 @@ def _add_inference_options(parser: argparse.ArgumentParser, *, workers_help: str
     parser.add_argument("--workers", type=_positive_int, default=1, help=workers_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_prior_correction_option(parser)
+    _add_test_time_views_option(parser)
+
+
+def _add_test_time_views_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--test-time-views", type=int, choices=(1, 2, 4, 8), default=None, metavar="N",
+        help="classify each crop N ways (turned and mirrored: 1, 2, 4 or 8) and average the answers; "
+             "default: the model file's own (the built-in models: 8); 1 is the fastest on a CPU",
+    )
 
 
 def _add_prior_correction_option(parser: argparse.ArgumentParser) -> None:
@@ -275,11 +284,7 @@ def _add_analyze(subparsers) -> None:
                       help="never analyse through files, whatever the image's size")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_prior_correction_option(parser)
-    parser.add_argument(
-        "--test-time-views", type=int, choices=(1, 2, 4, 8), default=None, metavar="N",
-        help="classify each crop N ways (turned and mirrored: 1, 2, 4 or 8) and average the answers; "
-             "default: the model file's own (the built-in models: 8); 1 is the fastest on a CPU",
-    )
+    _add_test_time_views_option(parser)
     parser.set_defaults(func=_cmd_analyze)
 
 
@@ -505,6 +510,7 @@ def _run_evaluate(args) -> int:
     metrics = evaluate(
         args.model, args.data, split, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
         workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
+        test_time_views=args.test_time_views,
     )
     print(f"model: {args.model}")
     print(f"data: {args.data}, split {metrics['split']}")
@@ -561,6 +567,7 @@ def _run_classify(args) -> int:
     table = classify_files(
         args.inputs, args.model, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
         workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
+        test_time_views=args.test_time_views,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

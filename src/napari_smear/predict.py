@@ -614,6 +614,7 @@ def classify_files(
     scale_fallback: bool = True,
     progress: bool = True,
     prior_correction: float | None = None,
+    test_time_views: int | None = None,
 ):
     """Classify single-cell images (one cell near the centre of each, e.g. PBC crops).
 
@@ -639,7 +640,7 @@ def classify_files(
         diameter of the others (``scale_measured`` is False for them).
     progress : bool
         Progress bars.
-    prior_correction : float, optional
+    prior_correction, test_time_views : optional
         See :func:`classify_crops` (default: the model file's own).
 
     Returns
@@ -658,6 +659,7 @@ def classify_files(
     files = expand_image_inputs(paths, missing="keep")
     device = select_device(device)
     model, info = _resolve_model(model, info, device)
+    check_test_time_views(info, test_time_views)  # before any image is read
     columns = ["path", "prediction", "confidence", *[f"p_{c}" for c in info.class_names], "scale_measured", "error"]
     if not files:
         return pd.DataFrame(columns=columns)
@@ -677,7 +679,7 @@ def classify_files(
             np.stack([crops[i]["masks"] for i in done]),
             np.stack([crops[i]["morph"] for i in done]),
             device=device, batch_size=batch_size, amp=amp, return_attention=False, progress=progress,
-            prior_correction=prior_correction,
+            prior_correction=prior_correction, test_time_views=test_time_views,
         )
         probs[done] = output["probs"]
     best = np.full(len(files), -1, np.int64)

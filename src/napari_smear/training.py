@@ -564,6 +564,7 @@ def evaluate(
     workers: int = 1,
     progress: bool = False,
     prior_correction: float | None = None,
+    test_time_views: int | None = None,
 ) -> dict:
     """Score a model on one split of a crop set.
 
@@ -583,7 +584,7 @@ def evaluate(
         See :func:`napari_smear.predict.classify_crops`.
     workers, progress
         Cropping processes and progress bars for folder/manifest data.
-    prior_correction : float, optional
+    prior_correction, test_time_views : optional
         See :func:`napari_smear.predict.classify_crops` (default: the model file's own).
 
     Returns
@@ -602,7 +603,7 @@ def evaluate(
     output = classify_crops(
         model, info, subset.images, subset.masks, subset.morph,
         device=torch_device, batch_size=batch_size, amp=amp, return_attention=True, progress=progress,
-        prior_correction=prior_correction,
+        prior_correction=prior_correction, test_time_views=test_time_views,
     )
     y_pred = output["probs"].argmax(axis=1)
     metrics = classification_metrics(y_true, y_pred, info.class_names)

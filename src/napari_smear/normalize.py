@@ -156,24 +156,6 @@ def stain_matrix(anchors: StainAnchors, reference: StainAnchors = PBC_REFERENCE)
     return np.diag(scale)
 
 
-def recolour(pixels: np.ndarray, segmentation: SmearSegmentation, method: str, *, field: np.ndarray) -> np.ndarray:
-    """Recolour ``pixels`` (the field or crops of it) with the named method.
-
-    Parameters
-    ----------
-    pixels : (..., 3) uint8
-        What to recolour: the field itself or crops cut from it.
-    segmentation : SmearSegmentation
-        The field's segmentation.
-    method : str
-        A model's ``metadata["stain_normalization"]``.
-    field : (H, W, 3) uint8
-        The field the anchors are measured on.
-    """
-    check_method(method)
-    return apply_stain_map(pixels, stain_anchors(field, segmentation))
-
-
 def check_method(method: str) -> None:
     """Raise ValueError unless ``method`` is a stain normalisation this version knows."""
     if method != METHOD:

@@ -336,25 +336,38 @@ def segment_file_on_disk(job, out_dir: Path, pixel_size_um: float | None, workin
     """
     import tempfile
 
-    from .io import open_image_on_disk
-    from .segment import segment_smear
-
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
-        image, meta = open_image_on_disk(job.path, scratch)
-        pixel_size = pixel_size_um or meta.get("pixel_size_um")
-        shape = image.shape[:2]
-        labels = np.memmap(Path(scratch) / "labels.u32", np.uint32, "w+", shape=shape)
-        nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
-        with _own_warnings_held_back():
-            seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
-                                out=(labels, nuclei), progress=progress)
+        image, pixel_size, seg, _ = _segment_into_scratch(job, scratch, pixel_size_um, working_diameter_px, progress)
         _write_segmentation_tiffs(job, seg, pixel_size)
         # the maps must be closed before their files are removed (Windows); numpy
         # closes a map when the last array on it goes
         nothing = np.zeros((0, 0), np.uint32)
         result = replace(seg, labels=nothing, nuclei=nothing)
-        del image, labels, nuclei, seg
+        del image, seg
     return result
+
+
+def _segment_into_scratch(job, scratch: str | Path, pixel_size_um: float | None,
+                          working_diameter_px: float | None, progress=None):
+    """Open ``job``'s TIFF on disk (decoded into ``scratch`` when compressed) and segment
+    it into two label images memory-mapped there. Returns ``(image, pixel size used,
+    segmentation, timings)``; the maps close when the image and segmentation go."""
+    from .io import open_image_on_disk
+    from .segment import segment_smear
+
+    started = time.perf_counter()
+    image, meta = open_image_on_disk(job.path, scratch)
+    timings = {"decode": time.perf_counter() - started}
+    pixel_size = pixel_size_um or meta.get("pixel_size_um")
+    shape = image.shape[:2]
+    labels = np.memmap(Path(scratch) / "labels.u32", np.uint32, "w+", shape=shape)
+    nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
+    started = time.perf_counter()
+    with _own_warnings_held_back():
+        seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
+                            out=(labels, nuclei), progress=progress)
+    timings["segment"] = time.perf_counter() - started
+    return image, pixel_size, seg, timings
 
 
 # ----------------------------------------------------------------------------- analyze: types
@@ -540,27 +553,17 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
     """
     import tempfile
 
-    from .io import open_image_on_disk
     from .pipeline import analyze_by_region
-    from .segment import segment_smear
 
     report = progress or (lambda fraction, message: None)
-    timings = {}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
-        started = time.perf_counter()
-        image, meta = open_image_on_disk(job.path, scratch)
-        timings["decode"] = time.perf_counter() - started
-        pixel_size = settings.pixel_size_um or meta.get("pixel_size_um")
-        shape = image.shape[:2]
-        labels = np.memmap(Path(scratch) / "labels.u32", np.uint32, "w+", shape=shape)
-        nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
-        attention = {spec.name: np.memmap(Path(scratch) / f"attention-{k}.f32", np.float32, "w+", shape=shape)
+        image, pixel_size, seg, timings = _segment_into_scratch(
+            job, scratch, settings.pixel_size_um, settings.working_diameter_px, lambda f, m: report(0.4 * f, m),
+        )
+        attention = {spec.name: np.memmap(Path(scratch) / f"attention-{k}.f32", np.float32, "w+",
+                                          shape=image.shape[:2])
                      for k, spec in enumerate(settings.specs)}
         with _own_warnings_held_back():
-            started = time.perf_counter()
-            seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=settings.working_diameter_px,
-                                out=(labels, nuclei), progress=lambda f, m: report(0.4 * f, m))
-            timings["segment"] = time.perf_counter() - started
             started = time.perf_counter()
             result = analyze_by_region(
                 image, models=loaded, device=device, batch_size=batch_size, amp=amp, segmentation=seg,
@@ -575,7 +578,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
         timings["write"] = time.perf_counter() - started
         # the maps must be closed before their files are removed (Windows); numpy
         # closes a map when the last array on it goes
-        del image, labels, nuclei, attention, seg, result
+        del image, attention, seg, result
     return _Finished(job, summary, timings, notes)
 
 
@@ -1390,8 +1393,9 @@ def analyze_files(
         stage_seconds: dict[str, float] = {}
         analysed = 0
         # slides larger than memory go region by region through files, in this process
-        slides = [job for job in todo if _analyze_on_disk(job.path, on_disk)]
-        in_memory = [job for job in todo if job not in slides]
+        slides, in_memory = [], []
+        for job in todo:
+            (slides if _analyze_on_disk(job.path, on_disk) else in_memory).append(job)
         try:
             with _classifier_threads(torch_device, executor.local_workers), _deterministic_cudnn(torch_device):
                 counter = [done]

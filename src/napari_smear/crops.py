@@ -213,7 +213,7 @@ def anti_alias_sigma(window_side: float, output_size: int) -> float:
     return 0.0 if sigma < 0.3 else sigma
 
 
-def _sample_windows(rgb, labels, nuclei, windows, ids, size, *, side, glass=None, origin=(0, 0)):
+def _sample_windows(rgb, labels, nuclei, windows, ids, size, *, side, glass, origin=(0, 0)):
     n = len(ids)
     images = np.empty((n, size, size, 3), np.uint8)
     masks = np.zeros((n, 2, size, size), np.uint8)
@@ -225,7 +225,7 @@ def _sample_windows(rgb, labels, nuclei, windows, ids, size, *, side, glass=None
     # Anti-alias once for the whole image instead of per crop.
     sigma = anti_alias_sigma(side, size)
     smooth = rgb if sigma == 0 else ndi.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0))
-    glass = np.asarray(_glass_colour(rgb) if glass is None else glass)
+    glass = np.asarray(glass)  # the fill past the field's border
     offsets = (np.arange(size) + 0.5) * step - 0.5  # pixel centres inside the window
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)

@@ -293,7 +293,6 @@ def prepare_field(
         morphology and the crops are made; raise inside it to cancel.
     """
     from .io import as_rgb_uint8
-    from .morphology import morphology_table
     from .segment import segment_smear
 
     timings: dict[str, float] = {}
@@ -311,17 +310,27 @@ def prepare_field(
     report = progress or (lambda fraction, message: None)
 
     started = time.perf_counter()
-    table = segmentation.table.copy()
-    if morphology:  # also on a field without cells: every per-cell table has the same columns
-        report(1.0, f"measuring the morphology of {len(table)} cells")
-        morph = morphology_table(rgb, segmentation).drop(columns=["area_px"])
-        table = table.merge(morph, on="label", how="left")
+    if morphology:
+        report(1.0, f"measuring the morphology of {len(segmentation.table)} cells")
+    table = _cell_table(rgb, segmentation, morphology)
     timings["morphology"] = time.perf_counter() - started
 
     started = time.perf_counter()
     crops, morph_features = crop_for_models(rgb, segmentation, specs, report=report)
     timings["crop"] = time.perf_counter() - started
     return PreparedField(rgb, segmentation, table, crops, morph_features, timings)
+
+
+def _cell_table(rgb: np.ndarray, segmentation: SmearSegmentation, morphology: bool) -> pd.DataFrame:
+    """A copy of the segmentation table, with the morphology columns when asked (also on
+    a field without cells: every per-cell table has the same columns)."""
+    from .morphology import morphology_table
+
+    table = segmentation.table.copy()
+    if morphology:
+        morph = morphology_table(rgb, segmentation).drop(columns=["area_px"])
+        table = table.merge(morph, on="label", how="left")
+    return table
 
 
 def _crop_conventions(specs: Sequence[ModelSpec]) -> dict[tuple[float, int, str | None], list[ModelSpec]]:
@@ -351,12 +360,13 @@ def crop_for_models(
     :func:`~napari_smear.crops.prepare_crop_field` left it) and ``origin`` its top left
     pixel in the field (see :func:`~napari_smear.crops.crop_instances`).
     """
-    from .crops import crop_instances
+    from .crops import crop_instances, field_colours, prepare_crop_field
     from .morphology import crop_morphology
 
     report = report or (lambda fraction, message: None)
     table = segmentation.table
     crops, morph_features = {}, {}
+    painted = None if colours is None else rgb
     # Models with the same crop convention share one cropping pass (the whole-image
     # anti-aliasing dominates its cost); each takes its cell types from it, in table order.
     for key, group in _crop_conventions(specs).items():
@@ -366,9 +376,12 @@ def crop_for_models(
         crop_diameters, input_size, stain = key
         types = sorted({t for spec in group for t in spec.cell_types})
         report(1.0, f"cropping the {', '.join(types)} cells for {', '.join(spec.name for spec in group)}")
+        if painted is None:  # the frame and annotations painted once for every convention
+            painted = prepare_crop_field(rgb)
         shared = crop_instances(
-            rgb, segmentation, crop_diameters=crop_diameters, output_size=input_size, cell_types=types,
-            stain_normalization=stain, colours=None if colours is None else colours[key], origin=origin,
+            painted, segmentation, crop_diameters=crop_diameters, output_size=input_size, cell_types=types,
+            stain_normalization=stain, origin=origin,
+            colours=field_colours(painted, segmentation, stain) if colours is None else colours[key],
         )
         shared_types = table.set_index("label").cell_type.reindex(shared.labels).to_numpy()
         for spec in group:
@@ -526,7 +539,6 @@ def analyze(
     by region (:func:`analyze_by_region`): the same result in less memory.
     """
     from .io import as_rgb_uint8
-    from .predict import classify_crops
 
     report = progress or (lambda f, m: None)
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
@@ -547,19 +559,34 @@ def analyze(
         image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
         progress=lambda f, m: report(0.4 * f, m), working_diameter_px=working_diameter_px,
     )
+    outputs = _classify_prepared(
+        loaded, prepared, device=device, batch_size=batch_size, amp=True, prior_correction=prior_correction,
+        test_time_views=test_time_views, report=lambda k, name: report(
+            0.4 + 0.6 * k / max(len(loaded), 1), f"classifying with {name}"),
+    )
+    report(1.0, "done")
+    return finish_field(prepared, specs, outputs)
+
+
+def _classify_prepared(loaded, prepared: PreparedField, *, device, batch_size, amp, prior_correction,
+                       test_time_views, report=None) -> dict[str, dict]:
+    """Each model's outputs on its crops of a prepared field (models without crops are
+    absent); ``report(k, name)`` before the k-th model."""
+    from .predict import classify_crops
+
     outputs: dict[str, dict] = {}
     for k, entry in enumerate(loaded):
-        report(0.4 + 0.6 * k / max(len(loaded), 1), f"classifying with {entry.name}")
+        if report:
+            report(k, entry.name)
         if entry.name not in prepared.crops:
             continue
         images, masks, morph = prepared.crop_pixels()[entry.name]
         outputs[entry.name] = classify_crops(
             entry.model, entry.info, images, masks, morph,
-            device=device, batch_size=batch_size, return_attention=True, progress=False,
+            device=device, batch_size=batch_size, amp=amp, return_attention=True, progress=False,
             prior_correction=prior_correction, test_time_views=test_time_views,
         )
-    report(1.0, "done")
-    return finish_field(prepared, specs, outputs)
+    return outputs
 
 
 # ----------------------------------------------------------------------------- a large image, region by region
@@ -717,9 +744,6 @@ def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, 
     Returns their table rows (image coordinates) and the region's attention maps per
     model name, with the mask of the owned cells' pixels under the key None.
     """
-    from .morphology import morphology_table
-    from .predict import classify_crops
-
     y0, x0, y1, x1 = window
     labels = np.asarray(segmentation.labels[y0:y1, x0:x1])
     max_label = int(owned.label.max()) if len(owned) else 0
@@ -735,24 +759,14 @@ def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, 
     region = replace(segmentation, labels=labels, nuclei=np.asarray(segmentation.nuclei[y0:y1, x0:x1]),
                      table=owned.reset_index(drop=True))
     region_rgb = np.asarray(rgb[y0:y1, x0:x1])
-    table = region.table.copy()
-    if morphology:
-        morph = morphology_table(region_rgb, region).drop(columns=["area_px"])
-        table = table.merge(morph, on="label", how="left")
     specs = [m.spec for m in loaded]
     crops, morph_features = crop_for_models(
         np.asarray(painted[y0:y1, x0:x1]), region, specs, colours=colours, origin=(y0, x0),
     )
-    outputs = {}
-    for entry in loaded:
-        crop = crops.get(entry.name)
-        if crop is not None:
-            outputs[entry.name] = classify_crops(
-                entry.model, entry.info, crop.images, crop.masks, morph_features.get(entry.name),
-                device=device, batch_size=batch_size, amp=amp, return_attention=True, progress=False,
-                prior_correction=prior_correction, test_time_views=test_time_views,
-            )
-    result = finish_field(PreparedField(region_rgb, region, table, crops, morph_features), specs, outputs)
+    prepared = PreparedField(region_rgb, region, _cell_table(region_rgb, region, morphology), crops, morph_features)
+    outputs = _classify_prepared(loaded, prepared, device=device, batch_size=batch_size, amp=amp,
+                                 prior_correction=prior_correction, test_time_views=test_time_views)
+    result = finish_field(prepared, specs, outputs)
     return result.table, {**result.attention, None: mine}
 
 

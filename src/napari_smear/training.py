@@ -694,9 +694,7 @@ def select_prior_correction(
         Store it as the model file's ``prior_correction`` metadata to make it the
         model's default.
     """
-    from .predict import (
-        _resolve_model, check_test_time_views, classify_crops, prior_logit_offsets, select_device, turned_views,
-    )
+    from .predict import _resolve_model, prior_logit_offsets, select_device
 
     candidates = sorted({float(s) for s in strengths})
     if not candidates or candidates[0] < 0 or not all(math.isfinite(s) for s in candidates):
@@ -704,25 +702,34 @@ def select_prior_correction(
     model, info = _resolve_model(model, info, select_device(device))
     unit = prior_logit_offsets(info, 1.0)  # raises for a model without balanced training
     model, info, torch_device, subset, y_true = _labelled_split(model, info, data, split, device)
-    # one set of answers per turned view, each uncorrected: the correction is added to
-    # each view's logits before the views are averaged, as classify_crops does
-    view_probs = [
+    view_probs = _uncorrected_view_probs(model, info, subset, torch_device, batch_size)
+    return {**_choose_strength(view_probs, y_true, unit, info.class_names, candidates), "split": split}
+
+
+def _uncorrected_view_probs(model, info, crops, device, batch_size: int, amp=True) -> list[np.ndarray]:
+    """The model's probabilities on ``crops`` (a CropSet) without prior correction, one
+    (N, C) array per turned view the model file asks for: the correction is added to
+    each view's logits before the views are averaged, as ``classify_crops`` does."""
+    from .predict import check_test_time_views, classify_crops, turned_views
+
+    return [
         classify_crops(
-            model, info, images, masks, subset.morph, device=torch_device, batch_size=batch_size,
+            model, info, images, masks, crops.morph, device=device, batch_size=batch_size, amp=amp,
             return_attention=False, progress=False, prior_correction=0.0, test_time_views=1,
         )["probs"]
-        for images, masks in turned_views(subset.images, subset.masks, check_test_time_views(info))
+        for images, masks in turned_views(crops.images, crops.masks, check_test_time_views(info))
     ]
-    return {**_choose_strength(view_probs, y_true, unit, info.class_names, candidates), "split": split}
 
 
 def _choose_strength(view_probs, y_true, unit, class_names, candidates) -> dict:
     """The prior-correction rule on answers already computed (one (N, C) array per
     turned view): the candidate strength with the highest macro-F1, the smaller on a tie."""
+    from scipy.special import softmax
+
     log_probs = [np.log(np.clip(p.astype(np.float64), 1e-12, None)) for p in view_probs]
     scores = []
     for strength in candidates:
-        answers = np.mean([_softmax(lp + strength * unit) for lp in log_probs], axis=0)
+        answers = np.mean([softmax(lp + strength * unit, axis=1) for lp in log_probs], axis=0)
         metrics = classification_metrics(y_true, answers.argmax(axis=1), class_names)
         scores.append({"strength": strength, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
     best = max(scores, key=lambda row: (row["macro_f1"], -row["strength"]))
@@ -730,11 +737,6 @@ def _choose_strength(view_probs, y_true, unit, class_names, candidates) -> dict:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def checkpoint_dir_for(output: str | os.PathLike) -> Path:
@@ -1460,7 +1462,7 @@ def _store_prior_correction(output: Path, model, info, val_set, device, batch_si
     """Choose the trained model's prior-correction strength on ``val_set`` and write it
     into its file (weights unchanged); returns a line for the training notes."""
     from .models import save_model
-    from .predict import check_test_time_views, classify_crops, prior_logit_offsets, turned_views
+    from .predict import prior_logit_offsets
 
     if len(val_set) < MIN_VAL_CROPS_FOR_PRIOR_CORRECTION:
         return (f"prior correction not chosen: {len(val_set)} validation crops, fewer than "
@@ -1469,13 +1471,7 @@ def _store_prior_correction(output: Path, model, info, val_set, device, batch_si
         unit = prior_logit_offsets(info, 1.0)
     except ValueError as exc:  # a class without training crops has no frequency
         return f"prior correction not chosen: {exc}"
-    view_probs = [
-        classify_crops(
-            model, info, images, masks, val_set.morph, device=device, batch_size=batch_size,
-            amp=dtype or False, return_attention=False, progress=False, prior_correction=0.0, test_time_views=1,
-        )["probs"]
-        for images, masks in turned_views(val_set.images, val_set.masks, check_test_time_views(info))
-    ]
+    view_probs = _uncorrected_view_probs(model, info, val_set, device, batch_size, amp=dtype or False)
     choice = {**_choose_strength(view_probs, val_set.labels, unit, info.class_names, PRIOR_CORRECTION_STRENGTHS),
               "split": "val"}
     save_model(output, model, {**info.metadata, "prior_correction": choice})

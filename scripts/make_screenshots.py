@@ -1,6 +1,6 @@
 """Render the screenshots of docs/viewer.md from a real napari viewer on a real BCCD smear.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/make_screenshots.py
+    xvfb-run -a -s "-screen 0 1600x1200x24" python scripts/make_screenshots.py
     python scripts/make_screenshots.py --image field.jpg --model my_model.safetensors
 
 Writes to docs/images/ (or ``--out``):
@@ -80,7 +80,11 @@ def pbc_folder(root: Path, per_class: int) -> Path:
 
 def save_widget(widget, path: Path) -> None:
     """A PNG of one dock widget (Qt renders it, as on screen)."""
-    pixmap = widget.native.grab() if hasattr(widget, "native") else widget.grab()
+    native = widget.native if hasattr(widget, "native") else widget
+    # a dock shares the window's height with the others (napari puts it in a scroll
+    # area): drawn at its own preferred height, none of it is cut off
+    native.resize(native.width(), max(native.height(), native.sizeHint().height()))
+    pixmap = native.grab()
     if not pixmap.save(str(path)):
         raise OSError(f"could not write {path}")
 
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     wbc_fallback = not any("wbc" in cell_types(m) for m in models)
 
     viewer = napari.Viewer(show=True)
-    viewer.window.resize(1500, 950)
+    viewer.window.resize(1500, 1150)  # room for two docks on the right without squeezing either
     app = QApplication.instance()
     (layer,) = viewer.open(args.image, plugin="napari-smear")
     name = layer.name

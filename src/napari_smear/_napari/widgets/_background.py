@@ -199,6 +199,9 @@ class BackgroundTaskWidget(Container):
         # scrollable: a dock taller than the screen (several docks, a long status) scrolls
         # instead of pushing its buttons and napari's status bar off the screen
         super().__init__(labels=True, scrollable=True)
+        # a dock given more height than it needs keeps its rows at their own height and
+        # leaves the rest empty below them (the scroll area would spread the rows apart)
+        self.form.layout().addStretch(1)
         self._viewer = napari_viewer
         self._run_button = PushButton(text=run_text)
         self._cancel_button = PushButton(text="Cancel", enabled=False)

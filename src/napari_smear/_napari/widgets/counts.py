@@ -51,6 +51,8 @@ __all__ = ["CountsWidget", "show_counts", "counts_from_features", "WIDGET_NAME"]
 
 #: The widget's display name in the manifest (the dock's title).
 WIDGET_NAME = "Differential count"
+# px: the summary, a table of about six classes and the chart's minimum height
+_COUNTS_DOCK_HEIGHT = 640
 UNCLASSIFIED = "unclassified"
 #: Cells layers up to this many pixels are measured again as soon as they are painted
 #: or erased by hand (a pass over every pixel: about 20 ms on a camera field, a few
@@ -473,6 +475,21 @@ def _summary(counts: pd.DataFrame, layer_name: str, edge_cells_left_out: int = 0
 
 def show_counts(viewer: napari.viewer.Viewer, layer: Labels) -> CountsWidget:
     """Open (or reuse) the viewer's "Differential count" dock and count ``layer``."""
-    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", WIDGET_NAME)
+    opened = set(viewer.window.dock_widgets)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-smear", WIDGET_NAME)
+    if set(viewer.window.dock_widgets) - opened:
+        _make_room(dock)
     widget.set_layer(layer)
     return widget
+
+
+def _make_room(dock) -> None:
+    """Give a newly opened count dock the height its table and chart need: Qt splits the
+    column with the dock above it evenly, which left the chart out of sight under a
+    Classify dock. Done once, so a splitter the user moved stays where it is."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QMainWindow
+
+    window = dock.parentWidget()
+    if isinstance(window, QMainWindow):
+        window.resizeDocks([dock], [_COUNTS_DOCK_HEIGHT], Qt.Orientation.Vertical)

@@ -127,3 +127,35 @@ def test_counts_dock_follows_the_cells_layer(make_napari_viewer, synthetic_field
     # Removing the layer empties the dock.
     viewer.layers.remove(cells)
     assert counts_widget.layer is None and counts_widget.counts.empty
+
+
+def test_count_dock_opened_under_another_gets_room_once(make_napari_viewer, synthetic_field, qtbot):
+    """Opened below the Classify dock, the count dock takes the height the Classify dock
+    does not need, and at least half the column; a height the user sets later is kept."""
+    from napari_smear._napari.widgets.counts import show_counts
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1400, 1100)
+    classify_dock, classify = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
+    _, cells, _ = add_segmented_field(viewer, synthetic_field)
+    show_counts(viewer, cells)
+    counts_dock = viewer.window.dock_widgets["Differential count (napari-smear)"].parent()  # napari's wrapper
+    form = classify_dock.height() - classify.native.viewport().height() + classify.form.sizeHint().height()
+
+    def room_made():  # the Classify form whole, and at least half the column for the counts
+        column = classify_dock.height() + counts_dock.height()
+        return classify_dock.height() >= form - 10 and counts_dock.height() >= column // 2 - 10
+
+    qtbot.waitUntil(room_made)
+    column = classify_dock.height() + counts_dock.height()
+
+    window = counts_dock.parentWidget()
+    from qtpy.QtCore import Qt
+
+    before = counts_dock.height()
+    window.resizeDocks([classify_dock, counts_dock], [200, column - 200], Qt.Orientation.Vertical)  # the user drags
+    qtbot.waitUntil(lambda: counts_dock.height() > before + 50)
+    user_height = counts_dock.height()
+    show_counts(viewer, cells)  # counting again leaves the dock as the user left it
+    qtbot.wait(100)
+    assert counts_dock.height() == user_height

@@ -51,8 +51,6 @@ __all__ = ["CountsWidget", "show_counts", "counts_from_features", "WIDGET_NAME"]
 
 #: The widget's display name in the manifest (the dock's title).
 WIDGET_NAME = "Differential count"
-# px: the summary, a table of about six classes and the chart's minimum height
-_COUNTS_DOCK_HEIGHT = 640
 UNCLASSIFIED = "unclassified"
 #: Cells layers up to this many pixels are measured again as soon as they are painted
 #: or erased by hand (a pass over every pixel: about 20 ms on a camera field, a few
@@ -483,13 +481,43 @@ def show_counts(viewer: napari.viewer.Viewer, layer: Labels) -> CountsWidget:
     return widget
 
 
-def _make_room(dock) -> None:
-    """Give a newly opened count dock the height its table and chart need: Qt splits the
-    column with the dock above it evenly, which left the chart out of sight under a
-    Classify dock. Done once, so a splitter the user moved stays where it is."""
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QMainWindow
+def _content_height(widget) -> int:
+    """The height ``widget`` asks for; for a scroll area (the run docks, napari's dock
+    wrapper), the height of the form inside it, which the area's own hint caps."""
+    from qtpy.QtWidgets import QScrollArea
 
-    window = dock.parentWidget()
-    if isinstance(window, QMainWindow):
-        window.resizeDocks([dock], [_COUNTS_DOCK_HEIGHT], Qt.Orientation.Vertical)
+    scroll = widget if isinstance(widget, QScrollArea) else widget.findChild(QScrollArea)
+    if scroll is not None and scroll.widget() is not None:
+        chrome = widget.height() - scroll.viewport().height()
+        return chrome + scroll.widget().sizeHint().height()
+    return widget.sizeHint().height()
+
+
+def _make_room(dock) -> None:
+    """Give a newly opened count dock the height the docks above it do not need: Qt splits
+    the column evenly, which left the table and chart out of sight under a Classify dock
+    that needed less than half. Done once, so a splitter the user moved stays put."""
+    from qtpy.QtCore import Qt, QTimer
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    def resize() -> None:
+        window = dock.parentWidget()
+        if not isinstance(window, QMainWindow):
+            return
+        area = window.dockWidgetArea(dock)
+        others = [other for other in window.findChildren(QDockWidget)
+                  if other is not dock and other.isVisible() and not other.isFloating()
+                  and other.widget() is not None and window.dockWidgetArea(other) == area]
+        if not others:
+            return
+        # Qt moves a single dock's splitter only part of the way, so the whole column is
+        # sized: the count dock gets what the docks above do not ask for (a Classify
+        # dock's form), and at least half the column; they share the rest by their needs
+        column = dock.height() + sum(other.height() for other in others)
+        needs = [other.height() - other.widget().height() + _content_height(other.widget()) for other in others]
+        own = max(column - sum(needs), column // 2)
+        shares = [max(1, round((column - own) * need / max(sum(needs), 1))) for need in needs]
+        window.resizeDocks([*others, dock], [*shares, own], Qt.Orientation.Vertical)
+
+    # after the event loop has laid the new dock out (a size set before that is undone)
+    QTimer.singleShot(0, resize)

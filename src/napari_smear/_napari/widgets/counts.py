@@ -501,7 +501,10 @@ def _make_room(dock) -> None:
     from qtpy.QtWidgets import QDockWidget, QMainWindow
 
     def resize() -> None:
-        window = dock.parentWidget()
+        try:
+            window = dock.parentWidget()
+        except RuntimeError:  # the dock (or the viewer) was closed before the event loop came round
+            return
         if not isinstance(window, QMainWindow):
             return
         area = window.dockWidgetArea(dock)

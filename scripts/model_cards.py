@@ -192,6 +192,9 @@ def _adaptation_lines(results) -> list[str]:
     scored = results["fields"]["scored"]
     shipped = results["shipped"]
     tune = results["fine_tune"]
+    draws = max(summary["runs"] for size, summary in results["summary"].items() if size != "all")
+    # the scarcest type in either half: what "all of a half" still lacks
+    scarce = min(((n, t) for half in results["fields"]["per_half"].values() for t, n in half.items()))
     lines = [
         "**Fine-tuning to another microscope.** How many labelled cells of a new microscope does fine-tuning "
         "need? BCCD stands in for it (`python benchmarks/finetune_bccd.py`): the BCCD fields naming one of its "
@@ -201,7 +204,7 @@ def _adaptation_lines(results) -> list[str]:
         f"{tune['lr']:g}, {tune['epochs']} epochs, 15 % of the cells held out to pick the epoch), and types the "
         "other half's; then the halves swap, so each of the "
         f"{sum(scored.values())} fields (" + ", ".join(f"{n} {t}" for t, n in scored.items()) + ") is typed by "
-        "a model that never saw it. Smaller N are drawn three times. Accuracy counts the answer among the four "
+        "a model that never saw it. Smaller N are drawn " + f"{draws} times. Accuracy counts the answer among the four "
         "types; balanced accuracy is the mean of their recalls (a model fine-tuned on under 50 held-out cells "
         "answers as if the types were equally common, and BCCD's fields are 60 % neutrophils). None of this "
         "reaches the shipped model.",
@@ -224,7 +227,7 @@ def _adaptation_lines(results) -> list[str]:
     best = max(results["summary"].values(), key=lambda s: s["balanced_accuracy"]["mean"])
     if best["balanced_accuracy"]["mean"] <= shipped["balanced_accuracy"] + 0.01:
         lines += ["", "Fine-tuning on these cells did not do better than the shipped model: on BCCD, a hundred or so "
-                  "labelled cells (only 9 monocytes in a half) do not teach it more than it brings. Drawing more "
+                  "labelled cells " + f"(only {scarce[0]} {scarce[1]}s in a half) do not teach it more than it brings. Drawing more "
                   "crops per epoch (more optimizer steps on a small set: 512 a epoch, two folds, 79.21 % and 81.36 % "
                   "at up to 10 and all cells) and keeping the BatchNorm statistics fixed (on the first fold alone: "
                   "67.39 %, 68.84 %, 83.33 %, 75.36 % at 5, 10, 20 and all cells, against 80.68 %, 77.05 %, 79.23 %, "

@@ -163,6 +163,8 @@ def white_cell_report(rows: list[dict], seconds: float) -> dict:
         "per_type_accuracy_5_types": {t: float((g.predicted_5 == g.truth).mean()) for t, g in table.groupby("truth")},
         "support": table.truth.value_counts().to_dict(),
         "accuracy_by_crop_overhang": _by_overhang(found),
+        "accuracy_by_cell_size": _by_cell_size(found),
+        "accuracy_by_confidence": _by_confidence(found),
         # the white cell itself cut by the field's edge (the crop shows only part of it)
         "accuracy_by_edge": {
             ("cut by the edge" if cut else "whole"): {"fields": int(len(g)), "accuracy": float((g.predicted == g.truth).mean())}
@@ -188,6 +190,37 @@ def _by_overhang(table) -> dict:
         part = table[(table.crop_overhang > lo) & (table.crop_overhang <= hi)]
         out[name] = {"fields": int(len(part)),
                      "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None}
+    return out
+
+
+def _by_confidence(table) -> dict:
+    """Accuracy of the fields grouped by the confidence of their answer (what
+    docs/troubleshooting.md tells users to sort by)."""
+    bins = [("under 0.6", 0.0, 0.6), ("0.6-0.8", 0.6, 0.8), ("0.8-0.9", 0.8, 0.9), ("0.9-0.97", 0.9, 0.97),
+            ("0.97 and over", 0.97, float("inf"))]
+    out = {}
+    for name, lo, hi in bins:
+        part = table[(table.confidence >= lo) & (table.confidence < hi)]
+        out[name] = {"fields": int(len(part)),
+                     "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None}
+    return out
+
+
+def _by_cell_size(table) -> dict:
+    """Accuracy of the fields grouped by the size of the white cell that answers, in
+    red-cell diameters (a disk of its area against the field's ruler), with the wrong
+    answers given. Where a smear is thick, white cells do not flatten and look small
+    against the red cells; PBC's neutrophils measure 1.6-2.3 (5th-95th percentile)."""
+    bins = [("under 1.4", 0.0, 1.4), ("1.4-1.6", 1.4, 1.6), ("1.6-1.8", 1.6, 1.8), ("1.8-2.0", 1.8, 2.0),
+            ("2.0 and over", 2.0, float("inf"))]
+    out = {}
+    for name, lo, hi in bins:
+        part = table[(table.diameter_rbc >= lo) & (table.diameter_rbc < hi)]
+        wrong = part[part.predicted != part.truth]
+        out[name] = {"fields": int(len(part)),
+                     "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None,
+                     "truth": part.truth.value_counts().to_dict(),
+                     "wrong_answers": wrong.predicted.value_counts().to_dict()}
     return out
 
 

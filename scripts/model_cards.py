@@ -306,6 +306,23 @@ def main(argv=None) -> int:
                 for name, part in overhang.items():
                     lines.append(f"| {name} | {part['fields']} | {_pct(part['accuracy'])} |")
                 lines.append("")
+            by_size = bccd.get("accuracy_by_cell_size")
+            if by_size:
+                lines += [
+                    "Where a smear is thick, white cells do not flatten: they look small and dense against the "
+                    "red cells, and a small neutrophil looks like PBC's erythroblasts and lymphocytes (PBC's "
+                    "neutrophils measure 1.6-2.3 red-cell diameters, 5th to 95th percentile). Many of BCCD's "
+                    "fields are such. Accuracy (8-class) by the size of the answering white cell, in red-cell "
+                    "diameters (a disk of its area; the morphology column `area_rbc` is its square):",
+                    "",
+                    "| white cell across | fields | accuracy | types (fields) | wrong answers |",
+                    "|---|---|---|---|---|",
+                ]
+                for name, part in by_size.items():
+                    types = ", ".join(f"{t} {n}" for t, n in part["truth"].items())
+                    wrong = ", ".join(f"{t} {n}" for t, n in part["wrong_answers"].items()) or "none"
+                    lines.append(f"| {name} | {part['fields']} | {_pct(part['accuracy'])} | {types} | {wrong} |")
+                lines.append("")
             edge = bccd.get("accuracy_by_edge") or {}
             if "whole" in edge and "cut by the edge" in edge:
                 lines += [
@@ -485,6 +502,19 @@ def main(argv=None) -> int:
         "Wortsman et al., ICML 2022; a one-off script, BatchNorm statistics averaged as well) scored 97.89 % on "
         "PBC val (prior correction 0.75), below the 98.0 % its rule (written before it was scored) asked for: "
         "not shipped, BCCD not run.",
+        "- **Eosinophil outlines** (session 16, not shipped). By colour alone the segmentation outlines a PBC "
+        "eosinophil by little more than its nucleus (its orange granules are nearly the red cells' colour), while "
+        "BCCD's softer eosinophils are outlined whole, so the model learned a cell mask unlike the one it gets on "
+        "another microscope. An option counts dense granules as cytoplasm ([benchmarks](benchmarks.md#"
+        "segmentation-accuracy), *Eosinophil outlines*). With the PBC crops re-packed with it, the shipped model "
+        "scored 97.60 % on PBC val and 74.64 % on BCCD (209 of 280 fields, against 97.78 % and 211 on its own crops); "
+        "fine-tuned on them (`--epochs-wbc 12 --patience 12 --average-epochs-wbc 12 --out DIR` with `\"init_from\"` "
+        "the shipped file, `\"lr\": 0.0004, \"warmup_epochs\": 0.5` added to the shipped `--options-wbc`; best epoch "
+        "9, best average after epoch 12; 20 min on 2 CPU cores) 97.89 % on PBC val (macro-F1 97.83 %, prior "
+        "correction 0.75) and 73.21 % on BCCD (205 of 280 fields; 82.14 % over the 5 types): BCCD's neutrophils "
+        "were answered *eosinophil* on 10 fields (4 before) and its eosinophils *neutrophil* on 12 (13). The rule "
+        "written down before the run was to ship it, and the option as the default, at PBC val >= 97.6 % with "
+        "BCCD >= 75.36 %; BCCD fell short, so neither is.",
         "- **Which crops**: the training experiments above were scored on crops of the segmentation of their "
         "day. Since then labels are drawn at full resolution without working-pixel steps on their outlines, "
         "and pale red cells whose faint rim closes round their pallor are found; scored again on crops cut "

@@ -198,7 +198,8 @@ def segment_smear(
             _map_tiles(tiles, shrink, stain, d_work, params, pool, workers, on_queued=queued)
         ):
             next_id = _paste(
-                labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work
+                labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work,
+                min_area_px=params.min_platelet_area * np.pi * (d_work / factor) ** 2 / 4,
             )
             finished = done + 1
             report(finished / total, f"segmented tile {finished}/{total}")
@@ -578,7 +579,7 @@ def _exact_stats(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> dict
     }
 
 
-def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work) -> int:
+def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_work, min_area_px=0.0) -> int:
     """Write the tile's own cells (centroid in its core) into the image, renumbered.
 
     The cells are upsampled from working resolution with smooth outlines
@@ -588,6 +589,8 @@ def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_
     measured on the upsampled labels; only cells that lost pixels at a seam, or
     were redrawn, are measured again. (Columns are kept as arrays until the tile's
     table is made: a BCCD field spent a tenth of its time in pandas indexing.)
+    ``min_area_px``: the smallest cell (platelet) at full resolution; a cell left with
+    under half of it after a seam or a white cell's redraw took its pixels is dropped.
     """
     lab, nuc, types, outlines = result
     window = tile.window
@@ -654,6 +657,8 @@ def _paste(labels, nuclei, tables, tile, result, next_id, rgb, stain, factor, d_
         # a cell that lost most of its pixels to a neighbouring tile's cell is that
         # cell seen again (the two tiles drew it differently): its remains are dropped
         duplicate = exact["area_px"] < 0.5 * stats["area_px"][rows]
+        # so is a sliver smaller than any cell (a platelet a white cell's outline took)
+        duplicate |= exact["area_px"] < 0.5 * min_area_px
         for label, (y0, x0, y1, x1) in zip(touched[duplicate], boxes[duplicate]):
             piece = target[y0:y1, x0:x1]
             nuc_target[y0:y1, x0:x1][piece == label] = 0

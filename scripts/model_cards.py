@@ -515,6 +515,17 @@ def main(argv=None) -> int:
         "were answered *eosinophil* on 10 fields (4 before) and its eosinophils *neutrophil* on 12 (13). The rule "
         "written down before the run was to ship it, and the option as the default, at PBC val >= 97.6 % with "
         "BCCD >= 75.36 %; BCCD fell short, so neither is.",
+        "- **Scale augmentation for thick smear areas** (session 16, not shipped). Many of BCCD's wrong answers "
+        "are small white cells from thick parts of the smear called *erythroblast* (the size table under "
+        "Robustness). Fine-tuned from the shipped file with the crops zoomed by 0.625-1.6 instead of 1/1.15-1.15 "
+        "(`\"scale_jitter\": 0.6` in the shipped `augment_options`, `\"init_from\"` the shipped file, `\"lr\": "
+        "0.0004, \"warmup_epochs\": 0.5`; `--epochs-wbc 12 --patience 12 --average-epochs-wbc 12 --out DIR`; "
+        "35 min on 2 CPU cores, shared with a test run for some of it): 97.60 % on PBC val (macro-F1 97.59 %, prior correction 0.5) and 75.00 % "
+        "on BCCD (210 of 280 fields; 81.07 % over the 5 types). Fields whose white cell measures under 1.4 "
+        "red-cell diameters went from 48.72 % to 55.13 % (erythroblast answers 33 -> 28), those of 1.6-1.8 from "
+        "81.25 % to 72.92 %. The rule written down before the run was to ship it at PBC val >= 97.6 % with BCCD "
+        ">= 77.0 %: not shipped. Zooming the crops at inference instead (the crop window narrowed to 4/1.3 and "
+        "4/1.6 red-cell diameters; a one-off script) gave 73.21 % and 63.93 %.",
         "- **Which crops**: the training experiments above were scored on crops of the segmentation of their "
         "day. Since then labels are drawn at full resolution without working-pixel steps on their outlines, "
         "and pale red cells whose faint rim closes round their pallor are found; scored again on crops cut "

@@ -182,15 +182,27 @@ def white_cell_report(rows: list[dict], seconds: float) -> dict:
     return report
 
 
+def _binned_accuracy(table, column: str, bins, *, upper_closed: bool = False, answers: bool = False) -> dict:
+    """Accuracy of the fields grouped by ``column`` into ``bins`` of ``(name, lo, hi)``
+    (``lo <= x < hi``, or ``lo < x <= hi`` with ``upper_closed``); with ``answers`` each
+    group also lists its true types and the wrong answers given."""
+    out = {}
+    for name, lo, hi in bins:
+        values = table[column]
+        inside = (values > lo) & (values <= hi) if upper_closed else (values >= lo) & (values < hi)
+        part = table[inside]
+        out[name] = {"fields": int(len(part)),
+                     "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None}
+        if answers:
+            out[name]["truth"] = part.truth.value_counts().to_dict()
+            out[name]["wrong_answers"] = part[part.predicted != part.truth].predicted.value_counts().to_dict()
+    return out
+
+
 def _by_overhang(table) -> dict:
     """Accuracy of the fields grouped by how far their white cell's crop reaches past the image."""
     bins = [("none", -1.0, 1e-3), ("up to 15 %", 1e-3, 0.15), ("15-30 %", 0.15, 0.30), ("over 30 %", 0.30, 1.0)]
-    out = {}
-    for name, lo, hi in bins:
-        part = table[(table.crop_overhang > lo) & (table.crop_overhang <= hi)]
-        out[name] = {"fields": int(len(part)),
-                     "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None}
-    return out
+    return _binned_accuracy(table, "crop_overhang", bins, upper_closed=True)
 
 
 def _by_confidence(table) -> dict:
@@ -198,12 +210,7 @@ def _by_confidence(table) -> dict:
     docs/troubleshooting.md tells users to sort by)."""
     bins = [("under 0.6", 0.0, 0.6), ("0.6-0.8", 0.6, 0.8), ("0.8-0.9", 0.8, 0.9), ("0.9-0.97", 0.9, 0.97),
             ("0.97 and over", 0.97, float("inf"))]
-    out = {}
-    for name, lo, hi in bins:
-        part = table[(table.confidence >= lo) & (table.confidence < hi)]
-        out[name] = {"fields": int(len(part)),
-                     "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None}
-    return out
+    return _binned_accuracy(table, "confidence", bins)
 
 
 def _by_cell_size(table) -> dict:
@@ -213,15 +220,7 @@ def _by_cell_size(table) -> dict:
     against the red cells; PBC's neutrophils measure 1.6-2.3 (5th-95th percentile)."""
     bins = [("under 1.4", 0.0, 1.4), ("1.4-1.6", 1.4, 1.6), ("1.6-1.8", 1.6, 1.8), ("1.8-2.0", 1.8, 2.0),
             ("2.0 and over", 2.0, float("inf"))]
-    out = {}
-    for name, lo, hi in bins:
-        part = table[(table.diameter_rbc >= lo) & (table.diameter_rbc < hi)]
-        wrong = part[part.predicted != part.truth]
-        out[name] = {"fields": int(len(part)),
-                     "accuracy": float((part.predicted == part.truth).mean()) if len(part) else None,
-                     "truth": part.truth.value_counts().to_dict(),
-                     "wrong_answers": wrong.predicted.value_counts().to_dict()}
-    return out
+    return _binned_accuracy(table, "diameter_rbc", bins, answers=True)
 
 
 class DetectionTally:

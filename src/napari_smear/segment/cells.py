@@ -421,7 +421,7 @@ def wbc_outline(
     d: float,
     stained_range: tuple[float, float],
     params: "CellParams",
-    threshold: float | None = None,
+    threshold: float,
 ):
     """Outline of a white cell around its nucleus, as a closed polygon.
 
@@ -432,9 +432,10 @@ def wbc_outline(
     contour), encloses as much cytoplasm and as little else as it can while
     staying smooth from ray to ray. Pale, granular or patchy cytoplasm is thus
     judged as a region, not pixel by pixel. A density below ``stained_range[0]``
-    is surely glass, above ``stained_range[1]`` surely stained. With the field's
-    glass/cell ``threshold``, dense matter of a colour only a little off the red
-    cells' also counts (``wbc_granular_density``: an eosinophil's granules).
+    is surely glass, above ``stained_range[1]`` surely stained. With
+    ``wbc_granular_density`` set, matter that many times the field's glass/cell
+    ``threshold`` counts at a colour only a little off the red cells' (an
+    eosinophil's granules).
 
     Returns (ys, xs) vertices in the window's pixel coordinates.
     """
@@ -459,7 +460,7 @@ def wbc_outline(
         params.wbc_cytoplasm_colour[1] - params.wbc_cytoplasm_colour[0]
     )
     cytoplasm = np.clip(np.minimum(stained, odd_colour), 0, 1)
-    if threshold is not None and params.wbc_granular_density is not None:
+    if params.wbc_granular_density is not None:
         (d_lo, d_hi), (c_lo, c_hi) = params.wbc_granular_density, params.wbc_granular_colour
         granular = np.minimum((dens / threshold - d_lo) / (d_hi - d_lo), (unlike_rbc - c_lo) / (c_hi - c_lo))
         cytoplasm = np.maximum(cytoplasm, np.clip(granular, 0, 1))
@@ -584,7 +585,7 @@ def segment_field(
         colour = ndi.gaussian_filter(colour_distance(rgb[sl], raw_density[sl], stain), smooth)
         ys, xs = wbc_outline(
             density[sl], colour, nucleus, (window > 0) & ~nucleus, d, stained_range, params,
-            threshold=stain.foreground_threshold,
+            stain.foreground_threshold,
         )
         region = _polygon_mask(ys, xs, nucleus.shape)
         if (window != group_id).any() and (window > 0).sum() > nucleus.sum():

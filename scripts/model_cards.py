@@ -502,6 +502,15 @@ def main(argv=None) -> int:
         "Wortsman et al., ICML 2022; a one-off script, BatchNorm statistics averaged as well) scored 97.89 % on "
         "PBC val (prior correction 0.75), below the 98.0 % its rule (written before it was scored) asked for: "
         "not shipped, BCCD not run.",
+        "- **Ensembles** (session 17, not shipped): one file holding trained models that answers with the mean "
+        "of their logits and attention maps (model kind `ensemble`, `napari_smear.models.combine_models`; "
+        "`scripts/train_default_models.py --only wbc-pbc8 --ensemble FILE FILE... --out DIR`, which chooses "
+        "its prior correction on val like a trained model). The shipped model with the warm restart above: "
+        "PBC val 97.95 % (macro-F1 97.93 %, prior correction 1), 9.0 MB, twice the inference time; with the "
+        "scale-augmented model below as a third member: 97.89 % (97.86 %). The rule written before they were "
+        "scored was to ship at PBC val >= 98.0 % with BCCD >= 75.36 %: neither passes (the warm restart alone "
+        "scores 98.13 %). BCCD for the first, for the record: 75.36 % (211 "
+        "of 280 fields; 85.36 % over the 5 types), the shipped model's figure.",
         "- **Eosinophil outlines** (session 16, not shipped). By colour alone the segmentation outlines a PBC "
         "eosinophil by little more than its nucleus (its orange granules are nearly the red cells' colour), while "
         "BCCD's softer eosinophils are outlined whole, so the model learned a cell mask unlike the one it gets on "

@@ -29,6 +29,10 @@ Steps per model:
    ``docs/images/<name>_confusion.png``. With ``--out DIR`` elsewhere (an experiment)
    the file, its report and its picture all go to DIR and the shipped ones stay.
 
+``--ensemble FILE FILE...`` fuses trained files of one model (``--only``) into one
+that answers with the mean of their logits (:func:`napari_smear.models.combine_models`),
+scored on val like a trained model.
+
 ``--rescore-only`` scores the file in ``--out`` again on the current crops, for when
 the segmentation or cropping changed but the model did not: its report keeps the
 training history and gets the new ``val`` figures (and the file the current
@@ -187,6 +191,9 @@ def train_one(name: str, crops: Path, args) -> dict:
     images = (ROOT / "docs" / "images") if shipping else out_dir
     if args.rescore_only:
         return rescore(name, crop_set, out_dir / f"{name}.safetensors", reports, images, args)
+    if args.ensemble:
+        return fuse(name, crop_set, [Path(p) for p in args.ensemble], out_dir / f"{name}.safetensors",
+                    reports, images, args)
     if args.finalize_only:
         # Ship the best epoch an interrupted run has written so far, without training on.
         if not run_file.exists():
@@ -305,6 +312,51 @@ def rescore(name: str, crop_set, model_file: Path, reports: Path, images: Path, 
     return report
 
 
+def fuse(name: str, crop_set, member_files: list[Path], target: Path, reports: Path, images: Path,
+         args) -> dict:
+    """One file answering with the mean of trained models' logits and attention maps
+    (:func:`napari_smear.models.combine_models`), scored like a trained model: its prior
+    correction chosen on val, its report and confusion picture written. The members
+    must be files of this model over the same classes and inputs."""
+    from napari_smear.models import combine_models, load_model, save_model
+    from napari_smear.training import evaluate
+
+    loaded = [load_model(path, device="cpu") for path in member_files]
+    first = loaded[0][1].metadata
+    for path, (_, info) in zip(member_files[1:], loaded[1:]):
+        for key in ("class_names", "input_size", "crop_diameters", "mean", "std", "stain_normalization"):
+            if info.metadata.get(key) != first.get(key):
+                raise SystemExit(f"--ensemble: {path} has {key} {info.metadata.get(key)!r}, "
+                                 f"{member_files[0]} has {first.get(key)!r}: they cannot be fused")
+    model = combine_models([member for member, _ in loaded])
+    metadata = {key: value for key, value in first.items() if key not in FILLED_IN_BY_SAVE_MODEL}
+    metadata.update({
+        "test_time_views": MODELS[name]["test_time_views"],
+        "trained_by": "scripts/train_default_models.py --ensemble",
+        "members": [{"file": path.name, "metrics": info.metrics, "training": info.metadata.get("training"),
+                     "prior_correction": info.metadata.get("prior_correction")}
+                    for path, (_, info) in zip(member_files, loaded)],
+    })
+    info = loaded[0][1]
+    info.metadata.update(metadata)  # the prior correction is chosen with the ensemble's views
+    metadata["prior_correction"] = _choose_prior_correction(name, model, info, crop_set, args)
+    save_model(target, model, metadata)
+    metrics = evaluate(target, crop_set, "val", device=args.device)
+    _confusion_picture(name, metrics, images)
+    report = {
+        "model": name, "kind": "ensemble", "members": [str(path) for path in member_files],
+        "file": str(target), "file_mb": round(target.stat().st_size / 1e6, 2), "val": metrics,
+        "prior_correction": metadata["prior_correction"],
+        "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
+    }
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"{name}_val.json").write_text(json.dumps(report, indent=2))
+    print(f"[{name}] ensemble of {len(member_files)}: val accuracy {metrics['accuracy']:.4f}, "
+          f"macro-F1 {metrics['macro_f1']:.4f}, attention inside {metrics.get('attention_mass_inside')}; "
+          f"wrote {target} ({report['file_mb']} MB)")
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -319,6 +371,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rescore-only", action="store_true",
                         help="score the file in --out again on the current crops (after a segmentation change) "
                              "and update its report and confusion picture")
+    parser.add_argument("--ensemble", nargs="+", metavar="FILE", default=None,
+                        help="fuse these trained files of the model (--only it) into one that answers with "
+                             "the mean of their logits; scored on val like a trained model")
     parser.add_argument("--workers", type=int, default=2, help="processes for segmenting/cropping")
     parser.add_argument("--size-wbc", type=int, default=None, help="crop side in px (default 96)")
     parser.add_argument("--size-rbc", type=int, default=None, help="crop side in px (default 64)")
@@ -342,6 +397,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     names = args.only or list(MODELS)
+    if args.ensemble and (len(names) != 1 or len(args.ensemble) < 2):
+        parser.error("--ensemble needs one model (--only NAME) and at least two files")
     for name in names:
         size = args.size_wbc if name == "wbc-pbc8" else args.size_rbc
         diameters = args.crop_diameters_wbc if name == "wbc-pbc8" else None

@@ -32,6 +32,14 @@ TINY = {
     "daffnet": {"widths": [8, 8, 16, 16], "morph_hidden": 8, "fusion_hidden": 16},
     "global_attention": {"widths": [8, 8, 16, 16], "input_size": 64},
 }
+# two trained members of different kinds (neither has attribute heads, so every weight
+# gets a gradient in the generic tests); attribute averaging is tested on its own
+TINY["ensemble"] = {
+    "members": [
+        {"kind": "gated_attention", "config": TINY["gated_attention"]},
+        {"kind": "shape_aware", "config": TINY["shape_aware"]},
+    ]
+}
 CLASS_NAMES = ["lymphocyte", "monocyte", "neutrophil"]
 METADATA = {
     "class_names": CLASS_NAMES,

@@ -34,6 +34,14 @@ TINY = {
     "daffnet": {"widths": [8, 8, 16, 16], "morph_hidden": 8, "fusion_hidden": 16},
     "global_attention": {"widths": [8, 8, 16, 16]},
 }
+# two trained members of different kinds (neither has attribute heads, so every weight
+# gets a gradient in the generic tests); attribute averaging is tested on its own
+TINY["ensemble"] = {
+    "members": [
+        {"kind": "gated_attention", "config": TINY["gated_attention"]},
+        {"kind": "shape_aware", "config": TINY["shape_aware"]},
+    ]
+}
 SIGMOID_MAP_KINDS = ["shape_aware", "daffnet", "global_attention"]
 
 
@@ -431,3 +439,58 @@ def test_attention_mass_inside():
     result = attention_mass_inside(attention, mask[:, None])
     torch.testing.assert_close(result[:2], torch.tensor([0.5, 1.0]))
     assert torch.isnan(result[2])
+
+
+def test_ensemble_answers_with_the_mean_of_its_members():
+    from napari_smear.models import EnsembleClassifier, combine_models
+
+    members = [tiny_model("gated_attention").eval(), tiny_model("shape_aware").eval()]
+    ensemble = combine_models(members)
+    assert isinstance(ensemble, EnsembleClassifier) and not ensemble.training
+    x = make_batch(64, batch=2)
+    with torch.no_grad():
+        outputs = [member(x) for member in members]
+        fused = ensemble(x)
+    torch.testing.assert_close(fused["logits"], (outputs[0]["logits"] + outputs[1]["logits"]) / 2)
+    torch.testing.assert_close(fused["attention"], (outputs[0]["attention"] + outputs[1]["attention"]) / 2)
+    # the members' weights were copied: changing a source model leaves the ensemble as it was
+    with torch.no_grad():
+        next(members[0].parameters()).add_(1.0)
+        torch.testing.assert_close(ensemble(x)["logits"], fused["logits"])
+
+
+def test_ensemble_averages_attribute_logits_of_members_that_have_them():
+    from napari_smear.models import combine_models
+
+    first = tiny_model("daffnet").eval()
+    torch.manual_seed(1)  # a second member with other weights
+    second = build_model("daffnet", NUM_CLASSES, **TINY["daffnet"]).eval()
+    x = make_batch(64, batch=2)
+    with torch.no_grad():
+        fused = combine_models([first, second])(x)
+        expected = [(a + b) / 2 for a, b in zip(first(x)["attr_logits"], second(x)["attr_logits"])]
+    assert len(fused["attr_logits"]) == len(expected)
+    for result, value in zip(fused["attr_logits"], expected):
+        torch.testing.assert_close(result, value)
+    # a member without attribute heads: the ensemble has none either
+    with torch.no_grad():
+        assert "attr_logits" not in combine_models([first, tiny_model("plain").eval()])(x)
+
+
+def test_ensemble_rejects_what_it_cannot_fuse():
+    from napari_smear.models import combine_models
+
+    with pytest.raises(ValueError, match="at least 2"):
+        combine_models([tiny_model("plain")])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        build_model("ensemble", NUM_CLASSES)
+    with pytest.raises(ValueError, match="same number of classes"):
+        combine_models([tiny_model("plain"), build_model("plain", NUM_CLASSES + 1, **TINY["plain"])])
+    with pytest.raises(ValueError, match="fused for inference"):
+        combine_models([fuse_for_inference(tiny_model("plain")), tiny_model("plain")])
+    with pytest.raises(ValueError, match="morphology features"):
+        combine_models([tiny_model("daffnet", morph_features=3), tiny_model("plain")])
+    with pytest.raises(ValueError, match="itself an ensemble"):
+        build_model("ensemble", NUM_CLASSES, members=[{"kind": "ensemble", "config": TINY["ensemble"]}] * 2)
+    with pytest.raises(ValueError, match="member 1 must be"):
+        build_model("ensemble", NUM_CLASSES, members=[{"kind": "plain", "config": TINY["plain"]}, "plain"])

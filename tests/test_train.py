@@ -470,6 +470,8 @@ def test_train_rejects_bad_arguments(tmp_path):
     crop_set = synthetic_crop_set(n_per_class=4)
     with pytest.raises(ValueError, match="unknown model kind"):
         train(crop_set, model_kind="resnet", output=tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="made of trained models"):
+        train(crop_set, model_kind="ensemble", output=tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="safetensors"):
         train(crop_set, output=tmp_path / "m.pt")
     with pytest.raises(ValueError, match="balance"):

@@ -1090,6 +1090,11 @@ def train(
         cell_types = init["cell_types"]
     if cell_types is not None:
         cell_types = _check_cell_types(cell_types)
+    if init is None and model_kind == "ensemble":
+        raise ValueError(
+            "an 'ensemble' is made of trained models (napari_smear.models.combine_models), not trained "
+            "from scratch; train its members, or fine-tune an ensemble file with init_from"
+        )
     if init is not None:
         model_kind, config = init["kind"], init["config"]
         crop_diameters, output_size = init["crop_diameters"], init["input_size"]

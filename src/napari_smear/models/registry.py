@@ -8,6 +8,7 @@ from typing import Any
 
 from .base import SmearClassifier
 from .daffnet import DAFFNetClassifier
+from .ensemble import EnsembleClassifier
 from .gated_attention import GatedAttentionClassifier
 from .global_attention import GlobalAttentionClassifier
 from .plain import PlainClassifier
@@ -21,10 +22,13 @@ MODEL_CLASSES: dict[str, type[SmearClassifier]] = {
         GatedAttentionClassifier,
         DAFFNetClassifier,
         GlobalAttentionClassifier,
+        EnsembleClassifier,
     )
 }
 #: Names accepted by :func:`build_model`.
 MODEL_KINDS: tuple[str, ...] = tuple(MODEL_CLASSES)
+#: Kinds that can be trained from scratch (an ensemble is made of trained members).
+TRAINABLE_KINDS: tuple[str, ...] = tuple(kind for kind in MODEL_KINDS if kind != EnsembleClassifier.kind)
 
 #: Built-in model names and what they classify. Their files live in
 #: ``napari_smear/models/weights/<name>.safetensors`` when installed.
@@ -41,7 +45,8 @@ def build_model(kind: str, num_classes: int, **config: Any) -> SmearClassifier:
     ----------
     kind : str
         One of :data:`MODEL_KINDS`: "plain", "shape_aware", "gated_attention",
-        "daffnet", "global_attention".
+        "daffnet", "global_attention", or "ensemble" (trained members fused; build one
+        with :func:`napari_smear.models.combine_models`).
     num_classes : int
         Number of output classes (>= 2).
     **config

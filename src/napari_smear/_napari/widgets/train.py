@@ -220,9 +220,9 @@ class TrainWidget(BackgroundTaskWidget):
             label="start from", choices=self._start_choices,
             tooltip="Fine-tune a model (its architecture and crop scale are kept) or train a new one",
         )
-        from napari_smear.models.registry import MODEL_KINDS
+        from napari_smear.models.registry import TRAINABLE_KINDS
 
-        self._kind = ComboBox(label="new model kind", choices=list(MODEL_KINDS), value="shape_aware")
+        self._kind = ComboBox(label="new model kind", choices=list(TRAINABLE_KINDS), value="shape_aware")
         self._crop_size = SpinBox(label="crop size (px)", value=96, min=32, max=256, step=16)
         self._epochs = SpinBox(label="epochs", value=20, min=1, max=500)
         self._batch_size = SpinBox(label="batch size", value=64, min=2, max=1024)

@@ -303,3 +303,20 @@ def test_segmenting_again_removes_the_old_cells_attention_maps(viewer_with_widge
     assert "synthetic smear attention (m1)" not in names and "synthetic smear attention (m2)" not in names
     assert "other field attention (m1)" in names
     assert "removed 2 attention maps of the cells segmented before" in widget.status
+
+
+@pytest.mark.parametrize("name", ["Segment cells", "Classify cells", "Train classifier", "Batch analyze folder"])
+def test_docked_form_is_never_cut_off_at_the_right(make_napari_viewer, qtbot, name):
+    """The scroll area round each form never scrolls sideways, so it must be at least
+    as wide as its form: docked narrower, the right of every row (buttons, combo boxes,
+    the status text) was cut off."""
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", name)
+    scroll_area, form = widget.native, widget.form
+    qtbot.waitUntil(lambda: form.isVisible(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: form.width() <= scroll_area.viewport().width(), timeout=5_000)
+    assert form.width() >= form.minimumSizeHint().width()
+    # a longer entry widens the form: the scroll area follows
+    widget.form.layout().itemAt(0).widget().setMinimumWidth(form.minimumSizeHint().width() + 80)
+    qtbot.waitUntil(lambda: scroll_area.minimumWidth() >= form.minimumSizeHint().width() > 0, timeout=5_000)
+    qtbot.waitUntil(lambda: form.width() <= scroll_area.viewport().width(), timeout=5_000)

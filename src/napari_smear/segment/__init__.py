@@ -687,7 +687,8 @@ def _full_resolution_hue(rgb: np.ndarray, stain: StainModel, sigma: float) -> np
 
 
 def _redraw_white_cells(labels, nuclei, outlines: dict, claimable, scale, rgb, stain: StainModel, diameter: float):
-    """Draw white cells at full resolution (in place); returns their labels.
+    """Draw white cells at full resolution (in place); returns their labels and those
+    of the cells they took pixels from (all of which must be measured again).
 
     Upsampled working-resolution masks have steps a working pixel wide: each
     cell's sub-pixel outline polygon gives it a smooth edge, and its nucleus is
@@ -698,6 +699,7 @@ def _redraw_white_cells(labels, nuclei, outlines: dict, claimable, scale, rgb, s
 
     h, w = labels.shape
     step = max(1, int(round(max(scale))))
+    changed = [np.fromiter(outlines, np.int64, len(outlines))]
     for label, (ys, xs) in outlines.items():
         fy = (ys + 0.5) * scale[0] - 0.5
         fx = (xs + 0.5) * scale[1] - 0.5
@@ -721,8 +723,11 @@ def _redraw_white_cells(labels, nuclei, outlines: dict, claimable, scale, rgb, s
         # the nucleus always belongs to its cell; cells of other white cells and of
         # neighbouring tiles keep their pixels
         window[(window == label) & ~cell & (nuc_window != label)] = 0
-        window[cell & claimable[window]] = label
-    return np.fromiter(outlines, np.int64, len(outlines))
+        taken = cell & claimable[window]
+        changed.append(np.unique(window[taken]).astype(np.int64))
+        window[taken] = label
+    changed = np.unique(np.concatenate(changed))
+    return changed[changed > 0]
 
 
 def _drop_cells_outside_view(table, labels, nuclei, outside_view, next_id) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import Container, Label, ProgressBar, PushButton
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QObject, QTimer
 
 if TYPE_CHECKING:
     import napari
@@ -150,6 +150,33 @@ def stack_problem(layer: Any) -> str | None:
     )
 
 
+class _FitFormWidth(QObject):
+    """Keeps a vertical scroll area at least as wide as the form inside it.
+
+    magicgui's scrollable container never scrolls sideways, and a scroll area asks for
+    almost no width of its own, so napari could dock it narrower than its form: the
+    right-hand side of every row (buttons, combo boxes, the status text) was cut off.
+    Each time the form's layout changes (a longer model name, say), the scroll area's
+    minimum width becomes the form's minimum width plus the vertical scroll bar's.
+    """
+
+    def __init__(self, scroll_area, form):
+        super().__init__(scroll_area)
+        self._scroll_area, self._form = scroll_area, form
+        form.installEventFilter(self)
+        self.fit()
+
+    def fit(self) -> None:
+        scroll_area = self._scroll_area
+        extra = scroll_area.verticalScrollBar().sizeHint().width() + 2 * scroll_area.frameWidth()
+        scroll_area.setMinimumWidth(self._form.minimumSizeHint().width() + extra)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+            self.fit()
+        return False
+
+
 class BackgroundTaskWidget(Container):
     """Base of the dock widgets that run one long computation at a time off the GUI thread.
 
@@ -202,6 +229,7 @@ class BackgroundTaskWidget(Container):
         # a dock given more height than it needs keeps its rows at their own height and
         # leaves the rest empty below them (the scroll area would spread the rows apart)
         self.form.layout().addStretch(1)
+        self._fit_width = _FitFormWidth(self.root_native_widget, self.form)
         self._viewer = napari_viewer
         self._run_button = PushButton(text=run_text)
         self._cancel_button = PushButton(text="Cancel", enabled=False)

@@ -75,6 +75,32 @@ def test_classify_with_a_missing_model_fails_cleanly(tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err
 
 
+def test_an_image_given_as_the_output_is_refused_before_any_work(tmp_path, capsys):
+    """`--out *.jpg` in a shell puts the first image where the CSV belongs: refused, the
+    image kept (it used to be overwritten with the CSV)."""
+    images = []
+    for name in ("a.jpg", "b.jpg"):
+        images.append(tmp_path / name)
+        images[-1].write_bytes(b"\xff\xd8 not decoded: refused before reading")
+    before = images[0].read_bytes()
+    assert main(["classify", str(images[1]), "--out", str(images[0]), "--device", "cpu"]) == 1
+    assert "must end in .csv" in capsys.readouterr().err
+    assert images[0].read_bytes() == before
+    out = tmp_path / "p.csv"
+    assert main(["classify", str(out), "--out", str(out), "--device", "cpu"]) == 1
+    assert "also one of the inputs" in capsys.readouterr().err
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    for option, target, message in (("--json", images[0], "must end in .json"),
+                                    ("--confusion", images[0], "must end in .png or .pdf or .svg"),
+                                    ("--json", tmp_path, "must end in .json")):
+        assert main(["evaluate", str(model), str(data), option, str(target), "--device", "cpu", "--quiet"]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["pack-crops", str(tmp_path), "--out", str(images[0]), "--quiet"]) == 1
+    assert "must end in .npz" in capsys.readouterr().err
+    assert images[0].read_bytes() == before
+
+
 def test_unavailable_device_is_reported(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

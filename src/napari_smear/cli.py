@@ -20,6 +20,26 @@ class CommandError(Exception):
     """A user-facing failure of a subcommand (printed without a traceback)."""
 
 
+def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs=()) -> Path:
+    """The file an option names for writing, checked before any work: it has one of
+    ``suffixes`` (so a shell glob that put an image where the output belongs, as in
+    ``--out *.jpg``, is refused rather than overwritten), is not a folder, and is not
+    one of the ``inputs``."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise CommandError(
+            f"{option} {path}: the file to write must end in {' or '.join(suffixes)} "
+            f"(refusing to write over {'an existing file' if out.exists() else 'a file'} of another kind)"
+        )
+    if out.is_dir():
+        raise CommandError(f"{option} {path} is a folder; give the file to write")
+    resolved = out.resolve()
+    for given in inputs:
+        if Path(given).resolve() == resolved:
+            raise CommandError(f"{option} {path} is also one of the inputs: give another file to write")
+    return out
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -506,6 +526,11 @@ def _add_evaluate(subparsers) -> None:
 def _run_evaluate(args) -> int:
     from .training import evaluate, plot_confusion
 
+    inputs = (args.model, args.data)
+    if args.confusion:
+        _check_output_file(args.confusion, (".png", ".pdf", ".svg"), "--confusion", inputs)
+    if args.json:
+        _check_output_file(args.json, (".json",), "--json", inputs)
     split = None if args.split == "all" else args.split
     metrics = evaluate(
         args.model, args.data, split, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
@@ -564,12 +589,12 @@ def _run_classify(args) -> int:
     from .io import write_csv_atomic
     from .predict import classify_files
 
+    out = _check_output_file(args.out, (".csv",), "--out", args.inputs)
     table = classify_files(
         args.inputs, args.model, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
         workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
         test_time_views=args.test_time_views,
     )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out, table)
     failed = table[table.error != ""]
@@ -611,6 +636,7 @@ def _add_pack_crops(subparsers) -> None:
 def _run_pack_crops(args) -> int:
     from .datasets import build_crop_set, save_crop_set
 
+    _check_output_file(args.out, (".npz",), "--out", (args.data,))
     started = time.perf_counter()
     crop_set = build_crop_set(
         args.data, crop_diameters=args.crop_diameters, output_size=args.output_size, workers=args.workers,

@@ -312,6 +312,10 @@ def test_tiff_resolution_tags(tmp_path, rgb):
     inch = tmp_path / "dpi.tif"  # 72 dpi is a display default, not a calibration
     tifffile.imwrite(inch, rgb, resolution=(72, 72), resolutionunit="INCH")
     assert read_image(inch)[1]["pixel_size_um"] is None
+    for dpi in (72, 96, 300):  # the same defaults stored per centimetre: 85-353 um "pixels"
+        per_cm = tmp_path / f"dpi{dpi}cm.tif"
+        tifffile.imwrite(per_cm, rgb, resolution=(dpi / 2.54, dpi / 2.54), resolutionunit="CENTIMETER")
+        assert read_image(per_cm)[1]["pixel_size_um"] is None
 
 
 def test_napari_smear_metadata_round_trip(tmp_path):

@@ -152,6 +152,17 @@ def test_cancel_through_progress(synthetic_field):
         segment_smear(image, progress=cancel)
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [({"pixel_size_um": 50.0}, "0.15 px, under 3 px"), ({"pixel_size_um": 1e-4}, "wider than the whole"),
+     ({"rbc_diameter_px": 2.0}, "rbc_diameter_px=2 is under 3 px")],
+)
+def test_a_given_scale_no_cell_could_have_is_refused(given, message):
+    image, _ = synthetic_smear((120, 160), rbc_diameter_px=30, seed=1)
+    with pytest.raises(ValueError, match=message):
+        segment_smear(image, **given)
+
+
 def test_scale_error_is_specific():
     lone = np.full((100, 100, 3), 230, np.uint8)
     lone[40:60, 40:60] = (150, 60, 80)

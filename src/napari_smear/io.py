@@ -394,6 +394,11 @@ def _tiff_pixel_size_yx_um(tif: Any) -> tuple[float, float] | None:
     return (height if height is not None else width, width)
 
 
+#: Larger pixels than this (um) in a TIFF resolution tag are a default dpi, not a
+#: microscope's calibration: a red cell would be under one pixel across.
+_MAX_CALIBRATED_PIXEL_UM = 10.0
+
+
 def _resolution_tag_um(tif: Any, tags: Any, name: str) -> float | None:
     """Pixel size (µm) of one resolution tag, when its unit is a length."""
     if name not in tags:
@@ -404,7 +409,10 @@ def _resolution_tag_um(tif: Any, tags: Any, name: str) -> float | None:
     pixels_per_unit = numerator / denominator
     unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
     if unit == 3:  # centimetre
-        return 1e4 / pixels_per_unit
+        size_um = 1e4 / pixels_per_unit
+        # a default dpi stored per centimetre (72, 96, 300 dpi: 28.3, 37.8, 118.1 px/cm)
+        # reads as 85-353 um pixels, where a red cell would be under a tenth of a pixel
+        return size_um if size_um <= _MAX_CALIBRATED_PIXEL_UM else None
     if unit == 1 and tif.is_imagej:  # no unit in the tag: ImageJ stores it in its metadata
         ij_unit = str((tif.imagej_metadata or {}).get("unit", "")).strip()
         factor = _UNIT_TO_UM.get(ij_unit) or _UNIT_TO_UM.get(ij_unit.lower())

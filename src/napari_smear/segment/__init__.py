@@ -151,10 +151,12 @@ def segment_smear(
         if stain_sample is not rgb:  # what was computed on the sample is not the field's
             channels = None
         report(0.0, "measuring the red-cell size")  # each report is also a chance to cancel
-        if rbc_diameter_px is not None:  # checked by _check_positive above
-            diameter = float(rbc_diameter_px)
-        elif pixel_size_um is not None:
-            diameter = rbc_diameter_from_pixel_size(pixel_size_um)
+        if rbc_diameter_px is not None or pixel_size_um is not None:  # checked by _check_positive above
+            if rbc_diameter_px is not None:
+                diameter = float(rbc_diameter_px)
+            else:
+                diameter = rbc_diameter_from_pixel_size(pixel_size_um)
+            _check_explicit_diameter(diameter, rgb.shape[:2], pixel_size_um, rbc_diameter_px)
         else:
             diameter, stained_share = _measure_scale(rgb, stain, pool, channels)
             if diameter is None:
@@ -789,6 +791,26 @@ def _label_images(shape, out=None) -> tuple[np.ndarray, np.ndarray]:
         labels[start : start + 1024] = 0
         nuclei[start : start + 1024] = 0
     return labels, nuclei
+
+
+#: A red cell narrower than this (pixels) has no outline to segment.
+MIN_RBC_DIAMETER_PX = 3.0
+
+
+def _check_explicit_diameter(diameter: float, shape, pixel_size_um, rbc_diameter_px) -> None:
+    """Refuse a given scale under which no cell could be segmented: a red cell under
+    3 px, or several times wider than the whole image (a pixel size in the wrong unit,
+    or a file's default resolution tag taken for a calibration)."""
+    if MIN_RBC_DIAMETER_PX <= diameter <= 4 * max(shape):
+        return
+    if rbc_diameter_px is not None:
+        given, advice = f"rbc_diameter_px={rbc_diameter_px:g} is", ""
+    else:
+        given = f"pixel_size_um={pixel_size_um:g} puts a {RBC_DIAMETER_UM:g} um red cell at {diameter:.3g} px,"
+        advice = "check the unit (micrometres per pixel), or "
+    problem = (f"under {MIN_RBC_DIAMETER_PX:g} px: too small to segment" if diameter < MIN_RBC_DIAMETER_PX
+               else f"several times wider than the whole {shape[1]} x {shape[0]} image")
+    raise ValueError(f"{given} {problem}; {advice}leave the scale out to have it measured from the field")
 
 
 def _empty(shape, diameter, pixel_size_um, out=None) -> SmearSegmentation:

@@ -307,3 +307,20 @@ def test_saved_model_is_readable_like_any_other_output(tmp_path):
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]  # no temporary left
+
+
+def test_weights_that_are_not_finite_and_unknown_cell_types_are_refused(tmp_path, saved_plain):
+    path, model = saved_plain
+    meta = read_metadata(path)
+    state = dict(model.state_dict())
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    broken = write_with_metadata(tmp_path / "nan.safetensors", {**state, name: torch.full_like(state[name], float("nan"))},
+                                 meta)
+    with pytest.raises(ModelFileError, match=f"NaN or infinite values \\({name}"):
+        load_model(broken)
+    typo = write_with_metadata(tmp_path / "t.safetensors", state, {**meta, "cell_types": ["wbcs"]})
+    with pytest.raises(ModelFileError, match=r"cell_types must be some of \['wbc', 'rbc', 'platelet'\], got \['wbcs'\]"):
+        load_model(typo)
+    empty = write_with_metadata(tmp_path / "e.safetensors", state, {**meta, "cell_types": []})
+    with pytest.raises(ModelFileError, match="non-empty list"):
+        read_metadata(empty)

@@ -120,6 +120,13 @@ def _validate_metadata(metadata: dict[str, Any], num_classes: int | None) -> dic
     crop_diameters = metadata.get("crop_diameters")
     if isinstance(crop_diameters, bool) or not isinstance(crop_diameters, (int, float)) or not crop_diameters > 0:
         raise ValueError(f"crop_diameters must be a positive number, got {crop_diameters!r}")
+    cell_types = metadata.get("cell_types")
+    if cell_types is not None:
+        from ..segment.types import check_cell_types
+
+        if not isinstance(cell_types, (list, tuple)) or not cell_types:
+            raise ValueError(f"cell_types must be a non-empty list of segmented cell types, got {cell_types!r}")
+        check_cell_types(list(cell_types))  # a ValueError naming the unknown type and the known ones
     return {
         **metadata,
         "class_names": list(class_names),
@@ -381,6 +388,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
             problems.append(f"shape mismatches: {listing(mismatched)}")
         raise ModelFileError(
             f"{path}: the weights do not match the {kind!r} architecture of its metadata; " + "; ".join(problems)
+        )
+    not_finite = [name for name, tensor in state.items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not_finite:
+        raise ModelFileError(
+            f"{path}: {len(not_finite)} weight tensor(s) hold NaN or infinite values ({', '.join(not_finite[:3])}"
+            f"{', ...' if len(not_finite) > 3 else ''}): the model would answer nonsense (a training run that "
+            "diverged?); use an earlier checkpoint or train again"
         )
     model.load_state_dict(state, strict=True)
     from ..predict import select_device  # a clear error for a device this machine lacks

@@ -418,3 +418,15 @@ def test_tiff_needing_codecs_says_how_to_get_them(tmp_path, rgb, monkeypatch):
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", needs_codecs)
     with pytest.raises(ImageReadError, match=r"napari-smear\[wsi\]"):
         read_image(path)
+
+
+def test_a_tiff_stack_of_three_planes_is_not_taken_for_colour(tmp_path):
+    planes = np.random.default_rng(0).integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    stack = tmp_path / "z.tif"
+    tifffile.imwrite(stack, planes, metadata={"axes": "ZYX"})
+    with pytest.raises(ValueError, match=r"a stack of 3 z-planes \(axes ZYX"):
+        read_image(stack)
+    assert read_image(stack, rgb=False)[0].shape == (3, 40, 50)  # the planes themselves, for napari
+    channels = tmp_path / "c.tif"  # channels named as such are colour
+    tifffile.imwrite(channels, planes, metadata={"axes": "CYX"})
+    np.testing.assert_array_equal(read_image(channels)[0], np.moveaxis(planes, 0, -1))

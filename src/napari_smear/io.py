@@ -146,11 +146,29 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
         data, meta = _read_with_imageio(path)
     meta = {"path": str(path), "shape": tuple(data.shape), "dtype": str(data.dtype), **meta}
     if rgb:
+        _refuse_stack(path, data, meta.get("axes"))
         try:
             data = as_rgb_uint8(data)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
     return data, meta
+
+
+#: tifffile's names of the axes of a stack: depth, time, a sequence of images
+_STACK_AXES = {"Z": "z-planes", "T": "time points", "I": "images"}
+
+
+def _refuse_stack(path: Path, data: np.ndarray, axes: str | None) -> None:
+    """A TIFF that names a stack axis (Z, T, I) of several planes is not one colour
+    field, though three or four planes have the shape of one (they were read as RGB)."""
+    if not axes or len(axes) != data.ndim:
+        return
+    for axis, size in zip(axes, data.shape):
+        if axis in _STACK_AXES and size > 1:
+            raise ValueError(
+                f"{path}: a stack of {size} {_STACK_AXES[axis]} (axes {axes}, shape {tuple(data.shape)}), not one "
+                "colour field; save or open one plane (napari opens the whole stack)"
+            )
 
 
 def stored_image_size(path: str | os.PathLike) -> tuple[int, int] | None:

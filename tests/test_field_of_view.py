@@ -149,3 +149,35 @@ def test_overlays_are_not_searched_on_slide_sized_images(monkeypatch):
     assert fov.find_overlay(marked) is not None
     monkeypatch.setattr(fov, "_OVERLAY_MAX_PIXELS", 600 * 800 - 1)  # painting would copy a whole scan
     assert fov.find_overlay(marked) is None
+
+
+def test_a_white_fill_or_transparent_part_is_painted_out(field):
+    """A slide export's white fill and an RGBA image's transparent part (composited onto
+    white) were the field's "glass", so the real glass read as stain: one cell 850 px
+    across. They are outside the view, like a black frame."""
+    from napari_smear.segment.field_of_view import find_white_fill
+
+    image, truth = field
+    assert find_white_fill(image) is None
+    plain = segment_smear(image)
+    framed = np.pad(image, ((60, 60), (80, 80), (0, 0)), constant_values=255)
+    fill = find_white_fill(framed)
+    assert fill is not None and fill[:50].all() and not fill[70:-70, 90:-90].any()
+    seg = segment_smear(framed)
+    assert seg.params["outside_view_share"] == pytest.approx(1 - image[..., 0].size / framed[..., 0].size, abs=0.03)
+    assert seg.rbc_diameter_px == pytest.approx(plain.rbc_diameter_px, rel=0.1)
+    assert not seg.labels[:55].any() and not seg.labels[:, :75].any()
+    inner = np.zeros(framed.shape[:2], bool)
+    inner[60:-60, 80:-80] = True
+    truth_framed = {**truth, "labels": np.pad(truth["labels"], ((60, 60), (80, 80)))}
+    assert _found(seg, truth_framed, inner) >= 0.9
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    rgba[:, : image.shape[1] // 3, 3] = 0  # the left third transparent
+    seg = segment_smear(rgba)
+    assert seg.rbc_diameter_px == pytest.approx(plain.rbc_diameter_px, rel=0.15)
+    right = np.zeros(image.shape[:2], bool)
+    right[:, image.shape[1] // 3 + 40 :] = True
+    assert _found(seg, truth, right) >= 0.9
+    # overexposed glass is saturated too, but it fades into the field: not a fill
+    bright = np.clip(image.astype(np.float32) * 1.2, 0, 255).astype(np.uint8)
+    assert (bright.min(-1) >= 250).mean() > 0.2 and find_white_fill(bright) is None

@@ -1,6 +1,8 @@
 """The part of an image that no light reached: the black surround of a photo taken
 through a microscope eyepiece (a phone held to the ocular gives a round field in a
-black frame), or the black fill of a slide scan's unscanned regions.
+black frame), or the black fill of a slide scan's unscanned regions; and the white
+fill of an export's unscanned or transparent regions, which no light came through
+either.
 
 Nothing there is glass or stained matter, but to the colour model it looks like the
 densest stain of the field: left in, a phone field came out as two "white cells" the
@@ -18,7 +20,7 @@ from scipy import ndimage as ndi
 
 from . import binary
 
-__all__ = ["find_outside_view", "find_overlay", "find_not_specimen", "fill_outside_view"]
+__all__ = ["find_outside_view", "find_white_fill", "find_overlay", "find_not_specimen", "fill_outside_view"]
 
 # A pixel is "black" (no light) below this share of the glass brightness in its
 # brightest channel. Stained matter transmits at least one channel: the darkest pixel
@@ -103,6 +105,75 @@ def find_outside_view(rgb: np.ndarray) -> np.ndarray | None:
     return outside
 
 
+# White fill: a slide viewer's export fills the unscanned or transparent parts of a
+# region with white, and an RGBA image's transparent pixels are composited onto white.
+# To the colour model that white is the glass (the brightest pixels of the field) and
+# the real glass reads as stain. A fill is saturated (every channel at least this; JPEG
+# noise keeps pure white above it), covers at least _MIN_BLACK_AREA_SHARE of the image in
+# pieces that reach its edge, and ends in a step down to the field: a band just outside
+# it is clearly darker than white, and most of it belongs to one connected region of
+# unsaturated pixels (the field's glass joins its cells into one). Overexposed glass is
+# saturated too, but it either fades into the glass round it (a band near white) or,
+# drawn with sharp edges, borders its many separate cells.
+_WHITE_LEVEL = 250
+_WHITE_EDGE_MAX = 235  # median brightness of the band, at most
+_WHITE_ONE_NEIGHBOUR_SHARE = 0.5
+
+
+def find_white_fill(rgb: np.ndarray) -> np.ndarray | None:
+    """Where a white fill (not glass) borders the field, or None (most fields).
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8
+
+    Returns
+    -------
+    (H, W) bool or None
+        True on saturated white regions that reach the image edge, cover at least 1 %
+        of the image and end in a step down to the field (see the comment above), with
+        a margin of two sample pixels.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be (H, W, 3), got shape {rgb.shape}")
+    h, w = rgb.shape[:2]
+    coarse_step = _sample_step((h, w), _GLANCE_PIXELS)
+    glance = rgb[::coarse_step, ::coarse_step].min(-1)
+    if (glance >= _WHITE_LEVEL).mean() < _MIN_BLACK_AREA_SHARE / 2:
+        return None
+    step = _sample_step((h, w), _DETECT_PIXELS)
+    sample = rgb[::step, ::step]
+    white = sample.min(-1) >= _WHITE_LEVEL
+    if white.mean() < _MIN_BLACK_AREA_SHARE or white.all():
+        return None
+    pieces, n = ndi.label(white)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    edge = np.unique(np.r_[pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]])
+    candidates = [int(k) for k in edge if k > 0 and sizes[k] >= _MIN_BLACK_AREA_SHARE * white.size]
+    if not candidates:
+        return None
+    brightness = _brightness(sample)
+    neighbours, _ = ndi.label(~white)
+    fill = np.zeros_like(white)
+    for k in candidates:
+        piece = pieces == k
+        # a band 3-6 sample pixels out: past the JPEG ringing of a sharp edge
+        band = binary.dilate(piece, binary.disk_rows(6)) & ~binary.dilate(piece, binary.disk_rows(3))
+        if not band.any() or float(np.median(brightness[band])) > _WHITE_EDGE_MAX:
+            continue
+        owners = neighbours[band]
+        owners = owners[owners > 0]
+        if owners.size and np.bincount(owners).max() >= _WHITE_ONE_NEIGHBOUR_SHARE * owners.size:
+            fill |= piece
+    if not fill.any():
+        return None
+    fill = binary.dilate(fill, binary.disk_rows(2))
+    if step > 1:  # each sample pixel stands for a step x step block
+        fill = np.repeat(np.repeat(fill, step, 0), step, 1)[:h, :w]
+    return fill
+
+
 # Burned-in annotations: a pixel is overlay where its green exceeds both its red and its
 # blue by this much. Romanowsky stains absorb green most of all (eosin and the azures
 # alike), so stained matter is never green; glass is grey. On 100 Chula fields 23 held
@@ -164,7 +235,9 @@ def find_not_specimen(rgb: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | 
     """What is painted as glass before a field is segmented or cropped:
     ``(either, outside_view, overlay)``, each an (H, W) bool mask or None (see
     :func:`find_outside_view` and :func:`find_overlay`)."""
-    outside, overlay = find_outside_view(rgb), find_overlay(rgb)
+    outside, overlay, white = find_outside_view(rgb), find_overlay(rgb), find_white_fill(rgb)
+    if white is not None:  # a white fill is outside the view as much as a black one
+        outside = white if outside is None else outside | white
     if outside is None or overlay is None:
         return (outside if overlay is None else overlay), outside, overlay
     return outside | overlay, outside, overlay

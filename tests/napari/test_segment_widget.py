@@ -105,7 +105,7 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
     wait_until_idle(qtbot, widget)
     assert len(viewer.layers) == n_layers
     assert calls == [(0.1, 24.0), (0.1, 24.0)]
-    assert "81 cells: 2 wbc, 73 rbc, 6 platelet" in widget.status
+    assert "81 cells: 2 wbc, 73 rbc, 6 platelets" in widget.status
     # "faster" segments at a lower working resolution
     assert [label for label, _ in segment_widget_module.DETAIL_CHOICES] == ["standard", "faster (large scans)"]
     widget._detail.value = 16.0
@@ -251,7 +251,7 @@ def test_an_eyepiece_photo_leaves_its_black_frame_out(viewer_with_widget, qtbot)
     cells = viewer.layers["phone cells"]
     assert not cells.data[radial > 1.02].any()
     assert (cells.features["cell_type"] == "rbc").sum() > 20
-    assert "unlit (an eyepiece frame) and was left out" in widget.status
+    assert "outside the view (an eyepiece's black frame" in widget.status
 
 
 def test_warnings_about_the_image_reach_the_user(viewer_with_widget, qtbot, monkeypatch):
@@ -320,3 +320,25 @@ def test_docked_form_is_never_cut_off_at_the_right(make_napari_viewer, qtbot, na
     widget.form.layout().itemAt(0).widget().setMinimumWidth(form.minimumSizeHint().width() + 80)
     qtbot.waitUntil(lambda: scroll_area.minimumWidth() >= form.minimumSizeHint().width() > 0, timeout=5_000)
     qtbot.waitUntil(lambda: form.width() <= scroll_area.viewport().width(), timeout=5_000)
+
+
+def test_the_result_of_an_image_removed_during_the_run_is_not_added(viewer_with_widget, qtbot, monkeypatch):
+    """Its cells would sit over nothing (or over whatever image is there now)."""
+    viewer, widget, errors = viewer_with_widget
+    started, release = threading.Event(), threading.Event()
+    real = napari_smear.segment.segment_smear
+
+    def slow_segment(*args, **kwargs):
+        started.set()
+        release.wait(WAIT_MS / 1000)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
+    widget._run_button.native.click()
+    qtbot.waitUntil(started.is_set, timeout=WAIT_MS)
+    viewer.layers.remove("synthetic smear")
+    release.set()
+    wait_until_idle(qtbot, widget)
+    assert errors == []
+    assert "synthetic smear cells" not in viewer.layers and "synthetic smear nuclei" not in viewer.layers
+    assert "'synthetic smear' was removed from the viewer during the run: its segmentation was not added" in widget.status

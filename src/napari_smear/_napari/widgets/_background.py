@@ -336,6 +336,19 @@ class BackgroundTaskWidget(Container):
     def _set_status(self, text: str) -> None:
         self._status.value = text
 
+    def _image_was_removed(self, target: dict) -> bool:
+        """Whether the image a run was for left the viewer while it ran; if so, says so
+        (its results would sit over nothing, or over whatever image is there now)."""
+        image_id = target.get("image_layer_id")
+        if image_id is None or any(getattr(layer, "unique_id", None) == image_id for layer in self._viewer.layers):
+            return False
+        self._progress.value = 0
+        self._set_status(
+            f"{target.get('image_layer_name', 'The image')!r} was removed from the viewer during the run: "
+            f"its {self.result_name} was not added. Open the image again and run again."
+        )
+        return True
+
     def _decline(self, status: str, notice: str) -> None:
         """Explain why a run cannot start: in the status line and as a napari notice."""
         self._set_status(status)

@@ -208,6 +208,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
     """
 
     task_name = "classification"
+    result_name = "classification"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer, status_lines=4)
@@ -368,6 +369,8 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             self._set_status(message[:1].upper() + message[1:] + "…")
 
     def _show_result(self, result: AnalysisResult, target: dict) -> None:
+        if self._image_was_removed(target):
+            return
         layers = show_layers(self._viewer, analysis_layers(result, **target))
         self.last_result, self.last_layers = result, layers
         if self._image_combo.value is not None and self._image_combo.value.name == target["image_layer_name"]:

@@ -149,6 +149,8 @@ class SegmentWidget(BackgroundTaskWidget):
             self._set_status(f"Segmenting: {message}")
 
     def _show_result(self, result: SmearSegmentation, target: dict) -> None:
+        if self._image_was_removed(target):
+            return
         show_layers(self._viewer, segmentation_layers(result, **target))
         # attention maps of the cells this replaces would sit over the new cells as if
         # they were theirs
@@ -166,7 +168,9 @@ class SegmentWidget(BackgroundTaskWidget):
 
 def _summary(seg: SmearSegmentation) -> str:
     counts = seg.counts()
-    parts = ", ".join(f"{count} {cell_type}" for cell_type, count in counts.items())
+    # the types are wbc, rbc (abbreviations, read as they are) and platelet
+    parts = ", ".join(f"{count} {cell_type}{'s' if cell_type == 'platelet' and count != 1 else ''}"
+                      for cell_type, count in counts.items())
     diameter = f"RBC diameter {seg.rbc_diameter_px:.1f} px"
     if seg.pixel_size_um:
         diameter += f" ({seg.rbc_diameter_px * seg.pixel_size_um:.1f} µm)"
@@ -174,7 +178,8 @@ def _summary(seg: SmearSegmentation) -> str:
     outside = seg.params.get("outside_view_share")
     if outside:
         # say it: the user sees a black frame with no cells in it and should know why
-        text += f"; {outside:.0%} of the image is unlit (an eyepiece frame) and was left out"
+        text += (f"; {outside:.0%} of the image is outside the view (an eyepiece's black frame, or a "
+                 "black or white fill where nothing was scanned) and was left out")
     if seg.params.get("overlay_share"):
         text += "; a burned-in green annotation (scale bar, text) was painted out as glass"
     return text

@@ -210,3 +210,26 @@ def test_another_images_cells_are_refused(setup, tmp_path):
     widget._image_combo.value = viewer.layers["synthetic smear"]
     assert widget._cells_combo.value is cells
     assert errors == []
+
+
+@pytest.mark.parametrize(("active", "offered"), [("synthetic smear cells", "synthetic smear"), ("later", "later")])
+def test_the_image_with_cells_is_offered_first(make_napari_viewer, synthetic_field, active, offered):
+    """Not whichever image is first in the layer list: the selected image, else the
+    last one that was segmented."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 40), np.uint8), name="gray")
+    add_segmented_field(viewer, synthetic_field)
+    viewer.add_image(np.zeros((40, 40), np.uint8), name="later")
+    viewer.layers.selection.active = viewer.layers[active]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Train classifier")
+    assert widget._image_combo.value.name == offered
+    if offered == "synthetic smear":
+        assert widget._cells_combo.value.name == "synthetic smear cells"
+
+
+def test_a_model_no_better_than_guessing_is_flagged():
+    caution = train_module._weak_model_caution
+    assert caution({"n": 200, "accuracy": 0.9, "macro_f1": 0.88}, 4) == ""
+    assert "close to guessing among 2 classes" in caution({"n": 200, "accuracy": 0.5, "macro_f1": 0.333}, 2)
+    few = caution({"n": 4, "accuracy": 1.0, "macro_f1": 1.0}, 2)
+    assert "validated on only 4 cells" in few and "guessing" not in few

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, RadioButtons, Select, SpinBox
 from napari.layers import Image, Labels
+from napari.utils.notifications import show_warning
 
 from napari_smear._napari.layers import METADATA_KEY, nuclei_layer_of, relink_renamed_image, segmentation_from_layers
 from napari_smear._napari.widgets import user_models
@@ -246,6 +247,9 @@ class TrainWidget(BackgroundTaskWidget):
         self._image_combo.changed.connect(self._on_image_changed)
         self._follow_user_models()
         self.reset_choices()
+        preferred = self._preferred_image()
+        if preferred is not None:
+            self._image_combo.value = preferred
         self._on_source_changed(self._source.value)
         self._on_start_changed(self._start_from.value)
         self._on_classes_from_changed(self._classes_from.value)
@@ -384,6 +388,19 @@ class TrainWidget(BackgroundTaskWidget):
     def _start_choices(self, _widget: Any = None) -> list[tuple[str, str | None]]:
         return [(NEW_MODEL, None), *model_choices()]
 
+    def _preferred_image(self) -> Image | None:
+        """The image to offer first: the selected layer when it is an image, else the
+        last image that has a cells layer (the one just segmented or classified),
+        rather than whichever image happens to be first in the layer list."""
+        images = [layer for _, layer in self._image_layer_choices()]
+        # compared by id: napari hands plugins proxies of its objects, a new one per access
+        active_id = getattr(self._viewer.layers.selection.active, "unique_id", None)
+        for layer in images:
+            if active_id is not None and layer.unique_id == active_id:
+                return layer
+        with_cells = [layer for layer in images if cells_layer_of(self._viewer, layer) is not None]
+        return with_cells[-1] if with_cells else None
+
     def _on_image_changed(self, layer: Image | None) -> None:
         """Pick the cells layer made from this image (another image's cells are refused
         at Train: see _job)."""
@@ -492,6 +509,9 @@ class TrainWidget(BackgroundTaskWidget):
             self._fail(f"the model was saved but cannot be offered for classification: {exc}")
             return
         metrics = result.metrics
+        caution = _weak_model_caution(metrics, len(result.info.class_names))
+        if caution:
+            show_warning(f"napari-smear: {result.model_path.name}: {caution}")
         stopped = " (stopped early)" if result.stopped_early else ""
         choice = result.info.metadata.get("prior_correction")
         prior = (f" Prior correction {choice['strength']:g} (chosen on the held-out cells)." if choice else
@@ -500,8 +520,29 @@ class TrainWidget(BackgroundTaskWidget):
             f"Saved {result.model_path.name}: best epoch {result.best_epoch} of {result.epochs_completed}{stopped}, "
             f"validation accuracy {metrics.get('accuracy', float('nan')):.3f}, macro-F1 "
             f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells.{prior} "
-            "It is now offered in Classify cells."
+            "It is now offered in Classify cells." + (f" Caution: {caution}" if caution else "")
         )
+
+
+#: Fewer held-out cells than this say little about a model.
+_FEW_VALIDATION_CELLS = 20
+
+
+def _weak_model_caution(metrics: dict, n_classes: int) -> str:
+    """Why a freshly trained model's figures do not show that it works, or ""."""
+    n = metrics.get("n") or 0
+    accuracy, macro_f1 = metrics.get("accuracy"), metrics.get("macro_f1")
+    reasons = []
+    if accuracy is not None and macro_f1 is not None and n_classes >= 2 and (
+        macro_f1 <= 1.5 / n_classes or accuracy <= 1.2 / n_classes
+    ):
+        reasons.append(f"its validation scores are close to guessing among {n_classes} classes")
+    if n < _FEW_VALIDATION_CELLS:
+        reasons.append(f"it was validated on only {n} cells")
+    if not reasons:
+        return ""
+    return (" and ".join(reasons) + "; label more cells (or more images) and train again before trusting "
+            "its answers")
 
 
 def _painted_names(layer: Labels) -> dict[int, str]:

@@ -101,6 +101,14 @@ def test_an_image_given_as_the_output_is_refused_before_any_work(tmp_path, capsy
     assert images[0].read_bytes() == before
 
 
+def test_demo_output_that_is_a_file_is_refused(tmp_path, capsys):
+    taken = tmp_path / "afile"
+    taken.write_text("kept")
+    assert main(["demo", "--out", str(taken), "--models", "none"]) == 1
+    assert "is a file; the demo writes a folder" in capsys.readouterr().err
+    assert taken.read_text() == "kept"
+
+
 def test_unavailable_device_is_reported(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

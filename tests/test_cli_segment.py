@@ -141,3 +141,22 @@ def test_segment_cli_warnings_name_their_file(tmp_path, synthetic_field):
     write_png_atomic(tmp_path / "in" / "gray.png", gray)
     with pytest.warns(UserWarning, match=r"^gray.png: the image has no colour"):
         assert main(["segment", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_segment_cli_prints_warnings_as_messages_not_python_source(tmp_path, synthetic_field):
+    # a process of its own: pytest records the warnings of the tests it runs itself
+    import subprocess
+    import sys
+
+    image, _ = synthetic_field
+    gray = np.round(image.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "gray.png", gray)
+    command = "import sys; from napari_smear.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "segment", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "napari-smear segment: warning: gray.png: the image has no colour" in done.stderr
+    assert "UserWarning" not in done.stderr and ".py:" not in done.stderr

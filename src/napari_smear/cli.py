@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["build_parser", "main"]
@@ -251,6 +252,8 @@ def _add_demo(subparsers) -> None:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out} is a file; the demo writes a folder of outputs: give a folder")
     report = run_demo(Path(args.out), models=_model_list(args.models), device=args.device)
     return 0 if report.analysed + report.skipped else 1
 
@@ -679,6 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     reader of the output went away)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # warnings about the images (no colour, too few cells for the scale...) are for the
+    # user: printed like the errors, not as Python's "file.py:317: UserWarning" and a
+    # line of our source
+    original_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: (
+        f"napari-smear {args.command}: warning: {message}\n"
+    )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -696,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: an output path that is a folder, a full disk, a permission...
         print(f"napari-smear {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = original_format
 
 
 if __name__ == "__main__":  # pragma: no cover

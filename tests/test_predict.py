@@ -84,6 +84,15 @@ def test_classify_crops_outputs_and_batch_independence(tmp_path):
     assert "attention" not in no_maps and no_maps["probs"].shape == (10, 3)
 
 
+def test_soft_masks_count_from_one_half(tmp_path):
+    """Float masks (a resized or blurred mask) are thresholded, not truncated to 0."""
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(4)
+    hard = classify_crops(model, info, images, masks, device="cpu", amp=False)
+    soft = classify_crops(model, info, images, masks.astype(np.float32) * 0.99, device="cpu", amp=False)
+    np.testing.assert_allclose(soft["probs"], hard["probs"], atol=1e-6)
+
+
 def test_classify_crops_rejects_wrong_inputs(tmp_path):
     model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
     images, masks = random_crops(4, size=48)

@@ -274,7 +274,7 @@ def classify_crops(
     images : (N, S, S, 3) uint8
         Crops at the model's scale (``S == info.input_size``).
     masks : (N, 2, S, S)
-        Cell and nucleus masks (0/1) of each crop.
+        Cell and nucleus masks (0/1) of each crop; float masks count from 0.5 up.
     morph : (N, M) float, optional
         Morphology features for models built with ``morph_features > 0``; computed
         with :func:`napari_smear.morphology.crop_morphology` when not given.
@@ -337,6 +337,10 @@ def classify_crops(
     n = len(images)
     if masks.shape != (n, 2, size, size):
         raise ValueError(f"masks must have shape ({n}, 2, {size}, {size}), got {masks.shape}")
+    if masks.dtype != bool and not np.issubdtype(masks.dtype, np.integer):
+        # soft (float) masks: a pixel is in the cell from one half up (cast to integers,
+        # 0.99 would have become 0 and the model seen no cell at all)
+        masks = np.asarray(masks, np.float32) >= 0.5
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     morph_features = int(getattr(model, "config", {}).get("morph_features", 0) or 0)

@@ -17,7 +17,7 @@ import tifffile
 from conftest import tiny_model_file
 
 from napari_smear import batch
-from napari_smear.batch import OUTPUT_VERSION, analyze_files
+from napari_smear.batch import OUTPUT_VERSION, analyze_files, is_output_name
 from napari_smear.cli import main
 from napari_smear.io import read_image, write_png_atomic, write_tiff_atomic
 
@@ -185,6 +185,27 @@ def test_rerun_skips_finished_images_and_redoes_changed_ones(setup, tmp_path):
     report = analyze_files(inputs, out, **{**options, "models": [setup["models"][0], other]})
     assert (report.analysed, report.failed) == (3, 1) and "a.png" not in set(report.summary.image)
     assert not (out / "a_done.json").exists()
+
+
+def test_an_output_edited_by_hand_is_kept_when_its_image_is_analysed_again(setup, tmp_path):
+    out = tmp_path / "out"
+    options = {"models": setup["models"], "device": "cpu", "batch_size": BATCH}
+    assert analyze_files(setup["inputs"], out, **options).analysed == 4
+    labels_path = out / "a_labels.tif"
+    edited = tifffile.imread(labels_path)
+    edited[edited == edited.max()] = 0  # a cell deleted by hand
+    tifffile.imwrite(labels_path, edited, compression="zlib")
+    assert labels_path.stat().st_size != json.loads((out / "a_done.json").read_text())["outputs"]["labels"]["bytes"]
+    with pytest.warns(UserWarning, match=r"a_labels.tif had changed since the run that wrote it .* kept as "
+                                         r"a\.changed-\d{8}-\d{6}_labels\.tif"):
+        again = analyze_files(setup["inputs"], out, **options)
+    assert (again.analysed, again.skipped) == (1, 3)
+    kept = list(out.glob("a.changed-*_labels.tif"))
+    assert len(kept) == 1
+    np.testing.assert_array_equal(tifffile.imread(kept[0]), edited)
+    assert tifffile.imread(labels_path).max() > edited.max()  # analysed again
+    # the kept file is known as an output: never taken for an image, even beside them
+    assert is_output_name(kept[0].name)
 
 
 def test_prior_correction_override_is_recorded_and_redoes_images(tmp_path):

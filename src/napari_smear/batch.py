@@ -1372,6 +1372,7 @@ def analyze_files(
             if not overwrite and _finished_marker(job, fingerprint) is not None:
                 skipped += 1
                 continue
+            _keep_changed_outputs(job)
             job.marker.unlink(missing_ok=True)
             todo.append(job)
         done = skipped + len(failures)
@@ -1597,6 +1598,42 @@ def _finished_marker(job: _Job, fingerprint: dict) -> dict | None:
     if not all(isinstance(marker.get(key), dict) for key in ("summary", "summary_whole_cells")):
         return None
     return marker
+
+
+def _keep_changed_outputs(job: _Job) -> list[Path]:
+    """Move aside the outputs of ``job`` that changed since the run that wrote them (a
+    label image corrected by hand, say), before the image is analysed again: each is
+    renamed ``<stem>.changed-<time>_labels.tif`` (and so on) beside the new one, with a
+    warning, instead of being written over. Returns the new names."""
+    try:
+        marker = json.loads(job.marker.read_text(encoding="utf-8"))
+        outputs = marker["outputs"] if isinstance(marker, dict) else {}
+        outputs = outputs if isinstance(outputs, dict) else {}
+    except (OSError, ValueError, KeyError):
+        return []
+    kept = []
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for entry in outputs.values():
+        try:
+            path, size = job.marker.parent / entry["file"], int(entry["bytes"])
+            if not path.is_file() or path.stat().st_size == size:
+                continue
+        except (KeyError, TypeError, ValueError, OSError):
+            continue
+        name = path.name
+        # the output's own ending stays last, so the kept file is still known as an
+        # output (never taken for an input image when the outputs sit beside the images)
+        ending = next((e for e in OUTPUT_SUFFIXES.values() if name.endswith(e)), path.suffix)
+        target = path.with_name(f"{name[: len(name) - len(ending)]}.changed-{stamp}{ending}")
+        with contextlib.suppress(OSError):
+            path.rename(target)
+            kept.append(target)
+            warnings.warn(
+                f"{path.name} had changed since the run that wrote it (edited by hand?); it is kept as "
+                f"{target.name} and the image is analysed again",
+                UserWarning, stacklevel=3,
+            )
+    return kept
 
 
 def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | None:

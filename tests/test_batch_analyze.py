@@ -439,6 +439,20 @@ def test_output_folder_that_is_the_input_folder_skips_its_own_outputs(tmp_path):
     assert not list(folder.glob("*_labels_*"))
 
 
+def test_a_folder_of_earlier_outputs_given_as_input_has_only_its_images_analysed(tmp_path):
+    """The label images of an earlier `analyze` (marker beside them) or `segment` (our
+    TIFF metadata) are not smear fields; a user's image that only ends like one is."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    write_png_atomic(folder / "a.png", field(1))
+    analyze_files(folder, folder, models=[], device="cpu")
+    assert main(["segment", str(folder / "a.png"), "--out", str(tmp_path / "seg"), "--quiet"]) == 0
+    write_png_atomic(tmp_path / "seg" / "b.png", field(2))
+    write_png_atomic(tmp_path / "seg" / "mine_overlay.png", field(3))  # not ours: no marker
+    report = analyze_files([folder, tmp_path / "seg"], tmp_path / "out", models=[], device="cpu")
+    assert sorted(report.summary.image) == ["a.png", "b.png", "mine_overlay.png"]
+
+
 def test_inputs_and_outputs_checked_before_any_work(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

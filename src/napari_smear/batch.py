@@ -144,7 +144,7 @@ def expand_inputs(
                     continue
                 if skip_here is not None and f.resolve().is_relative_to(skip_here):
                     continue
-                if outputs_here and is_output_name(f.name):
+                if is_output_name(f.name) and (outputs_here or _written_by_us(f)):
                     continue
                 take(f, relative)
         elif p.is_file():
@@ -152,6 +152,30 @@ def expand_inputs(
         else:
             raise FileNotFoundError(f"input not found: {p}")
     return found
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether a file named like one of our outputs is one: its image's completion
+    marker lies beside it (an `analyze` folder), or it is a TIFF carrying our metadata
+    (a `segment` folder). A folder of earlier outputs given as input then does not have
+    its label images analysed as smear fields."""
+    name = path.name
+    ending = next((e for e in OUTPUT_SUFFIXES.values() if name.endswith(e)), None)
+    if ending is None:
+        return False
+    if path.with_name(name[: len(name) - len(ending)] + MARKER_SUFFIX).is_file():
+        return True
+    if not name.lower().endswith((".tif", ".tiff")):
+        return False
+    try:
+        import tifffile
+
+        from .io import _napari_smear_description
+
+        with tifffile.TiffFile(path) as tif:
+            return _napari_smear_description(tif.pages[0].description) is not None
+    except Exception:  # unreadable: left to the run, which says why
+        return False
 
 
 def is_output_name(name: str) -> bool:

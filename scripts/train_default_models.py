@@ -173,8 +173,8 @@ def pack(name: str, data: Path, cache: Path, workers: int, output_size: int | No
 
 def train_one(name: str, crops: Path, args) -> dict:
     from napari_smear.datasets import load_crop_set
-    from napari_smear.models import load_model, save_model
-    from napari_smear.training import evaluate, train
+    from napari_smear.models import load_model
+    from napari_smear.training import train
 
     crop_set = load_crop_set(crops)
     runs = ROOT / "runs"
@@ -235,24 +235,36 @@ def train_one(name: str, crops: Path, args) -> dict:
     # a file from an interrupted run (--finalize-only) has none yet
     metadata["prior_correction"] = (info.metadata.get("prior_correction")
                                     or _choose_prior_correction(name, model, info, crop_set, args))
-    target = save_model(out_dir / f"{name}.safetensors", model, metadata)
-    metrics = evaluate(target, crop_set, "val", device=args.device)
-    _confusion_picture(name, metrics, images)
-    report = {
-        "model": name, "kind": kind, "options": extra, "file": str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target),
-        "file_mb": round(target.stat().st_size / 1e6, 2),
+    return _save_and_report(name, model, metadata, out_dir / f"{name}.safetensors", crop_set, reports, images, args, {
+        "kind": kind, "options": extra,
         "best_epoch": result.best_epoch if result else info.metrics.get("epoch"),
         "epochs_completed": result.epochs_completed if result else None,
         "history": result.history if result else None,
-        "finalized_from_interrupted_run": result is None, "val": metrics,
+        "finalized_from_interrupted_run": result is None,
+    })
+
+
+def _save_and_report(name: str, model, metadata: dict, target: Path, crop_set, reports: Path, images: Path,
+                     args, facts: dict, what: str = "") -> dict:
+    """Write the model file, score it on val, draw its confusion matrix and write its
+    report (``facts`` plus the file, the val figures and the command)."""
+    from napari_smear.models import save_model
+    from napari_smear.training import evaluate
+
+    target = save_model(target, model, metadata)
+    metrics = evaluate(target, crop_set, "val", device=args.device)
+    _confusion_picture(name, metrics, images)
+    report = {
+        "model": name, **facts,
+        "file": str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target),
+        "file_mb": round(target.stat().st_size / 1e6, 2), "val": metrics,
         "prior_correction": metadata["prior_correction"],
         "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
     }
     reports.mkdir(parents=True, exist_ok=True)
     (reports / f"{name}_val.json").write_text(json.dumps(report, indent=2))
-    print(f"[{name}] val accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-          f"attention inside {metrics.get('attention_mass_inside')}; wrote {target} "
-          f"({report['file_mb']} MB)")
+    print(f"[{name}] {what}val accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+          f"attention inside {metrics.get('attention_mass_inside')}; wrote {target} ({report['file_mb']} MB)")
     return report
 
 
@@ -318,8 +330,7 @@ def fuse(name: str, crop_set, member_files: list[Path], target: Path, reports: P
     (:func:`napari_smear.models.combine_models`), scored like a trained model: its prior
     correction chosen on val, its report and confusion picture written. The members
     must be files of this model over the same classes and inputs."""
-    from napari_smear.models import combine_models, load_model, save_model
-    from napari_smear.training import evaluate
+    from napari_smear.models import combine_models, load_model
 
     loaded = [load_model(path, device="cpu") for path in member_files]
     first = loaded[0][1].metadata
@@ -340,21 +351,9 @@ def fuse(name: str, crop_set, member_files: list[Path], target: Path, reports: P
     info = loaded[0][1]
     info.metadata.update(metadata)  # the prior correction is chosen with the ensemble's views
     metadata["prior_correction"] = _choose_prior_correction(name, model, info, crop_set, args)
-    save_model(target, model, metadata)
-    metrics = evaluate(target, crop_set, "val", device=args.device)
-    _confusion_picture(name, metrics, images)
-    report = {
-        "model": name, "kind": "ensemble", "members": [str(path) for path in member_files],
-        "file": str(target), "file_mb": round(target.stat().st_size / 1e6, 2), "val": metrics,
-        "prior_correction": metadata["prior_correction"],
-        "command": " ".join(["python", "scripts/train_default_models.py", *sys.argv[1:]]),
-    }
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / f"{name}_val.json").write_text(json.dumps(report, indent=2))
-    print(f"[{name}] ensemble of {len(member_files)}: val accuracy {metrics['accuracy']:.4f}, "
-          f"macro-F1 {metrics['macro_f1']:.4f}, attention inside {metrics.get('attention_mass_inside')}; "
-          f"wrote {target} ({report['file_mb']} MB)")
-    return report
+    return _save_and_report(name, model, metadata, target, crop_set, reports, images, args,
+                            {"kind": "ensemble", "members": [str(path) for path in member_files]},
+                            what=f"ensemble of {len(member_files)}: ")
 
 
 def main(argv=None) -> int:

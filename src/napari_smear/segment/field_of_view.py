@@ -46,6 +46,20 @@ def _sample_step(shape: tuple[int, ...], max_pixels: int) -> int:
     return max(1, int(math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels))))
 
 
+def _checked_rgb(rgb) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be (H, W, 3), got shape {rgb.shape}")
+    return rgb
+
+
+def _glance(rgb: np.ndarray) -> np.ndarray:
+    """A sparse regular subsample (a few ten thousand pixels): enough to tell that most
+    fields have no frame at all, for a millisecond."""
+    step = _sample_step(rgb.shape[:2], _GLANCE_PIXELS)
+    return rgb[::step, ::step]
+
+
 def _brightness(sample: np.ndarray) -> np.ndarray:
     # the brightest channel, over 3 x 3 pixels (JPEG noise in the black)
     return ndi.uniform_filter(sample.max(-1).astype(np.float32), 3)
@@ -67,14 +81,11 @@ def find_outside_view(rgb: np.ndarray) -> np.ndarray | None:
         margin of two sample pixels. None when there is none (most fields), so the
         common case costs one pass over a subsample.
     """
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must be (H, W, 3), got shape {rgb.shape}")
+    rgb = _checked_rgb(rgb)
     h, w = rgb.shape[:2]
     # Most fields have no black at all: a coarse look (a tenth of the pixels at most,
     # unsmoothed, a looser limit) settles them for a millisecond instead of ten.
-    coarse_step = _sample_step((h, w), _GLANCE_PIXELS)
-    glance = rgb[::coarse_step, ::coarse_step].max(-1)
+    glance = _glance(rgb).max(-1)
     glance_glass = float(np.percentile(glance, 90))
     if glance_glass < 20 or (glance < 1.5 * _BLACK_SHARE * glance_glass).mean() < _MIN_BLACK_AREA_SHARE / 2:
         return None
@@ -134,12 +145,9 @@ def find_white_fill(rgb: np.ndarray) -> np.ndarray | None:
         of the image and end in a step down to the field (see the comment above), with
         a margin of two sample pixels.
     """
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must be (H, W, 3), got shape {rgb.shape}")
+    rgb = _checked_rgb(rgb)
     h, w = rgb.shape[:2]
-    coarse_step = _sample_step((h, w), _GLANCE_PIXELS)
-    glance = rgb[::coarse_step, ::coarse_step].min(-1)
+    glance = _glance(rgb).min(-1)
     if (glance >= _WHITE_LEVEL).mean() < _MIN_BLACK_AREA_SHARE / 2:
         return None
     step = _sample_step((h, w), _DETECT_PIXELS)

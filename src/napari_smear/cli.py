@@ -28,10 +28,8 @@ def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs
     one of the ``inputs``."""
     out = Path(path)
     if out.suffix.lower() not in suffixes:
-        raise CommandError(
-            f"{option} {path}: the file to write must end in {' or '.join(suffixes)} "
-            f"(refusing to write over {'an existing file' if out.exists() else 'a file'} of another kind)"
-        )
+        kept = " (an existing file of another kind is never written over)" if out.exists() else ""
+        raise CommandError(f"{option} {path}: the file to write must end in {' or '.join(suffixes)}{kept}")
     if out.is_dir():
         raise CommandError(f"{option} {path} is a folder; give the file to write")
     resolved = out.resolve()

@@ -1,8 +1,8 @@
 """The part of an image that no light reached: the black surround of a photo taken
 through a microscope eyepiece (a phone held to the ocular gives a round field in a
-black frame), or the black fill of a slide scan's unscanned regions; and the white
-fill of an export's unscanned or transparent regions, which no light came through
-either.
+black frame), or the black fill of a slide scan's unscanned regions; and, no more a
+part of the specimen, the white fill an export puts where nothing was scanned or the
+image was transparent.
 
 Nothing there is glass or stained matter, but to the colour model it looks like the
 densest stain of the field: left in, a phone field came out as two "white cells" the

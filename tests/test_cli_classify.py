@@ -55,7 +55,7 @@ def test_classify_writes_predictions_and_lists_bad_images(tmp_path, shared_data,
     assert code == 1  # the CSV is written, and the status says it lists an error
     result = pd.read_csv(out, keep_default_na=False)
     assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in TINY_CLASSES],
-                                    "scale_measured", "error"]
+                                    "scale_measured", "cell_type", "warning", "error"]
     assert len(result) == 3
     bad = result[result.path.str.endswith("broken.jpg")]
     assert len(bad) == 1 and bad.error.iloc[0] and bad.prediction.iloc[0] == ""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_CLASSES, tiny_model_file
 
+from napari_smear.io import write_png_atomic
 from napari_smear.models import load_model
 from napari_smear.predict import (
     classify_crops,
@@ -292,10 +293,28 @@ def test_classify_files_keeps_order_and_reports_failures(tmp_path, shared_data):
         result = classify_files(inputs, model_path, device="cpu", progress=False)
     assert result.path.tolist() == [str(p) for p in inputs]
     assert list(result.columns) == ["path", "prediction", "confidence", *[f"p_{c}" for c in TINY_CLASSES],
-                                    "scale_measured", "error"]
+                                    "scale_measured", "cell_type", "warning", "error"]
     good = result.error == ""
     assert good.tolist() == [True, False, True, False, True]
     assert result.prediction[good].isin(TINY_CLASSES).all() and (result.prediction[~good] == "").all()
     np.testing.assert_allclose(result.loc[good, [f"p_{c}" for c in TINY_CLASSES]].sum(axis=1), 1, atol=1e-5)
     assert result.confidence[~good].isna().all()
     assert "not found" in result.error[3] and result.error[1]
+
+
+def test_classify_files_warns_when_the_central_cell_is_not_what_the_model_classifies(tmp_path):
+    from napari_smear.samples import synthetic_smear
+
+    image, _ = synthetic_smear((240, 240), rbc_diameter_px=30, n_wbc=0, n_platelets=0, seed=3)
+    gray = np.repeat(np.round(image.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None], 3, -1)
+    write_png_atomic(tmp_path / "reds.png", image)
+    write_png_atomic(tmp_path / "gray.png", gray)
+    model_path = tiny_model_file(tmp_path / "m.safetensors", size=32, cell_types=["wbc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = classify_files([tmp_path / "reds.png", tmp_path / "gray.png"], model_path, device="cpu",
+                                progress=False)
+    reds = result.iloc[0]
+    assert reds.error == "" and reds.cell_type == "rbc"
+    assert "segmented as rbc, and this model classifies wbc cells" in reds.warning
+    assert "no colour" in result.iloc[1].warning

@@ -581,7 +581,8 @@ def _add_classify(subparsers) -> None:
     parser.add_argument("--model", default="wbc-pbc8", help="model name or .safetensors file (default wbc-pbc8)")
     parser.add_argument("--out", required=True, help="CSV to write (path, prediction, confidence, p_<class>..., scale_measured (false: the "
                              "image's own red cells could not be measured, or measured far off the others', and the "
-                             "others' median scale was used), error)")
+                             "others' median scale was used), cell_type (the segmented type of the cell classified), "
+                             "warning (what makes the answer doubtful), error)")
     _add_inference_options(parser, workers_help="processes for cropping")
     parser.set_defaults(func=_run_classify)
 
@@ -602,7 +603,11 @@ def _run_classify(args) -> int:
     for path, error in zip(failed.path, failed.error):
         print(f"napari-smear classify: {path}: {error}", file=sys.stderr)
     classified = len(table) - len(failed)
-    print(f"classified {classified} of {len(table)} images -> {out}")
+    doubtful = table[(table.error == "") & (table.warning != "")]
+    for path, warning in zip(doubtful.path, doubtful.warning):
+        print(f"napari-smear classify: warning: {path}: {warning}", file=sys.stderr)
+    print(f"classified {classified} of {len(table)} images -> {out}"
+          + (f" ({len(doubtful)} with a warning: see its column)" if len(doubtful) else ""))
     if classified:
         counts = table.prediction[table.error == ""].value_counts()
         print("  " + ", ".join(f"{name} {count}" for name, count in counts.items()))

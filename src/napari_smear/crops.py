@@ -322,6 +322,24 @@ def crop_single_cell(
     masks and the red cells around it give the scale; the instance under the image
     centre (or the nearest to it) is cropped at the normalised scale.
     """
+    crops, _ = crop_central_cell(
+        image, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px,
+        pixel_size_um=pixel_size_um, stain_normalization=stain_normalization,
+    )
+    return crops
+
+
+def crop_central_cell(
+    image: np.ndarray,
+    *,
+    crop_diameters: float = DEFAULT_CROP_DIAMETERS,
+    output_size: int = DEFAULT_OUTPUT_SIZE,
+    rbc_diameter_px: float | None = None,
+    pixel_size_um: float | None = None,
+    stain_normalization: str | None = None,
+) -> tuple[InstanceCrops, str]:
+    """:func:`crop_single_cell`, and the segmented type of the cell it cropped ("wbc",
+    "rbc" or "platelet"): a white-cell model given a red cell answers nonsense."""
     from .io import as_rgb_uint8
     from .segment import segment_smear
 
@@ -330,10 +348,12 @@ def crop_single_cell(
     label = central_label(seg)
     if label is None:
         raise ValueError("no cell found in the single-cell image")
-    return crop_instances(
+    cell_type = str(seg.table.set_index("label").at[label, "cell_type"])
+    crops = crop_instances(
         rgb, seg, crop_diameters=crop_diameters, output_size=output_size, labels=[label],
         stain_normalization=stain_normalization,
     )
+    return crops, cell_type
 
 
 def central_label(seg: SmearSegmentation) -> int | None:

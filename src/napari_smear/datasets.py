@@ -432,16 +432,17 @@ def _encode_attributes(table, n: int):
 def _crop_one(task):
     """Worker: crop one image. Returns (index, result dict or None, error or None, scale_failed)."""
     index, path, crop_diameters, output_size, rbc_diameter_px, stain_normalization = task
-    from .crops import crop_single_cell
+    from .crops import crop_central_cell
     from .io import read_image
     from .morphology import crop_morphology
     from .segment.scale import ScaleEstimateError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no stained cells" is reported as a failure below
+        # kept for the caller ("no stained cells" is reported as a failure below)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             image, _ = read_image(path)
-            crops = crop_single_cell(
+            crops, cell_type = crop_central_cell(
                 image, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px,
                 stain_normalization=stain_normalization,
             )
@@ -455,6 +456,8 @@ def _crop_one(task):
         "masks": crops.masks[0],
         "morph": np.nan_to_num(morph, nan=0.0, posinf=0.0, neginf=0.0),
         "rbc_diameter_px": float(crops.rbc_diameter_px),
+        "cell_type": cell_type,
+        "warnings": list(dict.fromkeys(str(w.message) for w in caught)),
     }
     return index, result, None, False
 

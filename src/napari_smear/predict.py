@@ -651,8 +651,11 @@ def classify_files(
     -------
     pandas.DataFrame
         One row per image, in input order: ``path``, ``prediction``, ``confidence``,
-        ``p_<class>`` for each class, ``scale_measured`` and ``error`` (empty when the
-        image was classified; the reason otherwise, with NaN probabilities).
+        ``p_<class>`` for each class, ``scale_measured``, ``cell_type`` (the segmented
+        type of the cell classified: wbc, rbc or platelet), ``warning`` (empty, or what
+        makes the answer doubtful: a cell of a type the model does not classify, an image
+        without colour...) and ``error`` (empty when the image was classified; the reason
+        otherwise, with NaN probabilities).
     """
     import pandas as pd
 
@@ -664,7 +667,8 @@ def classify_files(
     device = select_device(device)
     model, info = _resolve_model(model, info, device)
     check_test_time_views(info, test_time_views)  # before any image is read
-    columns = ["path", "prediction", "confidence", *[f"p_{c}" for c in info.class_names], "scale_measured", "error"]
+    columns = ["path", "prediction", "confidence", *[f"p_{c}" for c in info.class_names], "scale_measured",
+               "cell_type", "warning", "error"]
     if not files:
         return pd.DataFrame(columns=columns)
 
@@ -699,5 +703,25 @@ def classify_files(
     for c, name in enumerate(info.class_names):
         table[f"p_{name}"] = probs[:, c]
     table["scale_measured"] = [bool(crops[i].get("scale_measured", True)) if i in crops else False for i in range(len(files))]
+    table["cell_type"] = [crops[i].get("cell_type", "") if i in crops else "" for i in range(len(files))]
+    meant_for = list((info.metadata or {}).get("cell_types") or [])
+    table["warning"] = [_single_cell_warning(crops.get(i), meant_for, info) for i in range(len(files))]
     table["error"] = [errors.get(i, "") for i in range(len(files))]
     return table[columns]
+
+
+def _single_cell_warning(crop: dict | None, meant_for: list[str], info) -> str:
+    """What makes one single-cell answer doubtful ("" when nothing): the cell at the
+    centre is of a type the model does not classify (a white-cell model handed a red
+    cell, or an empty corner), or what the segmentation warned about the image."""
+    if crop is None:
+        return ""
+    notes = []
+    cell_type = crop.get("cell_type")
+    if meant_for and cell_type and cell_type not in meant_for:
+        notes.append(
+            f"the cell at the centre was segmented as {cell_type}, and this model classifies "
+            f"{', '.join(meant_for)} cells: the answer is not about a cell it knows"
+        )
+    notes.extend(crop.get("warnings") or [])
+    return "; ".join(notes)

@@ -29,12 +29,19 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  # Debian ships venv's pip bootstrap (ensurepip) in a package of its own
+  if ! "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing apt package python3-venv"
+    SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  echo "setup: installing torch==2.13.0 (CPU build) first"
+  echo "setup: installing torch==2.13.0 first (the build pip's index gives; see README)"
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q torch==2.13.0
 fi

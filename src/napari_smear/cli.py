@@ -408,7 +408,8 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--out", required=True, help="model file to write (.safetensors)")
     parser.add_argument("--cell-types", default=None, metavar="TYPES",
                         help="segmented cells the model is for, comma-separated: wbc, rbc, platelet (e.g. "
-                             "'wbc,platelet'); `analyze` gives it only those. Default: every cell type")
+                             "'wbc,platelet'); `analyze` gives it only those. Default: those of the --init-from model, "
+                             "else every cell type")
     parser.add_argument("--epochs", type=_positive_int, default=30)
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--lr", type=float, default=None,

@@ -358,3 +358,19 @@ def test_summary_says_how_many_white_cells_were_retyped_platelets():
     plain = classify_module._summary(napari_smear.pipeline.AnalysisResult(
         segmentation=None, table=table.assign(segmented_type=table.cell_type), models={"wbc8": {}}), 1.0)
     assert "re-typed" not in plain
+
+
+def test_status_stops_reporting_classes_of_cells_segmented_again(setup, qtbot):
+    viewer, widget, errors = setup
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert errors == [] and "classified" in widget.status
+    cells = viewer.layers["synthetic smear cells"]
+    cells.features = cells.features.assign(**{"class": "edited"})  # a hand edit: still classified
+    assert "classified" in widget.status
+    _, segment = viewer.window.add_plugin_dock_widget("napari-smear", "Segment cells")
+    segment._image_combo.value = viewer.layers["synthetic smear"]
+    segment.run()
+    wait_until_idle(qtbot, segment)
+    assert "class" not in viewer.layers["synthetic smear cells"].features.columns
+    assert "were replaced since they were classified" in widget.status

@@ -8,6 +8,7 @@ and the "Differential count" dock opens on the cells.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -380,10 +381,31 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         self._progress.value = 100
         self._set_status(_summary(result, self.last_run_seconds) + _edits(result.segmentation.params.get("edited")))
         self._show_notes(result.segmentation.params.get("warnings"))
+        self._watch_classified_cells(layers[0])
         if getattr(self._viewer, "window", None) is not None:
             from napari_smear._napari.widgets.counts import show_counts
 
             show_counts(self._viewer, layers[0])
+
+    def _watch_classified_cells(self, cells_layer) -> None:
+        """Until the next run: when those cells lose their classes (Segment cells ran
+        again on the image), the status stops reporting the classification as current."""
+        previous = getattr(self, "_watched_cells", None)
+        if previous is not None:
+            with contextlib.suppress(Exception):  # the layer may be gone
+                previous.events.features.disconnect(self._on_watched_features)
+        self._watched_cells = cells_layer
+        cells_layer.events.features.connect(self._on_watched_features)
+
+    def _on_watched_features(self, event=None) -> None:
+        layer = self._watched_cells
+        if layer is None or self.is_running or "class" in layer.features.columns:
+            return
+        layer.events.features.disconnect(self._on_watched_features)
+        self._watched_cells = None
+        self._progress.value = 0
+        self._set_status(f"The cells of {layer.name!r} were replaced since they were classified (segmented "
+                         "again?): press Run to classify them.")
 
 
 def _cell_types_of(value: str) -> set[str]:

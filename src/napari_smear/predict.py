@@ -721,7 +721,7 @@ def _single_cell_warning(crop: dict | None, meant_for: list[str], info) -> str:
     if meant_for and cell_type and cell_type not in meant_for:
         notes.append(
             f"the cell at the centre was segmented as {cell_type}, and this model classifies "
-            f"{', '.join(meant_for)} cells: the answer is not about a cell it knows"
+            f"{', '.join(meant_for)} cells: check the image (the answer may be about another cell, or none)"
         )
     notes.extend(crop.get("warnings") or [])
     return "; ".join(notes)

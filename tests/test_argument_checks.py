@@ -45,6 +45,10 @@ def test_crop_arguments(segmented):
         crop_instances(image, seg, labels=[1.7])
     one = crop_instances(image, seg, labels=1)  # a single id
     assert list(one.labels) == [1]
+    assert list(one.cell_types) == [seg.table.set_index("label").at[1, "cell_type"]]
+    every = crop_instances(image, seg)
+    assert list(every.cell_types) == list(seg.table.set_index("label").loc[every.labels, "cell_type"])
+    assert list(every.subset([0]).cell_types) == [every.cell_types[0]]
     with pytest.raises(ValueError, match="label image"):
         paste_maps(np.zeros((1, 4, 4)), one, (100, 100))
 

@@ -37,6 +37,8 @@ class InstanceCrops:
         extend past the image (that part is filled with the glass colour).
     crop_diameters, rbc_diameter_px : float
         The scale convention the crops were made with.
+    cell_types : (N,) object array of str, optional
+        The segmented type of each crop's cell (wbc, rbc, platelet).
     """
 
     images: np.ndarray
@@ -45,6 +47,7 @@ class InstanceCrops:
     windows: np.ndarray
     crop_diameters: float
     rbc_diameter_px: float
+    cell_types: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,6 +60,7 @@ class InstanceCrops:
         return InstanceCrops(
             self.images[index], self.masks[index], self.labels[index],
             self.windows[index], self.crop_diameters, self.rbc_diameter_px,
+            None if self.cell_types is None else self.cell_types[index],
         )
 
 
@@ -202,7 +206,8 @@ def crop_instances(
 
         images = apply_stain_map(images, colours.stain)
     return InstanceCrops(
-        images, masks, ids, windows, float(crop_diameters), float(segmentation.rbc_diameter_px)
+        images, masks, ids, windows, float(crop_diameters), float(segmentation.rbc_diameter_px),
+        table.cell_type.to_numpy(object),
     )
 
 
@@ -322,24 +327,6 @@ def crop_single_cell(
     masks and the red cells around it give the scale; the instance under the image
     centre (or the nearest to it) is cropped at the normalised scale.
     """
-    crops, _ = crop_central_cell(
-        image, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px,
-        pixel_size_um=pixel_size_um, stain_normalization=stain_normalization,
-    )
-    return crops
-
-
-def crop_central_cell(
-    image: np.ndarray,
-    *,
-    crop_diameters: float = DEFAULT_CROP_DIAMETERS,
-    output_size: int = DEFAULT_OUTPUT_SIZE,
-    rbc_diameter_px: float | None = None,
-    pixel_size_um: float | None = None,
-    stain_normalization: str | None = None,
-) -> tuple[InstanceCrops, str]:
-    """:func:`crop_single_cell`, and the segmented type of the cell it cropped ("wbc",
-    "rbc" or "platelet"): a white-cell model given a red cell answers nonsense."""
     from .io import as_rgb_uint8
     from .segment import segment_smear
 
@@ -348,12 +335,10 @@ def crop_central_cell(
     label = central_label(seg)
     if label is None:
         raise ValueError("no cell found in the single-cell image")
-    cell_type = str(seg.table.set_index("label").at[label, "cell_type"])
-    crops = crop_instances(
+    return crop_instances(
         rgb, seg, crop_diameters=crop_diameters, output_size=output_size, labels=[label],
         stain_normalization=stain_normalization,
     )
-    return crops, cell_type
 
 
 def central_label(seg: SmearSegmentation) -> int | None:

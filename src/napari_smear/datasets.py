@@ -432,7 +432,7 @@ def _encode_attributes(table, n: int):
 def _crop_one(task):
     """Worker: crop one image. Returns (index, result dict or None, error or None, scale_failed)."""
     index, path, crop_diameters, output_size, rbc_diameter_px, stain_normalization = task
-    from .crops import crop_central_cell
+    from .crops import crop_single_cell
     from .io import read_image
     from .morphology import crop_morphology
     from .segment.scale import ScaleEstimateError
@@ -442,7 +442,7 @@ def _crop_one(task):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image, _ = read_image(path)
-            crops, cell_type = crop_central_cell(
+            crops = crop_single_cell(
                 image, crop_diameters=crop_diameters, output_size=output_size, rbc_diameter_px=rbc_diameter_px,
                 stain_normalization=stain_normalization,
             )
@@ -456,7 +456,7 @@ def _crop_one(task):
         "masks": crops.masks[0],
         "morph": np.nan_to_num(morph, nan=0.0, posinf=0.0, neginf=0.0),
         "rbc_diameter_px": float(crops.rbc_diameter_px),
-        "cell_type": cell_type,
+        "cell_type": str(crops.cell_types[0]),
         "warnings": list(dict.fromkeys(str(w.message) for w in caught)),
     }
     return index, result, None, False

@@ -587,3 +587,26 @@ def test_an_image_too_large_for_the_memory_left_is_refused_and_the_batch_goes_on
     errors = pd.read_csv(tmp_path / "out" / "errors.csv")
     assert errors.file.str.endswith("large.png").all()
     assert "MemoryError" in errors.error[0] and "300 x 400" in errors.error[0] and "--on-disk" in errors.error[0]
+
+
+def test_a_run_with_nothing_to_do_leaves_no_output_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no image files found"):
+        analyze_files(empty, tmp_path / "new_out", models=[], device="cpu")
+    assert not (tmp_path / "new_out").exists()
+    (tmp_path / "bad.safetensors").write_text("not a model")
+    write_png_atomic(empty / "a.png", field(1))
+    with pytest.raises(Exception, match="bad.safetensors"):
+        analyze_files(empty, tmp_path / "new_out", models=[str(tmp_path / "bad.safetensors")], device="cpu")
+    assert not (tmp_path / "new_out").exists()
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    with pytest.raises(ValueError, match="no image files found"):
+        batch.segment_files(nothing, tmp_path / "seg_out")
+    assert not (tmp_path / "seg_out").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder that was there before the run stays
+    with pytest.raises(ValueError, match="no image files found"):
+        analyze_files(nothing, kept, models=[], device="cpu")
+    assert kept.is_dir()

@@ -209,15 +209,21 @@ def _check_inputs_exist(inputs) -> None:
             raise FileNotFoundError(f"input not found: {item}")
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create the output folder (and its parents); a clear ValueError, before any work,
-    when that cannot be done: the path or one of its parents is a file, or the folder
-    cannot be created or written to."""
+def _check_output_path(path: str | Path) -> Path:
+    """The output folder's path; a ValueError when it or one of its parents is a file."""
     out = Path(path)
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             what = "is a file" if folder == out else f"lies inside {folder}, which is a file"
             raise ValueError(f"the output folder {out} {what}: choose a folder")
+    return out
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the output folder (and its parents); a clear ValueError, before any work,
+    when that cannot be done: the path or one of its parents is a file, or the folder
+    cannot be created or written to."""
+    out = _check_output_path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -268,10 +274,12 @@ def segment_files(
     _check_pixel_size(pixel_size_um, working_diameter_px)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     _check_inputs_exist(inputs)
+    new_output_dir = not Path(out_dir).exists()
     out = prepare_output_dir(out_dir)
     with _exclusive(out):
         jobs, failures = _plan([Path(p) for p in inputs], out, "*")
         if not jobs and not failures:
+            _remove_unused_output_dir(out, new_output_dir)
             raise ValueError(f"no image files found in {', '.join(str(p) for p in inputs)}")
         rows = [{"path": f.job.path, "error": f.reason} for f in failures]
         errors = [{"file": f.job.path, "error": f.reason} for f in failures]
@@ -1366,7 +1374,8 @@ def analyze_files(
         inputs = [inputs]
     inputs = [Path(p) for p in inputs]
     _check_inputs_exist(inputs)
-    out = prepare_output_dir(out_dir)
+    # the output folder is made once the models are known good: a bad model leaves none
+    new_output_dir = not _check_output_path(out_dir).exists()
 
     missing_models: list[str] = []
     if models is None:
@@ -1381,12 +1390,14 @@ def analyze_files(
     views = check_test_time_views(loaded, test_time_views)
     fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__, strengths,
                                working_diameter_px, views)
+    out = prepare_output_dir(out_dir)
 
     with _exclusive(out):
         _remove_stale_temporaries(out)
         jobs, failures = _plan(inputs, out, pattern)
         total = len(jobs) + len(failures)
         if not total:
+            _remove_unused_output_dir(out, new_output_dir)
             raise ValueError(
                 f"no image files found in {', '.join(str(p) for p in inputs)}"
                 + (f" matching {pattern!r}" if pattern != "*" else "")
@@ -1737,6 +1748,17 @@ def _exclusive(out: Path):
         yield
     finally:
         handle.close()
+
+
+def _remove_unused_output_dir(out: Path, made_now: bool) -> None:
+    """Remove the output folder a run made and then found nothing to do in (no images):
+    it holds only the lock file."""
+    if not made_now:
+        return
+    with contextlib.suppress(OSError):
+        if {p.name for p in out.iterdir()} <= {_LOCK_NAME}:
+            (out / _LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -160,7 +160,7 @@ def _written_by_us(path: Path) -> bool:
     (a `segment` folder). A folder of earlier outputs given as input then does not have
     its label images analysed as smear fields."""
     name = path.name
-    ending = next((e for e in OUTPUT_SUFFIXES.values() if name.endswith(e)), None)
+    ending = _output_ending(name)
     if ending is None:
         return False
     if path.with_name(name[: len(name) - len(ending)] + MARKER_SUFFIX).is_file():
@@ -178,10 +178,16 @@ def _written_by_us(path: Path) -> bool:
         return False
 
 
+def _output_ending(name: str) -> str | None:
+    """The ending (``_labels.tif``, ``_overlay.png``, ...) by which a file name is one of
+    an image's outputs, or None."""
+    return next((suffix for suffix in OUTPUT_SUFFIXES.values() if name.endswith(suffix)), None)
+
+
 def is_output_name(name: str) -> bool:
     """Whether a file name is one this package writes next to an image's outputs
     (``<stem>_labels.tif``, ``<stem>_overlay.png``, ...)."""
-    return any(name.endswith(suffix) for suffix in OUTPUT_SUFFIXES.values())
+    return _output_ending(name) is not None
 
 
 def _check_pixel_size(pixel_size_um, working_diameter_px=None) -> None:
@@ -1642,23 +1648,18 @@ def _keep_changed_outputs(job: _Job) -> list[Path]:
     warning, instead of being written over. Returns the new names."""
     try:
         marker = json.loads(job.marker.read_text(encoding="utf-8"))
-        outputs = marker["outputs"] if isinstance(marker, dict) else {}
-        outputs = outputs if isinstance(outputs, dict) else {}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return []
+    outputs = marker.get("outputs") if isinstance(marker, dict) else None
     kept = []
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for entry in outputs.values():
-        try:
-            path, size = job.marker.parent / entry["file"], int(entry["bytes"])
-            if not path.is_file() or path.stat().st_size == size:
-                continue
-        except (KeyError, TypeError, ValueError, OSError):
+    for _, path, problem in _output_states(outputs, job.marker.parent):
+        if problem != "changed" or not path.is_file():
             continue
         name = path.name
         # the output's own ending stays last, so the kept file is still known as an
         # output (never taken for an input image when the outputs sit beside the images)
-        ending = next((e for e in OUTPUT_SUFFIXES.values() if name.endswith(e)), path.suffix)
+        ending = _output_ending(name) or path.suffix
         target = path.with_name(f"{name[: len(name) - len(ending)]}.changed-{stamp}{ending}")
         with contextlib.suppress(OSError):
             path.rename(target)
@@ -1671,24 +1672,31 @@ def _keep_changed_outputs(job: _Job) -> list[Path]:
     return kept
 
 
-def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | None:
-    """The first output a marker lists that is not on disk as recorded: ``(kind, path, problem)``
-    with problem ``"malformed"`` (no file name and size), ``"missing"`` or ``"changed"`` (another
-    size); None when every output is there at its recorded size."""
+def _output_states(outputs, folder: Path):
+    """``(kind, path, problem)`` for each output a marker lists: problem None when it is on
+    disk at its recorded size, else ``"malformed"`` (no file name and size; path None),
+    ``"missing"`` or ``"changed"`` (another size)."""
     if not isinstance(outputs, dict):
-        return "outputs", None, "malformed"
+        yield "outputs", None, "malformed"
+        return
     for kind, entry in outputs.items():
         try:
             path, size = folder / entry["file"], entry["bytes"]
         except (KeyError, TypeError):
-            return kind, None, "malformed"
+            yield kind, None, "malformed"
+            continue
         try:
             actual = path.stat().st_size
         except OSError:
-            return kind, path, "missing"
-        if actual != size:
-            return kind, path, "changed"
-    return None
+            yield kind, path, "missing"
+            continue
+        yield kind, path, None if actual == size else "changed"
+
+
+def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | None:
+    """The first output a marker lists that is not on disk as recorded (see
+    :func:`_output_states`); None when every output is there at its recorded size."""
+    return next((state for state in _output_states(outputs, folder) if state[2] is not None), None)
 
 
 def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version, prior_strengths,

@@ -705,12 +705,12 @@ def classify_files(
     table["scale_measured"] = [bool(crops[i].get("scale_measured", True)) if i in crops else False for i in range(len(files))]
     table["cell_type"] = [crops[i].get("cell_type", "") if i in crops else "" for i in range(len(files))]
     meant_for = list((info.metadata or {}).get("cell_types") or [])
-    table["warning"] = [_single_cell_warning(crops.get(i), meant_for, info) for i in range(len(files))]
+    table["warning"] = [_single_cell_warning(crops.get(i), meant_for) for i in range(len(files))]
     table["error"] = [errors.get(i, "") for i in range(len(files))]
     return table[columns]
 
 
-def _single_cell_warning(crop: dict | None, meant_for: list[str], info) -> str:
+def _single_cell_warning(crop: dict | None, meant_for: list[str]) -> str:
     """What makes one single-cell answer doubtful ("" when nothing): the cell at the
     centre is of a type the model does not classify (a white-cell model handed a red
     cell, or an empty corner), or what the segmentation warned about the image."""

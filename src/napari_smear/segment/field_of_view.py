@@ -60,6 +60,14 @@ def _glance(rgb: np.ndarray) -> np.ndarray:
     return rgb[::step, ::step]
 
 
+def _full_size(mask: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
+    """A mask found on the ``step`` subsample, at the image's size: each sample pixel
+    stands for a step x step block."""
+    if step == 1:
+        return mask
+    return np.repeat(np.repeat(mask, step, 0), step, 1)[: shape[0], : shape[1]]
+
+
 def _brightness(sample: np.ndarray) -> np.ndarray:
     # the brightest channel, over 3 x 3 pixels (JPEG noise in the black)
     return ndi.uniform_filter(sample.max(-1).astype(np.float32), 3)
@@ -111,9 +119,7 @@ def find_outside_view(rgb: np.ndarray) -> np.ndarray | None:
     outside = binary.dilate(outside, binary.disk_rows(2))
     if outside.all():
         return None
-    if step > 1:  # each sample pixel stands for a step x step block
-        outside = np.repeat(np.repeat(outside, step, 0), step, 1)[:h, :w]
-    return outside
+    return _full_size(outside, step, (h, w))
 
 
 # White fill: a slide viewer's export fills the unscanned or transparent parts of a
@@ -177,9 +183,7 @@ def find_white_fill(rgb: np.ndarray) -> np.ndarray | None:
     if not fill.any():
         return None
     fill = binary.dilate(fill, binary.disk_rows(2))
-    if step > 1:  # each sample pixel stands for a step x step block
-        fill = np.repeat(np.repeat(fill, step, 0), step, 1)[:h, :w]
-    return fill
+    return _full_size(fill, step, (h, w))
 
 
 # Burned-in annotations: a pixel is overlay where its green exceeds both its red and its

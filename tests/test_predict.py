@@ -85,6 +85,37 @@ def test_classify_crops_outputs_and_batch_independence(tmp_path):
     assert "attention" not in no_maps and no_maps["probs"].shape == (10, 3)
 
 
+def test_the_folded_copy_is_reused_until_the_weights_change(tmp_path, monkeypatch):
+    """Folding BatchNorm copies the model (about 50 ms): done once per model, and again
+    after any change of its weights, in place or by replacing a tensor."""
+    import napari_smear.models as models_module
+
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(4)
+    folds = []
+    original = models_module.fuse_for_inference
+    monkeypatch.setattr(models_module, "fuse_for_inference", lambda m: folds.append(1) or original(m))
+    first = classify_crops(model, info, images, masks, device="cpu", amp=False)["probs"]
+    again = classify_crops(model, info, images, masks, device="cpu", amp=False)["probs"]
+    assert len(folds) == 1
+    np.testing.assert_array_equal(again, first)
+
+    bias = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias
+    with torch.no_grad():
+        bias[0] += 5.0  # in place, as an optimiser step: class 0 now wins everywhere
+    changed = classify_crops(model, info, images, masks, device="cpu", amp=False)["probs"]
+    assert len(folds) == 2
+    assert (changed.argmax(axis=1) == 0).all() and not np.allclose(changed, first)
+
+    model.load_state_dict({name: value.clone() for name, value in model.state_dict().items()}, assign=True)
+    classify_crops(model, info, images, masks, device="cpu", amp=False)
+    assert len(folds) == 3  # new tensors (assign=True) are new weights
+    model.train()  # the mode alone changes no weight: the folded copy is always in eval mode
+    np.testing.assert_array_equal(
+        classify_crops(model, info, images, masks, device="cpu", amp=False)["probs"], changed)
+    assert len(folds) == 3
+
+
 def test_soft_masks_count_from_one_half(tmp_path):
     """Float masks (a resized or blurred mask) are thresholded, not truncated to 0."""
     model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))

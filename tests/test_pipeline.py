@@ -179,6 +179,55 @@ def test_streaming_classifier_matches_one_field_at_a_time(field, model_files):
         streaming.add("x", {"nope": (np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 2, 32, 32), np.uint8), None)})
 
 
+def test_streaming_classifier_turns_only_the_unsure_crops(field, model_files):
+    """With turned views: a crop the first view is sure of keeps that answer, the others
+    get the mean of every view, computed in full batches of unsure crops, so each crop's
+    numbers are the ones it gets alone, in whichever order the fields come."""
+    from napari_smear.samples import synthetic_smear
+
+    loaded = load_models(model_files, "cpu")
+    specs = [m.spec for m in loaded]
+    fields = [field[0]] + [synthetic_smear((200, 260), rbc_diameter_px=28.0, seed=s)[0] for s in (5, 6)]
+    crops = [prepare_field(image, specs, morphology=False).crop_pixels() for image in fields]
+
+    def alone(k, m, views):
+        return classify_crops(m.model, m.info, *crops[k][m.name], device="cpu", batch_size=16, test_time_views=views,
+                              sure_at=None)
+
+    first = {(k, m.name): alone(k, m, 1) for k in range(3) for m in loaded}
+    every = {(k, m.name): alone(k, m, 8) for k in range(3) for m in loaded}
+    threshold = float(np.median(np.concatenate([r["probs"].max(axis=1) for r in first.values()])))
+
+    def stream(order):
+        streaming = StreamingClassifier(loaded, device="cpu", batch_size=16, max_waiting=2, test_time_views=8,
+                                        sure_at=threshold)
+        done = {}
+        for k in order:
+            done.update(streaming.add(k, crops[k]))
+            done.update(streaming.step())
+        done.update(streaming.flush())
+        assert sorted(done) == [0, 1, 2] and streaming.waiting == 0
+        return done, streaming
+
+    done, streaming = stream([0, 1, 2])
+    n_sure = 0
+    for (k, name), one in first.items():
+        sure = one["probs"].max(axis=1) >= threshold
+        n_sure += int(sure.sum())
+        for key in ("probs", "attention"):
+            expected = np.where(sure[:, None] if key == "probs" else sure[:, None, None], one[key], every[(k, name)][key])
+            np.testing.assert_array_equal(done[k][name][key], expected)
+    total = sum(len(r["probs"]) for r in first.values())
+    assert 0 < n_sure < total
+    assert streaming.crops == total and streaming.turned == total - n_sure
+    reordered, _ = stream([2, 0, 1])
+    for k in range(3):
+        for m in loaded:
+            np.testing.assert_array_equal(reordered[k][m.name]["probs"], done[k][m.name]["probs"])
+    with pytest.raises(ValueError, match="sure_at must be a probability"):
+        StreamingClassifier(loaded, device="cpu", sure_at=1.5)
+
+
 def test_differential_counts():
     table = pd.DataFrame({
         "label": range(1, 9),

@@ -259,14 +259,48 @@ def test_test_time_views_average_the_turned_crops(tmp_path):
     for k in range(1, 4):
         views.append((np.rot90(images, k, axes=(1, 2)), np.rot90(masks, k, axes=(2, 3))))
     views += [(v[:, :, ::-1], m[:, :, :, ::-1]) for v, m in views]
-    eight = run(images, masks, test_time_views=8)
+    eight = run(images, masks, test_time_views=8, sure_at=None)
     np.testing.assert_allclose(eight["probs"], np.mean([run(v, m)["probs"] for v, m in views], axis=0), atol=1e-5)
+    assert (eight["views"] == 8).all() and (plain["views"] == 1).all()
     # the same answer for a crop whichever way up it comes
-    turned = run(np.rot90(images, 1, axes=(1, 2)), np.rot90(masks, 1, axes=(2, 3)), test_time_views=8)
+    turned = run(np.rot90(images, 1, axes=(1, 2)), np.rot90(masks, 1, axes=(2, 3)), test_time_views=8, sure_at=None)
     np.testing.assert_allclose(turned["probs"], eight["probs"], atol=1e-5)
     # and its attention map turns with it (each view's map was turned back onto its crop)
     np.testing.assert_allclose(turned["attention"].astype(np.float32),
                                np.rot90(eight["attention"].astype(np.float32), 1, axes=(1, 2)), atol=2e-3)
+
+
+def test_only_unsure_crops_are_turned(tmp_path):
+    """``sure_at``: a crop whose first view is that sure keeps its first-view answer and
+    map; the others get the mean of every view, as without ``sure_at``."""
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(12, seed=3)
+
+    def run(**options):
+        return classify_crops(model, info, images, masks, device="cpu", amp=False, **options)
+
+    first, every = run(test_time_views=1), run(test_time_views=8, sure_at=None)
+    top = first["probs"].max(axis=1)
+    threshold = float(np.median(top))
+    sure = top >= threshold
+    assert 0 < sure.sum() < len(sure)
+    mixed = run(test_time_views=8, sure_at=threshold)
+    np.testing.assert_array_equal(mixed["views"], np.where(sure, 1, 8))
+    np.testing.assert_allclose(mixed["probs"][sure], first["probs"][sure], atol=1e-6)
+    np.testing.assert_allclose(mixed["probs"][~sure], every["probs"][~sure], atol=1e-5)
+    np.testing.assert_allclose(mixed["attention"][sure].astype(np.float32),
+                               first["attention"][sure].astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(mixed["attention"][~sure].astype(np.float32),
+                               every["attention"][~sure].astype(np.float32), atol=2e-3)
+    # in several batches: each batch picks its own unsure crops, with the same outcome
+    np.testing.assert_allclose(run(test_time_views=8, sure_at=threshold, batch_size=5)["probs"], mixed["probs"],
+                               atol=1e-5)
+    # all sure: one view each; at 1.0 only a certain answer would be sure (none here)
+    assert (run(test_time_views=8, sure_at=0.01)["views"] == 1).all()
+    np.testing.assert_allclose(run(test_time_views=8, sure_at=1.0)["probs"], every["probs"], atol=1e-5)
+    for bad in (0, 1.5, -0.2, True, "0.9", float("nan")):
+        with pytest.raises(ValueError, match="sure_at must be a probability"):
+            run(test_time_views=8, sure_at=bad)
 
 
 def test_test_time_views_default_to_the_model_files_own(tmp_path):

@@ -27,6 +27,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import pandas as pd
 
+from .predict import SURE_AT
 from .segment.types import CELL_TYPES, SmearSegmentation
 
 __all__ = [
@@ -806,7 +807,10 @@ class StreamingClassifier:
     Each forward pass has the same shape (a short last batch is padded with blank
     crops), so a cell's probabilities and attention do not depend on which other cells
     shared its batch: an interrupted and resumed run, a Dask run and a one-process run
-    give the same numbers, bit for bit, on the same device.
+    give the same numbers, bit for bit, on the same device. With turned views (see
+    ``sure_at`` in :func:`napari_smear.predict.classify_crops`) every crop is first
+    classified as it is; the crops that leaves unsure queue again and are classified
+    in every view, in full batches of their own, so this holds for them too.
 
     Parameters
     ----------
@@ -825,12 +829,16 @@ class StreamingClassifier:
         the caller keeps every waiting field's images in memory.
     prior_correction, test_time_views : optional
         As for :func:`analyze`.
+    sure_at : float or None
+        See :func:`napari_smear.predict.classify_crops` (default
+        :data:`napari_smear.predict.SURE_AT`; None: every view of every crop).
     """
 
     def __init__(self, models: Sequence[LoadedModel], *, device="auto", batch_size: int = 256,
                  amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
-                 prior_correction: float | None = None, test_time_views: int | None = None):
-        from .predict import select_device
+                 prior_correction: float | None = None, test_time_views: int | None = None,
+                 sure_at: float | None = SURE_AT):
+        from .predict import check_sure_at, select_device
 
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -838,6 +846,8 @@ class StreamingClassifier:
         check_test_time_views(models, test_time_views)
         self.prior_correction = prior_correction
         self.test_time_views = test_time_views
+        self._views = check_test_time_views(models, test_time_views)
+        self.sure_at = check_sure_at(sure_at)
         self.models = {m.name: m for m in models}
         self.device = select_device(device)
         self.batch_size = int(batch_size)
@@ -845,13 +855,19 @@ class StreamingClassifier:
         self.max_waiting = max(1, int(max_waiting))
         self.max_waiting_pixels = float(max_waiting_pixels)
         self._sizes: dict[Hashable, float] = {}
+        # per model: crops waiting for their first pass, and (with turned views) the
+        # crops it left unsure, waiting to be classified in every view
         self._queues: dict[str, deque] = {name: deque() for name in self.models}
         self._queued = {name: 0 for name in self.models}
+        self._turn_queues: dict[str, deque] = {name: deque() for name in self.models}
+        self._turn_queued = {name: 0 for name in self.models}
         self._results: dict[Hashable, dict[str, dict]] = {}
         self._remaining: dict[Hashable, int] = {}
-        #: Seconds in forward passes, crops classified and blank crops padded in.
+        #: Seconds in forward passes, crops classified, of those the ones classified again
+        #: in every turned view, and blank crops padded in.
         self.seconds = 0.0
         self.crops = 0
+        self.turned = 0
         self.padded = 0
 
     @property
@@ -913,11 +929,16 @@ class StreamingClassifier:
         for name in self.models:
             while self._queued[name] >= self.batch_size:
                 done += self._run(name)
+            while self._turn_queued[name] >= self.batch_size:
+                done += self._run_turns(name)
         while self.full:
             oldest = next(iter(self._remaining))
-            blocking = [n for n, q in self._queues.items() if any(item[0] == oldest for item in q)]
-            for name in blocking:
-                done += self._run(name)
+            for name in self.models:
+                if any(item[0] == oldest for item in self._queues[name]):
+                    done += self._run(name)
+            for name in self.models:
+                if any(item[0] == oldest for item in self._turn_queues[name]):
+                    done += self._run_turns(name)
         return done
 
     def flush(self) -> list[tuple[Hashable, dict]]:
@@ -926,6 +947,8 @@ class StreamingClassifier:
         for name in self.models:
             while self._queued[name]:
                 done += self._run(name)
+            while self._turn_queued[name]:
+                done += self._run_turns(name)
         return done
 
     def _pop(self, key):
@@ -934,9 +957,53 @@ class StreamingClassifier:
         return key, self._results.pop(key)
 
     def _run(self, name: str) -> list[tuple[Hashable, dict]]:
-        from .predict import classify_crops
+        """One first-pass batch of ``name``'s crops (every view at once when the model
+        averages one, or when ``sure_at`` is None)."""
+        from .predict import unsure_crops
 
-        entry, queue = self.models[name], self._queues[name]
+        pieces = self._take(self._queues[name], self._queued, name)
+        views = self._views[name]
+        first_views = 1 if views > 1 and self.sure_at is not None else views
+        out, n = self._classify(name, pieces, first_views)
+        self.crops += n
+        done, at = [], 0
+        for key, start, take, item in pieces:
+            positions = np.arange(start, start + take)
+            result = self._results[key][name]
+            result["probs"][positions] = out["probs"][at:at + take]
+            result["attention"][positions] = out["attention"][at:at + take]
+            unsure = unsure_crops(out["probs"][at:at + take], self.sure_at) if first_views != views else []
+            if len(unsure):  # classified again, in every view, with other unsure crops
+                self._turn_queues[name].append([key, 0, item[2][positions[unsure]], item[3][positions[unsure]],
+                                                None if item[4] is None else item[4][positions[unsure]],
+                                                positions[unsure]])
+                self._turn_queued[name] += len(unsure)
+            at += take
+            self._remaining[key] -= take - len(unsure)
+            if self._remaining[key] == 0:
+                done.append(self._pop(key))
+        return done
+
+    def _run_turns(self, name: str) -> list[tuple[Hashable, dict]]:
+        """One batch of the crops ``name``'s first pass left unsure, in every view."""
+        pieces = self._take(self._turn_queues[name], self._turn_queued, name)
+        out, n = self._classify(name, pieces, self._views[name])
+        self.turned += n
+        done, at = [], 0
+        for key, start, take, item in pieces:
+            positions = item[5][start:start + take]
+            result = self._results[key][name]
+            result["probs"][positions] = out["probs"][at:at + take]
+            result["attention"][positions] = out["attention"][at:at + take]
+            at += take
+            self._remaining[key] -= take
+            if self._remaining[key] == 0:
+                done.append(self._pop(key))
+        return done
+
+    def _take(self, queue: deque, queued: dict, name: str) -> list:
+        """Up to ``batch_size`` crops from the front of ``queue``: (key, start, take, item)
+        per field they come from."""
         pieces, need = [], self.batch_size
         while need and queue:
             item = queue[0]
@@ -948,8 +1015,16 @@ class StreamingClassifier:
                 queue.popleft()
             else:
                 item[1] = start + take
-        n = self.batch_size - need
-        self._queued[name] -= n
+        queued[name] -= self.batch_size - need
+        return pieces
+
+    def _classify(self, name: str, pieces: list, views: int) -> tuple[dict, int]:
+        """The crops of ``pieces`` in one forward pass per view, padded with blank crops
+        to ``batch_size``."""
+        from .predict import classify_crops
+
+        entry = self.models[name]
+        n = sum(take for _, _, take, _ in pieces)
         size = entry.spec.input_size
         images = np.zeros((self.batch_size, size, size, 3), np.uint8)
         masks = np.zeros((self.batch_size, 2, size, size), np.uint8)
@@ -968,21 +1043,11 @@ class StreamingClassifier:
         out = classify_crops(
             entry.model, entry.info, images, masks, morph, device=self.device,
             batch_size=self.batch_size, amp=self.amp, return_attention=True, progress=False,
-            prior_correction=self.prior_correction, test_time_views=self.test_time_views,
+            prior_correction=self.prior_correction, test_time_views=views, sure_at=None,
         )
         self.seconds += time.perf_counter() - started
-        self.crops += n
         self.padded += self.batch_size - n
-        done, at = [], 0
-        for key, start, take, _ in pieces:
-            result = self._results[key][name]
-            result["probs"][start:start + take] = out["probs"][at:at + take]
-            result["attention"][start:start + take] = out["attention"][at:at + take]
-            at += take
-            self._remaining[key] -= take
-            if self._remaining[key] == 0:
-                done.append(self._pop(key))
-        return done
+        return out, n
 
 
 # ----------------------------------------------------------------------------- counts

@@ -25,6 +25,9 @@ __all__ = [
     "preprocess_batch",
     "classify_crops",
     "check_test_time_views",
+    "check_sure_at",
+    "unsure_crops",
+    "SURE_AT",
     "prior_correction_strength",
     "prior_logit_offsets",
     "classify_files",
@@ -32,6 +35,9 @@ __all__ = [
 ]
 
 _DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+#: Default ``sure_at`` of :func:`classify_crops`: crops whose first view is at least this
+#: sure of a class skip the other turned views.
+SURE_AT = 0.85
 # Compiled wrappers of models, so repeated calls do not recompile.
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -305,6 +311,7 @@ def classify_crops(
     progress: bool | None = None,
     prior_correction: float | None = None,
     test_time_views: int | None = None,
+    sure_at: float | None = SURE_AT,
 ) -> dict:
     """Classify crops in batches.
 
@@ -355,6 +362,14 @@ def classify_crops(
         on a slide, and the average is steadier than any one view. Costs as many
         forward passes. Default: the model file's own (metadata ``test_time_views``;
         1 when it stores none).
+    sure_at : float or None
+        With more than one view: a crop whose first view (as it is) gives one class a
+        probability of at least ``sure_at`` is answered from that view alone, and only
+        the other crops are turned (their answer is the mean of every view, as without
+        ``sure_at``). Default :data:`SURE_AT` (0.85), chosen on the
+        training splits of both built-in models, where it changed no answer of 10,924
+        PBC crops and 2 of 13,698 Chula crops (accuracy the same) while turning 8 % and
+        33 % of them. None turns every crop (the plain average of every view).
 
     Returns
     -------
@@ -362,7 +377,8 @@ def classify_crops(
         ``probs`` (N, C) float32 (class order ``info.class_names``), ``attention``
         (N, S, S) float16 in [0, 1] when requested, ``attributes`` (dict: attribute
         name -> (N, n_values) float32 probabilities) for models with an attribute head,
-        and ``batch_size`` (the one finally used).
+        ``views`` (N,) uint8 (how many views each crop's answer averages) and
+        ``batch_size`` (the one finally used).
     """
     import torch
 
@@ -416,13 +432,18 @@ def classify_crops(
             warnings.warn(f"torch.compile is not available here ({exc}); running eagerly", stacklevel=2)
     dtype = autocast_dtype(device, amp)
     views = check_test_time_views(info, test_time_views)
+    sure_at = check_sure_at(sure_at)
     balance = bool(info.metadata.get("white_balance", False))
     offsets = prior_logit_offsets(info, prior_correction)
     offsets = None if offsets is None else torch.tensor(offsets, dtype=torch.float32, device=device)
     mean = torch.tensor(info.mean, dtype=torch.float32, device=device)
     std = torch.tensor(info.std, dtype=torch.float32, device=device)
 
+    # Turned views only for the crops the first view leaves unsure: a first pass with
+    # one view over all crops, then every view over those (in batches of their own)
+    first_views = 1 if views > 1 and sure_at is not None else views
     probs = np.empty((n, info.num_classes), np.float32)
+    views_used = np.full(n, first_views, np.uint8)
     attention = np.empty((n, size, size), np.float16) if return_attention else None
     attributes: dict[str, np.ndarray] = {}
     if progress is None:
@@ -442,7 +463,7 @@ def classify_crops(
                 )
                 morph_batch = None if not morph_features else _to_device(morph[start:stop], device)
                 batch_probs, batch_attention, batch_attributes = _classify_views(
-                    runner, x, morph_batch, views, offsets, device, dtype, channels_last, return_attention,
+                    runner, x, morph_batch, first_views, offsets, device, dtype, channels_last, return_attention,
                 )
                 probs[start:stop] = batch_probs.cpu().numpy()
                 if return_attention:
@@ -466,7 +487,22 @@ def classify_crops(
             bar.update(stop - start)
             start = stop
     bar.close()
-    result = {"probs": probs, "batch_size": batch}
+    if first_views != views:
+        unsure = unsure_crops(probs, sure_at)
+        if len(unsure):
+            again = classify_crops(
+                model, info, images[unsure], masks[unsure], None if not morph_features else morph[unsure],
+                device=device, batch_size=batch, amp=amp, compile=compile, fuse=fuse,
+                return_attention=return_attention, progress=False, prior_correction=prior_correction,
+                test_time_views=views, sure_at=None,
+            )
+            probs[unsure] = again["probs"]
+            views_used[unsure] = views
+            if return_attention:
+                attention[unsure] = again["attention"]
+            for name, values in again.get("attributes", {}).items():
+                attributes[name][unsure] = values
+    result = {"probs": probs, "views": views_used, "batch_size": batch}
     if return_attention:
         result["attention"] = attention
     if attributes:
@@ -546,6 +582,26 @@ def _classify_views(runner, x, morph, views: int, offsets, device, dtype, channe
         attention = None if attention is None else attention / views
         attributes = [a / views for a in attributes]
     return probs, attention, attributes
+
+
+def unsure_crops(probs: np.ndarray, sure_at: float | None) -> np.ndarray:
+    """Indices of the crops whose (first-view) probabilities give no class ``sure_at``
+    or more: the ones :func:`classify_crops` turns (all of them when ``sure_at`` is None)."""
+    probs = np.asarray(probs)
+    if sure_at is None:
+        return np.arange(len(probs))
+    return np.flatnonzero(~(probs.max(axis=1) >= sure_at))  # NaN rows count as unsure
+
+
+def check_sure_at(sure_at) -> float | None:
+    """``sure_at`` (see :func:`classify_crops`) as a float in (0, 1], or None; a
+    ValueError for anything else."""
+    if sure_at is None:
+        return None
+    if isinstance(sure_at, (bool, np.bool_)) or not isinstance(sure_at, (int, float, np.integer, np.floating)) \
+            or not 0 < float(sure_at) <= 1:
+        raise ValueError(f"sure_at must be a probability in (0, 1], or None (turn every crop), got {sure_at!r}")
+    return float(sure_at)
 
 
 def prior_correction_strength(info, strength: float | None = None) -> float:

@@ -1495,6 +1495,9 @@ def analyze_files(
             },
             started_at=started_at, fingerprint=fingerprint,
         )
+        run["warnings"] = classifier.unsure_notes()  # about the run as a whole
+        for note in run["warnings"]:
+            warnings.warn(note, UserWarning, stacklevel=2)
         from .io import atomic_write
 
         with atomic_write(out / "run.json", "w") as handle:

@@ -795,6 +795,12 @@ def check_test_time_views(models: Sequence[LoadedModel], views: int | None) -> d
     return {entry.name: views_of(entry.info, views) for entry in models}
 
 
+#: :meth:`StreamingClassifier.unsure_notes` warns about a model unsure of this share of
+#: its cells or more (first view under ``sure_at``), once it classified this many.
+UNSURE_SHARE_WARNING = 0.6
+UNSURE_WARNING_MIN_CELLS = 50
+
+
 class StreamingClassifier:
     """Classify the crops of many fields together, in batches of exactly ``batch_size``.
 
@@ -843,10 +849,9 @@ class StreamingClassifier:
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         check_prior_correction(models, prior_correction)
-        check_test_time_views(models, test_time_views)
+        self._views = check_test_time_views(models, test_time_views)
         self.prior_correction = prior_correction
         self.test_time_views = test_time_views
-        self._views = check_test_time_views(models, test_time_views)
         self.sure_at = check_sure_at(sure_at)
         self.models = {m.name: m for m in models}
         self.device = select_device(device)
@@ -869,6 +874,10 @@ class StreamingClassifier:
         self.crops = 0
         self.turned = 0
         self.padded = 0
+        #: Per model with turned views: crops whose first view was checked, and of those
+        #: the ones it left unsure (see :meth:`unsure_notes`).
+        self.checked: dict[str, int] = {name: 0 for name in self.models}
+        self.unsure: dict[str, int] = {name: 0 for name in self.models}
 
     @property
     def waiting(self) -> int:
@@ -957,8 +966,8 @@ class StreamingClassifier:
         return key, self._results.pop(key)
 
     def _run(self, name: str) -> list[tuple[Hashable, dict]]:
-        """One first-pass batch of ``name``'s crops (every view at once when the model
-        averages one, or when ``sure_at`` is None)."""
+        """One first-pass batch of ``name``'s crops: their first view, or all their views
+        when ``sure_at`` is None; the crops left unsure queue for :meth:`_run_turns`."""
         from .predict import unsure_crops
 
         pieces = self._take(self._queues[name], self._queued, name)
@@ -966,6 +975,8 @@ class StreamingClassifier:
         first_views = 1 if views > 1 and self.sure_at is not None else views
         out, n = self._classify(name, pieces, first_views)
         self.crops += n
+        if first_views != views:
+            self.checked[name] += n
         done, at = [], 0
         for key, start, take, item in pieces:
             positions = np.arange(start, start + take)
@@ -978,11 +989,30 @@ class StreamingClassifier:
                                                 None if item[4] is None else item[4][positions[unsure]],
                                                 positions[unsure]])
                 self._turn_queued[name] += len(unsure)
+                self.unsure[name] += len(unsure)
             at += take
             self._remaining[key] -= take - len(unsure)
             if self._remaining[key] == 0:
                 done.append(self._pop(key))
         return done
+
+    def unsure_notes(self) -> list[str]:
+        """A warning per model that was unsure of most cells (:data:`UNSURE_SHARE_WARNING`
+        or more of at least :data:`UNSURE_WARNING_MIN_CELLS`): on its own validation data
+        a built-in model is unsure of far fewer (``wbc-pbc8`` 9 % of PBC crops,
+        ``rbc-chula12`` 34 % of Chula crops), so the images likely differ from what it
+        learned from (microscope, stain, magnification)."""
+        notes = []
+        for name, checked in self.checked.items():
+            unsure = self.unsure[name]
+            if checked >= UNSURE_WARNING_MIN_CELLS and unsure >= UNSURE_SHARE_WARNING * checked:
+                notes.append(
+                    f"{name} was unsure of {100 * unsure / checked:.0f} % of the {checked} cells it classified "
+                    f"(no class at {100 * self.sure_at:.0f} % or more at first sight): these images may differ "
+                    "from the ones it learned from (microscope, stain, magnification); check its classes on a "
+                    "few cells before relying on them"
+                )
+        return notes
 
     def _run_turns(self, name: str) -> list[tuple[Hashable, dict]]:
         """One batch of the crops ``name``'s first pass left unsure, in every view."""

@@ -493,8 +493,8 @@ def classify_crops(
             again = classify_crops(
                 model, info, images[unsure], masks[unsure], None if not morph_features else morph[unsure],
                 device=device, batch_size=batch, amp=amp, compile=compile, fuse=fuse,
-                return_attention=return_attention, progress=False, prior_correction=prior_correction,
-                test_time_views=views, sure_at=None,
+                return_attention=return_attention, progress=progress and len(unsure) > batch,
+                prior_correction=prior_correction, test_time_views=views, sure_at=None,
             )
             probs[unsure] = again["probs"]
             views_used[unsure] = views

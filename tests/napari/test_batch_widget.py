@@ -244,3 +244,29 @@ def test_images_warned_about_are_counted_in_the_status(widget, qtbot, tmp_path):
     wait_until_idle(qtbot, widget)
     assert widget.errors == []
     assert "1 with warnings (summary.csv, column warnings), the first: gray.png: the image has no colour" in widget.status
+
+
+def test_a_model_unsure_of_most_cells_is_warned_about(widget, qtbot, inputs, tmp_path, monkeypatch):
+    """A model unsure of most cells at first sight (as one from another microscope) is
+    named in the status, a notification and run.json, with the share."""
+    import json
+
+    import napari_smear.pipeline
+
+    monkeypatch.setattr(napari_smear.pipeline, "UNSURE_WARNING_MIN_CELLS", 5)  # two small fields
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", shown.append)
+    # untrained, two classes: never 85 % sure of either; eight views, so it is asked
+    unsure_model = tiny_model_file(tmp_path / "rbc-unsure.safetensors", ["normal", "abnormal"], cell_types=["rbc"],
+                                   test_time_views=8)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._model_file.value = unsure_model  # added to the models and selected
+    widget._models.value = [str(unsure_model.resolve())]
+    widget._device.value = "cpu"
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert "Warning: rbc-unsure was unsure of 100 % of the" in widget.status
+    assert any("rbc-unsure was unsure of 100 %" in message for message in shown)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert len(run["warnings"]) == 1 and "check its classes" in run["warnings"][0]

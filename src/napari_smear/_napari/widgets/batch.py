@@ -235,10 +235,12 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
         self._set_status(_summary(report, time.perf_counter() - self._started))
-        if report.failed:
-            from napari.utils.notifications import show_warning
+        from napari.utils.notifications import show_warning
 
+        if report.failed:
             show_warning(f"napari-smear batch: {_failures(report)}")
+        for note in (report.run or {}).get("warnings") or []:  # about the run as a whole
+            show_warning(f"napari-smear batch: {note}")
         self.refresh_results()
 
 
@@ -281,6 +283,8 @@ def _summary(report: BatchReport, seconds: float) -> str:
     text = f"{text}. Results in {report.out_dir}"
     if report.failed:
         text += f". {_failures(report)}"
+    for note in (report.run or {}).get("warnings") or []:
+        text += f". Warning: {note}"
     warned = _warned_images(report)
     if warned:
         first = report.summary.loc[report.summary["image"] == warned[0], "warnings"].iloc[0]

@@ -72,10 +72,8 @@ def card(name: str) -> list[str]:
         *([f"- **Turned views**: each crop is classified {meta['test_time_views']} ways (as it is and turned "
            "over: mirrored, and by quarter turns) and the class probabilities and attention maps are averaged "
            "(`test_time_views` in the file; `classify_crops(..., test_time_views=1)` for one view, "
-           f"{meta['test_time_views']} times faster): a cell has no up or down on a slide. A crop whose first "
-           "view is at least 85 % sure of a class keeps that answer (`sure_at`; see "
-           "[architecture](architecture.md#turned-views)). The figures below include both; see Known limits, "
-           "*Turned views*."]
+           f"{meta['test_time_views']} times faster): a cell has no up or down on a slide. The figures below "
+           "include it; see Known limits, *Turned views*."]
           if (meta.get("test_time_views") or 1) > 1 else []),
         f"- **Licence and credit**: {meta.get('licence', '')} {meta.get('credit', '')}",
         f"- **Re-train**: `{val.get('command', 'python scripts/train_default_models.py --only ' + name)}` "

@@ -1709,13 +1709,10 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
 
     ``prior_strengths`` (model name -> the prior-correction strength used) is part of
     it: the file's stored strength can change while its weights do not; so is ``views``
-    (model name -> the number of turned views averaged, with the confidence that spares a
-    crop the other views) where it is more than one. The working
+    (model name -> the number of turned views averaged) where it is more than one. The working
     resolution enters only when one is chosen, so runs at the default keep the
     fingerprint they had before it could be chosen.
     """
-    from .predict import SURE_AT
-
     models = []
     for entry in loaded:
         spec = entry.spec
@@ -1727,7 +1724,6 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
         })
         if (views or {}).get(entry.name, 1) > 1:  # one view: the fingerprint of runs before views existed
             models[-1]["test_time_views"] = views[entry.name]
-            models[-1]["sure_at"] = SURE_AT  # turned views only for the crops the first leaves unsure
     value = {
         "napari_smear": version, "output_version": OUTPUT_VERSION, "models": models, "pixel_size_um": pixel_size_um,
         "morphology": bool(morphology), "overlay_max_side": int(overlay_max_side), "amp": bool(amp),

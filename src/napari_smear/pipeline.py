@@ -27,7 +27,6 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import pandas as pd
 
-from .predict import SURE_AT
 from .segment.types import CELL_TYPES, SmearSegmentation
 
 __all__ = [
@@ -796,7 +795,9 @@ def check_test_time_views(models: Sequence[LoadedModel], views: int | None) -> d
 
 
 #: :meth:`StreamingClassifier.unsure_notes` warns about a model unsure of this share of
-#: its cells or more (first view under ``sure_at``), once it classified this many.
+#: its cells or more (top-class probability under UNSURE_BELOW; with ``sure_at``, its
+#: first view's under ``sure_at``), once it classified this many.
+UNSURE_BELOW = 0.85
 UNSURE_SHARE_WARNING = 0.6
 UNSURE_WARNING_MIN_CELLS = 50
 
@@ -836,14 +837,14 @@ class StreamingClassifier:
     prior_correction, test_time_views : optional
         As for :func:`analyze`.
     sure_at : float or None
-        See :func:`napari_smear.predict.classify_crops` (default
-        :data:`napari_smear.predict.SURE_AT`; None: every view of every crop).
+        See :func:`napari_smear.predict.classify_crops` (default None: every view of
+        every crop).
     """
 
     def __init__(self, models: Sequence[LoadedModel], *, device="auto", batch_size: int = 256,
                  amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
                  prior_correction: float | None = None, test_time_views: int | None = None,
-                 sure_at: float | None = SURE_AT):
+                 sure_at: float | None = None):
         from .predict import check_sure_at, select_device
 
         if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -874,8 +875,8 @@ class StreamingClassifier:
         self.crops = 0
         self.turned = 0
         self.padded = 0
-        #: Per model with turned views: crops whose first view was checked, and of those
-        #: the ones it left unsure (see :meth:`unsure_notes`).
+        #: Per model: crops classified, and of those the ones no class got
+        #: :data:`UNSURE_BELOW` for (at first sight, with ``sure_at``; see :meth:`unsure_notes`).
         self.checked: dict[str, int] = {name: 0 for name in self.models}
         self.unsure: dict[str, int] = {name: 0 for name in self.models}
 
@@ -975,21 +976,20 @@ class StreamingClassifier:
         first_views = 1 if views > 1 and self.sure_at is not None else views
         out, n = self._classify(name, pieces, first_views)
         self.crops += n
-        if first_views != views:
-            self.checked[name] += n
+        self.checked[name] += n
         done, at = [], 0
         for key, start, take, item in pieces:
             positions = np.arange(start, start + take)
             result = self._results[key][name]
             result["probs"][positions] = out["probs"][at:at + take]
             result["attention"][positions] = out["attention"][at:at + take]
+            self.unsure[name] += len(unsure_crops(out["probs"][at:at + take], self.sure_at or UNSURE_BELOW))
             unsure = unsure_crops(out["probs"][at:at + take], self.sure_at) if first_views != views else []
             if len(unsure):  # classified again, in every view, with other unsure crops
                 self._turn_queues[name].append([key, 0, item[2][positions[unsure]], item[3][positions[unsure]],
                                                 None if item[4] is None else item[4][positions[unsure]],
                                                 positions[unsure]])
                 self._turn_queued[name] += len(unsure)
-                self.unsure[name] += len(unsure)
             at += take
             self._remaining[key] -= take - len(unsure)
             if self._remaining[key] == 0:
@@ -997,18 +997,20 @@ class StreamingClassifier:
         return done
 
     def unsure_notes(self) -> list[str]:
-        """A warning per model that was unsure of most cells (:data:`UNSURE_SHARE_WARNING`
-        or more of at least :data:`UNSURE_WARNING_MIN_CELLS`): on its own validation data
-        a built-in model is unsure of far fewer (``wbc-pbc8`` 9 % of PBC crops,
-        ``rbc-chula12`` 34 % of Chula crops), so the images likely differ from what it
-        learned from (microscope, stain, magnification)."""
+        """A warning per model that was unsure of most cells (no class at
+        :data:`UNSURE_BELOW` or more, at first sight with ``sure_at``, for
+        :data:`UNSURE_SHARE_WARNING` or more of at least :data:`UNSURE_WARNING_MIN_CELLS`):
+        on their own validation crops the built-in models are unsure of far fewer
+        (``wbc-pbc8`` 11 % of PBC's, ``rbc-chula12`` 36 % of Chula's; on BCCD's red cells
+        ``rbc-chula12``: 97 %), so the images likely differ from what it learned from (microscope, stain,
+        magnification)."""
         notes = []
         for name, checked in self.checked.items():
             unsure = self.unsure[name]
             if checked >= UNSURE_WARNING_MIN_CELLS and unsure >= UNSURE_SHARE_WARNING * checked:
                 notes.append(
                     f"{name} was unsure of {100 * unsure / checked:.0f} % of the {checked} cells it classified "
-                    f"(no class at {100 * self.sure_at:.0f} % or more at first sight): these images may differ "
+                    f"(no class at {100 * (self.sure_at or UNSURE_BELOW):.0f} % or more): these images may differ "
                     "from the ones it learned from (microscope, stain, magnification); check its classes on a "
                     "few cells before relying on them"
                 )

@@ -672,9 +672,7 @@ def select_prior_correction(
     The model runs once; each strength's answers are its logits plus
     ``strength * log(C * prior)`` (:func:`napari_smear.predict.prior_logit_offsets`),
     averaged over the turned views the model file asks for (``test_time_views``) as
-    :func:`napari_smear.predict.classify_crops` averages them (every view of every
-    crop: ``classify_crops`` spares the crops its first view is sure of the other
-    views, which changes no answer the choice turns on in practice).
+    :func:`napari_smear.predict.classify_crops` averages them.
     The strength with the highest macro-F1 wins (the smaller on a tie), so rare
     classes keep their weight: a correction that only buys accuracy on the common
     classes loses.

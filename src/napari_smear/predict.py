@@ -442,8 +442,8 @@ def classify_crops(
     mean = torch.tensor(info.mean, dtype=torch.float32, device=device)
     std = torch.tensor(info.std, dtype=torch.float32, device=device)
 
-    # Turned views only for the crops the first view leaves unsure: a first pass with
-    # one view over all crops, then every view over those (in batches of their own)
+    # With sure_at, turned views only for the crops the first view leaves unsure: a first
+    # pass with one view over all crops, then every view over those (in batches of their own)
     first_views = 1 if views > 1 and sure_at is not None else views
     probs = np.empty((n, info.num_classes), np.float32)
     views_used = np.full(n, first_views, np.uint8)

@@ -315,6 +315,10 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
             from napari_smear import pipeline
             from napari_smear.segment import refresh_table
 
+            from .counts import import_chart_modules
+
+            import_chart_modules()  # here, not in the viewer's thread when the counts dock opens
+
             # The pixels are materialised here, so a lazy (dask) layer does not freeze the viewer.
             pixels = np.asarray(image)
             if options["segmentation"] is not None:  # cells painted or erased by hand

@@ -329,3 +329,23 @@ def test_white_cells_a_white_cell_model_calls_platelets_are_retyped():
     assert out.segmented_type.tolist() == ["wbc", "wbc", "platelet", "wbc"]
     assert table.cell_type.tolist() == ["wbc", "wbc", "platelet", "wbc"]  # the input is left as it was
     assert retype_platelet_clumps(table.iloc[:0], [deciding]).empty
+
+
+def test_a_model_unsure_of_most_cells_is_warned_about():
+    """AnalysisResult.notes (and analyze's warnings): a model without a confident answer
+    for most of at least 50 cells, as one from another microscope would be."""
+    from napari_smear.pipeline import AnalysisResult, unsure_model_notes
+
+    def table(n, share_unsure, model="rbc-x"):
+        confidence = np.where(np.arange(n) < round(share_unsure * n), 0.5, 0.95)
+        return pd.DataFrame({"model": model, "confidence": confidence})
+
+    assert unsure_model_notes(table(100, 0.59)) == []
+    (note,) = unsure_model_notes(table(100, 0.6))
+    assert note.startswith("rbc-x was unsure of 60 % of the 100 cells it classified (no class at 85 % or more)")
+    assert unsure_model_notes(table(49, 1.0)) == []  # too few cells to say
+    both = pd.concat([table(60, 0.7), table(80, 0.1, "wbc-y"), pd.DataFrame({"model": [None], "confidence": [np.nan]})])
+    assert [n.split(" ")[0] for n in unsure_model_notes(both)] == ["rbc-x"]
+    assert unsure_model_notes(pd.DataFrame({"label": [1]})) == []  # nothing classified
+    result = AnalysisResult(segmentation=None, table=table(60, 1.0))
+    assert result.notes == unsure_model_notes(result.table)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Sequence
@@ -79,6 +80,12 @@ class AnalysisResult:
     @property
     def counts(self) -> pd.DataFrame:
         return differential_counts(self.table)
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings about the classification: a model unsure of most of its cells (see
+        :func:`unsure_model_notes`)."""
+        return unsure_model_notes(self.table)
 
 
 # ----------------------------------------------------------------------------- models
@@ -548,12 +555,12 @@ def analyze(
     if image.shape[0] * image.shape[1] > REGION_ANALYSIS_PIXELS:
         # a slide: the same result, with memory bounded by the region size (all of the
         # crops and the anti-aliased copy of the field would take 15 bytes a pixel)
-        return analyze_by_region(
+        return _warned(analyze_by_region(
             image, models=loaded, device=device, batch_size=batch_size, pixel_size_um=pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
             prior_correction=prior_correction, working_diameter_px=working_diameter_px,
             test_time_views=test_time_views,
-        )
+        ))
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
         image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
@@ -565,7 +572,14 @@ def analyze(
             0.4 + 0.6 * k / max(len(loaded), 1), f"classifying with {name}"),
     )
     report(1.0, "done")
-    return finish_field(prepared, specs, outputs)
+    return _warned(finish_field(prepared, specs, outputs))
+
+
+def _warned(result: AnalysisResult) -> AnalysisResult:
+    """``result``, after warning (Python warnings) about what its ``notes`` say."""
+    for note in result.notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    return result
 
 
 def _classify_prepared(loaded, prepared: PreparedField, *, device, batch_size, amp, prior_correction,
@@ -802,6 +816,29 @@ UNSURE_SHARE_WARNING = 0.6
 UNSURE_WARNING_MIN_CELLS = 50
 
 
+def unsure_model_notes(table: pd.DataFrame) -> list[str]:
+    """A warning per model of ``table`` (its ``model`` and ``confidence`` columns) that
+    gave no class :data:`UNSURE_BELOW` or more for :data:`UNSURE_SHARE_WARNING` of its
+    cells or more (at least :data:`UNSURE_WARNING_MIN_CELLS` of them)."""
+    if "model" not in table or "confidence" not in table:
+        return []
+    notes = []
+    for name, confidence in table.groupby("model", sort=True)["confidence"]:
+        values = confidence.to_numpy(np.float64)
+        note = _unsure_note(str(name), int((~(values >= UNSURE_BELOW)).sum()), len(values), UNSURE_BELOW)
+        if note:
+            notes.append(note)
+    return notes
+
+
+def _unsure_note(name: str, unsure: int, classified: int, below: float) -> str | None:
+    if classified < UNSURE_WARNING_MIN_CELLS or unsure < UNSURE_SHARE_WARNING * classified:
+        return None
+    return (f"{name} was unsure of {100 * unsure / classified:.0f} % of the {classified} cells it classified "
+            f"(no class at {100 * below:.0f} % or more): these images may differ from the ones it learned from "
+            "(microscope, stain, magnification); check its classes on a few cells before relying on them")
+
+
 class StreamingClassifier:
     """Classify the crops of many fields together, in batches of exactly ``batch_size``.
 
@@ -1004,17 +1041,9 @@ class StreamingClassifier:
         (``wbc-pbc8`` 11 % of PBC's, ``rbc-chula12`` 36 % of Chula's; on BCCD's red cells
         ``rbc-chula12``: 97 %), so the images likely differ from what it learned from (microscope, stain,
         magnification)."""
-        notes = []
-        for name, checked in self.checked.items():
-            unsure = self.unsure[name]
-            if checked >= UNSURE_WARNING_MIN_CELLS and unsure >= UNSURE_SHARE_WARNING * checked:
-                notes.append(
-                    f"{name} was unsure of {100 * unsure / checked:.0f} % of the {checked} cells it classified "
-                    f"(no class at {100 * (self.sure_at or UNSURE_BELOW):.0f} % or more): these images may differ "
-                    "from the ones it learned from (microscope, stain, magnification); check its classes on a "
-                    "few cells before relying on them"
-                )
-        return notes
+        below = self.sure_at or UNSURE_BELOW
+        notes = (_unsure_note(name, self.unsure[name], checked, below) for name, checked in self.checked.items())
+        return [note for note in notes if note]
 
     def _run_turns(self, name: str) -> list[tuple[Hashable, dict]]:
         """One batch of the crops ``name``'s first pass left unsure, in every view."""

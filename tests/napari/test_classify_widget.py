@@ -65,6 +65,8 @@ def test_classify_adds_features_colours_attention_and_counts(setup, qtbot, model
     wait_until_idle(qtbot, widget)
     assert errors == [], errors
     assert "81 of 81 cells classified by tiny" in widget.status
+    # an untrained model is sure of no cell: said, as of a model from another microscope
+    assert "Warning: tiny was unsure of 100 % of the 81 cells it classified" in widget.status
 
     cells = viewer.layers["synthetic smear cells"]
     features = cells.features

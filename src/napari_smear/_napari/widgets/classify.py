@@ -384,7 +384,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         self.last_run_seconds = time.perf_counter() - self._started
         self._progress.value = 100
         self._set_status(_summary(result, self.last_run_seconds) + _edits(result.segmentation.params.get("edited")))
-        self._show_notes(result.segmentation.params.get("warnings"))
+        self._show_notes([*(result.segmentation.params.get("warnings") or ()), *result.notes])
         self._watch_classified_cells(layers[0])
         if getattr(self._viewer, "window", None) is not None:
             from napari_smear._napari.widgets.counts import show_counts

@@ -20,6 +20,7 @@ from napari_smear.training import (
     checkpoint_dir_for,
     classification_metrics,
     evaluate,
+    partial_model_path,
     plot_confusion,
     select_prior_correction,
     train,
@@ -345,8 +346,12 @@ def test_resume_continues_the_interrupted_run_exactly(tmp_path):
             raise Interrupt
 
     output = tmp_path / "part.safetensors"
+    shutil.copyfile(tmp_path / "full.safetensors", output)  # an earlier model of that name
+    before = output.read_bytes()
     with pytest.raises(Interrupt):
         train(crop_set, output=output, on_epoch=stop_after_two, **settings)
+    assert output.read_bytes() == before  # kept whole: the run trained into a file of its own
+    assert partial_model_path(output).name == ".part.training.safetensors" and partial_model_path(output).is_file()
     folder = checkpoint_dir_for(output)
     assert folder.name == "part.ckpt"
     assert json.loads((folder / "state.json").read_text())["epoch"] == 2
@@ -354,6 +359,7 @@ def test_resume_continues_the_interrupted_run_exactly(tmp_path):
 
     resumed = train(crop_set, output=output, resume=True, **settings)
     assert any("resumed from epoch 2" in note for note in resumed.notes)
+    assert not partial_model_path(output).exists() and output.read_bytes() != before
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(uninterrupted.history, resumed.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -365,6 +371,24 @@ def test_resume_continues_the_interrupted_run_exactly(tmp_path):
 
     with pytest.raises(ValueError, match="differs in .*lr"):
         train(crop_set, output=output, resume=True, **{**settings, "lr": 1e-2})
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """As root every folder is writable, so the permission is faked: the check must come
+    before the crops are cut and the first epoch trained (it came after both)."""
+    import napari_smear.training as training_module
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    monkeypatch.setattr(training_module.os, "access", lambda path, mode: Path(path) != read_only)
+    crops = []
+    monkeypatch.setattr(training_module, "load_data", lambda *a, **k: crops.append(1))
+    with pytest.raises(ValueError, match=r"output .*m.safetensors: cannot write in .*read-only \(permission denied\)"):
+        train(synthetic_crop_set(), output=read_only / "m.safetensors", epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"cache .*c.npz: cannot write in .*read-only"):
+        train(synthetic_crop_set(), output=tmp_path / "m.safetensors", cache=read_only / "c.npz", epochs=1,
+              progress=False)
+    assert crops == []
 
 
 def test_daffnet_trains_with_partial_attributes_and_morphology(tmp_path):

@@ -454,11 +454,39 @@ _FINE_TUNE_LR = 5e-4
 
 
 def _run_train(args) -> int:
-    from .training import train
+    from .training import checkpoint_dir_for, partial_model_path, train
 
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     balance = {"sampler": "sampler", "loss": "loss", "none": False}[args.balance]
-    result = train(
+    try:
+        result = _train_from_args(args, train, amp, balance)
+    except KeyboardInterrupt:
+        partial = partial_model_path(args.out)
+        if partial.is_file():  # said before the generic "interrupted"
+            kept = "is unchanged" if Path(args.out).is_file() else "was not written"
+            print(f"napari-smear train: {args.out} {kept}; the best model so far is in {partial}, and the same "
+                  f"command with --resume continues from the checkpoint in {checkpoint_dir_for(args.out)}",
+                  file=sys.stderr)
+        raise
+    metrics = result.metrics
+    print(f"model: {result.model_path} ({result.info.kind}, {len(result.info.class_names)} classes)")
+    cell_types = result.info.metadata.get("cell_types")
+    print(f"classifies: {', '.join(cell_types)} cells" if cell_types else
+          "classifies: every segmented cell type (white and red cells, platelets); --cell-types restricts it")
+    print(
+        f"best epoch {result.best_epoch} of {result.epochs_completed}"
+        f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.0f} s"
+    )
+    _print_metrics(metrics)
+    choice = result.info.metadata.get("prior_correction")
+    if choice:
+        print(f"prior correction: strength {choice['strength']:g}, chosen on {choice['n']} validation crops and "
+              "stored in the model file (the figures above are without it)")
+    return 0
+
+
+def _train_from_args(args, train, amp, balance):
+    return train(
         args.data,
         model_kind=args.model_kind,
         output=args.out,
@@ -489,21 +517,6 @@ def _run_train(args) -> int:
         average_weights_from=args.average_weights_from,
         mixstyle=args.mixstyle,
     )
-    metrics = result.metrics
-    print(f"model: {result.model_path} ({result.info.kind}, {len(result.info.class_names)} classes)")
-    cell_types = result.info.metadata.get("cell_types")
-    print(f"classifies: {', '.join(cell_types)} cells" if cell_types else
-          "classifies: every segmented cell type (white and red cells, platelets); --cell-types restricts it")
-    print(
-        f"best epoch {result.best_epoch} of {result.epochs_completed}"
-        f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.0f} s"
-    )
-    _print_metrics(metrics)
-    choice = result.info.metadata.get("prior_correction")
-    if choice:
-        print(f"prior correction: strength {choice['strength']:g}, chosen on {choice['n']} validation crops and "
-              "stored in the model file (the figures above are without it)")
-    return 0
 
 
 # ----------------------------------------------------------------------------- evaluate

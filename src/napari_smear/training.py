@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -42,6 +43,8 @@ __all__ = [
     "augment_batch",
     "seed_everything",
     "checkpoint_dir_for",
+    "partial_model_path",
+    "check_model_output",
 ]
 
 #: Version of the checkpoint layout (state.json + last.safetensors).
@@ -739,6 +742,15 @@ def _choose_strength(view_probs, y_true, unit, class_names, candidates) -> dict:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def partial_model_path(output: str | os.PathLike) -> Path:
+    """Where :func:`train` keeps the best model so far while it trains ``output``:
+    ``model.safetensors`` -> ``.model.training.safetensors`` beside it, moved over
+    ``output`` only when training ends (an interrupted or failed run leaves a model
+    already at ``output`` as it was, and ``resume`` continues from this file)."""
+    output = Path(output)
+    return output.with_name(f".{output.name.removesuffix('.safetensors')}.training.safetensors")
+
+
 def checkpoint_dir_for(output: str | os.PathLike) -> Path:
     """The checkpoint folder of a model file: ``model.safetensors`` -> ``model.ckpt/``."""
     output = Path(output)
@@ -944,8 +956,12 @@ def train(
     model_kind : str
         One of :data:`napari_smear.models.MODEL_KINDS`.
     output : path
-        The model file to write (the best epoch's weights and metadata). Its checkpoint
-        folder is ``<name>.ckpt/`` beside it (see :func:`checkpoint_dir_for`).
+        The model file to write (the best epoch's weights and metadata). While training,
+        the best model so far is kept beside it as ``.<name>.training.safetensors``
+        (:func:`partial_model_path`) and moved over ``output`` when training ends, so a
+        model already at ``output`` (even the ``init_from`` one) survives a run that is
+        interrupted or fails. Its checkpoint folder is ``<name>.ckpt/`` beside it (see
+        :func:`checkpoint_dir_for`).
     epochs : int
         Maximum number of epochs (one epoch = as many crops as the train split holds).
     batch_size : int
@@ -1083,7 +1099,10 @@ def train(
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {output}")
-    _check_output_file(output)
+    check_model_output(output)
+    best_path = partial_model_path(output)
+    if cache is not None:
+        _check_writable_folder(Path(cache), "cache")
 
     init = _fine_tuning_start(init_from, model_kind, config) if init_from is not None else None
     if cell_types is None and init is not None:
@@ -1243,8 +1262,11 @@ def train(
                 state = {k: saved[k] for k in state}
                 mean, std = saved["mean"], saved["std"]
                 notes.append(f"resumed from epoch {state['epoch']} of {ckpt_dir}")
-                if state["best_epoch"] and not output.is_file():
-                    raise ValueError(f"the checkpoint in {ckpt_dir} refers to a best model {output} that no longer exists")
+                if state["best_epoch"] and not best_path.is_file():
+                    if not output.is_file():
+                        raise ValueError(f"the checkpoint in {ckpt_dir} refers to a best model {best_path} that no "
+                                         "longer exists")
+                    shutil.copyfile(output, best_path)  # a checkpoint of a version that trained into output
 
         # Training crops live on the device as uint8 when they fit (no per-batch copies);
         # otherwise they are copied per batch from pinned host memory.
@@ -1408,7 +1430,7 @@ def train(
                     **{k: metrics[k] for k in ("n", "accuracy", "macro_f1", "per_class_recall", "per_class_precision",
                                                "per_class_f1", "support", "confusion", "attention_mass_inside")},
                 }
-                save_model(output, scored, _model_metadata(
+                save_model(best_path, scored, _model_metadata(
                     crop_set, class_names, mean, std, size, best_metrics, fingerprint, train_index, val_index,
                     morph_features, model, epochs, patience, torch_device, dtype, notes, cell_types,
                     test_time_views=init["test_time_views"] if init is not None else None,
@@ -1431,16 +1453,17 @@ def train(
             handle.remove()
         if state["stopped_early"]:
             log(f"stopped early: no better validation macro-F1 for {patience} epochs (best at epoch {state['best_epoch']})")
-        best_model, info = load_model(output, device=torch_device)
+        best_model, info = load_model(best_path, device=torch_device)
         if cell_types and info.metadata.get("cell_types") != cell_types:
             # a resumed run whose best epoch came before this call still gets them
-            save_model(output, best_model, {**info.metadata, "cell_types": list(cell_types)})
-            best_model, info = load_model(output, device=torch_device)
+            save_model(best_path, best_model, {**info.metadata, "cell_types": list(cell_types)})
+            best_model, info = load_model(best_path, device=torch_device)
         if choose_prior_correction and balance_mode != "none" and "prior_correction" not in info.metadata:
-            note = _store_prior_correction(output, best_model, info, val_set, torch_device, 2 * batch_size, dtype)
+            note = _store_prior_correction(best_path, best_model, info, val_set, torch_device, 2 * batch_size, dtype)
             notes.append(note)
             log(note)
-            best_model, info = load_model(output, device=torch_device)
+        os.replace(best_path, output)  # only now: a model already there survives a run that stops half-way
+        best_model, info = load_model(output, device=torch_device)
     finally:
         if num_threads is not None:
             torch.set_num_threads(previous_threads)
@@ -1508,10 +1531,12 @@ def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
     }
 
 
-def _check_output_file(output: Path) -> None:
-    """Before any work: the model file can be written there, and what it replaces is a model."""
+def check_model_output(output: str | os.PathLike) -> None:
+    """Before any work: the model file can be written there, and what it replaces is a
+    model (a ValueError saying why not)."""
     from .models import ModelFileError, read_metadata
 
+    output = Path(output)
     if output.is_dir():
         raise ValueError(f"output {output} is a folder: give a .safetensors file name")
     for folder in output.parents:
@@ -1522,6 +1547,15 @@ def _check_output_file(output: Path) -> None:
             read_metadata(output)
         except ModelFileError as exc:
             raise ValueError(f"{exc}; refusing to overwrite it with the trained model") from exc
+    _check_writable_folder(output, "output")
+
+
+def _check_writable_folder(path: Path, what: str) -> None:
+    """Before any work: the nearest existing folder of ``path`` can be written in (a
+    read-only one was found only after cropping and the first epoch)."""
+    folder = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write in {folder} (permission denied)")
 
 
 def _check_cell_types(cell_types: Sequence[str]) -> list[str]:

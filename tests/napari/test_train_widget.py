@@ -95,6 +95,15 @@ def test_train_a_new_model_from_a_folder(setup, qtbot, tmp_path, synthetic_field
     assert metadata["class_names"] == ["platelet", "rbc"] and metadata["cell_types"] == ["rbc", "platelet"]
     assert len(widget.history) == 1
 
+    # a file of that name that is not a model is never replaced (the command line refused it; the dock did not)
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_text("mine")
+    widget._output.value = not_a_model
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert not_a_model.read_text() == "mine"
+    assert "refusing to overwrite it with the trained model" in widget.status
+
 
 def test_bad_settings_are_explained_and_painted_classes(setup, tmp_path):
     viewer, widget, errors = setup

@@ -564,6 +564,7 @@ def _train_job(job: dict):
         # training ends: a cancelled or failed run leaves an earlier model of that
         # name untouched (Classify cells may still offer it).
         partial = output.with_name(f".{output.stem}.training.safetensors")
+        training.check_model_output(output)  # a file there that is not a model is never replaced
         options = {
             "output": partial, "epochs": job["epochs"], "batch_size": job["batch_size"],
             "lr": job["lr"], "device": job["device"], "progress": False, "cell_types": job["cell_types"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -132,6 +133,23 @@ def test_evaluate_prints_metrics_and_writes_the_confusion_matrix(tmp_path, capsy
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n"] == 6 and np.array(metrics["confusion"]).sum() == 6
+    assert "(the validation split only" in out and "--split all" in out
+
+
+def test_evaluate_refuses_an_unwritable_output_before_scoring(tmp_path, capsys, monkeypatch):
+    import napari_smear.cli as cli_module
+    import napari_smear.training as training_module
+
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    monkeypatch.setattr(cli_module.os, "access", lambda path, mode: Path(path) != read_only)  # root writes anywhere
+    scored = []
+    monkeypatch.setattr(training_module, "evaluate", lambda *a, **k: scored.append(1))
+    assert main(["evaluate", str(model), str(data), "--json", str(read_only / "m.json")]) == 1
+    assert f"--json {read_only / 'm.json'}: cannot write in {read_only}" in capsys.readouterr().err
+    assert scored == []
 
 
 def test_evaluate_prior_correction_option(tmp_path, capsys):

@@ -94,6 +94,20 @@ def test_build_crop_set_from_class_folders_reports_bad_images(tmp_path, shared_d
     assert len(crop_set.failures) == 1 and crop_set.failures[0][0].endswith("broken.jpg")
 
 
+def test_a_model_is_scored_on_one_class_but_not_trained_on_one(tmp_path, shared_data):
+    """Checking a model on your own neutrophils alone is a fair question; training on one
+    class is not (it was refused for both)."""
+    files = _pbc_files(shared_data, {"neutrophil": 3})
+    root = tmp_path / "one" / "neutrophil"
+    root.mkdir(parents=True)
+    for path in files.path:
+        shutil.copy(shared_data / "pbc" / path, root)
+    scores = evaluate("wbc-pbc8", tmp_path / "one", None, device="cpu")
+    assert scores["n"] == 3 and scores["support"]["neutrophil"] == 3
+    with pytest.raises(ValueError, match=r"has 1 class\(es\) \['neutrophil'\]; at least 2 are needed"):
+        train(tmp_path / "one", output=tmp_path / "m.safetensors", epochs=1, progress=False)
+
+
 def test_build_crop_set_from_manifest_joins_wbcatt_attributes(tmp_path, shared_data):
     files = pd.concat([_pbc_files(shared_data, {"neutrophil": 2, "platelet": 1}),
                        _pbc_files(shared_data, {"neutrophil": 1}, split="val")], ignore_index=True)
@@ -165,6 +179,10 @@ def test_load_crop_set_rejects_other_npz(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a napari-smear crop set"):
         load_crop_set(tmp_path / "other.npz")
+    # a file that is no archive at all: said so, without numpy's advice to unpickle it
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match=r"text.npz is not a readable .npz crop set: not an .npz \(zip\) archive$"):
+        load_crop_set(tmp_path / "text.npz")
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -36,6 +36,10 @@ def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs
     for given in inputs:
         if Path(given).resolve() == resolved:
             raise CommandError(f"{option} {path} is also one of the inputs: give another file to write")
+    folder = next((p for p in resolved.parents if p.exists()), None)
+    if folder is not None and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
+        # found before the work, not after it (an evaluation ran to the end first)
+        raise CommandError(f"{option} {path}: cannot write in {folder}")
     return out
 
 
@@ -554,6 +558,10 @@ def _run_evaluate(args) -> int:
     )
     print(f"model: {args.model}")
     print(f"data: {args.data}, split {metrics['split']}")
+    if metrics["split"] == "val":  # the default: say what it leaves out
+        print("(the validation split only: of a folder or CSV without one, the 15 % of images chosen by a hash of "
+              "their paths that training on this data holds out to pick its best epoch; --split all scores every "
+              "image)")
     _print_metrics(metrics)
     if args.confusion:
         path = plot_confusion(metrics["confusion"], metrics["class_names"], args.confusion,

@@ -579,6 +579,7 @@ def build_crop_set(
     rbc_diameter_px: float | None = None,
     limit_per_class: int | None = None,
     stain_normalization: str | None = None,
+    min_classes: int = 2,
 ) -> CropSet:
     """Segment and crop every single-cell image of a labelled folder or manifest.
 
@@ -616,6 +617,9 @@ def build_crop_set(
     stain_normalization : str, optional
         Recolour every image into the reference stain before cropping
         (:mod:`napari_smear.normalize`, e.g. ``"anchored-v1"``); recorded in the set.
+    min_classes : int
+        Fewer classes than this is an error (2 for training; 1 to score a model on
+        one class's cells).
 
     Returns
     -------
@@ -640,8 +644,9 @@ def build_crop_set(
             f"cannot build crops from {source}: expected a folder of class sub-folders or a .csv manifest"
         )
     class_names = sorted(set(labels))
-    if len(class_names) < 2:
-        raise ValueError(f"{source} has {len(class_names)} class(es) {class_names}; at least 2 are needed")
+    if len(class_names) < min_classes:  # training needs two; scoring a model on one class is fine
+        raise ValueError(f"{source} has {len(class_names)} class(es) {class_names}; at least {min_classes} "
+                         f"{'is' if min_classes == 1 else 'are'} needed")
     label_ids = np.array([class_names.index(label) for label in labels], np.int64)
 
     keep = np.arange(len(paths))
@@ -1009,7 +1014,10 @@ def load_crop_set(path: str | os.PathLike) -> CropSet:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable .npz crop set: {exc}") from exc
+        # numpy reads any file that is not a zip archive as a pickle, and refuses it
+        # suggesting allow_pickle: not advice to pass on (a crop set never holds one)
+        reason = "not an .npz (zip) archive" if "pickled" in str(exc) else str(exc)
+        raise ValueError(f"{path} is not a readable .npz crop set: {reason}") from exc
     with archive:
         if "format" not in archive.files or str(archive["format"]) != "napari-smear crop set":
             raise ValueError(f"{path} is an .npz file but not a napari-smear crop set (made by save_crop_set)")
@@ -1063,12 +1071,14 @@ def load_data(
     progress: bool = True,
     cache: str | os.PathLike | None = None,
     stain_normalization: str | None = None,
+    min_classes: int = 2,
 ) -> CropSet:
     """A CropSet from a CropSet, a ``.npz`` crop-set file, a class folder or a CSV manifest.
 
     With ``cache``, a folder/CSV source is cropped once and stored there; a later call
     with the same cache reads it instead (an existing cache built from another source
-    is an error, so a stale cache is never used silently).
+    is an error, so a stale cache is never used silently). ``min_classes``: see
+    :func:`build_crop_set`.
     """
     if isinstance(data, CropSet):
         return data
@@ -1102,7 +1112,7 @@ def load_data(
         return cached
     crop_set = build_crop_set(
         path, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress,
-        stain_normalization=stain_normalization,
+        stain_normalization=stain_normalization, min_classes=min_classes,
     )
     if cache is not None:
         save_crop_set(cache, crop_set)

@@ -164,6 +164,14 @@ def test_evaluate_prior_correction_option(tmp_path, capsys):
     assert code == 0 and "accuracy" in capsys.readouterr().out
 
 
+def test_a_negative_prior_correction_is_refused_when_the_command_is_read(tmp_path, capsys):
+    for value in ("-1", "nan"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["evaluate", "wbc-pbc8", str(tmp_path / "missing.npz"), "--prior-correction", value])
+        assert stopped.value.code == 2
+        assert "expected a number >= 0" in capsys.readouterr().err
+
+
 def test_evaluate_test_time_views_option(tmp_path, capsys):
     data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
     model = tiny_model_file(tmp_path / "m.safetensors")
@@ -187,8 +195,11 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     metadata = read_metadata(out)
     assert metadata["class_names"] == TINY_CLASSES
     assert metadata["cell_types"] == ["wbc", "platelet"]  # analyze gives it only these cells
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "macro-F1" in printed and "classifies: wbc, platelet cells" in printed
+    # one epoch of an untrained tiny model: cautioned about, as the Train dock does
+    assert "napari-smear train: warning: its validation scores are close to guessing" in captured.err
     assert f"prior correction: strength {metadata['prior_correction']['strength']:g}, chosen on" in printed
     with pytest.raises(SystemExit):  # --config must be a JSON object: a usage error
         build_parser().parse_args(["train", str(data), "--out", str(out), "--config", "[1, 2]"])

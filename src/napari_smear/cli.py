@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -121,9 +122,18 @@ def _add_test_time_views_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _strength(text: str) -> float:
+    """A prior-correction strength: a finite number >= 0, refused when the command is
+    read (a negative one was refused only after the images were cropped)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: balanced, 1: in full), got {text}")
+    return value
+
+
 def _add_prior_correction_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--prior-correction", type=float, default=None, metavar="STRENGTH",
+        "--prior-correction", type=_strength, default=None, metavar="STRENGTH",
         help="how far a class-balanced model's answers are moved back to its training class frequencies "
              "(0: the balanced answer, 1: in full; default: the strength stored in the model file)",
     )
@@ -458,7 +468,7 @@ _FINE_TUNE_LR = 5e-4
 
 
 def _run_train(args) -> int:
-    from .training import checkpoint_dir_for, partial_model_path, train
+    from .training import checkpoint_dir_for, partial_model_path, train, weak_model_caution
 
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     balance = {"sampler": "sampler", "loss": "loss", "none": False}[args.balance]
@@ -486,6 +496,9 @@ def _run_train(args) -> int:
     if choice:
         print(f"prior correction: strength {choice['strength']:g}, chosen on {choice['n']} validation crops and "
               "stored in the model file (the figures above are without it)")
+    caution = weak_model_caution(metrics, len(result.info.class_names))
+    if caution:  # as the Train classifier dock cautions
+        print(f"napari-smear train: warning: {caution}", file=sys.stderr)
     return 0
 
 

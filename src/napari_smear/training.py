@@ -45,6 +45,7 @@ __all__ = [
     "checkpoint_dir_for",
     "partial_model_path",
     "check_model_output",
+    "weak_model_caution",
 ]
 
 #: Version of the checkpoint layout (state.json + last.safetensors).
@@ -1529,6 +1530,27 @@ def _fine_tuning_start(init_from, model_kind: str, config: dict | None) -> dict:
         "cell_types": metadata.get("cell_types") or None,
         "test_time_views": metadata.get("test_time_views"),
     }
+
+
+#: Fewer held-out cells than this say little about a model.
+FEW_VALIDATION_CELLS = 20
+
+
+def weak_model_caution(metrics: dict, n_classes: int) -> str:
+    """Why a freshly trained model's figures do not show that it works, or ""."""
+    n = metrics.get("n") or 0
+    accuracy, macro_f1 = metrics.get("accuracy"), metrics.get("macro_f1")
+    reasons = []
+    if accuracy is not None and macro_f1 is not None and n_classes >= 2 and (
+        macro_f1 <= 1.5 / n_classes or accuracy <= 1.2 / n_classes
+    ):
+        reasons.append(f"its validation scores are close to guessing among {n_classes} classes")
+    if n < FEW_VALIDATION_CELLS:
+        reasons.append(f"it was validated on only {n} cells")
+    if not reasons:
+        return ""
+    return (" and ".join(reasons) + "; label more cells (or more images) and train again before trusting "
+            "its answers")
 
 
 def check_model_output(output: str | os.PathLike) -> None:

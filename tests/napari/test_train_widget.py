@@ -237,7 +237,8 @@ def test_the_image_with_cells_is_offered_first(make_napari_viewer, synthetic_fie
 
 
 def test_a_model_no_better_than_guessing_is_flagged():
-    caution = train_module._weak_model_caution
+    from napari_smear.training import weak_model_caution as caution
+
     assert caution({"n": 200, "accuracy": 0.9, "macro_f1": 0.88}, 4) == ""
     assert "close to guessing among 2 classes" in caution({"n": 200, "accuracy": 0.5, "macro_f1": 0.333}, 2)
     few = caution({"n": 4, "accuracy": 1.0, "macro_f1": 1.0}, 2)

@@ -191,7 +191,7 @@ class TrainWidget(BackgroundTaskWidget):
     """
 
     task_name = "training"
-    cancelling_text = "Cancelling at the end of the current epoch…"
+    cancelling_text = "Cancelling at the end of the current epoch (while a folder is cropped: once it is)…"
     waiting_text = None
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
@@ -508,8 +508,10 @@ class TrainWidget(BackgroundTaskWidget):
         except ValueError as exc:
             self._fail(f"the model was saved but cannot be offered for classification: {exc}")
             return
+        from napari_smear.training import weak_model_caution
+
         metrics = result.metrics
-        caution = _weak_model_caution(metrics, len(result.info.class_names))
+        caution = weak_model_caution(metrics, len(result.info.class_names))
         if caution:
             show_warning(f"napari-smear: {result.model_path.name}: {caution}")
         stopped = " (stopped early)" if result.stopped_early else ""
@@ -522,27 +524,6 @@ class TrainWidget(BackgroundTaskWidget):
             f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells.{prior} "
             "It is now offered in Classify cells." + (f" Caution: {caution}" if caution else "")
         )
-
-
-#: Fewer held-out cells than this say little about a model.
-_FEW_VALIDATION_CELLS = 20
-
-
-def _weak_model_caution(metrics: dict, n_classes: int) -> str:
-    """Why a freshly trained model's figures do not show that it works, or ""."""
-    n = metrics.get("n") or 0
-    accuracy, macro_f1 = metrics.get("accuracy"), metrics.get("macro_f1")
-    reasons = []
-    if accuracy is not None and macro_f1 is not None and n_classes >= 2 and (
-        macro_f1 <= 1.5 / n_classes or accuracy <= 1.2 / n_classes
-    ):
-        reasons.append(f"its validation scores are close to guessing among {n_classes} classes")
-    if n < _FEW_VALIDATION_CELLS:
-        reasons.append(f"it was validated on only {n} cells")
-    if not reasons:
-        return ""
-    return (" and ".join(reasons) + "; label more cells (or more images) and train again before trusting "
-            "its answers")
 
 
 def _painted_names(layer: Labels) -> dict[int, str]:

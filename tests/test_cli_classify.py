@@ -203,8 +203,11 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     assert f"prior correction: strength {metadata['prior_correction']['strength']:g}, chosen on" in printed
     with pytest.raises(SystemExit):  # --config must be a JSON object: a usage error
         build_parser().parse_args(["train", str(data), "--out", str(out), "--config", "[1, 2]"])
-    assert main(["train", str(data), "--out", str(tmp_path / "m2.safetensors"), "--cell-types", "wbc,neutrophil"]) == 1
-    assert "cell_types must be some of" in capsys.readouterr().err
+    assert main(["train", str(data), "--out", str(tmp_path / "m2.safetensors"), "--cell-types", "wbc,neutrophil",
+                 "--crop-diameters", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "cell_types must be some of" in err
+    assert f"warning: --crop-diameters applies to cropping a folder or CSV; the crops in {data}" in err
 
     # fine-tune the model just written, with weight averaging: its architecture and cell types carry over
     tuned = tmp_path / "tuned.safetensors"

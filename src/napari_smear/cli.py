@@ -87,9 +87,10 @@ def _json_object(text: str) -> dict:
 
 def _add_crop_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cropping (folder or CSV data)")
-    group.add_argument("--crop-diameters", type=float, default=4.0,
+    # None when not given: a crop set (.npz) keeps its own, and giving them then is warned about
+    group.add_argument("--crop-diameters", type=float, default=None,
                        help="crop window side in red-cell diameters (default 4)")
-    group.add_argument("--output-size", type=_crop_side, default=96,
+    group.add_argument("--output-size", type=_crop_side, default=None,
                         help="crop side in pixels, a multiple of 16 (default 96)")
     group.add_argument("--workers", type=_positive_int, default=1, help="processes for cropping (default 1)")
     # the methods of napari_smear.normalize (not imported here: it pulls in the segmentation)
@@ -472,6 +473,12 @@ def _run_train(args) -> int:
 
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     balance = {"sampler": "sampler", "loss": "loss", "none": False}[args.balance]
+    given = [option for option, value in (("--crop-diameters", args.crop_diameters),
+                                          ("--output-size", args.output_size)) if value is not None]
+    if given and str(args.data).lower().endswith(".npz"):
+        verb = "applies" if len(given) == 1 else "apply"
+        print(f"napari-smear train: warning: {' and '.join(given)} {verb} to cropping a folder or CSV; the crops in "
+              f"{args.data} were cut already and are used as they are", file=sys.stderr)
     try:
         result = _train_from_args(args, train, amp, balance)
     except KeyboardInterrupt:
@@ -526,8 +533,8 @@ def _train_from_args(args, train, amp, balance):
         config=args.config,
         cache=args.cache,
         stain_normalization=_stain_normalization(args),
-        crop_diameters=args.crop_diameters,
-        output_size=args.output_size,
+        crop_diameters=args.crop_diameters or 4.0,
+        output_size=args.output_size or 96,
         workers=args.workers,
         cell_types=[t.strip() for t in args.cell_types.split(",") if t.strip()] if args.cell_types else None,
         init_from=args.init_from,
@@ -680,8 +687,8 @@ def _run_pack_crops(args) -> int:
     _check_output_file(args.out, (".npz",), "--out", (args.data,))
     started = time.perf_counter()
     crop_set = build_crop_set(
-        args.data, crop_diameters=args.crop_diameters, output_size=args.output_size, workers=args.workers,
-        progress=not args.quiet, val_fraction=args.val_fraction,
+        args.data, crop_diameters=args.crop_diameters or 4.0, output_size=args.output_size or 96,
+        workers=args.workers, progress=not args.quiet, val_fraction=args.val_fraction,
         stain_normalization=_stain_normalization(args),
     )
     built = time.perf_counter() - started

@@ -89,7 +89,7 @@ def one_setup(files, warmup, models, workers, device, batch_size, scratch: Path,
         "cluster_start_s": round(cluster_start, 2),
         "ms_per_image": {stage: round(1000 * timings["stage_seconds"].get(stage, 0.0) / n, 1) for stage in STAGES},
         "crops_classified": timings["classifier"]["crops"],
-        # classified again in every turned view: their first view left them unsure
+        # with sure_at (off by default): classified again in every view, the first left them unsure
         "crops_turned": timings["classifier"].get("turned_crops", 0),
         "padding_crops": timings["classifier"]["padding_crops"],
         "cells_per_image": round(float(report.summary["cells"].mean()), 1) if len(report.summary) else 0.0,

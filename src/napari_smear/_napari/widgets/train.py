@@ -572,6 +572,7 @@ def _train_job(job: dict):
         finally:
             _remove_checkpoint(training.checkpoint_dir_for(partial))
             partial.unlink(missing_ok=True)
+            training.partial_model_path(partial).unlink(missing_ok=True)  # train()'s own, left by a cancel
         return dataclasses.replace(result, model_path=output)
 
     return compute

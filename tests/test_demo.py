@@ -37,6 +37,7 @@ def test_demo_writes_the_full_output_set(tmp_path, rbc_model, capsys):
     assert summary.wbc.tolist() == [3] and summary.rbc_normal.iloc[0] + summary.rbc_abnormal.iloc[0] == summary.rbc.iloc[0]
     printed = capsys.readouterr().out
     assert "model rbc-tiny: classifies rbc into 2 classes" in printed
+    assert "the synthetic_* fields are drawn, not photographed" in printed
     assert "synthetic_small.png" in printed and "rbc:" in printed
     # a second demo run resumes: the sample is rewritten only if it changed, so it is skipped
     again = run_demo(out, models=[rbc_model], device="cpu", scales=SMALL, include_real=False)

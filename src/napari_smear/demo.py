@@ -115,6 +115,11 @@ def print_demo_summary(report) -> None:
               f"{int(row['platelet']):9d} {diameter_text}  {', '.join(classes) or '-'}")
     for path, error in zip(report.errors.file, report.errors.error):
         print(f"{Path(path).name:28s} FAILED: {error.splitlines()[0] if error else ''}")
+    if models and any(Path(str(image)).name.startswith("synthetic_") for image in summary["image"]):
+        # the classifiers learned from photographed cells: a warning that one was unsure
+        # of these drawn cells is expected, and their classes mean nothing
+        print("the synthetic_* fields are drawn, not photographed: their classes show that the pipeline runs, "
+              "not what the models say of real cells")
     print(f"{report.analysed} analysed, {report.skipped} finished by an earlier run, {report.failed} failed")
     print(f"outputs in {report.out_dir}/: per field <name>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
           "_overlay.png; summary.csv, summary_whole_cells.csv, errors.csv, run.json")

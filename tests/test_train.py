@@ -108,6 +108,29 @@ def test_a_model_is_scored_on_one_class_but_not_trained_on_one(tmp_path, shared_
         train(tmp_path / "one", output=tmp_path / "m.safetensors", epochs=1, progress=False)
 
 
+def test_cropping_a_folder_reports_each_image_and_stops_when_the_report_raises(tmp_path, shared_data):
+    """train(on_crop=...): the Train dock's progress (and cancel) while a folder is cropped."""
+    files = _pbc_files(shared_data, {"lymphocyte": 3, "neutrophil": 3})
+    root = tmp_path / "cells"
+    for path, label in zip(files.path, files.label):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_data / "pbc" / path, root / label)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def report(done, total):
+        seen.append((done, total))
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(root, output=tmp_path / "m.safetensors", epochs=1, on_crop=report, progress=False)
+    assert seen == [(1, 6), (2, 6)]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_build_crop_set_from_manifest_joins_wbcatt_attributes(tmp_path, shared_data):
     files = pd.concat([_pbc_files(shared_data, {"neutrophil": 2, "platelet": 1}),
                        _pbc_files(shared_data, {"neutrophil": 1}, split="val")], ignore_index=True)

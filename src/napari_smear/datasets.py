@@ -470,18 +470,31 @@ def _run_tasks(tasks, workers: int, progress: bool, description: str, *, worker=
     from tqdm.auto import tqdm
 
     worker = worker or _crop_one
-    bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress, smoothing=0.05)
+    # progress: a bool (a tqdm bar or none), or a callable(done, total) called after each
+    # task instead (a widget's progress report, which may raise to cancel the run)
+    report = progress if callable(progress) else None
+    bar = tqdm(total=len(tasks), desc=description, unit=unit, disable=not progress or report is not None,
+               smoothing=0.05)
+    done = 0
+
+    def advance():
+        nonlocal done
+        done += 1
+        bar.update(1)
+        if report is not None:
+            report(done, len(tasks))
+
     try:
         with process_pool(workers if len(tasks) >= 2 * workers else 1) as pool:
             if pool is None:
                 for task in tasks:
                     yield worker(task)
-                    bar.update(1)
+                    advance()
             else:
                 chunk = chunksize or max(1, min(32, len(tasks) // (workers * 8)))
                 for result in pool.map(worker, tasks, chunksize=chunk):
                     yield result
-                    bar.update(1)
+                    advance()
     finally:
         bar.close()
 
@@ -597,8 +610,9 @@ def build_crop_set(
         Crop side in pixels (a multiple of 16 for the models).
     workers : int
         Processes to crop with (1: in this process).
-    progress : bool
-        Show a tqdm progress bar.
+    progress : bool or callable
+        Show a tqdm progress bar; or ``progress(done, total)`` called after each image
+        instead (it may raise to stop the cropping).
     val_fraction : float
         Share of each class put in the ``val`` split when the source names no split
         (deterministic: chosen by a hash of each file's path).

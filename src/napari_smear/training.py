@@ -941,6 +941,7 @@ def train(
     output_size: int = 96,
     workers: int = 1,
     on_epoch: Callable[[dict], None] | None = None,
+    on_crop: Callable[[int, int], None] | None = None,
     init_from: str | os.PathLike | None = None,
     choose_prior_correction: bool = True,
     cell_types: Sequence[str] | None = None,
@@ -1045,6 +1046,10 @@ def train(
     on_epoch : callable, optional
         Called with each epoch's record (a dict); raising inside it stops training
         (the checkpoint of the last finished epoch is kept).
+    on_crop : callable, optional
+        When ``data`` is a folder or CSV: called as ``on_crop(done, total)`` after each
+        image is cropped (instead of the cropping's progress bar); raising inside it
+        stops the cropping (a widget's cancel).
     init_from : str or path, optional
         Fine-tune: start from the weights of this model file (or built-in model name)
         instead of random ones. Its kind, architecture config, input size, crop scale
@@ -1122,8 +1127,8 @@ def train(
     # trained, else (a ready crop set) whatever the crops were made with
     required = stain_normalization or (init["stain_normalization"] if init is not None else None)
     crop_set = load_data(
-        data, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress, cache=cache,
-        stain_normalization=required,
+        data, crop_diameters=crop_diameters, output_size=output_size, workers=workers,
+        progress=on_crop if on_crop is not None else progress, cache=cache, stain_normalization=required,
     )
     if (stain_normalization or init is not None) and (crop_set.stain_normalization or None) != required:
         raise ValueError(

@@ -203,6 +203,31 @@ def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors"]
 
 
+def test_cancel_stops_the_cropping_of_a_folder(setup, qtbot, monkeypatch, tmp_path):
+    """Cropping a large folder comes before the first epoch: it is reported image by image
+    and Cancel stops it there (it waited for the whole folder)."""
+    viewer, widget, errors = setup
+    seen: dict[str, object] = {}
+    statuses = []
+
+    def slow_cropping(data, *, on_crop=None, **kwargs):
+        run_until_cancelled(lambda k: on_crop(k + 1, 5000), seen, steps=5000, pause_s=0.02)
+
+    monkeypatch.setattr(napari_smear.training, "train", slow_cropping)
+    folder = tmp_path / "cells"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    widget._source.value = train_module.FROM_FOLDER
+    widget._folder.value = folder
+    widget._start_from.value = None
+    widget._output.value = tmp_path / "m.safetensors"
+    widget.run()
+    cancel_when(qtbot, widget, lambda: statuses.append(widget.status) or "of 5000" in widget.status)
+    assert type(seen["raised"]).__name__ == "Cancelled"
+    assert any(status.startswith("Cropping the folder's images: ") for status in statuses)
+    assert widget.status == "Cancelled." and errors == []
+
+
 def test_another_images_cells_are_refused(setup, tmp_path):
     """Two fields of the same size: training on one's pixels with the other's cells and
     classes is refused, and choosing an image picks its own cells layer."""

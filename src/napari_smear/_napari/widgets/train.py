@@ -191,7 +191,7 @@ class TrainWidget(BackgroundTaskWidget):
     """
 
     task_name = "training"
-    cancelling_text = "Cancelling at the end of the current epoch (while a folder is cropped: once it is)…"
+    cancelling_text = "Cancelling at the end of the current epoch (or image, while a folder is cropped)…"
     waiting_text = None
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
@@ -550,6 +550,8 @@ def _train_job(job: dict):
             "output": partial, "epochs": job["epochs"], "batch_size": job["batch_size"],
             "lr": job["lr"], "device": job["device"], "progress": False, "cell_types": job["cell_types"],
             "on_epoch": lambda record: report(("epoch", record)),
+            # a folder's images are cropped first: reported (and cancellable) image by image
+            "on_crop": lambda done, total: report(("status", f"Cropping the folder's images: {done} of {total}…")),
         }
         if job["init_from"] is not None:
             options["init_from"] = job["init_from"]

@@ -206,7 +206,7 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "m2.safetensors"), "--cell-types", "wbc,neutrophil",
                  "--crop-diameters", "3"]) == 1
     err = capsys.readouterr().err
-    assert "cell_types must be some of" in err
+    assert "error: --cell-types must be some of" in err  # the option, not the library's parameter name
     assert f"warning: --crop-diameters applies to cropping a folder or CSV; the crops in {data}" in err
 
     # fine-tune the model just written, with weight averaging: its architecture and cell types carry over

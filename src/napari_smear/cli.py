@@ -721,6 +721,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The training library's argument checks name its parameters; on the command line the
+# same messages name the options (only these exact phrases, and only for `train`'s own
+# errors: a model file's "cell_types" metadata, say, is not an option).
+_OPTION_WORDS = (
+    ("cell_types must be", "--cell-types must be"),
+    ("average_weights_from must be", "--average-weights-from must be"),
+    ("lr must be > 0 and weight_decay, attention_supervision, attribute_weight >= 0",
+     "--lr must be > 0 and --weight-decay, --attention-supervision, --attribute-weight >= 0"),
+    ("patience must be >= 1 or None", "--patience must be >= 1"),
+    ("use attention_supervision=0", "use --attention-supervision 0"),
+    ("start it afresh (resume=False)", "start it afresh (without --resume)"),
+    ("or resume=False to start afresh", "or leave out --resume to start afresh"),
+    ("leave model_kind out", "leave --model-kind out"),
+    ("fine-tune an ensemble file with init_from", "fine-tune an ensemble file with --init-from"),
+)
+
+
+def _in_option_words(message: str) -> str:
+    for phrase, words in _OPTION_WORDS:
+        message = message.replace(phrase, words)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 1 failure (for the batch
     commands: any image failed, see errors.csv), 2 usage error, 130 interrupted, 141 the
@@ -749,7 +772,10 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as exc:
         # OSError: an output path that is a folder, a full disk, a permission...
-        print(f"napari-smear {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if args.command == "train" and type(exc).__name__ != "ModelFileError":  # not a file's own metadata
+            message = _in_option_words(message)
+        print(f"napari-smear {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
         warnings.formatwarning = original_format

@@ -68,15 +68,20 @@ def _pbc_files(shared_data, per_class: dict[str, int], split: str = "train", ski
     return pd.concat(rows, ignore_index=True)
 
 
+def _pbc_class_folder(shared_data, root, per_class: dict[str, int]):
+    """``root/<class>/`` holding the first PBC training images of each class (copies)."""
+    files = _pbc_files(shared_data, per_class)
+    for path, label in zip(files.path, files.label):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_data / "pbc" / path, root / label)
+    return root
+
+
 # ----------------------------------------------------------------------------- crop sets
 
 
 def test_build_crop_set_from_class_folders_reports_bad_images(tmp_path, shared_data):
-    files = _pbc_files(shared_data, {"lymphocyte": 3, "neutrophil": 3})
-    root = tmp_path / "cells"
-    for path, label in zip(files.path, files.label):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared_data / "pbc" / path, root / label)
+    root = _pbc_class_folder(shared_data, tmp_path / "cells", {"lymphocyte": 3, "neutrophil": 3})
     (root / "neutrophil" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.warns(UserWarning, match=r"1 of 7 images could not be cropped.*broken\.jpg"):
         crop_set = build_crop_set(root, output_size=32, progress=False)
@@ -97,11 +102,7 @@ def test_build_crop_set_from_class_folders_reports_bad_images(tmp_path, shared_d
 def test_a_model_is_scored_on_one_class_but_not_trained_on_one(tmp_path, shared_data):
     """Checking a model on your own neutrophils alone is a fair question; training on one
     class is not (it was refused for both)."""
-    files = _pbc_files(shared_data, {"neutrophil": 3})
-    root = tmp_path / "one" / "neutrophil"
-    root.mkdir(parents=True)
-    for path in files.path:
-        shutil.copy(shared_data / "pbc" / path, root)
+    _pbc_class_folder(shared_data, tmp_path / "one", {"neutrophil": 3})
     scores = evaluate("wbc-pbc8", tmp_path / "one", None, device="cpu")
     assert scores["n"] == 3 and scores["support"]["neutrophil"] == 3
     with pytest.raises(ValueError, match=r"has 1 class\(es\) \['neutrophil'\]; at least 2 are needed"):
@@ -110,11 +111,7 @@ def test_a_model_is_scored_on_one_class_but_not_trained_on_one(tmp_path, shared_
 
 def test_cropping_a_folder_reports_each_image_and_stops_when_the_report_raises(tmp_path, shared_data):
     """train(on_crop=...): the Train dock's progress (and cancel) while a folder is cropped."""
-    files = _pbc_files(shared_data, {"lymphocyte": 3, "neutrophil": 3})
-    root = tmp_path / "cells"
-    for path, label in zip(files.path, files.label):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared_data / "pbc" / path, root / label)
+    root = _pbc_class_folder(shared_data, tmp_path / "cells", {"lymphocyte": 3, "neutrophil": 3})
     seen = []
 
     class Stop(Exception):

@@ -25,8 +25,8 @@ class CommandError(Exception):
 def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs=()) -> Path:
     """The file an option names for writing, checked before any work: it has one of
     ``suffixes`` (so a shell glob that put an image where the output belongs, as in
-    ``--out *.jpg``, is refused rather than overwritten), is not a folder, and is not
-    one of the ``inputs``."""
+    ``--out *.jpg``, is refused rather than overwritten), is not a folder, is not one of
+    the ``inputs``, and can be written where it is."""
     out = Path(path)
     if out.suffix.lower() not in suffixes:
         kept = " (an existing file of another kind is never written over)" if out.exists() else ""
@@ -37,10 +37,9 @@ def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs
     for given in inputs:
         if Path(given).resolve() == resolved:
             raise CommandError(f"{option} {path} is also one of the inputs: give another file to write")
-    folder = next((p for p in resolved.parents if p.exists()), None)
-    if folder is not None and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
-        # found before the work, not after it (an evaluation ran to the end first)
-        raise CommandError(f"{option} {path}: cannot write in {folder}")
+    from .io import check_writable_location
+
+    check_writable_location(out, option)  # before the work, not after it (an evaluation ran first)
     return out
 
 

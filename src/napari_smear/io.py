@@ -30,6 +30,7 @@ __all__ = [
     "stored_image_size",
     "as_rgb_uint8",
     "atomic_write",
+    "check_writable_location",
     "write_tiff_atomic",
     "write_csv_atomic",
     "write_png_atomic",
@@ -650,6 +651,21 @@ def _to_unit_float(array: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def check_writable_location(path: str | os.PathLike, what: str) -> None:
+    """Before any work, a ValueError when a file could not be written at ``path``: one
+    of its folders is a file, or the nearest existing folder cannot be written in.
+    ``what`` names it in the message (``"output"``, ``"--json"``). A read-only folder
+    was otherwise found only after the work (cropping, training, an evaluation)."""
+    path = Path(path)
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path} lies inside {folder}, which is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write in {folder} (permission denied)")
 
 
 @contextlib.contextmanager

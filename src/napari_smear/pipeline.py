@@ -28,6 +28,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import pandas as pd
 
+from .predict import SURE_AT  # no torch at import
 from .segment.types import CELL_TYPES, SmearSegmentation
 
 __all__ = [
@@ -811,7 +812,7 @@ def check_test_time_views(models: Sequence[LoadedModel], views: int | None) -> d
 #: :meth:`StreamingClassifier.unsure_notes` warns about a model unsure of this share of
 #: its cells or more (top-class probability under UNSURE_BELOW; with ``sure_at``, its
 #: first view's under ``sure_at``), once it classified this many.
-UNSURE_BELOW = 0.85
+UNSURE_BELOW = SURE_AT
 UNSURE_SHARE_WARNING = 0.6
 UNSURE_WARNING_MIN_CELLS = 50
 
@@ -887,9 +888,8 @@ class StreamingClassifier:
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         check_prior_correction(models, prior_correction)
-        self._views = check_test_time_views(models, test_time_views)
+        self._views = check_test_time_views(models, test_time_views)  # per model
         self.prior_correction = prior_correction
-        self.test_time_views = test_time_views
         self.sure_at = check_sure_at(sure_at)
         self.models = {m.name: m for m in models}
         self.device = select_device(device)
@@ -1017,20 +1017,18 @@ class StreamingClassifier:
         done, at = [], 0
         for key, start, take, item in pieces:
             positions = np.arange(start, start + take)
-            result = self._results[key][name]
-            result["probs"][positions] = out["probs"][at:at + take]
-            result["attention"][positions] = out["attention"][at:at + take]
-            self.unsure[name] += len(unsure_crops(out["probs"][at:at + take], self.sure_at or UNSURE_BELOW))
-            unsure = unsure_crops(out["probs"][at:at + take], self.sure_at) if first_views != views else []
+            # unsure at UNSURE_BELOW (counted for the warning), or at sure_at: turned
+            unsure = unsure_crops(out["probs"][at:at + take], self.sure_at or UNSURE_BELOW)
+            self.unsure[name] += len(unsure)
+            if first_views == views:
+                unsure = unsure[:0]
             if len(unsure):  # classified again, in every view, with other unsure crops
                 self._turn_queues[name].append([key, 0, item[2][positions[unsure]], item[3][positions[unsure]],
                                                 None if item[4] is None else item[4][positions[unsure]],
                                                 positions[unsure]])
                 self._turn_queued[name] += len(unsure)
+            done += self._store(key, name, positions, out, at, finished=take - len(unsure))
             at += take
-            self._remaining[key] -= take - len(unsure)
-            if self._remaining[key] == 0:
-                done.append(self._pop(key))
         return done
 
     def unsure_notes(self) -> list[str]:
@@ -1052,15 +1050,18 @@ class StreamingClassifier:
         self.turned += n
         done, at = [], 0
         for key, start, take, item in pieces:
-            positions = item[5][start:start + take]
-            result = self._results[key][name]
-            result["probs"][positions] = out["probs"][at:at + take]
-            result["attention"][positions] = out["attention"][at:at + take]
+            done += self._store(key, name, item[5][start:start + take], out, at, finished=take)
             at += take
-            self._remaining[key] -= take
-            if self._remaining[key] == 0:
-                done.append(self._pop(key))
         return done
+
+    def _store(self, key, name: str, positions, out: dict, at: int, *, finished: int) -> list:
+        """Put ``out``'s rows from ``at`` into field ``key``'s results at ``positions``;
+        ``finished`` of its crops are done: the field, handed back when it has none left."""
+        result = self._results[key][name]
+        result["probs"][positions] = out["probs"][at:at + len(positions)]
+        result["attention"][positions] = out["attention"][at:at + len(positions)]
+        self._remaining[key] -= finished
+        return [self._pop(key)] if self._remaining[key] == 0 else []
 
     def _take(self, queue: deque, queued: dict, name: str) -> list:
         """Up to ``batch_size`` crops from the front of ``queue``: (key, start, take, item)

@@ -1108,7 +1108,9 @@ def train(
     check_model_output(output)
     best_path = partial_model_path(output)
     if cache is not None:
-        _check_writable_folder(Path(cache), "cache")
+        from .io import check_writable_location
+
+        check_writable_location(cache, "cache")
 
     init = _fine_tuning_start(init_from, model_kind, config) if init_from is not None else None
     if cell_types is None and init is not None:
@@ -1561,28 +1563,18 @@ def weak_model_caution(metrics: dict, n_classes: int) -> str:
 def check_model_output(output: str | os.PathLike) -> None:
     """Before any work: the model file can be written there, and what it replaces is a
     model (a ValueError saying why not)."""
+    from .io import check_writable_location
     from .models import ModelFileError, read_metadata
 
     output = Path(output)
     if output.is_dir():
         raise ValueError(f"output {output} is a folder: give a .safetensors file name")
-    for folder in output.parents:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"output {output} lies inside {folder}, which is a file")
+    check_writable_location(output, "output")
     if output.exists():
         try:
             read_metadata(output)
         except ModelFileError as exc:
             raise ValueError(f"{exc}; refusing to overwrite it with the trained model") from exc
-    _check_writable_folder(output, "output")
-
-
-def _check_writable_folder(path: Path, what: str) -> None:
-    """Before any work: the nearest existing folder of ``path`` can be written in (a
-    read-only one was found only after cropping and the first epoch)."""
-    folder = next((p for p in Path(path).absolute().parents if p.exists()), None)
-    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: cannot write in {folder} (permission denied)")
 
 
 def _check_cell_types(cell_types: Sequence[str]) -> list[str]:

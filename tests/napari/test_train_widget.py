@@ -180,7 +180,8 @@ def test_cancel_stops_training(setup, qtbot, monkeypatch, tmp_path):
 
     def slow_train(data, *, on_epoch=None, epochs=1, output=None, **kwargs):
         def epoch(step):
-            Path(output).write_bytes(b"best epoch so far")  # as train() saves each better epoch
+            # as train() saves each better epoch: beside the output until training ends
+            napari_smear.training.partial_model_path(output).write_bytes(b"best epoch so far")
             on_epoch({"epoch": step + 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.4})
 
         run_until_cancelled(epoch, seen, steps=999, pause_s=0.02)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -541,13 +540,13 @@ def _train_job(job: dict):
     def compute(report):
         training = importlib.import_module("napari_smear.training")
         output = Path(job["output"])
-        # Trained into a file of its own and moved over the chosen name only when
-        # training ends: a cancelled or failed run leaves an earlier model of that
-        # name untouched (Classify cells may still offer it).
-        partial = output.with_name(f".{output.stem}.training.safetensors")
+        # train() keeps the best model so far in a file of its own and moves it over
+        # output only when training ends: a cancelled or failed run leaves an earlier
+        # model of that name untouched (Classify cells may still offer it). Checked
+        # here as well as in train(): before the labelled cells are cropped.
         training.check_model_output(output)  # a file there that is not a model is never replaced
         options = {
-            "output": partial, "epochs": job["epochs"], "batch_size": job["batch_size"],
+            "output": output, "epochs": job["epochs"], "batch_size": job["batch_size"],
             "lr": job["lr"], "device": job["device"], "progress": False, "cell_types": job["cell_types"],
             "on_epoch": lambda record: report(("epoch", record)),
             # a folder's images are cropped first: reported (and cancellable) image by image
@@ -569,12 +568,9 @@ def _train_job(job: dict):
             )
             report(("status", job["description"]))
         try:
-            result = training.train(data, **options)
-            os.replace(partial, output)
-        finally:
-            _remove_checkpoint(training.checkpoint_dir_for(partial))
-            partial.unlink(missing_ok=True)
-            training.partial_model_path(partial).unlink(missing_ok=True)  # train()'s own, left by a cancel
-        return dataclasses.replace(result, model_path=output)
+            return training.train(data, **options)
+        finally:  # the dock offers no resume: nothing of a run is left beside the model
+            _remove_checkpoint(training.checkpoint_dir_for(output))
+            training.partial_model_path(output).unlink(missing_ok=True)
 
     return compute

@@ -181,3 +181,18 @@ def test_cli_analyze_on_disk(mosaic, tmp_path, capsys):
     assert (tmp_path / "out" / "slide_attention.tif").exists()
     with pytest.raises(SystemExit):
         main(["analyze", str(tmp_path / "slide.tif"), str(tmp_path / "out"), "--on-disk", "--in-memory"])
+
+
+@pytest.mark.filterwarnings("ignore:rbc-chula12 was unsure")
+def test_turned_views_only_for_unsure_cells_region_by_region(models, mosaic):
+    """``sure_at`` reaches every region's classifier: the region-by-region result with it
+    is the whole field's with it, and differs from the all-views answer."""
+    seg = segment_smear(mosaic)
+    whole = pipeline.analyze(mosaic, models=models, segmentation=seg, device="cpu", sure_at=0.85)
+    regions = pipeline.analyze_by_region(mosaic, models=models, segmentation=seg, device="cpu", region_side=256,
+                                         sure_at=0.85)
+    assert_same_analysis(whole, regions)
+    every = pipeline.analyze(mosaic, models=models, segmentation=seg, device="cpu")
+    assert not np.allclose(whole.table.confidence.dropna(), every.table.confidence.dropna())
+    with pytest.raises(ValueError, match="sure_at must be a probability"):
+        pipeline.analyze_by_region(mosaic, models=models, segmentation=seg, device="cpu", sure_at=0)

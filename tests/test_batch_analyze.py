@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from conftest import tiny_model_file
 
-from napari_smear import batch
+from napari_smear import analyze, batch
 from napari_smear.batch import OUTPUT_VERSION, analyze_files, is_output_name
 from napari_smear.cli import main
 from napari_smear.io import read_image, write_png_atomic, write_tiff_atomic
@@ -610,3 +610,25 @@ def test_a_run_with_nothing_to_do_leaves_no_output_folder(tmp_path):
     with pytest.raises(ValueError, match="no image files found"):
         analyze_files(nothing, kept, models=[], device="cpu")
     assert kept.is_dir()
+
+
+def test_turned_views_only_for_unsure_cells_are_recorded_and_redo_images(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png_atomic(inputs / "a.png", field(0))
+    model = str(tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], test_time_views=8))
+    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
+    out = tmp_path / "out"
+    analyze_files(inputs, out, **options)
+    recorded = lambda: json.loads((out / "run.json").read_text())["settings"]["sure_at"]
+    assert recorded() is None
+    threshold = float(pd.read_csv(out / "a_cells.csv").confidence.dropna().median())
+    mixed = analyze_files(inputs, out, sure_at=threshold, **options)
+    assert (mixed.analysed, mixed.skipped) == (1, 0) and recorded() == threshold  # answers change: redone
+    assert (analyze_files(inputs, out, sure_at=threshold, **options).skipped) == 1
+    expected = analyze(field(0), models=[model], device="cpu", sure_at=threshold).table
+    np.testing.assert_allclose(pd.read_csv(out / "a_cells.csv").confidence.dropna(), expected.confidence.dropna(),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="sure_at must be a probability"):
+        analyze_files(inputs, tmp_path / "bad", sure_at=2.0, **options)
+    assert not (tmp_path / "bad").exists()

@@ -184,6 +184,25 @@ def test_evaluate_test_time_views_option(tmp_path, capsys):
         build_parser().parse_args(["classify", "x.png", "--out", "p.csv", "--test-time-views", "3"])
 
 
+
+def test_sure_at_option(tmp_path, capsys):
+    """--sure-at reaches evaluate (turned views only for unsure crops) and is refused
+    outside (0, 1] when the command is read."""
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    model = tiny_model_file(tmp_path / "m.safetensors", test_time_views=8)
+    for name, extra in (("every", []), ("sure", ["--sure-at", "1e-6"]), ("one", ["--test-time-views", "1"])):
+        assert main(["evaluate", str(model), str(data), "--device", "cpu", "--quiet", *extra,
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+    every, sure, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("every", "sure", "one"))
+    assert sure["confusion"] == one["confusion"]  # every crop is sure of its first view
+    assert build_parser().parse_args(["analyze", "x.png", "--out", "o", "--sure-at", "0.85"]).sure_at == 0.85
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(SystemExit) as stopped:
+            build_parser().parse_args(["classify", "x.png", "--out", "p.csv", "--sure-at", bad])
+        assert stopped.value.code == 2
+        assert "expected a probability above 0 and at most 1" in capsys.readouterr().err
+
+
 def test_train_command_writes_a_model(tmp_path, capsys):
     n_per_class = -(-100 // len(TINY_CLASSES))  # half are validation crops: enough to choose a prior correction
     data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(n_per_class=n_per_class), image_codec="raw")

@@ -20,6 +20,7 @@ from napari_smear.pipeline import (
     retype_platelet_clumps,
 )
 from napari_smear.predict import classify_crops
+from napari_smear.segment import segment_smear
 
 WBC_CLASSES = ["lymphocyte", "neutrophil", "platelet"]
 RBC_CLASSES = ["normal", "target", "schistocyte", "spherocyte"]
@@ -227,6 +228,31 @@ def test_streaming_classifier_turns_only_the_unsure_crops(field, model_files):
             np.testing.assert_array_equal(reordered[k][m.name]["probs"], done[k][m.name]["probs"])
     with pytest.raises(ValueError, match="sure_at must be a probability"):
         StreamingClassifier(loaded, device="cpu", sure_at=1.5)
+
+
+def test_analyze_turns_only_the_unsure_cells(field, tmp_path):
+    """``analyze(sure_at=...)``: a cell whose first view is that sure keeps that answer,
+    the others get the mean of every view; at a threshold no cell reaches, it is the
+    all-views answer, at one every cell reaches, the one-view answer. A bad value is
+    refused before the field is segmented."""
+    image, _ = field
+    models = [tiny_model_file(tmp_path / "wbc.safetensors", WBC_CLASSES, cell_types=["wbc", "platelet"],
+                              test_time_views=8),
+              tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], test_time_views=8, seed=1)]
+    seg = segment_smear(image)
+    run = lambda **kw: analyze(image, models=models, segmentation=seg, device="cpu", morphology=False, **kw).table
+    first, every = run(test_time_views=1), run()
+    threshold = float(first.confidence.dropna().median())
+    mixed = run(sure_at=threshold)
+    sure = first.confidence >= threshold
+    classified = first.confidence.notna()
+    assert 0 < (sure & classified).sum() < classified.sum()
+    np.testing.assert_allclose(mixed.confidence[sure], first.confidence[sure], atol=1e-5)
+    np.testing.assert_allclose(mixed.confidence[classified & ~sure], every.confidence[classified & ~sure], atol=1e-5)
+    np.testing.assert_allclose(run(sure_at=1.0).confidence.dropna(), every.confidence.dropna(), atol=1e-5)
+    np.testing.assert_allclose(run(sure_at=1e-6).confidence.dropna(), first.confidence.dropna(), atol=1e-5)
+    with pytest.raises(ValueError, match="sure_at must be a probability"):
+        analyze(image, models=models, device="cpu", sure_at=1.5)
 
 
 def test_differential_counts():

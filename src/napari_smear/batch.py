@@ -579,7 +579,7 @@ def _analyze_on_disk(path: str | Path, on_disk: bool | None) -> bool:
 def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", loaded: Sequence, *, device,
                          batch_size: int, amp: bool, prior_correction: float | None,
                          progress: Callable[[float, str], None] | None = None,
-                         test_time_views: int | None = None) -> "_Finished":
+                         test_time_views: int | None = None, sure_at: float | None = None) -> "_Finished":
     """Analyse one TIFF larger than memory and write its outputs, as the other images'.
 
     The image (decoded once when compressed), its two label images and one attention
@@ -606,7 +606,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
             result = analyze_by_region(
                 image, models=loaded, device=device, batch_size=batch_size, amp=amp, segmentation=seg,
                 morphology=settings.morphology, progress=report, prior_correction=prior_correction,
-                attention_out=attention, test_time_views=test_time_views,
+                attention_out=attention, test_time_views=test_time_views, sure_at=sure_at,
             )
             timings["regions"] = time.perf_counter() - started
         notes = _image_notes(seg)
@@ -1276,6 +1276,7 @@ def analyze_files(
     working_diameter_px: float | None = None,
     on_disk: bool | None = None,
     test_time_views: int | None = None,
+    sure_at: float | None = None,
 ) -> BatchReport:
     """Analyse every image of folders (recursively) or files; write per-image outputs.
 
@@ -1346,6 +1347,10 @@ def analyze_files(
         One number of turned views for every model (1: each crop once, the fastest on a
         CPU); default: each model file's own (the built-in models: 8). Recorded in
         ``run.json``; images finished with another one are redone.
+    sure_at : float, optional
+        Turn only the cells whose first view gives no class this probable (see
+        :func:`napari_smear.analyze`); default None: every cell in all of its views.
+        Recorded in ``run.json`` like ``test_time_views``.
 
     Returns
     -------
@@ -1366,7 +1371,7 @@ def analyze_files(
     from .pipeline import (
         DEFAULT_MODELS, StreamingClassifier, check_prior_correction, check_test_time_views, load_models,
     )
-    from .predict import select_device
+    from .predict import check_sure_at, select_device
 
     if workers and scheduler is not None:
         raise ValueError("give either workers (a local Dask cluster) or scheduler (an existing one), not both")
@@ -1394,8 +1399,9 @@ def analyze_files(
     batch_size = int(batch_size or (1024 if torch_device.type == "cuda" else 32))
     strengths = check_prior_correction(loaded, prior_correction)
     views = check_test_time_views(loaded, test_time_views)
+    sure_at = check_sure_at(sure_at)
     fingerprint = _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, __version__, strengths,
-                               working_diameter_px, views)
+                               working_diameter_px, views, sure_at)
     out = prepare_output_dir(out_dir)
 
     with _exclusive(out):
@@ -1430,7 +1436,7 @@ def analyze_files(
         )
         classifier = StreamingClassifier(
             loaded, device=torch_device, batch_size=batch_size, amp=amp, max_waiting=max_waiting,
-            prior_correction=prior_correction, test_time_views=test_time_views,
+            prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
         )
         stage_seconds: dict[str, float] = {}
         analysed = 0
@@ -1444,7 +1450,7 @@ def analyze_files(
                 for outcome in itertools.chain(
                     _run(executor, in_memory, settings, classifier, progress, counter, total),
                     _run_on_disk(slides, out, settings, loaded, torch_device, batch_size, amp, prior_correction,
-                                 test_time_views, progress, counter, total),
+                                 test_time_views, sure_at, progress, counter, total),
                 ):
                     counter[0] = done = done + 1
                     if isinstance(outcome, _Failed):
@@ -1571,7 +1577,7 @@ def _run(executor, todo: list[_Job], settings: _Settings, classifier, progress, 
 
 
 def _run_on_disk(slides: list[_Job], out: Path, settings: _Settings, loaded, device, batch_size: int, amp: bool,
-                 prior_correction, test_time_views, progress, counter: list, total: int):
+                 prior_correction, test_time_views, sure_at, progress, counter: list, total: int):
     """Analyse each slide with :func:`analyze_file_on_disk`; yield a _Finished or
     _Failed per slide. An exception from ``progress`` stops the run, as in ``_run``."""
     for job in slides:
@@ -1585,7 +1591,7 @@ def _run_on_disk(slides: list[_Job], out: Path, settings: _Settings, loaded, dev
         try:
             yield analyze_file_on_disk(job, out, settings, loaded, device=device, batch_size=batch_size, amp=amp,
                                        prior_correction=prior_correction, progress=report,
-                                       test_time_views=test_time_views)
+                                       test_time_views=test_time_views, sure_at=sure_at)
         except _ProgressInterrupt as exc:
             raise exc.original from None
         except Exception as exc:  # a bad file or a full disk is recorded, and the batch goes on
@@ -1704,14 +1710,15 @@ def _damaged_output(outputs, folder: Path) -> tuple[str, Path | None, str] | Non
 
 
 def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, version, prior_strengths,
-                 working_diameter_px=None, views=None) -> dict:
+                 working_diameter_px=None, views=None, sure_at=None) -> dict:
     """Everything that changes per-image outputs; a marker with another one is redone.
 
     ``prior_strengths`` (model name -> the prior-correction strength used) is part of
     it: the file's stored strength can change while its weights do not; so is ``views``
     (model name -> the number of turned views averaged) where it is more than one. The working
     resolution enters only when one is chosen, so runs at the default keep the
-    fingerprint they had before it could be chosen.
+    fingerprint they had before it could be chosen; so does ``sure_at`` (turned views
+    only for unsure cells), where some model averages more than one view.
     """
     models = []
     for entry in loaded:
@@ -1730,6 +1737,8 @@ def _fingerprint(loaded, pixel_size_um, morphology, overlay_max_side, amp, versi
     }
     if working_diameter_px is not None:
         value["working_diameter_px"] = float(working_diameter_px)
+    if sure_at is not None and any(v > 1 for v in (views or {}).values()):
+        value["sure_at"] = float(sure_at)
     return json.loads(_json_text(value))  # as it reads back from a marker
 
 
@@ -1846,6 +1855,7 @@ def _run_record(inputs, out, pattern, loaded, missing_models, device, batch_size
             "executor": executor.description,
             "overwrite": bool(overwrite), "pixel_size_um": pixel_size_um, "morphology": bool(morphology),
             "overlay_max_side": int(overlay_max_side), "working_diameter_px": fingerprint.get("working_diameter_px"),
+            "sure_at": fingerprint.get("sure_at"),
         },
         "models": {
             m.name: {**m.spec.describe(), "crop_diameters": m.spec.crop_diameters,

@@ -120,6 +120,20 @@ def _add_test_time_views_option(parser: argparse.ArgumentParser) -> None:
         help="classify each crop N ways (turned and mirrored: 1, 2, 4 or 8) and average the answers; "
              "default: the model file's own (the built-in models: 8); 1 is the fastest on a CPU",
     )
+    parser.add_argument(
+        "--sure-at", type=_sure_at, default=None, metavar="P",
+        help="turn and mirror only the crops whose first view gives no class with probability P or more "
+             "(0.85 measured well); the others are answered from that view. Several times faster on "
+             "single-cell images that the model knows well; default: every crop in all of its views",
+    )
+
+
+def _sure_at(text: str) -> float:
+    """A --sure-at probability in (0, 1], refused when the command is read."""
+    value = float(text)
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a probability above 0 and at most 1, got {text}")
+    return value
 
 
 def _strength(text: str) -> float:
@@ -354,7 +368,7 @@ def _cmd_analyze(args) -> int:
             workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite, batch_size=args.batch_size,
             amp=not args.no_amp, pixel_size_um=args.pixel_size_um, morphology=not args.no_morphology, progress=bar.show,
             prior_correction=args.prior_correction, working_diameter_px=args.working_diameter,
-            on_disk=args.on_disk, test_time_views=args.test_time_views,
+            on_disk=args.on_disk, test_time_views=args.test_time_views, sure_at=args.sure_at,
         )
     except RuntimeError as exc:
         raise CommandError(str(exc)) from exc
@@ -573,7 +587,7 @@ def _run_evaluate(args) -> int:
     metrics = evaluate(
         args.model, args.data, split, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
         workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
-        test_time_views=args.test_time_views,
+        test_time_views=args.test_time_views, sure_at=args.sure_at,
     )
     print(f"model: {args.model}")
     print(f"data: {args.data}, split {metrics['split']}")
@@ -636,7 +650,7 @@ def _run_classify(args) -> int:
     table = classify_files(
         args.inputs, args.model, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
         workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
-        test_time_views=args.test_time_views,
+        test_time_views=args.test_time_views, sure_at=args.sure_at,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out, table)

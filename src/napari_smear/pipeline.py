@@ -28,7 +28,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import pandas as pd
 
-from .predict import SURE_AT  # no torch at import
+from .predict import SURE_AT, check_sure_at  # no torch at import
 from .segment.types import CELL_TYPES, SmearSegmentation
 
 __all__ = [
@@ -517,6 +517,7 @@ def analyze(
     prior_correction: float | None = None,
     working_diameter_px: float | None = None,
     test_time_views: int | None = None,
+    sure_at: float | None = None,
 ) -> AnalysisResult:
     """Segment a smear field, classify its cells and map the models' attention.
 
@@ -542,6 +543,11 @@ def analyze(
     test_time_views : {1, 2, 4, 8}, optional
         One number of turned views for every model (1: each crop once, the fastest);
         default: each model file's own (see :func:`napari_smear.predict.classify_crops`).
+    sure_at : float, optional
+        Answer a cell from its first view when that gives a class this probable (0.85
+        measured well: docs/architecture.md, *Turned views*) and turn only the others;
+        default None: every cell in all of its views. Faster on single-cell images, no
+        gain where most cells are unsure (another microscope).
 
     A field larger than ``REGION_ANALYSIS_PIXELS`` (48 megapixels) is analysed region
     by region (:func:`analyze_by_region`): the same result in less memory.
@@ -552,6 +558,7 @@ def analyze(
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
     check_prior_correction(loaded, prior_correction)
     check_test_time_views(loaded, test_time_views)
+    check_sure_at(sure_at)
     image = as_rgb_uint8(image)
     if image.shape[0] * image.shape[1] > REGION_ANALYSIS_PIXELS:
         # a slide: the same result, with memory bounded by the region size (all of the
@@ -560,7 +567,7 @@ def analyze(
             image, models=loaded, device=device, batch_size=batch_size, pixel_size_um=pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
             prior_correction=prior_correction, working_diameter_px=working_diameter_px,
-            test_time_views=test_time_views,
+            test_time_views=test_time_views, sure_at=sure_at,
         ))
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
@@ -569,7 +576,7 @@ def analyze(
     )
     outputs = _classify_prepared(
         loaded, prepared, device=device, batch_size=batch_size, amp=True, prior_correction=prior_correction,
-        test_time_views=test_time_views, report=lambda k, name: report(
+        test_time_views=test_time_views, sure_at=sure_at, report=lambda k, name: report(
             0.4 + 0.6 * k / max(len(loaded), 1), f"classifying with {name}"),
     )
     report(1.0, "done")
@@ -584,7 +591,7 @@ def _warned(result: AnalysisResult) -> AnalysisResult:
 
 
 def _classify_prepared(loaded, prepared: PreparedField, *, device, batch_size, amp, prior_correction,
-                       test_time_views, report=None) -> dict[str, dict]:
+                       test_time_views, sure_at=None, report=None) -> dict[str, dict]:
     """Each model's outputs on its crops of a prepared field (models without crops are
     absent); ``report(k, name)`` before the k-th model."""
     from .predict import classify_crops
@@ -599,7 +606,7 @@ def _classify_prepared(loaded, prepared: PreparedField, *, device, batch_size, a
         outputs[entry.name] = classify_crops(
             entry.model, entry.info, images, masks, morph,
             device=device, batch_size=batch_size, amp=amp, return_attention=True, progress=False,
-            prior_correction=prior_correction, test_time_views=test_time_views,
+            prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
         )
     return outputs
 
@@ -628,6 +635,7 @@ def analyze_by_region(
     region_side: int = REGION_SIDE,
     attention_out: dict[str, np.ndarray] | None = None,
     test_time_views: int | None = None,
+    sure_at: float | None = None,
 ) -> AnalysisResult:
     """:func:`analyze` a large image (a whole-slide region or scan) region by region.
 
@@ -649,7 +657,7 @@ def analyze_by_region(
     Parameters
     ----------
     image, models, device, batch_size, pixel_size_um, segmentation, morphology, progress,
-    prior_correction, working_diameter_px, test_time_views
+    prior_correction, working_diameter_px, test_time_views, sure_at
         As for :func:`analyze`.
     amp : bool
         Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
@@ -670,6 +678,7 @@ def analyze_by_region(
     loaded = load_models(models, device)  # first: a bad model name fails before segmenting
     check_prior_correction(loaded, prior_correction)
     check_test_time_views(loaded, test_time_views)
+    check_sure_at(sure_at)
     specs = [m.spec for m in loaded]
     rgb = as_rgb_uint8(image)
     if segmentation is None:
@@ -716,7 +725,7 @@ def analyze_by_region(
         piece, maps = _analyze_region(
             rgb, painted, segmentation, owned, (y0, x0, y1, x1), loaded, colours,
             device=device, batch_size=batch_size, amp=amp, morphology=morphology,
-            prior_correction=prior_correction, test_time_views=test_time_views,
+            prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
         )
         inside = maps.pop(None)
         for name, values in maps.items():
@@ -729,7 +738,7 @@ def analyze_by_region(
         pieces.append(_analyze_region(
             rgb, painted, segmentation, table.iloc[:0], (0, 0, min(shape[0], 16), min(shape[1], 16)), loaded,
             colours, device=device, batch_size=batch_size, amp=amp, morphology=morphology,
-            prior_correction=prior_correction, test_time_views=test_time_views,
+            prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
         )[0])
         positions.append(np.zeros(0, np.int64))
     result_table = pd.concat(pieces, ignore_index=True)
@@ -753,7 +762,7 @@ def _attention_array(given, shape, name) -> np.ndarray:
 
 
 def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, *, device, batch_size, amp,
-                    morphology, prior_correction, test_time_views):
+                    morphology, prior_correction, test_time_views, sure_at=None):
     """Measure, crop, classify and finish the ``owned`` cells of one region.
 
     Returns their table rows (image coordinates) and the region's attention maps per
@@ -780,7 +789,8 @@ def _analyze_region(rgb, painted, segmentation, owned, window, loaded, colours, 
     )
     prepared = PreparedField(region_rgb, region, _cell_table(region_rgb, region, morphology), crops, morph_features)
     outputs = _classify_prepared(loaded, prepared, device=device, batch_size=batch_size, amp=amp,
-                                 prior_correction=prior_correction, test_time_views=test_time_views)
+                                 prior_correction=prior_correction, test_time_views=test_time_views,
+                                 sure_at=sure_at)
     result = finish_field(prepared, specs, outputs)
     return result.table, {**result.attention, None: mine}
 
@@ -883,7 +893,7 @@ class StreamingClassifier:
                  amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
                  prior_correction: float | None = None, test_time_views: int | None = None,
                  sure_at: float | None = None):
-        from .predict import check_sure_at, select_device
+        from .predict import select_device
 
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

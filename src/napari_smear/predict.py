@@ -721,6 +721,7 @@ def classify_files(
     progress: bool = True,
     prior_correction: float | None = None,
     test_time_views: int | None = None,
+    sure_at: float | None = None,
 ):
     """Classify single-cell images (one cell near the centre of each, e.g. PBC crops).
 
@@ -746,8 +747,9 @@ def classify_files(
         diameter of the others (``scale_measured`` is False for them).
     progress : bool
         Progress bars.
-    prior_correction, test_time_views : optional
-        See :func:`classify_crops` (default: the model file's own).
+    prior_correction, test_time_views, sure_at : optional
+        See :func:`classify_crops` (default: the model file's own prior correction and
+        views; every crop in all of its views).
 
     Returns
     -------
@@ -769,6 +771,7 @@ def classify_files(
     device = select_device(device)
     model, info = _resolve_model(model, info, device)
     check_test_time_views(info, test_time_views)  # before any image is read
+    check_sure_at(sure_at)
     columns = ["path", "prediction", "confidence", *[f"p_{c}" for c in info.class_names], "scale_measured",
                "cell_type", "warning", "error"]
     if not files:
@@ -789,7 +792,7 @@ def classify_files(
             np.stack([crops[i]["masks"] for i in done]),
             np.stack([crops[i]["morph"] for i in done]),
             device=device, batch_size=batch_size, amp=amp, return_attention=False, progress=progress,
-            prior_correction=prior_correction, test_time_views=test_time_views,
+            prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
         )
         probs[done] = output["probs"]
     best = np.full(len(files), -1, np.int64)

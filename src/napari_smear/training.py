@@ -569,6 +569,7 @@ def evaluate(
     progress: bool = False,
     prior_correction: float | None = None,
     test_time_views: int | None = None,
+    sure_at: float | None = None,
 ) -> dict:
     """Score a model on one split of a crop set.
 
@@ -588,8 +589,9 @@ def evaluate(
         See :func:`napari_smear.predict.classify_crops`.
     workers, progress
         Cropping processes and progress bars for folder/manifest data.
-    prior_correction, test_time_views : optional
-        See :func:`napari_smear.predict.classify_crops` (default: the model file's own).
+    prior_correction, test_time_views, sure_at : optional
+        See :func:`napari_smear.predict.classify_crops` (default: the model file's own
+        prior correction and views; every crop in all of its views).
 
     Returns
     -------
@@ -601,13 +603,14 @@ def evaluate(
         and ``attention_mass_inside`` (mean share of the attention map inside the cell
         mask).
     """
-    from .predict import classify_crops
+    from .predict import check_sure_at, classify_crops
 
+    check_sure_at(sure_at)  # before anything is cropped
     model, info, torch_device, subset, y_true = _labelled_split(model, info, data, split, device, workers, progress)
     output = classify_crops(
         model, info, subset.images, subset.masks, subset.morph,
         device=torch_device, batch_size=batch_size, amp=amp, return_attention=True, progress=progress,
-        prior_correction=prior_correction, test_time_views=test_time_views,
+        prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
     )
     y_pred = output["probs"].argmax(axis=1)
     metrics = classification_metrics(y_true, y_pred, info.class_names)

@@ -11,6 +11,7 @@ from widget_helpers import cancel_when, run_until_cancelled, shown_errors, wait_
 import napari_smear.segment
 from napari_smear._napari.widgets import batch as batch_widget_module
 from napari_smear.io import write_png_atomic
+from napari_smear.predict import SURE_AT
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh_user_models", "one_torch_thread")]
 
@@ -187,7 +188,8 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     real = napari_smear.batch.analyze_files
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["prior_correction"], kwargs["working_diameter_px"], kwargs["test_time_views"]))
+        seen.append((kwargs["prior_correction"], kwargs["working_diameter_px"], kwargs["test_time_views"],
+                     kwargs["sure_at"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(napari_smear.batch, "analyze_files", spy)
@@ -199,19 +201,24 @@ def test_class_frequency_checkbox_reaches_the_batch_run(widget, qtbot, inputs, m
     widget._class_frequencies.value = False
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen == [(0.0, None, None)] and widget.errors == []  # standard detail: analyze_files' default
+    assert seen == [(0.0, None, None, None)] and widget.errors == []  # standard detail: analyze_files' default
     assert widget.last_report.analysed == 2
     # "faster" detail reaches the run and, as another setting, redoes the images
     widget._detail.value = 16.0
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen[-1] == (0.0, 16.0, None) and widget.errors == []
+    assert seen[-1] == (0.0, 16.0, None, None) and widget.errors == []
     assert widget.last_report.analysed == 2
     # one view per cell reaches the run
-    widget._turned_views.value = False
+    widget._turned_views.value = "none"
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen[-1] == (0.0, 16.0, 1) and widget.errors == []
+    assert seen[-1] == (0.0, 16.0, 1, None) and widget.errors == []
+    # turned views only for unsure cells reach the run
+    widget._turned_views.value = "unsure"
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen[-1] == (0.0, 16.0, None, SURE_AT) and widget.errors == []
 
 
 def test_results_of_a_run_given_relative_paths_open_from_another_folder(widget, qtbot, inputs, tmp_path, monkeypatch):

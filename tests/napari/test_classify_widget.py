@@ -12,6 +12,7 @@ import napari_smear.pipeline
 from napari_smear._napari.layers import CLASS_COLORS, METADATA_KEY
 from napari_smear._napari.widgets import classify as classify_module
 from napari_smear._napari.widgets import user_models
+from napari_smear.predict import SURE_AT
 from napari_smear._napari.widgets.counts import CountsWidget
 from napari_smear.models import available_models
 
@@ -249,19 +250,22 @@ def test_class_frequency_checkbox_sets_the_prior_correction(setup, qtbot, monkey
     real = pipeline.analyze
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["prior_correction"], kwargs["test_time_views"]))
+        seen.append((kwargs["prior_correction"], kwargs["test_time_views"], kwargs["sure_at"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "analyze", spy)
     assert widget._class_frequencies.value is True  # default: each model file's own correction
-    assert widget._turned_views.value is True  # default: each model file's own views
+    assert widget._turned_views.value == "all"  # default: each model file's own views, every cell
     widget.run()
     wait_until_idle(qtbot, widget)
     widget._class_frequencies.value = False  # every class equally common
-    widget._turned_views.value = False  # each cell once
+    widget._turned_views.value = "none"  # each cell once
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert seen == [(None, None), (0.0, 1)] and errors == []
+    widget._turned_views.value = "unsure"  # turned views only where the first leaves it unsure
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen == [(None, None, None), (0.0, 1, None), (0.0, None, SURE_AT)] and errors == []
 
 
 def test_renamed_image_keeps_its_cells(setup, qtbot):

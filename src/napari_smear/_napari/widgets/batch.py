@@ -21,7 +21,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, Push
 from napari_smear._napari.widgets._background import BackgroundTaskWidget
 from napari_smear._napari.widgets.classify import (
     ModelInputs, class_frequency_checkbox, device_combo, model_choices, prior_correction_option,
-    test_time_views_option, turned_views_checkbox,
+    sure_at_option, test_time_views_option, turned_views_combo,
 )
 from napari_smear._napari.widgets.segment import DETAIL_CHOICES, detail_combo
 
@@ -69,7 +69,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "(0: in napari's process)",
         )
         self._class_frequencies = class_frequency_checkbox()
-        self._turned_views = turned_views_checkbox()
+        self._turned_views = turned_views_combo()
         self._detail = detail_combo()
         self._overwrite = CheckBox(text="redo finished images", value=False)
         # Looking at the results: any image the output folder holds results for.
@@ -118,6 +118,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "overwrite": bool(self._overwrite.value),
             "prior_correction": prior_correction_option(self._class_frequencies),
             "test_time_views": test_time_views_option(self._turned_views),
+            "sure_at": sure_at_option(self._turned_views),
             # standard detail is analyze_files' default: None keeps earlier runs' results valid
             "working_diameter_px": None if self._detail.value == DETAIL_CHOICES[0][1] else float(self._detail.value),
         }

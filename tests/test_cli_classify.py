@@ -217,6 +217,7 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "macro-F1" in printed and "classifies: wbc, platelet cells" in printed
+    assert f"checkpoint: {tmp_path / 'model.ckpt'} (" in printed and "kept for --resume" in printed
     # one epoch of an untrained tiny model: cautioned about, as the Train dock does
     assert "napari-smear train: warning: its validation scores are close to guessing" in captured.err
     assert f"prior correction: strength {metadata['prior_correction']['strength']:g}, chosen on" in printed

@@ -516,6 +516,11 @@ def _run_train(args) -> int:
     if choice:
         print(f"prior correction: strength {choice['strength']:g}, chosen on {choice['n']} validation crops and "
               "stored in the model file (the figures above are without it)")
+    checkpoint = checkpoint_dir_for(args.out)
+    if checkpoint.is_dir():  # kept: --resume with more --epochs trains on from it
+        size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+        print(f"checkpoint: {checkpoint} ({size / 1e6:.1f} MB), kept for --resume with more --epochs; "
+              "delete it when you are done")
     caution = weak_model_caution(metrics, len(result.info.class_names))
     if caution:  # as the Train classifier dock cautions
         print(f"napari-smear train: warning: {caution}", file=sys.stderr)

@@ -632,3 +632,35 @@ def test_turned_views_only_for_unsure_cells_are_recorded_and_redo_images(tmp_pat
     with pytest.raises(ValueError, match="sure_at must be a probability"):
         analyze_files(inputs, tmp_path / "bad", sure_at=2.0, **options)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_unsure_model_warning_covers_every_finished_image(tmp_path, monkeypatch):
+    """run.json's warning about a model unsure of most cells counts the cells of every
+    finished image of the run's inputs: a re-run that skips them all, or one that adds an
+    image, keeps it (it once counted only the images analysed by that run)."""
+    import napari_smear.pipeline
+
+    monkeypatch.setattr(napari_smear.pipeline, "UNSURE_WARNING_MIN_CELLS", 15)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png_atomic(inputs / "a.png", field(0))
+    # untrained, two classes: never 85 % sure of either
+    model = str(tiny_model_file(tmp_path / "rbc.safetensors", ["normal", "abnormal"], cell_types=["rbc"]))
+    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
+    out = tmp_path / "out"
+    warned = lambda: json.loads((out / "run.json").read_text())["warnings"]
+    with pytest.warns(UserWarning, match="rbc was unsure of 100 % of the"):
+        first = analyze_files(inputs, out, **options)
+    (note,) = warned()
+    cells = int(note.split(" of the ")[1].split(" ")[0])
+    assert cells == int(pd.read_csv(out / "a_cells.csv").confidence.notna().sum()) >= 15
+    with pytest.warns(UserWarning, match="rbc was unsure"):
+        again = analyze_files(inputs, out, **options)
+    assert (again.analysed, again.skipped) == (0, 1) and warned() == [note]
+    write_png_atomic(inputs / "b.png", field(1))
+    with pytest.warns(UserWarning, match="rbc was unsure"):
+        more = analyze_files(inputs, out, **options)
+    assert (more.analysed, more.skipped) == (1, 1)
+    both = sum(int(pd.read_csv(out / f"{stem}_cells.csv").confidence.notna().sum()) for stem in "ab")
+    assert warned() == [note.replace(f"of the {cells} cells", f"of the {both} cells")]
+    assert first.run["warnings"] == [note]

@@ -729,6 +729,7 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
     already catches.)
     """
     from .io import atomic_write
+    from .pipeline import unsure_counts
 
     stem = Path(job.stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -766,6 +767,8 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
         "outputs": {kind: {"file": path.name, "bytes": path.stat().st_size} for kind, path in written.items()},
         "summary": summary,
         "summary_whole_cells": whole_cells,
+        # for run.json's warning about a model unsure of most cells, over every finished image
+        "unsure": unsure_counts(result.table),
     }
     with atomic_write(job.marker, "w") as handle:  # flushed to disk, with its directory
         handle.write(_json_text(marker))
@@ -1370,6 +1373,7 @@ def analyze_files(
     from .models import available_models
     from .pipeline import (
         DEFAULT_MODELS, StreamingClassifier, check_prior_correction, check_test_time_views, load_models,
+        unsure_model_notes,
     )
     from .predict import check_sure_at, select_device
 
@@ -1469,11 +1473,16 @@ def analyze_files(
         stage_seconds["classify"] = classifier.seconds
 
         rows, whole_cell_rows = [], []
+        unsure: dict[str, dict[str, int]] = {}  # per model, over every finished image of the run's inputs
         for job in jobs:
             marker = _finished_marker(job, fingerprint)
             if marker is not None:
                 rows.append({**marker["summary"], "path": job.path})
                 whole_cell_rows.append({**marker["summary_whole_cells"], "path": job.path})
+                for name, counts in marker.get("unsure", {}).items():  # absent from earlier versions' markers
+                    total_counts = unsure.setdefault(name, {"cells": 0, "unsure": 0})
+                    total_counts["cells"] += int(counts["cells"])
+                    total_counts["unsure"] += int(counts["unsure"])
         columns = _summary_columns(specs)
         columns = [columns[0], "path", *columns[1:], "warnings"]
         summary = pd.DataFrame(rows, columns=columns)
@@ -1501,7 +1510,8 @@ def analyze_files(
             },
             started_at=started_at, fingerprint=fingerprint,
         )
-        run["warnings"] = classifier.unsure_notes()  # about the run as a whole
+        # about the run as a whole: every finished image, also those an earlier run finished
+        run["warnings"] = unsure_model_notes(unsure)
         for note in run["warnings"]:
             warnings.warn(note, UserWarning, stacklevel=2)
         from .io import atomic_write

@@ -819,35 +819,41 @@ def check_test_time_views(models: Sequence[LoadedModel], views: int | None) -> d
     return {entry.name: views_of(entry.info, views) for entry in models}
 
 
-#: :meth:`StreamingClassifier.unsure_notes` warns about a model unsure of this share of
-#: its cells or more (top-class probability under UNSURE_BELOW; with ``sure_at``, its
-#: first view's under ``sure_at``), once it classified this many.
+#: :func:`unsure_model_notes` warns about a model unsure of this share of its cells or
+#: more (top-class probability under UNSURE_BELOW), once it classified this many.
 UNSURE_BELOW = SURE_AT
 UNSURE_SHARE_WARNING = 0.6
 UNSURE_WARNING_MIN_CELLS = 50
 
 
-def unsure_model_notes(table: pd.DataFrame) -> list[str]:
-    """A warning per model of ``table`` (its ``model`` and ``confidence`` columns) that
-    gave no class :data:`UNSURE_BELOW` or more for :data:`UNSURE_SHARE_WARNING` of its
-    cells or more (at least :data:`UNSURE_WARNING_MIN_CELLS` of them)."""
+def unsure_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per model of ``table`` (its ``model`` and ``confidence`` columns): ``cells`` it
+    classified and of those the ``unsure`` ones, whose top class is under
+    :data:`UNSURE_BELOW`. A batch run keeps them per image and adds them up."""
     if "model" not in table or "confidence" not in table:
-        return []
+        return {}
+    return {str(name): {"cells": len(values), "unsure": int((~(values.to_numpy(np.float64) >= UNSURE_BELOW)).sum())}
+            for name, values in table.groupby("model", sort=True)["confidence"]}
+
+
+def unsure_model_notes(table_or_counts) -> list[str]:
+    """A warning per model that gave no class :data:`UNSURE_BELOW` or more for
+    :data:`UNSURE_SHARE_WARNING` of its cells or more (at least
+    :data:`UNSURE_WARNING_MIN_CELLS` of them): on their own validation crops the built-in
+    models are unsure of far fewer (``wbc-pbc8`` 11 % of PBC's, ``rbc-chula12`` 36 % of
+    Chula's; on BCCD's red cells ``rbc-chula12``: 97 %), so the images likely differ from
+    what it learned from (microscope, stain, magnification). Takes a result table (its
+    ``model`` and ``confidence`` columns) or :func:`unsure_counts`' dict."""
+    counts = unsure_counts(table_or_counts) if isinstance(table_or_counts, pd.DataFrame) else table_or_counts
     notes = []
-    for name, confidence in table.groupby("model", sort=True)["confidence"]:
-        values = confidence.to_numpy(np.float64)
-        note = _unsure_note(str(name), int((~(values >= UNSURE_BELOW)).sum()), len(values), UNSURE_BELOW)
-        if note:
-            notes.append(note)
+    for name in sorted(counts):
+        classified, unsure = counts[name]["cells"], counts[name]["unsure"]
+        if classified >= UNSURE_WARNING_MIN_CELLS and unsure >= UNSURE_SHARE_WARNING * classified:
+            notes.append(
+                f"{name} was unsure of {100 * unsure / classified:.0f} % of the {classified} cells it classified "
+                f"(no class at {100 * UNSURE_BELOW:.0f} % or more): these images may differ from the ones it learned "
+                "from (microscope, stain, magnification); check its classes on a few cells before relying on them")
     return notes
-
-
-def _unsure_note(name: str, unsure: int, classified: int, below: float) -> str | None:
-    if classified < UNSURE_WARNING_MIN_CELLS or unsure < UNSURE_SHARE_WARNING * classified:
-        return None
-    return (f"{name} was unsure of {100 * unsure / classified:.0f} % of the {classified} cells it classified "
-            f"(no class at {100 * below:.0f} % or more): these images may differ from the ones it learned from "
-            "(microscope, stain, magnification); check its classes on a few cells before relying on them")
 
 
 class StreamingClassifier:
@@ -922,10 +928,6 @@ class StreamingClassifier:
         self.crops = 0
         self.turned = 0
         self.padded = 0
-        #: Per model: crops classified, and of those the ones no class got
-        #: :data:`UNSURE_BELOW` for (at first sight, with ``sure_at``; see :meth:`unsure_notes`).
-        self.checked: dict[str, int] = {name: 0 for name in self.models}
-        self.unsure: dict[str, int] = {name: 0 for name in self.models}
 
     @property
     def waiting(self) -> int:
@@ -1023,15 +1025,10 @@ class StreamingClassifier:
         first_views = 1 if views > 1 and self.sure_at is not None else views
         out, n = self._classify(name, pieces, first_views)
         self.crops += n
-        self.checked[name] += n
         done, at = [], 0
         for key, start, take, item in pieces:
             positions = np.arange(start, start + take)
-            # unsure at UNSURE_BELOW (counted for the warning), or at sure_at: turned
-            unsure = unsure_crops(out["probs"][at:at + take], self.sure_at or UNSURE_BELOW)
-            self.unsure[name] += len(unsure)
-            if first_views == views:
-                unsure = unsure[:0]
+            unsure = unsure_crops(out["probs"][at:at + take], self.sure_at) if first_views < views else positions[:0]
             if len(unsure):  # classified again, in every view, with other unsure crops
                 self._turn_queues[name].append([key, 0, item[2][positions[unsure]], item[3][positions[unsure]],
                                                 None if item[4] is None else item[4][positions[unsure]],
@@ -1040,18 +1037,6 @@ class StreamingClassifier:
             done += self._store(key, name, positions, out, at, finished=take - len(unsure))
             at += take
         return done
-
-    def unsure_notes(self) -> list[str]:
-        """A warning per model that was unsure of most cells (no class at
-        :data:`UNSURE_BELOW` or more, at first sight with ``sure_at``, for
-        :data:`UNSURE_SHARE_WARNING` or more of at least :data:`UNSURE_WARNING_MIN_CELLS`):
-        on their own validation crops the built-in models are unsure of far fewer
-        (``wbc-pbc8`` 11 % of PBC's, ``rbc-chula12`` 36 % of Chula's; on BCCD's red cells
-        ``rbc-chula12``: 97 %), so the images likely differ from what it learned from (microscope, stain,
-        magnification)."""
-        below = self.sure_at or UNSURE_BELOW
-        notes = (_unsure_note(name, self.unsure[name], checked, below) for name, checked in self.checked.items())
-        return [note for note in notes if note]
 
     def _run_turns(self, name: str) -> list[tuple[Hashable, dict]]:
         """One batch of the crops ``name``'s first pass left unsure, in every view."""

@@ -254,7 +254,7 @@ def test_images_warned_about_are_counted_in_the_status(widget, qtbot, tmp_path):
 
 
 def test_a_model_unsure_of_most_cells_is_warned_about(widget, qtbot, inputs, tmp_path, monkeypatch):
-    """A model unsure of most cells at first sight (as one from another microscope) is
+    """A model unsure of most cells (as one from another microscope) is
     named in the status, a notification and run.json, with the share."""
     import json
 

@@ -160,3 +160,43 @@ def test_segment_cli_prints_warnings_as_messages_not_python_source(tmp_path, syn
     assert done.returncode == 0, done.stderr
     assert "napari-smear segment: warning: gray.png: the image has no colour" in done.stderr
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
+
+
+def test_files_of_a_user_at_output_names_are_never_written_over(tmp_path, synthetic_field, capsys):
+    """A file at one of an image's output names (or summary.csv ...) that napari-smear
+    did not write -- a user's own table beside the images, say -- stays as it was: the
+    image fails with the reason (segment, analyze), a run-level file stops the run before
+    any work. napari-smear's own outputs (segment's, then analyze's, or an interrupted
+    run's) are recognised by their content and written over as before."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_png_atomic(folder / "a.png", synthetic_field[0])
+    write_png_atomic(folder / "b.png", synthetic_field[0])
+    tifffile.imwrite(folder / "a_labels.tif", np.full((8, 8), 7, np.uint16))  # no napari-smear metadata
+    (folder / "a_cells.csv").write_text("my notes\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["segment", str(folder), "--out", str(folder)]) == 1
+    errors = pd.read_csv(folder / "errors.csv")
+    assert errors.file.map(lambda p: p.endswith("a.png")).tolist() == [True]
+    assert "a_labels.tif, a_cells.csv are in the way of this image's outputs and were not written by napari-smear" \
+        in errors.error[0]
+    assert all((folder / name).read_bytes() == data for name, data in before.items())
+    assert (folder / "b_labels.tif").is_file()  # the other image went on
+    # analyze: the same image fails, b (segmented above: napari-smear's files) is analysed
+    assert main(["analyze", str(folder), str(folder), "--models", "none", "--quiet"]) == 1
+    assert all((folder / name).read_bytes() == data for name, data in before.items())
+    assert "in the way of this image's outputs" in pd.read_csv(folder / "errors.csv").error[0]
+    assert (folder / "b_done.json").is_file() and not (folder / "a_done.json").exists()
+    from PIL import Image
+
+    with Image.open(folder / "b_overlay.png") as overlay:
+        assert overlay.info["Software"] == "napari-smear"  # how a later run knows it
+    # an interrupted run (outputs written, no marker) is redone over its own files
+    (folder / "b_done.json").unlink()
+    assert main(["analyze", str(folder / "b.png"), str(folder), "--models", "none", "--quiet"]) == 0
+    # a summary.csv of the user's: refused before any work
+    (folder / "summary.csv").write_text("my summary\n")
+    capsys.readouterr()
+    assert main(["analyze", str(folder / "b.png"), str(folder), "--models", "none", "--quiet", "--overwrite"]) == 1
+    assert "holds summary.csv, not written by napari-smear" in capsys.readouterr().err
+    assert (folder / "summary.csv").read_text() == "my summary\n"

@@ -83,6 +83,8 @@ MARKER_FORMAT = 1
 #: green annotations painted out before segmentation, ``overlay_share`` in the summary.
 OUTPUT_VERSION = 3
 
+#: The overlay PNG's "Software" text chunk, by which a re-run knows the file is ours.
+OVERLAY_SOFTWARE = "napari-smear"
 #: The QC overlay is drawn at most this many pixels on its longer side.
 OVERLAY_MAX_SIDE = 2048
 # Names io.atomic_write gives its temporary files: ".<final name>.<12 hex>.tmp".
@@ -184,6 +186,83 @@ def _output_ending(name: str) -> str | None:
     return next((suffix for suffix in OUTPUT_SUFFIXES.values() if name.endswith(suffix)), None)
 
 
+#: How a file at one of our run-level output names is recognised as ours.
+RUN_FILES = ("summary.csv", "summary_whole_cells.csv", "errors.csv", "run.json")
+
+
+def _is_ours(path: Path, kind: str) -> bool:
+    """Whether the file at ``path``, named as our output of ``kind`` (an
+    ``OUTPUT_SUFFIXES`` key, ``"marker"`` or a ``RUN_FILES`` name), was written by
+    napari-smear, judged by its content: our TIFF metadata, our CSV header, our
+    overlay's text chunk, our JSON keys. An unreadable file is not."""
+    try:
+        if kind in ("labels", "nuclei", "attention"):
+            import tifffile
+
+            from .io import _napari_smear_description
+
+            with tifffile.TiffFile(path) as tif:
+                return _napari_smear_description(tif.pages[0].description) is not None
+        if kind == "overlay":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return image.info.get("Software") == OVERLAY_SOFTWARE
+        if kind in ("marker", "run.json"):
+            value = json.loads(path.read_text(encoding="utf-8"))
+            if kind == "marker":
+                return isinstance(value, dict) and {"format", "settings", "outputs"} <= set(value)
+            return isinstance(value, dict) and "napari_smear" in (value.get("versions") or {})
+        with open(path, encoding="utf-8") as handle:
+            header = handle.readline().rstrip("\r\n")
+        if kind == "cells":
+            return header.startswith("label,cell_type,")
+        if kind == "errors.csv":
+            return header == "file,error"
+        return header.startswith("image,path,")  # summary.csv, summary_whole_cells.csv
+    except Exception:
+        return False
+
+
+def _foreign_outputs(job: "_Job", kinds=(*OUTPUT_SUFFIXES, "marker")) -> list[Path]:
+    """The files at ``job``'s output names that napari-smear did not write (a user's
+    own ``<stem>_cells.csv`` beside the images, say): listed by no marker of ours and
+    not ours by their content (:func:`_is_ours`). Writing over them would lose them."""
+    marker = job.marker
+    listed: set[str] = set()
+    if marker.is_file() and _is_ours(marker, "marker"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            outputs = json.loads(marker.read_text(encoding="utf-8"))["outputs"]
+            listed = {entry["file"] for entry in outputs.values()}
+    foreign = []
+    for kind in kinds:
+        path = marker if kind == "marker" else job.output(kind)
+        if path.is_file() and path.name not in listed and not _is_ours(path, kind):
+            foreign.append(path)
+    return foreign
+
+
+def _foreign_output_reason(paths: Sequence[Path]) -> str:
+    names = ", ".join(path.name for path in paths)
+    return (f"{names} {'is' if len(paths) == 1 else 'are'} in the way of this image's outputs and "
+            f"{'was' if len(paths) == 1 else 'were'} not written by napari-smear: move {'it' if len(paths) == 1 else 'them'} "
+            "away (or choose another output folder) and run again; nothing was written over")
+
+
+def _check_run_files(out: Path, names=RUN_FILES) -> None:
+    """Refuse an output folder holding a file of a run-level output name (``summary.csv``,
+    ...) that napari-smear did not write, before any work: it would be written over."""
+    foreign = [out / name for name in names if (out / name).is_file() and not _is_ours(out / name, _run_kind(name))]
+    if foreign:
+        names_text = ", ".join(path.name for path in foreign)
+        raise ValueError(f"{out} holds {names_text}, not written by napari-smear, which this run would write over: "
+                         "move it away or choose another output folder")
+
+
+def _run_kind(name: str) -> str:
+    return "summary.csv" if name.startswith("summary") else name
+
+
 def is_output_name(name: str) -> bool:
     """Whether a file name is one this package writes next to an image's outputs
     (``<stem>_labels.tif``, ``<stem>_overlay.png``, ...)."""
@@ -283,6 +362,7 @@ def segment_files(
     new_output_dir = not Path(out_dir).exists()
     out = prepare_output_dir(out_dir)
     with _exclusive(out):
+        _check_run_files(out, ("errors.csv",))
         jobs, failures = _plan([Path(p) for p in inputs], out, "*")
         if not jobs and not failures:
             _remove_unused_output_dir(out, new_output_dir)
@@ -293,6 +373,12 @@ def segment_files(
             if progress:
                 progress(i, len(jobs), job.path)
             t0 = time.perf_counter()
+            foreign = _foreign_outputs(job, ("labels", "nuclei", "cells"))
+            if foreign:  # a user's file where an output goes: the image fails, the file stays
+                reason = _foreign_output_reason(foreign)
+                errors.append({"file": job.path, "error": reason})
+                rows.append({"path": job.path, "error": reason})
+                continue
             try:
                 disk = _segment_on_disk(job.path, on_disk)
                 Path(job.stem).parent.mkdir(parents=True, exist_ok=True)
@@ -750,7 +836,11 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
     overlay = render_overlay(rgb, seg.labels, result.table, settings.specs, max_side=settings.overlay_max_side)
     with _renamed_into_place(job.output("overlay"), "wb") as handle:
         # zlib level 1: a tenth of the default level's time, files about 20% larger
-        _pil_image(overlay).save(handle, format="PNG", compress_level=1)
+        from PIL.PngImagePlugin import PngInfo
+
+        text = PngInfo()
+        text.add_text("Software", OVERLAY_SOFTWARE)  # known as ours by a later run
+        _pil_image(overlay).save(handle, format="PNG", compress_level=1, pnginfo=text)
     written["overlay"] = job.output("overlay")
     for kind in OUTPUT_SUFFIXES:  # e.g. an attention file from an earlier run with models
         if kind not in written:
@@ -1409,6 +1499,7 @@ def analyze_files(
     out = prepare_output_dir(out_dir)
 
     with _exclusive(out):
+        _check_run_files(out)
         _remove_stale_temporaries(out)
         jobs, failures = _plan(inputs, out, pattern)
         total = len(jobs) + len(failures)
@@ -1424,6 +1515,10 @@ def analyze_files(
                 skipped += 1
                 continue
             _keep_changed_outputs(job)
+            foreign = _foreign_outputs(job)
+            if foreign:  # a user's file where an output goes: the image fails, the file stays
+                failures.append(_Failed(job, _foreign_output_reason(foreign)))
+                continue
             job.marker.unlink(missing_ok=True)
             todo.append(job)
         done = skipped + len(failures)

@@ -365,3 +365,21 @@ def test_refresh_table_after_labels_edited_by_hand():
     assert rows.loc[redrawn, "area_px"] == int((labels == redrawn).sum()) < table.loc[redrawn, "area_px"]
     assert edited.params["edited"] == {"removed": 1, "added": 2, "redrawn": 1}
     assert list(edited.table.columns) == list(seg.table.columns)
+
+
+def test_ruler_of_cells_too_large_for_the_windows_comes_from_the_whole_field():
+    """A field over the size measured whole whose cells are so large that a window holds
+    only a few across (a photo upscaled 4 times) is measured on the whole field,
+    subsampled: its ruler is 4 times the original's (the windows alone had measured
+    about half that on a BCCD field)."""
+    from PIL import Image
+
+    from napari_smear.segment import _SCALE_WHOLE_FIELD_MAX_PIXELS, _estimate_diameter
+    from napari_smear.segment.stain import estimate_stain
+
+    field, _ = synthetic_smear((480, 640), rbc_diameter_px=80.0, seed=5)  # the windows alone: 202 px, not 315
+    upscaled = np.asarray(Image.fromarray(field).resize((640 * 4, 480 * 4), Image.BICUBIC))
+    assert upscaled.shape[0] * upscaled.shape[1] > _SCALE_WHOLE_FIELD_MAX_PIXELS
+    stain = estimate_stain(field)
+    native = _estimate_diameter(field, stain)
+    assert abs(_estimate_diameter(upscaled, stain) / (4 * native) - 1) < 0.05

@@ -56,6 +56,10 @@ _SINGLE_PASS_MAX_PIXELS = 12_000_000
 _SCALE_WHOLE_FIELD_MAX_PIXELS = 2 * 1536 * 1536
 _SCALE_WINDOW_SIDE = 1024
 _SCALE_WINDOWS_ONLY_MIN_PIXELS = 4 * 1536 * 1536
+# A window measures cells it holds at least this many of across; larger cells (a high
+# magnification, an upscaled photo: 180 px measured on a BCCD field upscaled 4 times,
+# whose cells are 357 px) are measured on the whole field, subsampled.
+_SCALE_MIN_CELLS_ACROSS_WINDOW = 8
 
 
 def segment_smear(
@@ -385,6 +389,15 @@ def _measure_scale(
         else:
             found = [_measure_window(win, stain) for win in windows]
     estimates = [v for v, _ in found if v is not None]
+    too_large = bool(estimates) and np.median(estimates) * _SCALE_MIN_CELLS_ACROSS_WINDOW > min(_SCALE_WINDOW_SIDE, h, w)
+    if too_large or (found and not estimates and h * w > _SCALE_WINDOWS_ONLY_MIN_PIXELS):
+        # too few cells across a window to measure them (or none found in a field too
+        # large to measure whole): the whole field, every step-th pixel, at the size
+        # measured whole
+        step = int(math.ceil(math.sqrt(h * w / _SCALE_WHOLE_FIELD_MAX_PIXELS)))
+        diameter, share = _measure_window(rgb[::step, ::step], stain)
+        if diameter is not None:
+            found, estimates = [(diameter * step, share)], [diameter * step]
     if not estimates and h * w <= _SCALE_WINDOWS_ONLY_MIN_PIXELS:
         # a small field, or a sparse one whose windows missed the cells: measure it whole
         found = [_measure_window(rgb, stain, channels)]

@@ -430,3 +430,27 @@ def test_a_tiff_stack_of_three_planes_is_not_taken_for_colour(tmp_path):
     channels = tmp_path / "c.tif"  # channels named as such are colour
     tifffile.imwrite(channels, planes, metadata={"axes": "CYX"})
     np.testing.assert_array_equal(read_image(channels)[0], np.moveaxis(planes, 0, -1))
+
+
+def test_a_tiff_of_several_images_is_refused_and_a_slides_thumbnails_are_not(tmp_path):
+    """Several images (TIFF series) in one file: reading the first alone dropped the others
+    silently; refused, also by the napari reader's path (read_image with rgb=False). A
+    smaller series after the first (a slide's thumbnail, label or overview) is left out
+    as before."""
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 255, (40, 50, 3), dtype=np.uint8) for _ in range(2))
+    two = tmp_path / "two.tif"
+    tifffile.imwrite(two, first)
+    tifffile.imwrite(two, second, append=True)
+    for rgb in (True, False):
+        with pytest.raises(ImageReadError, match=r"holds 2 images \(shapes \(40, 50, 3\), \(40, 50, 3\)\), not one field"):
+            read_image(two, rgb=rgb)
+    larger_second = tmp_path / "larger.tif"
+    tifffile.imwrite(larger_second, first[:20, :25])
+    tifffile.imwrite(larger_second, first, append=True)
+    with pytest.raises(ImageReadError, match="holds 2 images"):
+        read_image(larger_second)
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, first)
+    tifffile.imwrite(slide, first[::4, ::4], append=True)  # a thumbnail
+    np.testing.assert_array_equal(read_image(slide)[0], first)

@@ -330,11 +330,34 @@ def _first_tiff_series(path: Path):
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise ImageReadError(f"cannot read {path}: the TIFF file holds no image")
+            _refuse_several_images(path, tif.series)
             yield tif, tif.series[0]
     except ImageReadError:
         raise
     except Exception as exc:
         raise _unreadable_tiff(path, exc) from exc
+
+
+def _series_pixels(series) -> int:
+    """Y x X of a TIFF image series (0 when its axes do not name them)."""
+    axes, shape = series.axes, series.shape
+    if "Y" not in axes or "X" not in axes:
+        return 0
+    return int(shape[axes.index("Y")]) * int(shape[axes.index("X")])
+
+
+def _refuse_several_images(path: Path, series) -> None:
+    """A TIFF holding several images (series) of which another is as large as the first
+    is refused: reading its first alone would drop the rest without a word. Smaller
+    ones are a slide's thumbnail, label and overview images (SVS), left out as before."""
+    first = _series_pixels(series[0])
+    others = [s for s in series[1:] if _series_pixels(s) >= first > 0]
+    if others:
+        shapes = ", ".join(str(tuple(s.shape)) for s in series[:4]) + (", ..." if len(series) > 4 else "")
+        raise ImageReadError(
+            f"{path} holds {len(series)} images (shapes {shapes}), not one field; napari-smear reads one "
+            "field per file: save each image as its own file"
+        )
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:

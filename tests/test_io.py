@@ -443,7 +443,7 @@ def test_a_tiff_of_several_images_is_refused_and_a_slides_thumbnails_are_not(tmp
     tifffile.imwrite(two, first)
     tifffile.imwrite(two, second, append=True)
     for rgb in (True, False):
-        with pytest.raises(ImageReadError, match=r"holds 2 images \(shapes \(40, 50, 3\), \(40, 50, 3\)\), not one field"):
+        with pytest.raises(ImageReadError, match=r"holds 2 images \(shapes \(40, 50, 3\), \(40, 50, 3\)\), not one"):
             read_image(two, rgb=rgb)
     larger_second = tmp_path / "larger.tif"
     tifffile.imwrite(larger_second, first[:20, :25])
@@ -454,3 +454,31 @@ def test_a_tiff_of_several_images_is_refused_and_a_slides_thumbnails_are_not(tmp
     tifffile.imwrite(slide, first)
     tifffile.imwrite(slide, first[::4, ::4], append=True)  # a thumbnail
     np.testing.assert_array_equal(read_image(slide)[0], first)
+
+
+def test_a_folder_search_names_the_sub_folders_it_cannot_read(tmp_path):
+    """search_folder (behind every command's folder inputs): files sorted, links to
+    folders not followed, and a sub-folder it cannot open warned about by name (rglob
+    skipped it silently, so its images were missing without a word)."""
+    import os
+
+    from napari_smear.io import search_folder
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b" / "c.jpg").write_bytes(b"x")
+    (tmp_path / "b" / "d.txt").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "b", target_is_directory=True)
+    assert search_folder(tmp_path, "*.jpg") == [tmp_path / "a.jpg", tmp_path / "b" / "c.jpg"]
+    real_scandir = os.scandir
+
+    def refuse_b(path="."):  # as for a folder of another user's (the tests may run as root)
+        if Path(path).name == "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    import unittest.mock
+
+    left_out = r"cannot search .*b \(Permission denied\): its images are left out"
+    with unittest.mock.patch("os.scandir", refuse_b), pytest.warns(UserWarning, match=left_out):
+        assert search_folder(tmp_path, "*.jpg") == [tmp_path / "a.jpg"]

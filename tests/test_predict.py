@@ -340,6 +340,10 @@ def test_expand_image_inputs(tmp_path):
     with pytest.raises(FileNotFoundError):
         expand_image_inputs([tmp_path / "missing.png"])
     assert expand_image_inputs([tmp_path / "missing.png"], missing="keep") == [tmp_path / "missing.png"]
+    # a file reached twice (named twice, by another spelling, in a folder given too) once
+    x = tmp_path / "a" / "x.png"
+    twice = expand_image_inputs([x, tmp_path / "a" / "b" / ".." / "x.png", tmp_path / "a"])
+    assert twice == [x, tmp_path / "a" / "b" / "y.JPG"]
 
 
 def test_classify_files_keeps_order_and_reports_failures(tmp_path, shared_data):

@@ -120,7 +120,7 @@ def expand_inputs(
     list of (path, relative path)
         The relative path mirrors sub-folders in the output.
     """
-    from .io import is_supported_path
+    from .io import is_supported_path, search_folder
 
     skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
@@ -138,7 +138,7 @@ def expand_inputs(
             root = p.resolve()
             skip_here = skip if skip is not None and skip != root and skip.is_relative_to(root) else None
             outputs_here = skip is not None and root.is_relative_to(skip)  # writing into this folder
-            for f in sorted(p.rglob(pattern)):
+            for f in search_folder(p, pattern):
                 relative = f.relative_to(p)
                 if any(part.startswith(".") for part in relative.parts):
                     continue

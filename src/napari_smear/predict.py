@@ -672,7 +672,8 @@ def _attribute_names(model) -> list[str]:
 
 
 def expand_image_inputs(inputs: Iterable[str | os.PathLike], *, missing: str = "raise") -> list[Path]:
-    """Files as given, folders searched recursively for supported image files (sorted).
+    """Files as given, folders searched recursively for supported image files (sorted);
+    a file reached twice (named twice, or by name and in a folder) is listed once.
 
     Parameters
     ----------
@@ -688,21 +689,26 @@ def expand_image_inputs(inputs: Iterable[str | os.PathLike], *, missing: str = "
     """
     if missing not in ("raise", "keep"):
         raise ValueError(f"missing must be 'raise' or 'keep', got {missing!r}")
-    from .io import is_supported_path
+    from .io import is_supported_path, search_folder
 
     paths: list[Path] = []
+    seen: set[Path] = set()
+
+    def take(path: Path) -> None:  # a file reached twice (by name and in a folder) once
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            paths.append(path)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(
-                sorted(
-                    p for p in path.rglob("*")
-                    if p.is_file() and is_supported_path(p)
-                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                )
-            )
+            for p in search_folder(path):
+                hidden = any(part.startswith(".") for part in p.relative_to(path).parts)
+                if p.is_file() and is_supported_path(p) and not hidden:
+                    take(p)
         elif path.exists() or missing == "keep":
-            paths.append(path)
+            take(path)
         else:
             raise FileNotFoundError(f"input not found: {path}")
     return paths

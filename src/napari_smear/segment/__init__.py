@@ -389,7 +389,8 @@ def _measure_scale(
         else:
             found = [_measure_window(win, stain) for win in windows]
     estimates = [v for v, _ in found if v is not None]
-    too_large = bool(estimates) and np.median(estimates) * _SCALE_MIN_CELLS_ACROSS_WINDOW > min(_SCALE_WINDOW_SIDE, h, w)
+    side = min(_SCALE_WINDOW_SIDE, h, w)
+    too_large = bool(estimates) and np.median(estimates) * _SCALE_MIN_CELLS_ACROSS_WINDOW > side
     if too_large or (found and not estimates and h * w > _SCALE_WINDOWS_ONLY_MIN_PIXELS):
         # too few cells across a window to measure them (or none found in a field too
         # large to measure whole): the whole field, every step-th pixel, at the size

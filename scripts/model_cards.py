@@ -366,6 +366,14 @@ def main(argv=None) -> int:
         lines.append("")
     wbc = _load(RESULTS / "wbc-pbc8_val.json") or {}
     wbc_epochs = wbc.get("epochs_completed") or (wbc.get("history") or [{}])[-1].get("epoch")
+    # the shipped file is the second stage (weight averaging) of a run whose first stage
+    # took scripts/train_default_models.py's --epochs-wbc (80) epochs
+    from napari_smear.models.files import read_metadata
+    from napari_smear.models.registry import builtin_model_path
+
+    wbc_training = read_metadata(builtin_model_path("wbc-pbc8")).get("training") or {}
+    wbc_schedule = (f"80 epochs and then {wbc_epochs} more with its weights averaged"
+                    if wbc_training.get("average_weights_from") else f"{wbc_epochs} epochs")
     rbc_report = _load(RESULTS / "rbc-chula12_val.json") or {}
     rbc_val = rbc_report.get("val") or {}
     # its figures before the prior correction (strength 0 of the choice it stores)
@@ -375,7 +383,7 @@ def main(argv=None) -> int:
         "## Known limits",
         "",
         "- **PBC accuracy** is below the 99.2 % we aim for (and below DAFFNet's published 98.77 %): the model "
-        f"is small (1.1 M parameters, 96 px crops) and was trained for {wbc_epochs} epochs on 2 CPU cores. The "
+        f"is small (1.1 M parameters, 96 px crops) and was trained for {wbc_schedule} on 2 CPU cores. The "
         "training script runs unchanged on a GPU, where a longer schedule and 128 px crops (`--size-wbc 128`) "
         "are the next step: doubling the schedule from 40 to 80 epochs took PBC val from 94.27 % to "
         "96.96 % (BCCD 73.9 % -> 72.9 %), and its best epoch was the last. The strong colour, blur and scale augmentation "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian machine (root, no venv): the apt packages that
 # Xvfb and Qt need (only with --gui and only when missing), a .venv, torch==2.13.0 first
-# (so no resolver ever pulls a CUDA build), then the package itself.
+# (pinned, so that resolving the package's dependencies never pulls another torch; which
+# build it is, CPU or CUDA, is up to pip's index: see the README), then the package itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GUI=0

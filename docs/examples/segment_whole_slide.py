@@ -13,9 +13,9 @@ does, written out for a script that wants the label images themselves.
 Writes ``<stem>_cells.csv`` (one row per cell) and ``<stem>_counts.csv`` (cells per type,
 whole ones and ones cut by the slide's edge), and with ``--region Y X SIDE`` a picture
 of that window with the cells outlined (``<stem>_region.png``). The memory-mapped label
-images are left in ``--out`` as ``<stem>_labels.u32`` / ``<stem>_nuclei.u32`` (raw
-uint32, the slide's height x width) for more analysis; ``--keep-labels`` is off by
-default, and they are removed at the end.
+images are removed at the end; with ``--keep-labels`` they are left in ``--out`` as
+``<stem>_labels.u32`` / ``<stem>_nuclei.u32`` (raw uint32, the slide's height x width)
+for more analysis.
 
 With ``--classify`` every cell is also classified by the built-in models, region by
 region (``napari_smear.pipeline.analyze_by_region``: memory bounded by the region, the

@@ -438,8 +438,8 @@ def _add_train(subparsers) -> None:
                         help="segmented cells the model is for, comma-separated: wbc, rbc, platelet (e.g. "
                              "'wbc,platelet'); `analyze` gives it only those. Default: those of the --init-from model, "
                              "else every cell type")
-    parser.add_argument("--epochs", type=_positive_int, default=30)
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training crops (default 30)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128, help="crops per step (default 128)")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak AdamW learning rate (default 2e-3; 5e-4 when fine-tuning with --init-from)")
     parser.add_argument("--init-from", default=None, metavar="MODEL",
@@ -452,9 +452,10 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--mixstyle", type=float, default=0.0, metavar="P",
                         help="MixStyle (feature-statistics mixing for other stains and cameras) in a share P of "
                              "the training batches (default 0: off)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     parser.add_argument("--patience", type=int, default=8,
-                        help="stop after this many epochs without a better validation macro-F1 (0: never)")
+                        help="stop after this many epochs without a better validation macro-F1 "
+                             "(default 8; 0: never)")
     parser.add_argument("--attention-supervision", type=float, default=0.0,
                         help="weight of the loss pulling attention maps onto the cell mask (default 0: off)")
     parser.add_argument("--attribute-weight", type=float, default=0.5,

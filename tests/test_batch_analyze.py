@@ -534,6 +534,16 @@ def test_cli_analyze(setup, tmp_path, capsys):
     assert "no output folder" in capsys.readouterr().err
     assert main(["analyze", str(setup["inputs"] / "a.png"), str(tmp_path / "b.png"), "--models", "none"]) == 1
     assert "names an image file" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+    # the last path a folder of images that is not an input: said (most likely meant as an input)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png_atomic(images / "c.png", field(2))
+    assert main(["analyze", str(setup["inputs"] / "a.png"), str(images), "--models", "none", "--quiet",
+                 "--no-morphology"]) == 0
+    assert f"the last path, {images}, is taken for the output folder, and its 1 image file(s) are not analysed" \
+        in capsys.readouterr().err
+    assert main(["analyze", str(images), str(images), "--models", "none", "--quiet", "--no-morphology"]) == 0
+    assert "is taken for the output folder" not in capsys.readouterr().err  # an input as well: meant
     with pytest.raises(SystemExit):  # a usage error (2): not a positive number
         main(["analyze", str(setup["inputs"] / "a.png"), str(out), "--pixel-size-um", "0"])
     # the tiny models record no class-balanced training: a prior correction is refused up front

@@ -1729,8 +1729,9 @@ def _plan(inputs: list[Path], out: Path, pattern: str) -> tuple[list[_Job], list
         job = _Job(index, str(path), relative.as_posix(), stem, int(stat.st_size), int(stat.st_mtime_ns))
         clash = taken.get(stem.lower())  # lower: case-insensitive file systems
         if clash is not None:
-            failures.append(_Failed(job, f"its outputs would overwrite those of {clash} (same folder and name); "
-                                         "rename one of the two files"))
+            failures.append(_Failed(job, f"its outputs ({Path(stem).name}_*) would overwrite those of {clash}: both "
+                                         "go to the same output folder under the same name (a file's stem, without "
+                                         "its suffix); rename one of the two files"))
             continue
         taken[stem.lower()] = str(path)
         jobs.append(job)

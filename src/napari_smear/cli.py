@@ -337,6 +337,27 @@ def _add_analyze(subparsers) -> None:
     parser.set_defaults(func=_cmd_analyze)
 
 
+def _note_images_in_output_folder(out_dir: str, inputs) -> None:
+    """Say so when the last path, taken for the output folder, is a folder of images that
+    is not an input as well: most likely the user meant it as an input (its images are
+    not analysed, and the results go in among them)."""
+    from .batch import is_output_name
+    from .io import is_supported_path
+
+    folder = Path(out_dir)
+    if not folder.is_dir() or any(Path(p).resolve() == folder.resolve() for p in inputs):
+        return
+    try:
+        images = [p for p in folder.iterdir()
+                  if p.is_file() and is_supported_path(p) and not is_output_name(p.name) and not p.name.startswith(".")]
+    except OSError:
+        return
+    if images:
+        print(f"napari-smear analyze: note: the last path, {out_dir}, is taken for the output folder, and its "
+              f"{len(images)} image file(s) are not analysed; to analyse them too, give the output folder with "
+              "--out OUT_DIR", file=sys.stderr)
+
+
 def _cmd_analyze(args) -> int:
     from .batch import analyze_files
 
@@ -355,6 +376,7 @@ def _cmd_analyze(args) -> int:
                 f"the last path, {args.out_dir}, is taken for the output folder but {what}: "
                 "give the output folder last or with --out OUT_DIR"
             )
+        _note_images_in_output_folder(args.out_dir, args.inputs)
     else:
         raise CommandError(
             f"no output folder: give it after the inputs (napari-smear analyze {args.paths[0]} OUT_DIR) "

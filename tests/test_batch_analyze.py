@@ -597,6 +597,12 @@ def test_an_image_too_large_for_the_memory_left_is_refused_and_the_batch_goes_on
     errors = pd.read_csv(tmp_path / "out" / "errors.csv")
     assert errors.file.str.endswith("large.png").all()
     assert "MemoryError" in errors.error[0] and "300 x 400" in errors.error[0] and "--on-disk" in errors.error[0]
+    # segmentation alone (11 bytes a pixel): the same check, before the image is decoded
+    monkeypatch.setattr(batch, "_available_memory_bytes", lambda: 1_000_000)
+    rows = batch.segment_files([tmp_path / "in"], tmp_path / "seg", on_disk=False).set_index("path")
+    large, small = (str(tmp_path / "in" / name) for name in ("large.png", "small.png"))
+    assert "segmenting this 300 x 400 image needs about" in rows.loc[large, "error"]
+    assert "napari-smear segment --on-disk" in rows.loc[large, "error"] and rows.loc[small, "error"] == ""
 
 
 def test_a_run_with_nothing_to_do_leaves_no_output_folder(tmp_path):

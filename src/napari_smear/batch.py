@@ -385,6 +385,8 @@ def segment_files(
                 if disk:
                     seg = segment_file_on_disk(job, out, pixel_size_um, working_diameter_px, image_progress)
                 else:
+                    _check_memory_for_analysis(job.path, _BYTES_PER_PIXEL_SEGMENTED, "segmenting",
+                                               "napari-smear segment --on-disk")
                     image, meta = read_image(job.path)
                     pixel_size = pixel_size_um or meta.get("pixel_size_um")
                     with _own_warnings_held_back():
@@ -706,22 +708,23 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
     return _Finished(job, summary, timings, notes)
 
 
-def _check_memory_for_analysis(path) -> None:
-    """Refuse, with the figures, an image the analysis would need more memory for than
-    is available: the batch records it and carries on, where the system would
-    otherwise kill the whole run part-way through."""
+def _check_memory_for_analysis(path, bytes_per_pixel: float | None = None, what: str = "analysing",
+                               command: str = "napari-smear analyze --on-disk") -> None:
+    """Refuse, with the figures, an image the analysis (or the segmentation alone) would
+    need more memory for than is available: the batch records it and carries on, where
+    the system would otherwise kill the whole run part-way through."""
     from .io import stored_image_size
 
     size = stored_image_size(path)
     available = _available_memory_bytes()
     if size is None or available is None:
         return
-    needed = size[0] * size[1] * _ANALYSIS_BYTES_PER_PIXEL
+    needed = size[0] * size[1] * (bytes_per_pixel or _ANALYSIS_BYTES_PER_PIXEL)
     if needed > available:
         raise MemoryError(
-            f"analysing this {size[0]} x {size[1]} image needs about {needed / 2**30:.1f} GB of memory and "
-            f"{available / 2**30:.1f} GB is available; save it as a TIFF (8-bit RGB), which is analysed "
-            "region by region through memory-mapped files (`napari-smear analyze --on-disk`)"
+            f"{what} this {size[0]} x {size[1]} image needs about {needed / 2**30:.1f} GB of memory and "
+            f"{available / 2**30:.1f} GB is available; save it as a TIFF (8-bit RGB), which is processed "
+            f"region by region through memory-mapped files (`{command}`)"
         )
 
 

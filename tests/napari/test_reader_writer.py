@@ -74,6 +74,20 @@ def test_reader_layer_data_with_pixel_size(tmp_path, rgb):
     assert kwargs["metadata"]["pixel_size_um"] is None
 
 
+def test_colour_planes_stored_first_open_as_a_colour_image(tmp_path, rgb):
+    """An OME-TIFF whose channels come first (axes CYX, three of them) opens as the colour
+    image the segmentation takes it for, not as three grey planes under a slider; a
+    stack of planes (ZYX) stays a stack."""
+    planes = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    tifffile.imwrite(tmp_path / "cyx.ome.tif", planes, metadata={"axes": "CYX"}, ome=True)
+    tifffile.imwrite(tmp_path / "zyx.tif", planes, metadata={"axes": "ZYX"}, imagej=True)
+    (data, kwargs, _), = get_reader(str(tmp_path / "cyx.ome.tif"))(str(tmp_path / "cyx.ome.tif"))
+    assert kwargs["rgb"] is True
+    np.testing.assert_array_equal(data, rgb)
+    (data, kwargs, _), = get_reader(str(tmp_path / "zyx.tif"))(str(tmp_path / "zyx.tif"))
+    assert kwargs["rgb"] is False and data.shape == planes.shape
+
+
 def test_reader_grayscale_16bit_stays_as_stored(tmp_path):
     data = (np.arange(40 * 50, dtype=np.uint16) % 4096).reshape(40, 50)
     path = tmp_path / "gray.tif"

@@ -52,6 +52,10 @@ def _layers_of(path: PathLike) -> list[LayerData]:
 
 
 def _image_layer_data(path: PathLike, data: np.ndarray, meta: dict) -> LayerData:
+    if meta.get("axes") == "CYX" and data.ndim == 3 and data.shape[0] in (3, 4):
+        # colour planes stored first (an OME-TIFF's channels): shown as the colour image
+        # the segmentation takes them for, not as planes under a slider
+        data = np.moveaxis(data, 0, -1)
     is_rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     kwargs: dict = {
         "name": file_stem(path),

@@ -680,3 +680,21 @@ def test_the_unsure_model_warning_covers_every_finished_image(tmp_path, monkeypa
     both = sum(int(pd.read_csv(out / f"{stem}_cells.csv").confidence.notna().sum()) for stem in "ab")
     assert warned() == [note.replace(f"of the {cells} cells", f"of the {both} cells")]
     assert first.run["warnings"] == [note]
+
+
+def test_a_cancel_is_seen_between_the_classifier_batches(setup, tmp_path):
+    """The fields waiting for the classifier are classified batch by batch with a progress
+    report before each (a Cancel raised there stops the run): a flush of many waiting
+    fields took seconds with nothing said and no way to stop."""
+    seen = []
+
+    def progress(done, total, message):
+        seen.append(message)
+        if message.startswith("classifying a batch of"):
+            raise Killed()
+
+    with pytest.raises(Killed):
+        analyze_files(setup["inputs"], tmp_path / "out", models=setup["models"], device="cpu", batch_size=BATCH,
+                      progress=progress)
+    assert seen[-1].startswith("classifying a batch of") and seen[-1].endswith(")")
+    assert not list((tmp_path / "out").rglob("*_done.json"))

@@ -1536,9 +1536,18 @@ def analyze_files(
             overlay_max_side=int(overlay_max_side), fingerprint=fingerprint,
             worker_threads=None if executor.inline else 1, working_diameter_px=working_diameter_px,
         )
+        counter = [done]  # images done so far, for the progress reports made on the way
+
+        def before_batch(name: str, n: int) -> None:
+            # the fields waiting for the classifier take seconds to classify: said, and
+            # a Cancel (raised from progress) is seen between batches, not after them all
+            if progress:
+                progress(counter[0], total, f"classifying a batch of {n} cells ({name})")
+
         classifier = StreamingClassifier(
             loaded, device=torch_device, batch_size=batch_size, amp=amp, max_waiting=max_waiting,
             prior_correction=prior_correction, test_time_views=test_time_views, sure_at=sure_at,
+            before_batch=before_batch,
         )
         stage_seconds: dict[str, float] = {}
         analysed = 0
@@ -1548,7 +1557,6 @@ def analyze_files(
             (slides if _analyze_on_disk(job.path, on_disk) else in_memory).append(job)
         try:
             with _classifier_threads(torch_device, executor.local_workers), _deterministic_cudnn(torch_device):
-                counter = [done]
                 for outcome in itertools.chain(
                     _run(executor, in_memory, settings, classifier, progress, counter, total),
                     _run_on_disk(slides, out, settings, loaded, torch_device, batch_size, amp, prior_correction,

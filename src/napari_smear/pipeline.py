@@ -893,12 +893,16 @@ class StreamingClassifier:
     sure_at : float or None
         See :func:`napari_smear.predict.classify_crops` (default None: every view of
         every crop).
+    before_batch : callable, optional
+        ``before_batch(model_name, n_crops)`` before each forward pass: a progress
+        report, and (raising in it) a chance to stop between batches, as a batch run's
+        Cancel does; a flush of many waiting fields takes seconds.
     """
 
     def __init__(self, models: Sequence[LoadedModel], *, device="auto", batch_size: int = 256,
                  amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
                  prior_correction: float | None = None, test_time_views: int | None = None,
-                 sure_at: float | None = None):
+                 sure_at: float | None = None, before_batch: Callable[[str, int], None] | None = None):
         from .predict import select_device
 
         if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -913,6 +917,7 @@ class StreamingClassifier:
         self.amp = amp
         self.max_waiting = max(1, int(max_waiting))
         self.max_waiting_pixels = float(max_waiting_pixels)
+        self.before_batch = before_batch
         self._sizes: dict[Hashable, float] = {}
         # per model: crops waiting for their first pass, and (with turned views) the
         # crops it left unsure, waiting to be classified in every view
@@ -1082,6 +1087,8 @@ class StreamingClassifier:
 
         entry = self.models[name]
         n = sum(take for _, _, take, _ in pieces)
+        if self.before_batch is not None:
+            self.before_batch(name, n)
         size = entry.spec.input_size
         images = np.zeros((self.batch_size, size, size, 3), np.uint8)
         masks = np.zeros((self.batch_size, 2, size, size), np.uint8)

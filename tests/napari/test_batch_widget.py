@@ -154,8 +154,10 @@ def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_pat
     cancel_when(qtbot, widget, lambda: "step" in widget.status)
     raised = seen["raised"]  # the user's Cancel, raised from the progress report
     assert type(getattr(raised, "original", raised)).__name__ == "Cancelled"
-    assert widget.status.startswith("Cancelled.") and widget.errors == []
+    assert widget.status == "Cancelled before any image was finished; Run starts again." and widget.errors == []
     assert not list((tmp_path / "out").rglob("*_done.json")) and widget.last_report is None
+    widget._images_done = (2, 5)  # what the last progress report said, when images were done
+    assert widget.cancelled_text == "Cancelled: 2 of 5 images done (finished ones are kept); Run again to do the other 3."
 
 
 def test_missing_folders_are_explained(widget, tmp_path):

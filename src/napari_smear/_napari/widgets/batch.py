@@ -51,8 +51,17 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
 
     task_name = "batch analysis"
     # Keep Run disabled until the current image is done, so two runs never write to the same folder.
-    waiting_text = "Cancelling: waiting for the current image to finish…"
-    cancelled_text = "Cancelled. Finished images are kept; Run again to resume."
+    waiting_text = "Cancelling: waiting for the current step to finish…"
+
+    @property
+    def cancelled_text(self) -> str:
+        """What a cancelled run leaves, from its last progress report (images finished by
+        this run or an earlier one, or failed: done either way)."""
+        done, total = self._images_done
+        if not done:
+            return "Cancelled before any image was finished; Run starts again."
+        return (f"Cancelled: {done} of {total} images done (finished ones are kept); Run again to do the "
+                f"other {total - done}.")
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer, progress_label="images", progress_max=1)
@@ -92,6 +101,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
+        self._images_done = (0, 0)  # (done, total) of the last progress report
         #: What the last finished run reported (for scripts and tests).
         self.last_report: BatchReport | None = None
         self.reset_choices()
@@ -131,6 +141,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             )
 
         self._started = time.perf_counter()
+        self._images_done = (0, 0)
         what = ", ".join(Path(m).stem if Path(m).suffix else m for m in models) or "segmentation only"
         self.task_name, self.result_name = "batch analysis", "result"
         self._show_button.enabled = False
@@ -226,6 +237,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
 
     def _on_progress(self, update: tuple[int, int, str]) -> None:
         done, total, message = update
+        self._images_done = (int(done), int(total))
         self._progress.max = max(1, int(total))
         self._progress.value = min(int(done), self._progress.max)
         if message:

@@ -698,3 +698,29 @@ def test_a_cancel_is_seen_between_the_classifier_batches(setup, tmp_path):
                       progress=progress)
     assert seen[-1].startswith("classifying a batch of") and seen[-1].endswith(")")
     assert not list((tmp_path / "out").rglob("*_done.json"))
+
+
+def test_the_overlay_legend_counts_a_class_per_cell_type_where_it_is_given_to_two(monkeypatch):
+    """Platelet-sized cells that the white-cell model calls eosinophil are not counted
+    with the white cells of that class in the QC picture's legend (it said "eosinophil 3"
+    where summary.csv and the count dock say 1 white cell and 2 platelets)."""
+    from types import SimpleNamespace
+
+    labels = np.zeros((40, 40), np.uint32)
+    for k in range(5):
+        labels[2 + 7 * k:6 + 7 * k, 2:6] = k + 1
+    table = pd.DataFrame({
+        "label": [1, 2, 3, 4, 5],
+        "cell_type": ["wbc", "platelet", "platelet", "platelet", "rbc"],
+        "class": ["eosinophil", "eosinophil", "eosinophil", "platelet", None],
+    })
+    spec = SimpleNamespace(class_names=("eosinophil", "neutrophil", "platelet"))
+    drawn = {}
+    monkeypatch.setattr(batch, "_with_legend", lambda image, legend: drawn.setdefault("legend", legend) and image)
+    batch.render_overlay(np.full((40, 40, 3), 230, np.uint8), labels, table, [spec])
+    entries = dict((text, colour) for colour, text in drawn["legend"])
+    assert sorted(entries) == ["eosinophil (platelet) 2", "eosinophil (wbc) 1", "platelet 1", "rbc (unclassified) 1"]
+    assert entries["eosinophil (platelet) 2"] == entries["eosinophil (wbc) 1"]  # the class's own colour
+    from napari_smear.colors import CELL_TYPE_RGB
+
+    assert entries["rbc (unclassified) 1"] == tuple(CELL_TYPE_RGB["rbc"])

@@ -1175,10 +1175,19 @@ def render_overlay(
         # What each cell is drawn as: its class, else "<type> (unclassified)"; one colour
         # per distinct name, then a lookup by label id (no loop over cells).
         keys = classes.astype(object).where(classes.notna(), table["cell_type"].astype(str) + " (unclassified)")
+        # a class given to cells of two types (white cells and platelet-sized ones called
+        # eosinophil, say) is counted per type, as summary.csv and the count dock do
+        types_per_class = table.groupby(keys.astype(str))["cell_type"].nunique()
+        shared = keys.astype(str).map(types_per_class).gt(1) & classes.notna()
+        keys = keys.where(~shared, keys.astype(str) + " (" + table["cell_type"].astype(str) + ")")
         codes, names = pd.factorize(keys.astype(str), sort=True)
-        colours = np.array(
-            [palette.get(name) or CELL_TYPE_RGB.get(name.split(" ")[0], (128, 128, 128)) for name in names], np.uint8,
-        ).reshape(-1, 3)
+
+        def colour_of(name: str):
+            if name.endswith(" (unclassified)"):
+                return CELL_TYPE_RGB.get(name.split(" ")[0])
+            return palette.get(name.split(" (")[0])
+
+        colours = np.array([colour_of(name) or (128, 128, 128) for name in names], np.uint8).reshape(-1, 3)
         lut[table["label"].to_numpy(np.int64)] = colours[codes]
         counts = np.bincount(codes, minlength=len(names))
         legend = [(tuple(int(v) for v in colour), f"{name} {count}") for name, colour, count in zip(names, colours, counts)]

@@ -342,3 +342,19 @@ def test_the_result_of_an_image_removed_during_the_run_is_not_added(viewer_with_
     assert errors == []
     assert "synthetic smear cells" not in viewer.layers and "synthetic smear nuclei" not in viewer.layers
     assert "'synthetic smear' was removed from the viewer during the run: its segmentation was not added" in widget.status
+
+
+def test_a_long_path_in_the_status_does_not_widen_the_dock(make_napari_viewer, qtbot):
+    """A path is one word to Qt's word wrap: a status naming a deep folder made the
+    status label, the form and the dock wider (the canvas narrower) for good. The status
+    may now wrap after each path separator; it reads back without the break marks."""
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", "Batch analyze folder")
+    form = widget.form
+    qtbot.waitUntil(lambda: form.isVisible(), timeout=WAIT_MS)
+    before = form.minimumSizeHint().width()
+    path = "/" + "/".join(f"a_long_folder_name_{k}" for k in range(12)) + "/field_0001.png"
+    widget._set_status(f"<b>Done</b>: 1 of 1 images analysed into {path}")
+    qtbot.wait(50)
+    assert form.minimumSizeHint().width() <= before + 40
+    assert widget.status == f"<b>Done</b>: 1 of 1 images analysed into {path}"

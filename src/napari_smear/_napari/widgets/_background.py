@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -150,6 +151,10 @@ def stack_problem(layer: Any) -> str | None:
     )
 
 
+_BREAK = "\u200b"  # zero-width space: where the status line may wrap inside a path
+_PATH_BREAKS = re.compile(r"(?<!<)[/\\_](?!>)")  # not inside the rich text's </b> tags
+
+
 class _FitFormWidth(QObject):
     """Keeps a vertical scroll area at least as wide as the form inside it.
 
@@ -269,7 +274,7 @@ class BackgroundTaskWidget(Container):
     @property
     def status(self) -> str:
         """The text of the status line."""
-        return self._status.value
+        return self._status.value.replace(_BREAK, "")
 
     def run(self) -> None:
         """Start a run with the widget's settings (no-op while a run is active)."""
@@ -334,7 +339,10 @@ class BackgroundTaskWidget(Container):
         self._progress.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
 
     def _set_status(self, text: str) -> None:
-        self._status.value = text
+        # a long path is one word to Qt's word wrap: the label's minimum width grew with
+        # it and the dock with that (it could not be narrowed back); a zero-width space
+        # after each path separator and underscore lets it wrap there
+        self._status.value = _PATH_BREAKS.sub(lambda match: match.group(0) + _BREAK, text)
 
     def _image_was_removed(self, target: dict) -> bool:
         """Whether the image a run was for left the viewer while it ran; if so, says so

@@ -94,6 +94,11 @@ def test_train_a_new_model_from_a_folder(setup, qtbot, tmp_path, synthetic_field
     assert metadata["kind"] == "plain" and metadata["input_size"] == 32
     assert metadata["class_names"] == ["platelet", "rbc"] and metadata["cell_types"] == ["rbc", "platelet"]
     assert len(widget.history) == 1
+    assert "It classifies red cells and platelets and is now offered in Classify cells." in widget.status
+    # the validation plot sits under the run controls, above the empty space, not below it
+    layout = widget.form.layout()
+    rows = [layout.itemAt(i) for i in range(layout.count())]
+    assert rows[-1].spacerItem() is not None and rows[-2].widget() is widget._canvas
 
     # a file of that name that is not a model is never replaced (the command line refused it; the dock did not)
     not_a_model = tmp_path / "notes.safetensors"

@@ -127,7 +127,10 @@ def prior_correction_option(checkbox: CheckBox) -> float | None:
 def device_combo() -> ComboBox:
     """The "device" choice (auto / cpu / cuda / mps), the devices this machine lacks greyed out."""
     choices = device_choices()
-    combo = ComboBox(label="device", choices=[(label, value) for label, value, _ in choices])
+    combo = ComboBox(
+        label="device", choices=[(label, value) for label, value, _ in choices],
+        tooltip="Where the models run: auto takes a CUDA GPU, then Apple's MPS, else the CPU",
+    )
     model = combo.native.model()  # Qt model items: one per device, in order
     for row, (_, _, available) in enumerate(choices):
         item = model.item(row) if hasattr(model, "item") else None

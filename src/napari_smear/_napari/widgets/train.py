@@ -195,7 +195,11 @@ class TrainWidget(BackgroundTaskWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer, run_text="Train", status_lines=4)
-        self._source = RadioButtons(label="train from", choices=[FROM_FOLDER, FROM_VIEWER], value=FROM_VIEWER)
+        self._source = RadioButtons(
+            label="train from", choices=[FROM_FOLDER, FROM_VIEWER], value=FROM_VIEWER,
+            tooltip="A folder of labelled single-cell images, or cells you classed in the viewer (a cells layer "
+            "whose features, or a labels layer painted over it, give each cell's class)",
+        )
         self._folder = FileEdit(
             label="folder", mode="d",
             tooltip="A folder with one sub-folder of single-cell images per class (optionally inside "
@@ -222,14 +226,33 @@ class TrainWidget(BackgroundTaskWidget):
         )
         from napari_smear.models.registry import TRAINABLE_KINDS
 
-        self._kind = ComboBox(label="new model kind", choices=list(TRAINABLE_KINDS), value="shape_aware")
-        self._crop_size = SpinBox(label="crop size (px)", value=96, min=32, max=256, step=16)
-        self._epochs = SpinBox(label="epochs", value=20, min=1, max=500)
-        self._batch_size = SpinBox(label="batch size", value=64, min=2, max=1024)
-        self._lr = FloatSpinBox(label="learning rate", value=LR_NEW, min=1e-6, max=1.0, step=1e-4)
+        self._kind = ComboBox(
+            label="new model kind", choices=list(TRAINABLE_KINDS), value="shape_aware",
+            tooltip="The architecture of a new model (see docs/models.md); a fine-tuned one keeps its own",
+        )
+        self._crop_size = SpinBox(
+            label="crop size (px)", value=96, min=32, max=256, step=16,
+            tooltip="Side of each cell's crop as the new model sees it (a fine-tuned model keeps its own)",
+        )
+        self._epochs = SpinBox(
+            label="epochs", value=20, min=1, max=500,
+            tooltip="Passes over the training cells; the best epoch on the held-out cells is kept",
+        )
+        self._batch_size = SpinBox(
+            label="batch size", value=64, min=2, max=1024,
+            tooltip="Cells per training step (smaller if a GPU runs out of memory)",
+        )
+        self._lr = FloatSpinBox(
+            label="learning rate", value=LR_NEW, min=1e-6, max=1.0, step=1e-4,
+            tooltip="Peak learning rate (set lower by itself when a model is fine-tuned)",
+        )
         self._lr.native.setDecimals(6)
         self._device = device_combo()
-        self._output = FileEdit(label="save model as", mode="w", filter="*.safetensors")
+        self._output = FileEdit(
+            label="save model as", mode="w", filter="*.safetensors",
+            tooltip="The model file to write (.safetensors); an earlier model there is replaced only when "
+            "training ends",
+        )
         self.extend([
             self._source, self._folder, self._image_combo, self._cells_combo, self._classes_from, self._column,
             self._cell_types, self._start_from, self._kind, self._crop_size, self._epochs, self._batch_size,
@@ -449,7 +472,14 @@ class TrainWidget(BackgroundTaskWidget):
         self._figure = Figure(figsize=(4, 2.6), layout="constrained")
         self._canvas = FigureCanvasQTAgg(self._figure)
         self._canvas.setMinimumHeight(200)
-        self.form.layout().addWidget(self._canvas)
+        layout = self.form.layout()
+        # under the status line, above the stretch that keeps the rows at the top (added
+        # after it, the plot sat at the bottom of the dock below an empty gap)
+        stretch_at = next((i for i in range(layout.count() - 1, -1, -1) if layout.itemAt(i).spacerItem()), None)
+        if stretch_at is None:
+            layout.addWidget(self._canvas)
+        else:
+            layout.insertWidget(stretch_at, self._canvas)
         self._draw()
 
     def _draw(self) -> None:
@@ -521,8 +551,16 @@ class TrainWidget(BackgroundTaskWidget):
             f"Saved {result.model_path.name}: best epoch {result.best_epoch} of {result.epochs_completed}{stopped}, "
             f"validation accuracy {metrics.get('accuracy', float('nan')):.3f}, macro-F1 "
             f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells.{prior} "
-            "It is now offered in Classify cells." + (f" Caution: {caution}" if caution else "")
+            f"It classifies {_cell_types_text(result.info.metadata.get('cell_types'))} and is now offered in "
+            "Classify cells." + (f" Caution: {caution}" if caution else "")
         )
+
+
+def _cell_types_text(cell_types) -> str:
+    """The segmented cells a model is given, for the status line."""
+    names = {"wbc": "white cells", "rbc": "red cells", "platelet": "platelets"}
+    chosen = [names.get(t, t) for t in (cell_types or CELL_TYPES)]
+    return (", ".join(chosen[:-1]) + " and " + chosen[-1]) if len(chosen) > 1 else chosen[0]
 
 
 def _painted_names(layer: Labels) -> dict[int, str]:

@@ -361,6 +361,10 @@ def test_summary_says_how_many_white_cells_were_retyped_platelets():
     text = classify_module._summary(result, 1.0)
     assert text.startswith("2 of 3 cells classified by wbc8")
     assert "1 segmented as white cells and re-typed platelets" in text
+    assert "1 platelet;" in text and "platelet (1 platelet)" not in text  # the class would repeat the type
+    two = table.assign(cell_type=["wbc", "platelet", "platelet"], **{"class": ["neutrophil", "platelet", "platelet"]})
+    assert "2 platelets" in classify_module._summary(napari_smear.pipeline.AnalysisResult(
+        segmentation=None, table=two, models={"wbc8": {}}), 1.0)
     plain = classify_module._summary(napari_smear.pipeline.AnalysisResult(
         segmentation=None, table=table.assign(segmented_type=table.cell_type), models={"wbc8": {}}), 1.0)
     assert "re-typed" not in plain

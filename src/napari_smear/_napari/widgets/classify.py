@@ -472,8 +472,13 @@ def _summary(result: AnalysisResult, seconds: float) -> str:
     parts = []
     for cell_type, group in result.counts.groupby("cell_type", sort=False):
         top = group[group["class"] != "unclassified"].head(3)
+        if list(top["class"]) == [cell_type]:  # "3 platelets (3 platelet)" says nothing twice
+            top = top.iloc[:0]
         detail = ", ".join(f"{int(n)} {c}" for c, n in zip(top["class"], top["count"]))
-        parts.append(f"{int(group['count'].sum())} {cell_type}" + (f" ({detail}{', …' if len(group) > 3 else ''})" if detail else ""))
+        count = int(group["count"].sum())
+        # as the Segment dock says them: "1 wbc, 20 rbc, 3 platelets"
+        name = f"{cell_type}s" if cell_type == "platelet" and count != 1 else cell_type
+        parts.append(f"{count} {name}" + (f" ({detail}{', …' if len(group) > 3 else ''})" if detail else ""))
     models = ", ".join(result.models)
     text = f"{classified} of {len(table)} cells classified by {models} in {seconds:.1f} s: " + "; ".join(parts)
     # say why the white-cell count fell: pipeline.retype_platelet_clumps

@@ -60,6 +60,9 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         done, total = self._images_done
         if not done:
             return "Cancelled before any image was finished; Run starts again."
+        if done >= total:
+            return (f"Cancelled as the run ended: all {total} images are done; Run again to list the results "
+                    "(nothing is redone).")
         return (f"Cancelled: {done} of {total} images done (finished ones are kept); Run again to do the "
                 f"other {total - done}.")
 

@@ -244,8 +244,8 @@ def _foreign_outputs(job: "_Job", kinds=(*OUTPUT_SUFFIXES, "marker")) -> list[Pa
 
 def _foreign_output_reason(paths: Sequence[Path]) -> str:
     names = ", ".join(path.name for path in paths)
-    return (f"{names} {'is' if len(paths) == 1 else 'are'} in the way of this image's outputs and "
-            f"{'was' if len(paths) == 1 else 'were'} not written by napari-smear: move {'it' if len(paths) == 1 else 'them'} "
+    is_, was, it = ("is", "was", "it") if len(paths) == 1 else ("are", "were", "them")
+    return (f"{names} {is_} in the way of this image's outputs and {was} not written by napari-smear: move {it} "
             "away (or choose another output folder) and run again; nothing was written over")
 
 

@@ -157,7 +157,8 @@ def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_pat
     assert widget.status == "Cancelled before any image was finished; Run starts again." and widget.errors == []
     assert not list((tmp_path / "out").rglob("*_done.json")) and widget.last_report is None
     widget._images_done = (2, 5)  # what the last progress report said, when images were done
-    assert widget.cancelled_text == "Cancelled: 2 of 5 images done (finished ones are kept); Run again to do the other 3."
+    assert widget.cancelled_text == ("Cancelled: 2 of 5 images done (finished ones are kept); Run again to do the "
+                                     "other 3.")
     widget._images_done = (5, 5)
     assert widget.cancelled_text.startswith("Cancelled as the run ended: all 5 images are done")
 

@@ -231,13 +231,18 @@ def test_prior_correction_override_is_recorded_and_redoes_images(tmp_path):
         analyze_files(inputs, tmp_path / "plain", models=[plain], device="cpu", prior_correction=0.5)
 
 
-def test_test_time_views_are_recorded_and_redo_images(tmp_path):
+def one_field_and_a_red_cell_model(tmp_path, classes=RBC_CLASSES, **metadata):
+    """A folder holding one field, a tiny red-cell model file (``metadata`` stored in it),
+    analyze_files options with that model, and the output folder's path."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_png_atomic(inputs / "a.png", field(0))
-    model = str(tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], test_time_views=4))
-    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
-    out = tmp_path / "out"
+    model = str(tiny_model_file(tmp_path / "rbc.safetensors", classes, cell_types=["rbc"], **metadata))
+    return inputs, model, {"models": [model], "device": "cpu", "batch_size": BATCH}, tmp_path / "out"
+
+
+def test_test_time_views_are_recorded_and_redo_images(tmp_path):
+    inputs, model, options, out = one_field_and_a_red_cell_model(tmp_path, test_time_views=4)
     analyze_files(inputs, out, **options)
     used = lambda: [m["test_time_views"] for m in json.loads((out / "run.json").read_text())["models"].values()]
     assert used() == [4]  # the file's own
@@ -629,12 +634,7 @@ def test_a_run_with_nothing_to_do_leaves_no_output_folder(tmp_path):
 
 
 def test_turned_views_only_for_unsure_cells_are_recorded_and_redo_images(tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    write_png_atomic(inputs / "a.png", field(0))
-    model = str(tiny_model_file(tmp_path / "rbc.safetensors", RBC_CLASSES, cell_types=["rbc"], test_time_views=8))
-    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
-    out = tmp_path / "out"
+    inputs, model, options, out = one_field_and_a_red_cell_model(tmp_path, test_time_views=8)
     analyze_files(inputs, out, **options)
     recorded = lambda: json.loads((out / "run.json").read_text())["settings"]["sure_at"]
     assert recorded() is None
@@ -657,13 +657,8 @@ def test_the_unsure_model_warning_covers_every_finished_image(tmp_path, monkeypa
     import napari_smear.pipeline
 
     monkeypatch.setattr(napari_smear.pipeline, "UNSURE_WARNING_MIN_CELLS", 15)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    write_png_atomic(inputs / "a.png", field(0))
     # untrained, two classes: never 85 % sure of either
-    model = str(tiny_model_file(tmp_path / "rbc.safetensors", ["normal", "abnormal"], cell_types=["rbc"]))
-    options = {"models": [model], "device": "cpu", "batch_size": BATCH}
-    out = tmp_path / "out"
+    inputs, model, options, out = one_field_and_a_red_cell_model(tmp_path, ["normal", "abnormal"])
     warned = lambda: json.loads((out / "run.json").read_text())["warnings"]
     with pytest.warns(UserWarning, match="rbc was unsure of 100 % of the"):
         first = analyze_files(inputs, out, **options)

@@ -160,6 +160,16 @@ def test_segment_cli_prints_warnings_as_messages_not_python_source(tmp_path, syn
     assert done.returncode == 0, done.stderr
     assert "napari-smear segment: warning: gray.png: the image has no colour" in done.stderr
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
+    # with the progress bar showing, a warning is a line of its own (it was appended to the bar's)
+    shown = subprocess.run(
+        [sys.executable, "-c", command, "analyze", str(tmp_path / "in"), str(tmp_path / "analysed"),
+         "--models", "none"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stderr.replace("\r", "\n").splitlines()
+    warned = [line for line in lines if "warning: gray.png: the image has no colour" in line]
+    assert warned and all(line.startswith("napari-smear analyze: warning:") for line in warned)
 
 
 def test_files_of_a_user_at_output_names_are_never_written_over(tmp_path, synthetic_field, capsys):

@@ -795,10 +795,20 @@ def main(argv: list[str] | None = None) -> int:
     # warnings about the images (no colour, too few cells for the scale...) are for the
     # user: printed like the errors, not as Python's "file.py:317: UserWarning" and a
     # line of our source
-    original_format = warnings.formatwarning
+    original_format, original_show = warnings.formatwarning, warnings.showwarning
     warnings.formatwarning = lambda message, category, *_, **__: (
         f"napari-smear {args.command}: warning: {message}\n"
     )
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # through tqdm: printed on a line of its own above a progress bar, which is drawn
+        # again below it (plain printing appended it to the bar's line)
+        from tqdm import tqdm
+
+        tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
+                   file=file or sys.stderr)
+
+    warnings.showwarning = show_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -820,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"napari-smear {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
-        warnings.formatwarning = original_format
+        warnings.formatwarning, warnings.showwarning = original_format, original_show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -212,6 +212,9 @@ def _add_working_diameter_option(parser) -> None:
 class _ImagesBar:
     """One progress bar (stderr) over the images of a run; none when ``quiet``."""
 
+    #: Whether a bar is on the terminal now (a warning then starts on a new line).
+    showing = False
+
     def __init__(self, desc: str, quiet: bool):
         self.desc, self.quiet, self.bar = desc, quiet, None
 
@@ -222,6 +225,7 @@ class _ImagesBar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="img", desc=self.desc, file=sys.stderr, smoothing=0.05)
+            _ImagesBar.showing = True
         self.bar.n = done
         self.bar.set_postfix_str(text[-60:], refresh=False)
         self.bar.refresh()
@@ -229,6 +233,7 @@ class _ImagesBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            _ImagesBar.showing = False
 
 
 def _cmd_segment(args) -> int:
@@ -795,20 +800,12 @@ def main(argv: list[str] | None = None) -> int:
     # warnings about the images (no colour, too few cells for the scale...) are for the
     # user: printed like the errors, not as Python's "file.py:317: UserWarning" and a
     # line of our source
-    original_format, original_show = warnings.formatwarning, warnings.showwarning
+    original_format = warnings.formatwarning
+    # while a progress bar shows, a warning starts a line of its own (it was appended to
+    # the bar's line); the bar is drawn again below it
     warnings.formatwarning = lambda message, category, *_, **__: (
-        f"napari-smear {args.command}: warning: {message}\n"
+        f"{chr(10) if _ImagesBar.showing else ''}napari-smear {args.command}: warning: {message}\n"
     )
-
-    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-        # through tqdm: printed on a line of its own above a progress bar, which is drawn
-        # again below it (plain printing appended it to the bar's line)
-        from tqdm import tqdm
-
-        tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
-                   file=file or sys.stderr)
-
-    warnings.showwarning = show_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -830,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"napari-smear {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
-        warnings.formatwarning, warnings.showwarning = original_format, original_show
+        warnings.formatwarning = original_format
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -167,8 +167,12 @@ def _written_by_us(path: Path) -> bool:
         return False
     if path.with_name(name[: len(name) - len(ending)] + MARKER_SUFFIX).is_file():
         return True
-    if not name.lower().endswith((".tif", ".tiff")):
-        return False
+    return name.lower().endswith((".tif", ".tiff")) and _tiff_has_our_metadata(path)
+
+
+def _tiff_has_our_metadata(path: Path) -> bool:
+    """Whether a TIFF carries the metadata napari-smear writes (False when unreadable:
+    left to the run, which says why)."""
     try:
         import tifffile
 
@@ -176,7 +180,7 @@ def _written_by_us(path: Path) -> bool:
 
         with tifffile.TiffFile(path) as tif:
             return _napari_smear_description(tif.pages[0].description) is not None
-    except Exception:  # unreadable: left to the run, which says why
+    except Exception:
         return False
 
 
@@ -186,8 +190,13 @@ def _output_ending(name: str) -> str | None:
     return next((suffix for suffix in OUTPUT_SUFFIXES.values() if name.endswith(suffix)), None)
 
 
-#: How a file at one of our run-level output names is recognised as ours.
+#: The files a run writes once, in the output folder itself.
 RUN_FILES = ("summary.csv", "summary_whole_cells.csv", "errors.csv", "run.json")
+
+
+def _is_our_marker(value) -> bool:
+    """Whether parsed JSON is one of our completion markers."""
+    return isinstance(value, dict) and {"format", "settings", "outputs"} <= set(value)
 
 
 def _is_ours(path: Path, kind: str) -> bool:
@@ -195,14 +204,9 @@ def _is_ours(path: Path, kind: str) -> bool:
     ``OUTPUT_SUFFIXES`` key, ``"marker"`` or a ``RUN_FILES`` name), was written by
     napari-smear, judged by its content: our TIFF metadata, our CSV header, our
     overlay's text chunk, our JSON keys. An unreadable file is not."""
+    if kind in ("labels", "nuclei", "attention"):
+        return _tiff_has_our_metadata(path)
     try:
-        if kind in ("labels", "nuclei", "attention"):
-            import tifffile
-
-            from .io import _napari_smear_description
-
-            with tifffile.TiffFile(path) as tif:
-                return _napari_smear_description(tif.pages[0].description) is not None
         if kind == "overlay":
             from PIL import Image
 
@@ -211,7 +215,7 @@ def _is_ours(path: Path, kind: str) -> bool:
         if kind in ("marker", "run.json"):
             value = json.loads(path.read_text(encoding="utf-8"))
             if kind == "marker":
-                return isinstance(value, dict) and {"format", "settings", "outputs"} <= set(value)
+                return _is_our_marker(value)
             return isinstance(value, dict) and "napari_smear" in (value.get("versions") or {})
         with open(path, encoding="utf-8") as handle:
             header = handle.readline().rstrip("\r\n")
@@ -219,7 +223,7 @@ def _is_ours(path: Path, kind: str) -> bool:
             return header.startswith("label,cell_type,")
         if kind == "errors.csv":
             return header == "file,error"
-        return header.startswith("image,path,")  # summary.csv, summary_whole_cells.csv
+        return header.startswith("image,path,")  # summary.csv and summary_whole_cells.csv
     except Exception:
         return False
 
@@ -230,15 +234,17 @@ def _foreign_outputs(job: "_Job", kinds=(*OUTPUT_SUFFIXES, "marker")) -> list[Pa
     not ours by their content (:func:`_is_ours`). Writing over them would lose them."""
     marker = job.marker
     listed: set[str] = set()
-    if marker.is_file() and _is_ours(marker, "marker"):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            outputs = json.loads(marker.read_text(encoding="utf-8"))["outputs"]
-            listed = {entry["file"] for entry in outputs.values()}
-    foreign = []
-    for kind in kinds:
-        path = marker if kind == "marker" else job.output(kind)
-        if path.is_file() and path.name not in listed and not _is_ours(path, kind):
-            foreign.append(path)
+    our_marker = False
+    if marker.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+            value = json.loads(marker.read_text(encoding="utf-8"))  # read once: ours, and what it lists
+            our_marker = _is_our_marker(value)
+            if our_marker:
+                listed = {entry["file"] for entry in value["outputs"].values()}
+    foreign = [path for path, kind in ((job.output(kind), kind) for kind in kinds if kind != "marker")
+               if path.is_file() and path.name not in listed and not _is_ours(path, kind)]
+    if "marker" in kinds and marker.is_file() and not our_marker:
+        foreign.append(marker)
     return foreign
 
 
@@ -252,15 +258,11 @@ def _foreign_output_reason(paths: Sequence[Path]) -> str:
 def _check_run_files(out: Path, names=RUN_FILES) -> None:
     """Refuse an output folder holding a file of a run-level output name (``summary.csv``,
     ...) that napari-smear did not write, before any work: it would be written over."""
-    foreign = [out / name for name in names if (out / name).is_file() and not _is_ours(out / name, _run_kind(name))]
+    foreign = [out / name for name in names if (out / name).is_file() and not _is_ours(out / name, name)]
     if foreign:
         names_text = ", ".join(path.name for path in foreign)
         raise ValueError(f"{out} holds {names_text}, not written by napari-smear, which this run would write over: "
                          "move it away or choose another output folder")
-
-
-def _run_kind(name: str) -> str:
-    return "summary.csv" if name.startswith("summary") else name
 
 
 def is_output_name(name: str) -> bool:
@@ -385,8 +387,7 @@ def segment_files(
                 if disk:
                     seg = segment_file_on_disk(job, out, pixel_size_um, working_diameter_px, image_progress)
                 else:
-                    _check_memory_for_analysis(job.path, _BYTES_PER_PIXEL_SEGMENTED, "segmenting",
-                                               "napari-smear segment --on-disk")
+                    _check_memory(job.path, _BYTES_PER_PIXEL_SEGMENTED, "segmenting", "napari-smear segment --on-disk")
                     image, meta = read_image(job.path)
                     pixel_size = pixel_size_um or meta.get("pixel_size_um")
                     with _own_warnings_held_back():
@@ -628,7 +629,7 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
     try:
         if settings.worker_threads:
             _limit_torch_threads(settings.worker_threads)
-        _check_memory_for_analysis(job.path)
+        _check_memory(job.path, _ANALYSIS_BYTES_PER_PIXEL, "analysing", "napari-smear analyze --on-disk")
         started = time.perf_counter()
         image, meta = read_image(job.path)
         decode = time.perf_counter() - started
@@ -708,8 +709,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
     return _Finished(job, summary, timings, notes)
 
 
-def _check_memory_for_analysis(path, bytes_per_pixel: float | None = None, what: str = "analysing",
-                               command: str = "napari-smear analyze --on-disk") -> None:
+def _check_memory(path, bytes_per_pixel: float, what: str, command: str) -> None:
     """Refuse, with the figures, an image the analysis (or the segmentation alone) would
     need more memory for than is available: the batch records it and carries on, where
     the system would otherwise kill the whole run part-way through."""
@@ -719,7 +719,7 @@ def _check_memory_for_analysis(path, bytes_per_pixel: float | None = None, what:
     available = _available_memory_bytes()
     if size is None or available is None:
         return
-    needed = size[0] * size[1] * (bytes_per_pixel or _ANALYSIS_BYTES_PER_PIXEL)
+    needed = size[0] * size[1] * bytes_per_pixel
     if needed > available:
         raise MemoryError(
             f"{what} this {size[0]} x {size[1]} image needs about {needed / 2**30:.1f} GB of memory and "

@@ -130,11 +130,14 @@ def _add_test_time_views_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _sure_at(text: str) -> float:
-    """A --sure-at probability in (0, 1], refused when the command is read."""
-    value = float(text)
-    if not 0 < value <= 1:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"expected a probability above 0 and at most 1, got {text}")
-    return value
+    """A --sure-at probability in (0, 1] (as ``classify_crops`` checks it), refused when
+    the command is read."""
+    from .predict import check_sure_at  # no torch at import
+
+    try:
+        return check_sure_at(float(text))
+    except ValueError:  # not a number, NaN, or outside (0, 1]
+        raise argparse.ArgumentTypeError(f"expected a probability above 0 and at most 1, got {text}") from None
 
 
 def _strength(text: str) -> float:
@@ -351,7 +354,7 @@ def _note_images_in_output_folder(out_dir: str, inputs) -> None:
     from .io import is_supported_path
 
     folder = Path(out_dir)
-    if not folder.is_dir() or any(Path(p).resolve() == folder.resolve() for p in inputs):
+    if not folder.is_dir() or folder.resolve() in {Path(p).resolve() for p in inputs}:
         return
     try:
         images = [p for p in folder.iterdir()

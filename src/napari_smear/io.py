@@ -369,8 +369,7 @@ def _refuse_several_images(path: Path, series) -> None:
     is refused: reading its first alone would drop the rest without a word. Smaller
     ones are a slide's thumbnail, label and overview images (SVS), left out as before."""
     first = _series_pixels(series[0])
-    others = [s for s in series[1:] if _series_pixels(s) >= first > 0]
-    if others:
+    if any(_series_pixels(s) >= first > 0 for s in series[1:]):
         shapes = ", ".join(str(tuple(s.shape)) for s in series[:4]) + (", ..." if len(series) > 4 else "")
         raise ImageReadError(
             f"{path} holds {len(series)} images (shapes {shapes}), not one field; napari-smear reads one "

@@ -339,8 +339,13 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _subsample_step(shape: tuple[int, ...], max_pixels: int) -> int:
+    """The step that brings an image of ``shape`` to at most ``max_pixels`` pixels."""
+    return max(1, int(math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels))))
+
+
 def _subsample(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
-    step = int(math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / max_pixels)))
+    step = _subsample_step(rgb.shape, max_pixels)
     return rgb[::step, ::step] if step > 1 else rgb
 
 
@@ -388,17 +393,17 @@ def _measure_scale(
             found = list(pool.map(_measure_window, windows, [stain] * len(windows)))
         else:
             found = [_measure_window(win, stain) for win in windows]
+        estimates = [v for v, _ in found if v is not None]
+        too_large = bool(estimates) and np.median(estimates) * _SCALE_MIN_CELLS_ACROSS_WINDOW > side
+        if too_large or (not estimates and h * w > _SCALE_WINDOWS_ONLY_MIN_PIXELS):
+            # too few cells across a window to measure them (or none found in a field too
+            # large to measure whole): the whole field, every step-th pixel, at the size
+            # measured whole
+            step = _subsample_step(rgb.shape, _SCALE_WHOLE_FIELD_MAX_PIXELS)
+            diameter, share = _measure_window(rgb[::step, ::step], stain)
+            if diameter is not None:
+                found = [(diameter * step, share)]
     estimates = [v for v, _ in found if v is not None]
-    side = min(_SCALE_WINDOW_SIDE, h, w)
-    too_large = bool(estimates) and np.median(estimates) * _SCALE_MIN_CELLS_ACROSS_WINDOW > side
-    if too_large or (found and not estimates and h * w > _SCALE_WINDOWS_ONLY_MIN_PIXELS):
-        # too few cells across a window to measure them (or none found in a field too
-        # large to measure whole): the whole field, every step-th pixel, at the size
-        # measured whole
-        step = int(math.ceil(math.sqrt(h * w / _SCALE_WHOLE_FIELD_MAX_PIXELS)))
-        diameter, share = _measure_window(rgb[::step, ::step], stain)
-        if diameter is not None:
-            found, estimates = [(diameter * step, share)], [diameter * step]
     if not estimates and h * w <= _SCALE_WINDOWS_ONLY_MIN_PIXELS:
         # a small field, or a sparse one whose windows missed the cells: measure it whole
         found = [_measure_window(rgb, stain, channels)]

@@ -88,13 +88,13 @@ def counts_from_features(features: pd.DataFrame, *, include_edge_cells: bool = T
     return differential_counts(table, include_edge_cells=include_edge_cells)
 
 
-
 def import_chart_modules() -> None:
     """Import what the counts chart needs (matplotlib: about half a second the first
     time). Called from a worker thread before the first result, so the viewer does not
     freeze while the chart's dock opens; importing defines classes and draws nothing."""
     import matplotlib.backends.backend_qtagg  # noqa: F401
     import matplotlib.figure  # noqa: F401
+
 
 class CountsWidget(QWidget):
     """Dock widget: the differential count of a cells layer, as a table and a bar plot.

@@ -416,8 +416,26 @@ def test_tiff_needing_codecs_says_how_to_get_them(tmp_path, rgb, monkeypatch):
 
     monkeypatch.setattr(tifffile.TiffFile, "asarray", needs_codecs)
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", needs_codecs)
-    with pytest.raises(ImageReadError, match=r"napari-smear\[wsi\]"):
+    with pytest.raises(ImageReadError, match=r"pip install imagecodecs"):
         read_image(path)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "jpeg", "zlib"])
+def test_compressed_tiffs_open(tmp_path, rgb, compression):
+    # LZW (camera programs) and JPEG tiles (slide scanners) need imagecodecs, a dependency
+    import tifffile
+
+    path = tmp_path / f"{compression}.tif"
+    tiles = {}
+    if compression == "jpeg":  # lossy: a smooth picture, cut into tiles as scanners do
+        y, x = np.mgrid[0:32, 0:40]
+        rgb = np.stack([y * 6, x * 5, 255 - y * 4], axis=-1).astype(np.uint8)
+        tiles = {"tile": (16, 16)}
+    tifffile.imwrite(path, rgb, photometric="rgb", compression=compression, **tiles)
+    image, _ = read_image(path)
+    assert image.shape == rgb.shape and image.dtype == rgb.dtype
+    tolerance = 4 if compression == "jpeg" else 0
+    assert np.abs(image.astype(int) - rgb.astype(int)).mean() <= tolerance
 
 
 def test_a_tiff_stack_of_three_planes_is_not_taken_for_colour(tmp_path):

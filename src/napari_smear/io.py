@@ -409,8 +409,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
 def _unreadable_tiff(path: Path, exc: Exception) -> ImageReadError:
     """The error for a TIFF tifffile could not decode, with the fix when it is the codecs."""
     advice = ""
-    if "imagecodecs" in str(exc):  # JPEG/JPEG 2000/LZW-compressed tiles: the usual slide scans
-        advice = "; install the codecs with: pip install 'napari-smear[wsi]' (the imagecodecs package)"
+    if "imagecodecs" in str(exc):  # a dependency, so only a broken or partial install lacks it
+        advice = "; the TIFF codecs are missing from this install: pip install imagecodecs"
     return ImageReadError(f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}{advice}")
 
 

@@ -140,6 +140,19 @@ def test_outputs_per_image_and_per_run(setup):
         expected = ((inside.cell_type == "rbc") & (inside["class"] == cls)).sum()
         assert whole_row[f"rbc_{cls}"] == expected
         assert whole_row[f"rbc_{cls}_pct"] == pytest.approx(100.0 * expected / whole_row.rbc, abs=1e-3)
+    # the differential of each folder of images: whole cells added up, percentages over the folder
+    by_folder = pd.read_csv(clean / "summary_by_folder.csv")
+    assert list(by_folder.folder) == [str(setup["inputs"]), str(setup["inputs"] / "sub")]
+    assert by_folder.images.tolist() == [3, 1]
+    top = whole[~whole.image.str.startswith("sub/")]
+    folder_row = by_folder.iloc[0]
+    for column in ("cells", "wbc", "rbc", "platelet", "rbc_cut_by_edge", *(f"rbc_{c}" for c in RBC_CLASSES)):
+        assert folder_row[column] == top[column].sum()
+    for cls in RBC_CLASSES:
+        assert folder_row[f"rbc_{cls}_pct"] == pytest.approx(100 * top[f"rbc_{cls}"].sum() / top.rbc.sum(), abs=0.01)
+    assert {"wbc_unsure_pct", "rbc_unsure_pct"} <= set(by_folder.columns)
+    assert by_folder.iloc[1].cells == whole_row.cells
+    pd.testing.assert_frame_equal(report.summary_by_folder.reset_index(drop=True), by_folder, check_dtype=False)
     errors = pd.read_csv(clean / "errors.csv")
     assert list(errors.columns) == ["file", "error"] and errors.empty
 
@@ -510,7 +523,7 @@ def test_cli_analyze(setup, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "2 image(s) analysed" in printed and "models: wbc (wbc, platelet); rbc (rbc)" in printed
-    assert "rbc by rbc:" in printed
+    assert "rbc by rbc (" in printed and "differential, whole cells in " in printed  # per folder
     # files and folders mix: the folder's tree is mirrored, a file lands at the top
     for name in ("c_cells.csv", "a_cells.csv"):
         assert (out / name).is_file()
@@ -675,6 +688,27 @@ def test_the_unsure_model_warning_covers_every_finished_image(tmp_path, monkeypa
     both = sum(int(pd.read_csv(out / f"{stem}_cells.csv").confidence.notna().sum()) for stem in "ab")
     assert warned() == [note.replace(f"of the {cells} cells", f"of the {both} cells")]
     assert first.run["warnings"] == [note]
+
+
+def test_the_unsure_model_warning_is_given_per_folder_of_images(tmp_path, monkeypatch):
+    """Pooled over the run, a folder of another microscope's fields (the model unsure of
+    most of its cells) was hidden by the folders it knows: each folder is judged alone,
+    and its share of unsure cells is in summary_by_folder.csv."""
+    import napari_smear.pipeline
+
+    monkeypatch.setattr(napari_smear.pipeline, "UNSURE_WARNING_MIN_CELLS", 15)
+    inputs, model, options, out = one_field_and_a_red_cell_model(tmp_path, ["normal", "abnormal"])
+    (inputs / "other").mkdir()
+    write_png_atomic(inputs / "other" / "b.png", field(1))
+    with pytest.warns(UserWarning, match="rbc was unsure"):
+        report = analyze_files(inputs, out, **options)
+    notes = report.run["warnings"]
+    assert [note.split(": ")[0] for note in notes] == [str(inputs), str(inputs / "other")]
+    assert all("rbc was unsure of 100 % of the" in note for note in notes)
+    assert report.summary_by_folder.rbc_unsure_pct.tolist() == [100.0, 100.0]
+    # a folder with too few cells to judge is not warned about
+    monkeypatch.setattr(napari_smear.pipeline, "UNSURE_WARNING_MIN_CELLS", 10_000)
+    assert analyze_files(inputs, out, **options).run["warnings"] == []
 
 
 def test_a_cancel_is_seen_between_the_classifier_batches(setup, tmp_path):

@@ -210,3 +210,20 @@ def test_files_of_a_user_at_output_names_are_never_written_over(tmp_path, synthe
     assert main(["analyze", str(folder / "b.png"), str(folder), "--models", "none", "--quiet", "--overwrite"]) == 1
     assert "holds summary.csv, not written by napari-smear" in capsys.readouterr().err
     assert (folder / "summary.csv").read_text() == "my summary\n"
+
+
+def test_models_before_the_inputs_gets_a_usage_error_that_says_why(tmp_path, synthetic_field, capsys):
+    """--models takes every word after it (nargs="+"): given first, it swallowed the
+    inputs and argparse said only "arguments are required: IN"."""
+    import pytest
+
+    image, _ = synthetic_field
+    (tmp_path / "in").mkdir()
+    write_png_atomic(tmp_path / "in" / "a.png", image)
+    with pytest.raises(SystemExit) as stop:
+        main(["analyze", "--models", "none", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "--models takes every word after it" in capsys.readouterr().err
+    # ending its list with -- works
+    assert main(["analyze", "--quiet", "--models", "none", "--", str(tmp_path / "in"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "a_labels.tif").exists()

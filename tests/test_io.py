@@ -486,8 +486,9 @@ def test_a_folder_search_names_the_sub_folders_it_cannot_read(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "b" / "c.jpg").write_bytes(b"x")
     (tmp_path / "b" / "d.txt").write_bytes(b"x")
+    (tmp_path / "b" / "E.JPG").write_bytes(b"x")  # as cameras name them: found by *.jpg
     (tmp_path / "link").symlink_to(tmp_path / "b", target_is_directory=True)
-    assert search_folder(tmp_path, "*.jpg") == [tmp_path / "a.jpg", tmp_path / "b" / "c.jpg"]
+    assert search_folder(tmp_path, "*.jpg") == [tmp_path / "a.jpg", tmp_path / "b" / "E.JPG", tmp_path / "b" / "c.jpg"]
     real_scandir = os.scandir
 
     def refuse_b(path="."):  # as for a folder of another user's (the tests may run as root)

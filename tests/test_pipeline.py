@@ -67,8 +67,16 @@ def test_analyze_classifies_each_cell_type_with_its_model(field, model_files):
     np.testing.assert_allclose(wbc_p.sum(1), 1.0, atol=1e-4)
     assert table.loc[wbc_rows, [f"p_{c}" for c in RBC_CLASSES]].isna().all().all()
     np.testing.assert_allclose(table.confidence, table[[f"p_{c}" for c in WBC_CLASSES + RBC_CLASSES]].max(axis=1))
-    # morphology columns are there
+    # morphology columns are there; what a cell has no part for is missing, not 0
+    # (a 0 nucleus colour read as black in a spreadsheet)
     assert {"perimeter_px", "nc_ratio", "cell_r"} <= set(table.columns)
+    no_nucleus = table.nucleus_area_px == 0
+    assert no_nucleus.any() and (~no_nucleus).any()
+    nucleus_measures = ["nucleus_r", "nucleus_g", "nucleus_b", "nucleus_circularity"]
+    assert table.loc[no_nucleus, nucleus_measures].isna().all().all()
+    assert table.loc[~no_nucleus, nucleus_measures].notna().all().all()
+    assert (table.loc[no_nucleus, ["nc_ratio", "nucleus_lobes"]] == 0).all().all()
+    assert table[["cell_r", "cytoplasm_r"]].loc[no_nucleus].notna().all().all()
     # attention: per model, image-sized, only inside that model's cells
     assert set(result.attention) == {"wbc", "rbc"}
     for name, types in (("wbc", ["wbc", "platelet"]), ("rbc", ["rbc"])):

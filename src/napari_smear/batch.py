@@ -22,7 +22,8 @@ How :func:`analyze_files` is organised, and why:
   on disk, and redoes the others; a run killed at any moment and
   started again ends with the same files as a run never interrupted: per-image files
   hold no timestamps, classification does not depend on batch composition, and
-  ``summary.csv`` and ``summary_whole_cells.csv`` are rebuilt from the markers at the end.
+  ``summary.csv``, ``summary_whole_cells.csv`` and ``summary_by_folder.csv`` are rebuilt
+  from the markers at the end.
 - **Bad files do not stop a batch.** A file that cannot be read or analysed goes to
   ``errors.csv`` with its reason.
 """
@@ -191,7 +192,7 @@ def _output_ending(name: str) -> str | None:
 
 
 #: The files a run writes once, in the output folder itself.
-RUN_FILES = ("summary.csv", "summary_whole_cells.csv", "errors.csv", "run.json")
+RUN_FILES = ("summary.csv", "summary_whole_cells.csv", "summary_by_folder.csv", "errors.csv", "run.json")
 
 
 def _is_our_marker(value) -> bool:
@@ -223,6 +224,8 @@ def _is_ours(path: Path, kind: str) -> bool:
             return header.startswith("label,cell_type,")
         if kind == "errors.csv":
             return header == "file,error"
+        if kind == "summary_by_folder.csv":
+            return header.startswith("folder,images,")
         return header.startswith("image,path,")  # summary.csv and summary_whole_cells.csv
     except Exception:
         return False
@@ -592,6 +595,9 @@ class BatchReport:
     summary_whole_cells : pandas.DataFrame
         ``summary_whole_cells.csv``: as ``summary``, counting only the cells the image
         edge does not cut (the neighbouring field of a slide shows those whole).
+    summary_by_folder : pandas.DataFrame
+        ``summary_by_folder.csv``: the whole cells of the images of each folder added up,
+        with the differential percentages of the folder (:func:`folder_summary`).
     """
 
     out_dir: Path
@@ -605,6 +611,7 @@ class BatchReport:
     missing_models: list = field(default_factory=list)
     run: dict = field(default_factory=dict)
     summary_whole_cells: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary_by_folder: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 # ----------------------------------------------------------------------------- analyze: worker tasks
@@ -979,6 +986,52 @@ def _summary_columns(specs: Sequence) -> list[str]:
     return columns
 
 
+def folder_summary(summary_whole_cells: pd.DataFrame, unsure: dict | None = None) -> pd.DataFrame:
+    """One row per folder of images (the folder each image lies in, as found): the whole
+    cells of its images added up and the differential percentages taken over the
+    folder, the differential count of a slide whose fields have a folder of their own.
+    (The images' own percentages cannot be averaged: a field with one white cell would
+    weigh as much as one with twenty.)
+
+    ``summary_whole_cells``: the rows of ``summary_whole_cells.csv``. ``unsure``: per
+    folder, per model, ``{"cells": n, "unsure": k}`` (every cell the model classified,
+    cut ones too), written as ``<model>_unsure_pct``: a share far above the model's own
+    (see :func:`napari_smear.pipeline.unsure_model_notes`) says the folder's images
+    differ from the ones it learned from. Columns: ``folder, images, cells``, the counts
+    of ``summary_whole_cells.csv`` (per type, cut by the edge, per class) with the
+    per-class ``_pct`` recomputed, then ``<model>_unsure_pct``.
+    """
+    from .segment.types import CELL_TYPES
+
+    columns = list(summary_whole_cells.columns)
+    percent = [c for c in columns if c.endswith("_pct")]
+    per_class = [c[: -len("_pct")] for c in percent]
+    counted = ["cells", *CELL_TYPES, *(f"{t}_cut_by_edge" for t in CELL_TYPES), "platelet_from_wbc"]
+    counted = [c for c in counted if c in columns]
+    ordered = counted + [c for pair in zip(per_class, percent) for c in pair]
+    unsure = unsure or {}
+    models = sorted({name for per_model in unsure.values() for name in per_model})
+    out_columns = ["folder", "images", *ordered, *(f"{name}_unsure_pct" for name in models)]
+    if summary_whole_cells.empty:
+        return pd.DataFrame(columns=out_columns)
+    folders = summary_whole_cells["path"].map(lambda p: str(Path(p).parent))
+    rows = []
+    for folder, group in summary_whole_cells.groupby(folders, sort=True):
+        row: dict[str, Any] = {"folder": folder, "images": int(len(group))}
+        for column in counted + per_class:
+            row[column] = int(pd.to_numeric(group[column], errors="coerce").fillna(0).sum())
+        for column, count_column in zip(percent, per_class):
+            cell_type = count_column.split("_", 1)[0]
+            n_type = row.get(cell_type, 0)
+            row[column] = round(100.0 * row[count_column] / n_type, 2) if n_type else None
+        for name in models:
+            counts = unsure.get(folder, {}).get(name)
+            row[f"{name}_unsure_pct"] = (round(100.0 * counts["unsure"] / counts["cells"], 1)
+                                         if counts and counts["cells"] else None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=out_columns)
+
+
 def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool = True) -> dict:
     """Counts per cell type and per class, and the differential percentages.
 
@@ -1023,7 +1076,7 @@ def _summary_row(job: _Job, result, specs: Sequence, *, include_edge_cells: bool
             for cls in spec.class_names:
                 count = pairs[(cell_type, cls)]
                 row[f"{cell_type}_{cls}"] = count
-                row[f"{cell_type}_{cls}_pct"] = round(100.0 * count / n_type, 4) if n_type else None
+                row[f"{cell_type}_{cls}_pct"] = round(100.0 * count / n_type, 2) if n_type else None
     for spec in specs:
         # how sure the model is on this field: far below its usual level, the field looks
         # unlike the model's training data (another stain or microscope); docs/batch.md
@@ -1389,7 +1442,8 @@ def analyze_files(
     ``<stem>_labels.tif``, ``<stem>_nuclei.tif``, ``<stem>_attention.tif`` (float32,
     one page per model, image coordinates), ``<stem>_cells.csv``, ``<stem>_overlay.png``
     and the completion marker ``<stem>_done.json``; once per run ``summary.csv``,
-    ``summary_whole_cells.csv``, ``errors.csv`` and ``run.json``. See ``docs/batch.md`` for the formats.
+    ``summary_whole_cells.csv``, ``summary_by_folder.csv``, ``errors.csv`` and ``run.json``. See
+    ``docs/batch.md`` for the formats.
 
     Parameters
     ----------
@@ -1588,14 +1642,16 @@ def analyze_files(
         stage_seconds["classify"] = classifier.seconds
 
         rows, whole_cell_rows = [], []
-        unsure: dict[str, dict[str, int]] = {}  # per model, over every finished image of the run's inputs
+        # per folder of images, per model, over every finished image of the run's inputs
+        unsure: dict[str, dict[str, dict[str, int]]] = {}
         for job in jobs:
             marker = _finished_marker(job, fingerprint)
             if marker is not None:
                 rows.append({**marker["summary"], "path": job.path})
                 whole_cell_rows.append({**marker["summary_whole_cells"], "path": job.path})
+                folder = unsure.setdefault(str(Path(job.path).parent), {})
                 for name, counts in marker.get("unsure", {}).items():  # absent from earlier versions' markers
-                    total_counts = unsure.setdefault(name, {"cells": 0, "unsure": 0})
+                    total_counts = folder.setdefault(name, {"cells": 0, "unsure": 0})
                     total_counts["cells"] += int(counts["cells"])
                     total_counts["unsure"] += int(counts["unsure"])
         columns = _summary_columns(specs)
@@ -1609,6 +1665,8 @@ def analyze_files(
         )
         write_csv_atomic(out / "summary.csv", summary, float_format="%.6g")
         write_csv_atomic(out / "summary_whole_cells.csv", summary_whole_cells, float_format="%.6g")
+        summary_by_folder = folder_summary(summary_whole_cells, unsure)
+        write_csv_atomic(out / "summary_by_folder.csv", summary_by_folder, float_format="%.6g")
         write_csv_atomic(out / "errors.csv", errors)
         wall = time.perf_counter() - started
         run = _run_record(
@@ -1625,8 +1683,13 @@ def analyze_files(
             },
             started_at=started_at, fingerprint=fingerprint,
         )
-        # about the run as a whole: every finished image, also those an earlier run finished
-        run["warnings"] = unsure_model_notes(unsure)
+        # about each folder of images as a whole (a folder is a slide or a microscope: a
+        # folder of another microscope's fields was hidden when pooled with the rest),
+        # every finished image, also those an earlier run finished
+        run["warnings"] = [
+            (f"{folder}: {note}" if len(unsure) > 1 else note)
+            for folder, counts in sorted(unsure.items()) for note in unsure_model_notes(counts)
+        ]
         for note in run["warnings"]:
             warnings.warn(note, UserWarning, stacklevel=2)
         from .io import atomic_write
@@ -1636,7 +1699,7 @@ def analyze_files(
     return BatchReport(
         out_dir=out, summary=summary, errors=errors, total=total, analysed=analysed, skipped=skipped,
         failed=len(failures), models=[m.name for m in loaded], missing_models=missing_models, run=run,
-        summary_whole_cells=summary_whole_cells,
+        summary_whole_cells=summary_whole_cells, summary_by_folder=summary_by_folder,
     )
 
 

@@ -105,8 +105,10 @@ def _stain_normalization(args) -> str | None:
 
 def _add_inference_options(parser: argparse.ArgumentParser, *, workers_help: str) -> None:
     """--device, --batch-size, --no-amp, --workers and --quiet of the commands that classify cell images."""
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--device", default="auto",
+                        help="classifier device: auto (a GPU when present), cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256,
+                        help="crops per classifier batch (default 256)")
     parser.add_argument("--no-amp", action="store_true", help="run in float32")
     parser.add_argument("--workers", type=_positive_int, default=1, help=workers_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -176,7 +178,15 @@ def _model_list(values):
 
 
 def _add_segment(subparsers) -> None:
-    parser = subparsers.add_parser("segment", help="segment smear images (files or folders)")
+    parser = subparsers.add_parser(
+        "segment", help="segment smear images (files or folders)",
+        description="Segment every image of INPUTS (folders are searched recursively; sub-folders are mirrored "
+                    "in --out): white cells with their nuclei, red cells and platelets. Per image: "
+                    "<stem>_labels.tif (cell ids), <stem>_nuclei.tif (each nucleus carries its cell's id) and "
+                    "<stem>_cells.csv (one row per cell: type, centroid, box, area). Images that cannot be read "
+                    "or segmented are listed in errors.csv with the reason, the others are done, and the exit "
+                    "status is then 1. No classification: see analyze. See docs/getting-started.md.",
+    )
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--pixel-size-um", type=_positive_float, default=None,
@@ -227,7 +237,9 @@ class _ImagesBar:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="img", desc=self.desc, file=sys.stderr, smoothing=0.05)
+            # images an earlier run finished start the bar (initial), so that its rate
+            # counts only this run's work (it showed a million images a second on resume)
+            self.bar = tqdm(total=total, initial=done, unit="img", desc=self.desc, file=sys.stderr, smoothing=0.05)
             _ImagesBar.showing = True
         self.bar.n = done
         self.bar.set_postfix_str(text[-60:], refresh=False)
@@ -303,7 +315,8 @@ def _add_analyze(subparsers) -> None:
         description="Analyse every image of IN (folders are searched recursively; sub-folders are mirrored in "
                     "OUT_DIR). Per image: <stem>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
                     "_overlay.png and the completion marker _done.json; per run: summary.csv, "
-                    "summary_whole_cells.csv, errors.csv, run.json. Re-running skips finished images and "
+                    "summary_whole_cells.csv, summary_by_folder.csv (the differential count of each folder), "
+                    "errors.csv, run.json. Re-running skips finished images and "
                     "redoes unfinished ones. See docs/batch.md.",
     )
     # OUT_DIR as the last positional (the original form) or as --out, like every other command
@@ -312,8 +325,10 @@ def _add_analyze(subparsers) -> None:
     parser.add_argument("--out", default=None, metavar="OUT_DIR", help="output folder (or give it last, after IN)")
     _add_models_option(parser, "built-in names or .safetensors files, space or comma separated; 'none' for "
                                "segmentation only (default: the installed built-in models)")
-    parser.add_argument("--device", default="auto", help="classifier device: auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--pattern", default="*", help="file-name glob inside folders, e.g. '*.jpg' (default *)")
+    parser.add_argument("--device", default="auto",
+                        help="classifier device: auto (a GPU when present), cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--pattern", default="*",
+                        help="file-name glob inside folders, upper or lower case alike, e.g. '*.jpg' (default *)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=0,
                        help="worker processes of a local Dask cluster for decoding, segmentation and writing "
@@ -435,20 +450,38 @@ def _print_batch_report(report) -> None:
             counts += f", {retyped} of them segmented as white cells and re-typed by the white-cell model"
         print(f"cells: {int(summary['cells'].sum())} ({counts})")
         cut = ", ".join(f"{t} {int(summary[f'{t}_cut_by_edge'].sum())}" for t in ("wbc", "rbc", "platelet"))
-        print(f"cut by the image edge: {cut} (left out of summary_whole_cells.csv)")
+        print(f"cut by the image edge: {cut} (left out of the differential below)")
+        _print_differentials(report.summary_by_folder, models)
+    print(f"outputs in {report.out_dir} (summary.csv, summary_whole_cells.csv, summary_by_folder.csv, errors.csv, "
+          "run.json)")
+
+
+#: Folders whose differential the command prints; summary_by_folder.csv holds them all.
+_FOLDERS_PRINTED = 10
+
+
+def _print_differentials(by_folder, models: dict) -> None:
+    """The differential count of each folder of images, whole cells only (the rows of
+    summary_by_folder.csv): pooled over every folder it mixed slides and microscopes."""
+    several = len(by_folder) > 1
+    for _, row in by_folder.head(_FOLDERS_PRINTED).iterrows():
+        lines = []
         for name, model in models.items():
             for cell_type in model["cell_types"]:
-                total = int(summary[cell_type].sum())
-                if not total:
-                    continue
+                total = int(row.get(cell_type) or 0)
                 parts = sorted(
-                    ((int(summary[f"{cell_type}_{c}"].sum()), c) for c in model["classes"]
-                     if f"{cell_type}_{c}" in summary),
+                    ((int(row[f"{cell_type}_{c}"]), c) for c in model["classes"] if f"{cell_type}_{c}" in row),
                     reverse=True,
                 )
-                shown = ", ".join(f"{c} {100 * n / total:.1f}%" for n, c in parts if n)
-                print(f"  {cell_type} by {name}: {shown}")
-    print(f"outputs in {report.out_dir} (summary.csv, summary_whole_cells.csv, errors.csv, run.json)")
+                if total and any(n for n, _ in parts):
+                    shown = ", ".join(f"{c} {100 * n / total:.1f}%" for n, c in parts if n)
+                    lines.append(f"  {cell_type} by {name} ({total} cells): {shown}")
+        if lines:
+            where = f" in {row['folder']} ({row['images']} images)" if several else ""
+            print(f"differential, whole cells{where}:")
+            print("\n".join(lines))
+    if len(by_folder) > _FOLDERS_PRINTED:
+        print(f"... {len(by_folder) - _FOLDERS_PRINTED} more folders in summary_by_folder.csv")
 
 
 # ----------------------------------------------------------------------------- train
@@ -755,11 +788,29 @@ def _run_pack_crops(args) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose "arguments are required" error says why when ``--models``
+    came before the inputs: it takes every word after it (``nargs="+"``), the inputs too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        given = getattr(self, "_given", [])
+        if "arguments are required" in message and "--models" in given and "--" not in given:
+            message += (
+                " (--models takes every word after it: put it after the inputs and the output "
+                "folder, or end its list with --, as in: --models none -- IN OUT_DIR)"
+            )
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``napari-smear`` argument parser with every subcommand registered."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="napari-smear",
         description="Blood-smear segmentation and cell classification (napari-smear core tools).",
     )

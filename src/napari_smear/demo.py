@@ -122,4 +122,4 @@ def print_demo_summary(report) -> None:
               "not what the models say of real cells")
     print(f"{report.analysed} analysed, {report.skipped} finished by an earlier run, {report.failed} failed")
     print(f"outputs in {report.out_dir}/: per field <name>_labels.tif, _nuclei.tif, _attention.tif, _cells.csv, "
-          "_overlay.png; summary.csv, summary_whole_cells.csv, errors.csv, run.json")
+          "_overlay.png; summary.csv, summary_whole_cells.csv, summary_by_folder.csv, errors.csv, run.json")

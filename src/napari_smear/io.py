@@ -79,17 +79,19 @@ class ImageReadError(ValueError):
 
 def search_folder(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
     """Files under ``folder`` (recursively, symbolic links to folders not followed, as
-    ``Path.rglob``) whose names match ``pattern``, sorted. A sub-folder that cannot be
-    read (permissions) is warned about by name: ``rglob`` skipped it without a word,
-    and its images were missing from a run with nothing said."""
+    ``Path.rglob``) whose names match ``pattern``, ignoring case (cameras write
+    ``IMG_0001.JPG``, and ``*.jpg`` should find it on every system), sorted. A sub-folder
+    that cannot be read (permissions) is warned about by name: ``rglob`` skipped it
+    without a word, and its images were missing from a run with nothing said."""
     import fnmatch
 
     folder = Path(folder)
     found: list[Path] = []
     unreadable: list[str] = []
+    pattern = pattern.lower()
     for here, _, names in os.walk(folder, onerror=lambda error: unreadable.append(
             f"{error.filename} ({error.strerror or error})")):
-        found.extend(Path(here) / name for name in names if fnmatch.fnmatchcase(name, pattern))
+        found.extend(Path(here) / name for name in names if fnmatch.fnmatchcase(name.lower(), pattern))
     for entry in unreadable:
         warnings.warn(f"cannot search {entry}: its images are left out", UserWarning, stacklevel=3)
     return sorted(found)

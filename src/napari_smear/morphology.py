@@ -40,7 +40,10 @@ def morphology_table(image: np.ndarray, segmentation) -> pd.DataFrame:
     Columns: ``label, area_px, perimeter_px, area_rbc, perimeter_rbc, circularity,
     solidity, eccentricity, major_axis_px, minor_axis_px, nucleus_area_px,
     nucleus_area_rbc, nc_ratio, nucleus_lobes, nucleus_circularity`` and the mean colour
-    (0-1) of the cell, nucleus and cytoplasm (``cell_r`` ... ``cytoplasm_b``).
+    (0-1) of the cell, nucleus and cytoplasm (``cell_r`` ... ``cytoplasm_b``). The
+    nucleus's circularity and colour are NaN for a cell without a nucleus, the
+    cytoplasm's colour for a cell that is all nucleus (its nucleus area, lobes and N/C
+    ratio are 0 and stay so).
 
     Perimeter, solidity, eccentricity, the axis lengths and the mean cell colour are the
     numbers scikit-image ``regionprops`` gives, bit for bit (per-cell CSV files must not
@@ -96,6 +99,13 @@ def morphology_table(image: np.ndarray, segmentation) -> pd.DataFrame:
         )
         nucleus_circularity = circ[label]
         nucleus_lobes = _count_lobes(box, d, n_max, nuc_area)[label].astype(np.int64)
+    # A measurement of a part the cell does not have (a red cell's nucleus, the cytoplasm
+    # of a cell that is all nucleus) is missing, an empty cell in the CSV: a 0 there read
+    # as black, or as a round nucleus of circularity 0, and pulled down spreadsheet means.
+    # Its area, lobe count and N/C ratio are truly 0 and stay so.
+    nucleus_circularity = np.where(nuc_area_px > 0, nucleus_circularity, np.nan)
+    colours[nuc_area_px == 0, 1] = np.nan
+    colours[nuc_area_px >= area_px, 2] = np.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         nucleus_area_rbc = nuc_area_px / rbc_area
     cyto_area = area_px - nuc_area_px

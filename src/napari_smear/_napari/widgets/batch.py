@@ -3,7 +3,8 @@
 It calls :func:`napari_smear.batch.analyze_files` -- the function ``napari-smear
 analyze`` calls -- in a background thread, with a progress bar over the images and a
 Cancel button. The results are files (per image labels, nuclei, attention, cell table and
-QC overlay; per run summary.csv, summary_whole_cells.csv, errors.csv, run.json), and a
+QC overlay; per run summary.csv, summary_whole_cells.csv, summary_by_folder.csv, errors.csv,
+run.json), and a
 cancelled or crashed run is resumed by running again. Below the run controls, any image
 the output folder holds results for can be opened in the viewer with its cells
 (coloured by class, the table in ``features``), nuclei and attention maps, as the
@@ -70,7 +71,9 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         super().__init__(napari_viewer, progress_label="images", progress_max=1)
         self._input = FileEdit(label="input folder", mode="d", tooltip="Folder of smear images (searched recursively)")
         self._output = FileEdit(label="output folder", mode="d", tooltip="Where the results go (created if needed)")
-        self._pattern = LineEdit(label="file pattern", value="*", tooltip="File-name glob, e.g. *.jpg")
+        self._pattern = LineEdit(
+            label="file pattern", value="*", tooltip="File-name glob, e.g. *.jpg (upper or lower case alike)"
+        )
         models = self._model_inputs(
             "Models to classify with (Ctrl-click for several; none selected: segmentation only)"
         )

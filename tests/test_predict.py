@@ -85,6 +85,25 @@ def test_classify_crops_outputs_and_batch_independence(tmp_path):
     assert "attention" not in no_maps and no_maps["probs"].shape == (10, 3)
 
 
+def test_classify_crops_reports_progress_to_a_callable(tmp_path):
+    """progress takes a callback, as analyze's and segment_smear's do (it was a bool
+    only, and a callable was taken for True: a tqdm bar instead of the calls)."""
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(10)
+    calls = []
+    classify_crops(model, info, images, masks, device="cpu", batch_size=4, amp=False,
+                   progress=lambda fraction, message: calls.append((fraction, message)))
+    assert [f for f, _ in calls] == pytest.approx([0.4, 0.8, 1.0]) and calls[-1][1] == "classified 10 of 10 crops"
+    calls.clear()  # with a second pass over the unsure crops: first half, second half, done
+    classify_crops(model, info, images, masks, device="cpu", batch_size=4, amp=False, test_time_views=8,
+                   sure_at=0.999, progress=lambda fraction, message: calls.append((fraction, message)))
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[2] == pytest.approx(0.5) and fractions[-1] == 1.0
+    assert any(m.startswith("turning the unsure crops") for _, m in calls)
+    with pytest.raises(TypeError, match="progress must be"):
+        classify_crops(model, info, images, masks, device="cpu", progress="yes")
+
+
 def test_the_folded_copy_is_reused_until_the_weights_change(tmp_path, monkeypatch):
     """Folding BatchNorm copies the model (about 50 ms): done once per model, and again
     after any change of its weights, in place or by replacing a tensor."""

@@ -23,6 +23,8 @@ _LAZY = {
     "classify_crops": "napari_smear.predict",
     "analyze": "napari_smear.pipeline",
     "analyze_by_region": "napari_smear.pipeline",
+    "AnalysisResult": "napari_smear.pipeline",
+    "load_models": "napari_smear.pipeline",
     "add_to_viewer": "napari_smear._napari.layers",
     "synthetic_smear": "napari_smear.samples",
 }

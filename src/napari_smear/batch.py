@@ -82,7 +82,9 @@ MARKER_FORMAT = 1
 #: move with such changes). 2: platelet clumps re-typed (``segmented_type`` column),
 #: ``platelet_from_wbc`` and ``<model>_median_confidence`` in the summary. 3: burned-in
 #: green annotations painted out before segmentation, ``overlay_share`` in the summary.
-OUTPUT_VERSION = 3
+#: 4: a missing nucleus's colour and circularity empty in the cell table (were 0),
+#: differential percentages with two decimals.
+OUTPUT_VERSION = 4
 
 #: The overlay PNG's "Software" text chunk, by which a re-run knows the file is ours.
 OVERLAY_SOFTWARE = "napari-smear"

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+
+if TYPE_CHECKING:
+    from .segment import SmearSegmentation
 
 # The numeric features a model may consume, in a fixed order (crop_morphology columns).
 MORPH_FEATURES = (
@@ -34,8 +39,13 @@ MORPH_FEATURES = (
 )
 
 
-def morphology_table(image: np.ndarray, segmentation) -> pd.DataFrame:
+def morphology_table(image: np.ndarray, segmentation: "SmearSegmentation") -> pd.DataFrame:
     """One row per instance: label, shape, nucleus and colour measurements.
+
+    ``image``: the RGB field that was segmented (any input
+    :func:`napari_smear.io.as_rgb_uint8` takes); ``segmentation``: what
+    :func:`napari_smear.segment_smear` returned for it (its labels, nuclei and red-cell
+    diameter). The columns are explained in docs/batch.md, *Cell table columns*.
 
     Columns: ``label, area_px, perimeter_px, area_rbc, perimeter_rbc, circularity,
     solidity, eccentricity, major_axis_px, minor_axis_px, nucleus_area_px,
@@ -54,6 +64,11 @@ def morphology_table(image: np.ndarray, segmentation) -> pd.DataFrame:
 
     from .io import as_rgb_uint8
 
+    from .segment import SmearSegmentation
+
+    if not isinstance(segmentation, SmearSegmentation):
+        raise TypeError(f"segmentation must be what segment_smear returned (a SmearSegmentation), "
+                        f"got {type(segmentation).__name__}")
     rgb8 = as_rgb_uint8(image)
     segmentation.check_image(rgb8)
     labels = np.asarray(segmentation.labels)

@@ -510,6 +510,7 @@ def analyze(
     models: Sequence = DEFAULT_MODELS,
     device: str = "auto",
     batch_size: int = 256,
+    amp: bool = True,
     pixel_size_um: float | None = None,
     segmentation: SmearSegmentation | None = None,
     morphology: bool = True,
@@ -527,12 +528,24 @@ def analyze(
         RGB field (see :func:`napari_smear.io.as_rgb_uint8` for accepted inputs).
     models : sequence of str, path, (model, ModelInfo) or LoadedModel
         Built-in names (``"wbc-pbc8"``, ``"rbc-chula12"``), model files, or already
-        loaded models (what :func:`load_models` returns: load once, analyse many
-        fields). Each classifies the cell types its file declares.
+        loaded models (what :func:`napari_smear.load_models` returns: load once, analyse
+        many fields). Each classifies the cell types its file declares. ``[]``:
+        segmentation (and morphology) only.
     device : str
-        ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
+        ``"auto"`` (a GPU when present), ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"cpu"``.
+    batch_size : int
+        Crops per classifier pass.
+    amp : bool
+        Classify under autocast (bfloat16 on a CPU that has it, float16/bfloat16 on a
+        GPU); False: float32.
+    pixel_size_um : float, optional
+        Micrometres per pixel; default: the scale measured from the red cells (see
+        :func:`napari_smear.segment_smear`).
     segmentation : SmearSegmentation, optional
         Reuse an existing segmentation instead of segmenting again.
+    morphology : bool
+        Add the shape, nucleus and colour columns
+        (:func:`napari_smear.morphology_table`) to the table.
     progress : callable, optional
         ``progress(fraction, message)``; raise inside it to cancel.
     prior_correction : float, optional
@@ -550,8 +563,17 @@ def analyze(
         of the time on crops like a model's own, nothing less where most cells are unsure
         (another microscope); the segmentation's time stays.
 
-    A field larger than ``REGION_ANALYSIS_PIXELS`` (48 megapixels) is analysed region
-    by region (:func:`analyze_by_region`): the same result in less memory.
+    Returns
+    -------
+    AnalysisResult
+        ``segmentation``, the per-cell ``table`` (segmentation, morphology, class,
+        confidence and ``p_<class>``), ``attention`` maps per model in image
+        coordinates, ``counts`` (the differential count) and ``models``. Show it in
+        napari with :func:`napari_smear.add_to_viewer`.
+
+    A field larger than ``REGION_ANALYSIS_PIXELS`` (three 4096 x 4096 regions, 50.3
+    megapixels) is analysed region by region (:func:`analyze_by_region`): the same
+    result in less memory.
     """
     from .io import as_rgb_uint8
 
@@ -565,7 +587,7 @@ def analyze(
         # a slide: the same result, with memory bounded by the region size (all of the
         # crops and the anti-aliased copy of the field would take 15 bytes a pixel)
         return _warned(analyze_by_region(
-            image, models=loaded, device=device, batch_size=batch_size, pixel_size_um=pixel_size_um,
+            image, models=loaded, device=device, batch_size=batch_size, amp=amp, pixel_size_um=pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
             prior_correction=prior_correction, working_diameter_px=working_diameter_px,
             test_time_views=test_time_views, sure_at=sure_at,
@@ -576,7 +598,7 @@ def analyze(
         progress=lambda f, m: report(0.4 * f, m), working_diameter_px=working_diameter_px,
     )
     outputs = _classify_prepared(
-        loaded, prepared, device=device, batch_size=batch_size, amp=True, prior_correction=prior_correction,
+        loaded, prepared, device=device, batch_size=batch_size, amp=amp, prior_correction=prior_correction,
         test_time_views=test_time_views, sure_at=sure_at, report=lambda k, name: report(
             0.4 + 0.6 * k / max(len(loaded), 1), f"classifying with {name}"),
     )

@@ -14,7 +14,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +308,7 @@ def classify_crops(
     compile: bool = False,
     fuse: bool = True,
     return_attention: bool = True,
-    progress: bool | None = None,
+    progress: bool | Callable[[float, str], None] | None = None,
     prior_correction: float | None = None,
     test_time_views: int | None = None,
     sure_at: float | None = None,
@@ -346,9 +346,10 @@ def classify_crops(
         rounding, 1.2-1.7x faster on CPU. The model passed in is left untouched.
     return_attention : bool
         Also return the attention maps.
-    progress : bool, optional
+    progress : bool or callable, optional
         Show a tqdm bar (default: when there is more than one batch and stderr is a
-        terminal).
+        terminal), or call ``progress(fraction, message)`` after every batch, as
+        :func:`napari_smear.analyze` does (raise inside it to stop).
     prior_correction : float, optional
         How far to give a model trained on class-balanced batches back the class
         frequencies of its training data (see :func:`prior_logit_offsets`): 0 keeps the
@@ -449,11 +450,18 @@ def classify_crops(
     views_used = np.full(n, first_views, np.uint8)
     attention = np.empty((n, size, size), np.float16) if return_attention else None
     attributes: dict[str, np.ndarray] = {}
-    if progress is None:
+    report = None
+    if callable(progress):
+        # the unsure crops' second pass (sure_at) takes the second half of the fraction
+        share = 0.5 if first_views != views else 1.0
+        report = lambda done: progress(share * done / max(n, 1), f"classified {done} of {n} crops")  # noqa: E731
+    elif progress is None:
         progress = n > batch_size and sys.stderr.isatty()
+    elif not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be True/False or a callable progress(fraction, message), got {progress!r}")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc="classifying", unit="crop", disable=not progress)
+    bar = tqdm(total=n, desc="classifying", unit="crop", disable=report is not None or not progress)
     batch = int(batch_size)
     start = 0
     with torch.inference_mode():
@@ -489,6 +497,8 @@ def classify_crops(
                 continue
             bar.update(stop - start)
             start = stop
+            if report is not None:
+                report(start)
     bar.close()
     if first_views != views:
         unsure = unsure_crops(probs, sure_at)
@@ -496,7 +506,9 @@ def classify_crops(
             again = classify_crops(
                 model, info, images[unsure], masks[unsure], None if not morph_features else morph[unsure],
                 device=device, batch_size=batch, amp=amp, compile=compile, fuse=fuse,
-                return_attention=return_attention, progress=progress and len(unsure) > batch,
+                return_attention=return_attention,
+                progress=(lambda f, m: progress(0.5 + 0.5 * f, f"turning the unsure crops: {m}")) if report
+                else progress and len(unsure) > batch,
                 prior_correction=prior_correction, test_time_views=views, sure_at=None,
             )
             probs[unsure] = again["probs"]
@@ -505,6 +517,8 @@ def classify_crops(
                 attention[unsure] = again["attention"]
             for name, values in again.get("attributes", {}).items():
                 attributes[name][unsure] = values
+    if report is not None and first_views != views:
+        progress(1.0, f"classified {n} crops")
     result = {"probs": probs, "views": views_used, "batch_size": batch}
     if return_attention:
         result["attention"] = attention

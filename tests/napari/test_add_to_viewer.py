@@ -39,10 +39,14 @@ def test_add_to_viewer(make_napari_viewer, synthetic_field, tmp_path):
     assert list(seg.table.columns) == list(truth_segmentation(truth).table.columns)
     np.testing.assert_array_equal(seg.nuclei, truth["nuclei"])
 
-    # Again: updated in place.
+    # Again: updated in place, also without image_layer (its attention maps, image layers
+    # of the same shape, are not taken for the analysed image)
     n_layers = len(viewer.layers)
     again = napari_smear.add_to_viewer(viewer, result, image_layer="field", counts=False)
     assert len(viewer.layers) == n_layers and again[0] is cells
+    assert napari_smear.add_to_viewer(viewer, result, counts=False)[0] is cells and len(viewer.layers) == n_layers
+    with pytest.raises(TypeError, match="segmentation=seg, models=\\[\\]"):
+        napari_smear.add_to_viewer(viewer, result.segmentation)
 
     with pytest.raises(ValueError, match="no layer named 'nope'"):
         napari_smear.add_to_viewer(viewer, result, image_layer="nope")

@@ -707,6 +707,14 @@ def add_to_viewer(
     >>> result = napari_smear.analyze(image)
     >>> cells, nuclei, *attention = napari_smear.add_to_viewer(viewer, result, image_layer=layer)
     """
+    from napari_smear.pipeline import AnalysisResult
+
+    if not isinstance(result, AnalysisResult):
+        raise TypeError(
+            f"result must be what napari_smear.analyze returned (an AnalysisResult), got {type(result).__name__}"
+            + ("; to show a segmentation alone, pass analyze(image, segmentation=seg, models=[])"
+               if type(result).__name__ == "SmearSegmentation" else "")
+        )
     shape = tuple(result.segmentation.labels.shape)
     layer = _resolve_image_layer(viewer, image_layer, shape)
     if layer is None:
@@ -765,7 +773,12 @@ def _resolve_image_layer(viewer: Any, image_layer: Any, shape: tuple[int, ...]) 
     from napari.layers import Image
 
     if image_layer is None:
-        matching = [lyr for lyr in viewer.layers if isinstance(lyr, Image) and _image_shape(lyr) == shape]
+        # our own attention maps are image layers of the same shape: never the analysed image
+        matching = [
+            lyr for lyr in viewer.layers
+            if isinstance(lyr, Image) and _image_shape(lyr) == shape
+            and (lyr.metadata.get(METADATA_KEY) or {}).get("kind") != "attention"
+        ]
         if len(matching) > 1:
             raise ValueError(
                 f"several image layers have the analysed shape {shape}: "

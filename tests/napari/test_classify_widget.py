@@ -281,7 +281,9 @@ def test_renamed_image_keeps_its_cells(setup, qtbot):
     widget._image_combo.value = viewer.layers["patient 7"]
     assert widget._cells_combo.value is cells
     assert cells.metadata["napari_smear"]["image_layer"] == "patient 7"
-    assert viewer.layers["synthetic smear nuclei"].metadata["napari_smear"]["image_layer"] == "patient 7"
+    # named after the image as well, so that the next run updates them (not a second set)
+    assert cells.name == "patient 7 cells"
+    assert viewer.layers["patient 7 nuclei"].metadata["napari_smear"]["image_layer"] == "patient 7"
     # closed, and another field of the same size opened: it does not take these cells over
     data = np.asarray(image.data)
     viewer.layers.remove("patient 7")
@@ -290,6 +292,32 @@ def test_renamed_image_keeps_its_cells(setup, qtbot):
     assert widget._cells_combo.value is None
     assert cells.metadata["napari_smear"]["image_layer"] == "patient 7"
     assert errors == []
+
+
+def test_results_follow_an_image_renamed_or_moved_during_the_run(setup, qtbot):
+    """The run captured the image's name and placement when it started; the results
+    are shown where the image is and named as it is when they arrive (they were named
+    after the old name, and the next run added a second set beside them)."""
+    viewer, widget, errors = setup
+    image = viewer.layers["synthetic smear"]
+    cells = viewer.layers["synthetic smear cells"]
+    widget.run()
+    image.name = "renamed"  # the results come back through the event loop: after these
+    image.translate = (10.0, 20.0)
+    wait_until_idle(qtbot, widget)
+    assert errors == [], errors
+    names = [layer.name for layer in viewer.layers]
+    assert not [name for name in names if name.startswith("synthetic smear")], names
+    assert viewer.layers["renamed cells"] is cells  # the cells it classified, updated in place
+    results = [layer for layer in viewer.layers if layer is not image]
+    assert {layer.name for layer in results} >= {"renamed cells", "renamed nuclei"}
+    assert any(layer.name.startswith("renamed attention (") for layer in results)
+    for layer in results:
+        np.testing.assert_allclose(layer.translate, (10.0, 20.0))
+    count = len(viewer.layers)
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert len(viewer.layers) == count and errors == []
 
 
 def test_cells_painted_or_erased_by_hand_are_measured_again(setup, qtbot):

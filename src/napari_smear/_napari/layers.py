@@ -743,8 +743,11 @@ def relink_renamed_image(viewer: Any, image_layer: Any) -> list[Layer]:
     (``metadata["napari_smear"]["image_layer"]``) and its ``unique_id``
     (``image_layer_id``). The layers that record ``image_layer``'s own id under another
     name were made for it before it was renamed: they are updated to the new name, so
-    the docks find its cells (with the user's edits) instead of segmenting again.
-    Another image, even of the same size, never takes them over.
+    the docks find its cells (with the user's edits) instead of segmenting again, and
+    those still named after the old name (``"<old> cells"``, ``"<old> attention (m)"``;
+    not one the user named otherwise) take the new one, so that the next run updates
+    them instead of adding a second set beside them. Another image, even of the same
+    size, never takes them over.
 
     Returns the layers updated (empty when nothing was done).
     """
@@ -758,8 +761,13 @@ def relink_renamed_image(viewer: Any, image_layer: Any) -> list[Layer]:
         and layer.metadata[METADATA_KEY].get("image_layer") != image_layer.name
     ]
     for layer in updated:
+        old_name = layer.metadata[METADATA_KEY].get("image_layer")
         layer.metadata = {**layer.metadata, METADATA_KEY: {**layer.metadata[METADATA_KEY],
                                                           "image_layer": image_layer.name}}
+        if old_name and layer.name.startswith(f"{old_name} "):
+            new_name = image_layer.name + layer.name[len(old_name):]
+            if new_name not in viewer.layers:
+                layer.name = new_name
     return updated
 
 

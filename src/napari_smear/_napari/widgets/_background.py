@@ -357,6 +357,28 @@ class BackgroundTaskWidget(Container):
         )
         return True
 
+    def _current_target(self, target: dict) -> dict:
+        """``target`` (what a run captured when it started) with the image's name and
+        placement as they are now: the image may have been renamed or moved while the
+        run was on, and its results follow it (:func:`capture_geometry` was read at the
+        start only because the worker never touches viewer objects). Result layers
+        made for it before a rename take its new name first
+        (:func:`~napari_smear._napari.layers.relink_renamed_image`); layers the run
+        updates, captured by id (``<key>_id`` for ``<key>_name``), are named as they are
+        now. Call after :meth:`_image_was_removed`."""
+        from napari_smear._napari.layers import relink_renamed_image
+
+        by_id = {getattr(layer, "unique_id", None): layer for layer in self._viewer.layers}
+        current = dict(target)
+        image = by_id.get(target.get("image_layer_id"))
+        if image is not None:
+            relink_renamed_image(self._viewer, image)
+            current.update(image_layer_name=image.name, **capture_geometry(image))
+        for key in [k[: -len("_id")] for k in target if k.endswith("_id") and k != "image_layer_id"]:
+            layer = by_id.get(current.pop(f"{key}_id"))
+            current[f"{key}_name"] = layer.name if layer is not None else None
+        return current
+
     def _decline(self, status: str, notice: str) -> None:
         """Explain why a run cannot start: in the status line and as a napari notice."""
         self._set_status(status)

@@ -320,8 +320,9 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         target = {
             "image_layer_name": image_layer.name,
             **capture_geometry(image_layer),
-            "cells_name": cells_layer.name if cells_layer is not None else None,
-            "nuclei_name": nuclei_layer.name if nuclei_layer is not None else None,
+            # by id: renamed during the run (or with the image), they are still the ones updated
+            "cells_id": cells_layer.unique_id if cells_layer is not None else None,
+            "nuclei_id": nuclei_layer.unique_id if nuclei_layer is not None else None,
         }
         options = {
             "models": models,
@@ -399,6 +400,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
     def _show_result(self, result: AnalysisResult, target: dict) -> None:
         if self._image_was_removed(target):
             return
+        target = self._current_target(target)
         layers = show_layers(self._viewer, analysis_layers(result, **target))
         self.last_result, self.last_layers = result, layers
         if self._image_combo.value is not None and self._image_combo.value.name == target["image_layer_name"]:

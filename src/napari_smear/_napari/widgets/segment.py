@@ -151,6 +151,7 @@ class SegmentWidget(BackgroundTaskWidget):
     def _show_result(self, result: SmearSegmentation, target: dict) -> None:
         if self._image_was_removed(target):
             return
+        target = self._current_target(target)
         show_layers(self._viewer, segmentation_layers(result, **target))
         # attention maps of the cells this replaces would sit over the new cells as if
         # they were theirs

@@ -49,3 +49,19 @@ def test_more_classes_than_tones_still_get_colours():
     names = [f"class {k}" for k in range(len(SPARE_RGB) + 5)]
     palette = class_palette_rgb(names)
     assert len(palette) == len(names)
+
+
+def test_abnormal_red_cells_get_saturated_colours_apart_from_each_other():
+    """rbc-chula12's abnormal classes are outlined on pink and violet cells: none is a
+    grey (spherocytes, the commonest, once got a mid grey that vanished on dark cells),
+    and each is at least 40 apart from the others, from normal grey and from the red-cell
+    type colour."""
+    names = read_metadata(resolve_model_path("rbc-chula12"))["class_names"]
+    palette = class_palette_rgb(names)
+    abnormal = {name: palette[name] for name in names if name != "normal"}
+    assert set(abnormal) <= set(CLASS_RGB)  # fixed: the same in every image
+    for name, colour in abnormal.items():
+        assert max(colour) - min(colour) >= 60, (name, colour)
+    others = {**abnormal, "normal": palette["normal"], "red-cell type": CELL_TYPE_RGB["rbc"]}
+    for (a, ca), (b, cb) in itertools.combinations(others.items(), 2):
+        assert _difference(ca, cb) >= 40, (a, ca, b, cb)

@@ -16,8 +16,9 @@ RGB = tuple[int, int, int]
 CELL_TYPE_RGB: dict[str, RGB] = {"wbc": (148, 56, 242), "rbc": (235, 41, 41), "platelet": (255, 214, 46)}
 
 #: Fixed colours of the classes the built-in models know, so that a class has the same
-#: colour in every image and every session (white-cell classes of PBC, platelets, and
-#: normal red cells in a neutral grey so abnormal ones stand out).
+#: colour in every image and every session (white-cell classes of PBC, platelets,
+#: normal red cells in a neutral grey so abnormal ones stand out, and the abnormal red
+#: cells of Chula RBC-12).
 CLASS_RGB: dict[str, RGB] = {
     "neutrophil": (31, 120, 181),
     "lymphocyte": (43, 161, 43),
@@ -30,6 +31,24 @@ CLASS_RGB: dict[str, RGB] = {
     "erythroblast": (227, 120, 194),
     "platelet": CELL_TYPE_RGB["platelet"],
     "normal": (199, 199, 199),
+    # Chula RBC-12's abnormal red cells: saturated tones (from Trubetskoy's list of
+    # distinct colours) that a thin outline shows on pink and violet cells, at least
+    # 40 apart (largest channel difference) from each other, from normal grey and from
+    # the red-cell type. Handed out from the spare tones, spherocytes (the commonest)
+    # got a mid grey that vanished on dark cells, and stomatocytes a pale yellow
+    # next to the normal grey.
+    "macrocyte": (66, 212, 244),
+    "microcyte": (70, 153, 144),
+    "spherocyte": (240, 50, 230),
+    "target_cell": (191, 239, 69),
+    "stomatocyte": (245, 130, 49),
+    "ovalocyte": (145, 30, 180),
+    "teardrop": (255, 255, 0),
+    "burr_cell": (154, 99, 36),
+    "schistocyte": (170, 255, 195),
+    "uncategorised": (128, 0, 0),
+    "hypochromia": (220, 190, 255),
+    "elliptocyte": (0, 130, 200),
 }
 
 #: Colours for other class names, handed out in the order the classes are first seen

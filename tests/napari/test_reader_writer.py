@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from napari_smear._napari.layers import segmentation_layers
+from napari_smear._napari.layers import layer_orientation, segmentation_layers
 from napari_smear._napari.reader import get_reader
 from napari_smear._napari.writer import cells_csv_path, write_labels, write_layers_folder
 from napari_smear.io import write_tiff_atomic
@@ -143,6 +143,27 @@ def test_round_trip_keeps_placement_and_class_colours(tmp_path):
     colormap = back["colormap"]
     np.testing.assert_allclose(colormap.map(1), palette["spherocyte"], atol=1e-6)
     np.testing.assert_allclose(colormap.map(2), palette["neutrophil"], atol=1e-6)
+    assert "rotate" not in back  # not turned: nothing recorded
+
+
+def test_round_trip_keeps_the_turn_of_a_turned_image(tmp_path):
+    """Results of a turned or sheared image lie on it turned (viewer.md); saved and
+    opened again they came back unturned, off the image."""
+    import math
+
+    cells, _ = segmentation_layers(_segmentation(), image_layer_name="turned", scale=(0.5, 0.5), translate=(5, 7))
+    data, kwargs, _ = cells
+    angle = math.radians(30)
+    rotate = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    affine = np.array([[1.0, 0.0, 3.0], [0.0, 1.0, -2.0], [0.0, 0.0, 1.0]])
+    meta = {**kwargs, "rotate": rotate, "shear": np.array([0.1]), "affine": affine}
+    (path, _) = write_labels(str(tmp_path / "turned_cells.tif"), data, meta)
+    (layer,) = get_reader(path)(path)
+    _, back, _ = layer
+    np.testing.assert_allclose(back["rotate"], rotate)
+    np.testing.assert_allclose(back["shear"], [0.1])
+    np.testing.assert_allclose(back["affine"], affine)
+    assert not {"rotate", "shear", "affine"} & set(back["metadata"]["napari_smear"])
 
 
 def test_writer_refuses_labels_that_are_not_one_field(tmp_path):
@@ -218,8 +239,10 @@ def test_saving_cells_nuclei_and_image_together_writes_one_folder(make_napari_vi
     path = tmp_path / "field.tif"
     write_tiff_atomic(path, rgb, pixel_size_um=0.2)
     (image,) = viewer.open(str(path), plugin="napari-smear")
+    image.translate, image.rotate = (3.0, 4.0), 30  # a placed, turned field: all come back on it
     for data, kwargs, layer_type in segmentation_layers(
         _segmentation(), image_layer_name="field", scale=image.scale, translate=image.translate, units=image.units,
+        orientation=layer_orientation(image),
     ):
         viewer.add_labels(data, **kwargs)
     cells, nuclei = viewer.layers["field cells"], viewer.layers["field nuclei"]
@@ -242,6 +265,10 @@ def test_saving_cells_nuclei_and_image_together_writes_one_folder(make_napari_vi
         assert type(reopened) is type(original)
         np.testing.assert_array_equal(reopened.data, original.data)
         np.testing.assert_allclose(reopened.scale, original.scale)
+        np.testing.assert_allclose(reopened.translate, original.translate)
+        np.testing.assert_allclose(reopened.rotate, original.rotate)
+        # the same pixel lands at the same place in the world
+        np.testing.assert_allclose(reopened.data_to_world((5, 6)), original.data_to_world((5, 6)), atol=1e-6)
     assert list(viewer.layers[-2].features.columns) == list(cells.features.columns)
 
 

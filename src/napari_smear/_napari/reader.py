@@ -48,7 +48,11 @@ def _layers_of(path: PathLike) -> list[LayerData]:
         layers = _attention_layers(path, data, meta, own)
         if layers:
             return layers
-    return [_image_layer_data(path, data, meta)]
+    pixels, kwargs, kind = _image_layer_data(path, data, meta)
+    one_field = not kwargs.get("multiscale") and np.ndim(pixels) - (1 if kwargs["rgb"] else 0) == 2
+    if own and own.get("kind") == "image" and one_field:
+        _recorded_placement(kwargs, own)  # saved by write_layers_folder: back in its place
+    return [(pixels, kwargs, kind)]
 
 
 def _image_layer_data(path: PathLike, data: np.ndarray, meta: dict) -> LayerData:
@@ -105,11 +109,29 @@ def _attention_layers(path: PathLike, data: np.ndarray, meta: dict, own: dict) -
             for plane, model in zip(maps, models)]
 
 
+def _recorded_placement(kwargs: dict, own: dict) -> None:
+    """Place a 2-D layer as napari-smear's writer recorded it (``own``, the TIFF's
+    napari-smear metadata): scale with its units, translate, and the turn of an image
+    that was rotated, sheared or given an affine (results lie on it turned)."""
+    for key in ("scale", "translate"):
+        if isinstance(own.get(key), list) and len(own[key]) == 2:
+            kwargs[key] = tuple(float(v) for v in own[key])
+    for key in ("rotate", "shear", "affine"):
+        if isinstance(own.get(key), list):
+            kwargs[key] = np.asarray(own[key], dtype=float)
+    if isinstance(own.get("scale"), list):  # the scale's units go with it (pixels stay pixels)
+        if isinstance(own.get("units"), list) and len(own["units"]) == 2:
+            kwargs["units"] = tuple(str(u) for u in own["units"])
+        else:
+            kwargs.pop("units", None)
+
+
 def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) -> LayerData:
     from napari_smear._napari.layers import features_from_table
     from napari_smear._napari.writer import cells_csv_path
 
-    placement = ("name", "scale", "translate", "units")  # the layer's own settings, not metadata
+    # the layer's own settings, not metadata
+    placement = ("name", "scale", "translate", "units", "rotate", "shear", "affine")
     kwargs: dict = {
         "name": own.get("name") or file_stem(path),
         "metadata": {
@@ -126,14 +148,7 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
         kwargs["scale"] = tuple(meta["pixel_size_yx_um"])
         kwargs["units"] = ("µm", "µm")
     if data.ndim == 2:
-        for key in ("scale", "translate"):  # as the writer recorded them
-            if isinstance(own.get(key), list) and len(own[key]) == 2:
-                kwargs[key] = tuple(float(v) for v in own[key])
-        if isinstance(own.get("scale"), list):  # the scale's units go with it (pixels stay pixels)
-            if isinstance(own.get("units"), list) and len(own["units"]) == 2:
-                kwargs["units"] = tuple(str(u) for u in own["units"])
-            else:
-                kwargs.pop("units", None)
+        _recorded_placement(kwargs, own)
     csv_path = cells_csv_path(path)
     suffix = {"cells": "_labels", "nuclei": "_nuclei"}.get(str(own.get("kind")))
     if not csv_path.exists() and suffix and Path(path).stem.endswith(suffix):

@@ -96,6 +96,18 @@ def _record_placement(own: dict, meta: dict) -> None:
             own[key] = [float(v) for v in list(meta[key])[-2:]]
     if meta.get("units") is not None:
         own["units"] = [str(u) for u in list(meta["units"])[-2:]]
+    # a turned or sheared image's results lie on it turned (layers.layer_orientation):
+    # recorded when not the identity, so the reopened layer comes back on the image
+    identity = {"rotate": np.eye(2), "shear": np.zeros(1), "affine": np.eye(3)}
+    for key, plain in identity.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        value = np.asarray(getattr(value, "affine_matrix", value), dtype=float)
+        if value.shape != plain.shape:
+            continue  # a stack's (3-D) placement: not a field's
+        if not np.allclose(value, plain):
+            own[key] = value.tolist()
 
 
 def _pixel_size_um(meta: dict, layer_metadata: dict, own: dict) -> float | None:

@@ -405,3 +405,20 @@ def test_pyramidal_ome_tiff_opens_as_a_multiscale_layer(tmp_path, synthetic_fiel
     write_tiff_atomic(tmp_path / "plain.tif", image)
     ((plain, plain_kwargs, _),) = get_reader(str(tmp_path / "plain.tif"))(str(tmp_path / "plain.tif"))
     assert isinstance(plain, np.ndarray) and "multiscale" not in plain_kwargs
+
+
+def test_pixel_size_of_a_layer_from_its_file_or_its_scale_in_a_length_unit():
+    """A developer who gives the image layer a scale in µm (the obvious place) gets it
+    used as the pixel size by the docks; napari's default unit, the pixel, says nothing."""
+    from napari.layers import Image
+
+    from napari_smear._napari.layers import layer_pixel_size_um
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    assert layer_pixel_size_um(Image(image, rgb=True)) is None
+    assert layer_pixel_size_um(Image(image, rgb=True, scale=(0.1, 0.1))) is None  # pixels
+    assert layer_pixel_size_um(Image(image, rgb=True, scale=(0.1, 0.1), units="um")) == pytest.approx(0.1)
+    assert layer_pixel_size_um(Image(image, rgb=True, scale=(100, 100), units="nm")) == pytest.approx(0.1)
+    assert layer_pixel_size_um(Image(image, rgb=True, scale=(0.1, 0.2), units="um")) is None  # not square
+    recorded = Image(image, rgb=True, scale=(0.5, 0.5), units="um", metadata={"pixel_size_um": 0.25})
+    assert layer_pixel_size_um(recorded) == pytest.approx(0.25)  # the file's calibration first

@@ -455,6 +455,36 @@ def layer_orientation(layer: Any) -> dict[str, Any] | None:
     }
 
 
+#: Length units a layer's scale may be in, in micrometres (napari's units are pint's names).
+_LENGTH_IN_UM = {
+    "micrometer": 1.0, "micrometre": 1.0, "µm": 1.0, "um": 1.0, "micron": 1.0,
+    "nanometer": 1e-3, "nanometre": 1e-3, "nm": 1e-3, "millimeter": 1e3, "millimetre": 1e3, "mm": 1e3,
+}
+
+
+def pixel_size_from_scale(scale: Sequence[float] | None, units: Sequence[Any] | None) -> float | None:
+    """Micrometres per pixel from a 2-D layer's ``scale`` and ``units`` when both axes
+    are in a length unit and the pixels are square (napari's default unit, the pixel,
+    says nothing); else None."""
+    if scale is None or units is None or len(scale) < 2 or len(units) < 2:
+        return None
+    factors = [_LENGTH_IN_UM.get(str(unit).strip().lower()) for unit in list(units)[-2:]]
+    if None in factors:
+        return None
+    y, x = (float(v) * f for v, f in zip(list(scale)[-2:], factors))
+    return x if x > 0 and np.isclose(x, y) else None
+
+
+def layer_pixel_size_um(layer: Any) -> float | None:
+    """An image layer's pixel size in micrometres: what the reader recorded
+    (``metadata["pixel_size_um"]``), else its scale when that is in a length unit
+    (``viewer.add_image(image, scale=(0.1, 0.1), units="um")``), else None."""
+    recorded = (getattr(layer, "metadata", None) or {}).get("pixel_size_um")
+    if recorded:
+        return float(recorded)
+    return pixel_size_from_scale(getattr(layer, "scale", None), getattr(layer, "units", None))
+
+
 def _placement_kwargs(
     scale: Sequence[float] | None,
     translate: Sequence[float] | None,

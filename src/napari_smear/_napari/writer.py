@@ -13,9 +13,6 @@ import pandas as pd
 from napari_smear.io import METADATA_KEY, write_csv_atomic, write_tiff_atomic
 
 LABELS_SUFFIXES = (".tif", ".tiff")
-_MICROMETRE_NAMES = {"micrometer", "micrometre", "µm", "um", "micron"}
-
-
 def cells_csv_path(labels_path: str | os.PathLike) -> Path:
     """Where the cell table of a labels TIFF goes: ``a/x.tif`` -> ``a/x_cells.csv``."""
     labels_path = Path(labels_path)
@@ -116,16 +113,9 @@ def _pixel_size_um(meta: dict, layer_metadata: dict, own: dict) -> float | None:
         value = source.get("pixel_size_um")
         if value is not None:
             return float(value)
-    scale, units = meta.get("scale"), meta.get("units")
-    if scale is not None and units is not None and len(scale) >= 2:
-        y_unit, x_unit = (str(u).strip().lower() for u in list(units)[-2:])
-        if (
-            y_unit in _MICROMETRE_NAMES
-            and x_unit in _MICROMETRE_NAMES
-            and np.isclose(scale[-1], scale[-2])
-        ):
-            return float(scale[-1])
-    return None
+    from napari_smear._napari.layers import pixel_size_from_scale
+
+    return pixel_size_from_scale(meta.get("scale"), meta.get("units"))
 
 
 def write_layers_folder(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:

@@ -21,6 +21,7 @@ from napari.layers import Image, Labels
 from napari_smear._napari.layers import (
     METADATA_KEY,
     analysis_layers,
+    layer_pixel_size_um,
     nuclei_layer_of,
     relink_renamed_image,
     segmentation_from_layers,
@@ -316,7 +317,7 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
                 segmentation, labels=segmentation.labels.copy(), nuclei=segmentation.nuclei.copy(),
                 table=segmentation.table.copy(),
             )
-        pixel_size = (image_layer.metadata or {}).get("pixel_size_um")
+        pixel_size = layer_pixel_size_um(image_layer)  # the file's, else a scale in µm
         target = {
             "image_layer_name": image_layer.name,
             **capture_geometry(image_layer),

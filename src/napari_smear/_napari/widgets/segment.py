@@ -139,7 +139,9 @@ class SegmentWidget(BackgroundTaskWidget):
     def _on_image_changed(self, layer: Image | None) -> None:
         if layer is None or self.is_running:
             return
-        pixel_size = (layer.metadata or {}).get("pixel_size_um")
+        from napari_smear._napari.layers import layer_pixel_size_um
+
+        pixel_size = layer_pixel_size_um(layer)  # the file's, else a scale in µm
         self._pixel_size.value = float(pixel_size) if pixel_size else 0.0
 
     def _on_progress(self, update: tuple[float, str]) -> None:

@@ -320,6 +320,29 @@ def test_results_follow_an_image_renamed_or_moved_during_the_run(setup, qtbot):
     assert len(viewer.layers) == count and errors == []
 
 
+def test_a_script_drives_the_dock_through_its_public_api(setup, qtbot, model_file):
+    """image_layer, cells_layer and models to choose, run() to start, run_finished to
+    hear the result (scripts reached for private combo boxes and polled is_running)."""
+    viewer, widget, errors = setup
+    image = viewer.layers["synthetic smear"]
+    widget.image_layer = "synthetic smear"
+    assert widget.image_layer is image and widget.cells_layer is viewer.layers["synthetic smear cells"]
+    widget.models = [model_file]
+    assert widget.models == [str(model_file.resolve())]
+    finished = []
+    widget.run_finished.connect(finished.append)
+    widget.run()
+    qtbot.waitUntil(lambda: len(finished) == 1, timeout=60_000)
+    (result,) = finished
+    assert isinstance(result, napari_smear.pipeline.AnalysisResult) and result is widget.last_result
+    assert not widget.is_running and errors == []
+    widget.run()
+    widget.cancel()  # at once, before the helper thread has started
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=20_000)
+    qtbot.waitUntil(lambda: len(finished) == 2, timeout=20_000)
+    assert finished[1] is None  # cancelled: nothing produced
+
+
 def test_cells_painted_or_erased_by_hand_are_measured_again(setup, qtbot):
     """A cell erased with napari's eraser is no longer classified or counted; a cell
     painted with a new label is (it had no row, so it was never classified)."""

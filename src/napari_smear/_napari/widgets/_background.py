@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, Label, ProgressBar, PushButton
+from psygnal import Signal
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QTimer
@@ -56,6 +57,7 @@ def run_in_background(
     done: threading.Event,
     *,
     name: str = "napari-smear-worker",
+    started: threading.Event | None = None,
 ) -> Iterator[Any]:
     """Run ``compute(report)`` on a helper thread; yield what it reports as it comes.
 
@@ -71,6 +73,9 @@ def run_in_background(
         when the CPU is free for another run.
     name : str
         Name of the helper thread.
+    started : threading.Event, optional
+        Set as this generator starts: a worker quit before it started (Cancel pressed
+        at once after Run) never runs it, and ``done`` is then never set.
 
     Yields
     ------
@@ -83,6 +88,8 @@ def run_in_background(
         What ``compute`` returned, or :data:`CANCELLED`. Other exceptions are
         re-raised (the worker's ``errored`` signal).
     """
+    if started is not None:
+        started.set()
     updates: queue.SimpleQueue[Any] = queue.SimpleQueue()
     outcome: dict[str, Any] = {}
 
@@ -209,6 +216,12 @@ class BackgroundTaskWidget(Container):
         in a form layout does not ask for its height, so long messages need this.
     """
 
+    #: Emitted once a run is over and Run is enabled again, with what it produced (the
+    #: value the dock showed: an AnalysisResult, a SmearSegmentation, a BatchReport...),
+    #: or None when it failed or was cancelled (:attr:`status` says which). For scripts:
+    #: ``widget.run_finished.connect(callback)`` instead of polling :attr:`is_running`.
+    run_finished = Signal(object)
+
     #: What a run does, for error messages ("napari-smear <task> failed: ...").
     task_name = "run"
     #: What a finished run shows, for "could not show the <result_name>" messages.
@@ -318,9 +331,10 @@ class BackgroundTaskWidget(Container):
         ``compute`` are reported by :meth:`_fail`.
         """
         self._cancel_event, self._done_event = threading.Event(), threading.Event()
+        self._started_event = threading.Event()
         self._abandon_state["cancel"] = self._cancel_event
         worker = create_worker(
-            run_in_background, compute, self._cancel_event, self._done_event,
+            run_in_background, compute, self._cancel_event, self._done_event, started=self._started_event,
             name=thread_name, _start_thread=False, _ignore_errors=True,  # errors go to _on_error
         )
         worker.yielded.connect(lambda update: update is not None and on_progress(update))  # None: heartbeat
@@ -406,6 +420,7 @@ class BackgroundTaskWidget(Container):
             return
         try:
             on_result(result)
+            self._produced = result
         except Exception as exc:  # a malformed result must not kill the widget
             self._fail(f"could not show the {self.result_name}: {exc}")
 
@@ -415,6 +430,10 @@ class BackgroundTaskWidget(Container):
     def _on_finished(self) -> None:
         self._worker = None
         self._cancel_button.enabled = False
+        if self._done_event is not None and not getattr(self, "_started_event", self._done_event).is_set():
+            # cancelled before the worker ran anything: nothing is left to wait for (the
+            # dock stayed busy for good, Run disabled, when Cancel followed Run at once)
+            self._done_event.set()
         if self._done_event is not None and not self._done_event.is_set():
             # Cancelled: the helper thread stops at its next progress report. Keep Run
             # disabled until then, so two runs never compete for the CPU.
@@ -422,6 +441,9 @@ class BackgroundTaskWidget(Container):
                 self._set_status(self.waiting_text)
             QTimer.singleShot(100, self._on_finished)
             return
-        if self._cancel_event is not None and self._cancel_event.is_set():
+        cancelled = self._cancel_event is not None and self._cancel_event.is_set()
+        if cancelled:
             self._set_status(self.cancelled_text)
         self._run_button.enabled = True
+        produced, self._produced = getattr(self, "_produced", None), None
+        self.run_finished.emit(None if cancelled else produced)

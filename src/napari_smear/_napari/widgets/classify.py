@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -273,8 +274,44 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         self._on_image_changed(self._image_combo.value)
 
     # ------------------------------------------------------------------ public API
+    @property
+    def image_layer(self) -> Image | None:
+        """The image layer to classify (settable: a layer or its name)."""
+        return self._image_combo.value
+
+    @image_layer.setter
+    def image_layer(self, layer: Image | str) -> None:
+        self._image_combo.value = self._viewer.layers[layer] if isinstance(layer, str) else layer
+
+    @property
+    def cells_layer(self) -> Labels | None:
+        """The cells layer whose cells are classified; None: segment the image first
+        (chosen by itself for the image; settable)."""
+        return self._cells_combo.value
+
+    @cells_layer.setter
+    def cells_layer(self, layer: Labels | str | None) -> None:
+        self._cells_combo.value = self._viewer.layers[layer] if isinstance(layer, str) else layer
+
+    @property
+    def models(self) -> list[str]:
+        """The models to classify with: built-in names or model files (settable; a
+        file not yet listed is added to the session's models)."""
+        return list(self._models.value)
+
+    @models.setter
+    def models(self, values: Sequence[str | Path]) -> None:
+        chosen = []
+        for value in values:
+            if Path(str(value)).suffix == ".safetensors":
+                value = user_models.add(value)  # checked: a clear error for a file of the wrong kind
+            chosen.append(str(value))
+        self._models.reset_choices()
+        self._models.value = chosen
+
     def run(self) -> None:
-        """Classify the chosen image's cells (no-op while a run is active)."""
+        """Classify the chosen image's cells (no-op while a run is active; see
+        :attr:`run_finished`)."""
         if self.is_running:
             return
         self._started = time.perf_counter()

@@ -87,8 +87,18 @@ class SegmentWidget(BackgroundTaskWidget):
         self._on_image_changed(self._image_combo.value)
 
     # ------------------------------------------------------------------ public API
+    @property
+    def image_layer(self) -> Image | None:
+        """The image layer to segment (settable: a layer or its name)."""
+        return self._image_combo.value
+
+    @image_layer.setter
+    def image_layer(self, layer: Image | str) -> None:
+        self._image_combo.value = self._viewer.layers[layer] if isinstance(layer, str) else layer
+
     def run(self) -> None:
-        """Start segmenting the chosen image layer (no-op while a run is active)."""
+        """Start segmenting the chosen image layer (no-op while a run is active; see
+        :attr:`run_finished`)."""
         if self.is_running:
             return
         layer = self._image_combo.value

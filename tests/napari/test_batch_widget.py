@@ -278,7 +278,9 @@ def test_a_model_unsure_of_most_cells_is_warned_about(widget, qtbot, inputs, tmp
     widget._device.value = "cpu"
     widget.run()
     wait_until_idle(qtbot, widget)
-    assert "Warning: rbc-unsure was unsure of 100 % of the" in widget.status
+    # one warning per folder of images (in/ and in/sub/), named first
+    for folder in (inputs, inputs / "sub"):
+        assert f"Warning: {folder}: rbc-unsure was unsure of 100 % of the" in widget.status
     assert any("rbc-unsure was unsure of 100 %" in message for message in shown)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert len(run["warnings"]) == 1 and "check its classes" in run["warnings"][0]
+    assert len(run["warnings"]) == 2 and all("check its classes" in note for note in run["warnings"])

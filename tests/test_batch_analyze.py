@@ -688,6 +688,10 @@ def test_the_unsure_model_warning_covers_every_finished_image(tmp_path, monkeypa
     both = sum(int(pd.read_csv(out / f"{stem}_cells.csv").confidence.notna().sum()) for stem in "ab")
     assert warned() == [note.replace(f"of the {cells} cells", f"of the {both} cells")]
     assert first.run["warnings"] == [note]
+    # the runs before keep a line each: the one that did the work is not lost to a resume
+    earlier = json.loads((out / "run.json").read_text())["earlier_runs"]
+    assert [entry["images"]["analysed"] for entry in earlier] == [1, 0]
+    assert earlier[0]["started"] == first.run["started"] and first.run["earlier_runs"] == []
 
 
 def test_the_unsure_model_warning_is_given_per_folder_of_images(tmp_path, monkeypatch):

@@ -1685,6 +1685,7 @@ def analyze_files(
             },
             started_at=started_at, fingerprint=fingerprint,
         )
+        run["earlier_runs"] = _earlier_runs(out / "run.json")
         # about each folder of images as a whole (a folder is a slide or a microscope: a
         # folder of another microscope's fields was hidden when pooled with the rest),
         # every finished image, also those an earlier run finished
@@ -2014,6 +2015,30 @@ def _deterministic_cudnn(device):
         yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous
+
+
+#: Earlier runs into one output folder that run.json keeps a line about (the newest).
+EARLIER_RUNS_KEPT = 50
+
+
+def _earlier_runs(path: Path) -> list[dict]:
+    """What ``run.json`` says of the runs before this one into the same folder: a line
+    per run (when, which version, image counts, wall time), newest last. A resumed or
+    repeated run wrote over the record of the run that did the work ("analysed 0,
+    skipped 14"); an unreadable or foreign file gives none."""
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(before, dict) or "napari_smear" not in (before.get("versions") or {}):
+        return []
+    earlier = [entry for entry in before.get("earlier_runs") or [] if isinstance(entry, dict)]
+    earlier.append({
+        "started": before.get("started"), "finished": before.get("finished"),
+        "napari_smear": before["versions"]["napari_smear"], "images": before.get("images"),
+        "wall_s": (before.get("timings") or {}).get("wall_s"),
+    })
+    return earlier[-EARLIER_RUNS_KEPT:]
 
 
 def _run_record(inputs, out, pattern, loaded, missing_models, device, batch_size, amp, executor, workers,

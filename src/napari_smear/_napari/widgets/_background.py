@@ -189,6 +189,20 @@ class _FitFormWidth(QObject):
         return False
 
 
+class ImageLayerChoice:
+    """A mixin for the docks that work on one image layer chosen in ``self._image_combo``:
+    the choice as a public, settable property for scripts."""
+
+    @property
+    def image_layer(self) -> Any:
+        """The image layer to work on (settable: a layer or its name)."""
+        return self._image_combo.value
+
+    @image_layer.setter
+    def image_layer(self, layer: Any) -> None:
+        self._image_combo.value = self._viewer.layers[layer] if isinstance(layer, str) else layer
+
+
 class BackgroundTaskWidget(Container):
     """Base of the dock widgets that run one long computation at a time off the GUI thread.
 

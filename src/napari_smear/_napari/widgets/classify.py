@@ -29,7 +29,12 @@ from napari_smear._napari.layers import (
     show_layers,
 )
 from napari_smear._napari.widgets import user_models
-from napari_smear._napari.widgets._background import BackgroundTaskWidget, capture_geometry, stack_problem
+from napari_smear._napari.widgets._background import (
+    BackgroundTaskWidget,
+    ImageLayerChoice,
+    capture_geometry,
+    stack_problem,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -217,7 +222,7 @@ class ModelInputs:
         self._models.value = [v for v in selected if v in values]
 
 
-class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
+class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
     """Dock widget: classify the cells of a smear image and show where the models looked.
 
     Choose the image layer, its cells layer (from "Segment cells"; or let the widget
@@ -274,15 +279,6 @@ class ClassifyWidget(ModelInputs, BackgroundTaskWidget):
         self._on_image_changed(self._image_combo.value)
 
     # ------------------------------------------------------------------ public API
-    @property
-    def image_layer(self) -> Image | None:
-        """The image layer to classify (settable: a layer or its name)."""
-        return self._image_combo.value
-
-    @image_layer.setter
-    def image_layer(self, layer: Image | str) -> None:
-        self._image_combo.value = self._viewer.layers[layer] if isinstance(layer, str) else layer
-
     @property
     def cells_layer(self) -> Labels | None:
         """The cells layer whose cells are classified; None: segment the image first

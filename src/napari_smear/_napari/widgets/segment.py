@@ -11,6 +11,7 @@ from napari_smear._napari.layers import attention_layers_of, segmentation_layers
 from napari_smear._napari.widgets._background import (
     BackgroundTaskWidget,
     Cancelled,
+    ImageLayerChoice,
     capture_geometry,
     stack_problem,
 )
@@ -43,7 +44,7 @@ def detail_combo() -> ComboBox:
 SegmentationCancelled = Cancelled
 
 
-class SegmentWidget(BackgroundTaskWidget):
+class SegmentWidget(ImageLayerChoice, BackgroundTaskWidget):
     """Dock widget: segment the cells of a smear image layer.
 
     Choose the image layer, optionally its pixel size (0 = estimate the scale from the
@@ -87,15 +88,6 @@ class SegmentWidget(BackgroundTaskWidget):
         self._on_image_changed(self._image_combo.value)
 
     # ------------------------------------------------------------------ public API
-    @property
-    def image_layer(self) -> Image | None:
-        """The image layer to segment (settable: a layer or its name)."""
-        return self._image_combo.value
-
-    @image_layer.setter
-    def image_layer(self, layer: Image | str) -> None:
-        self._image_combo.value = self._viewer.layers[layer] if isinstance(layer, str) else layer
-
     def run(self) -> None:
         """Start segmenting the chosen image layer (no-op while a run is active; see
         :attr:`run_finished`)."""

@@ -300,6 +300,8 @@ def _summary(report: BatchReport, seconds: float) -> str:
     if report.missing_models:
         text += f"; not installed: {', '.join(report.missing_models)}"
     text = f"{text}. Results in {report.out_dir}"
+    if report.analysed + report.skipped and report.models:
+        text += " (each folder's differential count: summary_by_folder.csv)"
     if report.failed:
         text += f". {_failures(report)}"
     for note in (report.run or {}).get("warnings") or []:

@@ -336,6 +336,15 @@ def test_a_script_drives_the_dock_through_its_public_api(setup, qtbot, model_fil
     (result,) = finished
     assert isinstance(result, napari_smear.pipeline.AnalysisResult) and result is widget.last_result
     assert not widget.is_running and errors == []
+    # Cancel pressed once the computation is over but before its result is shown: the
+    # result is shown and stands (the status said "Cancelled" over it)
+    widget.run()
+    assert widget._done_event.wait(60)  # the GUI thread blocked: nothing delivered yet
+    widget.cancel()
+    qtbot.waitUntil(lambda: len(finished) == 2, timeout=20_000)
+    assert isinstance(finished[1], napari_smear.pipeline.AnalysisResult) and "Cancelled" not in widget.status
+    finished.clear()
+    finished.append(None)
     widget.run()
     widget.cancel()  # at once, before the helper thread has started
     qtbot.waitUntil(lambda: not widget.is_running, timeout=20_000)

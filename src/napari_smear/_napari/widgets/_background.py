@@ -308,7 +308,12 @@ class BackgroundTaskWidget(Container):
         raise NotImplementedError
 
     def cancel(self) -> None:
-        """Cancel the active run: it stops at its next progress report; its result is not shown."""
+        """Cancel the active run: it stops at its next progress report; its result is not shown.
+
+        A run whose computation is already over is not cancelled: its result is on its
+        way to the viewer (quitting the worker then dropped a finished result)."""
+        if self._worker is not None and self._done_event is not None and self._done_event.is_set():
+            return
         if self._cancel_event is not None:
             self._cancel_event.set()
         if self._worker is not None:
@@ -455,9 +460,10 @@ class BackgroundTaskWidget(Container):
                 self._set_status(self.waiting_text)
             QTimer.singleShot(100, self._on_finished)
             return
-        cancelled = self._cancel_event is not None and self._cancel_event.is_set()
-        if cancelled:
+        produced, self._produced = getattr(self, "_produced", None), None
+        # a Cancel pressed as the run ended, after its result was shown: the result stands
+        # (its status said "Cancelled" over the results it had just shown)
+        if produced is None and self._cancel_event is not None and self._cancel_event.is_set():
             self._set_status(self.cancelled_text)
         self._run_button.enabled = True
-        produced, self._produced = getattr(self, "_produced", None), None
-        self.run_finished.emit(None if cancelled else produced)
+        self.run_finished.emit(produced)

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, Label, ProgressBar, PushButton
-from psygnal import Signal
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal
 from qtpy.QtCore import QEvent, QObject, QTimer
 
 if TYPE_CHECKING:
@@ -273,6 +273,8 @@ class BackgroundTaskWidget(Container):
         self._worker = None
         self._cancel_event: threading.Event | None = None
         self._done_event: threading.Event | None = None
+        self._started_event: threading.Event | None = None
+        self._produced: Any = None  # what the current run showed, for run_finished
         self._run_button.changed.connect(self.run)
         self._cancel_button.changed.connect(self.cancel)
         # If the dock is destroyed mid-run, stop the computation (no widget references:
@@ -449,7 +451,7 @@ class BackgroundTaskWidget(Container):
     def _on_finished(self) -> None:
         self._worker = None
         self._cancel_button.enabled = False
-        if self._done_event is not None and not getattr(self, "_started_event", self._done_event).is_set():
+        if self._done_event is not None and self._started_event is not None and not self._started_event.is_set():
             # cancelled before the worker ran anything: nothing is left to wait for (the
             # dock stayed busy for good, Run disabled, when Cancel followed Run at once)
             self._done_event.set()
@@ -460,7 +462,7 @@ class BackgroundTaskWidget(Container):
                 self._set_status(self.waiting_text)
             QTimer.singleShot(100, self._on_finished)
             return
-        produced, self._produced = getattr(self, "_produced", None), None
+        produced, self._produced = self._produced, None
         # a Cancel pressed as the run ended, after its result was shown: the result stands
         # (its status said "Cancelled" over the results it had just shown)
         if produced is None and self._cancel_event is not None and self._cancel_event.is_set():

@@ -202,6 +202,17 @@ def _is_our_marker(value) -> bool:
     return isinstance(value, dict) and {"format", "settings", "outputs"} <= set(value)
 
 
+def _is_our_run_record(value) -> bool:
+    """Whether parsed JSON is a ``run.json`` napari-smear wrote."""
+    return isinstance(value, dict) and "napari_smear" in (value.get("versions") or {})
+
+
+def _folder_of(path: str) -> str:
+    """The folder an input image lies in, as found: what summary_by_folder.csv and the
+    run's unsure-model warnings are given per."""
+    return str(Path(path).parent)
+
+
 def _is_ours(path: Path, kind: str) -> bool:
     """Whether the file at ``path``, named as our output of ``kind`` (an
     ``OUTPUT_SUFFIXES`` key, ``"marker"`` or a ``RUN_FILES`` name), was written by
@@ -217,9 +228,7 @@ def _is_ours(path: Path, kind: str) -> bool:
                 return image.info.get("Software") == OVERLAY_SOFTWARE
         if kind in ("marker", "run.json"):
             value = json.loads(path.read_text(encoding="utf-8"))
-            if kind == "marker":
-                return _is_our_marker(value)
-            return isinstance(value, dict) and "napari_smear" in (value.get("versions") or {})
+            return _is_our_marker(value) if kind == "marker" else _is_our_run_record(value)
         with open(path, encoding="utf-8") as handle:
             header = handle.readline().rstrip("\r\n")
         if kind == "cells":
@@ -1016,7 +1025,7 @@ def folder_summary(summary_whole_cells: pd.DataFrame, unsure: dict | None = None
     out_columns = ["folder", "images", *ordered, *(f"{name}_unsure_pct" for name in models)]
     if summary_whole_cells.empty:
         return pd.DataFrame(columns=out_columns)
-    folders = summary_whole_cells["path"].map(lambda p: str(Path(p).parent))
+    folders = summary_whole_cells["path"].map(_folder_of)
     rows = []
     for folder, group in summary_whole_cells.groupby(folders, sort=True):
         row: dict[str, Any] = {"folder": folder, "images": int(len(group))}
@@ -1651,7 +1660,7 @@ def analyze_files(
             if marker is not None:
                 rows.append({**marker["summary"], "path": job.path})
                 whole_cell_rows.append({**marker["summary_whole_cells"], "path": job.path})
-                folder = unsure.setdefault(str(Path(job.path).parent), {})
+                folder = unsure.setdefault(_folder_of(job.path), {})
                 for name, counts in marker.get("unsure", {}).items():  # absent from earlier versions' markers
                     total_counts = folder.setdefault(name, {"cells": 0, "unsure": 0})
                     total_counts["cells"] += int(counts["cells"])
@@ -2030,7 +2039,7 @@ def _earlier_runs(path: Path) -> list[dict]:
         before = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    if not isinstance(before, dict) or "napari_smear" not in (before.get("versions") or {}):
+    if not _is_our_run_record(before):
         return []
     earlier = [entry for entry in before.get("earlier_runs") or [] if isinstance(entry, dict)]
     earlier.append({

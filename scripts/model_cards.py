@@ -556,7 +556,7 @@ def main(argv=None) -> int:
         "file (a copy whose metadata says 128 px: the network is fully convolutional) for 16 epochs "
         "(`--size-wbc 128 --epochs-wbc 16 --patience 16 --average-epochs-wbc 12` with `\"init_from\"` that "
         "copy, `\"lr\": 0.0004, \"warmup_epochs\": 0.5` added to the shipped `--options-wbc`; about 110 s an "
-        "epoch against 50-60 s at 96 px) and the usual weight-averaging stage (12 epochs): PBC val 97.54 % "
+        "epoch against 48-70 s at 96 px in session 15's warm restart) and the usual weight-averaging stage (12 epochs): PBC val 97.54 % "
         "(macro-F1 97.51 %, prior correction 0.75; best single-view epoch 96.90 %) and BCCD 72.50 % (203 of "
         "280 fields; 82.50 % over the 5 types), against the shipped 97.78 % and 75.36 %. The rule written "
         "before the run was to ship at PBC val >= 98.0 % with BCCD >= 211 fields: not shipped. 28 epochs of "

@@ -11,6 +11,8 @@ Writes to docs/images/ (or ``--out``):
 - ``attention.png``: a cell with a model's attention layer over it (cells layer hidden),
   beside the same view without it;
 - ``counts_dock.png``: the Differential count dock;
+- ``gallery_dock.png``: the Cell gallery dock showing the field's red cells of the
+  commonest class, the least confident first, one of them selected;
 - ``train_widget.png``: the Train classifier dock after a short training run on a few
   labelled PBC images (real CellaVision crops from ``../shared/data/pbc``), with its
   validation curves;
@@ -179,6 +181,19 @@ def main(argv=None) -> int:
     settle(app)
     save_widget(counts, out / "counts_dock.png")
 
+    # --- Cell gallery: the commonest red-cell class, least confident first, one cell picked.
+    _, gallery = viewer.window.add_plugin_dock_widget("napari-smear", "Cell gallery")
+    gallery.set_layer(cells)
+    groups = [g for g in gallery.groups if "(rbc)" in g and not g.startswith("unclassified")] or gallery.groups
+    gallery._group_combo.setCurrentIndex(gallery.groups.index(groups[0]))
+    if gallery.shown_labels:
+        gallery.select_labels(gallery.shown_labels[:1])
+    settle(app)
+    gallery.native.resize(460, 560) if hasattr(gallery, "native") else gallery.resize(460, 560)
+    save_widget(gallery, out / "gallery_dock.png")
+    viewer.window.remove_dock_widget(gallery)
+    viewer.reset_view()
+
     # --- Attention: zoom on a cell of a built-in model (a white-cell one first), its map over the smear.
     builtin = [m for m in result.models if m in available_models()]
     shown = sorted(builtin or result.models, key=lambda m: "wbc" not in result.models[m]["cell_types"])[0]
@@ -253,7 +268,7 @@ def main(argv=None) -> int:
     }
     (out / "screenshots.json").write_text(json.dumps(provenance, indent=1, default=str))
     viewer.close()
-    print(f"wrote attention.png, batch_widget.png, counts_dock.png, train_widget.png, viewer_classify.png and "
+    print(f"wrote attention.png, batch_widget.png, counts_dock.png, gallery_dock.png, train_widget.png, viewer_classify.png and "
           f"screenshots.json to {out}")
     print(f"models: {', '.join(f'{m} (built-in)' if v['builtin'] else m for m, v in provenance['models'].items())}")
     if wbc_fallback:

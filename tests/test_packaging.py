@@ -45,6 +45,8 @@ def test_manifest_contributions():
     assert widgets["Segment cells"] == "napari-smear.segment_widget"
     menu = contributions.menus["napari/layers/segment"]
     assert [item.command for item in menu] == ["napari-smear.segment_widget"]
+    assert widgets["Cell gallery"] == "napari-smear.gallery_widget"
+    assert "napari-smear.gallery_widget" in [item.command for item in contributions.menus["napari/layers/classify"]]
     samples = {s.key: s.display_name for s in contributions.sample_data}
     assert samples == {"synthetic": "Synthetic smear (offline)", "bccd": "BCCD blood smear field"}
     one_layer, several = contributions.writers

@@ -45,6 +45,9 @@ __all__ = [
     "analysis_layers",
     "show_layers",
     "recolor_by_class",
+    "set_cell_classes",
+    "image_layer_of_cells",
+    "BY_HAND",
     "add_to_viewer",
 ]
 
@@ -688,6 +691,82 @@ def recolor_by_class(layer: Any) -> dict[str, tuple[float, float, float, float]]
     info["class_colors"] = {name: list(color) for name, color in palette.items()}
     layer.metadata = {**layer.metadata, METADATA_KEY: info}
     return palette
+
+
+#: The ``model`` of a cell whose class was set by hand (the Cell gallery dock,
+#: :func:`set_cell_classes`).
+BY_HAND = "by hand"
+
+
+def set_cell_classes(layer: Any, ids: Iterable[int], name: str | None) -> int:
+    """Set the class of some cells of a cells layer by hand, and recolour the layer.
+
+    The cells' ``class`` becomes ``name`` (None or "" removes it: the cells count as
+    unclassified), their ``model`` :data:`BY_HAND` and their ``confidence`` empty; the
+    class a model gave is kept in ``model_class`` (added on the first change), so
+    that what was corrected can be counted and exported. The layer's features are
+    replaced in one go (one ``features`` event: the count dock counts again) and the
+    layer is recoloured (:func:`recolor_by_class`). The Train classifier dock learns
+    from the ``class`` column, so corrected cells teach a fine-tuned model.
+
+    Returns
+    -------
+    int
+        How many cells changed class.
+
+    Raises
+    ------
+    ValueError
+        An id that is not a cell of the layer, or a layer without cell features.
+    """
+    features = pd.DataFrame(layer.features).copy()
+    if "index" not in features.columns or "cell_type" not in features.columns:
+        raise ValueError(f"layer {getattr(layer, 'name', '?')!r} has no cell table in its features; "
+                         "segment or classify its image first")
+    wanted = np.unique(np.asarray(list(ids), np.int64))
+    missing = np.setdiff1d(wanted, features["index"].to_numpy(np.int64))
+    if missing.size:
+        raise ValueError(f"no cells with label ids {missing[:10].tolist()} in layer {layer.name!r}")
+    value = "" if name is None else str(name).strip()
+    rows = features["index"].isin(wanted).to_numpy()
+    for column, default in (("class", ""), ("model", "")):
+        if column not in features.columns:
+            features[column] = default
+        features[column] = [str(v) if _has_class(v) else "" for v in features[column]]
+    if "confidence" not in features.columns:
+        features["confidence"] = np.nan
+    if "model_class" not in features.columns:
+        # what the models said, before any hand edit; placed after "model"
+        at = list(features.columns).index("model") + 1
+        features.insert(at, "model_class", [
+            c if m != BY_HAND else "" for c, m in zip(features["class"], features["model"])
+        ])
+    changed = int((features.loc[rows, "class"] != value).sum())
+    features.loc[rows, "class"] = value
+    features.loc[rows, "model"] = BY_HAND
+    features["confidence"] = pd.to_numeric(features["confidence"], errors="coerce")
+    features.loc[rows, "confidence"] = np.nan
+    layer.features = features
+    recolor_by_class(layer)
+    return changed
+
+
+def image_layer_of_cells(viewer: Any, cells_layer: Any) -> Any:
+    """The image layer a cells layer was made from (by layer id, else by name, else the
+    only RGB image of its size), or None."""
+    from napari.layers import Image
+
+    info = cells_layer.metadata.get(METADATA_KEY, {})
+    images = [layer for layer in viewer.layers if isinstance(layer, Image)
+              and layer.metadata.get(METADATA_KEY, {}).get("kind") != "attention"]
+    for key, value in (("image_layer_id", lambda layer: layer.unique_id), ("image_layer", lambda layer: layer.name)):
+        if info.get(key) is not None:
+            for layer in images:
+                if value(layer) == info[key]:
+                    return layer
+    shape = tuple(cells_layer.data.shape)
+    same = [layer for layer in images if _image_shape(layer)[:2] == shape]
+    return same[0] if len(same) == 1 else None
 
 
 def add_to_viewer(

@@ -1,0 +1,491 @@
+"""The "Cell gallery" dock widget: review a classification cell by cell, and correct it.
+
+The cells of a cells layer are shown as thumbnails, a class at a time, the least
+confident first (:mod:`napari_smear.gallery` cuts them). Clicking one selects the cell
+in its labels layer and centres the view on it; selected cells can be given another
+class (:func:`napari_smear._napari.layers.set_cell_classes`), which recolours the
+layer and updates the Differential count dock. The corrected classes are what the
+Train classifier dock learns from ("cells of the current image").
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from napari.layers import Labels
+from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtGui import QIcon, QImage, QPixmap
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_smear._napari.layers import (
+    CELL_TYPE_COLORS,
+    METADATA_KEY,
+    class_palette,
+    image_layer_of_cells,
+    set_cell_classes,
+)
+from napari_smear.gallery import ORDERS, UNCLASSIFIED, cell_thumbnails, gallery_groups, thumbnail_window_px
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["GalleryWidget", "WIDGET_NAME", "PAGE_SIZE"]
+
+WIDGET_NAME = "Cell gallery"
+#: Thumbnails added at a time ("Show more" adds the next page): cutting one takes about
+#: a millisecond, and a list of thousands of icons makes the dock sluggish.
+PAGE_SIZE = 120
+THUMBNAIL_SIZE = 80
+_NO_CLASS = "(no class)"
+
+
+def _qimage(rgb: np.ndarray) -> QImage:
+    rgb = np.ascontiguousarray(rgb)
+    h, w = rgb.shape[:2]
+    return QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()  # copy: own the pixels
+
+
+class GalleryWidget(QWidget):
+    """Dock widget: the cells of a cells layer as thumbnails, a class at a time.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (npe2 passes it).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._layer: Labels | None = None
+        self._groups: list[tuple[str, str, pd.DataFrame]] = []
+        self._shown = 0  # thumbnails of the current group in the list
+
+        self._layer_combo = QComboBox()
+        self._layer_combo.setToolTip("The cells labels layer to review (made by Segment / Classify cells)")
+        self._group_combo = QComboBox()
+        self._group_combo.setToolTip("The class whose cells are shown (largest first; the number of cells in brackets)")
+        self._order_combo = QComboBox()
+        self._order_combo.addItems(list(ORDERS))
+        self._order_combo.setToolTip("Review the cells the model was least sure of first")
+        self._list = QListWidget()
+        self._list.setViewMode(QListView.ViewMode.IconMode)
+        self._list.setIconSize(QSize(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        self._list.setResizeMode(QListView.ResizeMode.Adjust)
+        self._list.setMovement(QListView.Movement.Static)
+        self._list.setUniformItemSizes(True)
+        self._list.setSpacing(2)
+        self._list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self._list.setMinimumHeight(2 * (THUMBNAIL_SIZE + 24))
+        self._list.setToolTip("Click a cell to select it and centre the view on it; Shift/Ctrl-click to pick several")
+        self._status = QLabel("")
+        self._status.setWordWrap(True)
+        self._more_button = QPushButton("Show more")
+        self._class_combo = QComboBox()
+        self._class_combo.setEditable(True)
+        self._class_combo.setToolTip("The class to give the selected cells (type a new name to add a class)")
+        self._set_button = QPushButton("Set class of selected")
+        self._set_button.setToolTip(
+            "Give the selected cells this class (recorded as set by hand; the model's answer stays in "
+            "'model_class'). The layer is recoloured and the Differential count updated."
+        )
+        self._save_button = QPushButton("Save picture…")
+        self._save_button.setToolTip("Save a PNG of every class's cells (the least confident first), for a report")
+
+        row = QHBoxLayout()
+        row.addWidget(QLabel("cells layer"))
+        row.addWidget(self._layer_combo, 1)
+        show_row = QHBoxLayout()
+        show_row.addWidget(QLabel("class"))
+        show_row.addWidget(self._group_combo, 1)
+        show_row.addWidget(self._order_combo)
+        set_row = QHBoxLayout()
+        set_row.addWidget(self._class_combo, 1)
+        set_row.addWidget(self._set_button)
+        bottom = QHBoxLayout()
+        bottom.addWidget(self._more_button)
+        bottom.addStretch(1)
+        bottom.addWidget(self._save_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addLayout(show_row)
+        layout.addWidget(self._list, 1)
+        layout.addWidget(self._status)
+        layout.addLayout(bottom)
+        layout.addLayout(set_row)
+
+        # features and colormap change together when a class is set: rebuild once
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(0)
+        self._refresh_timer.timeout.connect(self.refresh)
+
+        self._layer_combo.currentIndexChanged.connect(self._on_layer_combo_changed)
+        self._group_combo.currentIndexChanged.connect(lambda *_: self._show_group())
+        self._order_combo.currentIndexChanged.connect(lambda *_: self.refresh())
+        self._list.itemSelectionChanged.connect(self._on_selection_changed)
+        self._more_button.clicked.connect(self.show_more)
+        self._set_button.clicked.connect(self._on_set_clicked)
+        self._save_button.clicked.connect(self._on_save_clicked)
+        viewer_events = (
+            napari_viewer.layers.events.inserted,
+            napari_viewer.layers.events.removed,
+            napari_viewer.layers.events.renamed,
+        )
+        for event in viewer_events:
+            event.connect(self._fill_layer_combo)
+        self.destroyed.connect(lambda *_, w=self, e=viewer_events: _disconnect(w, e))
+        self._fill_layer_combo()
+        if self._layer is None:
+            self.refresh()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layer(self) -> Labels | None:
+        """The cells layer shown."""
+        return self._layer
+
+    @property
+    def groups(self) -> list[str]:
+        """The entries of the class list, as shown (e.g. ``"neutrophil (wbc): 12"``)."""
+        return [self._group_combo.itemText(i) for i in range(self._group_combo.count())]
+
+    @property
+    def shown_labels(self) -> list[int]:
+        """Label ids of the thumbnails in the list, in order."""
+        return [int(self._list.item(i).data(Qt.ItemDataRole.UserRole)) for i in range(self._list.count())]
+
+    @property
+    def selected_labels(self) -> list[int]:
+        """Label ids of the selected thumbnails."""
+        return sorted(int(item.data(Qt.ItemDataRole.UserRole)) for item in self._list.selectedItems())
+
+    @property
+    def status(self) -> str:
+        return self._status.text()
+
+    def set_layer(self, layer: Labels) -> None:
+        """Show the cells of ``layer`` (a cells layer in the viewer)."""
+        self._fill_layer_combo()
+        index = self._layer_combo.findText(layer.name)
+        if index < 0:
+            raise ValueError(f"{layer.name!r} is not a cells labels layer of this viewer")
+        if index == self._layer_combo.currentIndex():
+            self._watch(layer)
+        else:
+            self._layer_combo.setCurrentIndex(index)
+
+    def show_group(self, class_name: str, cell_type: str | None = None) -> None:
+        """Show the cells of one class (``"unclassified"`` for those without one)."""
+        for index, (group_type, name, _) in enumerate(self._groups):
+            if name == class_name and (cell_type is None or group_type == cell_type):
+                self._group_combo.setCurrentIndex(index)
+                return
+        raise ValueError(f"no cells of class {class_name!r} in this layer; classes: "
+                         f"{sorted({name for _, name, _ in self._groups})}")
+
+    def select_labels(self, ids) -> None:
+        """Select these cells' thumbnails (those shown)."""
+        wanted = {int(i) for i in ids}
+        self._list.clearSelection()
+        for i in range(self._list.count()):
+            item = self._list.item(i)
+            if int(item.data(Qt.ItemDataRole.UserRole)) in wanted:
+                item.setSelected(True)
+
+    def set_class(self, name: str | None, ids=None) -> int:
+        """Give the selected cells (or the cells ``ids``) the class ``name`` (None or
+        ``"(no class)"``: none); returns how many changed class."""
+        if self._layer is None:
+            raise ValueError("no cells layer: run Segment cells or Classify cells first")
+        ids = self.selected_labels if ids is None else [int(i) for i in ids]
+        if not ids:
+            raise ValueError("no cells selected: click the thumbnails of the cells to change first")
+        name = None if name in (None, "", _NO_CLASS) else name
+        changed = set_cell_classes(self._layer, ids, name)
+        shown_as = name or "no class"
+        self._note = f"{len(ids)} cell{'s' if len(ids) != 1 else ''} set to {shown_as} by hand ({changed} changed)"
+        return changed
+
+    def refresh(self) -> None:
+        """Group the layer's cells again and show the current class's thumbnails."""
+        current = self._current_key()
+        layer = self._layer
+        self._groups = []
+        problem = None
+        if layer is None:
+            problem = "No cells layer: run Segment cells or Classify cells first."
+        else:
+            features = pd.DataFrame(layer.features)
+            try:
+                table = features.rename(columns={"index": "label"}) if "label" not in features.columns else features
+                self._groups = gallery_groups(table, order=self._order_combo.currentText())
+            except ValueError as exc:
+                problem = str(exc)
+        self._group_combo.blockSignals(True)
+        self._group_combo.clear()
+        for cell_type, name, rows in self._groups:
+            self._group_combo.addItem(f"{name} ({cell_type}): {len(rows)}")
+        keys = [(t, n) for t, n, _ in self._groups]
+        if current in keys:
+            self._group_combo.setCurrentIndex(keys.index(current))
+        self._group_combo.blockSignals(False)
+        self._fill_class_combo()
+        if problem:
+            self._list.clear()
+            self._shown = 0
+            self._status.setText(problem)
+            self._update_buttons()
+            return
+        self._show_group()
+
+    def show_more(self) -> None:
+        """Add the next page of thumbnails of the current class."""
+        group = self._current_group()
+        if group is None:
+            return
+        cell_type, name, rows = group
+        page = rows.iloc[self._shown : self._shown + PAGE_SIZE]
+        if not len(page):
+            return
+        image_layer = image_layer_of_cells(self._viewer, self._layer)
+        info = self._layer.metadata.get(METADATA_KEY, {})
+        diameter = info.get("rbc_diameter_px")
+        if image_layer is None or diameter is None:
+            self._status.setText(
+                f"Cannot show the cells of {self._layer.name!r}: "
+                + ("its image layer is not in the viewer" if image_layer is None
+                   else "the layer has no red-cell size (not made by Segment cells)")
+            )
+            return
+        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
+        colour = self._outline_colour(cell_type, name)
+        thumbs = cell_thumbnails(
+            image, self._layer.data, page["label"].to_numpy(np.int64),
+            page[["centroid_y", "centroid_x"]].to_numpy(np.float64),
+            thumbnail_window_px(cell_type, float(diameter)), size=THUMBNAIL_SIZE, outline_rgb=colour,
+        )
+        confidence = (pd.to_numeric(page["confidence"], errors="coerce").to_numpy()
+                      if "confidence" in page.columns else np.full(len(page), np.nan))
+        models = page["model"].astype(str).to_numpy() if "model" in page.columns else np.full(len(page), "")
+        for thumb, label, conf, model in zip(thumbs, page["label"].to_numpy(), confidence, models):
+            text = f"{int(label)}" + (f" · {conf:.2f}" if np.isfinite(conf) else "")
+            item = QListWidgetItem(QIcon(QPixmap.fromImage(_qimage(thumb))), text)
+            item.setData(Qt.ItemDataRole.UserRole, int(label))
+            tip = f"cell {int(label)}: {name} ({cell_type})"
+            if np.isfinite(conf):
+                tip += f", confidence {conf:.2f}"
+            if model:
+                tip += f", by {model}"
+            item.setToolTip(tip)
+            self._list.addItem(item)
+        self._shown += len(page)
+        self._say()
+        self._update_buttons()
+
+    def save_picture(self, path) -> str:
+        """Write a PNG of every class's cells of the layer (see
+        :func:`napari_smear.gallery.gallery_picture`); returns the path."""
+        from napari_smear.gallery import gallery_picture
+        from napari_smear.io import write_png_atomic
+
+        layer = self._layer
+        if layer is None:
+            raise ValueError("no cells layer to draw")
+        image_layer = image_layer_of_cells(self._viewer, layer)
+        diameter = layer.metadata.get(METADATA_KEY, {}).get("rbc_diameter_px")
+        if image_layer is None or diameter is None:
+            raise ValueError(f"the image of {layer.name!r} is not in the viewer, or the layer has no red-cell size")
+        features = pd.DataFrame(layer.features)
+        table = features.rename(columns={"index": "label"}) if "label" not in features.columns else features
+        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
+        palette = {name: tuple(int(round(255 * c)) for c in colour[:3]) for name, colour in self._palette().items()}
+        picture = gallery_picture(image, layer.data, table, float(diameter), cell_types=None,
+                                  order=self._order_combo.currentText(), palette=palette, title=layer.name)
+        return str(write_png_atomic(path, picture))
+
+    # ------------------------------------------------------------------ internals
+    _note = ""
+
+    def _current_key(self) -> tuple[str, str] | None:
+        group = self._current_group()
+        return None if group is None else (group[0], group[1])
+
+    def _current_group(self):
+        index = self._group_combo.currentIndex()
+        return self._groups[index] if 0 <= index < len(self._groups) else None
+
+    def _show_group(self) -> None:
+        self._list.clear()
+        self._shown = 0
+        self.show_more()
+        if self._current_group() is None:
+            self._say()
+            self._update_buttons()
+
+    def _say(self) -> None:
+        group = self._current_group()
+        if group is None:
+            text = f"{self._layer.name}: no cells" if self._layer is not None else ""
+        else:
+            cell_type, name, rows = group
+            text = f"{len(rows)} {name} ({cell_type})"
+            if self._shown < len(rows):
+                text += f", {self._shown} shown"
+            if self._order_combo.currentText() != "label":
+                text += f", {self._order_combo.currentText()}"
+        if self._note:
+            text += f". {self._note}"
+        self._status.setText(text)
+
+    def _update_buttons(self) -> None:
+        group = self._current_group()
+        self._more_button.setEnabled(group is not None and self._shown < len(group[2]))
+        self._set_button.setEnabled(self._layer is not None and bool(self._list.selectedItems()))
+        self._save_button.setEnabled(self._layer is not None and bool(self._groups))
+
+    def _palette(self) -> dict[str, tuple]:
+        stored = self._layer.metadata.get(METADATA_KEY, {}).get("class_colors") or {} if self._layer else {}
+        names = [name for _, name, _ in self._groups if name != UNCLASSIFIED]
+        return class_palette(names, base=stored)
+
+    def _outline_colour(self, cell_type: str, name: str) -> tuple[int, int, int]:
+        colour = (CELL_TYPE_COLORS.get(cell_type, (0.6, 0.6, 0.6, 1)) if name == UNCLASSIFIED
+                  else self._palette().get(name, (0.6, 0.6, 0.6, 1)))
+        return tuple(int(round(255 * c)) for c in colour[:3])
+
+    def _fill_class_combo(self) -> None:
+        """The classes a cell can be given: those of the layer and of its models."""
+        text = self._class_combo.currentText()
+        names: list[str] = []
+        if self._layer is not None:
+            features = self._layer.features
+            if "class" in features.columns:
+                names += [c for c in features["class"] if isinstance(c, str) and c]
+            names += [c[2:] for c in features.columns if c.startswith("p_")]
+            models = self._layer.metadata.get(METADATA_KEY, {}).get("models") or {}
+            if isinstance(models, dict):
+                for entry in models.values():
+                    names += [str(c) for c in (entry or {}).get("classes", []) if isinstance(entry, dict)]
+        names = sorted(set(names))
+        self._class_combo.blockSignals(True)
+        self._class_combo.clear()
+        self._class_combo.addItems([*names, _NO_CLASS])
+        if text:
+            self._class_combo.setCurrentText(text)
+        self._class_combo.blockSignals(False)
+
+    def _cells_layers(self) -> list[Labels]:
+        return [
+            layer for layer in self._viewer.layers
+            if isinstance(layer, Labels) and "cell_type" in getattr(layer, "features", pd.DataFrame()).columns
+            and layer.metadata.get(METADATA_KEY, {}).get("kind", "cells") == "cells"
+        ]
+
+    def _fill_layer_combo(self, *_: Any) -> None:
+        current = self._layer.name if self._layer is not None else None
+        names = [layer.name for layer in self._cells_layers()]
+        self._layer_combo.blockSignals(True)
+        self._layer_combo.clear()
+        self._layer_combo.addItems(names)
+        if current in names:
+            self._layer_combo.setCurrentIndex(names.index(current))
+        self._layer_combo.blockSignals(False)
+        chosen = self._layer_combo.currentText()
+        layer = self._viewer.layers[chosen] if chosen else None
+        if (layer is None) != (self._layer is None) or (layer is not None and layer.unique_id != self._layer.unique_id):
+            self._watch(layer)
+
+    def _on_layer_combo_changed(self, index: int) -> None:
+        name = self._layer_combo.itemText(index) if index >= 0 else ""
+        self._watch(self._viewer.layers[name] if name in self._viewer.layers else None)
+
+    def _watch(self, layer: Labels | None) -> None:
+        if self._layer is not None:
+            _unwatch(self, self._layer)
+        self._layer = layer
+        self._note = ""
+        if layer is not None:
+            layer.events.features.connect(self._schedule_refresh)
+            layer.events.data.connect(self._schedule_refresh)
+        self.refresh()
+
+    def _schedule_refresh(self, *_: Any) -> None:
+        self._refresh_timer.start()
+
+    def _on_selection_changed(self) -> None:
+        self._update_buttons()
+        ids = self.selected_labels
+        if len(ids) != 1 or self._layer is None:
+            return
+        label = ids[0]
+        features = self._layer.features
+        rows = features.index[features["index"] == label]
+        if not len(rows):
+            return
+        row = features.loc[rows[0]]
+        self._layer.selected_label = label
+        world = self._layer.data_to_world([float(row["centroid_y"]), float(row["centroid_x"])])
+        # napari 0.9 moved the camera under viewer.scene (viewer.camera still works, deprecated)
+        camera = self._viewer.scene.camera if hasattr(self._viewer, "scene") else self._viewer.camera
+        camera.center = tuple(float(v) for v in world)[-2:]
+        if isinstance(row.get("class"), str) and row["class"]:
+            self._class_combo.setCurrentText(row["class"])
+
+    def _on_set_clicked(self) -> None:
+        selected = self.selected_labels
+        try:
+            self.set_class(self._class_combo.currentText(), selected)
+        except ValueError as exc:
+            self._status.setText(str(exc))
+            return
+        # the list is rebuilt on the layer's features event: the cells moved to their
+        # new class leave this one, as on a CellaVision review screen
+        self._say()
+
+    def _on_save_clicked(self) -> None:
+        if self._layer is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save the cell gallery", f"{self._layer.name} gallery.png", "PNG images (*.png)"
+        )
+        if path:
+            try:
+                self.save_picture(path)
+            except (OSError, ValueError) as exc:
+                self._status.setText(f"Not saved: {exc}")
+            else:
+                self._status.setText(f"Saved {path}")
+
+
+def _unwatch(widget: GalleryWidget, layer: Labels) -> None:
+    layer.events.features.disconnect(widget._schedule_refresh)
+    layer.events.data.disconnect(widget._schedule_refresh)
+
+
+def _disconnect(widget: GalleryWidget, viewer_events: tuple) -> None:
+    for event in viewer_events:
+        event.disconnect(widget._fill_layer_combo)
+    if widget._layer is not None:
+        _unwatch(widget, widget._layer)
+    widget._layer = None
+
+
+def show_gallery(viewer: napari.viewer.Viewer, layer: Labels) -> GalleryWidget:
+    """Open (or reuse) the viewer's "Cell gallery" dock and show the cells of ``layer``."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-smear", WIDGET_NAME)
+    widget.set_layer(layer)
+    return widget

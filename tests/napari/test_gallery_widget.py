@@ -1,0 +1,99 @@
+"""The "Cell gallery" dock: thumbnails per class, review order, selecting a cell, setting
+classes by hand (recoloured, counted, kept for training) and the saved picture."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_model_file
+from widget_helpers import add_segmented_field, truth_segmentation
+
+from napari_smear._napari.layers import BY_HAND, CLASS_COLORS, add_to_viewer, set_cell_classes
+from napari_smear._napari.widgets.gallery import PAGE_SIZE, GalleryWidget
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, synthetic_field, tmp_path, qtbot):
+    from napari_smear.pipeline import analyze
+
+    viewer = make_napari_viewer()
+    _, gallery = viewer.window.add_plugin_dock_widget("napari-smear", "Cell gallery")
+    assert isinstance(gallery, GalleryWidget) and gallery.layer is None
+    assert "No cells layer" in gallery.status
+
+    # Segmented only: a group per cell type, all unclassified; the white cells first.
+    image, cells, _ = add_segmented_field(viewer, synthetic_field, scale=(0.5, 0.5))
+    assert gallery.layer.unique_id == cells.unique_id  # (npe2 hands the widget proxies)
+    assert gallery.groups == ["unclassified (wbc): 2", "unclassified (platelet): 6", "unclassified (rbc): 73"]
+    assert len(gallery.shown_labels) == 2
+
+    # Classified: groups per class; the least confident first.
+    rgb, truth = synthetic_field
+    model = tiny_model_file(tmp_path / "tiny.safetensors")
+    result = analyze(rgb, models=[model], segmentation=truth_segmentation(truth), device="cpu")
+    add_to_viewer(viewer, result, image_layer=image)
+    qtbot.waitUntil(lambda: any("(rbc)" in g and not g.startswith("unclassified") for g in gallery.groups))
+    table = result.table
+    rbc = table[table.cell_type == "rbc"]
+    biggest = rbc["class"].value_counts().index[0]
+    gallery.show_group(biggest, "rbc")
+    expected = rbc[rbc["class"] == biggest].sort_values("confidence", kind="stable")["label"].tolist()
+    assert gallery.shown_labels == expected[:PAGE_SIZE]
+    item = gallery._list.item(0)
+    assert item.text().startswith(f"{expected[0]} · ") and not item.icon().isNull()
+
+    # Clicking a thumbnail selects the cell and centres the view on it (world coordinates).
+    gallery.select_labels([expected[0]])
+    assert cells.selected_label == expected[0]
+    row = table.set_index("label").loc[expected[0]]
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    np.testing.assert_allclose(camera.center[-2:], (0.5 * row.centroid_y, 0.5 * row.centroid_x))
+
+    # Setting a class by hand: recorded, recoloured, counted, and the cell leaves the group.
+    _, counts = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
+    counts.set_layer(cells)
+    changed = gallery.set_class("schistocyte", [expected[0], expected[1]])
+    assert changed == 2
+    features = cells.features.set_index("index")
+    assert features.loc[expected[0], "class"] == "schistocyte" and features.loc[expected[0], "model"] == BY_HAND
+    assert np.isnan(features.loc[expected[0], "confidence"])
+    assert features.loc[expected[0], "model_class"] == biggest  # the model's answer kept
+    assert cells.colormap.map(expected[0]) == pytest.approx(CLASS_COLORS["schistocyte"])
+    qtbot.waitUntil(lambda: expected[0] not in gallery.shown_labels)
+    assert "2 cells set to schistocyte by hand" in gallery.status
+    qtbot.waitUntil(lambda: "schistocyte" in set(counts.counts["class"]))
+    assert int(counts.counts.set_index("class").loc["schistocyte", "count"]) >= 2
+
+    # The class list offers the models' classes and "no class", which removes a class.
+    offered = [gallery._class_combo.itemText(i) for i in range(gallery._class_combo.count())]
+    assert set(result.models[next(iter(result.models))]["classes"]) <= set(offered) and "(no class)" in offered
+    gallery.set_class("(no class)", [expected[1]])
+    assert cells.features.set_index("index").loc[expected[1], "class"] == ""
+
+    # The corrected classes are what the Train classifier dock reads.
+    from napari_smear._napari.widgets.train import cell_classes_from_features
+
+    assert cell_classes_from_features(cells.features)[expected[0]] == "schistocyte"
+
+    # A picture of every class for a report.
+    path = gallery.save_picture(tmp_path / "gallery.png")
+    from napari_smear.io import read_image
+
+    picture, _ = read_image(path)
+    assert picture.shape[1] == 800 and picture.shape[0] > 200
+
+    # Nothing selected, or an id that is not a cell: a clear error, nothing changed.
+    gallery._list.clearSelection()
+    with pytest.raises(ValueError, match="no cells selected"):
+        gallery.set_class("normal")
+    before = cells.features.copy()
+    with pytest.raises(ValueError, match="no cells with label ids \\[9999\\]"):
+        set_cell_classes(cells, [9999], "normal")
+    pd.testing.assert_frame_equal(cells.features, before)
+
+    # The image removed: the thumbnails cannot be cut, and the dock says so.
+    viewer.layers.remove(image)
+    gallery.refresh()
+    assert "its image layer is not in the viewer" in gallery.status

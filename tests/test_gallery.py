@@ -1,0 +1,148 @@
+"""Cell galleries (no Qt): thumbnails centred on their cell and outlined, groups per
+class in review order, and the picture a batch or the dock saves."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_smear.gallery import (
+    ORDERS,
+    THUMBNAIL_SPAN,
+    UNCLASSIFIED,
+    cell_thumbnails,
+    gallery_groups,
+    gallery_picture,
+    thumbnail_window_px,
+)
+
+
+def _field():
+    """A grey field with two square 'cells': 1 at the top left corner, 2 in the middle."""
+    image = np.full((100, 120, 3), 200, np.uint8)
+    labels = np.zeros((100, 120), np.uint32)
+    labels[0:10, 0:10] = 1
+    image[0:10, 0:10] = (150, 40, 40)
+    labels[40:60, 50:70] = 2
+    image[40:60, 50:70] = (90, 30, 150)
+    return image, labels
+
+
+def test_thumbnails_centre_scale_pad_and_outline_each_cell():
+    image, labels = _field()
+    thumbs = cell_thumbnails(image, labels, [2, 1], [(49.5, 59.5), (4.5, 4.5)], 40, size=40,
+                             outline_rgb=[(0, 255, 0), (255, 0, 0)])
+    assert thumbs.shape == (2, 40, 40, 3) and thumbs.dtype == np.uint8
+    middle = thumbs[0]
+    # the cell (20 px) fills the middle half of the 40 px window; its rim is outlined
+    assert (middle[20, 20] == (90, 30, 150)).all()
+    assert (middle[10, 20] == (0, 255, 0)).all() and (middle[20, 10] == (0, 255, 0)).all()
+    assert (middle[2, 2] == 200).all()  # the field around it
+    # a cell at the corner: the window past the border is glass-grey padding, not wrapped pixels
+    corner = thumbs[1]
+    assert (corner[:10, :10] == 245).all()
+    assert (corner[20, 22] == (150, 40, 40)).all()
+    # scaled down: a 40 px window in 20 px thumbnails keeps the cell centred
+    small = cell_thumbnails(image, labels, [2], [(49.5, 59.5)], 40, size=20, outline_rgb=None)
+    assert small.shape == (1, 20, 20, 3)
+    np.testing.assert_allclose(small[0, 10, 10], (90, 30, 150), atol=2)
+    # nothing asked: nothing cut
+    assert cell_thumbnails(image, labels, [], np.empty((0, 2)), 40).shape == (0, 80, 80, 3)
+
+
+def test_thumbnails_read_only_the_windows_of_an_image_on_disk(tmp_path):
+    image, labels = _field()
+    mapped = np.lib.format.open_memmap(tmp_path / "field.npy", mode="w+", dtype=np.uint8, shape=image.shape)
+    mapped[:] = image
+    np.testing.assert_array_equal(
+        cell_thumbnails(mapped, labels, [2], [(49.5, 59.5)], 30, size=30),
+        cell_thumbnails(image, labels, [2], [(49.5, 59.5)], 30, size=30),
+    )
+
+
+def test_thumbnail_arguments_are_checked():
+    image, labels = _field()
+    with pytest.raises(ValueError, match="2 ids but 1 centroids"):
+        cell_thumbnails(image, labels, [1, 2], [(1, 1)], 20)
+    with pytest.raises(ValueError, match="differ in size"):
+        cell_thumbnails(image, labels[:50], [1], [(1, 1)], 20)
+    with pytest.raises(ValueError, match="size must be an integer >= 8"):
+        cell_thumbnails(image, labels, [1], [(1, 1)], 20, size=4)
+    with pytest.raises(ValueError, match="window_px must be > 0"):
+        cell_thumbnails(image, labels, [1], [(1, 1)], 0)
+    with pytest.raises(ValueError, match="red-cell diameter must be a number > 0"):
+        thumbnail_window_px("wbc", float("nan"))
+    assert thumbnail_window_px("rbc", 10) == pytest.approx(10 * THUMBNAIL_SPAN["rbc"])
+
+
+def _table():
+    return pd.DataFrame({
+        "label": [1, 2, 3, 4, 5, 6, 7],
+        "cell_type": ["rbc", "wbc", "wbc", "wbc", "platelet", "wbc", "rbc"],
+        "class": ["normal", "neutrophil", "neutrophil", "lymphocyte", "platelet", None, ""],
+        "confidence": [0.9, 0.95, 0.4, 0.7, 0.99, np.nan, np.nan],
+        "centroid_y": [5.0, 50, 50, 50, 50, 50, 5],
+        "centroid_x": [5.0, 60, 60, 60, 60, 60, 5],
+    })
+
+
+def test_groups_follow_a_differential_and_put_the_unsure_first():
+    groups = gallery_groups(_table())
+    assert [(t, c, rows["label"].tolist()) for t, c, rows in groups] == [
+        ("wbc", "neutrophil", [3, 2]),  # the largest white-cell class first, least confident first
+        ("wbc", "lymphocyte", [4]),
+        ("wbc", UNCLASSIFIED, [6]),  # after the classes of its type
+        ("platelet", "platelet", [5]),
+        ("rbc", "normal", [1]),
+        ("rbc", UNCLASSIFIED, [7]),
+    ]
+    most = gallery_groups(_table(), order="most confident first")
+    assert most[0][2]["label"].tolist() == [2, 3]
+    by_label = gallery_groups(_table(), order="label", cell_types=["wbc"])
+    assert [rows["label"].tolist() for _, _, rows in by_label] == [[2, 3], [4], [6]]
+    # a table without classes: one group per cell type
+    assert [(t, c) for t, c, _ in gallery_groups(_table().drop(columns=["class", "confidence"]))] == [
+        ("wbc", UNCLASSIFIED), ("platelet", UNCLASSIFIED), ("rbc", UNCLASSIFIED)]
+    with pytest.raises(ValueError, match="order must be one of"):
+        gallery_groups(_table(), order="random")
+    with pytest.raises(ValueError, match="needs 'label' and 'cell_type'"):
+        gallery_groups(pd.DataFrame({"label": [1]}))
+    assert ORDERS[0] == "least confident first"
+
+
+def test_gallery_picture_has_a_block_per_class():
+    image, labels = _field()
+    table = _table()
+    picture = gallery_picture(image, labels, table, 10.0, cell_types=None, per_class=1, size=32, columns=4,
+                              title="field 1")
+    assert picture.dtype == np.uint8 and picture.shape[1] == 4 * 32
+    # title + 6 blocks of one row each (per_class=1 shows one neutrophil of two)
+    assert picture.shape[0] == (18 + 4) + 6 * (18 + 32 + 12 + 4)
+    white_only = gallery_picture(image, labels, table, 10.0, size=32, columns=4)  # wbc and platelets
+    assert white_only.shape[0] == 4 * (18 + 32 + 12 + 4)
+    # the outline of a class has the class's colour (neutrophil's fixed blue)
+    from napari_smear.colors import CLASS_RGB
+
+    first = gallery_picture(image, labels, table, 10.0, cell_types=["wbc"], per_class=1, size=32, columns=1,
+                            order="most confident first")  # cell 2, which the label image holds
+    thumb = first[18 : 18 + 32, :32]
+    assert (thumb == CLASS_RGB["neutrophil"]).all(-1).any()
+    empty = gallery_picture(image, labels, table.iloc[:0], 10.0)
+    assert empty.shape[0] == 18 + 4
+    with pytest.raises(ValueError, match="per_class must be an integer >= 1"):
+        gallery_picture(image, labels, table, 10.0, per_class=0)
+
+
+def test_gallery_of_a_real_bccd_field(shared_data):
+    """The whole path on a real field: analyse, then one picture with the white cell first."""
+    from conftest import read_rgb
+
+    from napari_smear import analyze
+
+    rgb = read_rgb(shared_data / "bccd" / "images" / "BloodImage_00010.jpg")
+    result = analyze(rgb, models=["wbc-pbc8"], device="cpu")
+    picture = gallery_picture(rgb, result.segmentation.labels, result.table, result.segmentation.rbc_diameter_px,
+                              cell_types=None, per_class=5)
+    groups = gallery_groups(result.table)
+    assert groups[0][0] == "wbc" and groups[0][1] != UNCLASSIFIED
+    assert picture.shape[1] == 800 and picture.shape[0] > 18 * len(groups)

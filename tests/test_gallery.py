@@ -146,3 +146,81 @@ def test_gallery_of_a_real_bccd_field(shared_data):
     groups = gallery_groups(result.table)
     assert groups[0][0] == "wbc" and groups[0][1] != UNCLASSIFIED
     assert picture.shape[1] == 800 and picture.shape[0] > 18 * len(groups)
+
+
+# ----------------------------------------------------------------------------- batch outputs
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """Three synthetic fields in two folders, analysed with a tiny white-cell model."""
+    from conftest import tiny_model_file
+
+    from napari_smear.batch import analyze_files
+    from napari_smear.io import write_png_atomic
+    from napari_smear.samples import synthetic_smear
+
+    root = tmp_path_factory.mktemp("gallery")
+    model = tiny_model_file(root / "wbc.safetensors", ["lymphocyte", "neutrophil", "platelet"],
+                            cell_types=["wbc", "platelet"])
+    inputs = root / "in"
+    (inputs / "slide 2").mkdir(parents=True)
+    for k, name in enumerate(["a.png", "b.png", "slide 2/c.png"]):
+        write_png_atomic(inputs / name, synthetic_smear((200, 260), rbc_diameter_px=26.0, seed=k)[0])
+    out = root / "out"
+    analyze_files(inputs, out, models=[str(model)], device="cpu")
+    return root, inputs, out
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_batch_galleries_draw_each_folder_of_a_run(analysed):
+    from napari_smear.batch import _written_by_us, expand_inputs
+    from napari_smear.gallery import batch_galleries
+    from napari_smear.io import read_image
+
+    root, inputs, out = analysed
+    seen = []
+    paths = batch_galleries(out, cell_types=None, progress=lambda done, total: seen.append((done, total)))
+    assert [p.name for p in paths] == ["in_gallery.png", "slide_2_gallery.png"]
+    assert all(p.parent == out / "galleries" for p in paths)
+    assert seen and seen[-1][1] == 3
+    picture, _ = read_image(paths[0])
+    assert picture.shape[1] == 800 and picture.shape[0] > 3 * (18 + 80)
+    # known as ours: a run whose output folder is its input folder does not analyse them
+    assert _written_by_us(paths[0])
+    assert not [f for f, _ in expand_inputs([out]) if f.name.endswith("_gallery.png")]
+    # edge cells left out by default: a folder of whole cells only is a smaller picture
+    whole = read_image(batch_galleries(out, cell_types=["rbc"], per_class=500)[0])[0]
+    every = read_image(batch_galleries(out, cell_types=["rbc"], per_class=500, include_edge_cells=True)[0])[0]
+    assert every.shape[0] > whole.shape[0]  # the synthetic fields have red cells cut by their edges
+    with pytest.raises(FileNotFoundError, match="no summary.csv"):
+        batch_galleries(root)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_gallery_and_analyze_gallery(analysed, tmp_path, capsys):
+    import shutil
+
+    from napari_smear.cli import main
+
+    root, inputs, out = analysed
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "galleries", ignore_errors=True)
+    assert main(["gallery", str(copy), "--per-class", "3", "--order", "most", "--cell-types", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert f"gallery: {copy / 'galleries' / 'in_gallery.png'}" in printed
+    assert main(["gallery", str(tmp_path / "nowhere")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    # an input image moved away since the run: said so, with where it was read
+    (inputs / "a.png").rename(tmp_path / "a.png")
+    try:
+        assert main(["gallery", str(copy)]) == 1
+        assert "the input image of a.png is not at" in capsys.readouterr().err
+    finally:
+        (tmp_path / "a.png").rename(inputs / "a.png")
+    # analyze --gallery draws them after the run
+    again = tmp_path / "again"
+    assert main(["analyze", str(inputs), str(again), "--models", "none", "--gallery", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "gallery: " in printed and (again / "galleries" / "slide_2_gallery.png").is_file()

@@ -57,6 +57,7 @@ __all__ = [
     "MARKER_SUFFIX",
     "BatchReport",
     "analyze_files",
+    "analysed_input_paths",
     "expand_inputs",
     "load_result",
     "local_cluster",
@@ -165,6 +166,8 @@ def _written_by_us(path: Path) -> bool:
     (a `segment` folder). A folder of earlier outputs given as input then does not have
     its label images analysed as smear fields."""
     name = path.name
+    if name.endswith(GALLERY_SUFFIX):
+        return _is_our_picture(path)
     ending = _output_ending(name)
     if ending is None:
         return False
@@ -191,6 +194,23 @@ def _output_ending(name: str) -> str | None:
     """The ending (``_labels.tif``, ``_overlay.png``, ...) by which a file name is one of
     an image's outputs, or None."""
     return next((suffix for suffix in OUTPUT_SUFFIXES.values() if name.endswith(suffix)), None)
+
+
+#: Ending of the per-folder gallery pictures (:func:`napari_smear.gallery.batch_galleries`,
+#: ``<folder>_gallery.png``): a re-run whose output folder is also its input folder
+#: knows them as outputs, not smear images.
+GALLERY_SUFFIX = "_gallery.png"
+
+
+def _is_our_picture(path: Path) -> bool:
+    """Whether a PNG carries the "Software" text chunk our overlays and galleries get."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.info.get("Software") == OVERLAY_SOFTWARE
+    except Exception:
+        return False
 
 
 #: The files a run writes once, in the output folder itself.
@@ -222,10 +242,7 @@ def _is_ours(path: Path, kind: str) -> bool:
         return _tiff_has_our_metadata(path)
     try:
         if kind == "overlay":
-            from PIL import Image
-
-            with Image.open(path) as image:
-                return image.info.get("Software") == OVERLAY_SOFTWARE
+            return _is_our_picture(path)
         if kind in ("marker", "run.json"):
             value = json.loads(path.read_text(encoding="utf-8"))
             return _is_our_marker(value) if kind == "marker" else _is_our_run_record(value)
@@ -281,8 +298,9 @@ def _check_run_files(out: Path, names=RUN_FILES) -> None:
 
 def is_output_name(name: str) -> bool:
     """Whether a file name is one this package writes next to an image's outputs
-    (``<stem>_labels.tif``, ``<stem>_overlay.png``, ...)."""
-    return _output_ending(name) is not None
+    (``<stem>_labels.tif``, ``<stem>_overlay.png``, ...) or beside them (a folder's
+    ``<folder>_gallery.png``)."""
+    return _output_ending(name) is not None or name.endswith(GALLERY_SUFFIX)
 
 
 def _check_pixel_size(pixel_size_um, working_diameter_px=None) -> None:
@@ -1209,6 +1227,28 @@ def load_result(out_dir: str | Path, image: str | Path):
         stack = np.asarray(stack, np.float32).reshape(-1, *labels.shape)
         attention = {name: stack[k] for k, name in enumerate(names)}
     return AnalysisResult(segmentation=segmentation, table=table, attention=attention, models=models)
+
+
+def analysed_input_paths(out_dir: str | Path) -> dict[str, str]:
+    """``image -> input path`` of each row of ``out_dir/summary.csv`` (empty without a
+    readable one); a path given relative on the command line is resolved against the
+    folder the run started in (``run.json``'s ``working_directory``), not the current one."""
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "summary.csv"
+    if not summary_path.is_file():
+        return {}
+    try:
+        summary = pd.read_csv(summary_path, usecols=["image", "path"], dtype=str, keep_default_na=False)
+    except (OSError, ValueError):  # not a summary we wrote
+        return {}
+    try:
+        started_in = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("working_directory")
+    except (OSError, ValueError, AttributeError):  # no record (or an older one): paths as written
+        started_in = None
+    paths = summary["path"]
+    if started_in:
+        paths = [str(Path(started_in) / p) if p and not Path(p).is_absolute() else p for p in paths]
+    return dict(zip(summary["image"], paths))
 
 
 # ----------------------------------------------------------------------------- overlay

@@ -356,6 +356,9 @@ def _add_analyze(subparsers) -> None:
     disk.add_argument("--in-memory", dest="on_disk", action="store_const", const=False,
                       help="never analyse through files, whatever the image's size")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--gallery", action="store_true",
+                        help="also draw a picture of each folder's white cells and platelets, a block per class, the "
+                             "least confident first, into OUT_DIR/galleries/ (as `napari-smear gallery OUT_DIR`)")
     _add_prior_correction_option(parser)
     _add_test_time_views_option(parser)
     parser.set_defaults(func=_cmd_analyze)
@@ -426,6 +429,11 @@ def _cmd_analyze(args) -> int:
     for path, error in zip(report.errors.file, report.errors.error):
         print(f"FAILED {path}: {error.splitlines()[0] if error else ''}", file=sys.stderr)
     _print_batch_report(report)
+    if args.gallery and report.analysed + report.skipped:
+        from .gallery import batch_galleries
+
+        for path in batch_galleries(report.out_dir):
+            print(f"gallery: {path}")
     return 1 if report.failed else 0  # scripts learn that errors.csv lists something
 
 
@@ -482,6 +490,51 @@ def _print_differentials(by_folder, models: dict) -> None:
             print("\n".join(lines))
     if len(by_folder) > _FOLDERS_PRINTED:
         print(f"... {len(by_folder) - _FOLDERS_PRINTED} more folders in summary_by_folder.csv")
+
+
+# ----------------------------------------------------------------------------- gallery
+
+
+def _add_gallery(subparsers) -> None:
+    from .gallery import ORDERS
+
+    parser = subparsers.add_parser(
+        "gallery", help="draw the cells of each folder of an analysis, a block per class, to review them",
+        description="Read the output folder of `napari-smear analyze` and draw one picture per folder of images "
+                    "into OUT_DIR/galleries/<folder>.png: the cells of all its images, a block per class with "
+                    "its number of cells, the least confident first; each thumbnail is captioned with its "
+                    "image and the cell's label id and confidence (its row in <image>_cells.csv). The input "
+                    "images must still be where the run read them.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder of a finished analyze run")
+    parser.add_argument("--cell-types", nargs="+", default=["wbc", "platelet"], metavar="TYPE",
+                        help="cell types to draw: wbc, rbc, platelet, or all (default wbc platelet)")
+    parser.add_argument("--per-class", type=_positive_int, default=40,
+                        help="cells drawn per class at most (default 40)")
+    parser.add_argument("--order", choices=("least", "most", "label"), default="least",
+                        help="which cells of a class first: least or most confident, or by label id "
+                             "(default least)")
+    parser.add_argument("--include-edge-cells", action="store_true",
+                        help="also the cells the image edge cuts (left out by default, as in "
+                             "summary_by_folder.csv)")
+    parser.set_defaults(func=_cmd_gallery, orders=ORDERS)
+
+
+def _cmd_gallery(args) -> int:
+    from .gallery import batch_galleries
+
+    if not Path(args.out_dir).is_dir():
+        raise CommandError(f"{args.out_dir} is not a folder: give the output folder of `napari-smear analyze`")
+    cell_types = None if [t.lower() for t in args.cell_types] == ["all"] else args.cell_types
+    order = {"least": args.orders[0], "most": args.orders[1], "label": args.orders[2]}[args.order]
+    paths = batch_galleries(args.out_dir, cell_types=cell_types, per_class=args.per_class, order=order,
+                            include_edge_cells=args.include_edge_cells)
+    for path in paths:
+        print(f"gallery: {path}")
+    if not paths:
+        print(f"napari-smear gallery: no analysed images in {args.out_dir} (summary.csv lists none)", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ----------------------------------------------------------------------------- train
@@ -817,7 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-smear {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for add in (_add_segment, _add_analyze, _add_demo, _add_train, _add_evaluate, _add_classify, _add_pack_crops):
+    for add in (_add_segment, _add_analyze, _add_gallery, _add_demo, _add_train, _add_evaluate, _add_classify,
+                _add_pack_crops):
         add(subparsers)
     return parser
 

@@ -13,8 +13,12 @@ held on disk (a memory map, a dask array) is not loaded whole.
 """
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,11 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 __all__ = [
+    "GALLERY_FOLDER",
+    "GALLERY_SUFFIX",
+    "batch_galleries",
+    "GalleryBlock",
+    "compose_gallery",
     "THUMBNAIL_SPAN",
     "ORDERS",
     "cell_thumbnails",
@@ -202,6 +211,89 @@ def gallery_groups(
     return groups
 
 
+def _heading(name: str, cell_type: str, total: int, shown: int, order: str) -> str:
+    text = f"{name} ({cell_type}): {total} cell{'s' if total != 1 else ''}"
+    if total > shown:
+        which = {"least confident first": "least confident", "most confident first": "most confident",
+                 "label": "first"}[order]
+        text += f", the {shown} {which} shown"
+    return text
+
+
+def _confidence_text(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f"{value:.2f}" if np.isfinite(value) else ""
+
+
+@dataclass
+class GalleryBlock:
+    """One class's block of a gallery picture: a heading and captioned thumbnails."""
+
+    heading: str
+    colour: tuple[int, int, int]
+    thumbnails: np.ndarray  # (N, S, S, 3) uint8
+    captions: list[tuple[str, ...]] = field(default_factory=list)  # lines under each thumbnail
+
+
+_HEADING_PX, _LINE_PX, _PAD_PX = 18, 12, 4
+
+
+def compose_gallery(blocks: Sequence[GalleryBlock], *, size: int, columns: int, title: str | None = None,
+                    empty_text: str = "no cells") -> np.ndarray:
+    """Lay out blocks of thumbnails as one RGB picture ``columns * size`` wide: per block
+    its heading (colour swatch and text), then its thumbnails in rows, each captioned."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
+        raise ValueError(f"columns must be an integer >= 1, got {columns!r}")
+    font = ImageFont.load_default()
+    width = columns * size
+    strips: list[Image.Image] = []
+
+    def text_strip(text: str) -> Image.Image:
+        strip = Image.new("RGB", (width, _HEADING_PX + _PAD_PX), (255, 255, 255))
+        ImageDraw.Draw(strip).text((_PAD_PX, _PAD_PX), text, fill=(0, 0, 0), font=font)
+        return strip
+
+    if title:
+        strips.append(text_strip(title))
+    if not blocks:
+        strips.append(text_strip(empty_text))
+    for block in blocks:
+        lines = max((len(c) for c in block.captions), default=0)
+        cell_h = size + lines * _LINE_PX
+        n_rows = math.ceil(len(block.thumbnails) / columns)
+        strip = Image.new("RGB", (width, _HEADING_PX + n_rows * cell_h + _PAD_PX), (255, 255, 255))
+        draw = ImageDraw.Draw(strip)
+        draw.rectangle([_PAD_PX, 4, _PAD_PX + 10, 14], fill=tuple(block.colour), outline=(0, 0, 0))
+        draw.text((_PAD_PX + 16, 3), block.heading, fill=(0, 0, 0), font=font)
+        for k, thumb in enumerate(block.thumbnails):
+            x, y = (k % columns) * size, _HEADING_PX + (k // columns) * cell_h
+            strip.paste(Image.fromarray(np.asarray(thumb, np.uint8)), (x, y))
+            for j, line in enumerate(block.captions[k] if k < len(block.captions) else ()):
+                # cut to the thumbnail's width, keeping the end (where names differ)
+                while line and draw.textlength(line, font=font) > size - 3:
+                    line = "…" + line[2:]
+                draw.text((x + 2, y + size + j * _LINE_PX), line, fill=(60, 60, 60), font=font)
+        strips.append(strip)
+    picture = Image.new("RGB", (width, sum(strip.height for strip in strips)), (255, 255, 255))
+    y = 0
+    for strip in strips:
+        picture.paste(strip, (0, y))
+        y += strip.height
+    return np.asarray(picture, np.uint8)
+
+
+def _block_colour(cell_type: str, name: str, colours: Mapping[str, Any]) -> tuple[int, int, int]:
+    from .colors import CELL_TYPE_RGB
+
+    colour = CELL_TYPE_RGB.get(cell_type, (128, 128, 128)) if name == UNCLASSIFIED else colours.get(name)
+    return tuple(int(v) for v in (colour or (128, 128, 128))[:3])
+
+
 def gallery_picture(
     image: Any,
     labels: Any,
@@ -217,7 +309,7 @@ def gallery_picture(
     palette: Mapping[str, Any] | None = None,
     title: str | None = None,
 ) -> np.ndarray:
-    """One picture of the cells of a field (or several), a block per class.
+    """One picture of the cells of a field, a block per class.
 
     Each block is headed by its class, cell type and number of cells, and shows up to
     ``per_class`` of them (the least confident first by default), each captioned with
@@ -247,61 +339,203 @@ def gallery_picture(
     -------
     (H, W, 3) uint8 picture (``columns * size`` wide).
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from .colors import class_palette_rgb
 
-    from .colors import CELL_TYPE_RGB, class_palette_rgb
-
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
-    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
-        raise ValueError(f"columns must be an integer >= 1, got {columns!r}")
+    _check_per_class(per_class)
     groups = gallery_groups(table, column=column, cell_types=cell_types, order=order)
-    names = [name for _, name, _ in groups if name != UNCLASSIFIED]
-    colours = class_palette_rgb(names, base={k: tuple(v)[:3] for k, v in (palette or {}).items()})
-    font = ImageFont.load_default()
-    width = columns * size
-    caption, heading, pad = 12, 18, 4
-    blocks: list[Image.Image] = []
-    if title:
-        strip = Image.new("RGB", (width, heading + pad), (255, 255, 255))
-        ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
-        blocks.append(strip)
-    if not groups:
-        strip = Image.new("RGB", (width, heading + pad), (255, 255, 255))
-        wanted = "" if cell_types is None else f" of type {', '.join(cell_types)}"
-        ImageDraw.Draw(strip).text((pad, pad), f"no cells{wanted}", fill=(0, 0, 0), font=font)
-        blocks.append(strip)
+    colours = class_palette_rgb([name for _, name, _ in groups if name != UNCLASSIFIED],
+                                base={k: tuple(v)[:3] for k, v in (palette or {}).items()})
+    blocks = []
     for cell_type, name, rows in groups:
-        colour = tuple(int(v) for v in (CELL_TYPE_RGB.get(cell_type, (128, 128, 128)) if name == UNCLASSIFIED
-                                        else colours.get(name, (128, 128, 128))))
+        colour = _block_colour(cell_type, name, colours)
         shown = rows.iloc[:per_class]
         thumbs = cell_thumbnails(
             image, labels, shown["label"].to_numpy(np.int64),
             shown[["centroid_y", "centroid_x"]].to_numpy(np.float64),
             thumbnail_window_px(cell_type, rbc_diameter_px), size=size, outline_rgb=colour,
         )
-        n_rows = math.ceil(len(shown) / columns)
-        block = Image.new("RGB", (width, heading + n_rows * (size + caption) + pad), (255, 255, 255))
-        draw = ImageDraw.Draw(block)
-        draw.rectangle([pad, 4, pad + 10, 14], fill=colour, outline=(0, 0, 0))
-        text = f"{name} ({cell_type}): {len(rows)} cell{'s' if len(rows) != 1 else ''}"
-        if len(rows) > len(shown):
-            which = {"least confident first": "least confident", "most confident first": "most confident",
-                     "label": "first"}[order]
-            text += f", the {len(shown)} {which} shown"
-        draw.text((pad + 16, 3), text, fill=(0, 0, 0), font=font)
-        confidence = (pd.to_numeric(shown["confidence"], errors="coerce").to_numpy()
-                      if "confidence" in shown.columns else np.full(len(shown), np.nan))
-        for k, (thumb, label, conf) in enumerate(zip(thumbs, shown["label"].to_numpy(), confidence)):
-            x, y = (k % columns) * size, heading + (k // columns) * (size + caption)
-            block.paste(Image.fromarray(thumb), (x, y))
-            words = f"{int(label)}" + (f"  {conf:.2f}" if np.isfinite(conf) else "")
-            draw.text((x + 2, y + size), words, fill=(60, 60, 60), font=font)
-        blocks.append(block)
-    height = sum(block.height for block in blocks)
-    picture = Image.new("RGB", (width, height), (255, 255, 255))
-    y = 0
-    for block in blocks:
-        picture.paste(block, (0, y))
-        y += block.height
-    return np.asarray(picture, np.uint8)
+        confidence = shown["confidence"] if "confidence" in shown.columns else [None] * len(shown)
+        captions = [(f"{int(label)}  {_confidence_text(c)}".rstrip(),)
+                    for label, c in zip(shown["label"], confidence)]
+        blocks.append(GalleryBlock(_heading(name, cell_type, len(rows), len(shown), order), colour, thumbs, captions))
+    wanted = "" if cell_types is None else f" of type {', '.join(cell_types)}"
+    return compose_gallery(blocks, size=size, columns=columns, title=title, empty_text=f"no cells{wanted}")
+
+
+def _check_per_class(per_class: Any) -> None:
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
+
+
+# ----------------------------------------------------------------------------- batch outputs
+
+#: Folder of an analysis output folder that :func:`batch_galleries` writes into.
+GALLERY_FOLDER = "galleries"
+#: Ending of the gallery pictures' names (``<folder>_gallery.png``; see
+#: :func:`napari_smear.batch.is_output_name`).
+from .batch import GALLERY_SUFFIX  # noqa: E402
+
+
+def _gallery_file_names(folders: Sequence[str]) -> dict[str, str]:
+    """``<folder name>_gallery.png`` per folder of images, numbered where two share a name."""
+    import re
+
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for folder in folders:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(folder).name or Path(folder).resolve().name or "images").strip("._")
+        base = base or "images"
+        name, k = base, 2
+        while name.lower() in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name.lower())
+        names[folder] = f"{name}{GALLERY_SUFFIX}"
+    return names
+
+
+def batch_galleries(
+    out_dir: str | os.PathLike,
+    *,
+    cell_types: Sequence[str] | None = ("wbc", "platelet"),
+    per_class: int = 40,
+    order: str = ORDERS[0],
+    include_edge_cells: bool = False,
+    size: int = 80,
+    columns: int = 10,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """A gallery picture per folder of images of a finished batch run (``napari-smear
+    analyze``): the cells of all its images, a block per class, the least confident first.
+
+    A folder of fields is one slide's differential, so its gallery is what a reviewer
+    checks: every class of white cells side by side, with the cells the models were
+    least sure of first. Written to ``OUT_DIR/galleries/<folder name>_gallery.png``; each
+    thumbnail is captioned with its image's name (the end of it) and the cell's label
+    id and confidence, so it can be found in the image's ``_cells.csv`` and viewer.
+
+    Parameters
+    ----------
+    out_dir : path
+        The output folder of the run (``summary.csv`` names the images and where their
+        inputs are; the cells come from each ``<stem>_cells.csv``, their outlines from
+        ``<stem>_labels.tif``, their pixels from the input image).
+    cell_types : sequence of str, optional
+        Only cells of these types (default white cells and platelets; None: all).
+    include_edge_cells : bool
+        Also cells the image edge cuts (left out by default, as in
+        ``summary_by_folder.csv``).
+    progress : callable, optional
+        ``progress(done, total)`` after each image read.
+
+    Returns
+    -------
+    list of Path
+        The pictures written, one per folder.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``out_dir`` holds no ``summary.csv`` (not the output of a finished run), or an
+        input image or output file a gallery needs is missing.
+    """
+    from .batch import OUTPUT_SUFFIXES, _folder_of, analysed_input_paths, output_stem
+    from .colors import class_palette_rgb
+    from .io import atomic_write, read_image
+
+    _check_per_class(per_class)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    out = Path(out_dir)
+    summary_path = out / "summary.csv"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"no summary.csv in {out}: give the output folder of a finished "
+                                "`napari-smear analyze` run")
+    summary = pd.read_csv(summary_path, dtype={"image": str, "path": str}, keep_default_na=False)
+    if not {"image", "path", "rbc_diameter_px"} <= set(summary.columns):
+        raise ValueError(f"{summary_path} is not a napari-smear summary (columns {list(summary.columns)[:6]}...)")
+    # where the inputs are now (a relative path is the run's, from the folder it started in)
+    located = analysed_input_paths(out)
+    classes: list[str] = []
+    try:
+        run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        classes = [c for model in (run.get("models") or {}).values() for c in model.get("classes", [])]
+    except (OSError, ValueError, AttributeError):
+        pass  # colours are handed out by first sight instead of the models' class order
+    colours = class_palette_rgb(classes)
+
+    def stem_of(image: str) -> str:
+        return str(output_stem(out, Path(image)))
+
+    folders = summary["path"].map(_folder_of)
+    names = _gallery_file_names(list(dict.fromkeys(folders)))
+    written: list[Path] = []
+    total, done = len(summary), 0
+    for folder, images in summary.groupby(folders, sort=True):
+        tables = []
+        for row in images.itertuples(index=False):
+            cells = Path(stem_of(row.image) + OUTPUT_SUFFIXES["cells"])
+            if not cells.is_file():
+                raise FileNotFoundError(f"{cells} is missing: run the batch again to redo {row.image}")
+            table = pd.read_csv(cells)
+            if not include_edge_cells and "touches_edge" in table.columns:
+                table = table[~table["touches_edge"].astype(bool)]
+            tables.append(table.assign(_image=row.image, _path=located.get(row.image, row.path),
+                                       _diameter=float(row.rbc_diameter_px)))
+        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["label", "cell_type"])
+        # a label is unique only within its image: group on a running index, then cut by image
+        table = table.assign(_label=table["label"], label=np.arange(len(table)))
+        groups = gallery_groups(table, cell_types=cell_types, order=order)
+        shown = {key: rows.iloc[:per_class] for key, rows in ((g[:2], g[2]) for g in groups)}
+        wanted = pd.concat(list(shown.values())) if shown else table.iloc[:0]
+        thumbnails: dict[int, np.ndarray] = {}
+        for (image, path), cells in wanted.groupby(["_image", "_path"], sort=False):
+            rgb, _ = read_image(path) if Path(path).is_file() else _missing_input(path, image)
+            labels, _ = read_image(stem_of(image) + OUTPUT_SUFFIXES["labels"], rgb=False)
+            for cell_type, of_type in cells.groupby("cell_type", sort=False):
+                key_classes = of_type["class"] if "class" in of_type.columns else [UNCLASSIFIED] * len(of_type)
+                outline = [_block_colour(cell_type, c if isinstance(c, str) and c else UNCLASSIFIED, colours)
+                           for c in key_classes]
+                cut = cell_thumbnails(
+                    rgb, labels, of_type["_label"].to_numpy(np.int64),
+                    of_type[["centroid_y", "centroid_x"]].to_numpy(np.float64),
+                    thumbnail_window_px(cell_type, float(of_type["_diameter"].iloc[0])), size=size,
+                    outline_rgb=outline,
+                )
+                thumbnails.update(zip(of_type["label"].tolist(), cut))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        blocks = []
+        for (cell_type, name), rows in shown.items():
+            confidence = rows["confidence"] if "confidence" in rows.columns else [None] * len(rows)
+            captions = [(Path(image).stem, f"{int(label)}  {_confidence_text(c)}".rstrip())
+                        for image, label, c in zip(rows["_image"], rows["_label"], confidence)]
+            total_in_group = len(next(g[2] for g in groups if g[:2] == (cell_type, name)))
+            blocks.append(GalleryBlock(
+                _heading(name, cell_type, total_in_group, len(rows), order), _block_colour(cell_type, name, colours),
+                np.stack([thumbnails[i] for i in rows["label"]]), captions,
+            ))
+        which = "every cell" if include_edge_cells else "whole cells (the image edge cuts none of them)"
+        title = f"{folder}: {len(images)} image{'s' if len(images) != 1 else ''}, {which}"
+        kinds = "" if cell_types is None else f" of type {', '.join(cell_types)}"
+        picture = compose_gallery(blocks, size=size, columns=columns, title=title, empty_text=f"no cells{kinds}")
+        target = out / GALLERY_FOLDER / names[folder]
+        target.parent.mkdir(exist_ok=True)
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        from .batch import OVERLAY_SOFTWARE
+
+        text = PngInfo()
+        text.add_text("Software", OVERLAY_SOFTWARE)  # known as ours by a later run
+        with atomic_write(target, "wb") as handle:
+            Image.fromarray(picture).save(handle, format="PNG", compress_level=1, pnginfo=text)
+        written.append(target)
+    return written
+
+
+def _missing_input(path: str, image: str):
+    raise FileNotFoundError(
+        f"the input image of {image} is not at {path} (where summary.csv and run.json say the run read it): "
+        "put it back there to draw its cells"
+    )

@@ -87,6 +87,11 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._turned_views = turned_views_combo()
         self._detail = detail_combo()
         self._overwrite = CheckBox(text="redo finished images", value=False)
+        self._gallery = CheckBox(
+            text="draw a cell gallery per folder", value=True,
+            tooltip="After the run, a picture of each folder's white cells and platelets, a block per class, the "
+            "least confident first, in <output folder>/galleries/ (napari-smear gallery does the same)",
+        )
         # Looking at the results: any image the output folder holds results for.
         self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
         self._results_title = Label(value="<b>Results</b>")
@@ -103,13 +108,15 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self.extend([
             self._input, self._output, self._pattern, *models, self._class_frequencies, self._turned_views,
             self._detail, self._device,
-            self._workers, self._overwrite,
+            self._workers, self._overwrite, self._gallery,
             *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
         self._images_done = (0, 0)  # (done, total) of the last progress report
         #: What the last finished run reported (for scripts and tests).
         self.last_report: BatchReport | None = None
+        #: The gallery pictures the last run drew (one per folder of images).
+        self.last_galleries: list[Path] = []
         self.reset_choices()
         self._models.value = [value for _, value in model_choices() if not Path(value).suffix]
 
@@ -139,12 +146,21 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             "working_diameter_px": None if self._detail.value == DETAIL_CHOICES[0][1] else float(self._detail.value),
         }
 
+        draw_galleries = bool(self._gallery.value)
+
         def compute(report):
             from napari_smear.batch import analyze_files
 
-            return analyze_files(
+            result = analyze_files(
                 source, target, progress=lambda done, total, message: report((done, total, message)), **options
             )
+            galleries = []
+            if draw_galleries and result.analysed + result.skipped:
+                from napari_smear.gallery import batch_galleries
+
+                report((result.total, result.total, "drawing the cell galleries"))
+                galleries = batch_galleries(target)
+            return result, galleries
 
         self._started = time.perf_counter()
         self._images_done = (0, 0)
@@ -162,7 +178,9 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
     def refresh_results(self) -> list[str]:
         """List the images the output folder holds results for (its ``summary.csv``); return them."""
         target = _chosen_folder(self._output)
-        self._summary_paths = _analysed_images(target) if target is not None else {}
+        from napari_smear.batch import analysed_input_paths
+
+        self._summary_paths = analysed_input_paths(target) if target is not None else {}
         images = list(self._summary_paths)
         current = self._analysed.value
         self._analysed.reset_choices()
@@ -249,11 +267,16 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         if message:
             self._set_status(f"{done}/{total} images: {message}")
 
-    def _show_result(self, report: BatchReport) -> None:
+    def _show_result(self, outcome: tuple[BatchReport, list]) -> None:
+        report, galleries = outcome
         self.last_report = report
+        self.last_galleries = list(galleries)
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
-        self._set_status(_summary(report, time.perf_counter() - self._started))
+        text = _summary(report, time.perf_counter() - self._started)
+        if galleries:
+            text += f". Cell galleries (a picture per folder): {Path(galleries[0]).parent}"
+        self._set_status(text)
         from napari.utils.notifications import show_warning
 
         if report.failed:
@@ -267,31 +290,6 @@ def _chosen_folder(edit: FileEdit) -> Path | None:
     """The folder typed or picked in ``edit``; None while the field is empty."""
     text = str(edit.line_edit.value).strip()
     return Path(text).expanduser() if text else None
-
-
-def _analysed_images(out_dir: Path) -> dict[str, str]:
-    """``image -> path`` of each row of ``out_dir/summary.csv`` (empty without one); a
-    path given relative on the command line is resolved against the folder the run
-    started in (``run.json``), not the one napari runs in."""
-    import json
-
-    import pandas as pd
-
-    summary_path = out_dir / "summary.csv"
-    if not summary_path.is_file():
-        return {}
-    try:
-        summary = pd.read_csv(summary_path, usecols=["image", "path"], dtype=str, keep_default_na=False)
-    except (OSError, ValueError):  # not a summary this widget wrote
-        return {}
-    try:
-        started_in = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("working_directory")
-    except (OSError, ValueError, AttributeError):  # no record (or an older one): paths as written
-        started_in = None
-    paths = summary["path"]
-    if started_in:
-        paths = [str(Path(started_in) / p) if p and not Path(p).is_absolute() else p for p in paths]
-    return dict(zip(summary["image"], paths))
 
 
 def _summary(report: BatchReport, seconds: float) -> str:

@@ -87,6 +87,12 @@ def run_demo(
     inputs: list[Path] = [samples_dir, *(real_fields() if include_real else [])]
     report = analyze_files(inputs, out, models=models, device=device, workers=workers)
     print_demo_summary(report)
+    if report.analysed + report.skipped:
+        from .gallery import batch_galleries
+
+        # what a reviewer looks at: each folder's white cells and platelets by class
+        for path in batch_galleries(out):
+            print(f"cell gallery: {path}")
     return report
 
 

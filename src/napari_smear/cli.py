@@ -501,7 +501,7 @@ def _add_gallery(subparsers) -> None:
     parser = subparsers.add_parser(
         "gallery", help="draw the cells of each folder of an analysis, a block per class, to review them",
         description="Read the output folder of `napari-smear analyze` and draw one picture per folder of images "
-                    "into OUT_DIR/galleries/<folder>.png: the cells of all its images, a block per class with "
+                    "into OUT_DIR/galleries/<folder>_gallery.png: the cells of all its images, a block per class with "
                     "its number of cells, the least confident first; each thumbnail is captioned with its "
                     "image and the cell's label id and confidence (its row in <image>_cells.csv). The input "
                     "images must still be where the run read them.",

@@ -17,7 +17,6 @@ import pandas as pd
 from napari.layers import Labels
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QComboBox,
     QCheckBox,
     QFileDialog,
     QFrame,
@@ -43,6 +42,7 @@ from napari_smear._napari.layers import (
     recolor_by_class,
     refresh_cells_layer,
 )
+from napari_smear._napari.widgets._cells_dock import CellsLayerDock
 
 if TYPE_CHECKING:
     import napari
@@ -96,7 +96,7 @@ def import_chart_modules() -> None:
     import matplotlib.figure  # noqa: F401
 
 
-class CountsWidget(QWidget):
+class CountsWidget(CellsLayerDock):
     """Dock widget: the differential count of a cells layer, as a table and a bar plot.
 
     Parameters
@@ -106,16 +106,13 @@ class CountsWidget(QWidget):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
+        super().__init__(
+            napari_viewer, combo_tooltip="The cells labels layer to count (made by Segment / Classify cells)"
+        )
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self._viewer = napari_viewer
-        self._layer: Labels | None = None
         self._counts = pd.DataFrame(columns=["cell_type", "class", "count", "percent"])
-
-        self._layer_combo = QComboBox()
-        self._layer_combo.setToolTip("The cells labels layer to count (made by Segment / Classify cells)")
         self._edge_checkbox = QCheckBox("Leave out cells cut by the image edge")
         self._edge_checkbox.setToolTip(
             "Count only whole cells: the classifier saw part of a cell the edge cuts, and where "
@@ -180,30 +177,12 @@ class CountsWidget(QWidget):
         self._edited_by_hand = False  # painted since last measured (large layers)
         self._last_edit: dict[str, int] | None = None
 
-        self._layer_combo.currentIndexChanged.connect(self._on_combo_changed)
         self._refresh_button.clicked.connect(self._on_update_clicked)
         self._edge_checkbox.toggled.connect(lambda *_: self.refresh())
         self._export_button.clicked.connect(self._on_export_clicked)
-        viewer_events = (
-            napari_viewer.layers.events.inserted,
-            napari_viewer.layers.events.removed,
-            napari_viewer.layers.events.renamed,
-        )
-        for event in viewer_events:
-            event.connect(self._fill_layer_combo)
-        # When the dock is closed the Qt object goes; stop listening to the viewer and
-        # the layer (the callbacks would reach a deleted widget).
-        self.destroyed.connect(lambda *_, w=self, e=viewer_events: _disconnect(w, e))
-        self._fill_layer_combo()
-        if self._layer is None:
-            self.refresh()
+        self._follow_layers()
 
     # ------------------------------------------------------------------ public API
-    @property
-    def layer(self) -> Labels | None:
-        """The counted cells layer."""
-        return self._layer
-
     @property
     def counts(self) -> pd.DataFrame:
         """The differential count shown (``cell_type, class, count, percent``)."""
@@ -222,17 +201,6 @@ class CountsWidget(QWidget):
     def selected_text(self) -> str:
         """What the widget says about the selected cell."""
         return self._selected.text()
-
-    def set_layer(self, layer: Labels) -> None:
-        """Count ``layer`` (a cells layer in the viewer)."""
-        self._fill_layer_combo()
-        index = self._layer_combo.findText(layer.name)
-        if index < 0:
-            raise ValueError(f"{layer.name!r} is not a cells labels layer of this viewer")
-        if index == self._layer_combo.currentIndex():
-            self._watch(layer)
-        else:
-            self._layer_combo.setCurrentIndex(index)
 
     def refresh(self) -> None:
         """Count the layer's cells again and redraw the table and the plot."""
@@ -268,35 +236,7 @@ class CountsWidget(QWidget):
         return write_csv_atomic(path, self.counts)
 
     # ------------------------------------------------------------------ internals
-    def _cells_layers(self) -> list[Labels]:
-        return [
-            layer for layer in self._viewer.layers
-            if isinstance(layer, Labels) and "cell_type" in getattr(layer, "features", pd.DataFrame()).columns
-            and layer.metadata.get(METADATA_KEY, {}).get("kind", "cells") == "cells"
-        ]
-
-    def _fill_layer_combo(self, *_: Any) -> None:
-        current = self._layer.name if self._layer is not None else None
-        names = [layer.name for layer in self._cells_layers()]
-        self._layer_combo.blockSignals(True)
-        self._layer_combo.clear()
-        self._layer_combo.addItems(names)
-        if current in names:
-            self._layer_combo.setCurrentIndex(names.index(current))
-        self._layer_combo.blockSignals(False)
-        chosen = self._layer_combo.currentText()
-        layer = self._viewer.layers[chosen] if chosen else None
-        if not _same_layer(layer, self._layer):
-            self._watch(layer)
-
-    def _on_combo_changed(self, index: int) -> None:
-        name = self._layer_combo.itemText(index) if index >= 0 else ""
-        self._watch(self._viewer.layers[name] if name in self._viewer.layers else None)
-
-    def _watch(self, layer: Labels | None) -> None:
-        if self._layer is not None:
-            _unwatch(self, self._layer)
-        self._layer = layer
+    def _layer_watched(self, layer: Labels | None) -> None:
         self._edited_by_hand = False
         self._last_edit = None
         if layer is not None:
@@ -305,7 +245,13 @@ class CountsWidget(QWidget):
             layer.events.selected_label.connect(self._on_selected_label)
             layer.events.paint.connect(self._on_painted)
             layer.events.data.connect(self._on_data_replaced)
-        self.refresh()
+
+    def _layer_unwatched(self, layer: Labels) -> None:
+        for event in (layer.events.features, layer.events.colormap):
+            event.disconnect(self._schedule_refresh)
+        layer.events.selected_label.disconnect(self._on_selected_label)
+        layer.events.paint.disconnect(self._on_painted)
+        layer.events.data.disconnect(self._on_data_replaced)
 
     def _schedule_refresh(self, *_: Any) -> None:
         self._refresh_timer.start()
@@ -434,29 +380,6 @@ class CountsWidget(QWidget):
         self._figure.set_figheight(max(2.0, 0.22 * len(counts) + 0.8))
         self._canvas.setMinimumHeight(int(self._figure.get_figheight() * self._figure.dpi))
         self._canvas.draw_idle()
-
-
-def _same_layer(a: Any, b: Any) -> bool:
-    # npe2 hands widgets a proxy of the viewer whose layers are proxies too: compare ids.
-    if a is None or b is None:
-        return a is b
-    return a.unique_id == b.unique_id
-
-
-def _unwatch(widget: CountsWidget, layer: Labels) -> None:
-    for event in (layer.events.features, layer.events.colormap):
-        event.disconnect(widget._schedule_refresh)
-    layer.events.selected_label.disconnect(widget._on_selected_label)
-    layer.events.paint.disconnect(widget._on_painted)
-    layer.events.data.disconnect(widget._on_data_replaced)
-
-
-def _disconnect(widget: CountsWidget, viewer_events: tuple) -> None:
-    for event in viewer_events:
-        event.disconnect(widget._fill_layer_combo)
-    if widget._layer is not None:
-        _unwatch(widget, widget._layer)
-    widget._layer = None
 
 
 def _edit_note(last_edit: dict[str, int] | None, pending: bool) -> str:

@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_smear._napari.layers import (
@@ -37,6 +36,7 @@ from napari_smear._napari.layers import (
     image_layer_of_cells,
     set_cell_classes,
 )
+from napari_smear._napari.widgets._cells_dock import CellsLayerDock
 from napari_smear.gallery import ORDERS, UNCLASSIFIED, cell_thumbnails, gallery_groups, thumbnail_window_px
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def _qimage(rgb: np.ndarray) -> QImage:
     return QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()  # copy: own the pixels
 
 
-class GalleryWidget(QWidget):
+class GalleryWidget(CellsLayerDock):
     """Dock widget: the cells of a cells layer as thumbnails, a class at a time.
 
     Parameters
@@ -68,14 +68,12 @@ class GalleryWidget(QWidget):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
-        self._viewer = napari_viewer
-        self._layer: Labels | None = None
+        super().__init__(
+            napari_viewer, combo_tooltip="The cells labels layer to review (made by Segment / Classify cells)"
+        )
         self._groups: list[tuple[str, str, pd.DataFrame]] = []
         self._shown = 0  # thumbnails of the current group in the list
 
-        self._layer_combo = QComboBox()
-        self._layer_combo.setToolTip("The cells labels layer to review (made by Segment / Classify cells)")
         self._group_combo = QComboBox()
         self._group_combo.setToolTip("The class whose cells are shown (largest first; the number of cells in brackets)")
         self._order_combo = QComboBox()
@@ -133,31 +131,15 @@ class GalleryWidget(QWidget):
         self._refresh_timer.setInterval(0)
         self._refresh_timer.timeout.connect(self.refresh)
 
-        self._layer_combo.currentIndexChanged.connect(self._on_layer_combo_changed)
         self._group_combo.currentIndexChanged.connect(lambda *_: self._show_group())
         self._order_combo.currentIndexChanged.connect(lambda *_: self.refresh())
         self._list.itemSelectionChanged.connect(self._on_selection_changed)
         self._more_button.clicked.connect(self.show_more)
         self._set_button.clicked.connect(self._on_set_clicked)
         self._save_button.clicked.connect(self._on_save_clicked)
-        viewer_events = (
-            napari_viewer.layers.events.inserted,
-            napari_viewer.layers.events.removed,
-            napari_viewer.layers.events.renamed,
-        )
-        for event in viewer_events:
-            event.connect(self._fill_layer_combo)
-        self.destroyed.connect(lambda *_, w=self, e=viewer_events: _disconnect(w, e))
-        self._fill_layer_combo()
-        if self._layer is None:
-            self.refresh()
+        self._follow_layers()
 
     # ------------------------------------------------------------------ public API
-    @property
-    def layer(self) -> Labels | None:
-        """The cells layer shown."""
-        return self._layer
-
     @property
     def groups(self) -> list[str]:
         """The entries of the class list, as shown (e.g. ``"neutrophil (wbc): 12"``)."""
@@ -176,17 +158,6 @@ class GalleryWidget(QWidget):
     @property
     def status(self) -> str:
         return self._status.text()
-
-    def set_layer(self, layer: Labels) -> None:
-        """Show the cells of ``layer`` (a cells layer in the viewer)."""
-        self._fill_layer_combo()
-        index = self._layer_combo.findText(layer.name)
-        if index < 0:
-            raise ValueError(f"{layer.name!r} is not a cells labels layer of this viewer")
-        if index == self._layer_combo.currentIndex():
-            self._watch(layer)
-        else:
-            self._layer_combo.setCurrentIndex(index)
 
     def show_group(self, class_name: str, cell_type: str | None = None) -> None:
         """Show the cells of one class (``"unclassified"`` for those without one)."""
@@ -273,11 +244,15 @@ class GalleryWidget(QWidget):
             return
         image = image_layer.data[0] if image_layer.multiscale else image_layer.data
         colour = self._outline_colour(cell_type, name)
-        thumbs = cell_thumbnails(
-            image, self._layer.data, page["label"].to_numpy(np.int64),
-            page[["centroid_y", "centroid_x"]].to_numpy(np.float64),
-            thumbnail_window_px(cell_type, float(diameter)), size=THUMBNAIL_SIZE, outline_rgb=colour,
-        )
+        try:
+            thumbs = cell_thumbnails(
+                image, self._layer.data, page["label"].to_numpy(np.int64),
+                page[["centroid_y", "centroid_x"]].to_numpy(np.float64),
+                thumbnail_window_px(cell_type, float(diameter)), size=THUMBNAIL_SIZE, outline_rgb=colour,
+            )
+        except ValueError as exc:  # an image layer that no longer fits the cells (replaced by a stack, say)
+            self._status.setText(f"Cannot show the cells of {self._layer.name!r} on {image_layer.name!r}: {exc}")
+            return
         confidence = (pd.to_numeric(page["confidence"], errors="coerce").to_numpy()
                       if "confidence" in page.columns else np.full(len(page), np.nan))
         models = page["model"].astype(str).to_numpy() if "model" in page.columns else np.full(len(page), "")
@@ -388,40 +363,15 @@ class GalleryWidget(QWidget):
             self._class_combo.setCurrentText(text)
         self._class_combo.blockSignals(False)
 
-    def _cells_layers(self) -> list[Labels]:
-        return [
-            layer for layer in self._viewer.layers
-            if isinstance(layer, Labels) and "cell_type" in getattr(layer, "features", pd.DataFrame()).columns
-            and layer.metadata.get(METADATA_KEY, {}).get("kind", "cells") == "cells"
-        ]
-
-    def _fill_layer_combo(self, *_: Any) -> None:
-        current = self._layer.name if self._layer is not None else None
-        names = [layer.name for layer in self._cells_layers()]
-        self._layer_combo.blockSignals(True)
-        self._layer_combo.clear()
-        self._layer_combo.addItems(names)
-        if current in names:
-            self._layer_combo.setCurrentIndex(names.index(current))
-        self._layer_combo.blockSignals(False)
-        chosen = self._layer_combo.currentText()
-        layer = self._viewer.layers[chosen] if chosen else None
-        if (layer is None) != (self._layer is None) or (layer is not None and layer.unique_id != self._layer.unique_id):
-            self._watch(layer)
-
-    def _on_layer_combo_changed(self, index: int) -> None:
-        name = self._layer_combo.itemText(index) if index >= 0 else ""
-        self._watch(self._viewer.layers[name] if name in self._viewer.layers else None)
-
-    def _watch(self, layer: Labels | None) -> None:
-        if self._layer is not None:
-            _unwatch(self, self._layer)
-        self._layer = layer
+    def _layer_watched(self, layer: Labels | None) -> None:
         self._note = ""
         if layer is not None:
             layer.events.features.connect(self._schedule_refresh)
             layer.events.data.connect(self._schedule_refresh)
-        self.refresh()
+
+    def _layer_unwatched(self, layer: Labels) -> None:
+        layer.events.features.disconnect(self._schedule_refresh)
+        layer.events.data.disconnect(self._schedule_refresh)
 
     def _schedule_refresh(self, *_: Any) -> None:
         self._refresh_timer.start()
@@ -469,19 +419,6 @@ class GalleryWidget(QWidget):
                 self._status.setText(f"Not saved: {exc}")
             else:
                 self._status.setText(f"Saved {path}")
-
-
-def _unwatch(widget: GalleryWidget, layer: Labels) -> None:
-    layer.events.features.disconnect(widget._schedule_refresh)
-    layer.events.data.disconnect(widget._schedule_refresh)
-
-
-def _disconnect(widget: GalleryWidget, viewer_events: tuple) -> None:
-    for event in viewer_events:
-        event.disconnect(widget._fill_layer_combo)
-    if widget._layer is not None:
-        _unwatch(widget, widget._layer)
-    widget._layer = None
 
 
 def show_gallery(viewer: napari.viewer.Viewer, layer: Labels) -> GalleryWidget:

@@ -75,7 +75,7 @@ class GalleryWidget(CellsLayerDock):
         self._shown = 0  # thumbnails of the current group in the list
 
         self._group_combo = QComboBox()
-        self._group_combo.setToolTip("The class whose cells are shown (largest first; the number of cells in brackets)")
+        self._group_combo.setToolTip("The class whose cells are shown: class (cell type): number of cells, largest first")
         self._order_combo = QComboBox()
         self._order_combo.addItems(list(ORDERS))
         self._order_combo.setToolTip("Review the cells the model was least sure of first")
@@ -131,7 +131,7 @@ class GalleryWidget(CellsLayerDock):
         self._refresh_timer.setInterval(0)
         self._refresh_timer.timeout.connect(self.refresh)
 
-        self._group_combo.currentIndexChanged.connect(lambda *_: self._show_group())
+        self._group_combo.currentIndexChanged.connect(self._on_group_chosen)
         self._order_combo.currentIndexChanged.connect(lambda *_: self.refresh())
         self._list.itemSelectionChanged.connect(self._on_selection_changed)
         self._more_button.clicked.connect(self.show_more)
@@ -302,6 +302,10 @@ class GalleryWidget(CellsLayerDock):
     def _current_group(self):
         index = self._group_combo.currentIndex()
         return self._groups[index] if 0 <= index < len(self._groups) else None
+
+    def _on_group_chosen(self, *_: Any) -> None:
+        self._note = ""  # what was set by hand was said; another class is looked at now
+        self._show_group()
 
     def _show_group(self) -> None:
         self._list.clear()

@@ -60,6 +60,30 @@ def test_thumbnails_read_only_the_windows_of_an_image_on_disk(tmp_path):
     )
 
 
+def test_thumbnails_of_16_bit_and_float_images_match_the_8_bit_ones():
+    from napari_smear.io import as_rgb_uint8
+
+    image, labels = _field()
+    ids, centres = [1, 2], [(4.5, 4.5), (49.5, 59.5)]
+    # converted as a whole, as the segmentation converts them (window by window, each
+    # small window was stretched to its own range, or refused under 16 px)
+    wide = image.astype(np.uint16) * 100
+    np.testing.assert_array_equal(cell_thumbnails(wide, labels, ids, centres, 12, size=16),
+                                  cell_thumbnails(as_rgb_uint8(wide), labels, ids, centres, 12, size=16))
+    unit = cell_thumbnails(image.astype(np.float32) / 255, labels, ids, centres, 12, size=16)
+    np.testing.assert_allclose(unit.astype(int), cell_thumbnails(image, labels, ids, centres, 12, size=16), atol=1)
+
+
+def test_a_window_much_larger_than_the_thumbnail_is_read_sparsely():
+    image = np.full((3000, 3000, 3), 200, np.uint8)
+    labels = np.zeros((3000, 3000), np.uint32)
+    labels[1000:2000, 1000:2000] = 7
+    image[1000:2000, 1000:2000] = (120, 40, 160)
+    thumb = cell_thumbnails(image, labels, [7], [(1499.5, 1499.5)], 2000, size=40)[0]
+    assert (thumb[20, 20] == (120, 40, 160)).all() and (thumb[2, 2] == 200).all()
+    assert (thumb[10, 20] == 255).all()  # the outline, about a quarter of the way in
+
+
 def test_thumbnail_arguments_are_checked():
     image, labels = _field()
     with pytest.raises(ValueError, match="2 ids but 1 centroids"):
@@ -70,6 +94,10 @@ def test_thumbnail_arguments_are_checked():
         cell_thumbnails(image, labels, [1], [(1, 1)], 20, size=4)
     with pytest.raises(ValueError, match="window_px must be > 0"):
         cell_thumbnails(image, labels, [1], [(1, 1)], 0)
+    with pytest.raises(ValueError, match=r"cells \[2\] have none"):
+        cell_thumbnails(image, labels, [1, 2], [(1, 1), (np.nan, 3)], 20)
+    with pytest.raises(ValueError, match="outline_rgb is 0-255"):
+        cell_thumbnails(image, labels, [1], [(1, 1)], 20, outline_rgb=(0.2, 0.5, 1.0))
     with pytest.raises(ValueError, match="red-cell diameter must be a number > 0"):
         thumbnail_window_px("wbc", float("nan"))
     assert thumbnail_window_px("rbc", 10) == pytest.approx(10 * THUMBNAIL_SPAN["rbc"])
@@ -167,6 +195,8 @@ def analysed(tmp_path_factory):
     (inputs / "slide 2").mkdir(parents=True)
     for k, name in enumerate(["a.png", "b.png", "slide 2/c.png"]):
         write_png_atomic(inputs / name, synthetic_smear((200, 260), rbc_diameter_px=26.0, seed=k)[0])
+    # a field without cells: no ruler (an empty rbc_diameter_px in summary.csv), nothing to draw
+    write_png_atomic(inputs / "blank.png", np.full((200, 260, 3), (232, 228, 236), np.uint8))
     out = root / "out"
     analyze_files(inputs, out, models=[str(model)], device="cpu")
     return root, inputs, out
@@ -183,7 +213,7 @@ def test_batch_galleries_draw_each_folder_of_a_run(analysed):
     paths = batch_galleries(out, cell_types=None, progress=lambda done, total: seen.append((done, total)))
     assert [p.name for p in paths] == ["in_gallery.png", "slide_2_gallery.png"]
     assert all(p.parent == out / "galleries" for p in paths)
-    assert seen and seen[-1][1] == 3
+    assert seen and seen[-1][1] == 4  # 4 images, the blank one among them
     picture, _ = read_image(paths[0])
     assert picture.shape[1] == 800 and picture.shape[0] > 3 * (18 + 80)
     # known as ours: a run whose output folder is its input folder does not analyse them
@@ -212,13 +242,23 @@ def test_cli_gallery_and_analyze_gallery(analysed, tmp_path, capsys):
     assert f"gallery: {copy / 'galleries' / 'in_gallery.png'}" in printed
     assert main(["gallery", str(tmp_path / "nowhere")]) == 1
     assert "is not a folder" in capsys.readouterr().err
-    # an input image moved away since the run: said so, with where it was read
+    assert main(["gallery", str(copy), "--cell-types", "all", "rbc"]) == 1
+    assert "--cell-types takes wbc, rbc, platelet, or all alone" in capsys.readouterr().err
+    # an input image moved away since the run: its cells are left out, said so, the rest drawn
     (inputs / "a.png").rename(tmp_path / "a.png")
     try:
-        assert main(["gallery", str(copy)]) == 1
-        assert "the input image of a.png is not at" in capsys.readouterr().err
+        with pytest.warns(UserWarning, match="the cells of a.png are left out: its input image is not at"):
+            assert main(["gallery", str(copy)]) == 0
+        assert capsys.readouterr().out.count("gallery: ") == 2
     finally:
         (tmp_path / "a.png").rename(inputs / "a.png")
+    # a file of the user's own where a picture goes: nothing is written over
+    (copy / "galleries" / "slide_2_gallery.png").write_bytes(b"mine")
+    before = (copy / "galleries" / "in_gallery.png").stat().st_mtime_ns
+    assert main(["gallery", str(copy)]) == 1
+    assert "not written over (napari-smear did not write them)" in capsys.readouterr().err
+    assert (copy / "galleries" / "slide_2_gallery.png").read_bytes() == b"mine"
+    assert (copy / "galleries" / "in_gallery.png").stat().st_mtime_ns == before
     # analyze --gallery draws them after the run
     again = tmp_path / "again"
     assert main(["analyze", str(inputs), str(again), "--models", "none", "--gallery", "--quiet"]) == 0

@@ -525,7 +525,13 @@ def _cmd_gallery(args) -> int:
 
     if not Path(args.out_dir).is_dir():
         raise CommandError(f"{args.out_dir} is not a folder: give the output folder of `napari-smear analyze`")
-    cell_types = None if [t.lower() for t in args.cell_types] == ["all"] else args.cell_types
+    from .segment.types import CELL_TYPES
+
+    given = [t.strip().lower() for item in args.cell_types for t in item.split(",") if t.strip()]
+    unknown = [t for t in given if t not in (*CELL_TYPES, "all")]
+    if unknown or ("all" in given and len(given) > 1):
+        raise CommandError(f"--cell-types takes {', '.join(CELL_TYPES)}, or all alone; got {' '.join(args.cell_types)}")
+    cell_types = None if given == ["all"] else given
     order = {"least": args.orders[0], "most": args.orders[1], "label": args.orders[2]}[args.order]
     paths = batch_galleries(args.out_dir, cell_types=cell_types, per_class=args.per_class, order=order,
                             include_edge_cells=args.include_edge_cells)

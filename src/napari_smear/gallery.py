@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,30 +61,21 @@ def thumbnail_window_px(cell_type: str, rbc_diameter_px: float) -> float:
     return THUMBNAIL_SPAN.get(str(cell_type), THUMBNAIL_SPAN["wbc"]) * float(rbc_diameter_px)
 
 
-def _rgb_window(image: Any, y0: int, x0: int, side: int) -> np.ndarray:
-    """``image[y0:y0+side, x0:x0+side]`` as uint8 RGB, padded with glass past the border."""
-    from .io import as_rgb_uint8
-
-    h, w = image.shape[:2]
-    out = np.empty((side, side, 3), np.uint8)
-    out[:] = _PAD_RGB
-    ys, ye = max(0, y0), min(h, y0 + side)
-    xs, xe = max(0, x0), min(w, x0 + side)
+def _window(array: Any, y0: int, x0: int, side: int, step: int, fill) -> np.ndarray:
+    """``array[y0:y0+side:step, x0:x0+side:step]``, filled with ``fill`` past the border
+    (every ``step``-th pixel of the window, counted from its corner)."""
+    h, w = array.shape[:2]
+    n = -(-side // step)
+    out = np.empty((n, n, *array.shape[2:]), array.dtype)
+    out[:] = fill
+    # the first pixel of the window inside the image on the window's own grid
+    ys = y0 + max(0, -(-(0 - y0) // step)) * step if y0 < 0 else y0
+    xs = x0 + max(0, -(-(0 - x0) // step)) * step if x0 < 0 else x0
+    ye, xe = min(h, y0 + side), min(w, x0 + side)
     if ys < ye and xs < xe:
-        window = np.asarray(image[ys:ye, xs:xe])
-        if window.dtype != np.uint8 or window.ndim != 3 or window.shape[-1] != 3:
-            window = as_rgb_uint8(window)
-        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = window
-    return out
-
-
-def _label_window(labels: Any, y0: int, x0: int, side: int) -> np.ndarray:
-    h, w = labels.shape[:2]
-    out = np.zeros((side, side), np.int64)
-    ys, ye = max(0, y0), min(h, y0 + side)
-    xs, xe = max(0, x0), min(w, x0 + side)
-    if ys < ye and xs < xe:
-        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = np.asarray(labels[ys:ye, xs:xe])
+        part = np.asarray(array[ys:ye:step, xs:xe:step])
+        oy, ox = (ys - y0) // step, (xs - x0) // step
+        out[oy : oy + part.shape[0], ox : ox + part.shape[1]] = part
     return out
 
 
@@ -138,24 +130,44 @@ def cell_thumbnails(
     sides = np.broadcast_to(np.asarray(window_px, np.float64), ids.shape)
     if len(ids) and not (np.isfinite(sides).all() and (sides > 0).all()):
         raise ValueError(f"window_px must be > 0, got {window_px!r}")
-    colours = None if outline_rgb is None else np.broadcast_to(np.asarray(outline_rgb, np.uint8), (len(ids), 3))
-    # the outline about 1/40 of the thumbnail thick: 2 px at 80 px
+    if len(ids) and not np.isfinite(centroids).all():
+        raise ValueError("every centroid must be a finite (y, x); "
+                         f"cells {ids[~np.isfinite(centroids).all(1)][:10].tolist()} have none")
+    colours = None
+    if outline_rgb is not None:
+        given = np.asarray(outline_rgb)
+        if given.dtype.kind == "f" and given.size and given.max() <= 1 and not np.all(given == np.round(given)):
+            raise ValueError(f"outline_rgb is 0-255 (as napari_smear.colors gives it), got {given.ravel()[:3]}...")
+        colours = np.broadcast_to(np.clip(given, 0, 255).astype(np.uint8), (len(ids), 3))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        # converted once, as the segmentation converted it: window by window, each would
+        # be stretched to its own range
+        from .io import as_rgb_uint8
+
+        image = as_rgb_uint8(np.asarray(image))
+    # the outline about 1/40 of the thumbnail thick (2 px at 80 px), with a dark line
+    # outside it so that pale class colours (normal red cells' grey) show on pale glass
     thickness = max(1, int(round(size / 40)))
     out = np.empty((len(ids), size, size, 3), np.uint8)
     for k, (label, (cy, cx), side) in enumerate(zip(ids, centroids, sides)):
         side_px = max(2, int(round(side)))
         y0, x0 = int(round(cy - side_px / 2)), int(round(cx - side_px / 2))
-        window = _rgb_window(image, y0, x0, side_px)
-        if side_px != size:
-            window = resize(window, (size, size), order=1, anti_aliasing=side_px > size,
+        # a window far larger than the thumbnail is read every step-th pixel before it is
+        # smoothed and resampled (a 5000 px window took seconds a cell)
+        step = max(1, side_px // (4 * size))
+        window = _window(image, y0, x0, side_px, step, _PAD_RGB)
+        if window.shape[0] != size:
+            window = resize(window, (size, size), order=1, anti_aliasing=window.shape[0] > size,
                             preserve_range=True)
             window = np.clip(np.rint(window), 0, 255).astype(np.uint8)
         out[k] = window
         if colours is not None:
-            own = _label_window(labels, y0, x0, side_px) == label
-            if side_px != size:
+            own = _window(labels, y0, x0, side_px, step, 0) == label
+            if own.shape[0] != size:
                 own = resize(own, (size, size), order=0, anti_aliasing=False) > 0.5
             rim = own & ~ndi.binary_erosion(own, iterations=thickness, border_value=0)
+            halo = ndi.binary_dilation(own, iterations=1) & ~own
+            out[k][halo] = (out[k][halo] * 0.35).astype(np.uint8)
             out[k][rim] = colours[k]
     return out
 
@@ -211,13 +223,17 @@ def gallery_groups(
     return groups
 
 
-def _heading(name: str, cell_type: str, total: int, shown: int, order: str) -> str:
+def _heading(name: str, cell_type: str, total: int, shown: int, order: str, confidence: bool = True) -> str:
     text = f"{name} ({cell_type}): {total} cell{'s' if total != 1 else ''}"
     if total > shown:
         which = {"least confident first": "least confident", "most confident first": "most confident",
-                 "label": "first"}[order]
+                 "label": "first"}[order] if confidence else "first"
         text += f", the {shown} {which} shown"
     return text
+
+
+def _has_confidence(rows: pd.DataFrame) -> bool:
+    return "confidence" in rows.columns and bool(pd.to_numeric(rows["confidence"], errors="coerce").notna().any())
 
 
 def _confidence_text(value: Any) -> str:
@@ -357,7 +373,8 @@ def gallery_picture(
         confidence = shown["confidence"] if "confidence" in shown.columns else [None] * len(shown)
         captions = [(f"{int(label)}  {_confidence_text(c)}".rstrip(),)
                     for label, c in zip(shown["label"], confidence)]
-        blocks.append(GalleryBlock(_heading(name, cell_type, len(rows), len(shown), order), colour, thumbs, captions))
+        blocks.append(GalleryBlock(_heading(name, cell_type, len(rows), len(shown), order, _has_confidence(rows)),
+                                   colour, thumbs, captions))
     wanted = "" if cell_types is None else f" of type {', '.join(cell_types)}"
     return compose_gallery(blocks, size=size, columns=columns, title=title, empty_text=f"no cells{wanted}")
 
@@ -435,10 +452,15 @@ def batch_galleries(
     Raises
     ------
     FileNotFoundError
-        ``out_dir`` holds no ``summary.csv`` (not the output of a finished run), or an
-        input image or output file a gallery needs is missing.
+        ``out_dir`` holds no ``summary.csv`` (not the output of a finished run).
+    FileExistsError
+        A file napari-smear did not write lies where a picture goes (nothing is written).
+
+    An image whose input file has moved, or whose cell table is missing, is left out of
+    its folder's picture (with a warning, and named in the picture's title); a field
+    without cells has nothing to draw.
     """
-    from .batch import OUTPUT_SUFFIXES, _folder_of, analysed_input_paths, output_stem
+    from .batch import OUTPUT_SUFFIXES, _folder_of, _is_our_picture, analysed_input_paths, output_stem
     from .colors import class_palette_rgb
     from .io import atomic_write, read_image
 
@@ -468,20 +490,38 @@ def batch_galleries(
 
     folders = summary["path"].map(_folder_of)
     names = _gallery_file_names(list(dict.fromkeys(folders)))
+    targets = {folder: out / GALLERY_FOLDER / name for folder, name in names.items()}
+    foreign = [str(t) for t in targets.values() if t.exists() and not _is_our_picture(t)]
+    if foreign:  # as the batch never writes over a file it did not write
+        raise FileExistsError(
+            f"not written over (napari-smear did not write them): {', '.join(foreign[:5])}"
+            + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            + "; move them away, or give another output folder"
+        )
     written: list[Path] = []
     total, done = len(summary), 0
     for folder, images in summary.groupby(folders, sort=True):
-        tables = []
+        tables, left_out = [], []
         for row in images.itertuples(index=False):
             cells = Path(stem_of(row.image) + OUTPUT_SUFFIXES["cells"])
-            if not cells.is_file():
-                raise FileNotFoundError(f"{cells} is missing: run the batch again to redo {row.image}")
+            path = located.get(row.image, row.path)
+            diameter = pd.to_numeric(pd.Series([row.rbc_diameter_px]), errors="coerce").iloc[0]
+            if not np.isfinite(diameter):  # a field without cells has no ruler, and nothing to draw
+                continue
+            problem = (f"{cells} is missing (run the batch again to redo the image)" if not cells.is_file()
+                       else None if Path(path).is_file()
+                       else f"its input image is not at {path}, where the run read it")
+            if problem:
+                left_out.append(row.image)
+                warnings.warn(f"gallery of {folder}: the cells of {row.image} are left out: {problem}", stacklevel=2)
+                continue
             table = pd.read_csv(cells)
             if not include_edge_cells and "touches_edge" in table.columns:
                 table = table[~table["touches_edge"].astype(bool)]
-            tables.append(table.assign(_image=row.image, _path=located.get(row.image, row.path),
-                                       _diameter=float(row.rbc_diameter_px)))
-        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["label", "cell_type"])
+            tables.append(table.assign(_image=row.image, _path=path, _diameter=float(diameter)))
+        tables = [t for t in tables if len(t)]
+        table = (pd.concat(tables, ignore_index=True) if tables
+                 else pd.DataFrame(columns=["label", "cell_type", "_image", "_path", "_diameter"]))
         # a label is unique only within its image: group on a running index, then cut by image
         table = table.assign(_label=table["label"], label=np.arange(len(table)))
         groups = gallery_groups(table, cell_types=cell_types, order=order)
@@ -489,7 +529,7 @@ def batch_galleries(
         wanted = pd.concat(list(shown.values())) if shown else table.iloc[:0]
         thumbnails: dict[int, np.ndarray] = {}
         for (image, path), cells in wanted.groupby(["_image", "_path"], sort=False):
-            rgb, _ = read_image(path) if Path(path).is_file() else _missing_input(path, image)
+            rgb, _ = read_image(path)
             labels, _ = read_image(stem_of(image) + OUTPUT_SUFFIXES["labels"], rgb=False)
             for cell_type, of_type in cells.groupby("cell_type", sort=False):
                 key_classes = of_type["class"] if "class" in of_type.columns else [UNCLASSIFIED] * len(of_type)
@@ -512,14 +552,17 @@ def batch_galleries(
                         for image, label, c in zip(rows["_image"], rows["_label"], confidence)]
             total_in_group = len(next(g[2] for g in groups if g[:2] == (cell_type, name)))
             blocks.append(GalleryBlock(
-                _heading(name, cell_type, total_in_group, len(rows), order), _block_colour(cell_type, name, colours),
+                _heading(name, cell_type, total_in_group, len(rows), order, _has_confidence(rows)),
+                _block_colour(cell_type, name, colours),
                 np.stack([thumbnails[i] for i in rows["label"]]), captions,
             ))
         which = "every cell" if include_edge_cells else "whole cells (the image edge cuts none of them)"
         title = f"{folder}: {len(images)} image{'s' if len(images) != 1 else ''}, {which}"
+        if left_out:
+            title += f"; {len(left_out)} image(s) left out (input or output missing): {', '.join(left_out[:3])}"
         kinds = "" if cell_types is None else f" of type {', '.join(cell_types)}"
         picture = compose_gallery(blocks, size=size, columns=columns, title=title, empty_text=f"no cells{kinds}")
-        target = out / GALLERY_FOLDER / names[folder]
+        target = targets[folder]
         target.parent.mkdir(exist_ok=True)
         from PIL import Image
         from PIL.PngImagePlugin import PngInfo
@@ -532,10 +575,3 @@ def batch_galleries(
             Image.fromarray(picture).save(handle, format="PNG", compress_level=1, pnginfo=text)
         written.append(target)
     return written
-
-
-def _missing_input(path: str, image: str):
-    raise FileNotFoundError(
-        f"the input image of {image} is not at {path} (where summary.csv and run.json say the run read it): "
-        "put it back there to draw its cells"
-    )

@@ -9,13 +9,15 @@ from conftest import tiny_model_file
 from widget_helpers import add_segmented_field, truth_segmentation
 
 from napari_smear._napari.layers import BY_HAND, CLASS_COLORS, add_to_viewer, set_cell_classes
+from napari_smear._napari.widgets import gallery as gallery_module
 from napari_smear._napari.widgets.gallery import PAGE_SIZE, GalleryWidget
 
 pytestmark = pytest.mark.gui
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, synthetic_field, tmp_path, qtbot):
+@pytest.mark.usefixtures("one_torch_thread", "fresh_user_models")
+def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, synthetic_field, tmp_path, qtbot,
+                                                            monkeypatch):
     from napari_smear.pipeline import analyze
 
     viewer = make_napari_viewer()
@@ -84,6 +86,50 @@ def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, 
     picture, _ = read_image(path)
     assert picture.shape[1] == 800 and picture.shape[0] > 200
 
+    # The class list offers only the classes of the shown cells' type.
+    gallery.show_group(biggest, "rbc")
+    offered = {gallery._class_combo.itemText(i) for i in range(gallery._class_combo.count())}
+    assert gallery._class_combo.currentText() == biggest and "schistocyte" in offered
+
+    # Leaving out the cells cut by the image edge, as the Differential count can.
+    now = cells.features
+    whole = now[(now["cell_type"] == "rbc") & (now["class"] == biggest) & ~now["touches_edge"]]["index"]
+    gallery.include_edge_cells = False
+    assert sorted(gallery.shown_labels) == sorted(whole)
+    gallery.include_edge_cells = True
+
+    # A correction keeps the reviewer's place: the pages shown stay shown.
+    monkeypatch.setattr(gallery_module, "PAGE_SIZE", 5)
+    gallery._show_group()  # the first page, as choosing the class shows it
+    gallery.show_more()
+    assert len(gallery.shown_labels) == 10
+    gallery.set_class("teardrop", gallery.shown_labels[:1])
+    qtbot.waitUntil(lambda: "teardrop" in " ".join(gallery.groups))
+    assert len(gallery.shown_labels) >= 10
+
+    # Classifying again keeps the classes set by hand (a person's word outlasts the model's).
+    from napari_smear._napari.layers import hand_set_classes
+
+    hand = hand_set_classes(cells)
+    from napari_smear._napari.widgets import user_models
+
+    user_models.add(model)
+    _, classify = viewer.window.add_plugin_dock_widget("napari-smear", "Classify cells")
+    classify._image_combo.value = image
+    classify._cells_combo.value = cells
+    classify._models.value = [str(model.resolve())]
+    classify._device.value = "cpu"
+    classify.run()
+    qtbot.waitUntil(lambda: not classify.is_running, timeout=60_000)
+    assert hand_set_classes(cells) == hand and f"{len(hand)} class(es) set by hand kept" in classify.status
+
+    # 'unclassified' is not a class name, and the picture is a PNG.
+    with pytest.raises(ValueError, match="'unclassified' names the cells without a class"):
+        set_cell_classes(cells, expected[2], "Unclassified")
+    with pytest.raises(ValueError, match="saved as PNG"):
+        gallery.save_picture(tmp_path / "gallery.jpg")
+    assert gallery.save_picture(tmp_path / "report").endswith("report.png")
+
     # Nothing selected, or an id that is not a cell: a clear error, nothing changed.
     gallery._list.clearSelection()
     with pytest.raises(ValueError, match="no cells selected"):
@@ -93,7 +139,9 @@ def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, 
         set_cell_classes(cells, [9999], "normal")
     pd.testing.assert_frame_equal(cells.features, before)
 
-    # The image removed: the thumbnails cannot be cut, and the dock says so.
+    # The image removed: the thumbnails cannot be cut, and the dock says so -- never cut
+    # from another image of the same size (every camera field has one size).
     viewer.layers.remove(image)
+    viewer.add_image(np.zeros_like(rgb), name="another field", rgb=True)
     gallery.refresh()
-    assert "its image layer is not in the viewer" in gallery.status
+    assert "its image layer is not in the viewer" in gallery.status and gallery.shown_labels == []

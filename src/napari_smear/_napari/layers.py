@@ -46,6 +46,7 @@ __all__ = [
     "show_layers",
     "recolor_by_class",
     "set_cell_classes",
+    "hand_set_classes",
     "image_layer_of_cells",
     "BY_HAND",
     "add_to_viewer",
@@ -698,7 +699,7 @@ def recolor_by_class(layer: Any) -> dict[str, tuple[float, float, float, float]]
 BY_HAND = "by hand"
 
 
-def set_cell_classes(layer: Any, ids: Iterable[int], name: str | None) -> int:
+def set_cell_classes(layer: Any, ids: int | Iterable[int], name: str | None) -> int:
     """Set the class of some cells of a cells layer by hand, and recolour the layer.
 
     The cells' ``class`` becomes ``name`` (None or "" removes it: the cells count as
@@ -723,11 +724,13 @@ def set_cell_classes(layer: Any, ids: Iterable[int], name: str | None) -> int:
     if "index" not in features.columns or "cell_type" not in features.columns:
         raise ValueError(f"layer {getattr(layer, 'name', '?')!r} has no cell table in its features; "
                          "segment or classify its image first")
-    wanted = np.unique(np.asarray(list(ids), np.int64))
+    wanted = np.unique(np.atleast_1d(np.asarray(ids, np.int64)))
     missing = np.setdiff1d(wanted, features["index"].to_numpy(np.int64))
     if missing.size:
         raise ValueError(f"no cells with label ids {missing[:10].tolist()} in layer {layer.name!r}")
     value = "" if name is None else str(name).strip()
+    if value.lower() == "unclassified":
+        raise ValueError("'unclassified' names the cells without a class: give no class (None) to remove one")
     rows = features["index"].isin(wanted).to_numpy()
     for column, default in (("class", ""), ("model", "")):
         if column not in features.columns:
@@ -751,22 +754,35 @@ def set_cell_classes(layer: Any, ids: Iterable[int], name: str | None) -> int:
     return changed
 
 
+def hand_set_classes(layer: Any) -> dict[int, str]:
+    """Label id -> class of the cells of a cells layer whose class was set by hand
+    (:func:`set_cell_classes`; "" for a class removed by hand)."""
+    features = getattr(layer, "features", None)
+    if features is None or "model" not in features.columns or "index" not in features.columns:
+        return {}
+    rows = features[features["model"].astype(str) == BY_HAND]
+    classes = rows["class"] if "class" in rows.columns else pd.Series([""] * len(rows), index=rows.index)
+    return {int(i): (str(c) if _has_class(c) else "") for i, c in zip(rows["index"], classes)}
+
+
 def image_layer_of_cells(viewer: Any, cells_layer: Any) -> Any:
-    """The image layer a cells layer was made from (by layer id, else by name, else the
-    only RGB image of its size), or None."""
+    """The image layer a cells layer was made from (by layer id, else by name), or None.
+
+    Never another image of the same size: camera fields all have one size, and the
+    cells of one field drawn on another's pixels would look plausible and be wrong.
+    """
     from napari.layers import Image
 
     info = cells_layer.metadata.get(METADATA_KEY, {})
     images = [layer for layer in viewer.layers if isinstance(layer, Image)
-              and layer.metadata.get(METADATA_KEY, {}).get("kind") != "attention"]
+              and layer.metadata.get(METADATA_KEY, {}).get("kind") != "attention"
+              and _image_shape(layer)[:2] == tuple(cells_layer.data.shape)]
     for key, value in (("image_layer_id", lambda layer: layer.unique_id), ("image_layer", lambda layer: layer.name)):
         if info.get(key) is not None:
             for layer in images:
                 if value(layer) == info[key]:
                     return layer
-    shape = tuple(cells_layer.data.shape)
-    same = [layer for layer in images if _image_shape(layer)[:2] == shape]
-    return same[0] if len(same) == 1 else None
+    return None
 
 
 def add_to_viewer(

@@ -22,10 +22,12 @@ from napari.layers import Image, Labels
 from napari_smear._napari.layers import (
     METADATA_KEY,
     analysis_layers,
+    hand_set_classes,
     layer_pixel_size_um,
     nuclei_layer_of,
     relink_renamed_image,
     segmentation_from_layers,
+    set_cell_classes,
     show_layers,
 )
 from napari_smear._napari.widgets import user_models
@@ -269,6 +271,7 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
         self._started = 0.0
         #: The last result and the layers it added (for scripts and tests).
         self.last_result: AnalysisResult | None = None
+        self._hand_classes: dict[int, str] = {}  # label -> class set by hand, kept over a run
         self.last_layers: list = []
         #: Seconds from Run to the layers being in the viewer, for the last run.
         self.last_run_seconds: float | None = None
@@ -311,6 +314,7 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
         if self.is_running:
             return
         self._started = time.perf_counter()
+        self._hand_classes = {}
         image_layer = self._image_combo.value
         if image_layer is None:
             self._decline("No image layer: open or add an image first.", "open or add an image layer first")
@@ -350,6 +354,8 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
                 segmentation, labels=segmentation.labels.copy(), nuclei=segmentation.nuclei.copy(),
                 table=segmentation.table.copy(),
             )
+        # classes set by hand (Cell gallery) are a person's word: they outlast a new classification
+        self._hand_classes = hand_set_classes(cells_layer) if cells_layer is not None else {}
         pixel_size = layer_pixel_size_um(image_layer)  # the file's, else a scale in µm
         target = {
             "image_layer_name": image_layer.name,
@@ -436,13 +442,16 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
             return
         target = self._current_target(target)
         layers = show_layers(self._viewer, analysis_layers(result, **target))
+        kept = _keep_hand_set_classes(layers[0], self._hand_classes)
         self.last_result, self.last_layers = result, layers
         if self._image_combo.value is not None and self._image_combo.value.name == target["image_layer_name"]:
             self._cells_combo.reset_choices()
             self._pick_cells_layer(self._image_combo.value)  # the next run reuses these cells
         self.last_run_seconds = time.perf_counter() - self._started
         self._progress.value = 100
-        self._set_status(_summary(result, self.last_run_seconds) + _edits(result.segmentation.params.get("edited")))
+        kept_note = f". {kept} class(es) set by hand kept" if kept else ""
+        self._set_status(_summary(result, self.last_run_seconds) + _edits(result.segmentation.params.get("edited"))
+                         + kept_note)
         self._show_notes([*(result.segmentation.params.get("warnings") or ()), *result.notes])
         self._watch_classified_cells(layers[0])
         if getattr(self._viewer, "window", None) is not None:
@@ -491,6 +500,21 @@ def _is_attention(layer: Any) -> bool:
 def _model_name(value: str) -> str:
     path = Path(value)
     return path.stem if path.suffix == ".safetensors" else value
+
+
+def _keep_hand_set_classes(cells_layer, classes: dict[int, str]) -> int:
+    """Set again, on the newly classified layer, the classes set by hand before the run
+    (those of cells that are still there); returns how many."""
+    if not classes:
+        return 0
+    present = set(cells_layer.features["index"].astype(int))
+    by_class: dict[str, list[int]] = {}
+    for label, name in classes.items():
+        if label in present:
+            by_class.setdefault(name, []).append(label)
+    for name, labels in by_class.items():
+        set_cell_classes(cells_layer, labels, name or None)
+    return sum(len(labels) for labels in by_class.values())
 
 
 def _edits(edited: dict | None) -> str:

@@ -18,6 +18,7 @@ from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QHBoxLayout,
@@ -76,6 +77,13 @@ class GalleryWidget(CellsLayerDock):
 
         self._group_combo = QComboBox()
         self._group_combo.setToolTip("The class whose cells are shown: class (cell type): number of cells, largest first")
+        # the class list as wide as its longest entry: "spherocyte (rbc): 90" was cut to ": 9"
+        self._group_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self._edge_checkbox = QCheckBox("Leave out cells cut by the image edge")
+        self._edge_checkbox.setToolTip(
+            "Show only whole cells, as the Differential count does with the same box ticked "
+            "(and the batch galleries by default)"
+        )
         self._order_combo = QComboBox()
         self._order_combo.addItems(list(ORDERS))
         self._order_combo.setToolTip("Review the cells the model was least sure of first")
@@ -120,6 +128,7 @@ class GalleryWidget(CellsLayerDock):
         layout = QVBoxLayout(self)
         layout.addLayout(row)
         layout.addLayout(show_row)
+        layout.addWidget(self._edge_checkbox)
         layout.addWidget(self._list, 1)
         layout.addWidget(self._status)
         layout.addLayout(bottom)
@@ -133,6 +142,7 @@ class GalleryWidget(CellsLayerDock):
 
         self._group_combo.currentIndexChanged.connect(self._on_group_chosen)
         self._order_combo.currentIndexChanged.connect(lambda *_: self.refresh())
+        self._edge_checkbox.toggled.connect(lambda *_: self.refresh())
         self._list.itemSelectionChanged.connect(self._on_selection_changed)
         self._more_button.clicked.connect(self.show_more)
         self._set_button.clicked.connect(self._on_set_clicked)
@@ -191,9 +201,20 @@ class GalleryWidget(CellsLayerDock):
         self._note = f"{len(ids)} cell{'s' if len(ids) != 1 else ''} set to {shown_as} by hand ({changed} changed)"
         return changed
 
+    @property
+    def include_edge_cells(self) -> bool:
+        """Whether cells cut by the image edge are shown (the checkbox unticked)."""
+        return not self._edge_checkbox.isChecked()
+
+    @include_edge_cells.setter
+    def include_edge_cells(self, value: bool) -> None:
+        self._edge_checkbox.setChecked(not value)  # toggled -> refresh
+
     def refresh(self) -> None:
-        """Group the layer's cells again and show the current class's thumbnails."""
+        """Group the layer's cells again and show the current class's thumbnails (as many
+        as were shown of it: a correction does not lose the reviewer's place)."""
         current = self._current_key()
+        keep = self._shown
         layer = self._layer
         self._groups = []
         problem = None
@@ -203,6 +224,8 @@ class GalleryWidget(CellsLayerDock):
             features = pd.DataFrame(layer.features)
             try:
                 table = features.rename(columns={"index": "label"}) if "label" not in features.columns else features
+                if not self.include_edge_cells and "touches_edge" in table.columns:
+                    table = table[~table["touches_edge"].fillna(False).astype(bool)]
                 self._groups = gallery_groups(table, order=self._order_combo.currentText())
             except ValueError as exc:
                 problem = str(exc)
@@ -211,17 +234,18 @@ class GalleryWidget(CellsLayerDock):
         for cell_type, name, rows in self._groups:
             self._group_combo.addItem(f"{name} ({cell_type}): {len(rows)}")
         keys = [(t, n) for t, n, _ in self._groups]
-        if current in keys:
+        same_group = current in keys
+        if same_group:
             self._group_combo.setCurrentIndex(keys.index(current))
         self._group_combo.blockSignals(False)
-        self._fill_class_combo()
         if problem:
             self._list.clear()
             self._shown = 0
             self._status.setText(problem)
+            self._fill_class_combo()
             self._update_buttons()
             return
-        self._show_group()
+        self._show_group(at_least=keep if same_group else 0)
 
     def show_more(self) -> None:
         """Add the next page of thumbnails of the current class."""
@@ -280,12 +304,21 @@ class GalleryWidget(CellsLayerDock):
         layer = self._layer
         if layer is None:
             raise ValueError("no cells layer to draw")
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.suffix:
+            path = path.with_suffix(".png")
+        elif path.suffix.lower() != ".png":
+            raise ValueError(f"the gallery is saved as PNG: give a name ending in .png, not {path.name!r}")
         image_layer = image_layer_of_cells(self._viewer, layer)
         diameter = layer.metadata.get(METADATA_KEY, {}).get("rbc_diameter_px")
         if image_layer is None or diameter is None:
             raise ValueError(f"the image of {layer.name!r} is not in the viewer, or the layer has no red-cell size")
         features = pd.DataFrame(layer.features)
         table = features.rename(columns={"index": "label"}) if "label" not in features.columns else features
+        if not self.include_edge_cells and "touches_edge" in table.columns:
+            table = table[~table["touches_edge"].fillna(False).astype(bool)]
         image = image_layer.data[0] if image_layer.multiscale else image_layer.data
         palette = {name: tuple(int(round(255 * c)) for c in colour[:3]) for name, colour in self._palette().items()}
         picture = gallery_picture(image, layer.data, table, float(diameter), cell_types=None,
@@ -307,11 +340,17 @@ class GalleryWidget(CellsLayerDock):
         self._note = ""  # what was set by hand was said; another class is looked at now
         self._show_group()
 
-    def _show_group(self) -> None:
+    def _show_group(self, at_least: int = 0) -> None:
         self._list.clear()
         self._shown = 0
-        self.show_more()
-        if self._current_group() is None:
+        group = self._current_group()
+        while True:
+            before = self._shown
+            self.show_more()
+            if self._shown == before or self._shown >= at_least:
+                break
+        self._fill_class_combo()
+        if group is None:
             self._say()
             self._update_buttons()
 
@@ -347,24 +386,29 @@ class GalleryWidget(CellsLayerDock):
         return tuple(int(round(255 * c)) for c in colour[:3])
 
     def _fill_class_combo(self) -> None:
-        """The classes a cell can be given: those of the layer and of its models."""
-        text = self._class_combo.currentText()
+        """The classes the shown cells can be given: those of their cell type in the layer
+        and in the models that classify that type (a red cell is not offered 'basophil');
+        the class shown is chosen."""
+        group = self._current_group()
         names: list[str] = []
-        if self._layer is not None:
+        if self._layer is not None and group is not None:
+            cell_type, shown_class = group[0], group[1]
             features = self._layer.features
             if "class" in features.columns:
-                names += [c for c in features["class"] if isinstance(c, str) and c]
-            names += [c[2:] for c in features.columns if c.startswith("p_")]
+                of_type = features[features["cell_type"] == cell_type]
+                names += [c for c in of_type["class"] if isinstance(c, str) and c]
             models = self._layer.metadata.get(METADATA_KEY, {}).get("models") or {}
-            if isinstance(models, dict):
-                for entry in models.values():
-                    names += [str(c) for c in (entry or {}).get("classes", []) if isinstance(entry, dict)]
+            for entry in models.values() if isinstance(models, dict) else ():
+                if isinstance(entry, dict) and cell_type in (entry.get("cell_types") or [cell_type]):
+                    names += [str(c) for c in entry.get("classes", [])]
+            if not models:  # a layer without the record: every class its features name
+                names += [c[2:] for c in features.columns if c.startswith("p_")]
         names = sorted(set(names))
         self._class_combo.blockSignals(True)
         self._class_combo.clear()
         self._class_combo.addItems([*names, _NO_CLASS])
-        if text:
-            self._class_combo.setCurrentText(text)
+        if group is not None and group[1] in names:
+            self._class_combo.setCurrentText(group[1])
         self._class_combo.blockSignals(False)
 
     def _layer_watched(self, layer: Labels | None) -> None:

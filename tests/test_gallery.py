@@ -264,3 +264,39 @@ def test_cli_gallery_and_analyze_gallery(analysed, tmp_path, capsys):
     assert main(["analyze", str(inputs), str(again), "--models", "none", "--gallery", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "gallery: " in printed and (again / "galleries" / "slide_2_gallery.png").is_file()
+
+
+def test_exported_cells_make_a_training_folder(synthetic_field, tmp_path):
+    """Cells written as single-cell images into class folders are read back by the
+    training data loader, the central cell found again."""
+    from napari_smear import segment_smear
+    from napari_smear.datasets import build_crop_set
+    from napari_smear.gallery import export_cell_images
+    from napari_smear.io import read_image
+
+    rgb, _ = synthetic_field
+    seg = segment_smear(rgb)
+    table = seg.table
+    inside = table[(table.cell_type == "rbc") & ~table.touches_edge].head(6)
+    ids = inside["label"].tolist()
+    classes = ["normal"] * 3 + ["odd"] * 3
+    written = export_cell_images(rgb, table, ids, classes, tmp_path / "cells", seg.rbc_diameter_px, stem="field 1")
+    assert [p.relative_to(tmp_path / "cells").as_posix() for p in written] == [
+        f"{c}/field_1_cell{i}.png" for i, c in zip(ids, classes)]
+    side = int(round(5.0 * seg.rbc_diameter_px))
+    assert read_image(written[0])[0].shape == (side, side, 3)
+    # exported again under another class: it moves (each cell once in the folder)
+    export_cell_images(rgb, table, ids[0], "odd", tmp_path / "cells", seg.rbc_diameter_px, stem="field 1")
+    assert not (tmp_path / "cells" / "normal" / f"field_1_cell{ids[0]}.png").exists()
+    assert (tmp_path / "cells" / "odd" / f"field_1_cell{ids[0]}.png").is_file()
+    crops = build_crop_set(tmp_path / "cells", output_size=32, workers=1, progress=False)
+    assert len(crops) == 6 and not crops.failures
+    assert sorted(crops.class_names) == ["normal", "odd"]
+    with pytest.raises(ValueError, match="cannot be a class folder's name"):
+        export_cell_images(rgb, table, ids[:1], "a/b", tmp_path / "x", seg.rbc_diameter_px)
+    with pytest.raises(ValueError, match="cannot be a class folder's name"):
+        export_cell_images(rgb, table, ids[:1], "unclassified", tmp_path / "x", seg.rbc_diameter_px)
+    with pytest.raises(ValueError, match="no cells with label ids \\[9999\\]"):
+        export_cell_images(rgb, table, [9999], "normal", tmp_path / "x", seg.rbc_diameter_px)
+    with pytest.raises(ValueError, match="2 cells but 1 classes"):
+        export_cell_images(rgb, table, ids[:2], ["normal"], tmp_path / "x", seg.rbc_diameter_px)

@@ -27,6 +27,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 __all__ = [
+    "EXPORT_SPAN",
+    "export_cell_images",
     "GALLERY_FOLDER",
     "GALLERY_SUFFIX",
     "batch_galleries",
@@ -574,4 +576,96 @@ def batch_galleries(
         with atomic_write(target, "wb") as handle:
             Image.fromarray(picture).save(handle, format="PNG", compress_level=1, pnginfo=text)
         written.append(target)
+    return written
+
+
+# ----------------------------------------------------------------------------- training images
+
+#: Side of an exported single-cell image in red-cell diameters: the cell with the red cells
+#: around it, from which a training run measures the scale again (PBC's CellaVision images
+#: hold about 4.7 diameters).
+EXPORT_SPAN = 5.0
+
+
+def export_cell_images(
+    image: Any,
+    table: pd.DataFrame,
+    ids: Sequence[int],
+    classes: Sequence[str] | str,
+    out_dir: str | os.PathLike,
+    rbc_diameter_px: float,
+    *,
+    stem: str = "cell",
+    span_diameters: float = EXPORT_SPAN,
+) -> list[Path]:
+    """Write cells as single-cell images into class sub-folders, for training.
+
+    Each cell is written as ``out_dir/<class>/<stem>_cell<label>.png``: a window of
+    ``span_diameters`` red-cell diameters centred on it, at the image's own resolution
+    (the layout of PBC and of ``napari-smear train DATA`` / the Train classifier dock's
+    "folder of labelled cell images", which find the central cell and the scale again).
+    Exporting the cells of many images into one folder builds a training set; a cell
+    exported again under another class leaves its old class folder (the file of the
+    same name there is removed), so the folder holds each cell once.
+
+    Parameters
+    ----------
+    image : (H, W, 3) array-like
+        The field (only the windows are read).
+    table : pandas.DataFrame
+        The cell table (``label``, ``centroid_y``, ``centroid_x``).
+    ids : sequence of int
+        Label ids of the cells to write.
+    classes : str or sequence of str
+        Their class (one for all, or one per cell); class names become folder names.
+    out_dir : path
+        The folder of class sub-folders (created).
+    rbc_diameter_px : float
+        The red-cell diameter of the field.
+    stem : str
+        The start of the file names (the image's name), so cells of several images do
+        not collide.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    import re
+
+    from .io import write_png_atomic
+
+    ids = np.atleast_1d(np.asarray(ids, np.int64))
+    names = [classes] * len(ids) if isinstance(classes, str) else [str(c) for c in classes]
+    if len(names) != len(ids):
+        raise ValueError(f"{len(ids)} cells but {len(names)} classes")
+    folders = []
+    for name in names:
+        folder = name.strip()
+        if not folder or folder.lower() == UNCLASSIFIED or folder in (".", "..") or re.search(r'[\\/:*?"<>|]', folder):
+            raise ValueError(f"{name!r} cannot be a class folder's name (no class, or a path character)")
+        folders.append(folder)
+    if not (np.isfinite(rbc_diameter_px) and rbc_diameter_px > 0):
+        raise ValueError(f"the red-cell diameter must be a number > 0, got {rbc_diameter_px!r}")
+    rows = table.set_index("label")
+    missing = np.setdiff1d(ids, rows.index.to_numpy(np.int64))
+    if missing.size:
+        raise ValueError(f"no cells with label ids {missing[:10].tolist()} in the table")
+    stem = re.sub(r'[\\/:*?"<>|\s]+', "_", str(stem)).strip("._") or "cell"
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        from .io import as_rgb_uint8
+
+        image = as_rgb_uint8(np.asarray(image))
+    out = Path(out_dir)
+    side = max(16, int(round(span_diameters * float(rbc_diameter_px))))
+    written = []
+    for label, folder in zip(ids, folders):
+        cy, cx = rows.loc[label, "centroid_y"], rows.loc[label, "centroid_x"]
+        window = _window(image, int(round(cy - side / 2)), int(round(cx - side / 2)), side, 1, _PAD_RGB)
+        name = f"{stem}_cell{int(label)}.png"
+        for other in out.glob(f"*/{name}"):  # exported before under another class
+            if other.parent.name != folder:
+                other.unlink()
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        written.append(write_png_atomic(out / folder / name, window))
     return written

@@ -123,6 +123,14 @@ def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, 
     qtbot.waitUntil(lambda: not classify.is_running, timeout=60_000)
     assert hand_set_classes(cells) == hand and f"{len(hand)} class(es) set by hand kept" in classify.status
 
+    # The checked cells exported as a training folder: one sub-folder per class.
+    gallery.show_group("teardrop", "rbc")
+    teardrops = gallery.shown_labels
+    gallery._list.selectAll()
+    written = gallery.export_selected(tmp_path / "training")
+    assert sorted(p.parent.name for p in written) == ["teardrop"] * len(teardrops)
+    assert "cell image(s) written into" in gallery.status
+
     # 'unclassified' is not a class name, and the picture is a PNG.
     with pytest.raises(ValueError, match="'unclassified' names the cells without a class"):
         set_cell_classes(cells, expected[2], "Unclassified")

@@ -108,6 +108,12 @@ class GalleryWidget(CellsLayerDock):
             "Give the selected cells this class (recorded as set by hand; the model's answer stays in "
             "'model_class'). The layer is recoloured and the Differential count updated."
         )
+        self._export_button = QPushButton("Export selected…")
+        self._export_button.setToolTip(
+            "Write the selected cells as single-cell images into <folder>/<class>/, a training set for "
+            "Train classifier ('folder of labelled cell images') or napari-smear train; export the cells "
+            "you checked from many images into one folder"
+        )
         self._save_button = QPushButton("Save picture…")
         self._save_button.setToolTip("Save a PNG of every class's cells (the least confident first), for a report")
 
@@ -124,6 +130,7 @@ class GalleryWidget(CellsLayerDock):
         bottom = QHBoxLayout()
         bottom.addWidget(self._more_button)
         bottom.addStretch(1)
+        bottom.addWidget(self._export_button)
         bottom.addWidget(self._save_button)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
@@ -147,6 +154,7 @@ class GalleryWidget(CellsLayerDock):
         self._more_button.clicked.connect(self.show_more)
         self._set_button.clicked.connect(self._on_set_clicked)
         self._save_button.clicked.connect(self._on_save_clicked)
+        self._export_button.clicked.connect(self._on_export_clicked)
         self._follow_layers()
 
     # ------------------------------------------------------------------ public API
@@ -295,6 +303,35 @@ class GalleryWidget(CellsLayerDock):
         self._say()
         self._update_buttons()
 
+    def export_selected(self, folder, ids=None) -> list:
+        """Write the selected cells (or the cells ``ids``) as single-cell images into
+        ``folder/<class>/`` (see :func:`napari_smear.gallery.export_cell_images`); returns
+        the files written."""
+        from napari_smear.gallery import export_cell_images
+
+        layer = self._layer
+        if layer is None:
+            raise ValueError("no cells layer: run Segment cells or Classify cells first")
+        ids = self.selected_labels if ids is None else [int(i) for i in ids]
+        if not ids:
+            raise ValueError("no cells selected: click the thumbnails of the cells to export (Ctrl+A: all shown)")
+        image_layer = image_layer_of_cells(self._viewer, layer)
+        diameter = layer.metadata.get(METADATA_KEY, {}).get("rbc_diameter_px")
+        if image_layer is None or diameter is None:
+            raise ValueError(f"the image of {layer.name!r} is not in the viewer, or the layer has no red-cell size")
+        features = pd.DataFrame(layer.features)
+        by_id = features.set_index("index")
+        classes = [by_id.loc[i, "class"] if "class" in by_id.columns and i in by_id.index else "" for i in ids]
+        without = [i for i, c in zip(ids, classes) if not (isinstance(c, str) and c)]
+        if without:
+            raise ValueError(f"cells {without[:10]} have no class: give them one (Set class of selected) first")
+        table = features if "label" in features.columns else features.rename(columns={"index": "label"})
+        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
+        written = export_cell_images(image, table, ids, classes, folder, float(diameter), stem=image_layer.name)
+        self._note = f"{len(written)} cell image(s) written into {folder}"
+        self._say()
+        return written
+
     def save_picture(self, path) -> str:
         """Write a PNG of every class's cells of the layer (see
         :func:`napari_smear.gallery.gallery_picture`); returns the path."""
@@ -373,6 +410,7 @@ class GalleryWidget(CellsLayerDock):
         group = self._current_group()
         self._more_button.setEnabled(group is not None and self._shown < len(group[2]))
         self._set_button.setEnabled(self._layer is not None and bool(self._list.selectedItems()))
+        self._export_button.setEnabled(self._layer is not None and bool(self._list.selectedItems()))
         self._save_button.setEnabled(self._layer is not None and bool(self._groups))
 
     def _palette(self) -> dict[str, tuple]:
@@ -453,6 +491,16 @@ class GalleryWidget(CellsLayerDock):
         # the list is rebuilt on the layer's features event: the cells moved to their
         # new class leave this one, as on a CellaVision review screen
         self._say()
+
+    def _on_export_clicked(self) -> None:
+        if self._layer is None:
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Folder of labelled cell images (one sub-folder per class)")
+        if folder:
+            try:
+                self.export_selected(folder)
+            except (OSError, ValueError) as exc:
+                self._status.setText(f"Not exported: {exc}")
 
     def _on_save_clicked(self) -> None:
         if self._layer is None:

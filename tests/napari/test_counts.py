@@ -159,3 +159,36 @@ def test_count_dock_opened_under_another_gets_room_once(make_napari_viewer, synt
     show_counts(viewer, cells)  # counting again leaves the dock as the user left it
     qtbot.wait(100)
     assert counts_dock.height() == user_height
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_counts_dock_adds_up_every_cells_layer(make_napari_viewer, synthetic_field):
+    """A differential over several fields: the cells layers of all open fields counted together."""
+    viewer = make_napari_viewer()
+    _, counts_widget = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
+    add_segmented_field(viewer, synthetic_field, name="field 1")
+    one = counts_widget.counts.set_index("cell_type")["count"]
+    assert counts_widget.counted_layers == ["field 1 cells"]
+    counts_widget.add_up_layers = True
+    # a second field opened while the box is ticked is added in
+    _, cells_2, _ = add_segmented_field(viewer, synthetic_field, name="field 2")
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    assert sorted(counts_widget.counted_layers) == ["field 1 cells", "field 2 cells"]
+    both = counts_widget.counts.set_index("cell_type")["count"]
+    pd.testing.assert_series_equal(both, 2 * one)
+    assert "2 cells layers added up" in counts_widget._summary.text()
+    # a class typed into the second field's table counts in the sum
+    features = cells_2.features
+    features.loc[features["cell_type"] == "wbc", "class"] = "neutrophil"
+    cells_2.features = features
+    QApplication.processEvents()
+    row = counts_widget.counts.query("cell_type == 'wbc' and `class` == 'neutrophil'")
+    assert row["count"].tolist() == [2] and row["percent"].tolist() == [50.0]
+    # closing a field drops it from the sum; unticked, one layer again
+    viewer.layers.remove(cells_2)
+    QApplication.processEvents()
+    assert counts_widget.counted_layers == [counts_widget.layer.name]
+    counts_widget.add_up_layers = False
+    pd.testing.assert_series_equal(counts_widget.counts.set_index("cell_type")["count"], one)

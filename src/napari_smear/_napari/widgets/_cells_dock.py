@@ -78,6 +78,9 @@ class CellsLayerDock(QWidget):
     def _layer_unwatched(self, layer: Labels) -> None:
         """The dock no longer shows ``layer`` (or is closing)."""
 
+    def _closing(self) -> None:
+        """The dock is closing: let go of anything else it listens to."""
+
     # ------------------------------------------------------------------ internals
     def _cells_layers(self) -> list[Labels]:
         return [
@@ -125,3 +128,4 @@ def _stop_following(widget: CellsLayerDock, viewer_events: tuple) -> None:
     if widget._layer is not None:
         widget._layer_unwatched(widget._layer)
     widget._layer = None
+    widget._closing()

@@ -118,6 +118,12 @@ class CountsWidget(CellsLayerDock):
             "Count only whole cells: the classifier saw part of a cell the edge cuts, and where "
             "fields overlap the next field shows it whole"
         )
+        self._all_checkbox = QCheckBox("Add up every cells layer (one differential over several fields)")
+        self._all_checkbox.setToolTip(
+            "A differential counts 100 or more white cells, more than one camera field holds: with several "
+            "fields open (each segmented or classified), count all their cells layers together"
+        )
+        self._others: list[Labels] = []  # the other cells layers added up, while the box is ticked
         self._summary = QLabel("")
         self._summary.setWordWrap(True)
         self._table = QTableWidget(0, 4)
@@ -160,6 +166,7 @@ class CountsWidget(CellsLayerDock):
         layout = QVBoxLayout(self)
         layout.addLayout(row)
         layout.addWidget(self._edge_checkbox)
+        layout.addWidget(self._all_checkbox)
         layout.addWidget(scroll, 1)
         layout.addLayout(buttons)
         layout.addWidget(self._selected)
@@ -179,6 +186,7 @@ class CountsWidget(CellsLayerDock):
 
         self._refresh_button.clicked.connect(self._on_update_clicked)
         self._edge_checkbox.toggled.connect(lambda *_: self.refresh())
+        self._all_checkbox.toggled.connect(self._on_add_up_toggled)
         self._export_button.clicked.connect(self._on_export_clicked)
         self._follow_layers()
 
@@ -198,6 +206,20 @@ class CountsWidget(CellsLayerDock):
         self._edge_checkbox.setChecked(not value)  # toggled -> refresh
 
     @property
+    def add_up_layers(self) -> bool:
+        """Whether every cells layer of the viewer is counted together (the box ticked)."""
+        return self._all_checkbox.isChecked()
+
+    @add_up_layers.setter
+    def add_up_layers(self, value: bool) -> None:
+        self._all_checkbox.setChecked(bool(value))  # toggled -> refresh
+
+    @property
+    def counted_layers(self) -> list[str]:
+        """Names of the cells layers counted (the chosen one first)."""
+        return [layer.name for layer in ([self._layer] if self._layer is not None else []) + self._others]
+
+    @property
     def selected_text(self) -> str:
         """What the widget says about the selected cell."""
         return self._selected.text()
@@ -209,7 +231,13 @@ class CountsWidget(CellsLayerDock):
             self._counts = self._counts.iloc[0:0]
             self._summary.setText("No cells layer: run Segment cells or Classify cells first.")
         else:
-            features = pd.DataFrame(layer.features)
+            layers = [layer, *self._others]
+            # only the columns counted: the layers' other columns (models, morphology) differ
+            wanted = ("cell_type", "class", "touches_edge")
+            features = pd.concat(
+                [pd.DataFrame(each.features)[[c for c in wanted if c in each.features.columns]] for each in layers],
+                ignore_index=True,
+            )
             try:
                 self._counts = counts_from_features(features, include_edge_cells=self.include_edge_cells)
             except ValueError as exc:
@@ -219,8 +247,9 @@ class CountsWidget(CellsLayerDock):
                 from napari_smear.pipeline import cut_by_edge
 
                 left_out = 0 if self.include_edge_cells else int(cut_by_edge(features).sum())
+                what = layer.name if not self._others else f"{len(layers)} cells layers added up"
                 self._summary.setText(
-                    _summary(self._counts, layer.name, left_out)
+                    _summary(self._counts, what, left_out)
                     + _edit_note(self._last_edit, self._edited_by_hand and layer.data.size > AUTO_REMEASURE_MAX_PIXELS)
                 )
         self._fill_table()
@@ -236,9 +265,41 @@ class CountsWidget(CellsLayerDock):
         return write_csv_atomic(path, self.counts)
 
     # ------------------------------------------------------------------ internals
+    def _on_add_up_toggled(self, *_: Any) -> None:
+        self._sync_others()
+        self.refresh()
+
+    def _fill_layer_combo(self, *args: Any) -> None:
+        super()._fill_layer_combo(*args)
+        if self._all_checkbox.isChecked():  # a field opened or closed: count what is there now
+            before = [id(layer) for layer in self._others]
+            self._sync_others()
+            if [id(layer) for layer in self._others] != before:
+                self._schedule_refresh()
+
+    def _sync_others(self) -> None:
+        """Listen to the other cells layers while they are added up, and only then."""
+        self._release_others()
+        if self._all_checkbox.isChecked():
+            chosen = self._layer.unique_id if self._layer is not None else None
+            self._others = [layer for layer in self._cells_layers() if layer.unique_id != chosen]
+            for layer in self._others:
+                for event in (layer.events.features, layer.events.colormap, layer.events.data):
+                    event.connect(self._schedule_refresh)
+
+    def _release_others(self) -> None:
+        for layer in self._others:
+            for event in (layer.events.features, layer.events.colormap, layer.events.data):
+                event.disconnect(self._schedule_refresh)
+        self._others = []
+
+    def _closing(self) -> None:
+        self._release_others()  # (the Qt widgets are gone: only the layers' events here)
+
     def _layer_watched(self, layer: Labels | None) -> None:
         self._edited_by_hand = False
         self._last_edit = None
+        self._sync_others()  # the chosen layer is not among the others
         if layer is not None:
             for event in (layer.events.features, layer.events.colormap):
                 event.connect(self._schedule_refresh)

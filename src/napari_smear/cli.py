@@ -496,15 +496,14 @@ def _print_differentials(by_folder, models: dict) -> None:
 
 
 def _add_gallery(subparsers) -> None:
-    from .gallery import ORDERS
-
     parser = subparsers.add_parser(
         "gallery", help="draw the cells of each folder of an analysis, a block per class, to review them",
         description="Read the output folder of `napari-smear analyze` and draw one picture per folder of images "
-                    "into OUT_DIR/galleries/<folder>_gallery.png: the cells of all its images, a block per class with "
-                    "its number of cells, the least confident first; each thumbnail is captioned with its "
-                    "image and the cell's label id and confidence (its row in <image>_cells.csv). The input "
-                    "images must still be where the run read them.",
+                    "into OUT_DIR/galleries/<folder>_gallery.png: the cells of all its images, a block per class "
+                    "with its number of cells, the least confident first; each thumbnail is captioned with its "
+                    "image and the cell's label id and confidence (its row in <image>_cells.csv). The cells are "
+                    "cut from the input images where the run read them (an image moved since is left out, "
+                    "with a warning).",
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder of a finished analyze run")
     parser.add_argument("--cell-types", nargs="+", default=["wbc", "platelet"], metavar="TYPE",
@@ -517,22 +516,22 @@ def _add_gallery(subparsers) -> None:
     parser.add_argument("--include-edge-cells", action="store_true",
                         help="also the cells the image edge cuts (left out by default, as in "
                              "summary_by_folder.csv)")
-    parser.set_defaults(func=_cmd_gallery, orders=ORDERS)
+    parser.set_defaults(func=_cmd_gallery)
 
 
 def _cmd_gallery(args) -> int:
-    from .gallery import batch_galleries
+    from .gallery import ORDERS, batch_galleries
+    from .segment.types import CELL_TYPES
 
     if not Path(args.out_dir).is_dir():
         raise CommandError(f"{args.out_dir} is not a folder: give the output folder of `napari-smear analyze`")
-    from .segment.types import CELL_TYPES
-
     given = [t.strip().lower() for item in args.cell_types for t in item.split(",") if t.strip()]
     unknown = [t for t in given if t not in (*CELL_TYPES, "all")]
     if unknown or ("all" in given and len(given) > 1):
-        raise CommandError(f"--cell-types takes {', '.join(CELL_TYPES)}, or all alone; got {' '.join(args.cell_types)}")
+        raise CommandError(f"--cell-types takes {', '.join(CELL_TYPES)}, or all alone; "
+                           f"got {' '.join(args.cell_types)}")
     cell_types = None if given == ["all"] else given
-    order = {"least": args.orders[0], "most": args.orders[1], "label": args.orders[2]}[args.order]
+    order = dict(zip(("least", "most", "label"), ORDERS))[args.order]
     paths = batch_galleries(args.out_dir, cell_types=cell_types, per_class=args.per_class, order=order,
                             include_edge_cells=args.include_edge_cells)
     for path in paths:

@@ -300,3 +300,39 @@ def test_exported_cells_make_a_training_folder(synthetic_field, tmp_path):
         export_cell_images(rgb, table, [9999], "normal", tmp_path / "x", seg.rbc_diameter_px)
     with pytest.raises(ValueError, match="2 cells but 1 classes"):
         export_cell_images(rgb, table, ids[:2], ["normal"], tmp_path / "x", seg.rbc_diameter_px)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_batch_gallery_headings_give_the_folder_differential(analysed, monkeypatch):
+    """Each block's heading: its whole cells and their share of the cells of that type,
+    the figures of summary_by_folder.csv."""
+    import re
+
+    from napari_smear import gallery
+
+    root, inputs, out = analysed
+    headings = []
+    original = gallery.compose_gallery
+
+    def capture(blocks, **kwargs):
+        headings.append((kwargs.get("title"), [block.heading for block in blocks]))
+        return original(blocks, **kwargs)
+
+    monkeypatch.setattr(gallery, "compose_gallery", capture)
+    gallery.batch_galleries(out, cell_types=None)
+    by_folder = pd.read_csv(out / "summary_by_folder.csv").set_index("folder")
+    checked = 0
+    for title, lines in headings:
+        folder = title.split(":")[0]
+        row = by_folder.loc[folder]
+        for line in lines:
+            name, cell_type, count = re.match(r"(\S+) \((\w+)\): (\d+) cell", line).groups()
+            if name == "unclassified":
+                continue
+            assert int(count) == row[f"{cell_type}_{name}"], line
+            share = re.search(r"\(([\d.]+) % of (\d+)\)", line)
+            if share:
+                assert int(share.group(2)) == row[cell_type]
+                assert float(share.group(1)) == pytest.approx(row[f"{cell_type}_{name}_pct"], abs=0.05)
+            checked += 1
+    assert checked >= 3

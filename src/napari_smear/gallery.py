@@ -225,8 +225,19 @@ def gallery_groups(
     return groups
 
 
-def _heading(name: str, cell_type: str, total: int, shown: int, order: str, confidence: bool = True) -> str:
+def _type_totals(groups: Sequence[tuple[str, str, pd.DataFrame]]) -> dict[str, int]:
+    """Cells per cell type over the groups (the denominator of a differential)."""
+    totals: dict[str, int] = {}
+    for cell_type, _, rows in groups:
+        totals[cell_type] = totals.get(cell_type, 0) + len(rows)
+    return totals
+
+
+def _heading(name: str, cell_type: str, total: int, shown: int, order: str, confidence: bool = True,
+             of_type: int = 0) -> str:
     text = f"{name} ({cell_type}): {total} cell{'s' if total != 1 else ''}"
+    if of_type and total < of_type:  # the share of the cells of its type, as a differential gives it
+        text += f" ({100 * total / of_type:.1f} % of {of_type})"
     if total > shown:
         which = {"least confident first": "least confident", "most confident first": "most confident",
                  "label": "first"}[order] if confidence else "first"
@@ -364,6 +375,7 @@ def gallery_picture(
     colours = class_palette_rgb([name for _, name, _ in groups if name != UNCLASSIFIED],
                                 base={k: tuple(v)[:3] for k, v in (palette or {}).items()})
     blocks = []
+    totals = _type_totals(groups)
     for cell_type, name, rows in groups:
         colour = _block_colour(cell_type, name, colours)
         shown = rows.iloc[:per_class]
@@ -375,8 +387,9 @@ def gallery_picture(
         confidence = shown["confidence"] if "confidence" in shown.columns else [None] * len(shown)
         captions = [(f"{int(label)}  {_confidence_text(c)}".rstrip(),)
                     for label, c in zip(shown["label"], confidence)]
-        blocks.append(GalleryBlock(_heading(name, cell_type, len(rows), len(shown), order, _has_confidence(rows)),
-                                   colour, thumbs, captions))
+        heading = _heading(name, cell_type, len(rows), len(shown), order, _has_confidence(rows),
+                           totals[cell_type])
+        blocks.append(GalleryBlock(heading, colour, thumbs, captions))
     wanted = "" if cell_types is None else f" of type {', '.join(cell_types)}"
     return compose_gallery(blocks, size=size, columns=columns, title=title, empty_text=f"no cells{wanted}")
 
@@ -548,13 +561,15 @@ def batch_galleries(
             if progress is not None:
                 progress(done, total)
         blocks = []
+        totals = _type_totals(groups)
         for (cell_type, name), rows in shown.items():
             confidence = rows["confidence"] if "confidence" in rows.columns else [None] * len(rows)
             captions = [(Path(image).stem, f"{int(label)}  {_confidence_text(c)}".rstrip())
                         for image, label, c in zip(rows["_image"], rows["_label"], confidence)]
             total_in_group = len(next(g[2] for g in groups if g[:2] == (cell_type, name)))
             blocks.append(GalleryBlock(
-                _heading(name, cell_type, total_in_group, len(rows), order, _has_confidence(rows)),
+                _heading(name, cell_type, total_in_group, len(rows), order, _has_confidence(rows),
+                         totals[cell_type]),
                 _block_colour(cell_type, name, colours),
                 np.stack([thumbnails[i] for i in rows["label"]]), captions,
             ))

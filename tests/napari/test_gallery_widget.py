@@ -53,6 +53,11 @@ def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, 
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     np.testing.assert_allclose(camera.center[-2:], (0.5 * row.centroid_y, 0.5 * row.centroid_x))
 
+    # A cell picked in the viewer selects its thumbnail (the view stays where it is).
+    centre = tuple(camera.center)
+    cells.selected_label = expected[3]
+    assert gallery.selected_labels == [expected[3]] and tuple(camera.center) == centre
+
     # Setting a class by hand: recorded, recoloured, counted, and the cell leaves the group.
     _, counts = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
     counts.set_layer(cells)

@@ -454,10 +454,33 @@ class GalleryWidget(CellsLayerDock):
         if layer is not None:
             layer.events.features.connect(self._schedule_refresh)
             layer.events.data.connect(self._schedule_refresh)
+            layer.events.selected_label.connect(self._on_label_picked)
 
     def _layer_unwatched(self, layer: Labels) -> None:
         layer.events.features.disconnect(self._schedule_refresh)
         layer.events.data.disconnect(self._schedule_refresh)
+        layer.events.selected_label.disconnect(self._on_label_picked)
+
+    def _on_label_picked(self, *_: Any) -> None:
+        """A cell picked in the viewer (the labels layer's picker): its thumbnail is selected
+        when the list shows it, without moving the view the user just clicked in."""
+        if self._layer is None:
+            return
+        label = int(self._layer.selected_label)
+        if self.selected_labels == [label]:
+            return  # the thumbnail's own click, coming back
+        self._list.blockSignals(True)
+        try:
+            self._list.clearSelection()
+            for i in range(self._list.count()):
+                item = self._list.item(i)
+                if int(item.data(Qt.ItemDataRole.UserRole)) == label:
+                    item.setSelected(True)
+                    self._list.scrollToItem(item)
+                    break
+        finally:
+            self._list.blockSignals(False)
+        self._update_buttons()
 
     def _schedule_refresh(self, *_: Any) -> None:
         self._refresh_timer.start()

@@ -53,6 +53,14 @@ def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, 
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     np.testing.assert_allclose(camera.center[-2:], (0.5 * row.centroid_y, 0.5 * row.centroid_x))
 
+    # The arrow keys walk to the next cell, and the view follows.
+    from qtpy.QtCore import Qt as QtKeys
+    from qtpy.QtTest import QTest
+
+    gallery._list.setCurrentRow(0)
+    QTest.keyClick(gallery._list, QtKeys.Key.Key_Right)
+    assert gallery.selected_labels == [expected[1]] and cells.selected_label == expected[1]
+
     # A cell picked in the viewer selects its thumbnail (the view stays where it is).
     centre = tuple(camera.center)
     cells.selected_label = expected[3]

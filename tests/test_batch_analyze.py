@@ -165,6 +165,8 @@ def test_outputs_per_image_and_per_run(setup):
     marker = json.loads((clean / "sub" / "c_done.json").read_text())
     assert marker["image"] == "sub/c.png" and set(marker["outputs"]) == {"labels", "nuclei", "attention", "cells",
                                                                          "overlay"}
+    # where the classifiers ran, recorded per image (not part of the settings' fingerprint)
+    assert marker["ran_on"] == {"device": "cpu", "autocast": "bfloat16", "batch_size": BATCH}
 
 
 def test_rerun_skips_finished_images_and_redoes_changed_ones(setup, tmp_path):

@@ -382,3 +382,43 @@ def test_a_model_unsure_of_most_cells_is_warned_about():
     assert unsure_model_notes(pd.DataFrame({"label": [1]})) == []  # nothing classified
     result = AnalysisResult(segmentation=None, table=table(60, 1.0))
     assert result.notes == unsure_model_notes(result.table)
+
+
+def test_streaming_classifier_keeps_a_batch_halved_for_memory(field, model_files, monkeypatch):
+    """A device that ran out of memory once is not asked for the full batch again: every
+    later batch is split at the halved size (halving and retrying each batch threw the
+    allocator's cache away batch after batch)."""
+    import warnings
+
+    import torch
+
+    from napari_smear import predict
+
+    loaded = load_models(model_files, "cpu")
+    crops = prepare_field(field[0], [m.spec for m in loaded], morphology=False).crop_pixels()
+    reference = StreamingClassifier(loaded, device="cpu", batch_size=16)
+    finished = dict(reference.add(0, crops))
+    finished.update(reference.flush())
+    expected = finished[0]
+    calls = []
+    original = predict._classify_views
+
+    def small_memory(runner, x, *args, **kwargs):
+        calls.append(len(x))
+        if len(x) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(runner, x, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "_classify_views", small_memory)
+    streaming = StreamingClassifier(loaded, device="cpu", batch_size=16)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        finished = dict(streaming.add(0, crops))
+        finished.update(streaming.flush())
+        done = finished[0]
+    halvings = [w for w in seen if "out of memory" in str(w.message)]
+    assert streaming.forward_batch_size == 4
+    assert len(halvings) == 2  # 16 -> 8 -> 4 once, then every batch at 4
+    assert max(calls[calls.index(4):]) == 4
+    for name in expected:
+        np.testing.assert_allclose(done[name]["probs"], expected[name]["probs"], atol=1e-5)

@@ -406,3 +406,73 @@ def test_classify_files_warns_when_the_central_cell_is_not_what_the_model_classi
     assert reds.error == "" and reds.cell_type == "rbc"
     assert "segmented as rbc, and this model classifies wbc cells" in reds.warning
     assert "no colour" in result.iloc[1].warning
+
+
+def test_autocast_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """bf16 on Ampere and later (compute capability 8.0+), fp16 below (a T4, a V100): there
+    cuDNN has no bf16 convolutions, though torch.cuda.is_bf16_supported() says yes. Judged
+    per GPU, not by the current one."""
+    from napari_smear.predict import autocast_dtype
+
+    capability = {0: (7, 5), 1: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulated: says yes
+    assert autocast_dtype(torch.device("cuda", 0)) == torch.float16
+    assert autocast_dtype(torch.device("cuda", 1)) == torch.bfloat16
+    assert autocast_dtype(torch.device("cuda")) == torch.float16  # the current GPU, 0
+    assert autocast_dtype(torch.device("cuda", 1), amp=torch.float16) == torch.float16
+    assert autocast_dtype(torch.device("cuda", 1), amp=False) is None
+
+
+def test_mps_device_with_its_index_is_accepted(monkeypatch):
+    from napari_smear.predict import select_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device("mps:0") == torch.device("mps")
+    assert select_device(torch.device("mps", 0)) == torch.device("mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("mps:1")
+
+
+def test_cudnn_and_cublas_allocation_failures_count_as_out_of_memory():
+    from napari_smear.predict import _is_oom
+
+    assert _is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert _is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
+    assert not _is_oom(RuntimeError("CUDNN_STATUS_BAD_PARAM"))
+
+
+def test_a_compiled_model_is_freed_with_it(tmp_path, monkeypatch):
+    """The compiled wrapper is kept on the model, not in a cache that held it for ever."""
+    import gc
+    import weakref
+
+    model, info = load_model(tiny_model_file(tmp_path / "m.safetensors"))
+    images, masks = random_crops(3)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module.forward)  # no compiler needed
+    from napari_smear import predict
+
+    classify_crops(model, info, images, masks, device="cpu", compile=True, amp=False)
+    fused = predict._fused(model)
+    assert predict._COMPILED_ATTRIBUTE in fused.__dict__
+    alive = weakref.ref(fused)
+    del model, fused
+    gc.collect()
+    assert alive() is None
+
+
+def test_gated_attention_runs_where_a_device_has_no_autocast():
+    """Apple MPS before torch 2.5 has no autocast, and torch.autocast(enabled=False)
+    itself raised there: the sums kept in float32 ask for it only where it exists."""
+    from napari_smear.models.base import autocast_off
+
+    with autocast_off("meta"):  # a device type without autocast
+        pass
+    from napari_smear.models import build_model
+
+    model = build_model("gated_attention", 3, widths=[8, 8, 16, 16], patch_widths=[8, 8, 16, 16],
+                        attention_hidden=8).to("meta").eval()
+    channels = model.in_channels if hasattr(model, "in_channels") else 5
+    out = model(torch.zeros(2, channels, 96, 96, device="meta"))
+    assert out["logits"].shape == (2, 3)

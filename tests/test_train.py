@@ -738,3 +738,21 @@ def test_single_cell_images_far_off_the_batch_scale_are_cropped_at_its_median(sh
     odd = results[len(paths) - 1]
     assert odd["scale_measured"] is False and odd["rbc_diameter_px"] == pytest.approx(median, rel=0.05)
     assert 40 < median < 65
+
+
+def test_fp16_training_is_scaled_on_every_device(monkeypatch):
+    """fp16's small range underflows small gradients on any device, not only on CUDA: a
+    gradient scaler goes with it; bf16 needs none. Apple MPS without autocast (torch
+    before 2.5) is refused with the way out."""
+    import torch
+
+    from napari_smear.training import _gradient_scaler, _training_autocast
+
+    dtype, scaled = _training_autocast(torch.device("cpu"), True, "float16")
+    assert dtype == torch.float16 and scaled and _gradient_scaler(torch.device("cpu"), scaled).is_enabled()
+    assert _training_autocast(torch.device("cpu"), True, "bfloat16") == (torch.bfloat16, False)
+    assert not _gradient_scaler(torch.device("cpu"), False).is_enabled()
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: device_type != "mps")
+    with pytest.raises(ValueError, match="mixed precision on Apple MPS needs a newer torch"):
+        _training_autocast(torch.device("mps"), True, None)
+    assert _training_autocast(torch.device("mps"), False, None) == (None, False)

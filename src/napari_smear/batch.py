@@ -566,6 +566,9 @@ class _Settings:
     fingerprint: dict
     worker_threads: int | None = None
     working_diameter_px: float | None = None
+    # where the classifiers ran (device, autocast dtype, batch size): recorded in each
+    # marker, not part of the fingerprint (another device changes the last bits only)
+    ran_on: dict | None = None
 
 
 @dataclass
@@ -893,6 +896,7 @@ def _write_outputs(job: _Job, result, rgb: np.ndarray, pixel_size_um, settings: 
         "image": job.relative,
         "input": {"bytes": job.size, "mtime_ns": job.mtime_ns},
         "settings": settings.fingerprint,
+        "ran_on": settings.ran_on,
         "outputs": {kind: {"file": path.name, "bytes": path.stat().st_size} for kind, path in written.items()},
         "summary": summary,
         "summary_whole_cells": whole_cells,
@@ -1645,10 +1649,15 @@ def analyze_files(
         opened = time.perf_counter()
         executor = _open_executor(workers, scheduler)
         executor_start = time.perf_counter() - opened
+        from .predict import autocast_dtype
+
+        dtype = autocast_dtype(torch_device, amp)
         settings = _Settings(
             specs=specs, pixel_size_um=pixel_size_um, morphology=morphology,
             overlay_max_side=int(overlay_max_side), fingerprint=fingerprint,
             worker_threads=None if executor.inline else 1, working_diameter_px=working_diameter_px,
+            ran_on={"device": str(torch_device), "autocast": str(dtype).replace("torch.", "") if dtype else None,
+                    "batch_size": batch_size} if specs else None,
         )
         counter = [done]  # images done so far, for the progress reports made on the way
 

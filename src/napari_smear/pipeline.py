@@ -937,6 +937,9 @@ class StreamingClassifier:
         self.models = {m.name: m for m in models}
         self.device = select_device(device)
         self.batch_size = int(batch_size)
+        # crops per forward pass: batch_size, halved for good once the device ran out of
+        # memory (the gathered batches stay batch_size crops; classify_crops splits them)
+        self.forward_batch_size = self.batch_size
         self.amp = amp
         self.max_waiting = max(1, int(max_waiting))
         self.max_waiting_pixels = float(max_waiting_pixels)
@@ -1129,9 +1132,10 @@ class StreamingClassifier:
         started = time.perf_counter()
         out = classify_crops(
             entry.model, entry.info, images, masks, morph, device=self.device,
-            batch_size=self.batch_size, amp=self.amp, return_attention=True, progress=False,
+            batch_size=self.forward_batch_size, amp=self.amp, return_attention=True, progress=False,
             prior_correction=self.prior_correction, test_time_views=views, sure_at=None,
         )
+        self.forward_batch_size = min(self.forward_batch_size, int(out.get("batch_size", self.forward_batch_size)))
         self.seconds += time.perf_counter() - started
         self.padded += self.batch_size - n
         return out, n

@@ -38,8 +38,10 @@ _DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
 #: A ``sure_at`` for :func:`classify_crops` (off by default): crops whose first view is at
 #: least this sure of a class skip the other turned views.
 SURE_AT = 0.85
-# Compiled wrappers of models, so repeated calls do not recompile.
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# The attribute a model keeps its compiled wrapper in, so repeated calls do not
+# recompile. (A cache keyed weakly by the model never let the model go: the wrapper
+# holds it. On the model, the two form a cycle the garbage collector frees together.)
+_COMPILED_ATTRIBUTE = "_napari_smear_compiled"
 
 
 def select_device(name="auto"):
@@ -77,6 +79,8 @@ def select_device(name="auto"):
             return torch.device("mps")
         return torch.device("cpu")
     kind, _, index = text.partition(":")
+    if kind == "mps" and index == "0":  # what an MPS tensor's .device reads: the one Apple GPU
+        index = ""
     if kind not in _DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
         raise ValueError(f"unknown device {name!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     available = "available here: " + ", ".join(_available_devices())
@@ -108,8 +112,10 @@ def _available_devices() -> list[str]:
 def autocast_dtype(device, amp=True):
     """The autocast dtype for ``device`` (None: run in float32).
 
-    bf16 on CPU and on CUDA GPUs that support it (same range as float32, so no
-    overflow in logits or attention), else fp16 on CUDA and MPS.
+    bf16 on CPU and on CUDA GPUs with native bf16 (Ampere, compute capability 8.0, and
+    later: same range as float32, so no overflow in logits or attention), else fp16 on
+    CUDA and MPS. (``torch.cuda.is_bf16_supported()`` also says yes for older GPUs that
+    only emulate bf16, where cuDNN has no bf16 convolutions: slow, or failing.)
     """
     import torch
 
@@ -120,12 +126,21 @@ def autocast_dtype(device, amp=True):
     if device.type == "cpu":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "mps":
         # MPS autocast exists from torch 2.5 on; older versions run in float32
         major, minor = (int(v) for v in torch.__version__.split(".")[:2])
         return torch.float16 if (major, minor) >= (2, 5) else None
     return None
+
+
+def cuda_has_native_bf16(device) -> bool:
+    """Whether the CUDA GPU ``device`` (its own index, not the current device's) computes
+    in bf16 natively: compute capability 8.0 (Ampere) or later."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
 
 
 def _autocast(device, dtype):
@@ -223,7 +238,24 @@ def _is_oom(exc: BaseException) -> bool:
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # cuDNN and cuBLAS say it their own way when their workspace does not fit
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
+    )
+
+
+def _free_device_memory(device) -> None:
+    """Hand the failed batch's cached blocks back (CUDA, MPS) before a smaller batch."""
+    import gc
+
+    import torch
+
+    gc.collect()  # the failed batch's tensors, held by the exception's frames until now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "empty_cache"):
+        torch.mps.empty_cache()
 
 
 # Inference copies of models with BatchNorm folded in (see fuse_for_inference), kept
@@ -273,10 +305,11 @@ def _fused(model):
 def _compiled(model):
     import torch
 
-    compiled = _COMPILED.get(model)
+    compiled = model.__dict__.get(_COMPILED_ATTRIBUTE)
     if compiled is None:
         compiled = torch.compile(model, dynamic=True)
-        _COMPILED[model] = compiled
+        # object.__setattr__: nn.Module's own would register the wrapper as a submodule
+        object.__setattr__(model, _COMPILED_ATTRIBUTE, compiled)
     return compiled
 
 
@@ -467,6 +500,7 @@ def classify_crops(
     with torch.inference_mode():
         while start < n:
             stop = min(n, start + batch)
+            out_of_memory = False
             try:
                 x = preprocess_batch(
                     _to_device(images[start:stop], device), _to_device(masks[start:stop], device),
@@ -490,9 +524,13 @@ def classify_crops(
                     continue
                 if not _is_oom(exc) or batch == 1:
                     raise
+                out_of_memory = True
+            if out_of_memory:
+                # outside the except block: the exception (and the frames holding the
+                # failed batch) is gone, so emptying the cache frees its memory
+                x = morph_batch = None
                 batch = max(1, batch // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                _free_device_memory(device)
                 warnings.warn(f"out of memory on {device}: retrying with batch size {batch}", stacklevel=2)
                 continue
             bar.update(stop - start)

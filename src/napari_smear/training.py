@@ -906,7 +906,26 @@ def _training_autocast(device, amp, amp_dtype):
         dtype = torch.bfloat16
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}")
-    return dtype, (dtype == torch.float16 and device.type == "cuda")
+    if device.type == "mps":
+        available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+        if available is None or not available("mps"):
+            raise ValueError("mixed precision on Apple MPS needs a newer torch (2.5 or later); train with "
+                             "amp=False (--amp off), or update torch")
+    # fp16's small range underflows small gradients on any device: scaled, as on CUDA
+    return dtype, dtype == torch.float16
+
+
+def _gradient_scaler(device, enabled: bool):
+    """A gradient scaler for ``device`` (disabled unless fp16 autocast is on)."""
+    import torch
+
+    if not enabled:
+        return torch.amp.GradScaler("cuda", enabled=False)
+    try:
+        return torch.amp.GradScaler(device.type, enabled=True)
+    except (RuntimeError, ValueError, TypeError) as exc:  # older torch: CUDA only
+        raise ValueError(f"fp16 training on {device.type} needs a gradient scaler this torch ({torch.__version__}) "
+                         "lacks there; train with amp_dtype='bfloat16' instead") from exc
 
 
 def train(
@@ -1018,7 +1037,7 @@ def train(
         Mixed precision. Default: on for CUDA (fp16 with a gradient scaler) and on CPUs
         with native bf16 (bf16 autocast, about twice as fast there); off elsewhere.
     amp_dtype : {"float16", "bfloat16"}, optional
-        Override the autocast dtype.
+        Override the autocast dtype (float16 trains with a gradient scaler on any device).
     seed : int
         Seeds Python, numpy and torch; each epoch's sampling and augmentation is drawn
         from a generator seeded by ``(seed, epoch)``, so a resumed run draws the same
@@ -1246,7 +1265,7 @@ def train(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
         )
         dtype, use_scaler = _training_autocast(torch_device, amp, amp_dtype)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        scaler = _gradient_scaler(torch_device, use_scaler)
 
         ckpt_dir = checkpoint_dir_for(output)
         state = {"epoch": 0, "global_step": 0, "best_f1": -1.0, "best_epoch": 0, "since_best": 0,

@@ -32,6 +32,22 @@ CHANNELS_DESCRIPTION = [
 ]
 
 
+def autocast_off(device_type: str):
+    """A context in which autocast is off on ``device_type`` (for sums that need float32).
+
+    Where the device has no autocast at all (Apple MPS before torch 2.5) there is nothing
+    to turn off, and ``torch.autocast(..., enabled=False)`` itself raises there.
+    """
+    import contextlib
+
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None:
+        supported = bool(available(device_type))
+    else:  # torch < 2.4: autocast for these device types only
+        supported = device_type in ("cpu", "cuda", "xpu", "hpu")
+    return torch.autocast(device_type=device_type, enabled=False) if supported else contextlib.nullcontext()
+
+
 class SmearClassifier(nn.Module):
     """Base class: stores ``num_classes`` and the rebuild ``config``, checks inputs.
 

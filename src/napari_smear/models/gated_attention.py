@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import ResidualBackbone
-from .base import CELL_MASK_CHANNEL, SmearClassifier, mlp_head, select_input_channels
+from .base import CELL_MASK_CHANNEL, SmearClassifier, autocast_off, mlp_head, select_input_channels
 
 
 def patch_geometry(size: int, grid: int) -> tuple[int, int]:
@@ -67,7 +67,7 @@ def spread_patch_values(values: torch.Tensor, membership: torch.Tensor, size: in
     One matrix product with the patch-membership matrix sums each pixel's patch values;
     dividing by the number of patches covering the pixel gives their mean.
     """
-    with torch.autocast(device_type=values.device.type, enabled=False):
+    with autocast_off(values.device.type):
         summed = values.float() @ membership
         counts = membership.sum(dim=0)
         return (summed / counts).reshape(values.shape[0], size, size)
@@ -174,7 +174,7 @@ class GatedAttentionClassifier(SmearClassifier):
 
         masked_scores = scores
         if self.config["mask_empty_patches"]:
-            with torch.autocast(device_type=x.device.type, enabled=False):
+            with autocast_off(x.device.type):
                 cell_pixels = x[:, CELL_MASK_CHANNEL].float().flatten(1) @ membership.T  # (B, K)
             has_cell = cell_pixels > 0
             # Crops without any mask pixel (no segmentation) keep every patch.

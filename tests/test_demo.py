@@ -39,7 +39,8 @@ def test_demo_writes_the_full_output_set(tmp_path, rbc_model, capsys):
     assert "model rbc-tiny: classifies rbc into 2 classes" in printed
     assert "the synthetic_* fields are drawn, not photographed" in printed
     assert "synthetic_small.png" in printed and "rbc:" in printed
-    assert (out / "galleries" / "samples_gallery.png").is_file() and "cell gallery: " in printed
+    assert (out / "galleries" / "samples_gallery.png").is_file() and (out / "report.html").is_file()
+    assert "report: " in printed
     # a second demo run resumes: the sample is rewritten only if it changed, so it is skipped
     again = run_demo(out, models=[rbc_model], device="cpu", scales=SMALL, include_real=False)
     assert (again.analysed, again.skipped) == (0, 1)

@@ -197,6 +197,7 @@ def analysed(tmp_path_factory):
         write_png_atomic(inputs / name, synthetic_smear((200, 260), rbc_diameter_px=26.0, seed=k)[0])
     # a field without cells: no ruler (an empty rbc_diameter_px in summary.csv), nothing to draw
     write_png_atomic(inputs / "blank.png", np.full((200, 260, 3), (232, 228, 236), np.uint8))
+    (inputs / "slide 2" / "broken.png").write_bytes(b"not a PNG")  # a failure for the report
     out = root / "out"
     analyze_files(inputs, out, models=[str(model)], device="cpu")
     return root, inputs, out
@@ -261,7 +262,8 @@ def test_cli_gallery_and_analyze_gallery(analysed, tmp_path, capsys):
     assert (copy / "galleries" / "in_gallery.png").stat().st_mtime_ns == before
     # analyze --gallery draws them after the run
     again = tmp_path / "again"
-    assert main(["analyze", str(inputs), str(again), "--models", "none", "--gallery", "--quiet"]) == 0
+    # (exit status 1: the fixture's broken.png failed; the others are drawn all the same)
+    assert main(["analyze", str(inputs), str(again), "--models", "none", "--gallery", "--quiet"]) == 1
     printed = capsys.readouterr().out
     assert "gallery: " in printed and (again / "galleries" / "slide_2_gallery.png").is_file()
 
@@ -336,3 +338,39 @@ def test_batch_gallery_headings_give_the_folder_differential(analysed, monkeypat
                 assert float(share.group(1)) == pytest.approx(row[f"{cell_type}_{name}_pct"], abs=0.05)
             checked += 1
     assert checked >= 3
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_run_report_gathers_differentials_galleries_images_and_failures(analysed, tmp_path, capsys):
+    import shutil
+
+    from napari_smear.cli import main
+    from napari_smear.report import write_run_report
+
+    root, inputs, out = analysed
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "galleries", ignore_errors=True)
+    page = write_run_report(copy)
+    assert page == copy / "report.html"
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!-- napari-smear run report -->") and "<!DOCTYPE html>" in text
+    # each folder: its differential (whole cells) and its gallery, drawn for the report
+    by_folder = pd.read_csv(copy / "summary_by_folder.csv")
+    for folder in by_folder["folder"]:
+        assert f"<h2>{folder}</h2>" in text
+    assert 'src="galleries/in_gallery.png"' in text and (copy / "galleries" / "slide_2_gallery.png").is_file()
+    assert "white cells by wbc: " in text
+    # a line per image, its name linking its QC overlay; the failed image with its reason
+    assert 'href="a_overlay.png"' in text and 'href="slide 2/c_overlay.png"' in text
+    assert "Failed (1)" in text and "broken.png" in text
+    # written again over its own report; never over a file of the user's own
+    write_run_report(copy, galleries=False)
+    (copy / "report.html").write_text("<html>my notes</html>")
+    with pytest.raises(FileExistsError, match="was not written by napari-smear"):
+        write_run_report(copy)
+    (copy / "report.html").unlink()
+    assert main(["report", str(copy), "--no-galleries"]) == 0
+    assert f"report: {copy / 'report.html'}" in capsys.readouterr().out
+    assert main(["report", str(root)]) == 1
+    assert "no summary.csv" in capsys.readouterr().err

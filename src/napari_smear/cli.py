@@ -359,6 +359,9 @@ def _add_analyze(subparsers) -> None:
     parser.add_argument("--gallery", action="store_true",
                         help="also draw a picture of each folder's white cells and platelets, a block per class, the "
                              "least confident first, into OUT_DIR/galleries/ (as `napari-smear gallery OUT_DIR`)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT_DIR/report.html: each folder's differential and cell gallery, a line "
+                             "per image, the failures (as `napari-smear report OUT_DIR`)")
     _add_prior_correction_option(parser)
     _add_test_time_views_option(parser)
     parser.set_defaults(func=_cmd_analyze)
@@ -429,7 +432,11 @@ def _cmd_analyze(args) -> int:
     for path, error in zip(report.errors.file, report.errors.error):
         print(f"FAILED {path}: {error.splitlines()[0] if error else ''}", file=sys.stderr)
     _print_batch_report(report)
-    if args.gallery and report.analysed + report.skipped:
+    if args.report and report.analysed + report.skipped:
+        from .report import write_run_report
+
+        print(f"report: {write_run_report(report.out_dir)} (open it in a browser)")
+    elif args.gallery and report.analysed + report.skipped:
         from .gallery import batch_galleries
 
         for path in batch_galleries(report.out_dir):
@@ -539,6 +546,29 @@ def _cmd_gallery(args) -> int:
     if not paths:
         print(f"napari-smear gallery: no analysed images in {args.out_dir} (summary.csv lists none)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="write report.html for an analysis: each folder's differential and cell gallery",
+        description="Read the output folder of `napari-smear analyze`, draw each folder's cell gallery "
+                    "(OUT_DIR/galleries/) and write OUT_DIR/report.html: the models and settings, the run's "
+                    "warnings, each folder's differential count (whole cells) with its gallery, a line per image "
+                    "(its counts, a link to its QC overlay, its warnings) and the images that failed. One static "
+                    "page: open it in a browser, or print it to PDF.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder of a finished analyze run")
+    parser.add_argument("--no-galleries", action="store_true", help="do not draw the cell galleries (faster)")
+    parser.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from .report import write_run_report
+
+    if not Path(args.out_dir).is_dir():
+        raise CommandError(f"{args.out_dir} is not a folder: give the output folder of `napari-smear analyze`")
+    print(f"report: {write_run_report(args.out_dir, galleries=not args.no_galleries)} (open it in a browser)")
     return 0
 
 
@@ -875,8 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-smear {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for add in (_add_segment, _add_analyze, _add_gallery, _add_demo, _add_train, _add_evaluate, _add_classify,
-                _add_pack_crops):
+    for add in (_add_segment, _add_analyze, _add_gallery, _add_report, _add_demo, _add_train, _add_evaluate,
+                _add_classify, _add_pack_crops):
         add(subparsers)
     return parser
 

@@ -88,11 +88,10 @@ def run_demo(
     report = analyze_files(inputs, out, models=models, device=device, workers=workers)
     print_demo_summary(report)
     if report.analysed + report.skipped:
-        from .gallery import batch_galleries
+        from .report import write_run_report
 
-        # what a reviewer looks at: each folder's white cells and platelets by class
-        for path in batch_galleries(out):
-            print(f"cell gallery: {path}")
+        # what a reviewer looks at: each folder's differential and its cells by class
+        print(f"report: {write_run_report(out)} (each folder's differential and cell gallery; open it in a browser)")
     return report
 
 

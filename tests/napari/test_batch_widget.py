@@ -69,10 +69,11 @@ def test_run_writes_the_outputs_and_reports(widget, qtbot, inputs, model_file, t
     cells = pd.read_csv(out / "sub" / "b_cells.csv")
     assert set(cells.loc[cells.cell_type == "rbc", "class"]) <= {"normal", "abnormal"}
     assert pd.read_csv(out / "errors.csv").file.str.endswith("broken.jpg").all()
-    # a cell gallery per folder of images (on by default), named in the status
-    assert sorted(p.name for p in widget.last_galleries) == sorted([f"{inputs.name}_gallery.png", "sub_gallery.png"])
-    assert all(p.parent == out / "galleries" and p.is_file() for p in widget.last_galleries)
-    assert "Cell galleries" in widget.status and str(out / "galleries") in widget.status
+    # a report with a cell gallery per folder of images (on by default), named in the status
+    assert widget.last_report_page == out / "report.html" and widget.last_report_page.is_file()
+    assert sorted(p.name for p in (out / "galleries").iterdir()) == sorted([f"{inputs.name}_gallery.png",
+                                                                            "sub_gallery.png"])
+    assert "Report with a cell gallery per folder" in widget.status and str(out / "report.html") in widget.status
     # again: everything finished is skipped
     widget.run()
     wait_until_idle(qtbot, widget)

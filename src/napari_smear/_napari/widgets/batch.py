@@ -88,9 +88,10 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._detail = detail_combo()
         self._overwrite = CheckBox(text="redo finished images", value=False)
         self._gallery = CheckBox(
-            text="draw a cell gallery per folder", value=True,
-            tooltip="After the run, a picture of each folder's white cells and platelets, a block per class, the "
-            "least confident first, in <output folder>/galleries/ (napari-smear gallery does the same)",
+            text="write a report with a cell gallery per folder", value=True,
+            tooltip="After the run, <output folder>/report.html (each folder's differential count, a line per "
+            "image, the failures) and a picture of each folder's white cells and platelets, a block per class, "
+            "the least confident first, in <output folder>/galleries/ (napari-smear report does the same)",
         )
         # Looking at the results: any image the output folder holds results for.
         self._summary_paths: dict[str, str] = {}  # image -> input path, from summary.csv
@@ -115,8 +116,8 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._images_done = (0, 0)  # (done, total) of the last progress report
         #: What the last finished run reported (for scripts and tests).
         self.last_report: BatchReport | None = None
-        #: The gallery pictures the last run drew (one per folder of images).
-        self.last_galleries: list[Path] = []
+        #: The report page the last run wrote (report.html, with a cell gallery per folder), if any.
+        self.last_report_page: Path | None = None
         self.reset_choices()
         self._models.value = [value for _, value in model_choices() if not Path(value).suffix]
 
@@ -154,13 +155,13 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             result = analyze_files(
                 source, target, progress=lambda done, total, message: report((done, total, message)), **options
             )
-            galleries = []
+            page = None
             if draw_galleries and result.analysed + result.skipped:
-                from napari_smear.gallery import batch_galleries
+                from napari_smear.report import write_run_report
 
-                report((result.total, result.total, "drawing the cell galleries"))
-                galleries = batch_galleries(target)
-            return result, galleries
+                report((result.total, result.total, "drawing the cell galleries and the report"))
+                page = write_run_report(target)
+            return result, page
 
         self._started = time.perf_counter()
         self._images_done = (0, 0)
@@ -267,15 +268,15 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         if message:
             self._set_status(f"{done}/{total} images: {message}")
 
-    def _show_result(self, outcome: tuple[BatchReport, list]) -> None:
-        report, galleries = outcome
+    def _show_result(self, outcome: tuple[BatchReport, Path | None]) -> None:
+        report, page = outcome
         self.last_report = report
-        self.last_galleries = list(galleries)
+        self.last_report_page = page
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
         text = _summary(report, time.perf_counter() - self._started)
-        if galleries:
-            text += f". Cell galleries (a picture per folder): {Path(galleries[0]).parent}"
+        if page is not None:
+            text += f". Report with a cell gallery per folder: {page}"
         self._set_status(text)
         from napari.utils.notifications import show_warning
 

@@ -73,13 +73,13 @@ def _differential_tables(row: pd.Series, models: dict, colours: dict) -> str:
             lines.append(f'<tr><td class="name">{swatch}{_esc(cls)}</td><td>{n}</td>'
                          f"<td>{100 * n / total:.1f} %</td></tr>")
         unsure = row.get(f"{name}_unsure_pct")
-        note = (f' <span class="muted">({_esc(name)} was unsure (no class at 85 % or more) of '
-                f"{float(unsure):.1f} % of the cells it classified here)</span>"
+        note = (f'<p class="muted">{_esc(name)} gave no class at 85 % or more to {float(unsure):.1f} % of the '
+                "cells it classified in this folder.</p>"
                 if unsure is not None and pd.notna(unsure) else "")
         parts.append(
-            f"<h3>{_esc(_TYPE_NAMES.get(cell_type, cell_type))} by {_esc(name)}: {total} whole cells{note}</h3>"
+            f"<h3>{_esc(_TYPE_NAMES.get(cell_type, cell_type))} by {_esc(name)}: {total} whole cells</h3>"
             '<table><tr><th class="name">class</th><th>cells</th><th>%</th></tr>'
-            + "".join(lines) + "</table>"
+            + "".join(lines) + "</table>" + note
         )
     return "".join(parts)
 

@@ -177,9 +177,9 @@ def cell_thumbnails(
 def _class_names(table: pd.DataFrame, column: str) -> pd.Series:
     if column not in table.columns:
         return pd.Series([UNCLASSIFIED] * len(table), index=table.index, dtype=object)
-    values = table[column]
-    named = values.map(lambda v: isinstance(v, str) and v != "")
-    return values.astype(object).where(named, UNCLASSIFIED)
+    values = table[column].astype(object)
+    named = values.notna() & (values.astype(str) != "")
+    return values.where(named, UNCLASSIFIED).astype(str)
 
 
 def gallery_groups(
@@ -206,14 +206,14 @@ def gallery_groups(
         rows = rows[rows["cell_type"].isin(check_cell_types(cell_types))]
     classes = _class_names(rows, column)
     type_rank = {"wbc": 0, "platelet": 1, "rbc": 2}
-    keys = sorted(
-        {(str(t), str(c)) for t, c in zip(rows["cell_type"], classes)},
-        key=lambda key: (type_rank.get(key[0], 3), key[1] == UNCLASSIFIED,
-                         -int(((rows["cell_type"] == key[0]) & (classes == key[1])).sum()), key[1]),
-    )
+    # one grouping pass (a whole-slide layer holds over 100,000 cells)
+    grouped = rows.groupby([rows["cell_type"].astype(str), classes], sort=False)
+    sizes = grouped.size()
+    keys = sorted(sizes.index, key=lambda key: (type_rank.get(key[0], 3), key[1] == UNCLASSIFIED,
+                                                -int(sizes[key]), key[1]))
     groups = []
     for cell_type, name in keys:
-        group = rows[(rows["cell_type"] == cell_type) & (classes == name)]
+        group = grouped.get_group((cell_type, name))
         if order != "label" and "confidence" in group.columns:
             confidence = pd.to_numeric(group["confidence"], errors="coerce")
             # unknown confidence (set by hand) last either way

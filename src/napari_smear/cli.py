@@ -432,15 +432,20 @@ def _cmd_analyze(args) -> int:
     for path, error in zip(report.errors.file, report.errors.error):
         print(f"FAILED {path}: {error.splitlines()[0] if error else ''}", file=sys.stderr)
     _print_batch_report(report)
-    if args.report and report.analysed + report.skipped:
-        from .report import write_run_report
+    try:
+        if args.report and report.analysed + report.skipped:
+            from .report import write_run_report
 
-        print(f"report: {write_run_report(report.out_dir)} (open it in a browser)")
-    elif args.gallery and report.analysed + report.skipped:
-        from .gallery import batch_galleries
+            print(f"report: {write_run_report(report.out_dir)} (open it in a browser)")
+        elif args.gallery and report.analysed + report.skipped:
+            from .gallery import batch_galleries
 
-        for path in batch_galleries(report.out_dir):
-            print(f"gallery: {path}")
+            for path in batch_galleries(report.out_dir):
+                print(f"gallery: {path}")
+    except (OSError, ValueError, MemoryError) as exc:  # the analysis stands; say so, and fail the command
+        print(f"napari-smear analyze: error: the analysis is written, but the {'report' if args.report else 'gallery'}"
+              f" is not: {exc}", file=sys.stderr)
+        return 1
     return 1 if report.failed else 0  # scripts learn that errors.csv lists something
 
 

@@ -289,3 +289,25 @@ def test_a_model_unsure_of_most_cells_is_warned_about(widget, qtbot, inputs, tmp
     assert any("rbc-unsure was unsure of 100 %" in message for message in shown)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert len(run["warnings"]) == 2 and all("check its classes" in note for note in run["warnings"])
+
+
+def test_a_report_that_cannot_be_written_leaves_the_run_standing(widget, qtbot, inputs, tmp_path, monkeypatch):
+    """The report is an extra: when it fails (a slide too large to draw, a full disk), the
+    analysis stands, reported as done, and the status and a notification say why."""
+    from napari_smear import report as report_module
+
+    def no_room(out_dir, **kwargs):
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(report_module, "write_run_report", no_room)
+    warned = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", warned.append)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._models.value = []
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert widget.last_report is not None and widget.last_report.analysed == 2
+    assert widget.last_report_page is None
+    assert "Report not written: [Errno 28] No space left on device" in widget.status
+    assert any("the report was not written" in w for w in warned)

@@ -160,7 +160,11 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
                 from napari_smear.report import write_run_report
 
                 report((result.total, result.total, "drawing the cell galleries and the report"))
-                page = write_run_report(target)
+                try:
+                    page = write_run_report(target)
+                except (OSError, ValueError, MemoryError) as exc:
+                    # the analysis stands (its files are written): the report is an extra
+                    page = f"not written: {exc}"
             return result, page
 
         self._started = time.perf_counter()
@@ -268,14 +272,20 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         if message:
             self._set_status(f"{done}/{total} images: {message}")
 
-    def _show_result(self, outcome: tuple[BatchReport, Path | None]) -> None:
+    def _show_result(self, outcome: tuple[BatchReport, Path | str | None]) -> None:
         report, page = outcome
         self.last_report = report
         self.last_report_page = page
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
         text = _summary(report, time.perf_counter() - self._started)
-        if page is not None:
+        if isinstance(page, str):  # the report failed; the run did not
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"napari-smear batch: the report was {page}")
+            text += f". Report {page}"
+            self.last_report_page = None
+        elif page is not None:
             text += f". Report with a cell gallery per folder: {page}"
         self._set_status(text)
         from napari.utils.notifications import show_warning

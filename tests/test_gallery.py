@@ -374,3 +374,37 @@ def test_run_report_gathers_differentials_galleries_images_and_failures(analysed
     assert f"report: {copy / 'report.html'}" in capsys.readouterr().out
     assert main(["report", str(root)]) == 1
     assert "no summary.csv" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_whole_slide_gallery_reads_only_the_windows_of_its_cells(tmp_path, monkeypatch):
+    """A tiled TIFF (a scanner's slide) is read window by window for its gallery: the same
+    picture as a full read."""
+    import tifffile
+
+    from napari_smear import gallery
+    from napari_smear.batch import analyze_files
+    from napari_smear.io import read_image
+    from napari_smear.samples import synthetic_smear
+
+    inputs = tmp_path / "slide"
+    inputs.mkdir()
+    field = synthetic_smear((256, 320), rbc_diameter_px=26.0, seed=3)[0]
+    tifffile.imwrite(inputs / "region.tif", field, tile=(64, 64), compression="zlib", photometric="rgb")
+    out = tmp_path / "out"
+    analyze_files(inputs, out, models=[], device="cpu")
+    whole = read_image(gallery.batch_galleries(out, cell_types=None, include_edge_cells=True)[0])[0]
+    from napari_smear import io
+
+    read = []
+    full_read = io.TiledTiff.__getitem__
+
+    def counted(self, key):
+        read.append(key)
+        return full_read(self, key)
+
+    monkeypatch.setattr(io.TiledTiff, "__getitem__", counted)
+    monkeypatch.setattr(gallery, "_WINDOWED_MIN_PIXELS", 0)  # this small field as if it were a slide
+    windowed = read_image(gallery.batch_galleries(out, cell_types=None, include_edge_cells=True)[0])[0]
+    np.testing.assert_array_equal(windowed, whole)
+    assert len(read) > 10  # a window per cell, not the whole image

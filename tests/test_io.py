@@ -501,3 +501,32 @@ def test_a_folder_search_names_the_sub_folders_it_cannot_read(tmp_path):
     left_out = r"cannot search .*b \(Permission denied\): its images are left out"
     with unittest.mock.patch("os.scandir", refuse_b), pytest.warns(UserWarning, match=left_out):
         assert search_folder(tmp_path, "*.jpg") == [tmp_path / "a.jpg"]
+
+
+def test_tiled_tiff_windows_match_the_whole_image(tmp_path):
+    """A whole slide's tiles decoded window by window give the pixels a full read gives
+    (compressed tiles, windows across tile borders and at the image's edges, steps)."""
+    import tifffile
+
+    from napari_smear.io import TiledTiff, open_tiled_tiff
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 1000, (700, 530)).astype(np.uint32)
+    tifffile.imwrite(tmp_path / "labels.tif", labels, tile=(128, 128), compression="zlib")
+    rgb = rng.integers(0, 255, (300, 410, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, tile=(64, 64), compression="zlib", photometric="rgb")
+    with TiledTiff(tmp_path / "labels.tif") as tiff:
+        assert (tiff.shape, tiff.dtype, tiff.ndim) == ((700, 530), np.dtype(np.uint32), 2)
+        for key in [(slice(0, 5), slice(0, 5)), (slice(100, 390), slice(120, 530)), (slice(690, 700), slice(500, 530)),
+                    (slice(17, 600, 3), slice(5, 520, 7)), (slice(300, 300), slice(0, 10))]:
+            np.testing.assert_array_equal(tiff[key], labels[key])
+        with pytest.raises(TypeError, match="2-D window"):
+            tiff[5]
+    with TiledTiff(tmp_path / "rgb.tif") as tiff:
+        np.testing.assert_array_equal(tiff[60:250, 30:400], rgb[60:250, 30:400])
+    tifffile.imwrite(tmp_path / "strips.tif", rgb)  # not tiled: read whole instead
+    assert open_tiled_tiff(tmp_path / "strips.tif") is None
+    assert open_tiled_tiff(tmp_path / "rgb.tif", min_pixels=10**9) is None
+    small = open_tiled_tiff(tmp_path / "rgb.tif")
+    assert small is not None
+    small.close()

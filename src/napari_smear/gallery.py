@@ -13,6 +13,7 @@ held on disk (a memory map, a dask array) is not loaded whole.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -425,6 +426,44 @@ def _gallery_file_names(folders: Sequence[str]) -> dict[str, str]:
     return names
 
 
+#: Images (and label images) from this many pixels on are read window by window when
+#: they are tiled TIFFs (a whole slide): a gallery draws a few dozen of their cells.
+_WINDOWED_MIN_PIXELS = 64_000_000
+
+
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike, *, rgb: bool):
+    """An image to cut thumbnails from: a tiled TIFF of a whole slide read window by
+    window (8-bit RGB, or a label image), anything else read whole."""
+    from .io import open_tiled_tiff, read_image
+
+    tiff = open_tiled_tiff(path, min_pixels=_WINDOWED_MIN_PIXELS)
+    if tiff is not None and (tiff.dtype == np.uint8 and tiff.shape[-1:] == (3,) if rgb else tiff.ndim == 2):
+        try:
+            yield tiff
+        finally:
+            tiff.close()
+        return
+    if tiff is not None:  # another layout (16-bit, planar...): read_image converts it
+        tiff.close()
+    yield read_image(path, rgb=rgb)[0]
+
+
+def _cut_image_cells(rgb, labels, cells: pd.DataFrame, size: int, colours, thumbnails: dict) -> None:
+    """Thumbnails of one image's ``cells`` (rows of a batch gallery's table), by running index."""
+    for cell_type, of_type in cells.groupby("cell_type", sort=False):
+        key_classes = of_type["class"] if "class" in of_type.columns else [UNCLASSIFIED] * len(of_type)
+        outline = [_block_colour(cell_type, c if isinstance(c, str) and c else UNCLASSIFIED, colours)
+                   for c in key_classes]
+        cut = cell_thumbnails(
+            rgb, labels, of_type["_label"].to_numpy(np.int64),
+            of_type[["centroid_y", "centroid_x"]].to_numpy(np.float64),
+            thumbnail_window_px(cell_type, float(of_type["_diameter"].iloc[0])), size=size,
+            outline_rgb=outline,
+        )
+        thumbnails.update(zip(of_type["label"].tolist(), cut))
+
+
 def batch_galleries(
     out_dir: str | os.PathLike,
     *,
@@ -477,7 +516,7 @@ def batch_galleries(
     """
     from .batch import OUTPUT_SUFFIXES, _folder_of, _is_our_picture, analysed_input_paths, output_stem
     from .colors import class_palette_rgb
-    from .io import atomic_write, read_image
+    from .io import atomic_write
 
     _check_per_class(per_class)
     if order not in ORDERS:
@@ -544,19 +583,9 @@ def batch_galleries(
         wanted = pd.concat(list(shown.values())) if shown else table.iloc[:0]
         thumbnails: dict[int, np.ndarray] = {}
         for (image, path), cells in wanted.groupby(["_image", "_path"], sort=False):
-            rgb, _ = read_image(path)
-            labels, _ = read_image(stem_of(image) + OUTPUT_SUFFIXES["labels"], rgb=False)
-            for cell_type, of_type in cells.groupby("cell_type", sort=False):
-                key_classes = of_type["class"] if "class" in of_type.columns else [UNCLASSIFIED] * len(of_type)
-                outline = [_block_colour(cell_type, c if isinstance(c, str) and c else UNCLASSIFIED, colours)
-                           for c in key_classes]
-                cut = cell_thumbnails(
-                    rgb, labels, of_type["_label"].to_numpy(np.int64),
-                    of_type[["centroid_y", "centroid_x"]].to_numpy(np.float64),
-                    thumbnail_window_px(cell_type, float(of_type["_diameter"].iloc[0])), size=size,
-                    outline_rgb=outline,
-                )
-                thumbnails.update(zip(of_type["label"].tolist(), cut))
+            labels_path = stem_of(image) + OUTPUT_SUFFIXES["labels"]
+            with _opened(path, rgb=True) as rgb, _opened(labels_path, rgb=False) as labels:
+                _cut_image_cells(rgb, labels, cells, size, colours, thumbnails)
             done += 1
             if progress is not None:
                 progress(done, total)

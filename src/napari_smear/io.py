@@ -25,6 +25,8 @@ __all__ = [
     "file_stem",
     "read_image",
     "open_image_on_disk",
+    "TiledTiff",
+    "open_tiled_tiff",
     "on_disk_size",
     "is_memory_mapped",
     "stored_image_size",
@@ -304,6 +306,79 @@ def open_image_on_disk(
         "pixel_size_yx_um": pixel_size_yx_um, "napari_smear": own_metadata,
         "scratch_file": str(scratch) if scratch is not None else None,
     }
+
+
+class TiledTiff:
+    """A tiled TIFF's first image, read window by window: ``tiff[y0:y1, x0:x1]`` decodes
+    only the tiles that window touches (a step, ``[y0:y1:2, ...]``, is taken after).
+
+    For drawing a few cells of a whole slide (a cell gallery) without reading the slide,
+    or its label image, whole; compressed tiles (zlib, JPEG...) included, which a memory
+    map cannot read. Array-like enough for :func:`napari_smear.gallery.cell_thumbnails`:
+    ``shape``, ``dtype``, ``ndim`` and 2-D slicing. Close it (or use ``with``) when done.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import tifffile
+
+        self.path = Path(path)
+        self._tif = tifffile.TiffFile(self.path)
+        page = self._tif.pages[0]
+        if not page.is_tiled or page.imagedepth != 1 or page.planarconfig not in (1, None) and page.samplesperpixel > 1:
+            self._tif.close()
+            raise ValueError(f"{self.path} is not a tiled TIFF with its colour samples together")
+        self._page = page
+        self.shape = tuple(page.shape)
+        self.dtype = np.dtype(page.dtype)
+        self.ndim = len(self.shape)
+        self._tile = (page.tilelength, page.tilewidth)
+        self._across = -(-page.imagewidth // page.tilewidth)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
+            raise TypeError("a TiledTiff is read by a 2-D window: tiff[y0:y1, x0:x1]")
+        (y0, y1, ystep), (x0, x1, xstep) = (k.indices(n) for k, n in zip(key, self.shape[:2]))
+        out = np.zeros((max(0, y1 - y0), max(0, x1 - x0), *self.shape[2:]), self.dtype)
+        th, tw = self._tile
+        handle = self._tif.filehandle
+        page = self._page
+        for ty in range(y0 // th, -(-y1 // th) if y1 > y0 else y0 // th):
+            for tx in range(x0 // tw, -(-x1 // tw) if x1 > x0 else x0 // tw):
+                index = ty * self._across + tx
+                handle.seek(page.dataoffsets[index])
+                data = handle.read(page.databytecounts[index])
+                tile, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+                tile = np.asarray(tile).reshape(shape)[0]  # (th, tw, samples)
+                if len(self.shape) == 2:
+                    tile = tile[..., 0]
+                ys, ye = max(y0, ty * th), min(y1, (ty + 1) * th)
+                xs, xe = max(x0, tx * tw), min(x1, (tx + 1) * tw)
+                out[ys - y0 : ye - y0, xs - x0 : xe - x0] = tile[ys - ty * th : ye - ty * th, xs - tx * tw : xe - tx * tw]
+        return out[::ystep, ::xstep]
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> "TiledTiff":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_tiled_tiff(path: str | os.PathLike, *, min_pixels: int = 0) -> TiledTiff | None:
+    """A :class:`TiledTiff` for a tiled TIFF of at least ``min_pixels`` (a whole slide, or
+    a label image written from one), else None (read it with :func:`read_image`)."""
+    if not str(path).lower().endswith(_TIFF_SUFFIXES):
+        return None
+    try:
+        tiff = TiledTiff(path)
+    except Exception:  # not tiled, not readable that way: read_image says what is wrong
+        return None
+    if tiff.shape[0] * tiff.shape[1] < min_pixels:
+        tiff.close()
+        return None
+    return tiff
 
 
 def read_pyramid_levels(path: str | os.PathLike) -> list[np.ndarray]:

@@ -6,6 +6,9 @@ side, the least confident first (a CellaVision-style review), not by reading a t
 the user set a cell's class), :func:`gallery_picture` lays them out as one image with a
 heading per class (``napari-smear gallery`` writes it for the images of a batch run).
 
+:func:`batch_galleries` draws one per folder of a batch run, :func:`export_cell_images`
+writes chosen cells as a training folder (one sub-folder per class).
+
 Thumbnails are cut at a normalised scale, a few red-cell diameters across, so cells
 from any microscope appear the same size; each cell is outlined so that the one meant
 is plain among its neighbours. Only the windows around the cells are read, so an image
@@ -26,6 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+
+# the ending a batch re-run knows as its own output (napari_smear.batch.is_output_name)
+from .batch import GALLERY_SUFFIX
 
 __all__ = [
     "EXPORT_SPAN",
@@ -402,11 +408,9 @@ def _check_per_class(per_class: Any) -> None:
 
 # ----------------------------------------------------------------------------- batch outputs
 
-#: Folder of an analysis output folder that :func:`batch_galleries` writes into.
+#: Folder of an analysis output folder that :func:`batch_galleries` writes into (the
+#: pictures are named ``<folder>_gallery.png``, :data:`GALLERY_SUFFIX`).
 GALLERY_FOLDER = "galleries"
-#: Ending of the gallery pictures' names (``<folder>_gallery.png``; see
-#: :func:`napari_smear.batch.is_output_name`).
-from .batch import GALLERY_SUFFIX  # noqa: E402
 
 
 def _gallery_file_names(folders: Sequence[str]) -> dict[str, str]:
@@ -416,8 +420,8 @@ def _gallery_file_names(folders: Sequence[str]) -> dict[str, str]:
     names: dict[str, str] = {}
     taken: set[str] = set()
     for folder in folders:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(folder).name or Path(folder).resolve().name or "images").strip("._")
-        base = base or "images"
+        name = Path(folder).name or Path(folder).resolve().name
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "images"
         name, k = base, 2
         while name.lower() in taken:
             name, k = f"{base}_{k}", k + 1

@@ -353,7 +353,8 @@ class TiledTiff:
                     tile = tile[..., 0]
                 ys, ye = max(y0, ty * th), min(y1, (ty + 1) * th)
                 xs, xe = max(x0, tx * tw), min(x1, (tx + 1) * tw)
-                out[ys - y0 : ye - y0, xs - x0 : xe - x0] = tile[ys - ty * th : ye - ty * th, xs - tx * tw : xe - tx * tw]
+                oy, ox = ty * th, tx * tw  # the tile's corner
+                out[ys - y0 : ye - y0, xs - x0 : xe - x0] = tile[ys - oy : ye - oy, xs - ox : xe - ox]
         return out[::ystep, ::xstep]
 
     def close(self) -> None:

@@ -76,7 +76,9 @@ class GalleryWidget(CellsLayerDock):
         self._shown = 0  # thumbnails of the current group in the list
 
         self._group_combo = QComboBox()
-        self._group_combo.setToolTip("The class whose cells are shown: class (cell type): number of cells, largest first")
+        self._group_combo.setToolTip(
+            "The class whose cells are shown: class (cell type): number of cells, largest first"
+        )
         # the class list as wide as its longest entry: "spherocyte (rbc): 90" was cut to ": 9"
         self._group_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         self._edge_checkbox = QCheckBox("Leave out cells cut by the image edge")

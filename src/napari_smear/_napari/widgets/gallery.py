@@ -231,12 +231,8 @@ class GalleryWidget(CellsLayerDock):
         if layer is None:
             problem = "No cells layer: run Segment cells or Classify cells first."
         else:
-            features = pd.DataFrame(layer.features)
             try:
-                table = features.rename(columns={"index": "label"}) if "label" not in features.columns else features
-                if not self.include_edge_cells and "touches_edge" in table.columns:
-                    table = table[~table["touches_edge"].fillna(False).astype(bool)]
-                self._groups = gallery_groups(table, order=self._order_combo.currentText())
+                self._groups = gallery_groups(self._shown_table(), order=self._order_combo.currentText())
             except ValueError as exc:
                 problem = str(exc)
         self._group_combo.blockSignals(True)
@@ -266,26 +262,16 @@ class GalleryWidget(CellsLayerDock):
         page = rows.iloc[self._shown : self._shown + PAGE_SIZE]
         if not len(page):
             return
-        image_layer = image_layer_of_cells(self._viewer, self._layer)
-        info = self._layer.metadata.get(METADATA_KEY, {})
-        diameter = info.get("rbc_diameter_px")
-        if image_layer is None or diameter is None:
-            self._status.setText(
-                f"Cannot show the cells of {self._layer.name!r}: "
-                + ("its image layer is not in the viewer" if image_layer is None
-                   else "the layer has no red-cell size (not made by Segment cells)")
-            )
-            return
-        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
         colour = self._outline_colour(cell_type, name)
         try:
+            image, diameter = self._image_and_ruler()
             thumbs = cell_thumbnails(
                 image, self._layer.data, page["label"].to_numpy(np.int64),
                 page[["centroid_y", "centroid_x"]].to_numpy(np.float64),
-                thumbnail_window_px(cell_type, float(diameter)), size=THUMBNAIL_SIZE, outline_rgb=colour,
+                thumbnail_window_px(cell_type, diameter), size=THUMBNAIL_SIZE, outline_rgb=colour,
             )
-        except ValueError as exc:  # an image layer that no longer fits the cells (replaced by a stack, say)
-            self._status.setText(f"Cannot show the cells of {self._layer.name!r} on {image_layer.name!r}: {exc}")
+        except ValueError as exc:  # no image, or one that no longer fits the cells (replaced by a stack, say)
+            self._status.setText(f"Cannot show the cells of {self._layer.name!r}: {exc}")
             return
         confidence = (pd.to_numeric(page["confidence"], errors="coerce").to_numpy()
                       if "confidence" in page.columns else np.full(len(page), np.nan))
@@ -317,19 +303,15 @@ class GalleryWidget(CellsLayerDock):
         ids = self.selected_labels if ids is None else [int(i) for i in ids]
         if not ids:
             raise ValueError("no cells selected: click the thumbnails of the cells to export (Ctrl+A: all shown)")
-        image_layer = image_layer_of_cells(self._viewer, layer)
-        diameter = layer.metadata.get(METADATA_KEY, {}).get("rbc_diameter_px")
-        if image_layer is None or diameter is None:
-            raise ValueError(f"the image of {layer.name!r} is not in the viewer, or the layer has no red-cell size")
+        image, diameter = self._image_and_ruler()
         features = pd.DataFrame(layer.features)
         by_id = features.set_index("index")
         classes = [by_id.loc[i, "class"] if "class" in by_id.columns and i in by_id.index else "" for i in ids]
         without = [i for i, c in zip(ids, classes) if not (isinstance(c, str) and c)]
         if without:
             raise ValueError(f"cells {without[:10]} have no class: give them one (Set class of selected) first")
-        table = features if "label" in features.columns else features.rename(columns={"index": "label"})
-        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
-        written = export_cell_images(image, table, ids, classes, folder, float(diameter), stem=image_layer.name)
+        stem = image_layer_of_cells(self._viewer, layer).name
+        written = export_cell_images(image, _cell_table(features), ids, classes, folder, diameter, stem=stem)
         self._note = f"{len(written)} cell image(s) written into {folder}"
         self._say()
         return written
@@ -350,22 +332,34 @@ class GalleryWidget(CellsLayerDock):
             path = path.with_suffix(".png")
         elif path.suffix.lower() != ".png":
             raise ValueError(f"the gallery is saved as PNG: give a name ending in .png, not {path.name!r}")
-        image_layer = image_layer_of_cells(self._viewer, layer)
-        diameter = layer.metadata.get(METADATA_KEY, {}).get("rbc_diameter_px")
-        if image_layer is None or diameter is None:
-            raise ValueError(f"the image of {layer.name!r} is not in the viewer, or the layer has no red-cell size")
-        features = pd.DataFrame(layer.features)
-        table = features.rename(columns={"index": "label"}) if "label" not in features.columns else features
-        if not self.include_edge_cells and "touches_edge" in table.columns:
-            table = table[~table["touches_edge"].fillna(False).astype(bool)]
-        image = image_layer.data[0] if image_layer.multiscale else image_layer.data
+        image, diameter = self._image_and_ruler()
+        table = self._shown_table()
         palette = {name: tuple(int(round(255 * c)) for c in colour[:3]) for name, colour in self._palette().items()}
-        picture = gallery_picture(image, layer.data, table, float(diameter), cell_types=None,
+        picture = gallery_picture(image, layer.data, table, diameter, cell_types=None,
                                   order=self._order_combo.currentText(), palette=palette, title=layer.name)
         return str(write_png_atomic(path, picture))
 
     # ------------------------------------------------------------------ internals
     _note = ""
+
+    def _image_and_ruler(self) -> tuple:
+        """The pixels the shown cells were made from and their red-cell diameter; a
+        ValueError says why not (never another image of the same size)."""
+        layer = self._layer
+        image_layer = image_layer_of_cells(self._viewer, layer)
+        if image_layer is None:
+            raise ValueError("its image layer is not in the viewer (open the image the cells were made from)")
+        diameter = layer.metadata.get(METADATA_KEY, {}).get("rbc_diameter_px")
+        if diameter is None:
+            raise ValueError("the layer has no red-cell size (not made by Segment cells)")
+        return (image_layer.data[0] if image_layer.multiscale else image_layer.data), float(diameter)
+
+    def _shown_table(self) -> pd.DataFrame:
+        """The layer's cell table, without the cells cut by the edge when those are left out."""
+        table = _cell_table(pd.DataFrame(self._layer.features))
+        if not self.include_edge_cells and "touches_edge" in table.columns:
+            table = table[~table["touches_edge"].fillna(False).astype(bool)]
+        return table
 
     def _current_key(self) -> tuple[str, str] | None:
         group = self._current_group()
@@ -540,6 +534,11 @@ class GalleryWidget(CellsLayerDock):
                 self._status.setText(f"Not saved: {exc}")
             else:
                 self._status.setText(f"Saved {path}")
+
+
+def _cell_table(features: pd.DataFrame) -> pd.DataFrame:
+    """A cells layer's features as a cell table (``label`` the label id: the ``index`` column)."""
+    return features if "label" in features.columns else features.rename(columns={"index": "label"})
 
 
 def show_gallery(viewer: napari.viewer.Viewer, layer: Labels) -> GalleryWidget:

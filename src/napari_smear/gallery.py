@@ -559,7 +559,7 @@ def batch_galleries(
     written: list[Path] = []
     total, done = len(summary), 0
     for folder, images in summary.groupby(folders, sort=True):
-        tables, left_out = [], []
+        tables, left_out, edge_cut = [], [], 0
         for row in images.itertuples(index=False):
             cells = Path(stem_of(row.image) + OUTPUT_SUFFIXES["cells"])
             path = located.get(row.image, row.path)
@@ -575,7 +575,10 @@ def batch_galleries(
                 continue
             table = pd.read_csv(cells)
             if not include_edge_cells and "touches_edge" in table.columns:
-                table = table[~table["touches_edge"].astype(bool)]
+                cut = table["touches_edge"].astype(bool)
+                shown_types = cell_types if cell_types is not None else table["cell_type"].unique()
+                edge_cut += int((cut & table["cell_type"].isin(list(shown_types))).sum())
+                table = table[~cut]
             tables.append(table.assign(_image=row.image, _path=path, _diameter=float(diameter)))
         tables = [t for t in tables if len(t)]
         table = (pd.concat(tables, ignore_index=True) if tables
@@ -606,7 +609,8 @@ def batch_galleries(
                 _block_colour(cell_type, name, colours),
                 np.stack([thumbnails[i] for i in rows["label"]]), captions,
             ))
-        which = "every cell" if include_edge_cells else "whole cells (the image edge cuts none of them)"
+        which = ("every cell" if include_edge_cells
+                 else f"whole cells ({edge_cut} cut by the image edge left out)" if edge_cut else "whole cells")
         title = f"{folder}: {len(images)} image{'s' if len(images) != 1 else ''}, {which}"
         if left_out:
             title += f"; {len(left_out)} image(s) left out (input or output missing): {', '.join(left_out[:3])}"

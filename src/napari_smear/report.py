@@ -60,6 +60,7 @@ def _differential_tables(row: pd.Series, models: dict, colours: dict) -> str:
     rank = {"wbc": 0, "platelet": 1, "rbc": 2}  # a differential's order: white cells first
     pairs = sorted(((name, model, cell_type) for name, model in models.items()
                     for cell_type in model.get("cell_types", [])), key=lambda item: rank.get(item[2], 3))
+    noted: set[str] = set()
     for name, model, cell_type in pairs:
         total = _number(row.get(cell_type))
         counts = [(c, _number(row.get(f"{cell_type}_{c}"))) for c in model.get("classes", [])]
@@ -73,9 +74,14 @@ def _differential_tables(row: pd.Series, models: dict, colours: dict) -> str:
             lines.append(f'<tr><td class="name">{swatch}{_esc(cls)}</td><td>{n}</td>'
                          f"<td>{100 * n / total:.1f} %</td></tr>")
         unsure = row.get(f"{name}_unsure_pct")
-        note = (f'<p class="muted">{_esc(name)} gave no class at 85 % or more to {float(unsure):.1f} % of the '
-                "cells it classified in this folder.</p>"
-                if unsure is not None and pd.notna(unsure) else "")
+        note = ""
+        if unsure is not None and pd.notna(unsure) and name not in noted:  # once per model
+            noted.add(name)
+            note = (f'<p class="muted">{_esc(name)} gave no class at 85 % or more to {float(unsure):.1f} % of all '
+                    "the cells it classified in this folder (cut ones too).</p>")
+        if cell_type == "platelet" and any(cls != "platelet" for cls, _ in counts):
+            note += ('<p class="muted">A white-cell class for a platelet-sized cell marks a doubtful one: a '
+                     "fragment, a speck, or a small cell taken for a platelet (the gallery shows them).</p>")
         parts.append(
             f"<h3>{_esc(_TYPE_NAMES.get(cell_type, cell_type))} by {_esc(name)}: {total} whole cells</h3>"
             '<table><tr><th class="name">class</th><th>cells</th><th>%</th></tr>'
@@ -163,7 +169,8 @@ def write_run_report(out_dir: str | os.PathLike, *, galleries: bool = True) -> P
     for note in run.get("warnings") or []:
         body.append(f'<div class="warning">{_esc(note)}</div>')
     body.append('<p class="muted">Differentials count whole cells (the cells the image edge cuts are left out, '
-                "as in summary_by_folder.csv). Classes from a model are its answers, not a diagnosis: check the "
+                "as in summary_by_folder.csv; the table of images counts every cell). Classes are the models' "
+                "answers, not a diagnosis, and do not include corrections made afterwards in napari: check the "
                 "cells (the galleries show the least confident first) before relying on them.</p>")
 
     for _, row in by_folder.iterrows():
@@ -178,6 +185,8 @@ def write_run_report(out_dir: str | os.PathLike, *, galleries: bool = True) -> P
                         f'alt="cell gallery of {_esc(folder)}">')
 
     body.append("<h2>Images</h2>")
+    body.append('<p class="muted">Every cell of each image, those the image edge cuts included (they are '
+                "counted again in their own column).</p>")
     header = ["image", "cells", *(_TYPE_NAMES[t] for t in _TYPES), "cut by the edge", "red-cell ruler (px)", "warnings"]
     lines = ['<table><tr>' + "".join(f'<th class="{"name" if h in ("image", "warnings") else ""}">{_esc(h)}</th>'
                                       for h in header) + "</tr>"]

@@ -9,6 +9,7 @@ Train classifier dock learns from ("cells of the current image").
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -310,7 +311,12 @@ class GalleryWidget(CellsLayerDock):
         without = [i for i, c in zip(ids, classes) if not (isinstance(c, str) and c)]
         if without:
             raise ValueError(f"cells {without[:10]} have no class: give them one (Set class of selected) first")
-        stem = image_layer_of_cells(self._viewer, layer).name
+        image_layer = image_layer_of_cells(self._viewer, layer)
+        # camera programs number their files afresh on every slide (field_001.jpg in each
+        # folder): the image's folder goes into the names, so cells of two slides never
+        # take each other's place
+        source = (image_layer.metadata or {}).get("path")
+        stem = f"{Path(source).parent.name}_{image_layer.name}" if source else image_layer.name
         written = export_cell_images(image, _cell_table(features), ids, classes, folder, diameter, stem=stem)
         self._note = f"{len(written)} cell image(s) written into {folder}"
         self._say()
@@ -325,8 +331,6 @@ class GalleryWidget(CellsLayerDock):
         layer = self._layer
         if layer is None:
             raise ValueError("no cells layer to draw")
-        from pathlib import Path
-
         path = Path(path)
         if not path.suffix:
             path = path.with_suffix(".png")

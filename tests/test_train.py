@@ -756,3 +756,22 @@ def test_fp16_training_is_scaled_on_every_device(monkeypatch):
     with pytest.raises(ValueError, match="mixed precision on Apple MPS needs a newer torch"):
         _training_autocast(torch.device("mps"), True, None)
     assert _training_autocast(torch.device("mps"), False, None) == (None, False)
+
+
+def test_a_model_classifies_only_the_cell_types_its_crops_showed_it(tmp_path):
+    """Fine-tuned from a model of white cells and platelets on white cells alone, a model
+    must not be told to classify platelets: it would give every platelet one of its
+    white-cell classes. The crops' segmented types decide (recorded in the crop set, kept
+    in a packed .npz)."""
+    from napari_smear.datasets import load_crop_set, save_crop_set
+
+    crop_set = synthetic_crop_set(n_per_class=8)
+    crop_set.cell_types = np.array(["wbc"] * len(crop_set.labels))
+    with pytest.warns(UserWarning, match="the training crops hold no platelet cells: the model classifies wbc only"):
+        result = train(crop_set, model_kind="shape_aware", output=tmp_path / "a.safetensors", epochs=1,
+                       batch_size=8, config=TINY_SHAPE_AWARE, progress=False, num_threads=1,
+                       cell_types=["wbc", "platelet"])
+    assert result.info.metadata["cell_types"] == ["wbc"]
+    save_crop_set(tmp_path / "set.npz", crop_set)
+    np.testing.assert_array_equal(load_crop_set(tmp_path / "set.npz").cell_types, crop_set.cell_types)
+    assert crop_set.subset(np.arange(3)).cell_types.tolist() == ["wbc"] * 3

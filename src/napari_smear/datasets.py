@@ -98,6 +98,9 @@ class CropSet:
     stain_normalization : str
         The :mod:`napari_smear.normalize` method the fields were recoloured with before
         cropping ("" for none); models trained on the set record it and apply it.
+    cell_types : (N,) str, optional
+        The segmented type (wbc, rbc, platelet) of each crop's cell, where known: a model
+        is not told to classify a cell type its training crops never showed it.
     """
 
     images: np.ndarray
@@ -118,6 +121,7 @@ class CropSet:
     failures: list[tuple[str, str]] = field(default_factory=list)
     code_version: str = ""
     stain_normalization: str = ""
+    cell_types: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -203,6 +207,7 @@ class CropSet:
             failures=list(self.failures),
             code_version=self.code_version,
             stain_normalization=self.stain_normalization,
+            cell_types=None if self.cell_types is None else self.cell_types[index],
         )
 
     def class_counts(self, split: str | None = None) -> dict[str, int]:
@@ -726,6 +731,7 @@ def build_crop_set(
         failures=failures,
         code_version=crop_code_version(),
         stain_normalization=stain_normalization or "",
+        cell_types=np.array([str(results[i].get("cell_type", "")) for i in done], dtype=str),
     )
     crop_set.build_seconds = elapsed  # type: ignore[attr-defined]  # for reports, not saved
     return crop_set
@@ -995,6 +1001,7 @@ def save_crop_set(
         "crop_diameters": np.array(float(crop_set.crop_diameters)),
         "rbc_diameter_px": crop_set.rbc_diameter_px.astype(np.float32),
         "scale_measured": crop_set.scale_measured.astype(bool),
+        **({"cell_types": _str_array(crop_set.cell_types)} if crop_set.cell_types is not None else {}),
         "source": np.array(str(crop_set.source)),
         "failed_paths": _str_array(p for p, _ in crop_set.failures),
         "failed_reasons": _str_array(r for _, r in crop_set.failures),
@@ -1073,6 +1080,9 @@ def load_crop_set(path: str | os.PathLike) -> CropSet:
             stain_normalization=(
                 _method_name(archive["stain_normalization"]) if "stain_normalization" in archive.files else ""
             ),
+            # sets packed before the cell types were recorded: unknown
+            cell_types=np.array([str(v) for v in archive["cell_types"]], dtype=str)
+            if "cell_types" in archive.files else None,
         )
 
 

@@ -1202,6 +1202,18 @@ def train(
     if (counts == 0).any():
         empty = [c for c, n in zip(class_names, counts) if n == 0]
         raise ValueError(f"class(es) {empty} have no training crops")
+    if cell_types is not None and crop_set.cell_types is not None:
+        # a model given cell types its crops never showed it (fine-tuning wbc-pbc8, which
+        # classifies platelets, on white cells alone) would give each such cell one of
+        # its classes: every platelet called a monocyte or an eosinophil
+        seen = set(crop_set.cell_types[train_index].tolist())
+        unseen = [t for t in cell_types if t not in seen]
+        if unseen and len(unseen) < len(cell_types):
+            cell_types = [t for t in cell_types if t in seen]
+            note = (f"the training crops hold no {', '.join(unseen)} cells: the model classifies "
+                    f"{', '.join(cell_types)} only (it would give every {', '.join(unseen)} cell one of its classes)")
+            notes.append(note)
+            warnings.warn(note, stacklevel=2)
 
     previous_threads = torch.get_num_threads()
     if num_threads is not None:

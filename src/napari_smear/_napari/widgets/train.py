@@ -165,6 +165,7 @@ def crop_set_from_cells(
         source=source,
         code_version=crop_code_version(),
         stain_normalization=stain_normalization or "",
+        cell_types=np.asarray(crops.cell_types, dtype=str),
     )
 
 

@@ -311,3 +311,45 @@ def test_a_report_that_cannot_be_written_leaves_the_run_standing(widget, qtbot, 
     assert widget.last_report_page is None
     assert "Report not written: [Errno 28] No space left on device" in widget.status
     assert any("the report was not written" in w for w in warned)
+
+
+def test_the_dock_runs_the_builtin_models_in_the_command_lines_order(widget, qtbot, inputs, tmp_path, monkeypatch):
+    """The model order is part of a run's settings: the dock lists the models sorted, but
+    runs the built-ins in the order `napari-smear analyze` does, so neither redoes a folder
+    the other finished."""
+    from napari_smear import batch
+    from napari_smear.pipeline import DEFAULT_MODELS
+
+    seen = {}
+
+    def record(source, target, **options):
+        seen["models"] = options["models"]
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(batch, "analyze_files", record)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    available = [value for value in widget._models.choices if value in DEFAULT_MODELS]
+    widget._models.value = sorted(available)
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert seen["models"] == [m for m in DEFAULT_MODELS if m in available]
+
+
+def test_a_runtime_error_in_the_run_is_shown_and_the_dock_is_free_again(widget, qtbot, inputs, tmp_path, monkeypatch):
+    """A RuntimeError out of the computation ("another napari-smear run is writing to this
+    folder", a Dask failure) is shown as a failure and Run is enabled again (superqt
+    swallowed it as a deleted-object error and the dock stayed busy for good)."""
+    from napari_smear import batch
+
+    def locked(source, target, **options):
+        raise RuntimeError(f"another napari-smear run is writing to {target}; wait for it to finish")
+
+    monkeypatch.setattr(batch, "analyze_files", locked)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._models.value = []
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert widget.status.startswith("Failed: another napari-smear run is writing to")
+    assert widget.errors and "another napari-smear run" in widget.errors[0]

@@ -30,7 +30,8 @@ from qtpy.QtCore import QEvent, QObject, QTimer
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["BackgroundTaskWidget", "Cancelled", "CANCELLED", "capture_geometry", "run_in_background"]
+__all__ = ["BackgroundTaskWidget", "BackgroundTaskError", "Cancelled", "CANCELLED", "capture_geometry",
+           "run_in_background"]
 
 # How often the generator wakes up when the computation reports nothing, so that
 # ``worker.quit()`` (Cancel) is noticed promptly (seconds).
@@ -39,6 +40,13 @@ HEARTBEAT_S = 0.05
 
 class Cancelled(Exception):
     """Raised inside a progress callback to stop a computation the user cancelled."""
+
+
+class BackgroundTaskError(Exception):
+    """A RuntimeError of a background computation, passed on under another type: superqt
+    takes a RuntimeError coming out of a worker for a deleted Qt object, warns, and
+    emits neither ``errored`` nor ``finished``, so the dock stayed busy for good (Run
+    disabled) after, say, "another napari-smear run is writing to this folder"."""
 
 
 class _CancelledResult:
@@ -120,6 +128,8 @@ def run_in_background(
     error = outcome.get("error")
     if isinstance(error, Cancelled) or (error is not None and cancel.is_set()):
         return CANCELLED
+    if isinstance(error, RuntimeError):
+        raise BackgroundTaskError(str(error) or type(error).__name__) from error
     if error is not None:
         raise error
     return outcome["result"]

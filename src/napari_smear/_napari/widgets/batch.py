@@ -133,7 +133,12 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         if target is None:
             self._decline("Choose an output folder first.", "choose where the results go")
             return
-        models = list(self._models.value or ())
+        # the built-in models in the command line's order (the list shows them sorted): the
+        # model order is part of a run's settings, so a folder the CLI finished is not redone
+        from napari_smear.pipeline import DEFAULT_MODELS
+
+        chosen = list(self._models.value or ())
+        models = [m for m in DEFAULT_MODELS if m in chosen] + [m for m in chosen if m not in DEFAULT_MODELS]
         options = {
             "models": models,
             "device": self._device.value,

@@ -283,16 +283,16 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self.last_report_page = page
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
-        text = _summary(report, time.perf_counter() - self._started)
         if isinstance(page, str):  # the report failed; the run did not
             from napari.utils.notifications import show_warning
 
             show_warning(f"napari-smear batch: the report was {page}")
-            text += f". Report {page}"
+            said = f"Report {page}"
             self.last_report_page = None
-        elif page is not None:
-            text += f". Report with a cell gallery per folder: {page}"
-        self._set_status(text)
+        else:
+            said = f"Report with a cell gallery per folder: {page}" if page is not None else ""
+        # the report right after where the results are, before failures and warnings
+        self._set_status(_summary(report, time.perf_counter() - self._started, report_text=said))
         from napari.utils.notifications import show_warning
 
         if report.failed:
@@ -308,7 +308,7 @@ def _chosen_folder(edit: FileEdit) -> Path | None:
     return Path(text).expanduser() if text else None
 
 
-def _summary(report: BatchReport, seconds: float) -> str:
+def _summary(report: BatchReport, seconds: float, report_text: str = "") -> str:
     parts = [f"{report.analysed} analysed", f"{report.skipped} finished earlier", f"{report.failed} failed"]
     text = f"{', '.join(parts)} of {report.total} images in {seconds:.1f} s"
     if report.missing_models:
@@ -316,6 +316,8 @@ def _summary(report: BatchReport, seconds: float) -> str:
     text = f"{text}. Results in {report.out_dir}"
     if report.analysed + report.skipped and report.models:
         text += " (each folder's differential count: summary_by_folder.csv)"
+    if report_text:
+        text += f". {report_text}"
     if report.failed:
         text += f". {_failures(report)}"
     for note in (report.run or {}).get("warnings") or []:

@@ -178,6 +178,7 @@ class GalleryWidget(CellsLayerDock):
 
     @property
     def status(self) -> str:
+        """What the dock's status line says (the class shown, what was set by hand, problems)."""
         return self._status.text()
 
     def show_group(self, class_name: str, cell_type: str | None = None) -> None:

@@ -67,6 +67,7 @@ def test_fine_tune_on_the_cells_of_the_image(setup, qtbot, tmp_path):
     assert metadata["cell_types"] == ["rbc", "platelet"]  # the types of the labelled cells
     assert metadata["input_size"] == 32 and metadata["training_data"]["n_train"] + metadata["training_data"]["n_val"] == 79
     assert any("fine-tuned from base.safetensors" in note for note in metadata["training_data"]["notes"])
+    assert "\nNote: fine-tuned from base.safetensors" in widget.status  # what the command line prints too
     assert (tmp_path / "models" / "mine_training.png").is_file()
     assert not (tmp_path / "models" / "mine.ckpt").exists()
     # The new model is offered by Classify cells.

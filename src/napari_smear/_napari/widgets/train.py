@@ -554,6 +554,8 @@ class TrainWidget(BackgroundTaskWidget):
             f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells.{prior} "
             f"It classifies {_cell_types_text(result.info.metadata.get('cell_types'))} and is now offered in "
             "Classify cells." + (f" Caution: {caution}" if caution else "")
+            # what the training said of the data (the command line prints the same)
+            + "".join(f"\nNote: {note}" for note in getattr(result, "notes", None) or ())
         )
 
 

@@ -166,3 +166,20 @@ def test_gallery_dock_reviews_and_corrects_a_classification(make_napari_viewer, 
     viewer.add_image(np.zeros_like(rgb), name="another field", rgb=True)
     gallery.refresh()
     assert "its image layer is not in the viewer" in gallery.status and gallery.shown_labels == []
+
+
+def test_clicking_a_cell_of_a_covered_field_brings_that_field_to_the_top(make_napari_viewer, synthetic_field):
+    """Several fields open at the same place (their differential added up): a thumbnail of
+    the field underneath brings its image and cells to the top, so the view shows it."""
+    viewer = make_napari_viewer()
+    _, gallery = viewer.window.add_plugin_dock_widget("napari-smear", "Cell gallery")
+    image_1, cells_1, nuclei_1 = add_segmented_field(viewer, synthetic_field, name="field 1")
+    add_segmented_field(viewer, synthetic_field, name="field 2")  # on top of field 1
+    gallery.set_layer(cells_1)
+    gallery.select_labels(gallery.shown_labels[:1])
+    names = [layer.name for layer in viewer.layers]
+    assert names[-3:] == ["field 1", "field 1 cells", "field 1 nuclei"], names
+    assert "field 1 brought to the top" in gallery.status
+    # already on top: nothing moves
+    gallery.select_labels(gallery.shown_labels[1:2])
+    assert [layer.name for layer in viewer.layers] == names

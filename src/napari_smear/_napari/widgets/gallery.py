@@ -502,8 +502,34 @@ class GalleryWidget(CellsLayerDock):
         # napari 0.9 moved the camera under viewer.scene (viewer.camera still works, deprecated)
         camera = self._viewer.scene.camera if hasattr(self._viewer, "scene") else self._viewer.camera
         camera.center = tuple(float(v) for v in world)[-2:]
+        self._bring_field_to_top()
         if isinstance(row.get("class"), str) and row["class"]:
             self._class_combo.setCurrentText(row["class"])
+
+    def _bring_field_to_top(self) -> None:
+        """With several fields open at the same place (to add up their differential), the
+        cell's own field may lie under another one: its image and result layers are moved
+        to the top, in their order, so the view shows the cell clicked, not another
+        field's pixels there."""
+        from napari.layers import Image
+
+        image = image_layer_of_cells(self._viewer, self._layer)
+        layers = list(self._viewer.layers)
+        if image is None:
+            return
+        position = next(i for i, layer in enumerate(layers) if layer.unique_id == image.unique_id)
+        covered = any(isinstance(layer, Image) and layer.visible for layer in layers[position + 1:]
+                      if layer.metadata.get(METADATA_KEY, {}).get("kind") != "attention")
+        if not covered:
+            return
+        info_of = lambda layer: layer.metadata.get(METADATA_KEY, {})  # noqa: E731
+        own = [layer for layer in layers[position:] if layer.unique_id == image.unique_id
+               or info_of(layer).get("image_layer_id", None) == image.unique_id
+               or (info_of(layer).get("image_layer_id") is None and info_of(layer).get("image_layer") == image.name)]
+        for layer in own:  # each to the end, in their order: the field's stack is kept
+            self._viewer.layers.move(list(self._viewer.layers).index(layer), len(self._viewer.layers))
+        self._note = f"{image.name} brought to the top, to show the cell"
+        self._say()
 
     def _on_set_clicked(self) -> None:
         selected = self.selected_labels

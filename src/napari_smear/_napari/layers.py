@@ -47,6 +47,7 @@ __all__ = [
     "recolor_by_class",
     "set_cell_classes",
     "hand_set_classes",
+    "restore_hand_set_classes",
     "image_layer_of_cells",
     "BY_HAND",
     "add_to_viewer",
@@ -720,16 +721,34 @@ def set_cell_classes(layer: Any, ids: int | Iterable[int], name: str | None) -> 
     ValueError
         An id that is not a cell of the layer, or a layer without cell features.
     """
+    wanted = np.unique(np.atleast_1d(np.asarray(ids, np.int64)))
+    return _set_hand_classes(layer, dict.fromkeys(wanted.tolist(), name))
+
+
+def restore_hand_set_classes(layer: Any, classes: Mapping[int, str | None]) -> int:
+    """Set again the classes :func:`hand_set_classes` read before the layer was classified
+    anew (those of cells still in it), in one pass; returns how many."""
+    present = set(pd.DataFrame(layer.features)["index"].astype(int))
+    kept = {int(label): name for label, name in classes.items() if int(label) in present}
+    if kept:
+        _set_hand_classes(layer, kept)
+    return len(kept)
+
+
+def _set_hand_classes(layer: Any, classes: Mapping[int, str | None]) -> int:
+    """Label id -> class (None or "": none) set by hand, in one replacement of the layer's
+    features and one recolouring (see :func:`set_cell_classes`); returns how many
+    cells changed class."""
     features = pd.DataFrame(layer.features).copy()
     if "index" not in features.columns or "cell_type" not in features.columns:
         raise ValueError(f"layer {getattr(layer, 'name', '?')!r} has no cell table in its features; "
                          "segment or classify its image first")
-    wanted = np.unique(np.atleast_1d(np.asarray(ids, np.int64)))
+    values = {int(label): "" if name is None else str(name).strip() for label, name in classes.items()}
+    wanted = np.array(sorted(values), np.int64)
     missing = np.setdiff1d(wanted, features["index"].to_numpy(np.int64))
     if missing.size:
         raise ValueError(f"no cells with label ids {missing[:10].tolist()} in layer {layer.name!r}")
-    value = "" if name is None else str(name).strip()
-    if value.lower() == "unclassified":
+    if any(value.lower() == "unclassified" for value in values.values()):
         raise ValueError("'unclassified' names the cells without a class: give no class (None) to remove one")
     rows = features["index"].isin(wanted).to_numpy()
     for column, default in (("class", ""), ("model", "")):
@@ -744,8 +763,9 @@ def set_cell_classes(layer: Any, ids: int | Iterable[int], name: str | None) -> 
         features.insert(at, "model_class", [
             c if m != BY_HAND else "" for c, m in zip(features["class"], features["model"])
         ])
-    changed = int((features.loc[rows, "class"] != value).sum())
-    features.loc[rows, "class"] = value
+    new = features.loc[rows, "index"].astype(np.int64).map(values).to_numpy(object)
+    changed = int((features.loc[rows, "class"].to_numpy(object) != new).sum())
+    features.loc[rows, "class"] = new
     features.loc[rows, "model"] = BY_HAND
     features["confidence"] = pd.to_numeric(features["confidence"], errors="coerce")
     features.loc[rows, "confidence"] = np.nan

@@ -26,8 +26,8 @@ from napari_smear._napari.layers import (
     layer_pixel_size_um,
     nuclei_layer_of,
     relink_renamed_image,
+    restore_hand_set_classes,
     segmentation_from_layers,
-    set_cell_classes,
     show_layers,
 )
 from napari_smear._napari.widgets import user_models
@@ -442,7 +442,7 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
             return
         target = self._current_target(target)
         layers = show_layers(self._viewer, analysis_layers(result, **target))
-        kept = _keep_hand_set_classes(layers[0], self._hand_classes)
+        kept = restore_hand_set_classes(layers[0], self._hand_classes)
         self.last_result, self.last_layers = result, layers
         if self._image_combo.value is not None and self._image_combo.value.name == target["image_layer_name"]:
             self._cells_combo.reset_choices()
@@ -500,21 +500,6 @@ def _is_attention(layer: Any) -> bool:
 def _model_name(value: str) -> str:
     path = Path(value)
     return path.stem if path.suffix == ".safetensors" else value
-
-
-def _keep_hand_set_classes(cells_layer, classes: dict[int, str]) -> int:
-    """Set again, on the newly classified layer, the classes set by hand before the run
-    (those of cells that are still there); returns how many."""
-    if not classes:
-        return 0
-    present = set(cells_layer.features["index"].astype(int))
-    by_class: dict[str, list[int]] = {}
-    for label, name in classes.items():
-        if label in present:
-            by_class.setdefault(name, []).append(label)
-    for name, labels in by_class.items():
-        set_cell_classes(cells_layer, labels, name or None)
-    return sum(len(labels) for labels in by_class.values())
 
 
 def _edits(edited: dict | None) -> str:

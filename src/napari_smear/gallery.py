@@ -430,6 +430,31 @@ def _gallery_file_names(folders: Sequence[str]) -> dict[str, str]:
     return names
 
 
+def finished_run(out: Path) -> tuple[pd.DataFrame, dict]:
+    """``summary.csv`` and ``run.json`` of a finished ``napari-smear analyze`` run in
+    ``out`` (``{}`` for a run.json that cannot be read: it only names the models)."""
+    summary_path = out / "summary.csv"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"no summary.csv in {out}: give the output folder of a finished "
+                                "`napari-smear analyze` run")
+    summary = pd.read_csv(summary_path, dtype={"image": str, "path": str}, keep_default_na=False)
+    if not {"image", "path", "rbc_diameter_px"} <= set(summary.columns):
+        raise ValueError(f"{summary_path} is not a napari-smear summary (columns {list(summary.columns)[:6]}...)")
+    try:
+        run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        run = {}
+    return summary, run if isinstance(run, dict) else {}
+
+
+def run_palette(run: dict) -> dict[str, tuple[int, int, int]]:
+    """Class colours of a run's models, handed out in the models' class order (the viewer's
+    and the overlays' colours; without a record, by first sight)."""
+    from .colors import class_palette_rgb
+
+    return class_palette_rgb([c for model in (run.get("models") or {}).values() for c in model.get("classes", [])])
+
+
 #: Images (and label images) from this many pixels on are read window by window when
 #: they are tiled TIFFs (a whole slide): a gallery draws a few dozen of their cells.
 _WINDOWED_MIN_PIXELS = 64_000_000
@@ -442,7 +467,8 @@ def _opened(path: str | os.PathLike, *, rgb: bool):
     from .io import open_tiled_tiff, read_image
 
     tiff = open_tiled_tiff(path, min_pixels=_WINDOWED_MIN_PIXELS)
-    if tiff is not None and (tiff.dtype == np.uint8 and tiff.shape[-1:] == (3,) if rgb else tiff.ndim == 2):
+    fits = tiff is not None and (tiff.dtype == np.uint8 and tiff.shape[-1:] == (3,) if rgb else tiff.ndim == 2)
+    if fits:
         try:
             yield tiff
         finally:
@@ -519,29 +545,16 @@ def batch_galleries(
     without cells has nothing to draw.
     """
     from .batch import OUTPUT_SUFFIXES, _folder_of, _is_our_picture, analysed_input_paths, output_stem
-    from .colors import class_palette_rgb
     from .io import atomic_write
 
     _check_per_class(per_class)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     out = Path(out_dir)
-    summary_path = out / "summary.csv"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"no summary.csv in {out}: give the output folder of a finished "
-                                "`napari-smear analyze` run")
-    summary = pd.read_csv(summary_path, dtype={"image": str, "path": str}, keep_default_na=False)
-    if not {"image", "path", "rbc_diameter_px"} <= set(summary.columns):
-        raise ValueError(f"{summary_path} is not a napari-smear summary (columns {list(summary.columns)[:6]}...)")
+    summary, run = finished_run(out)
     # where the inputs are now (a relative path is the run's, from the folder it started in)
     located = analysed_input_paths(out)
-    classes: list[str] = []
-    try:
-        run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-        classes = [c for model in (run.get("models") or {}).values() for c in model.get("classes", [])]
-    except (OSError, ValueError, AttributeError):
-        pass  # colours are handed out by first sight instead of the models' class order
-    colours = class_palette_rgb(classes)
+    colours = run_palette(run)
 
     def stem_of(image: str) -> str:
         return str(output_stem(out, Path(image)))

@@ -9,7 +9,6 @@ HTML with relative links: the output folder can be moved or zipped with it.
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -116,15 +115,11 @@ def write_run_report(out_dir: str | os.PathLike, *, galleries: bool = True) -> P
         A ``report.html`` napari-smear did not write is there (it is not written over).
     """
     from .batch import OUTPUT_SUFFIXES, _folder_of, output_stem
-    from .colors import class_palette_rgb
-    from .gallery import GALLERY_FOLDER, _gallery_file_names, batch_galleries
+    from .gallery import GALLERY_FOLDER, _gallery_file_names, batch_galleries, finished_run, run_palette
     from .io import atomic_write
 
     out = Path(out_dir)
-    summary_path = out / "summary.csv"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"no summary.csv in {out}: give the output folder of a finished "
-                                "`napari-smear analyze` run")
+    summary, run = finished_run(out)
     target = out / REPORT_NAME
     if target.exists():
         try:
@@ -133,17 +128,12 @@ def write_run_report(out_dir: str | os.PathLike, *, galleries: bool = True) -> P
             ours = False
         if not ours:
             raise FileExistsError(f"{target} was not written by napari-smear: not written over; move it away")
-    summary = pd.read_csv(summary_path, dtype={"image": str, "path": str}, keep_default_na=False)
     by_folder_path = out / "summary_by_folder.csv"
     by_folder = pd.read_csv(by_folder_path, dtype={"folder": str}) if by_folder_path.is_file() else pd.DataFrame()
     errors_path = out / "errors.csv"
     errors = pd.read_csv(errors_path, dtype=str, keep_default_na=False) if errors_path.is_file() else pd.DataFrame()
-    try:
-        run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        run = {}
     models = run.get("models") or {}
-    colours = class_palette_rgb([c for model in models.values() for c in model.get("classes", [])])
+    colours = run_palette(run)
     if galleries and len(summary):
         batch_galleries(out)
     folders = summary["path"].map(_folder_of) if len(summary) else pd.Series(dtype=str)

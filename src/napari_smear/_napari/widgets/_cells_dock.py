@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from napari.layers import Labels
-from qtpy.QtWidgets import QComboBox, QWidget
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QWidget
 
 from napari_smear._napari.layers import METADATA_KEY
 
@@ -36,6 +37,12 @@ class CellsLayerDock(QWidget):
         self._layer: Labels | None = None
         self._layer_combo = QComboBox()
         self._layer_combo.setToolTip(combo_tooltip)
+        # a layer's features and colormap change together (reclassified, a class set by
+        # hand): one redraw for both, when the event loop comes round (_schedule_refresh)
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(0)
+        self._refresh_timer.timeout.connect(self.refresh)
 
     def _follow_layers(self) -> None:
         self._layer_combo.currentIndexChanged.connect(self._on_layer_combo_changed)
@@ -72,6 +79,16 @@ class CellsLayerDock(QWidget):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ for subclasses
+    def _layer_row(self) -> QHBoxLayout:
+        """The "cells layer" label and combo box, as a row of the dock's layout."""
+        row = QHBoxLayout()
+        row.addWidget(QLabel("cells layer"))
+        row.addWidget(self._layer_combo, 1)
+        return row
+
+    def _schedule_refresh(self, *_: Any) -> None:
+        self._refresh_timer.start()
+
     def _layer_watched(self, layer: Labels | None) -> None:
         """The dock now shows ``layer`` (None: no layer); called before :meth:`refresh`."""
 

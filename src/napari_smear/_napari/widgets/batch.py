@@ -278,14 +278,14 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             self._set_status(f"{done}/{total} images: {message}")
 
     def _show_result(self, outcome: tuple[BatchReport, Path | str | None]) -> None:
+        from napari.utils.notifications import show_warning
+
         report, page = outcome
         self.last_report = report
         self.last_report_page = page
         self._progress.max = max(1, report.total)
         self._progress.value = self._progress.max
         if isinstance(page, str):  # the report failed; the run did not
-            from napari.utils.notifications import show_warning
-
             show_warning(f"napari-smear batch: the report was {page}")
             said = f"Report {page}"
             self.last_report_page = None
@@ -293,7 +293,6 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             said = f"Report with a cell gallery per folder: {page}" if page is not None else ""
         # the report right after where the results are, before failures and warnings
         self._set_status(_summary(report, time.perf_counter() - self._started, report_text=said))
-        from napari.utils.notifications import show_warning
 
         if report.failed:
             show_warning(f"napari-smear batch: {_failures(report)}")

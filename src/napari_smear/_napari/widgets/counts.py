@@ -144,9 +144,7 @@ class CountsWidget(CellsLayerDock):
         self._selected = QLabel("")
         self._selected.setWordWrap(True)
 
-        row = QHBoxLayout()
-        row.addWidget(QLabel("cells layer"))
-        row.addWidget(self._layer_combo, 1)
+        row = self._layer_row()
         buttons = QHBoxLayout()
         buttons.addWidget(self._refresh_button)
         buttons.addWidget(self._export_button)
@@ -171,11 +169,6 @@ class CountsWidget(CellsLayerDock):
         layout.addLayout(buttons)
         layout.addWidget(self._selected)
 
-        # Features and colormap change together when a layer is reclassified: coalesce.
-        self._refresh_timer = QTimer(self)
-        self._refresh_timer.setSingleShot(True)
-        self._refresh_timer.setInterval(0)
-        self._refresh_timer.timeout.connect(self.refresh)
         # Brush strokes come one after another: measure once they pause.
         self._edit_timer = QTimer(self)
         self._edit_timer.setSingleShot(True)
@@ -313,9 +306,6 @@ class CountsWidget(CellsLayerDock):
         layer.events.selected_label.disconnect(self._on_selected_label)
         layer.events.paint.disconnect(self._on_painted)
         layer.events.data.disconnect(self._on_data_replaced)
-
-    def _schedule_refresh(self, *_: Any) -> None:
-        self._refresh_timer.start()
 
     def _on_data_replaced(self, *_: Any) -> None:
         # segmented again: the notes about earlier hand edits no longer apply

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from napari.layers import Labels
-from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -120,9 +120,7 @@ class GalleryWidget(CellsLayerDock):
         self._save_button = QPushButton("Save picture…")
         self._save_button.setToolTip("Save a PNG of every class's cells (the least confident first), for a report")
 
-        row = QHBoxLayout()
-        row.addWidget(QLabel("cells layer"))
-        row.addWidget(self._layer_combo, 1)
+        row = self._layer_row()
         show_row = QHBoxLayout()
         show_row.addWidget(QLabel("class"))
         show_row.addWidget(self._group_combo, 1)
@@ -143,12 +141,6 @@ class GalleryWidget(CellsLayerDock):
         layout.addWidget(self._status)
         layout.addLayout(bottom)
         layout.addLayout(set_row)
-
-        # features and colormap change together when a class is set: rebuild once
-        self._refresh_timer = QTimer(self)
-        self._refresh_timer.setSingleShot(True)
-        self._refresh_timer.setInterval(0)
-        self._refresh_timer.timeout.connect(self.refresh)
 
         self._group_combo.currentIndexChanged.connect(self._on_group_chosen)
         self._order_combo.currentIndexChanged.connect(lambda *_: self.refresh())
@@ -482,9 +474,6 @@ class GalleryWidget(CellsLayerDock):
         finally:
             self._list.blockSignals(False)
         self._update_buttons()
-
-    def _schedule_refresh(self, *_: Any) -> None:
-        self._refresh_timer.start()
 
     def _on_selection_changed(self) -> None:
         self._update_buttons()

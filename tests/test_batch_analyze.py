@@ -759,3 +759,25 @@ def test_the_overlay_legend_counts_a_class_per_cell_type_where_it_is_given_to_tw
     from napari_smear.colors import CELL_TYPE_RGB
 
     assert entries["rbc (unclassified) 1"] == tuple(CELL_TYPE_RGB["rbc"])
+
+
+def test_a_file_calibration_the_red_cells_contradict_is_ignored_and_said(tmp_path):
+    # camera programs write calibrations without the objective's magnification: the
+    # file's pixel size is used where the red cells confirm it, else the measured scale
+    image = field(5)  # red cells 26 px across
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, size in (("right.ome.tif", 7.5 / 27), ("wrong.ome.tif", 1.0)):
+        tifffile.imwrite(inputs / name, image, ome=True, photometric="rgb",
+                         metadata={"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size})
+    with pytest.warns(UserWarning, match="wrong.ome.tif: the file records 1 um pixels"):
+        report = analyze_files(inputs, tmp_path / "out", models=[], device="cpu")
+    summary = report.summary.set_index("image")
+    assert summary.loc["right.ome.tif", "pixel_size_um"] == pytest.approx(7.5 / 27)
+    assert summary.loc["right.ome.tif", "warnings"] == ""
+    wrong = summary.loc["wrong.ome.tif"]
+    assert pd.isna(wrong["pixel_size_um"]) and "calibration was ignored" in wrong["warnings"]
+    assert 20 < wrong["rbc_diameter_px"] < 32 and wrong["rbc"] == summary.loc["right.ome.tif", "rbc"]
+    # the label images do not carry the calibration on
+    assert read_image(tmp_path / "out" / "wrong_labels.tif", rgb=False)[1]["pixel_size_um"] is None
+    assert read_image(tmp_path / "out" / "right_labels.tif", rgb=False)[1]["pixel_size_um"] == pytest.approx(7.5 / 27)

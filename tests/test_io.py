@@ -302,6 +302,14 @@ def test_ome_pixel_size_in_nanometres(tmp_path, rgb):
     assert read_image(path)[1]["pixel_size_um"] == pytest.approx(0.25)
 
 
+def test_an_ome_pixel_size_no_smear_could_have_is_not_taken(tmp_path, rgb):
+    # 1000 um pixels (a millimetre value in the micrometre field) put a red cell under a
+    # hundredth of a pixel: dropped, as a default dpi in the resolution tags is
+    path = tmp_path / "mm.ome.tif"
+    tifffile.imwrite(path, rgb, ome=True, metadata={"axes": "YXS", "PhysicalSizeX": 1000.0})
+    assert read_image(path)[1]["pixel_size_um"] is None
+
+
 def test_tiff_resolution_tags(tmp_path, rgb):
     centimetre = tmp_path / "cm.tif"
     write_tiff_atomic(centimetre, rgb, pixel_size_um=0.5)

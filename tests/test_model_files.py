@@ -324,3 +324,17 @@ def test_weights_that_are_not_finite_and_unknown_cell_types_are_refused(tmp_path
     empty = write_with_metadata(tmp_path / "e.safetensors", state, {**meta, "cell_types": []})
     with pytest.raises(ModelFileError, match="non-empty list"):
         read_metadata(empty)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"test_time_views": 3}, r"test_time_views must be one of \[1, 2, 4, 8\], got 3"),
+    ({"prior_correction": "x"}, "prior_correction must be"),
+    ({"prior_correction": {"strength": -1}}, "prior_correction must be"),
+])
+def test_inference_settings_in_the_file_are_checked_when_it_is_loaded(tmp_path, saved_plain, setting, message):
+    # not at the first classification, with no word of which file holds them
+    path, model = saved_plain
+    meta = read_metadata(path)
+    bad = write_with_metadata(tmp_path / "s.safetensors", model.state_dict(), {**meta, **setting})
+    with pytest.raises(ModelFileError, match=f"s.safetensors: invalid metadata: {message}"):
+        load_model(bad)

@@ -76,6 +76,41 @@ def test_pixel_size_overrides_estimate(synthetic_field):
         segment_smear(image, pixel_size_um=-1)
 
 
+def test_a_recorded_pixel_size_is_used_when_the_red_cells_confirm_it(synthetic_field):
+    image, truth = synthetic_field
+    measured = segment_smear(image).rbc_diameter_px
+    near = 7.5 / (measured * 1.2)  # a calibration 20 % off the ruler: believed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seg = segment_smear(image, recorded_pixel_size_um=near)
+    assert seg.pixel_size_um == near and seg.rbc_diameter_px == pytest.approx(measured * 1.2)
+
+
+@pytest.mark.parametrize("factor", [10.0, 0.25, 1e5])
+def test_a_recorded_pixel_size_the_red_cells_contradict_is_ignored_with_a_warning(synthetic_field, factor):
+    # a camera program's calibration without the objective's magnification (10x), a
+    # binning slip, a unit slip (1e5): the measured scale is used, and the user told
+    image, truth = synthetic_field
+    measured = segment_smear(image)
+    wrong = 7.5 / measured.rbc_diameter_px * factor
+    with pytest.warns(UserWarning, match="calibration was ignored"):
+        seg = segment_smear(image, recorded_pixel_size_um=wrong)
+    assert seg.pixel_size_um is None and seg.rbc_diameter_px == measured.rbc_diameter_px
+    assert any("calibration was ignored" in note for note in seg.params["warnings"])
+    assert _match_truth(seg, truth) > 0.85
+    if factor == 0.25:  # given explicitly, the same size is the user's word
+        assert segment_smear(image, pixel_size_um=wrong).rbc_diameter_px == pytest.approx(measured.rbc_diameter_px * 4)
+
+
+def test_a_recorded_pixel_size_stands_in_where_the_ruler_cannot_measure():
+    lone = np.full((100, 100, 3), 230, np.uint8)
+    lone[40:60, 40:60] = (150, 60, 80)
+    seg = segment_smear(lone, recorded_pixel_size_um=0.375)  # 20 px red cells
+    assert seg.pixel_size_um == 0.375 and seg.rbc_diameter_px == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="could not be measured instead"):
+        segment_smear(lone, recorded_pixel_size_um=1000.0)
+
+
 def test_odd_inputs_are_converted(synthetic_field):
     image, _ = synthetic_field
     ref = segment_smear(image).counts()
@@ -166,7 +201,7 @@ def test_a_given_scale_no_cell_could_have_is_refused(given, message):
 def test_scale_error_is_specific():
     lone = np.full((100, 100, 3), 230, np.uint8)
     lone[40:60, 40:60] = (150, 60, 80)
-    with pytest.raises(ScaleEstimateError, match="pixel_size_um"):
+    with pytest.raises(ScaleEstimateError, match="pixel_size_um, --pixel-size-um"):
         segment_smear(lone)
 
 

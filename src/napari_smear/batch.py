@@ -421,11 +421,12 @@ def segment_files(
                 else:
                     _check_memory(job.path, _BYTES_PER_PIXEL_SEGMENTED, "segmenting", "napari-smear segment --on-disk")
                     image, meta = read_image(job.path)
-                    pixel_size = pixel_size_um or meta.get("pixel_size_um")
                     with _own_warnings_held_back():
-                        seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
-                                            progress=image_progress)
-                    _write_segmentation_tiffs(job, seg, pixel_size)  # as analyze writes them
+                        seg = segment_smear(image, pixel_size_um=pixel_size_um,
+                                            recorded_pixel_size_um=meta.get("pixel_size_um"),
+                                            working_diameter_px=working_diameter_px, progress=image_progress)
+                    # the pixel size the segmentation used: a file's calibration it found wrong is not copied on
+                    _write_segmentation_tiffs(job, seg, seg.pixel_size_um)  # as analyze writes them
                 _warn_about(job.relative, _image_notes(seg))
                 write_csv_atomic(job.output("cells"), seg.table)
                 rows.append({"path": job.path, **seg.counts(), "rbc_diameter_px": seg.rbc_diameter_px,
@@ -517,16 +518,15 @@ def _segment_into_scratch(job, scratch: str | Path, pixel_size_um: float | None,
     started = time.perf_counter()
     image, meta = open_image_on_disk(job.path, scratch)
     timings = {"decode": time.perf_counter() - started}
-    pixel_size = pixel_size_um or meta.get("pixel_size_um")
     shape = image.shape[:2]
     labels = np.memmap(Path(scratch) / "labels.u32", np.uint32, "w+", shape=shape)
     nuclei = np.memmap(Path(scratch) / "nuclei.u32", np.uint32, "w+", shape=shape)
     started = time.perf_counter()
     with _own_warnings_held_back():
-        seg = segment_smear(image, pixel_size_um=pixel_size, working_diameter_px=working_diameter_px,
-                            out=(labels, nuclei), progress=progress)
+        seg = segment_smear(image, pixel_size_um=pixel_size_um, recorded_pixel_size_um=meta.get("pixel_size_um"),
+                            working_diameter_px=working_diameter_px, out=(labels, nuclei), progress=progress)
     timings["segment"] = time.perf_counter() - started
-    return image, pixel_size, seg, timings
+    return image, seg.pixel_size_um, seg, timings
 
 
 # ----------------------------------------------------------------------------- analyze: types
@@ -672,13 +672,13 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
         started = time.perf_counter()
         image, meta = read_image(job.path)
         decode = time.perf_counter() - started
-        pixel_size = settings.pixel_size_um or meta.get("pixel_size_um")
         # napari-smear's warnings about the image (grayscale, too few cells to trust the
-        # ruler, ...) are kept with it: a worker process would print them with no file
-        # name, and summary.csv records them per image
+        # ruler, a file calibration the red cells contradict, ...) are kept with it: a
+        # worker process would print them with no file name, and summary.csv records them
         with _own_warnings_held_back():
             prepared = prepare_field(
-                image, settings.specs, pixel_size_um=pixel_size, morphology=settings.morphology,
+                image, settings.specs, pixel_size_um=settings.pixel_size_um,
+                recorded_pixel_size_um=meta.get("pixel_size_um"), morphology=settings.morphology,
                 segment_threads=settings.worker_threads, progress=report if progress else None,
                 working_diameter_px=settings.working_diameter_px,
             )
@@ -687,7 +687,8 @@ def _prepare_job(job: _Job, settings: _Settings, progress=None):
         raise
     except Exception as exc:  # a bad file is recorded with its reason, never raised
         return _Failed(job, _reason(exc))
-    return _Prepared(job, prepared, pixel_size, {"decode": decode, **prepared.timings}, notes)
+    return _Prepared(job, prepared, prepared.segmentation.pixel_size_um, {"decode": decode, **prepared.timings},
+                     notes)
 
 
 # Peak memory of the full analysis per image pixel (both built-in models): the image,

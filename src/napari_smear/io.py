@@ -582,7 +582,9 @@ def _ome_length_um(attributes: dict, axis: str) -> float | None:
     factor = _UNIT_TO_UM.get(attributes.get(f"PhysicalSize{axis}Unit", "µm"))  # OME default unit: µm
     if factor is None or not np.isfinite(value) or value <= 0:
         return None
-    return value * factor
+    # as for resolution tags: pixels this large put a red cell under a pixel, a unit
+    # slip (mm written as um) rather than a smear's calibration
+    return value * factor if value * factor <= _MAX_CALIBRATED_PIXEL_UM else None
 
 
 # Pillow refuses images over 179 MP as possible decompression bombs (and warns over 89 MP);

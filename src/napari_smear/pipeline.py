@@ -274,6 +274,7 @@ def prepare_field(
     specs: Sequence[ModelSpec] = (),
     *,
     pixel_size_um: float | None = None,
+    recorded_pixel_size_um: float | None = None,
     segmentation: SmearSegmentation | None = None,
     morphology: bool = True,
     segment_threads: int | None = None,
@@ -308,7 +309,8 @@ def prepare_field(
     rgb = as_rgb_uint8(image)
     if segmentation is None:
         segmentation = segment_smear(
-            rgb, pixel_size_um=pixel_size_um, n_workers=segment_threads, progress=progress,
+            rgb, pixel_size_um=pixel_size_um, recorded_pixel_size_um=recorded_pixel_size_um,
+            n_workers=segment_threads, progress=progress,
             working_diameter_px=working_diameter_px,
         )
     else:
@@ -512,6 +514,7 @@ def analyze(
     batch_size: int = 256,
     amp: bool = True,
     pixel_size_um: float | None = None,
+    recorded_pixel_size_um: float | None = None,
     segmentation: SmearSegmentation | None = None,
     morphology: bool = True,
     progress: Callable[[float, str], None] | None = None,
@@ -540,6 +543,9 @@ def analyze(
         GPU); False: float32.
     pixel_size_um : float, optional
         Micrometres per pixel; default: the scale measured from the red cells (see
+        :func:`napari_smear.segment_smear`).
+    recorded_pixel_size_um : float, optional
+        The pixel size the image file records, used when the red cells confirm it (see
         :func:`napari_smear.segment_smear`).
     segmentation : SmearSegmentation, optional
         Reuse an existing segmentation instead of segmenting again.
@@ -588,13 +594,15 @@ def analyze(
         # crops and the anti-aliased copy of the field would take 15 bytes a pixel)
         return _warned(analyze_by_region(
             image, models=loaded, device=device, batch_size=batch_size, amp=amp, pixel_size_um=pixel_size_um,
+            recorded_pixel_size_um=recorded_pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
             prior_correction=prior_correction, working_diameter_px=working_diameter_px,
             test_time_views=test_time_views, sure_at=sure_at,
         ))
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
-        image, specs, pixel_size_um=pixel_size_um, segmentation=segmentation, morphology=morphology,
+        image, specs, pixel_size_um=pixel_size_um, recorded_pixel_size_um=recorded_pixel_size_um,
+        segmentation=segmentation, morphology=morphology,
         progress=lambda f, m: report(0.4 * f, m), working_diameter_px=working_diameter_px,
     )
     outputs = _classify_prepared(
@@ -650,6 +658,7 @@ def analyze_by_region(
     batch_size: int = 256,
     amp: bool = True,
     pixel_size_um: float | None = None,
+    recorded_pixel_size_um: float | None = None,
     segmentation: SmearSegmentation | None = None,
     morphology: bool = True,
     progress: Callable[[float, str], None] | None = None,
@@ -679,8 +688,8 @@ def analyze_by_region(
 
     Parameters
     ----------
-    image, models, device, batch_size, pixel_size_um, segmentation, morphology, progress,
-    prior_correction, working_diameter_px, test_time_views, sure_at
+    image, models, device, batch_size, pixel_size_um, recorded_pixel_size_um, segmentation, morphology,
+    progress, prior_correction, working_diameter_px, test_time_views, sure_at
         As for :func:`analyze`.
     amp : bool
         Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
@@ -706,7 +715,8 @@ def analyze_by_region(
     rgb = as_rgb_uint8(image)
     if segmentation is None:
         segmentation = segment_smear(
-            rgb, pixel_size_um=pixel_size_um, progress=lambda f, m: report(0.4 * f, m),
+            rgb, pixel_size_um=pixel_size_um, recorded_pixel_size_um=recorded_pixel_size_um,
+            progress=lambda f, m: report(0.4 * f, m),
             working_diameter_px=working_diameter_px,
         )
     else:

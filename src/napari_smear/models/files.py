@@ -127,6 +127,7 @@ def _validate_metadata(metadata: dict[str, Any], num_classes: int | None) -> dic
         if not isinstance(cell_types, (list, tuple)) or not cell_types:
             raise ValueError(f"cell_types must be a non-empty list of segmented cell types, got {cell_types!r}")
         check_cell_types(list(cell_types))  # a ValueError naming the unknown type and the known ones
+    _check_inference_settings(metadata)
     return {
         **metadata,
         "class_names": list(class_names),
@@ -135,6 +136,27 @@ def _validate_metadata(metadata: dict[str, Any], num_classes: int | None) -> dic
         "mean": _check_triplet(metadata.get("mean"), "mean", positive=False),
         "std": _check_triplet(metadata.get("std"), "std", positive=True),
     }
+
+
+def _check_inference_settings(metadata: dict[str, Any]) -> None:
+    """The settings a file gives its own inference (``test_time_views``,
+    ``prior_correction``): wrong ones would otherwise fail, or be skipped, at the first
+    classification, far from the file that holds them."""
+    from ..predict import TEST_TIME_VIEWS
+
+    views = metadata.get("test_time_views")
+    if views is not None and (isinstance(views, bool) or views not in TEST_TIME_VIEWS):
+        raise ValueError(f"test_time_views must be one of {list(TEST_TIME_VIEWS)}, got {views!r}")
+    prior = metadata.get("prior_correction")
+    if prior is None:
+        return
+    strength = prior.get("strength") if isinstance(prior, dict) else None
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+            math.isfinite(strength) and strength >= 0):
+        raise ValueError(
+            "prior_correction must be {\"strength\": a number >= 0, ...} (what select_prior_correction "
+            f"records), got {prior!r}"
+        )
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, metadata: dict[str, Any]) -> Path:

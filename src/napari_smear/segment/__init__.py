@@ -67,6 +67,7 @@ def segment_smear(
     *,
     pixel_size_um: float | None = None,
     rbc_diameter_px: float | None = None,
+    recorded_pixel_size_um: float | None = None,
     working_diameter_px: float | None = DEFAULT_WORKING_DIAMETER_PX,
     tile_size: int = 2048,
     params: CellParams | None = None,
@@ -86,6 +87,15 @@ def segment_smear(
         as 7.5 um across).
     rbc_diameter_px : float, optional
         Red-cell diameter in pixels; overrides both the estimate and ``pixel_size_um``.
+    recorded_pixel_size_um : float, optional
+        The pixel size the image file records (OME ``PhysicalSizeX``, resolution tags:
+        ``read_image``'s ``meta["pixel_size_um"]``). Unlike ``pixel_size_um`` it is
+        checked: the red cells are measured as well, and the file's calibration is used
+        when the two agree within a factor of :data:`RECORDED_SCALE_TOLERANCE` (or when
+        the field is too sparse, or has too few round cells, to measure). Otherwise it is
+        taken for a wrong calibration (written without the objective's magnification,
+        a camera program's default) and the measured scale is used, with a warning. A
+        ``pixel_size_um`` or ``rbc_diameter_px`` given as well wins over it.
     working_diameter_px : float, optional
         Fields are processed downscaled so that a red cell is about this many pixels
         across (never upscaled); None means the default, 24; at least 12. Lower is faster on
@@ -115,7 +125,8 @@ def segment_smear(
     from ..io import as_rgb_uint8
 
     working_diameter_px = check_working_diameter(working_diameter_px)
-    for name, value in (("pixel_size_um", pixel_size_um), ("rbc_diameter_px", rbc_diameter_px)):
+    for name, value in (("pixel_size_um", pixel_size_um), ("rbc_diameter_px", rbc_diameter_px),
+                        ("recorded_pixel_size_um", recorded_pixel_size_um)):
         _check_positive(name, value)
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
         raise ValueError(f"tile_size must be an integer >= 64 (working pixels), got {tile_size!r}")
@@ -162,13 +173,25 @@ def segment_smear(
                 diameter = rbc_diameter_from_pixel_size(pixel_size_um)
             _check_explicit_diameter(diameter, rgb.shape[:2], pixel_size_um, rbc_diameter_px)
         else:
-            diameter, stained_share = _measure_scale(rgb, stain, pool, channels)
-            if diameter is None:
+            try:
+                diameter, stained_share = _measure_scale(rgb, stain, pool, channels)
+            except ScaleEstimateError:
+                if recorded_pixel_size_um is None:
+                    raise
+                diameter, stained_share = None, math.nan  # nothing to check the file's scale against
+            if diameter is None and not math.isnan(stained_share):
                 warn("no stained cells found in the field: returning an empty segmentation")
                 empty = _empty(rgb.shape[:2], math.nan, pixel_size_um, out)
                 empty.params["warnings"] = notes
                 return empty
-            few = _few_cells_note(rgb.shape[:2], stained_share, diameter)
+            few = None if diameter is None else _few_cells_note(rgb.shape[:2], stained_share, diameter)
+            if recorded_pixel_size_um is not None:
+                diameter, pixel_size_um, conflict = _checked_recorded_scale(
+                    recorded_pixel_size_um, diameter, trust_measured=few is None, shape=rgb.shape[:2])
+                if conflict:
+                    warn(conflict)
+                elif pixel_size_um is not None:
+                    few = None  # the file's calibration, confirmed or not contradicted, stands
             if few:
                 warn(few)
 
@@ -412,8 +435,9 @@ def _measure_scale(
         if not (stain_channels(_subsample(rgb, 1_000_000), stain)[0] > stain.foreground_threshold).any():
             return None, 0.0
         raise ScaleEstimateError(
-            "could not measure the red-cell size in this field (too few round cells); "
-            "pass pixel_size_um= or rbc_diameter_px="
+            "could not measure the red-cell size in this field (too few round cells); give the pixel size "
+            "(pixel_size_um, --pixel-size-um, the Segment widget's box) or the red-cell diameter in pixels "
+            "(rbc_diameter_px)"
         )
     return float(np.median(estimates)), float(np.mean([share for _, share in found]))
 
@@ -830,6 +854,41 @@ def _check_explicit_diameter(diameter: float, shape, pixel_size_um, rbc_diameter
     problem = (f"under {MIN_RBC_DIAMETER_PX:g} px: too small to segment" if diameter < MIN_RBC_DIAMETER_PX
                else f"several times wider than the whole {shape[1]} x {shape[0]} image")
     raise ValueError(f"{given} {problem}; {advice}leave the scale out to have it measured from the field")
+
+
+#: A file's recorded pixel size is believed when the red cells measure within this
+#: factor of the size it implies. The ruler's typical error is 6 % (90 % of BCCD fields
+#: within 15 %; docs/benchmarks.md), while a wrong calibration is off by a whole
+#: factor: an objective's magnification left out (10x-100x), a camera's binning (2x).
+RECORDED_SCALE_TOLERANCE = 1.6
+
+
+def _checked_recorded_scale(
+    recorded_pixel_size_um: float, measured: float | None, *, trust_measured: bool, shape
+) -> tuple[float, float | None, str | None]:
+    """(red-cell diameter to use, pixel size it stands for or None, warning or None) for
+    a file's recorded pixel size and the diameter measured in the field (None: it could
+    not be measured; ``trust_measured`` False: the field was too sparse to trust it)."""
+    recorded = rbc_diameter_from_pixel_size(recorded_pixel_size_um)
+    plausible = MIN_RBC_DIAMETER_PX <= recorded <= 4 * max(shape)
+    if measured is None or (plausible and not trust_measured):
+        if plausible:
+            return recorded, recorded_pixel_size_um, None
+        raise ValueError(
+            f"the file records {recorded_pixel_size_um:g} um pixels, which puts a {RBC_DIAMETER_UM:g} um red "
+            f"cell at {recorded:.3g} px, and the red cells could not be measured instead; "
+            "give the pixel size (pixel_size_um, --pixel-size-um, the Segment widget's box) or the red-cell "
+            "diameter in pixels (rbc_diameter_px)"
+        )
+    ratio = measured / recorded
+    if plausible and 1 / RECORDED_SCALE_TOLERANCE <= ratio <= RECORDED_SCALE_TOLERANCE:
+        return recorded, recorded_pixel_size_um, None
+    return measured, None, (
+        f"the file records {recorded_pixel_size_um:g} um pixels (a {RBC_DIAMETER_UM:g} um red cell "
+        f"{recorded:.3g} px across), but the field's red cells measure {measured:.0f} px: the file's "
+        "calibration was ignored and the measured scale used; give the pixel size explicitly "
+        "(pixel_size_um, --pixel-size-um) to use it anyway"
+    )
 
 
 def _empty(shape, diameter, pixel_size_um, out=None) -> SmearSegmentation:

@@ -455,7 +455,7 @@ def wbc_outline(
     inside = (py >= 0) & (py <= nucleus.shape[0] - 1) & (px >= 0) & (px <= nucleus.shape[1] - 1)
 
     lo, hi = stained_range
-    stained = (dens - lo) / (hi - lo)
+    stained = (dens - lo) / max(hi - lo, 1e-6)  # one flat colour (a drawn field): no range
     odd_colour = (unlike_rbc - params.wbc_cytoplasm_colour[0]) / (
         params.wbc_cytoplasm_colour[1] - params.wbc_cytoplasm_colour[0]
     )

@@ -368,7 +368,8 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
             "models": models,
             "device": self._device.value,
             "batch_size": int(self._batch_size.value),
-            "pixel_size_um": float(pixel_size) if pixel_size else None,
+            # checked against the red cells: a file's calibration can be wrong
+            "recorded_pixel_size_um": float(pixel_size) if pixel_size else None,
             "segmentation": segmentation,
             "prior_correction": prior_correction_option(self._class_frequencies),
             "test_time_views": test_time_views_option(self._turned_views),

@@ -78,8 +78,11 @@ class SegmentWidget(ImageLayerChoice, BackgroundTaskWidget):
             max=100.0,
             step=0.001,
             tooltip="Physical pixel size in micrometres; 0 = estimate the scale from "
-            "the red cells in the image",
+            "the red cells in the image. The image's own pixel size (from its file) is filled "
+            "in and checked against the red cells: a calibration they contradict (off by more "
+            "than 1.6 times) is ignored with a warning. A size typed in here is used as it is.",
         )
+        self._filled_pixel_size: float | None = None
         self._pixel_size.native.setDecimals(4)
         self._detail = detail_combo()
         self.extend([self._image_combo, self._pixel_size, self._detail, *self._run_controls()])
@@ -108,6 +111,9 @@ class SegmentWidget(ImageLayerChoice, BackgroundTaskWidget):
             return
         image = layer.data[0] if layer.multiscale else layer.data
         pixel_size = float(self._pixel_size.value) or None
+        # the layer's own pixel size, left in the box as it was filled in, is checked
+        # against the red cells like a file's; a size typed in is the user's word
+        recorded = pixel_size if pixel_size and pixel_size == self._filled_pixel_size else None
         working_diameter = float(self._detail.value)
         target = {"image_layer_name": layer.name, **capture_geometry(layer)}
 
@@ -117,11 +123,13 @@ class SegmentWidget(ImageLayerChoice, BackgroundTaskWidget):
             # layer does not freeze the viewer while it loads.
             pixels = np.asarray(image)
             return segment_smear(
-                pixels, pixel_size_um=pixel_size, working_diameter_px=working_diameter,
+                pixels, pixel_size_um=None if recorded else pixel_size, recorded_pixel_size_um=recorded,
+                working_diameter_px=working_diameter,
                 progress=lambda f, m="": report((float(f), str(m))),
             )
 
-        scale_text = f"{pixel_size:g} µm/px" if pixel_size else "automatic scale"
+        scale_text = (f"{pixel_size:g} µm/px, checked against the red cells" if recorded
+                      else f"{pixel_size:g} µm/px" if pixel_size else "automatic scale")
         if working_diameter != DETAIL_CHOICES[0][1]:
             scale_text += f", {dict((v, k) for k, v in DETAIL_CHOICES).get(working_diameter, 'custom')} detail"
         self._start(
@@ -145,6 +153,7 @@ class SegmentWidget(ImageLayerChoice, BackgroundTaskWidget):
 
         pixel_size = layer_pixel_size_um(layer)  # the file's, else a scale in µm
         self._pixel_size.value = float(pixel_size) if pixel_size else 0.0
+        self._filled_pixel_size = float(self._pixel_size.value) or None
 
     def _on_progress(self, update: tuple[float, str]) -> None:
         fraction, message = update

@@ -229,6 +229,33 @@ def test_batch_galleries_draw_each_folder_of_a_run(analysed):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_a_damaged_output_leaves_its_image_out_of_the_gallery_not_the_folder(analysed, tmp_path):
+    import shutil
+
+    from napari_smear.gallery import batch_galleries
+
+    _, _, analysed_out = analysed
+    out = tmp_path / "out"
+    shutil.copytree(analysed_out, out)
+    (out / "a_cells.csv").write_text("")  # emptied
+    labels = out / "b_labels.tif"
+    labels.write_bytes(labels.read_bytes()[:300])  # truncated
+    with pytest.warns(UserWarning) as shown:
+        paths = batch_galleries(out, cell_types=None)
+    said = [str(w.message) for w in shown]
+    assert any("the cells of a.png are left out" in m and "a_cells.csv cannot be read (the file is empty)" in m
+               for m in said)
+    assert any("the cells of b.png are left out" in m for m in said)
+    assert [p.name for p in paths] == ["in_gallery.png", "slide_2_gallery.png"]  # both folders drawn
+    (out / "a_cells.csv").write_text("label,cell_type,centroid_y,centroid_x\nabc,wbc,1,2\n")
+    with pytest.warns(UserWarning, match="label column holds values that are not label ids"):
+        batch_galleries(out, cell_types=None)
+    (out / "summary.csv").write_text("")
+    with pytest.raises(ValueError, match="summary.csv is empty"):
+        batch_galleries(out)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_cli_gallery_and_analyze_gallery(analysed, tmp_path, capsys):
     import shutil
 

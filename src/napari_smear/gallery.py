@@ -437,7 +437,12 @@ def finished_run(out: Path) -> tuple[pd.DataFrame, dict]:
     if not summary_path.is_file():
         raise FileNotFoundError(f"no summary.csv in {out}: give the output folder of a finished "
                                 "`napari-smear analyze` run")
-    summary = pd.read_csv(summary_path, dtype={"image": str, "path": str}, keep_default_na=False)
+    try:
+        summary = pd.read_csv(summary_path, dtype={"image": str, "path": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{summary_path} is empty: run the analysis again to write it") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{summary_path} cannot be read as a table ({exc})") from None
     if not {"image", "path", "rbc_diameter_px"} <= set(summary.columns):
         raise ValueError(f"{summary_path} is not a napari-smear summary (columns {list(summary.columns)[:6]}...)")
     try:
@@ -445,6 +450,29 @@ def finished_run(out: Path) -> tuple[pd.DataFrame, dict]:
     except (OSError, ValueError):
         run = {}
     return summary, run if isinstance(run, dict) else {}
+
+
+#: Columns a batch ``_cells.csv`` must have for its cells to be drawn.
+_GALLERY_TABLE_COLUMNS = ("label", "cell_type", "centroid_y", "centroid_x")
+
+
+def _gallery_cells_table(path: Path) -> pd.DataFrame:
+    """An image's ``_cells.csv`` as the galleries use it; ValueError naming what is wrong
+    with a damaged or hand-edited one (empty, columns missing, labels not whole numbers)."""
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError("the file is empty") from None
+    missing = [c for c in _GALLERY_TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} column")
+    labels = pd.to_numeric(table["label"], errors="coerce")
+    if labels.isna().any() or (labels != labels.round()).any() or (labels <= 0).any():
+        raise ValueError("its label column holds values that are not label ids (whole numbers from 1)")
+    for column in ("centroid_y", "centroid_x"):
+        if pd.to_numeric(table[column], errors="coerce").isna().any():
+            raise ValueError(f"its {column} column holds values that are not numbers")
+    return table.assign(label=labels.astype(np.int64))
 
 
 def run_palette(run: dict) -> dict[str, tuple[int, int, int]]:
@@ -582,11 +610,16 @@ def batch_galleries(
             problem = (f"{cells} is missing (run the batch again to redo the image)" if not cells.is_file()
                        else None if Path(path).is_file()
                        else f"its input image is not at {path}, where the run read it")
+            table = None
+            if not problem:
+                try:
+                    table = _gallery_cells_table(cells)
+                except (OSError, ValueError) as exc:  # a damaged table: this image, not the folder
+                    problem = f"{cells} cannot be read ({exc})"
             if problem:
                 left_out.append(row.image)
                 warnings.warn(f"gallery of {folder}: the cells of {row.image} are left out: {problem}", stacklevel=2)
                 continue
-            table = pd.read_csv(cells)
             if not include_edge_cells and "touches_edge" in table.columns:
                 cut = table["touches_edge"].astype(bool)
                 shown_types = cell_types if cell_types is not None else table["cell_type"].unique()
@@ -598,17 +631,28 @@ def batch_galleries(
                  else pd.DataFrame(columns=["label", "cell_type", "_image", "_path", "_diameter"]))
         # a label is unique only within its image: group on a running index, then cut by image
         table = table.assign(_label=table["label"], label=np.arange(len(table)))
-        groups = gallery_groups(table, cell_types=cell_types, order=order)
-        shown = {key: rows.iloc[:per_class] for key, rows in ((g[:2], g[2]) for g in groups)}
-        wanted = pd.concat(list(shown.values())) if shown else table.iloc[:0]
         thumbnails: dict[int, np.ndarray] = {}
-        for (image, path), cells in wanted.groupby(["_image", "_path"], sort=False):
-            labels_path = stem_of(image) + OUTPUT_SUFFIXES["labels"]
-            with _opened(path, rgb=True) as rgb, _opened(labels_path, rgb=False) as labels:
-                _cut_image_cells(rgb, labels, cells, size, colours, thumbnails)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+        while True:  # again without an image whose pixels or labels cannot be read
+            groups = gallery_groups(table, cell_types=cell_types, order=order)
+            shown = {key: rows.iloc[:per_class] for key, rows in ((g[:2], g[2]) for g in groups)}
+            wanted = pd.concat(list(shown.values())) if shown else table.iloc[:0]
+            wanted = wanted[~wanted["label"].isin(list(thumbnails))]
+            unreadable = []
+            for (image, path), cells in wanted.groupby(["_image", "_path"], sort=False):
+                labels_path = stem_of(image) + OUTPUT_SUFFIXES["labels"]
+                try:
+                    with _opened(path, rgb=True) as rgb, _opened(labels_path, rgb=False) as labels:
+                        _cut_image_cells(rgb, labels, cells, size, colours, thumbnails)
+                except Exception as exc:  # noqa: BLE001 - a damaged file: this image, not the folder
+                    unreadable.append(image)
+                    warnings.warn(f"gallery of {folder}: the cells of {image} are left out: {exc}", stacklevel=2)
+                done = min(done + 1, total)  # an image read again for cells shown after a removal counts once
+                if progress is not None:
+                    progress(done, total)
+            if not unreadable:
+                break
+            left_out.extend(unreadable)
+            table = table[~table["_image"].isin(unreadable)]
         blocks = []
         totals = _type_totals(groups)
         for (cell_type, name), rows in shown.items():
@@ -626,7 +670,8 @@ def batch_galleries(
                  else f"whole cells ({edge_cut} cut by the image edge left out)" if edge_cut else "whole cells")
         title = f"{folder}: {len(images)} image{'s' if len(images) != 1 else ''}, {which}"
         if left_out:
-            title += f"; {len(left_out)} image(s) left out (input or output missing): {', '.join(left_out[:3])}"
+            title += (f"; {len(left_out)} image(s) left out (input or output missing or unreadable): "
+                      f"{', '.join(left_out[:3])}")
         kinds = "" if cell_types is None else f" of type {', '.join(cell_types)}"
         picture = compose_gallery(blocks, size=size, columns=columns, title=title, empty_text=f"no cells{kinds}")
         target = targets[folder]

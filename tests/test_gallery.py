@@ -247,6 +247,7 @@ def test_a_damaged_output_leaves_its_image_out_of_the_gallery_not_the_folder(ana
                for m in said)
     assert any("the cells of b.png are left out" in m for m in said)
     assert [p.name for p in paths] == ["in_gallery.png", "slide_2_gallery.png"]  # both folders drawn
+    shutil.copy(analysed_out / "b_labels.tif", labels)
     (out / "a_cells.csv").write_text("label,cell_type,centroid_y,centroid_x\nabc,wbc,1,2\n")
     with pytest.warns(UserWarning, match="label column holds values that are not label ids"):
         batch_galleries(out, cell_types=None)

@@ -78,6 +78,29 @@ def test_models_devices_and_prior_correction(tmp_path, segmented):
     assert set(analyze(image, segmentation=seg, models=str(model), device="cpu").models) == {"m"}
 
 
+def test_model_names_that_are_not_models_get_a_pointer_to_what_is(tmp_path, segmented):
+    from napari_smear.cli import _model_list
+    from napari_smear.models import ModelFileError
+
+    image, seg = segmented
+    with pytest.raises(TypeError, match=r"models=None: give a list of models, DEFAULT_MODELS .* or \[\]"):
+        analyze(image, segmentation=seg, models=None)
+    with pytest.raises(TypeError, match="a built-in name .* got int 5"):
+        load_model(5)
+    with pytest.raises(ModelFileError, match="no model named"):
+        load_model("")
+    tiny_model_file(tmp_path / "m.safetensors", cell_types=["wbc"])
+    with pytest.raises(ModelFileError, match=r"is a folder, not a model file: give a .safetensors file in it \(m"):
+        load_model(tmp_path)
+    with pytest.raises(ModelFileError, match="named without the ending: 'wbc-pbc8'"):
+        load_model("wbc-pbc8.safetensors")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        _model_list(["none,wbc-pbc8"])
+    with pytest.raises(ValueError, match="given no model"):
+        _model_list([" , "])
+    assert _model_list(["None"]) == [] and _model_list(["a,b", "c"]) == ["a", "b", "c"]
+
+
 def test_streaming_classifier_refuses_crops_of_another_size(tmp_path):
     (entry,) = load_models([tiny_model_file(tmp_path / "m.safetensors")], device="cpu")  # 32 px crops
     classifier = StreamingClassifier([entry], device="cpu", batch_size=4)

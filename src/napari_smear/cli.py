@@ -169,7 +169,12 @@ def _model_list(values):
     if values is None:
         return None
     names = [part.strip() for value in values for part in value.split(",") if part.strip()]
-    if [n.lower() for n in names] == ["none"]:
+    if not names:
+        raise ValueError("--models was given no model: name built-in models or .safetensors files, "
+                         "or 'none' for segmentation only")
+    if "none" in [n.lower() for n in names]:
+        if len(names) > 1:
+            raise ValueError(f"--models 'none' (segmentation only) cannot be combined with models: {', '.join(names)}")
         return []
     return names
 

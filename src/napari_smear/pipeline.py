@@ -183,6 +183,9 @@ def load_models(models: Sequence, device: str = "auto") -> list[LoadedModel]:
         classify one cell type (a cell has one ``class`` column, and the two models'
         ``p_<class>`` columns could clash).
     """
+    if models is None:
+        raise TypeError("models=None: give a list of models, DEFAULT_MODELS for the built-in ones, "
+                        "or [] for segmentation only")
     if isinstance(models, (str, os.PathLike)) or (isinstance(models, tuple) and len(models) == 2
                                                    and not isinstance(models[0], (str, os.PathLike, tuple))):
         models = [models]  # one model given on its own, not in a list

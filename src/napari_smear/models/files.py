@@ -331,7 +331,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     ModelFileError
         A built-in name whose file is not installed, or neither a name nor an existing file.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"a model is a built-in name ({sorted(BUILTIN_MODELS)}) or the path of a .safetensors "
+                        f"file, got {type(name_or_path).__name__} {name_or_path!r}")
     text = os.fspath(name_or_path)
+    if not str(text).strip():
+        raise ModelFileError(f"no model named (an empty name); built-in model names: {sorted(BUILTIN_MODELS)}")
     if isinstance(name_or_path, str) and text in BUILTIN_MODELS:
         path = builtin_model_path(text)
         if not path.is_file():
@@ -342,8 +347,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
             )
         return path
     path = Path(text).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+        raise ModelFileError(f"{path} is a folder, not a model file: give a .safetensors file"
+                             + (f" in it ({', '.join(inside)})" if inside else ""))
     if not path.is_file():
-        hint = "" if path.suffix or os.sep in text else f"; built-in model names: {sorted(BUILTIN_MODELS)}"
+        if path.name.lower().endswith(".safetensors") and path.name[: -len(".safetensors")] in BUILTIN_MODELS \
+                and os.sep not in text:
+            hint = f"; the built-in model is named without the ending: {path.name[: -len('.safetensors')]!r}"
+        elif path.suffix or os.sep in text:
+            hint = ""
+        else:
+            hint = f"; built-in model names: {sorted(BUILTIN_MODELS)}"
         raise ModelFileError(f"model file not found: {path}{hint}")
     return path
 

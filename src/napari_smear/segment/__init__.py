@@ -274,7 +274,8 @@ def _few_cells_note(shape: tuple[int, int], stained_share: float, diameter: floa
     return (
         f"the field holds only about {cells:.1f} red cells' worth of stained area, too little to measure "
         f"the red-cell size reliably (measured {diameter:.0f} px across); if the cells come out too large "
-        "or too small, pass pixel_size_um or rbc_diameter_px"
+        "or too small, give the pixel size (pixel_size_um, --pixel-size-um, the Segment widget's box) or the "
+        "red-cell diameter in pixels (rbc_diameter_px)"
     )
 
 

@@ -66,7 +66,7 @@ def _rough_diameters(fg: np.ndarray) -> tuple[float, float]:
     if radii.size < 3:
         raise ScaleEstimateError(
             f"found only {radii.size} cell-like objects; cannot estimate the red-cell "
-            "diameter (pass pixel_size_um or rbc_diameter_px explicitly)"
+            "diameter (give the pixel size: pixel_size_um, --pixel-size-um; or rbc_diameter_px)"
         )
     return 2.0 * _typical(radii), 2.0 * float(np.percentile(radii, 90))
 
@@ -149,7 +149,7 @@ def estimate_rbc_diameter(foreground: np.ndarray) -> float:
     if fg.sum() < 50:
         raise ScaleEstimateError(
             "the field has almost no stained cells; cannot estimate the red-cell "
-            "diameter (pass pixel_size_um or rbc_diameter_px explicitly)"
+            "diameter (give the pixel size: pixel_size_um, --pixel-size-um; or rbc_diameter_px)"
         )
     fg = remove_small_objects(fg, 20)
     rough, large = _rough_diameters(fg)
@@ -188,7 +188,7 @@ def _refine_diameter(fg: np.ndarray, rough: float) -> tuple[float, int]:
         if not np.isfinite(radius):
             raise ScaleEstimateError(
                 "found no cell-sized objects; cannot estimate the red-cell diameter "
-                "(pass pixel_size_um or rbc_diameter_px explicitly)"
+                "(give the pixel size: pixel_size_um, --pixel-size-um; or rbc_diameter_px)"
             )
         d = 2 * radius * _INSCRIBED_TO_EQUIVALENT
     singles = _isolated_cell_diameters(filled, radius)

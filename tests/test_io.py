@@ -538,3 +538,21 @@ def test_tiled_tiff_windows_match_the_whole_image(tmp_path):
     small = open_tiled_tiff(tmp_path / "rgb.tif")
     assert small is not None
     small.close()
+
+
+@pytest.mark.parametrize(("dtype", "scale", "stray"), [
+    (np.float32, 1.0, 1e6), (np.int16, 1.0, -32768), (np.uint16, 16.0, 65535)])
+def test_a_few_stray_pixel_values_do_not_darken_the_whole_image(rgb, dtype, scale, stray):
+    # a hot pixel of a 12-bit camera, a placeholder value: scaled by them, every other
+    # pixel would be squeezed into a sliver of the range
+    from napari_smear.io import as_rgb_uint8
+
+    big = np.tile(rgb, (4, 4, 1))  # enough pixels that one is a stray (a 10,000th of them)
+    clean = (big.astype(np.float64) * scale).astype(dtype)
+    reference = as_rgb_uint8(clean)
+    stained = clean.copy()
+    stained[3, 4] = stray
+    with pytest.warns(UserWarning, match=r"3 pixel value\(s\) lie far outside the range .* clipped"):
+        converted = as_rgb_uint8(stained)
+    converted[3, 4] = reference[3, 4]
+    np.testing.assert_array_equal(converted, reference)

@@ -659,7 +659,10 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
         image's actual range, ``min(0, min)`` .. ``max`` over all channels (one factor
         for all channels, so colour balance is kept); floats within [0, 1] are
         multiplied by 255. NaN and infinite values are replaced by the largest finite
-        value (a missing region reads as background, not as a dark stained cell).
+        value (a missing region reads as background, not as a dark stained cell). A few
+        stray values far outside the rest (at most one in 10,000: a camera's hot
+        pixels, a placeholder such as -32768) are left out of the range and clipped,
+        with a warning, instead of squeezing the whole image into a sliver of it.
 
     Returns
     -------
@@ -764,10 +767,47 @@ def _to_unit_float(array: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
         return values.astype(np.float32)
-    low = min(low, 0.0)
+    low, high = _range_without_outliers(values, min(low, 0.0), high)
     if high <= low:
         return np.zeros(values.shape, np.float32)
-    return ((values - low) / (high - low)).astype(np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+#: Share of an image's pixels that may lie far outside the rest and be clipped: hot
+#: pixels of a camera, a stray sentinel value. Glass, the brightest thing on a smear,
+#: covers far more of any field than this.
+_OUTLIER_SHARE = 1e-4
+
+
+def _range_without_outliers(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The (low, high) to scale ``values`` by: the full range, unless a few pixels (at
+    most :data:`_OUTLIER_SHARE` of them) lie far beyond what all the others reach, as a
+    camera's hot pixel or a sentinel value (1e6, -32768) does; scaled by those, the whole
+    image would turn black (or white). Such pixels are left out of the range (and so
+    clipped), with a warning. A pixel is such an outlier when it lies more than half the
+    range of the other pixels beyond it."""
+    flat = values.reshape(-1)
+    sample = flat[:: max(1, flat.size // 1_000_000)]
+    k = int(len(sample) * _OUTLIER_SHARE)
+    if k < 1:
+        return low, high
+    ordered = np.partition(sample, (k, len(sample) - 1 - k))
+    bottom, top = float(ordered[k]), float(ordered[len(sample) - 1 - k])
+    reach = 0.5 * (top - bottom)
+    if reach <= 0:  # all but a few pixels one value: nothing to tell strays from
+        return low, high
+    outliers = (flat > top + reach) | (flat < bottom - reach)
+    count = int(outliers.sum())
+    if count == 0 or count > _OUTLIER_SHARE * flat.size * 2:  # many: part of the image, not strays
+        return low, high
+    rest = flat[~outliers]
+    new_low, new_high = min(float(rest.min()), 0.0), float(rest.max())
+    warnings.warn(
+        f"{count} pixel value(s) lie far outside the range of the rest of the image (values {float(flat.min()):g} .. "
+        f"{float(flat.max()):g}, the rest {float(rest.min()):g} .. {new_high:g}): they were clipped, so as not to "
+        "darken the whole image (a camera's hot pixels, or a placeholder value)", stacklevel=4,
+    )
+    return new_low, new_high
 
 
 # --------------------------------------------------------------------------- writing

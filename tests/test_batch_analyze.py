@@ -485,6 +485,10 @@ def test_inputs_and_outputs_checked_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="no image files found"):
         analyze_files(empty, tmp_path / "out", models=[], device="cpu")
+    (empty / "clip.gif").write_bytes(b"GIF89a")  # a format not read: said, with those that are
+    with pytest.raises(ValueError, match=r"1 other file\(s\) were passed over \(clip.gif\): napari-smear reads .*\.png"):
+        analyze_files(empty, tmp_path / "out", models=[], device="cpu")
+    (empty / "clip.gif").unlink()
     write_png_atomic(empty / "a.png", field(1))
     with pytest.raises(ValueError, match=r"no image files found .* matching '\*.jpg'"):
         analyze_files(empty, tmp_path / "out", models=[], device="cpu", pattern="*.jpg")

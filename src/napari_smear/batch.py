@@ -160,6 +160,27 @@ def expand_inputs(
     return found
 
 
+def no_images_message(inputs: Iterable[str | Path], pattern: str = "*") -> str:
+    """What to say when ``inputs`` hold no image to work on: with the other files the
+    folders do hold (a .gif, a .webp: formats napari-smear does not read) and the
+    formats it reads."""
+    from .io import SUPPORTED_SUFFIXES, is_supported_path, search_folder
+
+    others: list[Path] = []
+    for item in inputs:
+        if Path(item).is_dir():
+            others += [f for f in search_folder(Path(item), pattern) if f.is_file()
+                       and not f.name.startswith(".") and not is_supported_path(f)]
+    message = f"no image files found in {', '.join(str(p) for p in inputs)}"
+    if pattern != "*":
+        message += f" matching {pattern!r}"
+    if others:
+        shown = ", ".join(f.name for f in others[:3]) + (", ..." if len(others) > 3 else "")
+        message += (f"; {len(others)} other file(s) were passed over ({shown}): napari-smear reads "
+                    f"{', '.join(sorted(set(SUPPORTED_SUFFIXES) - {'.ome.tif', '.ome.tiff'}))}")
+    return message
+
+
 def _written_by_us(path: Path) -> bool:
     """Whether a file named like one of our outputs is one: its image's completion
     marker lies beside it (an `analyze` folder), or it is a TIFF carrying our metadata
@@ -400,7 +421,7 @@ def segment_files(
         jobs, failures = _plan([Path(p) for p in inputs], out, "*")
         if not jobs and not failures:
             _remove_unused_output_dir(out, new_output_dir)
-            raise ValueError(f"no image files found in {', '.join(str(p) for p in inputs)}")
+            raise ValueError(no_images_message(inputs, "*"))
         rows = [{"path": f.job.path, "error": f.reason} for f in failures]
         errors = [{"file": f.job.path, "error": f.reason} for f in failures]
         for i, job in enumerate(jobs):
@@ -1627,10 +1648,7 @@ def analyze_files(
         total = len(jobs) + len(failures)
         if not total:
             _remove_unused_output_dir(out, new_output_dir)
-            raise ValueError(
-                f"no image files found in {', '.join(str(p) for p in inputs)}"
-                + (f" matching {pattern!r}" if pattern != "*" else "")
-            )
+            raise ValueError(no_images_message(inputs, pattern))
         todo, skipped = [], 0
         for job in jobs:
             if not overwrite and _finished_marker(job, fingerprint) is not None:

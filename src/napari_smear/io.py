@@ -282,7 +282,8 @@ def open_image_on_disk(
     if not _mappable_layout(shape, dtype, axes):
         raise ValueError(
             f"{path}: reading from disk needs one 8-bit RGB image with the colour last, as "
-            f"slide scanners write; this file holds shape {shape} ({axes}), dtype {dtype}"
+            f"slide scanners write; this file holds shape {shape} ({axes}), dtype {dtype}: read it into "
+            "memory instead (leave out --on-disk, or give --in-memory), where it is converted"
         )
     scratch = None
     try:

@@ -1277,6 +1277,28 @@ def analysed_input_paths(out_dir: str | Path) -> dict[str, str]:
     return dict(zip(summary["image"], paths))
 
 
+def finished_images(out_dir: str | Path) -> list[str]:
+    """The images ``out_dir`` holds finished results for, by their completion markers
+    (``<stem>_done.json``), as ``summary.csv`` would name them (relative to their input
+    folder). Unlike :func:`analysed_input_paths` it does not need the summary, which a
+    run writes at its end: after a cancelled run it lists the images that finished.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    images = []
+    for marker_path in sorted(out.rglob(f"*{MARKER_SUFFIX}")):
+        if any(part.startswith(".") for part in marker_path.relative_to(out).parts):
+            continue  # scratch folders, hidden files
+        try:
+            marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if _is_our_marker(marker) and isinstance(marker.get("image"), str):
+            images.append(marker["image"])
+    return images
+
+
 # ----------------------------------------------------------------------------- overlay
 # Colours come from napari_smear.colors, as in the viewer.
 

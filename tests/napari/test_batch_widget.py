@@ -148,7 +148,8 @@ def test_images_of_the_same_name_in_two_folders_get_their_own_layers(widget, qtb
 def test_cancel_stops_and_keeps_nothing_half_done(widget, qtbot, inputs, tmp_path, monkeypatch):
     seen = {}
 
-    def slow_segment(image, *, pixel_size_um=None, n_workers=None, progress=None, working_diameter_px=None):
+    def slow_segment(image, *, pixel_size_um=None, recorded_pixel_size_um=None, n_workers=None, progress=None,
+                     working_diameter_px=None):
         run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
@@ -353,3 +354,50 @@ def test_a_runtime_error_in_the_run_is_shown_and_the_dock_is_free_again(widget, 
     wait_until_idle(qtbot, widget)
     assert widget.status.startswith("Failed: another napari-smear run is writing to")
     assert widget.errors and "another napari-smear run" in widget.errors[0]
+
+
+def test_images_finished_before_a_cancel_can_be_shown_and_settings_hold_still(widget, qtbot, inputs, tmp_path,
+                                                                                 monkeypatch):
+    real = napari_smear.segment.segment_smear
+    seen, calls = {}, []
+
+    def second_is_slow(image, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(image, **kwargs)
+        run_until_cancelled(lambda step: kwargs["progress"](step / 1000, f"step {step}"), seen)
+
+    monkeypatch.setattr(napari_smear.segment, "segment_smear", second_is_slow)
+    widget._input.value = inputs
+    widget._output.value = tmp_path / "out"
+    widget._models.value = []
+    widget.run()
+    # what the run reads stays as it was at Run (its results list follows the folder it writes)
+    assert not widget._input.enabled and not widget._output.enabled and not widget._models.enabled
+    cancel_when(qtbot, widget, lambda: len(calls) == 2 and "step" in widget.status)
+    assert widget._input.enabled and widget._output.enabled and widget._models.enabled
+    assert not (tmp_path / "out" / "summary.csv").exists()  # the run did not reach its end
+    assert widget._analysed.choices == ("a.png",) and widget._show_button.enabled
+    widget.show_result("a.png")
+    wait_until_idle(qtbot, widget)
+    assert "a cells" in widget.test_viewer.layers and widget.errors == []
+
+
+def test_a_differential_count_that_cannot_be_saved_is_said(make_napari_viewer, synthetic_field, monkeypatch, tmp_path):
+    from widget_helpers import add_segmented_field
+
+    from napari_smear._napari.widgets import counts as counts_module
+
+    said = {"error": [], "info": []}
+    monkeypatch.setattr("napari.utils.notifications.show_error", said["error"].append)
+    monkeypatch.setattr("napari.utils.notifications.show_info", said["info"].append)
+    viewer = make_napari_viewer()
+    add_segmented_field(viewer, synthetic_field)
+    _, dock = viewer.window.add_plugin_dock_widget("napari-smear", "Differential count")
+    target = tmp_path / "gone" / "counts.csv"
+    monkeypatch.setattr(counts_module.QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    dock._on_export_clicked()
+    assert said["error"] and "was not saved" in said["error"][0] and not target.exists()
+    target.parent.mkdir()
+    dock._on_export_clicked()
+    assert target.exists() and "saved to" in said["info"][0]

@@ -444,3 +444,48 @@ def test_status_stops_reporting_classes_of_cells_segmented_again(setup, qtbot):
     wait_until_idle(qtbot, segment)
     assert "class" not in viewer.layers["synthetic smear cells"].features.columns
     assert "were replaced since they were classified" in widget.status
+
+
+def test_a_cells_layer_made_from_another_image_is_refused(setup, qtbot):
+    # two camera fields of one size: one's cells on the other's pixels would look right
+    viewer, widget, errors = setup
+    cells = viewer.layers["synthetic smear cells"]
+    image = viewer.layers["synthetic smear"]
+    other = viewer.add_image(np.asarray(image.data)[:, ::-1].copy(), name="field B", rgb=True, scale=image.scale)
+    widget._image_combo.value = other
+    widget.cells_layer = cells  # chosen by hand
+    before = cells.features.copy()
+    widget.run()
+    assert not widget.is_running
+    assert "was made from image 'synthetic smear', not 'field B'" in widget.status
+    assert cells.features.equals(before) and errors == []
+
+
+def test_closing_the_dock_cancels_its_run(setup, qtbot, monkeypatch):
+    # napari takes a closed dock's widget out without destroying it: the run went on
+    viewer, widget, errors = setup
+    seen: dict[str, object] = {}
+
+    def slow_analyze(image, *, progress=None, **kwargs):
+        run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
+
+    monkeypatch.setattr(napari_smear.pipeline, "analyze", slow_analyze)
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=WAIT_MS)
+    viewer.window.remove_dock_widget(widget.native)
+    qtbot.waitUntil(lambda: "raised" in seen, timeout=WAIT_MS)
+    assert type(seen["raised"]).__name__ == "Cancelled"
+    wait_until_idle(qtbot, widget)
+    assert errors == []
+
+
+def test_a_finished_run_after_the_dock_is_gone_is_quiet(setup, qtbot):
+    # the viewer closed mid-run: the worker's last signals find deleted Qt widgets
+    from napari_smear._napari.widgets._background import _unless_deleted
+
+    def deleted():
+        raise RuntimeError("wrapped C/C++ object of type QPushButton has been deleted")
+
+    assert _unless_deleted(deleted)() is None
+    with pytest.raises(RuntimeError, match="something else"):
+        _unless_deleted(lambda: (_ for _ in ()).throw(RuntimeError("something else")))()

@@ -82,7 +82,7 @@ def test_progress_rerun_and_one_run_at_a_time(viewer_with_widget, qtbot, monkeyp
     calls: list[float | None] = []
     release = threading.Event()
 
-    def fake_segment(image, *, pixel_size_um=None, working_diameter_px=None, progress=None):
+    def fake_segment(image, *, pixel_size_um=None, recorded_pixel_size_um=None, working_diameter_px=None, progress=None):
         calls.append((pixel_size_um, working_diameter_px))
         assert image.shape == (480, 640, 3)
         progress(0.5, "halfway")
@@ -119,7 +119,7 @@ def test_cancel_stops_the_run_and_adds_nothing(viewer_with_widget, qtbot, monkey
     viewer, widget, errors = viewer_with_widget
     seen: dict[str, object] = {}
 
-    def slow_segment(image, *, pixel_size_um=None, working_diameter_px=None, progress=None):
+    def slow_segment(image, *, pixel_size_um=None, recorded_pixel_size_um=None, working_diameter_px=None, progress=None):
         run_until_cancelled(lambda step: progress(step / 1000, f"step {step}"), seen)
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", slow_segment)
@@ -135,7 +135,8 @@ def test_cancel_stops_the_run_and_adds_nothing(viewer_with_widget, qtbot, monkey
 def test_errors_are_reported(viewer_with_widget, qtbot, monkeypatch):
     viewer, widget, errors = viewer_with_widget
 
-    def failing_segment(image, *, pixel_size_um=None, working_diameter_px=None, progress=None):
+    def failing_segment(image, *, pixel_size_um=None, recorded_pixel_size_um=None, working_diameter_px=None,
+                        progress=None):
         raise ValueError("got shape (5, 32, 32); expected a 2-D RGB field")
 
     monkeypatch.setattr(napari_smear.segment, "segment_smear", failing_segment)
@@ -358,3 +359,32 @@ def test_a_long_path_in_the_status_does_not_widen_the_dock(make_napari_viewer, q
     qtbot.wait(50)
     assert form.minimumSizeHint().width() <= before + 40
     assert widget.status == f"<b>Done</b>: 1 of 1 images analysed into {path}"
+
+
+def test_segmenting_again_over_classes_set_by_hand_asks_first(viewer_with_widget, qtbot):
+    from napari_smear._napari.layers import hand_set_classes, set_cell_classes
+
+    viewer, widget, errors = viewer_with_widget
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    cells = viewer.layers["synthetic smear cells"]
+    first = int(cells.features["index"].iloc[0])
+    set_cell_classes(cells, [first], "lymphocyte")
+    widget.run()  # the first press says what would be lost
+    assert not widget.is_running
+    assert "holds 1 class set by hand, which new cells replace" in widget.status
+    assert "press the button again" in widget.status and hand_set_classes(cells) == {first: "lymphocyte"}
+    widget.run()  # the second goes on
+    wait_until_idle(qtbot, widget)
+    assert hand_set_classes(viewer.layers["synthetic smear cells"]) == {} and errors == []
+
+
+def test_a_layer_of_the_users_own_is_never_written_over(viewer_with_widget, qtbot):
+    viewer, widget, errors = viewer_with_widget
+    drawn = viewer.add_labels(np.zeros((480, 640), np.uint32), name="synthetic smear cells")
+    drawn.data[10:20, 10:20] = 5
+    widget.run()
+    wait_until_idle(qtbot, widget)
+    assert viewer.layers["synthetic smear cells"] is drawn and int(drawn.data.max()) == 5
+    result = viewer.layers["synthetic smear cells [2]"]
+    assert result.metadata["napari_smear"]["image_layer"] == "synthetic smear" and errors == []

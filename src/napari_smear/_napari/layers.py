@@ -7,6 +7,7 @@ the same way.
 from __future__ import annotations
 
 import colorsys
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -662,6 +663,11 @@ def show_layers(viewer: napari.viewer.ViewerModel, layer_data: Sequence[tuple[An
     for data, kwargs, layer_type in layer_data:
         name = kwargs["name"]
         existing = viewer.layers[name] if name in viewer.layers else None
+        if existing is not None and METADATA_KEY not in (existing.metadata or {}):
+            # a layer of the user's own (drawn by hand, opened from elsewhere) that happens
+            # to have the name: never written over; the result goes beside it
+            kwargs = {**kwargs, "name": _free_layer_name(viewer, name)}
+            existing = None
         if existing is not None and isinstance(existing, types.get(layer_type, ())):
             existing.data = data
             for attribute in _UPDATED_ATTRIBUTES.get(layer_type, ()):
@@ -671,6 +677,29 @@ def show_layers(viewer: napari.viewer.ViewerModel, layer_data: Sequence[tuple[An
         else:
             shown.append(viewer.add_layer(Layer.create(data, kwargs, layer_type)))
     return shown
+
+
+def _free_layer_name(viewer: Any, name: str) -> str:
+    """``name`` with the first free " [k]" after it (napari's own spelling for copies)."""
+    k = 2
+    while f"{name} [{k}]" in viewer.layers:
+        k += 1
+    return f"{name} [{k}]"
+
+
+def hand_work_replaced(viewer: Any, cells_layer_name: str) -> str | None:
+    """What a new result written into the cells layer ``cells_layer_name`` would lose:
+    a sentence naming the classes set there by hand (Cell gallery), or None."""
+    if cells_layer_name not in viewer.layers:
+        return None
+    layer = viewer.layers[cells_layer_name]
+    if METADATA_KEY not in (layer.metadata or {}):
+        return None  # not written over (show_layers puts the result beside it)
+    hand = hand_set_classes(layer)
+    if not hand:
+        return None
+    return (f"{cells_layer_name!r} holds {len(hand)} class{'es' if len(hand) != 1 else ''} set by hand, which new "
+            "cells replace")
 
 
 def recolor_by_class(layer: Any) -> dict[str, tuple[float, float, float, float]]:
@@ -722,6 +751,11 @@ def set_cell_classes(layer: Any, ids: int | Iterable[int], name: str | None) -> 
         An id that is not a cell of the layer, or a layer without cell features.
     """
     wanted = np.unique(np.atleast_1d(np.asarray(ids, np.int64)))
+    text = "" if name is None else str(name).strip()
+    if re.search(r'[\\/:*?"<>|]', text) or text in (".", ".."):
+        # a class names a folder when cells are exported for training (export_cell_images)
+        raise ValueError(f"{text!r} cannot be a class name: a class names a folder of exported cells, so it "
+                         'may not hold / \\ : * ? " < > |')
     return _set_hand_classes(layer, dict.fromkeys(wanted.tolist(), name))
 
 

@@ -263,8 +263,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         header_length = int.from_bytes(start, "little")
         if header_length < 2 or header_length > min(size - 8, _MAX_HEADER_BYTES):
             raise ModelFileError(
-                f"{not_model}: its first 8 bytes announce a {header_length}-byte header but the file has "
-                f"{size} bytes (not a safetensors file, or a truncated one)"
+                f"{not_model}: it does not start like one (its first 8 bytes give a {header_length:,}-byte "
+                f"header, the file has {size:,} bytes): another kind of file, or a truncated copy"
             )
         stream.seek(8)
         header_bytes = stream.read(header_length)

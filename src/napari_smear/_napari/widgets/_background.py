@@ -199,6 +199,42 @@ class _FitFormWidth(QObject):
         return False
 
 
+class _CancelWhenClosed(QObject):
+    """Cancels a dock's run when napari closes the dock. Closing a dock takes its
+    widget out (``setParent(None)``) without destroying it, since the worker's
+    connections keep it alive: the run went on, and a dock opened again could start a
+    second one beside it, both writing to the same layers."""
+
+    def __init__(self, widget: "BackgroundTaskWidget"):
+        super().__init__(widget.native)
+        self._widget = widget
+        self._docked = widget.native.parent() is not None
+        widget.native.installEventFilter(self)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.ParentChange:
+            if watched.parent() is not None:
+                self._docked = True
+            elif self._docked and self._widget.is_running:
+                self._widget.cancel()
+        return False
+
+
+def _unless_deleted(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` for a worker signal, quiet when the dock's Qt widgets are already
+    deleted (the viewer closed during a run): the run itself has stopped by then."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return callback(*args)
+        except RuntimeError as exc:
+            if "has been deleted" not in str(exc):
+                raise
+            return None
+
+    return call
+
+
 class ImageLayerChoice:
     """A mixin for the docks that work on one image layer chosen in ``self._image_combo``:
     the choice as a public, settable property for scripts."""
@@ -281,6 +317,7 @@ class BackgroundTaskWidget(Container):
         if status_lines:
             self._status.native.setMinimumHeight(status_lines * self._status.native.fontMetrics().lineSpacing() + 4)
         self._worker = None
+        self._confirm_pending: tuple[str, str] | None = None  # what a second press of Run goes on with
         self._cancel_event: threading.Event | None = None
         self._done_event: threading.Event | None = None
         self._started_event: threading.Event | None = None
@@ -291,6 +328,7 @@ class BackgroundTaskWidget(Container):
         # the Python wrapper may be gone by then).
         state = self._abandon_state = {"cancel": None}
         self.native.destroyed.connect(lambda *_: state["cancel"] and state["cancel"].set())
+        self._close_watch = _CancelWhenClosed(self)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -368,10 +406,11 @@ class BackgroundTaskWidget(Container):
             run_in_background, compute, self._cancel_event, self._done_event, started=self._started_event,
             name=thread_name, _start_thread=False, _ignore_errors=True,  # errors go to _on_error
         )
-        worker.yielded.connect(lambda update: update is not None and on_progress(update))  # None: heartbeat
-        worker.returned.connect(lambda result: self._on_returned(result, on_result))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        # a None update is the heartbeat
+        worker.yielded.connect(_unless_deleted(lambda update: update is not None and on_progress(update)))
+        worker.returned.connect(_unless_deleted(lambda result: self._on_returned(result, on_result)))
+        worker.errored.connect(_unless_deleted(self._on_error))
+        worker.finished.connect(_unless_deleted(self._on_finished))
         self._worker = worker
         self._run_button.enabled = False
         self._cancel_button.enabled = True
@@ -424,6 +463,24 @@ class BackgroundTaskWidget(Container):
             current[f"{key}_name"] = layer.name if layer is not None else None
         return current
 
+    def _replacing_confirmed(self, cells_layer_name: str) -> bool:
+        """Whether a run that writes new cells into ``cells_layer_name`` may start: not at
+        the first press of Run when the layer holds classes set by hand (the run is
+        declined with what would be lost), yes at a second press with nothing changed."""
+        from napari_smear._napari.layers import hand_work_replaced
+
+        loss = hand_work_replaced(self._viewer, cells_layer_name)
+        if loss is None or self._confirm_pending == (cells_layer_name, loss):
+            self._confirm_pending = None
+            return True
+        self._confirm_pending = (cells_layer_name, loss)
+        self._decline(
+            f"{loss[:1].upper()}{loss[1:]}. Save that layer first (File > Save Selected Layers, or Export selected in "
+            "the Cell gallery), or press the button again to go on and replace them.",
+            f"{loss}: press again to replace them",
+        )
+        return False
+
     def _decline(self, status: str, notice: str) -> None:
         """Explain why a run cannot start: in the status line and as a napari notice."""
         self._set_status(status)
@@ -448,6 +505,7 @@ class BackgroundTaskWidget(Container):
     def _on_returned(self, result: Any, on_result: Callable[[Any], None]) -> None:
         if result is CANCELLED or result is None:
             self._set_status(self.cancelled_text)
+            self._progress.value = 0  # not left part-way beside "Cancelled."
             return
         try:
             on_result(result)
@@ -470,12 +528,13 @@ class BackgroundTaskWidget(Container):
             # disabled until then, so two runs never compete for the CPU.
             if self.waiting_text:
                 self._set_status(self.waiting_text)
-            QTimer.singleShot(100, self._on_finished)
+            QTimer.singleShot(100, _unless_deleted(self._on_finished))
             return
         produced, self._produced = self._produced, None
         # a Cancel pressed as the run ended, after its result was shown: the result stands
         # (its status said "Cancelled" over the results it had just shown)
         if produced is None and self._cancel_event is not None and self._cancel_event.is_set():
             self._set_status(self.cancelled_text)
+            self._progress.value = 0
         self._run_button.enabled = True
         self.run_finished.emit(produced)

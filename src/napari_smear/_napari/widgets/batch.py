@@ -113,6 +113,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             *self._run_controls(), self._results_title, self._analysed, self._show_button,
         ])
         self._started = 0.0
+        self._batch_running = False  # a batch run (not opening a result) is going
         self._images_done = (0, 0)  # (done, total) of the last progress report
         #: What the last finished run reported (for scripts and tests).
         self.last_report: BatchReport | None = None
@@ -177,6 +178,9 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         what = ", ".join(Path(m).stem if Path(m).suffix else m for m in models) or "segmentation only"
         self.task_name, self.result_name = "batch analysis", "result"
         self._show_button.enabled = False
+        self._batch_running = True
+        self.last_report = self.last_report_page = None
+        self._set_settings_enabled(False)  # the run's folders and models, as they were at Run
         self._start(
             compute,
             status=f"Analysing {source} ({what})…",
@@ -185,12 +189,20 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
             thread_name="napari-smear-batch",
         )
 
-    def refresh_results(self) -> list[str]:
-        """List the images the output folder holds results for (its ``summary.csv``); return them."""
+    def refresh_results(self, *, unsummarised: bool = False) -> list[str]:
+        """List the images the output folder holds results for (its ``summary.csv``); return them.
+
+        ``unsummarised``: also those a run finished without writing the summary (it was
+        cancelled), found by their completion markers, their inputs in the input folder.
+        """
         target = _chosen_folder(self._output)
-        from napari_smear.batch import analysed_input_paths
+        from napari_smear.batch import analysed_input_paths, finished_images
 
         self._summary_paths = analysed_input_paths(target) if target is not None else {}
+        source = _chosen_folder(self._input)
+        if unsummarised and target is not None and source is not None:
+            for image in finished_images(target):
+                self._summary_paths.setdefault(image, str(source / image))
         images = list(self._summary_paths)
         current = self._analysed.value
         self._analysed.reset_choices()
@@ -225,6 +237,10 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
                 f"The input image of {image} is not at {source or 'its recorded path'}; move it back to open it.",
                 f"input image of {image} not found",
             )
+            return
+
+        shown_as = [layer.name for layer in self._viewer.layers if layer.metadata.get("path") == source]
+        if shown_as and not self._replacing_confirmed(f"{shown_as[0]} cells"):
             return
 
         def compute(report):
@@ -265,8 +281,26 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
         self._progress.value = self._progress.max
         self._set_status(f"Showing {image_layer.name}: {len(result.table)} cells in {cells.name!r}.")
 
+    def _settings_widgets(self) -> list:
+        """The inputs a batch run reads at Run: fixed while it runs, so that what the dock
+        shows is what the run does (and its results list follows the folder it writes)."""
+        keep = {id(w) for w in (*self._run_controls(), self._results_title, self._analysed, self._show_button)}
+        return [w for w in self if id(w) not in keep]
+
+    def _set_settings_enabled(self, enabled: bool) -> None:
+        for widget in self._settings_widgets():
+            widget.enabled = enabled
+
     def _on_finished(self) -> None:
         super()._on_finished()
+        if self.is_running:  # still waiting for a cancelled run's helper thread
+            return
+        if self._batch_running:
+            self._batch_running = False
+            self._set_settings_enabled(True)
+            if self.last_report is None:
+                # cancelled or failed: the images it finished are listed all the same
+                self.refresh_results(unsummarised=True)
         self._update_show_button()
 
     def _on_progress(self, update: tuple[int, int, str]) -> None:

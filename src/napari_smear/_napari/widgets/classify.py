@@ -23,6 +23,7 @@ from napari_smear._napari.layers import (
     METADATA_KEY,
     analysis_layers,
     hand_set_classes,
+    image_layer_of_cells,
     layer_pixel_size_um,
     nuclei_layer_of,
     relink_renamed_image,
@@ -200,7 +201,11 @@ class ModelInputs:
         try:
             added = user_models.add(path)
         except ValueError as exc:  # ModelFileError: not a model file
-            self._fail(str(exc))
+            from napari.utils.notifications import show_error
+
+            # not "classification failed": nothing was classified, a file was refused
+            self._set_status(f"Not added: {exc}")
+            show_error(f"napari-smear: not a usable model file: {exc}")
             return
         # One model per cell type (analyze refuses two): the new model replaces the
         # selected ones that classify any of its cell types.
@@ -341,6 +346,16 @@ class ClassifyWidget(ImageLayerChoice, ModelInputs, BackgroundTaskWidget):
                 segmentation = segmentation_from_layers(cells_layer, nuclei_layer, refresh=False)
             except ValueError as exc:
                 self._fail(str(exc))
+                return
+            made_from = image_layer_of_cells(self._viewer, cells_layer)
+            if made_from is not None and made_from is not image_layer:
+                # one camera field's cells on another's pixels: plausible-looking and wrong
+                self._decline(
+                    f"Cells layer {cells_layer.name!r} was made from image {made_from.name!r}, not "
+                    f"{image_layer.name!r}: choose {image_layer.name!r}'s cells layer (or none, to segment it first), "
+                    f"or choose image {made_from.name!r}.",
+                    f"cells layer {cells_layer.name!r} belongs to image {made_from.name!r}",
+                )
                 return
             image_shape = tuple(image.shape[-3:-1] if image_layer.rgb else image.shape[-2:])
             if tuple(segmentation.labels.shape) != image_shape:

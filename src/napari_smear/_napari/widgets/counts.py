@@ -356,8 +356,16 @@ class CountsWidget(CellsLayerDock):
         path, _ = QFileDialog.getSaveFileName(
             self, "Save the differential count", f"{self._layer.name} counts.csv", "CSV files (*.csv)"
         )
-        if path:
-            self.export_csv(path)
+        if not path:
+            return
+        from napari.utils.notifications import show_error, show_info
+
+        try:
+            written = self.export_csv(path)
+        except (OSError, ValueError) as exc:  # a folder gone, no permission, the file open elsewhere
+            show_error(f"napari-smear: the differential count was not saved: {exc}")
+        else:
+            show_info(f"napari-smear: differential count saved to {written}")
 
     def _on_selected_label(self, *_: Any) -> None:
         layer = self._layer

@@ -393,7 +393,8 @@ class GalleryWidget(CellsLayerDock):
             text = f"{len(rows)} {name} ({cell_type})"
             if self._shown < len(rows):
                 text += f", {self._shown} shown"
-            if self._order_combo.currentText() != "label":
+            has_confidence = "confidence" in rows.columns and rows["confidence"].notna().any()
+            if self._order_combo.currentText() != "label" and has_confidence:  # no order among unclassified cells
                 text += f", {self._order_combo.currentText()}"
         if self._note:
             text += f". {self._note}"

@@ -109,6 +109,8 @@ class SegmentWidget(ImageLayerChoice, BackgroundTaskWidget):
         except ImportError as exc:
             self._fail(f"segmentation is not available: {exc}")
             return
+        if not self._replacing_confirmed(f"{layer.name} cells"):
+            return
         image = layer.data[0] if layer.multiscale else layer.data
         pixel_size = float(self._pixel_size.value) or None
         # the layer's own pixel size, left in the box as it was filled in, is checked

@@ -305,6 +305,13 @@ class TrainWidget(BackgroundTaskWidget):
     # ------------------------------------------------------------------ preparing a run
     def _prepare(self) -> dict:
         """Everything the background job needs, read from the widget and the viewer now."""
+        # what to learn from first: with nothing to train on, where to save is not the question
+        if self._source.value == FROM_FOLDER:
+            folder = self._folder.value
+            if not folder or not Path(folder).is_dir() or str(folder) == ".":
+                raise ValueError("choose the folder of labelled cell images (one sub-folder per class)")
+        elif self._image_combo.value is None or self._cells_combo.value is None:
+            raise ValueError("open an image and segment it (Segment cells) first, then set classes on its cells")
         output = self._output.value
         if not output or str(output) in ("", "."):
             raise ValueError("choose where to save the model ('save model as', a .safetensors file)")

@@ -59,6 +59,8 @@ def test_crop_arguments(segmented):
     ({"pixel_size_um": "0.1"}, TypeError, "pixel_size_um must be a number"),
     ({"rbc_diameter_px": float("inf")}, ValueError, "rbc_diameter_px must be a positive number"),
     ({"tile_size": 10}, ValueError, "tile_size must be an integer"),
+    ({"n_workers": 0}, ValueError, "n_workers must be a whole number >= 1"),
+    ({"recorded_pixel_size_um": -1.0}, ValueError, "recorded_pixel_size_um must be a positive number"),
 ])
 def test_segment_size_arguments(segmented, kwargs, error, match):
     image, _ = segmented

@@ -941,7 +941,7 @@ class StreamingClassifier:
                  sure_at: float | None = None, before_batch: Callable[[str, int], None] | None = None):
         from .predict import select_device
 
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         check_prior_correction(models, prior_correction)
         self._views = check_test_time_views(models, test_time_views)  # per model

@@ -439,7 +439,7 @@ def classify_crops(
         # soft (float) masks: a pixel is in the cell from one half up (cast to integers,
         # 0.99 would have become 0 and the model seen no cell at all)
         masks = np.asarray(masks, np.float32) >= 0.5
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     morph_features = int(getattr(model, "config", {}).get("morph_features", 0) or 0)
     if morph_features:

@@ -202,8 +202,8 @@ def test_errors_are_reported(setup, qtbot, tmp_path):
     not_a_model = tmp_path / "weights.safetensors"
     not_a_model.write_bytes(b"PK\x03\x04 not a model")
     widget._model_file.value = not_a_model
-    assert widget.status.startswith("Failed: ") and "not a napari-smear model file" in widget.status
-    assert len(errors) == 1
+    assert widget.status.startswith("Not added: ") and "not a napari-smear model file" in widget.status
+    assert len(errors) == 1 and errors[0].startswith("napari-smear: not a usable model file")
     widget._models.value = []
     widget.run()
     assert "No model chosen" in widget.status and not widget.is_running

@@ -128,6 +128,9 @@ def segment_smear(
     for name, value in (("pixel_size_um", pixel_size_um), ("rbc_diameter_px", rbc_diameter_px),
                         ("recorded_pixel_size_um", recorded_pixel_size_um)):
         _check_positive(name, value)
+    if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer))
+                                  or n_workers < 1):
+        raise ValueError(f"n_workers must be a whole number >= 1 (1: in this process), or None, got {n_workers!r}")
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
         raise ValueError(f"tile_size must be an integer >= 64 (working pixels), got {tile_size!r}")
     rgb = as_rgb_uint8(image)

@@ -497,6 +497,12 @@ class BackgroundTaskWidget(Container):
         for note in notes:
             show_warning(f"napari-smear: {note}")
 
+    def _refuse(self, status: str, error: str) -> None:
+        """Refuse an input (not a failed run): ``status`` in the status line, ``error`` as a
+        napari error notification."""
+        self._set_status(status)
+        show_error(f"napari-smear: {error}")
+
     def _fail(self, message: str) -> None:
         self._set_status(f"Failed: {message}")
         show_error(f"napari-smear {self.task_name} failed: {message}")

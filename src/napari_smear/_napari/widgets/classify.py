@@ -201,11 +201,8 @@ class ModelInputs:
         try:
             added = user_models.add(path)
         except ValueError as exc:  # ModelFileError: not a model file
-            from napari.utils.notifications import show_error
-
             # not "classification failed": nothing was classified, a file was refused
-            self._set_status(f"Not added: {exc}")
-            show_error(f"napari-smear: not a usable model file: {exc}")
+            self._refuse(f"Not added: {exc}", f"not a usable model file: {exc}")
             return
         # One model per cell type (analyze refuses two): the new model replaces the
         # selected ones that classify any of its cell types.

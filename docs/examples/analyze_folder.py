@@ -51,7 +51,7 @@ def main(argv=None):
         try:
             image, meta = read_image(path)
             result = napari_smear.analyze(image, models=models, device=device,
-                                          pixel_size_um=meta.get("pixel_size_um"))
+                                          recorded_pixel_size_um=meta.get("pixel_size_um"))
         except Exception as exc:  # report the file and carry on with the others
             errors.append({"file": str(path), "error": f"{type(exc).__name__}: {exc}"})
             print(f"[{i}/{len(paths)}] {path.name}: FAILED ({exc})")

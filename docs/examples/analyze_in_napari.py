@@ -55,7 +55,8 @@ def main(argv=None):
         name, pixel_size_um = file_stem(path), meta.get("pixel_size_um")
 
     # The same call a widget makes: segment, classify, map the attention.
-    result = napari_smear.analyze(image, models=models, device=args.device, pixel_size_um=pixel_size_um)
+    # the file's calibration, checked against the red cells (ignored with a warning when they contradict it)
+    result = napari_smear.analyze(image, models=models, device=args.device, recorded_pixel_size_um=pixel_size_um)
     print(result.counts.to_string(index=False))
 
     viewer = napari.Viewer(show=not args.headless)

@@ -8,7 +8,9 @@ and its central cell cropped at the base model's scale; the base model's weights
 starting point (classes it knows keep their classifier weights, new classes start
 fresh), and 15 % of each class is held out for validation unless a ``val/`` folder
 exists. The best epoch (validation macro-F1) is saved, with the cell types it is for
-(the base model's unless ``--cell-types`` says otherwise), so
+(the base model's unless ``--cell-types`` says otherwise; a type none of the training
+cells has is left out, with a warning: ``wbc-pbc8`` also types platelets, a folder of
+white cells teaches it none), so
 ``napari_smear.analyze(image, models=["my_wbc.safetensors"])`` and the "Classify cells"
 widget apply it to those cells only.
 """

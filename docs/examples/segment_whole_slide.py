@@ -64,7 +64,7 @@ def main(argv=None):
     def progress(fraction, message):
         print(f"  {100 * fraction:5.1f} %  {message}", flush=True)
 
-    seg = segment_smear(image, pixel_size_um=meta["pixel_size_um"], out=(labels, nuclei), progress=progress)
+    seg = segment_smear(image, recorded_pixel_size_um=meta["pixel_size_um"], out=(labels, nuclei), progress=progress)
     table, attention_files = seg.table, []
     if args.classify:
         from napari_smear.pipeline import DEFAULT_MODELS, analyze_by_region

@@ -343,7 +343,7 @@ def _add_analyze(subparsers) -> None:
                             "and OUT_DIR at the same paths")
     parser.add_argument("--overwrite", action="store_true", help="redo images an earlier run finished")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="crops per classifier batch (default 32 on CPU, 1024 on a GPU)")
+                        help="crops per classifier batch (default 32 on CPU and MPS, 1024 on a CUDA GPU)")
     parser.add_argument("--pixel-size-um", type=_positive_float, default=None,
                         help="pixel size of every image in micrometres (default: from the file, else measured)")
     _add_working_diameter_option(parser)

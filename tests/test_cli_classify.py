@@ -94,7 +94,7 @@ def test_an_image_given_as_the_output_is_refused_before_any_work(tmp_path, capsy
     data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
     for option, target, message in (("--json", images[0], "must end in .json"),
                                     ("--confusion", images[0], "must end in .png or .pdf or .svg"),
-                                    ("--json", tmp_path, "must end in .json")):
+                                    ("--json", tmp_path, "is a folder; give the file to write")):
         assert main(["evaluate", str(model), str(data), option, str(target), "--device", "cpu", "--quiet"]) == 1
         assert message in capsys.readouterr().err
     assert main(["pack-crops", str(tmp_path), "--out", str(images[0]), "--quiet"]) == 1
@@ -261,3 +261,38 @@ def test_evaluate_warns_when_crops_and_model_differ_in_stain_normalisation(tmp_p
     model = tiny_model_file(tmp_path / "m.safetensors", stain_normalization="anchored-v1")
     with pytest.warns(UserWarning, match="stain normalisation 'none' but the model was trained with 'anchored-v1'"):
         evaluate(model, data, "val", device="cpu")
+
+
+def test_a_users_file_where_an_output_goes_is_not_written_over(tmp_path, capsys):
+    # pack-crops, classify and evaluate --json write over their own earlier outputs only
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    theirs = {"archive.npz": None, "notes.csv": "a,b\n1,2\n", "keep.json": '{"x": 1}'}
+    np.savez(tmp_path / "archive.npz", a=np.zeros(3))
+    for name, text in theirs.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+    before = {name: (tmp_path / name).read_bytes() for name in theirs}
+    assert main(["pack-crops", str(tmp_path / "nowhere"), "--out", str(tmp_path / "archive.npz")]) == 1
+    assert main(["classify", str(tmp_path / "x.png"), "--model", str(model), "--out", str(tmp_path / "notes.csv")]) == 1
+    assert main(["evaluate", str(model), str(data), "--device", "cpu", "--quiet", "--json",
+                 str(tmp_path / "keep.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("exists and is not") == 3 and "it is not written over" in err
+    assert {name: (tmp_path / name).read_bytes() for name in theirs} == before
+    ours = tmp_path / "metrics.json"  # evaluate's own file: written again
+    for _ in range(2):
+        assert main(["evaluate", str(model), str(data), "--device", "cpu", "--quiet", "--json", str(ours)]) == 0
+
+
+def test_train_refuses_what_it_can_before_cropping(tmp_path, capsys):
+    data = save_crop_set(tmp_path / "c.npz", tiny_crop_set(), image_codec="raw")
+    base = tiny_model_file(tmp_path / "base.safetensors")
+    before = base.read_bytes()
+    assert main(["train", str(data), "--init-from", str(base), "--out", str(base), "--device", "cpu"]) == 1
+    assert "is the model --init-from starts from" in capsys.readouterr().err and base.read_bytes() == before
+    assert main(["train", str(data), "--out", str(tmp_path / "n.safetensors"), "--device", "foo"]) == 1
+    assert "--device foo: unknown device 'foo'" in capsys.readouterr().err
+    for option in (["--lr", "inf"], ["--weight-decay", "nan"], ["--seed", "-1"], ["--batch-size", "1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", str(data), "--out", str(tmp_path / "n.safetensors"), *option])

@@ -775,3 +775,30 @@ def test_a_model_classifies_only_the_cell_types_its_crops_showed_it(tmp_path):
     save_crop_set(tmp_path / "set.npz", crop_set)
     np.testing.assert_array_equal(load_crop_set(tmp_path / "set.npz").cell_types, crop_set.cell_types)
     assert crop_set.subset(np.arange(3)).cell_types.tolist() == ["wbc"] * 3
+    # a class named after a cell type is that type's cells, whatever the segmentation typed
+    # them: PBC's platelet images centre on a clump it takes for a white cell
+    crop_set.class_names = [*crop_set.class_names[:-1], "platelet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = train(crop_set, model_kind="shape_aware", output=tmp_path / "b.safetensors", epochs=1,
+                     batch_size=8, config=TINY_SHAPE_AWARE, progress=False, num_threads=1,
+                     cell_types=["wbc", "platelet"])
+    assert kept.info.metadata["cell_types"] == ["wbc", "platelet"]
+
+
+def test_a_hold_out_drawn_from_crops_is_the_one_evaluate_draws_from_the_folder(tmp_path, monkeypatch):
+    # train() without a 'val' split holds out 15 % of the crops; `evaluate FOLDER` scores
+    # the 15 % the folder's hash split gives: the same images, however the folder was typed
+    from types import SimpleNamespace
+
+    from napari_smear.datasets import _entries_from_folder, _hash_split, hash_split_keys
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("basophil", "lymphocyte"):
+        (tmp_path / "cells" / name).mkdir(parents=True)
+        for k in range(13):
+            (tmp_path / "cells" / name / f"{name[:2]}_{k}.png").write_bytes(b"")
+    paths, labels, split = _entries_from_folder(Path("cells"), 0.15)  # as typed: cells/basophil/...
+    crops = SimpleNamespace(source=str((tmp_path / "cells").resolve()), paths=np.array(paths))
+    assert list(_hash_split(hash_split_keys(crops), labels, 0.15)) == list(split)
+    assert list(_hash_split(paths, labels, 0.15)) != list(split)  # what it drew from before

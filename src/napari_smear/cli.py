@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["build_parser", "main"]
 
@@ -22,17 +23,23 @@ class CommandError(Exception):
     """A user-facing failure of a subcommand (printed without a traceback)."""
 
 
-def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs=()) -> Path:
+def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs=(),
+                       ours: Callable[[Path], bool] | None = None, what: str = "") -> Path:
     """The file an option names for writing, checked before any work: it has one of
     ``suffixes`` (so a shell glob that put an image where the output belongs, as in
     ``--out *.jpg``, is refused rather than overwritten), is not a folder, is not one of
-    the ``inputs``, and can be written where it is."""
+    the ``inputs``, and can be written where it is. With ``ours``, an existing file is
+    written over only when ``ours(file)`` says napari-smear wrote it (``what`` it is):
+    never a user's own CSV, JSON or archive that happens to have the name."""
     out = Path(path)
+    if out.is_dir():
+        raise CommandError(f"{option} {path} is a folder; give the file to write")
     if out.suffix.lower() not in suffixes:
         kept = " (an existing file of another kind is never written over)" if out.exists() else ""
         raise CommandError(f"{option} {path}: the file to write must end in {' or '.join(suffixes)}{kept}")
-    if out.is_dir():
-        raise CommandError(f"{option} {path} is a folder; give the file to write")
+    if ours is not None and out.is_file() and not ours(out):
+        raise CommandError(f"{option} {path} exists and is not {what}: it is not written over; "
+                           "move it away or give another file name")
     resolved = out.resolve()
     for given in inputs:
         if Path(given).resolve() == resolved:
@@ -41,6 +48,35 @@ def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs
 
     check_writable_location(out, option)  # before the work, not after it (an evaluation ran first)
     return out
+
+
+def _is_crop_set_file(path: Path) -> bool:
+    """Whether ``path`` is a crop set ``pack-crops`` wrote (its ``format`` entry says so)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("format.npy") as entry:
+            return b"napari-smear crop set" in entry.read(4096).replace(b"\x00", b"")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def _is_predictions_csv(path: Path) -> bool:
+    """Whether ``path`` is a table ``classify`` wrote (its header starts path,prediction)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().startswith("path,prediction,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _is_metrics_json(path: Path) -> bool:
+    """Whether ``path`` is the metrics ``evaluate --json`` wrote."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"accuracy", "confusion", "class_names"} <= set(metrics)
 
 
 def _positive_int(text: str) -> int:
@@ -71,6 +107,33 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}") from None
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
+def _training_batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:  # BatchNorm needs two crops in a batch
+        raise argparse.ArgumentTypeError(f"expected 2 or more (BatchNorm needs two crops a step), got {text}")
     return value
 
 
@@ -601,8 +664,8 @@ def _add_train(subparsers) -> None:
                              "'wbc,platelet'); `analyze` gives it only those. Default: those of the --init-from model, "
                              "else every cell type")
     parser.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training crops (default 30)")
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="crops per step (default 128)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--batch-size", type=_training_batch_size, default=128, help="crops per step (default 128)")
+    parser.add_argument("--lr", type=_positive_float, default=None,
                         help="peak AdamW learning rate (default 2e-3; 5e-4 when fine-tuning with --init-from)")
     parser.add_argument("--init-from", default=None, metavar="MODEL",
                         help="fine-tune: start from this model (built-in name or .safetensors file), keeping its "
@@ -614,7 +677,8 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--mixstyle", type=float, default=0.0, metavar="P",
                         help="MixStyle (feature-statistics mixing for other stains and cameras) in a share P of "
                              "the training batches (default 0: off)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.05,
+                        help="AdamW weight decay (default 0.05)")
     parser.add_argument("--patience", type=int, default=8,
                         help="stop after this many epochs without a better validation macro-F1 "
                              "(default 8; 0: never)")
@@ -630,7 +694,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="mixed precision (default auto: CUDA fp16, CPU bf16 where native)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     parser.add_argument("--max-train-samples", type=_positive_int, default=None)
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -651,16 +715,21 @@ def _run_train(args) -> int:
     balance = {"sampler": "sampler", "loss": "loss", "none": False}[args.balance]
     given = [option for option, value in (("--crop-diameters", args.crop_diameters),
                                           ("--output-size", args.output_size)) if value is not None]
+    verb = "applies" if len(given) == 1 else "apply"
     if given and str(args.data).lower().endswith(".npz"):
-        verb = "applies" if len(given) == 1 else "apply"
         print(f"napari-smear train: warning: {' and '.join(given)} {verb} to cropping a folder or CSV; the crops in "
               f"{args.data} were cut already and are used as they are", file=sys.stderr)
+    elif given and args.init_from:
+        print(f"napari-smear train: warning: {' and '.join(given)} {verb} to a new model; fine-tuning keeps "
+              f"{args.init_from}'s crop scale and size", file=sys.stderr)
+    _check_training_choices(args)  # before the cropping, which takes long
     try:
         result = _train_from_args(args, train, amp, balance)
     except KeyboardInterrupt:
         partial = partial_model_path(args.out)
         if partial.is_file():  # said before the generic "interrupted"
             kept = "is unchanged" if Path(args.out).is_file() else "was not written"
+            print(file=sys.stderr)  # off the progress bar's line
             print(f"napari-smear train: {args.out} {kept}; the best model so far is in {partial}, and the same "
                   f"command with --resume continues from the checkpoint in {checkpoint_dir_for(args.out)}",
                   file=sys.stderr)
@@ -675,6 +744,10 @@ def _run_train(args) -> int:
         f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.0f} s"
     )
     _print_metrics(metrics)
+    views = int(result.info.metadata.get("test_time_views") or 1)
+    if views > 1:  # the validation above looked at each crop once
+        print(f"(validation: one view per crop; the model file answers with {views} turned views, usually a little "
+              f"better: `napari-smear evaluate {result.model_path} DATA` scores it as it answers)")
     choice = result.info.metadata.get("prior_correction")
     if choice:
         print(f"prior correction: strength {choice['strength']:g}, chosen on {choice['n']} validation crops and "
@@ -688,6 +761,27 @@ def _run_train(args) -> int:
     if caution:  # as the Train classifier dock cautions
         print(f"napari-smear train: warning: {caution}", file=sys.stderr)
     return 0
+
+
+def _check_training_choices(args) -> None:
+    """What can be refused before the training data is cropped (minutes to an hour on a
+    CPU for a large folder): the device, and a --out that is the model to start from."""
+    from .predict import select_device
+
+    try:
+        select_device(args.device)
+    except ValueError as exc:
+        raise CommandError(f"--device {args.device}: {exc}") from None
+    if args.init_from:
+        from .models.files import resolve_model_path
+
+        base = resolve_model_path(args.init_from)
+        out = Path(args.out)
+        if out.suffix.lower() != ".safetensors":
+            out = out.with_name(out.name + ".safetensors")
+        if out.exists() and out.resolve() == base.resolve():
+            raise CommandError(f"--out {args.out} is the model --init-from starts from: give the fine-tuned model "
+                               "another file name (the base model stays as it is)")
 
 
 def _train_from_args(args, train, amp, balance):
@@ -750,7 +844,8 @@ def _run_evaluate(args) -> int:
     if args.confusion:
         _check_output_file(args.confusion, (".png", ".pdf", ".svg"), "--confusion", inputs)
     if args.json:
-        _check_output_file(args.json, (".json",), "--json", inputs)
+        _check_output_file(args.json, (".json",), "--json", inputs, ours=_is_metrics_json,
+                           what="metrics written by napari-smear evaluate")
     split = None if args.split == "all" else args.split
     metrics = evaluate(
         args.model, args.data, split, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
@@ -814,7 +909,8 @@ def _run_classify(args) -> int:
     from .io import write_csv_atomic
     from .predict import classify_files
 
-    out = _check_output_file(args.out, (".csv",), "--out", args.inputs)
+    out = _check_output_file(args.out, (".csv",), "--out", args.inputs, ours=_is_predictions_csv,
+                             what="a table written by napari-smear classify")
     table = classify_files(
         args.inputs, args.model, device=args.device, batch_size=args.batch_size, amp=not args.no_amp,
         workers=args.workers, progress=not args.quiet, prior_correction=args.prior_correction,
@@ -865,7 +961,8 @@ def _add_pack_crops(subparsers) -> None:
 def _run_pack_crops(args) -> int:
     from .datasets import build_crop_set, save_crop_set
 
-    _check_output_file(args.out, (".npz",), "--out", (args.data,))
+    _check_output_file(args.out, (".npz",), "--out", (args.data,), ours=_is_crop_set_file,
+                       what="a crop set written by napari-smear pack-crops")
     started = time.perf_counter()
     crop_set = build_crop_set(
         args.data, crop_diameters=args.crop_diameters or 4.0, output_size=args.output_size or 96,

@@ -294,6 +294,24 @@ def _hash_split(paths: Sequence[str], labels: Sequence[str], val_fraction: float
     return split
 
 
+def hash_split_keys(crop_set: "CropSet") -> list[str]:
+    """The key :func:`_hash_split` gives each crop's image when its folder or manifest is
+    read (the path relative to that folder, or as the manifest writes it), so that a
+    hold-out drawn later from the crops (training without a 'val' split) is the one
+    ``evaluate`` draws from the same folder: drawn from the paths as stored (with the
+    folder as it was typed before them), 3 of the 6 images one evaluation scored as
+    held out had been trained on."""
+    if not crop_set.source:
+        return [str(p) for p in crop_set.paths]
+    source = Path(crop_set.source)
+    base = source.parent if source.suffix.lower() == ".csv" else source  # a manifest, else a folder
+    keys = []
+    for path in crop_set.paths:
+        relative = os.path.relpath(os.path.abspath(path), base)
+        keys.append(str(path) if relative.startswith("..") else relative)
+    return keys
+
+
 def _entries_from_folder(folder: Path, val_fraction: float):
     """(paths, labels, splits) from ``folder/<class>/...`` or ``folder/<split>/<class>/...``."""
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -698,7 +716,7 @@ def build_crop_set(
         )
     if fallback_count:
         warnings.warn(
-            f"{fallback_count} images had too few red cells to measure the scale, or measured it far "
+            f"{fallback_count} image(s) had too few red cells to measure the scale, or measured it far "
             "off the others, and were cropped at the median red-cell diameter of the others",
             stacklevel=2,
         )

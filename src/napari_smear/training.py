@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import CropSet, _hash_split, load_data
+from .datasets import CropSet, _hash_split, hash_split_keys, load_data
 
 __all__ = [
     "TrainResult",
@@ -1179,7 +1179,8 @@ def train(
     if not len(train_index):
         raise ValueError(f"the data has no 'train' split ({crop_set.describe()})")
     if not len(val_index):
-        held = _hash_split(crop_set.paths[train_index].tolist(), crop_set.labels[train_index].tolist(), 0.15) == "val"
+        keys = np.asarray(hash_split_keys(crop_set), dtype=str)  # the hold-out `evaluate` takes from the same folder
+        held = _hash_split(keys[train_index].tolist(), crop_set.labels[train_index].tolist(), 0.15) == "val"
         val_index, train_index = train_index[held], train_index[~held]
         notes.append("no 'val' split in the data: 15% of each class of 'train' held out for validation")
     if not len(val_index):
@@ -1206,7 +1207,12 @@ def train(
         # a model given cell types its crops never showed it (fine-tuning wbc-pbc8, which
         # classifies platelets, on white cells alone) would give each such cell one of
         # its classes: every platelet called a monocyte or an eosinophil
-        seen = set(crop_set.cell_types[train_index].tolist())
+        from .segment.types import CELL_TYPES
+
+        # a class named after a cell type counts as that type's cells: PBC's platelet images
+        # centre on a clump the segmentation types a white cell, and a model that learned
+        # the platelet class must still be given the platelets
+        seen = set(crop_set.cell_types[train_index].tolist()) | {c for c in class_names if c in CELL_TYPES}
         unseen = [t for t in cell_types if t not in seen]
         if unseen and len(unseen) < len(cell_types):
             cell_types = [t for t in cell_types if t in seen]

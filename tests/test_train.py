@@ -409,6 +409,10 @@ def test_resume_continues_the_interrupted_run_exactly(tmp_path):
 
     with pytest.raises(ValueError, match="differs in .*lr"):
         train(crop_set, output=output, resume=True, **{**settings, "lr": 1e-2})
+    # a finished run resumed with no more epochs trains nothing: said, not done silently
+    with pytest.warns(UserWarning, match="has trained 4 epochs already, as many as epochs=3 asks or more: nothing"):
+        again = train(crop_set, output=output, resume=True, **{**settings, "epochs": 3})
+    assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
 
 
 def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -670,7 +674,8 @@ def test_resumed_run_records_the_cell_types_asked_for(tmp_path):
     options = dict(model_kind="shape_aware", output=tmp_path / "m.safetensors", epochs=1, batch_size=8,
                    config=TINY_SHAPE_AWARE, progress=False, num_threads=1)
     train(crop_set, **options)
-    again = train(crop_set, resume=True, cell_types=["wbc"], **options)  # finished: nothing to train
+    with pytest.warns(UserWarning, match="nothing was trained"):
+        again = train(crop_set, resume=True, cell_types=["wbc"], **options)  # finished: nothing to train
     assert again.info.metadata["cell_types"] == ["wbc"] == read_metadata(tmp_path / "m.safetensors")["cell_types"]
 
 

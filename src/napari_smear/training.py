@@ -1303,6 +1303,13 @@ def train(
                         f"cannot resume from {ckpt_dir}: the training set-up differs in {differing}; "
                         "use the same data and settings, or resume=False to start afresh"
                     )
+                if int(saved["epoch"]) >= epochs:  # said: nothing is trained, the best model is written again
+                    note = (f"the checkpoint in {ckpt_dir} has trained {saved['epoch']} epochs already, as many as "
+                            f"epochs={epochs} asks or more: nothing was trained, and the best model was written again "
+                            f"(with the settings given); give more epochs (--epochs {int(saved['epoch']) + 10}, say) "
+                            "to train on")
+                    notes.append(note)
+                    warnings.warn(note, stacklevel=2)
                 model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
                 _restore_optimizer(optimizer, saved, tensors)
                 if saved.get("scaler") and scaler.is_enabled():

@@ -109,6 +109,19 @@ def test_a_model_is_scored_on_one_class_but_not_trained_on_one(tmp_path, shared_
         train(tmp_path / "one", output=tmp_path / "m.safetensors", epochs=1, progress=False)
 
 
+def test_scoring_a_folder_s_validation_split_crops_only_its_images(tmp_path, shared_data):
+    """evaluate's default split is val: the folder's other images are not cropped (on
+    PBC's folder that is 12,634 images cut to score 1,710)."""
+    root = _pbc_class_folder(shared_data, tmp_path / "cells", {"lymphocyte": 7, "neutrophil": 7})
+    seen = []
+    val = build_crop_set(root, output_size=32, progress=lambda done, total: seen.append(total), only_split="val")
+    assert seen[-1] == 2 and val.split.tolist() == ["val", "val"]
+    whole = build_crop_set(root, output_size=32, progress=False)
+    assert sorted(whole.paths[whole.split == "val"].tolist()) == sorted(val.paths.tolist())
+    scores = evaluate("wbc-pbc8", root, "val", device="cpu")
+    assert scores["n"] == 2
+
+
 def test_cropping_a_folder_reports_each_image_and_stops_when_the_report_raises(tmp_path, shared_data):
     """train(on_crop=...): the Train dock's progress (and cancel) while a folder is cropped."""
     root = _pbc_class_folder(shared_data, tmp_path / "cells", {"lymphocyte": 3, "neutrophil": 3})

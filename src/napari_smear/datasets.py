@@ -616,6 +616,7 @@ def build_crop_set(
     limit_per_class: int | None = None,
     stain_normalization: str | None = None,
     min_classes: int = 2,
+    only_split: str | None = None,
 ) -> CropSet:
     """Segment and crop every single-cell image of a labelled folder or manifest.
 
@@ -657,6 +658,11 @@ def build_crop_set(
     min_classes : int
         Fewer classes than this is an error (2 for training; 1 to score a model on
         one class's cells).
+    only_split : str, optional
+        Crop only the images of this split (``"val"``: what scoring a model on the
+        validation split needs, a seventh of the cropping of the whole folder). The
+        split is the one the whole folder gives, and the scale fallback's median is
+        measured on the images cropped.
 
     Returns
     -------
@@ -697,6 +703,11 @@ def build_crop_set(
                 counts[key] = counts.get(key, 0) + 1
                 kept.append(i)
         keep = np.sort(np.array(kept, np.int64))
+    if only_split is not None:
+        keep = keep[np.asarray(split)[keep] == only_split]
+        if not len(keep):
+            raise ValueError(f"{source} has no images in split {only_split!r} "
+                             f"(splits present: {sorted(set(np.asarray(split).tolist()))})")
 
     started = time.perf_counter()
     results, errors, fallback_count = crop_single_cell_images(
@@ -1114,13 +1125,15 @@ def load_data(
     cache: str | os.PathLike | None = None,
     stain_normalization: str | None = None,
     min_classes: int = 2,
+    only_split: str | None = None,
 ) -> CropSet:
     """A CropSet from a CropSet, a ``.npz`` crop-set file, a class folder or a CSV manifest.
 
     With ``cache``, a folder/CSV source is cropped once and stored there; a later call
     with the same cache reads it instead (an existing cache built from another source
-    is an error, so a stale cache is never used silently). ``min_classes``: see
-    :func:`build_crop_set`.
+    is an error, so a stale cache is never used silently). ``min_classes`` and
+    ``only_split``: see :func:`build_crop_set` (``only_split`` applies to a folder or CSV
+    cropped without a cache; other sources come whole).
     """
     if isinstance(data, CropSet):
         return data
@@ -1155,6 +1168,7 @@ def load_data(
     crop_set = build_crop_set(
         path, crop_diameters=crop_diameters, output_size=output_size, workers=workers, progress=progress,
         stain_normalization=stain_normalization, min_classes=min_classes,
+        only_split=None if cache is not None else only_split,  # a cache holds every split
     )
     if cache is not None:
         save_crop_set(cache, crop_set)

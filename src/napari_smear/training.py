@@ -630,6 +630,7 @@ def _labelled_split(model, info, data, split, device, workers=1, progress=False)
     crop_set = load_data(
         data, crop_diameters=info.crop_diameters, output_size=info.input_size, workers=workers, progress=progress,
         stain_normalization=wanted or None, min_classes=1,  # a model may be scored on one class's cells
+        only_split=split,  # a folder's validation images only: not the whole folder cropped to score a seventh
     )
     if not math.isclose(crop_set.crop_diameters, info.crop_diameters, rel_tol=1e-3):
         warnings.warn(

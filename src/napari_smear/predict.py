@@ -87,7 +87,7 @@ def select_device(name="auto"):
     if kind == "cuda":
         if not torch.cuda.is_available():
             built = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {name!r} was requested but {built}; {available} (or use device='auto')")
+            raise ValueError(f"device {name!r} was requested but {built}; {available} (or choose auto: device='auto', --device auto)")
         if index and int(index) >= torch.cuda.device_count():
             raise ValueError(
                 f"device {name!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist; {available}"

@@ -785,3 +785,15 @@ def test_a_file_calibration_the_red_cells_contradict_is_ignored_and_said(tmp_pat
     # the label images do not carry the calibration on
     assert read_image(tmp_path / "out" / "wrong_labels.tif", rgb=False)[1]["pixel_size_um"] is None
     assert read_image(tmp_path / "out" / "right_labels.tif", rgb=False)[1]["pixel_size_um"] == pytest.approx(7.5 / 27)
+
+
+def test_an_image_whose_name_is_too_long_for_its_outputs_fails_by_itself_and_says_so(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png_atomic(inputs / "short.png", field(1))
+    from PIL import Image
+
+    Image.fromarray(field(2)).save(inputs / ("M" * 240 + ".png"))  # a valid name; "..._attention.tif" is not
+    report = analyze_files(inputs, tmp_path / "out", models=[], device="cpu")
+    assert (report.analysed, report.failed) == (1, 1)
+    assert "its file name is too long for the names of its outputs" in report.errors.error.iloc[0]

@@ -390,7 +390,11 @@ def test_run_report_gathers_differentials_galleries_images_and_failures(analysed
     assert 'src="galleries/in_gallery.png"' in text and (copy / "galleries" / "slide_2_gallery.png").is_file()
     assert "white cells by wbc: " in text
     # a line per image, its name linking its QC overlay; the failed image with its reason
-    assert 'href="a_overlay.png"' in text and 'href="slide 2/c_overlay.png"' in text
+    assert 'href="a_overlay.png"' in text and 'href="slide%202/c_overlay.png"' in text
+    # a file name's #, ? and % are part of the path, not a fragment, a query or an escape
+    from napari_smear.report import _href
+
+    assert _href(copy / "run #1" / "50% ? <b>.png", copy) == "run%20%231/50%25%20%3F%20%3Cb%3E.png"
     assert "Failed (1)" in text and "broken.png" in text
     # written again over its own report; never over a file of the user's own
     write_run_report(copy, galleries=False)
@@ -436,3 +440,12 @@ def test_a_whole_slide_gallery_reads_only_the_windows_of_its_cells(tmp_path, mon
     windowed = read_image(gallery.batch_galleries(out, cell_types=None, include_edge_cells=True)[0])[0]
     np.testing.assert_array_equal(windowed, whole)
     assert len(read) > 10  # a window per cell, not the whole image
+
+
+def test_pictures_are_labelled_in_a_font_that_has_more_than_ascii():
+    # Pillow's own font drew "Überprüfung", "ß.jpg" and the "…" of a shortened caption as boxes
+    from napari_smear.gallery import label_font
+
+    font = label_font()
+    assert getattr(font, "path", "").endswith("DejaVuSans.ttf")
+    assert font.getmask("Ü").getbbox() != font.getmask("U").getbbox()  # its own glyph, with the dots

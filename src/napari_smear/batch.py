@@ -1365,11 +1365,13 @@ def _label_edges(labels: np.ndarray) -> np.ndarray:
 
 def _with_legend(image: np.ndarray, entries: list[tuple[tuple[int, int, int], str]]) -> np.ndarray:
     """Append a legend strip (colour swatch + text per entry) below ``image``."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
+
+    from .gallery import label_font
 
     if not entries:
         return image
-    font = ImageFont.load_default()
+    font = label_font()
     width = image.shape[1]
     line, pad, swatch = 16, 6, 10
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -1904,6 +1906,13 @@ def _open_executor(workers: int, scheduler):
 # ----------------------------------------------------------------------------- analyze: planning
 
 
+#: A file name's limit on common file systems (ext4, NTFS, APFS: 255 bytes or characters).
+_MAX_FILE_NAME_BYTES = 255
+#: The longest ending an output of an image's stem gets, with the temporary name it is
+#: first written under (``.<name>.<12 hex>.tmp``, see ``io.atomic_write``).
+_LONGEST_OUTPUT_ENDING = max(len(s) for s in (*OUTPUT_SUFFIXES.values(), MARKER_SUFFIX)) + len("..123456789abc.tmp")
+
+
 def _plan(inputs: list[Path], out: Path, pattern: str) -> tuple[list[_Job], list[_Failed]]:
     """The jobs, in input order; files whose output names collide are failures."""
     jobs, failures = [], []
@@ -1913,6 +1922,12 @@ def _plan(inputs: list[Path], out: Path, pattern: str) -> tuple[list[_Job], list
         stat = path.stat()
         job = _Job(index, str(path), relative.as_posix(), stem, int(stat.st_size), int(stat.st_mtime_ns))
         clash = taken.get(stem.lower())  # lower: case-insensitive file systems
+        longest = len(Path(stem).name.encode()) + _LONGEST_OUTPUT_ENDING
+        if longest > _MAX_FILE_NAME_BYTES:
+            failures.append(_Failed(job, f"its file name is too long for the names of its outputs ({longest} bytes "
+                                         f"with the longest ending, at most {_MAX_FILE_NAME_BYTES} on most file "
+                                         "systems): rename it shorter"))
+            continue
         if clash is not None:
             failures.append(_Failed(job, f"its outputs ({Path(stem).name}_*) would overwrite those of {clash}: both "
                                          "go to the same output folder under the same name (a file's stem, without "

@@ -494,7 +494,7 @@ def _cmd_analyze(args) -> int:
         print(f"FAILED {path}: {error.splitlines()[0] if error else ''}", file=sys.stderr)
     _print_batch_report(report)
     try:
-        if args.report and report.analysed + report.skipped:
+        if args.report:  # also when every image failed: the report lists the failures
             from .report import write_run_report
 
             print(f"report: {write_run_report(report.out_dir)} (open it in a browser)")
@@ -503,6 +503,8 @@ def _cmd_analyze(args) -> int:
 
             for path in batch_galleries(report.out_dir):
                 print(f"gallery: {path}")
+        elif args.gallery:
+            print("gallery: no image was analysed, so there are no cells to draw", file=sys.stderr)
     except (OSError, ValueError, MemoryError) as exc:  # the analysis stands; say so, and fail the command
         print(f"napari-smear analyze: error: the analysis is written, but the {'report' if args.report else 'gallery'}"
               f" is not: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ held on disk (a memory map, a dask array) is not loaded whole.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -277,15 +278,31 @@ class GalleryBlock:
 _HEADING_PX, _LINE_PX, _PAD_PX = 18, 12, 4
 
 
+@functools.lru_cache(maxsize=4)
+def label_font(size: int = 10):
+    """The font pictures are labelled with: DejaVu Sans, which matplotlib ships (a
+    dependency), for its coverage: Pillow's built-in font has ASCII only, and drew a
+    folder named "Überprüfung", an "ß.jpg" or the "…" of a shortened caption as boxes.
+    Pillow's own font where that file is missing."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def compose_gallery(blocks: Sequence[GalleryBlock], *, size: int, columns: int, title: str | None = None,
                     empty_text: str = "no cells") -> np.ndarray:
     """Lay out blocks of thumbnails as one RGB picture ``columns * size`` wide: per block
     its heading (colour swatch and text), then its thumbnails in rows, each captioned."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
         raise ValueError(f"columns must be an integer >= 1, got {columns!r}")
-    font = ImageFont.load_default()
+    font = label_font()
     width = columns * size
     strips: list[Image.Image] = []
 

@@ -31,7 +31,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom:
 h3 { font-size: 1.05em; margin-bottom: 0.3em; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
-th { background: #f3f3f3; } td.name, th.name { text-align: left; }
+th { background: #f3f3f3; } td.name, th.name { text-align: left; overflow-wrap: anywhere; }
 .warning { background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.4em 0.8em; margin: 0.4em 0; }
 .failed { background: #fde2e1; border-left: 4px solid #c0392b; padding: 0.4em 0.8em; margin: 0.4em 0; }
 .swatch { display: inline-block; width: 0.8em; height: 0.8em; border: 1px solid #555; margin-right: 0.3em; }
@@ -44,8 +44,17 @@ def _esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _href(path: Path, out: Path) -> str:
+    """``path`` relative to the report, as a URL in an attribute: percent-encoded (a
+    file name's ``#``, ``?`` or ``%`` would otherwise end the path or be decoded), then
+    HTML-escaped."""
+    from urllib.parse import quote
+
+    return html.escape(quote(path.relative_to(out).as_posix(), safe="/"), quote=True)
+
+
 def _link(path: Path, out: Path, text: str) -> str:
-    return f'<a href="{html.escape(path.relative_to(out).as_posix(), quote=True)}">{_esc(text)}</a>'
+    return f'<a href="{_href(path, out)}">{_esc(text)}</a>'
 
 
 def _number(value: Any) -> int:
@@ -171,7 +180,7 @@ def write_run_report(out_dir: str | os.PathLike, *, galleries: bool = True) -> P
         picture = out / GALLERY_FOLDER / gallery_names.get(folder, "")
         if folder in gallery_names and picture.is_file():
             body.append(f'<p>{_link(picture, out, "Cell gallery")} (each class, the least confident first):</p>'
-                        f'<img class="gallery" src="{html.escape(picture.relative_to(out).as_posix(), quote=True)}" '
+                        f'<img class="gallery" src="{_href(picture, out)}" '
                         f'alt="cell gallery of {_esc(folder)}">')
 
     body.append("<h2>Images</h2>")

@@ -202,6 +202,25 @@ def test_writer_without_features_writes_only_the_tiff(tmp_path):
         write_labels(str(tmp_path / "float.tif"), labels.astype(float), {})
 
 
+def test_a_table_left_beside_a_labels_file_is_not_attached_to_other_labels(tmp_path):
+    # saved once with a cell table, then other labels without one over the same name:
+    # reopened, the new labels must not wear the old cells' classes
+    cells, _ = segmentation_layers(_segmentation(), image_layer_name="field")
+    data, kwargs, _ = cells
+    target = str(tmp_path / "x.tif")
+    features = kwargs["features"].assign(**{"class": ["neutrophil"] + [""] * (len(kwargs["features"]) - 1)})
+    write_labels(target, data, {**kwargs, "features": features})
+    plain = np.zeros_like(data)
+    plain[2:5, 2:5] = 1
+    assert write_labels(target, plain, {"name": "mine", "features": pd.DataFrame()}) == [target]
+    (layer,) = get_reader(target)(target)
+    assert "features" not in layer[1] and cells_csv_path(target).exists()  # kept, not attached
+    # the table's classes come back as the docks write them: "" for none, not NaN
+    write_labels(target, data, {**kwargs, "features": features})
+    (layer,) = get_reader(target)(target)
+    assert layer[1]["features"]["class"].tolist() == features["class"].tolist()
+
+
 @pytest.mark.gui
 def test_viewer_open_and_save_through_the_plugin(make_napari_viewer, tmp_path, rgb):
     viewer = make_napari_viewer()

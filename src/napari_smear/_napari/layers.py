@@ -136,6 +136,9 @@ def features_from_table(table: pd.DataFrame) -> pd.DataFrame:
     if "index" in features.columns:
         features = features.drop(columns="index")
     features.insert(0, "index", features["label"].astype(np.int64))
+    for column in ("class", "model"):  # "" for none, as the docks write them (a CSV read back has NaN)
+        if column in features.columns:
+            features[column] = [str(v) if _has_class(v) else "" for v in features[column]]
     return features
 
 
@@ -440,9 +443,6 @@ def classification_features(table: pd.DataFrame) -> pd.DataFrame:
     order the status bar lists them in when hovering a cell.
     """
     features = features_from_table(table)
-    for column in ("class", "model"):
-        if column in features.columns:
-            features[column] = [str(v) if _has_class(v) else "" for v in features[column]]
     leading = [c for c in _LEADING_COLUMNS if c in features.columns]
     probabilities = [c for c in features.columns if c.startswith("p_") and c not in leading]
     rest = [c for c in features.columns if c not in leading and c not in probabilities]

@@ -151,12 +151,17 @@ def _labels_layer_data(path: PathLike, data: np.ndarray, meta: dict, own: dict) 
         _recorded_placement(kwargs, own)
     csv_path = cells_csv_path(path)
     suffix = {"cells": "_labels", "nuclei": "_nuclei"}.get(str(own.get("kind")))
-    if not csv_path.exists() and suffix and Path(path).stem.endswith(suffix):
+    if "table" in own:
+        # the writer records which table goes with the labels, or that none does: a table
+        # an earlier save or a batch run left beside the file is not theirs
+        table_name = Path(str(own["table"])).name if own["table"] else ""
+        csv_path = Path(path).with_name(table_name) if table_name else None
+    elif not csv_path.exists() and suffix and Path(path).stem.endswith(suffix):
         # `napari-smear analyze` / `segment` name the table after the image, not the TIFF:
         # x_labels.tif and x_nuclei.tif go with x_cells.csv (a nucleus carries its cell's
         # id, so hovering it shows its cell's row, as in the layers the widgets add)
         csv_path = Path(path).with_name(f"{Path(path).stem[: -len(suffix)]}_cells.csv")
-    if csv_path.exists():
+    if csv_path is not None and csv_path.is_file():
         table = pd.read_csv(csv_path)
         if "label" in table.columns:
             kwargs["features"] = features_from_table(table)

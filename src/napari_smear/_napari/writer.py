@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from napari_smear.io import METADATA_KEY, write_csv_atomic, write_tiff_atomic
+from napari_smear.io import METADATA_KEY, check_writable_location, write_csv_atomic, write_tiff_atomic
 
 LABELS_SUFFIXES = (".tif", ".tiff")
 def cells_csv_path(labels_path: str | os.PathLike) -> Path:
@@ -67,6 +67,12 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     if pixel_size_um is not None:
         own["pixel_size_um"] = pixel_size_um
     _record_placement(own, meta)
+    features = meta.get("features")
+    has_table = features is not None and len(features) > 0
+    # which table goes with these labels: none is said as well, so that the reader does
+    # not attach a table an earlier save (or a batch run) left beside the file
+    own["table"] = cells_csv_path(target).name if has_table else None
+    check_writable_location(target, "the labels file")  # named, not a hidden temporary file
 
     written = [
         str(
@@ -79,8 +85,7 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
             )
         )
     ]
-    features = meta.get("features")
-    if features is not None and len(features) > 0:
+    if has_table:
         written.append(str(write_csv_atomic(cells_csv_path(target), pd.DataFrame(features))))
     return written
 

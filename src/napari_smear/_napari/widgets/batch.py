@@ -162,7 +162,7 @@ class BatchWidget(ModelInputs, BackgroundTaskWidget):
                 source, target, progress=lambda done, total, message: report((done, total, message)), **options
             )
             page = None
-            if draw_galleries and result.analysed + result.skipped:
+            if draw_galleries:  # also when every image failed: the report lists the failures
                 from napari_smear.report import write_run_report
 
                 report((result.total, result.total, "drawing the cell galleries and the report"))

@@ -296,3 +296,14 @@ def test_train_refuses_what_it_can_before_cropping(tmp_path, capsys):
     for option in (["--lr", "inf"], ["--weight-decay", "nan"], ["--seed", "-1"], ["--batch-size", "1"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train", str(data), "--out", str(tmp_path / "n.safetensors"), *option])
+
+
+def test_a_crop_set_of_one_class_scores_a_model_but_does_not_train_one(tmp_path, capsys):
+    one = tiny_crop_set()
+    one = one.subset(np.flatnonzero(one.labels == 0))
+    one.class_names = [one.class_names[0]]
+    data = save_crop_set(tmp_path / "one.npz", one, image_codec="raw")
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    assert main(["evaluate", str(model), str(data), "--split", "all", "--device", "cpu", "--quiet"]) == 0
+    assert main(["train", str(data), "--out", str(tmp_path / "n.safetensors"), "--device", "cpu", "--quiet"]) == 1
+    assert "training needs at least 2" in capsys.readouterr().err

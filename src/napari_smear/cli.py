@@ -963,15 +963,19 @@ def _run_pack_crops(args) -> int:
         args.data, crop_diameters=args.crop_diameters or 4.0, output_size=args.output_size or 96,
         workers=args.workers, progress=not args.quiet, val_fraction=args.val_fraction,
         stain_normalization=_stain_normalization(args),
+        min_classes=1,  # one class's cells make a set to score a model on (training refuses it)
     )
     built = time.perf_counter() - started
     path = save_crop_set(args.out, crop_set, image_codec=args.codec, jpeg_quality=args.jpeg_quality)
     print(crop_set.describe())
+    if len(crop_set.class_names) == 1:
+        print("one class: a set to score a model on (napari-smear evaluate), not to train one")
     print(f"cropped {len(crop_set)} images in {built:.1f} s ({len(crop_set) / max(built, 1e-9):.1f} images/s); "
           f"{len(crop_set.failures)} skipped")
     for failed_path, reason in crop_set.failures[:10]:
         print(f"  skipped {failed_path}: {reason}", file=sys.stderr)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 1e6:.1f} MB)" if size >= 100_000 else f"wrote {path} ({size / 1e3:.0f} kB)")
     return 0
 
 

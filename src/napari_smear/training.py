@@ -1171,6 +1171,8 @@ def train(
             f"{init['path'].name} expects {init['input_size']} px at {init['crop_diameters']:g}; crop the data at "
             "the model's scale"
         )
+    if len(crop_set.class_names) < 2:  # a crop set of one class scores a model (evaluate); it cannot teach one
+        raise ValueError(f"the data has 1 class ({crop_set.class_names[0]!r}); training needs at least 2")
     size = crop_set.output_size
     if size % 16:
         raise ValueError(f"the crops are {size} px; the models need a multiple of 16 (rebuild with output_size=96)")

@@ -804,6 +804,12 @@ def test_a_model_classifies_only_the_cell_types_its_crops_showed_it(tmp_path):
     assert kept.info.metadata["cell_types"] == ["wbc", "platelet"]
 
 
+def test_too_few_training_samples_for_every_class_names_the_option(tmp_path):
+    with pytest.raises(ValueError, match=r"have no training crops among the 1 kept by max_train_samples"):
+        train(synthetic_crop_set(n_per_class=8), model_kind="shape_aware", output=tmp_path / "m.safetensors",
+              epochs=1, batch_size=8, config=TINY_SHAPE_AWARE, progress=False, max_train_samples=1)
+
+
 def test_a_hold_out_drawn_from_crops_is_the_one_evaluate_draws_from_the_folder(tmp_path, monkeypatch):
     # train() without a 'val' split holds out 15 % of the crops; `evaluate FOLDER` scores
     # the 15 % the folder's hash split gives: the same images, however the folder was typed

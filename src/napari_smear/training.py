@@ -1198,14 +1198,17 @@ def train(
                 "there were too few): the best epoch is chosen without them")
         notes.append(note)
         warnings.warn(note, stacklevel=2)
-    if max_train_samples is not None and len(train_index) > max_train_samples:
+    sampled = max_train_samples is not None and len(train_index) > max_train_samples
+    if sampled:
         rng = np.random.default_rng(seed)
         train_index = np.sort(rng.choice(train_index, size=int(max_train_samples), replace=False))
     class_names = list(crop_set.class_names)
     counts = np.bincount(crop_set.labels[train_index], minlength=len(class_names))
     if (counts == 0).any():
         empty = [c for c, n in zip(class_names, counts) if n == 0]
-        raise ValueError(f"class(es) {empty} have no training crops")
+        cut = (f" among the {len(train_index)} kept by max_train_samples (--max-train-samples): keep more"
+               if sampled else "")
+        raise ValueError(f"class(es) {empty} have no training crops{cut}")
     if cell_types is not None and crop_set.cell_types is not None:
         # a model given cell types its crops never showed it (fine-tuning wbc-pbc8, which
         # classifies platelets, on white cells alone) would give each such cell one of

@@ -768,7 +768,7 @@ def _to_unit_float(array: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
         return values.astype(np.float32)
-    low, high = _range_without_outliers(values, min(low, 0.0), high)
+    low, high = _range_without_outliers(values, low, high)
     if high <= low:
         return np.zeros(values.shape, np.float32)
     return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
@@ -781,26 +781,30 @@ _OUTLIER_SHARE = 1e-4
 
 
 def _range_without_outliers(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    """The (low, high) to scale ``values`` by: the full range, unless a few pixels (at
+    """The (low, high) to scale ``values`` (whose minimum and maximum are ``low`` and
+    ``high``) by: ``min(low, 0)`` .. ``high``, unless a few pixels (at
     most :data:`_OUTLIER_SHARE` of them) lie far beyond what all the others reach, as a
     camera's hot pixel or a sentinel value (1e6, -32768) does; scaled by those, the whole
     image would turn black (or white). Such pixels are left out of the range (and so
     clipped), with a warning. A pixel is such an outlier when it lies more than half the
     range of the other pixels beyond it."""
+    full = (min(low, 0.0), high)
     flat = values.reshape(-1)
     sample = flat[:: max(1, flat.size // 1_000_000)]
     k = int(len(sample) * _OUTLIER_SHARE)
     if k < 1:
-        return low, high
+        return full
     ordered = np.partition(sample, (k, len(sample) - 1 - k))
     bottom, top = float(ordered[k]), float(ordered[len(sample) - 1 - k])
     reach = 0.5 * (top - bottom)
-    if reach <= 0:  # all but a few pixels one value: nothing to tell strays from
-        return low, high
+    if reach <= 0 or (bottom - reach <= low and high <= top + reach):
+        # all but a few pixels one value (nothing to tell strays from), or no value far
+        # out: decided without another pass over a large image
+        return full
     outliers = (flat > top + reach) | (flat < bottom - reach)
     count = int(outliers.sum())
     if count == 0 or count > _OUTLIER_SHARE * flat.size * 2:  # many: part of the image, not strays
-        return low, high
+        return full
     rest = flat[~outliers]
     new_low, new_high = min(float(rest.min()), 0.0), float(rest.max())
     warnings.warn(

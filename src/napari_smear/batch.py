@@ -84,8 +84,10 @@ MARKER_FORMAT = 1
 #: ``platelet_from_wbc`` and ``<model>_median_confidence`` in the summary. 3: burned-in
 #: green annotations painted out before segmentation, ``overlay_share`` in the summary.
 #: 4: a missing nucleus's colour and circularity empty in the cell table (were 0),
-#: differential percentages with two decimals.
-OUTPUT_VERSION = 4
+#: differential percentages with two decimals. 5: a file's recorded pixel size checked
+#: against the red cells (a contradicted calibration ignored), stray pixel values of
+#: 16-bit and float images clipped, overlay legends in DejaVu Sans.
+OUTPUT_VERSION = 5
 
 #: The overlay PNG's "Software" text chunk, by which a re-run knows the file is ours.
 OVERLAY_SOFTWARE = "napari-smear"

@@ -972,8 +972,11 @@ def _run_pack_crops(args) -> int:
         print("one class: a set to score a model on (napari-smear evaluate), not to train one")
     print(f"cropped {len(crop_set)} images in {built:.1f} s ({len(crop_set) / max(built, 1e-9):.1f} images/s); "
           f"{len(crop_set.failures)} skipped")
-    for failed_path, reason in crop_set.failures[:10]:
+    # the first five are in the cropping's warning above; a few more here, then a count
+    for failed_path, reason in crop_set.failures[5:10]:
         print(f"  skipped {failed_path}: {reason}", file=sys.stderr)
+    if len(crop_set.failures) > 10:
+        print(f"  ... and {len(crop_set.failures) - 10} more skipped", file=sys.stderr)
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e6:.1f} MB)" if size >= 100_000 else f"wrote {path} ({size / 1e3:.0f} kB)")
     return 0

@@ -147,3 +147,31 @@ def test_paste_maps_in_row_blocks_gives_the_same_maps(segmented, monkeypatch):
     monkeypatch.setattr(napari_smear.crops, "_PASTE_BLOCK_PIXELS", 3 * seg.labels.shape[1] + 7)  # 3 rows a block
     np.testing.assert_array_equal(paste_maps(maps, crops, seg.labels), whole)
     assert whole[seg.labels == 0].max() == 0 and whole.max() > 0
+
+
+def test_script_mistakes_are_named_at_the_boundary(segmented, tmp_path):
+    # each used to fail deep inside numpy, pandas or PIL, or after a whole batch had run
+    from napari_smear.batch import analyze_files
+    from napari_smear.gallery import export_cell_images
+    from napari_smear.io import read_image
+
+    image, seg = segmented
+    with pytest.raises(TypeError, match="segmentation must be a SmearSegmentation .* got NoneType"):
+        crop_instances(image, None)
+    with pytest.raises(TypeError, match="segmentation must be a SmearSegmentation .* got dict"):
+        analyze(image, models=[], segmentation={"labels": seg.labels})
+    with pytest.raises(TypeError, match="output_size must be a whole number"):
+        crop_instances(image, seg, output_size=64.5)
+    with pytest.raises(TypeError, match="crop_diameters must be a number"):
+        crop_instances(image, seg, crop_diameters="2")
+    with pytest.raises(TypeError, match="with a cell_type column"):
+        differential_counts(pd.DataFrame({"class": ["a"]}))
+    with pytest.raises(ValueError, match="no centroid_y, centroid_x"):
+        export_cell_images(image, seg.table[["label"]], [1], "x", tmp_path, seg.rbc_diameter_px)
+    with pytest.raises(TypeError, match="is a file path"):
+        export_cell_images("field.png", seg.table, [1], "x", tmp_path, seg.rbc_diameter_px)
+    with pytest.raises(TypeError, match="read_image takes a file path, got ndarray"):
+        read_image(image)
+    for bad in ({"overlay_max_side": 0}, {"batch_size": 0}, {"batch_size": 2.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            analyze_files(tmp_path, tmp_path / "out", models=[], device="cpu", **bad)

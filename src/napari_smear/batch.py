@@ -743,7 +743,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
     """
     import tempfile
 
-    from .pipeline import analyze_by_region
+    from .pipeline import _analyze_by_region
 
     report = progress or (lambda fraction, message: None)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
@@ -755,7 +755,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
                      for k, spec in enumerate(settings.specs)}
         with _own_warnings_held_back():
             started = time.perf_counter()
-            result = analyze_by_region(
+            result = _analyze_by_region(  # the batch says the models' notes per folder
                 image, models=loaded, device=device, batch_size=batch_size, amp=amp, segmentation=seg,
                 morphology=settings.morphology, progress=report, prior_correction=prior_correction,
                 attention_out=attention, test_time_views=test_time_views, sure_at=sure_at,
@@ -1641,6 +1641,12 @@ def analyze_files(
     if isinstance(workers, bool) or int(workers) < 0:
         raise ValueError(f"workers must be 0 (this process) or a positive number, got {workers!r}")
     _check_pixel_size(pixel_size_um, working_diameter_px)
+    if isinstance(overlay_max_side, bool) or not isinstance(overlay_max_side, (int, np.integer)) \
+            or overlay_max_side < 1:
+        raise ValueError(f"overlay_max_side must be a whole number of pixels >= 1, got {overlay_max_side!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, or None for the device's default, got {batch_size!r}")
     working_diameter_px = _working_diameter_setting(working_diameter_px)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()

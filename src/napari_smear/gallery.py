@@ -595,6 +595,8 @@ def batch_galleries(
     _check_per_class(per_class)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+        raise ValueError(f"size must be a whole number of pixels >= 16 (a thumbnail's side), got {size!r}")
     out = Path(out_dir)
     summary, run = finished_run(out)
     # where the inputs are now (a relative path is the run's, from the folder it started in)
@@ -762,6 +764,13 @@ def export_cell_images(
 
     from .io import write_png_atomic
 
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError(f"image is a file path ({os.fspath(image)!r}), not pixels; read it first: "
+                        "image, meta = napari_smear.io.read_image(path)")
+    missing = [c for c in ("label", "centroid_y", "centroid_x") if c not in getattr(table, "columns", ())]
+    if missing:
+        raise ValueError(f"table must be a per-cell table with label, centroid_y and centroid_x columns "
+                         f"(AnalysisResult.table); it has no {', '.join(missing)}")
     ids = np.atleast_1d(np.asarray(ids, np.int64))
     names = [classes] * len(ids) if isinstance(classes, str) else [str(c) for c in classes]
     if len(names) != len(ids):

@@ -153,6 +153,10 @@ def read_image(path: str | os.PathLike, *, rgb: bool = True) -> tuple[np.ndarray
         With ``rgb=True``, if the stored image is not a single 2-D field (see
         :func:`as_rgb_uint8`).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_image takes a file path, got {type(path).__name__}"
+                        + ("; the pixels are already an array: pass them on as they are" if isinstance(path, np.ndarray)
+                           else ""))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")

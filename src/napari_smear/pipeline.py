@@ -317,6 +317,9 @@ def prepare_field(
             working_diameter_px=working_diameter_px,
         )
     else:
+        from .segment.types import check_segmentation
+
+        check_segmentation(segmentation)
         segmentation.check_image(rgb)
     timings["segment"] = time.perf_counter() - started
     # the stages after segmentation take as long again on a large image: say which runs
@@ -595,7 +598,7 @@ def analyze(
     if image.shape[0] * image.shape[1] > REGION_ANALYSIS_PIXELS:
         # a slide: the same result, with memory bounded by the region size (all of the
         # crops and the anti-aliased copy of the field would take 15 bytes a pixel)
-        return _warned(analyze_by_region(
+        return _warned(_analyze_by_region(
             image, models=loaded, device=device, batch_size=batch_size, amp=amp, pixel_size_um=pixel_size_um,
             recorded_pixel_size_um=recorded_pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
@@ -653,7 +656,7 @@ REGION_SIDE = 4096
 REGION_ANALYSIS_PIXELS = 3 * REGION_SIDE * REGION_SIDE
 
 
-def analyze_by_region(
+def _analyze_by_region(
     image,
     *,
     models: Sequence = DEFAULT_MODELS,
@@ -672,37 +675,8 @@ def analyze_by_region(
     test_time_views: int | None = None,
     sure_at: float | None = None,
 ) -> AnalysisResult:
-    """:func:`analyze` a large image (a whole-slide region or scan) region by region.
-
-    The same result as :func:`analyze` (tested cell for cell), with memory bounded by
-    the region size instead of the image's: each cell belongs to the square region of
-    ``region_side`` pixels its centroid lies in, and each region is measured, cropped,
-    classified and its attention pasted on its own, from a window of the image that
-    reaches as far as its cells' crop windows and their anti-aliasing. What must be
-    measured on the whole field is: the glass colour and the stain anchors the crops
-    are made with (:func:`napari_smear.crops.field_colours`), and the painting of an
-    eyepiece frame or burned-in annotation.
-
-    With a segmentation whose label images are memory-mapped files
-    (``segment_smear(out=...)``), the image opened with
-    :func:`napari_smear.io.open_image_on_disk` and ``attention_out`` memory-mapped as
-    well, a slide larger than memory is analysed with a few hundred megabytes per
-    region (``napari-smear analyze`` does this by itself for such TIFFs).
-
-    Parameters
-    ----------
-    image, models, device, batch_size, pixel_size_um, recorded_pixel_size_um, segmentation, morphology,
-    progress, prior_correction, working_diameter_px, test_time_views, sure_at
-        As for :func:`analyze`.
-    amp : bool
-        Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
-    region_side : int
-        Side of the regions in pixels (at least 256).
-    attention_out : dict, optional
-        Per model name, a (H, W) float32 array to write its attention map into (for
-        example an ``np.memmap``); it is zeroed first. Models not named get an array
-        in memory.
-    """
+    """The body of :func:`analyze_by_region`, without its warnings (:func:`analyze` and
+    the batch say them their own way)."""
     from .crops import anti_alias_sigma, field_colours, prepare_crop_field
     from .io import as_rgb_uint8
     from .segment import segment_smear
@@ -723,6 +697,9 @@ def analyze_by_region(
             working_diameter_px=working_diameter_px,
         )
     else:
+        from .segment.types import check_segmentation
+
+        check_segmentation(segmentation)
         segmentation.check_image(rgb)
     shape = rgb.shape[:2]
     attention = {spec.name: _attention_array((attention_out or {}).get(spec.name), shape, spec.name)
@@ -784,6 +761,65 @@ def analyze_by_region(
         segmentation=segmentation, table=result_table, attention=attention,
         models={spec.name: spec.describe() for spec in specs},
     )
+
+
+def analyze_by_region(
+    image,
+    *,
+    models: Sequence = DEFAULT_MODELS,
+    device: str = "auto",
+    batch_size: int = 256,
+    amp: bool = True,
+    pixel_size_um: float | None = None,
+    recorded_pixel_size_um: float | None = None,
+    segmentation: SmearSegmentation | None = None,
+    morphology: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    prior_correction: float | None = None,
+    working_diameter_px: float | None = None,
+    region_side: int = REGION_SIDE,
+    attention_out: dict[str, np.ndarray] | None = None,
+    test_time_views: int | None = None,
+    sure_at: float | None = None,
+) -> AnalysisResult:
+    """:func:`analyze` a large image (a whole-slide region or scan) region by region.
+
+    The same result as :func:`analyze` (tested cell for cell), with memory bounded by
+    the region size instead of the image's: each cell belongs to the square region of
+    ``region_side`` pixels its centroid lies in, and each region is measured, cropped,
+    classified and its attention pasted on its own, from a window of the image that
+    reaches as far as its cells' crop windows and their anti-aliasing. What must be
+    measured on the whole field is: the glass colour and the stain anchors the crops
+    are made with (:func:`napari_smear.crops.field_colours`), and the painting of an
+    eyepiece frame or burned-in annotation.
+
+    With a segmentation whose label images are memory-mapped files
+    (``segment_smear(out=...)``), the image opened with
+    :func:`napari_smear.io.open_image_on_disk` and ``attention_out`` memory-mapped as
+    well, a slide larger than memory is analysed with a few hundred megabytes per
+    region (``napari-smear analyze`` does this by itself for such TIFFs).
+
+    Parameters
+    ----------
+    image, models, device, batch_size, pixel_size_um, recorded_pixel_size_um, segmentation, morphology,
+    progress, prior_correction, working_diameter_px, test_time_views, sure_at
+        As for :func:`analyze`.
+    amp : bool
+        Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
+    region_side : int
+        Side of the regions in pixels (at least 256).
+    attention_out : dict, optional
+        Per model name, a (H, W) float32 array to write its attention map into (for
+        example an ``np.memmap``); it is zeroed first. Models not named get an array
+        in memory.
+    """
+    # the models' unsure-of-most-cells notes as warnings, as analyze() gives them
+    return _warned(_analyze_by_region(
+        image, models=models, device=device, batch_size=batch_size, amp=amp, pixel_size_um=pixel_size_um,
+        recorded_pixel_size_um=recorded_pixel_size_um, segmentation=segmentation, morphology=morphology,
+        progress=progress, prior_correction=prior_correction, working_diameter_px=working_diameter_px,
+        region_side=region_side, attention_out=attention_out, test_time_views=test_time_views, sure_at=sure_at,
+    ))
 
 
 def _attention_array(given, shape, name) -> np.ndarray:
@@ -1177,6 +1213,11 @@ def differential_counts(table: pd.DataFrame, *, include_edge_cells: bool = True)
         saw only part of each, and where the fields of a slide overlap, the neighbouring
         field shows it whole. Tables without a ``touches_edge`` column are counted whole.
     """
+    if not isinstance(table, pd.DataFrame) or "cell_type" not in table.columns:
+        got = (f"a table with columns {list(table.columns)[:6]}" if isinstance(table, pd.DataFrame)
+               else type(table).__name__)
+        raise TypeError(f"table must be a per-cell DataFrame with a cell_type column (AnalysisResult.table, "
+                        f"SmearSegmentation.table), got {got}")
     if not include_edge_cells:
         table = table[~cut_by_edge(table)]
     if table.empty:

@@ -31,6 +31,14 @@ TABLE_COLUMNS = (
 )
 
 
+def check_segmentation(segmentation, name: str = "segmentation") -> None:
+    """A TypeError naming ``name`` unless ``segmentation`` is a :class:`SmearSegmentation`
+    (what ``segment_smear`` returns; a dict of label images or None is not one)."""
+    if not isinstance(segmentation, SmearSegmentation):
+        raise TypeError(f"{name} must be a SmearSegmentation (what segment_smear returns), got "
+                        f"{type(segmentation).__name__}")
+
+
 @dataclass
 class SmearSegmentation:
     """Instances of one smear field.

@@ -63,12 +63,16 @@ class AnalysisResult:
         One row per cell: the segmentation table, morphology, and for every cell a
         model classified: ``class``, ``confidence``, ``model`` and one ``p_<class>``
         column per class of every model (NaN where that model did not see the cell).
+        ``cell_type`` is the cell's type after classification: a white cell a model
+        calls a platelet (a clump) becomes a platelet, and ``segmented_type`` keeps the
+        segmentation's type (so ``cell_type`` can differ from ``segmentation.table``'s).
     attention : dict[str, numpy.ndarray]
         Per model name, a (H, W) float32 map in image coordinates: each cell's attention
         map resampled onto its crop window and pasted inside the cell (0 elsewhere).
     counts : pandas.DataFrame
         Differential count: ``cell_type, class, count, percent`` (percent of the cells
-        of that type); computed from ``table`` when read (the batch path never needs it).
+        of that type); a property, computed from ``table`` each time it is read (keep it
+        in a variable in a loop; the batch path never needs it).
     models : dict[str, dict]
         Per model name, its description (kind, classes, cell types, file).
     """

@@ -69,8 +69,8 @@ def test_an_eyepiece_photo_is_cropped_with_the_whole_frame_painted(models):
 
 def test_analyze_takes_a_large_field_region_by_region(models, mosaic, monkeypatch):
     calls = []
-    by_region = pipeline._analyze_by_region
-    monkeypatch.setattr(pipeline, "_analyze_by_region", lambda *a, **k: calls.append(k) or by_region(*a, **k))
+    by_region = pipeline.analyze_by_region
+    monkeypatch.setattr(pipeline, "analyze_by_region", lambda *a, **k: calls.append(k) or by_region(*a, **k))
     monkeypatch.setattr(pipeline, "REGION_ANALYSIS_PIXELS", mosaic.shape[0] * mosaic.shape[1] - 1)
     result = pipeline.analyze(mosaic, models=models, device="cpu")
     assert len(calls) == 1 and result.table["class"].notna().all()
@@ -199,9 +199,13 @@ def test_turned_views_only_for_unsure_cells_region_by_region(models, mosaic):
 
 
 def test_called_directly_it_warns_of_an_unsure_model_as_analyze_does(models, mosaic, monkeypatch):
+    import warnings
+
     seg = segment_smear(mosaic)
-    monkeypatch.setattr(pipeline, "_analyze_by_region",
-                        lambda *a, **k: pipeline.AnalysisResult(segmentation=seg, table=seg.table))
     monkeypatch.setattr(pipeline, "unsure_model_notes", lambda table: ["rbc was unsure of 99 %"])
     with pytest.warns(UserWarning, match="rbc was unsure of 99 %"):
-        pipeline.analyze_by_region(mosaic, models=models, segmentation=seg, device="cpu")
+        pipeline.analyze_by_region(mosaic, models=models, segmentation=seg, device="cpu", region_side=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the batch says them per folder instead
+        pipeline.analyze_by_region(mosaic, models=models, segmentation=seg, device="cpu", region_side=256,
+                                   warn=False)

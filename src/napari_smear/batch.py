@@ -743,7 +743,7 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
     """
     import tempfile
 
-    from .pipeline import _analyze_by_region
+    from .pipeline import analyze_by_region
 
     report = progress or (lambda fraction, message: None)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
@@ -755,10 +755,11 @@ def analyze_file_on_disk(job: "_Job", out_dir: Path, settings: "_Settings", load
                      for k, spec in enumerate(settings.specs)}
         with _own_warnings_held_back():
             started = time.perf_counter()
-            result = _analyze_by_region(  # the batch says the models' notes per folder
+            result = analyze_by_region(
                 image, models=loaded, device=device, batch_size=batch_size, amp=amp, segmentation=seg,
                 morphology=settings.morphology, progress=report, prior_correction=prior_correction,
                 attention_out=attention, test_time_views=test_time_views, sure_at=sure_at,
+                warn=False,  # the batch says the models' notes per folder of images
             )
             timings["regions"] = time.perf_counter() - started
         notes = _image_notes(seg)

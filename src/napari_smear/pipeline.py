@@ -602,13 +602,13 @@ def analyze(
     if image.shape[0] * image.shape[1] > REGION_ANALYSIS_PIXELS:
         # a slide: the same result, with memory bounded by the region size (all of the
         # crops and the anti-aliased copy of the field would take 15 bytes a pixel)
-        return _warned(_analyze_by_region(
+        return analyze_by_region(
             image, models=loaded, device=device, batch_size=batch_size, amp=amp, pixel_size_um=pixel_size_um,
             recorded_pixel_size_um=recorded_pixel_size_um,
             segmentation=segmentation, morphology=morphology, progress=progress,
             prior_correction=prior_correction, working_diameter_px=working_diameter_px,
             test_time_views=test_time_views, sure_at=sure_at,
-        ))
+        )  # which says the models' notes as warnings, as below
     specs = [m.spec for m in loaded]
     prepared = prepare_field(
         image, specs, pixel_size_um=pixel_size_um, recorded_pixel_size_um=recorded_pixel_size_um,
@@ -660,7 +660,7 @@ REGION_SIDE = 4096
 REGION_ANALYSIS_PIXELS = 3 * REGION_SIDE * REGION_SIDE
 
 
-def _analyze_by_region(
+def analyze_by_region(
     image,
     *,
     models: Sequence = DEFAULT_MODELS,
@@ -678,9 +678,43 @@ def _analyze_by_region(
     attention_out: dict[str, np.ndarray] | None = None,
     test_time_views: int | None = None,
     sure_at: float | None = None,
+    warn: bool = True,
 ) -> AnalysisResult:
-    """The body of :func:`analyze_by_region`, without its warnings (:func:`analyze` and
-    the batch say them their own way)."""
+    """:func:`analyze` a large image (a whole-slide region or scan) region by region.
+
+    The same result as :func:`analyze` (tested cell for cell), with memory bounded by
+    the region size instead of the image's: each cell belongs to the square region of
+    ``region_side`` pixels its centroid lies in, and each region is measured, cropped,
+    classified and its attention pasted on its own, from a window of the image that
+    reaches as far as its cells' crop windows and their anti-aliasing. What must be
+    measured on the whole field is: the glass colour and the stain anchors the crops
+    are made with (:func:`napari_smear.crops.field_colours`), and the painting of an
+    eyepiece frame or burned-in annotation.
+
+    With a segmentation whose label images are memory-mapped files
+    (``segment_smear(out=...)``), the image opened with
+    :func:`napari_smear.io.open_image_on_disk` and ``attention_out`` memory-mapped as
+    well, a slide larger than memory is analysed with a few hundred megabytes per
+    region (``napari-smear analyze`` does this by itself for such TIFFs).
+
+    Parameters
+    ----------
+    image, models, device, batch_size, pixel_size_um, recorded_pixel_size_um, segmentation, morphology,
+    progress, prior_correction, working_diameter_px, test_time_views, sure_at
+        As for :func:`analyze`.
+    amp : bool
+        Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
+    region_side : int
+        Side of the regions in pixels (at least 256).
+    attention_out : dict, optional
+        Per model name, a (H, W) float32 array to write its attention map into (for
+        example an ``np.memmap``); it is zeroed first. Models not named get an array
+        in memory.
+    warn : bool
+        Say the result's notes (a model unsure of most of its cells) as Python warnings,
+        as :func:`analyze` does (default); the batch, which says them per folder of
+        images, passes False.
+    """
     from .crops import anti_alias_sigma, field_colours, prepare_crop_field
     from .io import as_rgb_uint8
     from .segment import segment_smear
@@ -761,69 +795,11 @@ def _analyze_by_region(
     result_table = pd.concat(pieces, ignore_index=True)
     result_table = result_table.iloc[np.argsort(np.concatenate(positions), kind="stable")].reset_index(drop=True)
     report(1.0, "done")
-    return AnalysisResult(
+    result = AnalysisResult(
         segmentation=segmentation, table=result_table, attention=attention,
         models={spec.name: spec.describe() for spec in specs},
     )
-
-
-def analyze_by_region(
-    image,
-    *,
-    models: Sequence = DEFAULT_MODELS,
-    device: str = "auto",
-    batch_size: int = 256,
-    amp: bool = True,
-    pixel_size_um: float | None = None,
-    recorded_pixel_size_um: float | None = None,
-    segmentation: SmearSegmentation | None = None,
-    morphology: bool = True,
-    progress: Callable[[float, str], None] | None = None,
-    prior_correction: float | None = None,
-    working_diameter_px: float | None = None,
-    region_side: int = REGION_SIDE,
-    attention_out: dict[str, np.ndarray] | None = None,
-    test_time_views: int | None = None,
-    sure_at: float | None = None,
-) -> AnalysisResult:
-    """:func:`analyze` a large image (a whole-slide region or scan) region by region.
-
-    The same result as :func:`analyze` (tested cell for cell), with memory bounded by
-    the region size instead of the image's: each cell belongs to the square region of
-    ``region_side`` pixels its centroid lies in, and each region is measured, cropped,
-    classified and its attention pasted on its own, from a window of the image that
-    reaches as far as its cells' crop windows and their anti-aliasing. What must be
-    measured on the whole field is: the glass colour and the stain anchors the crops
-    are made with (:func:`napari_smear.crops.field_colours`), and the painting of an
-    eyepiece frame or burned-in annotation.
-
-    With a segmentation whose label images are memory-mapped files
-    (``segment_smear(out=...)``), the image opened with
-    :func:`napari_smear.io.open_image_on_disk` and ``attention_out`` memory-mapped as
-    well, a slide larger than memory is analysed with a few hundred megabytes per
-    region (``napari-smear analyze`` does this by itself for such TIFFs).
-
-    Parameters
-    ----------
-    image, models, device, batch_size, pixel_size_um, recorded_pixel_size_um, segmentation, morphology,
-    progress, prior_correction, working_diameter_px, test_time_views, sure_at
-        As for :func:`analyze`.
-    amp : bool
-        Autocast for the classifiers (see :func:`napari_smear.predict.classify_crops`).
-    region_side : int
-        Side of the regions in pixels (at least 256).
-    attention_out : dict, optional
-        Per model name, a (H, W) float32 array to write its attention map into (for
-        example an ``np.memmap``); it is zeroed first. Models not named get an array
-        in memory.
-    """
-    # the models' unsure-of-most-cells notes as warnings, as analyze() gives them
-    return _warned(_analyze_by_region(
-        image, models=models, device=device, batch_size=batch_size, amp=amp, pixel_size_um=pixel_size_um,
-        recorded_pixel_size_um=recorded_pixel_size_um, segmentation=segmentation, morphology=morphology,
-        progress=progress, prior_correction=prior_correction, working_diameter_px=working_diameter_px,
-        region_side=region_side, attention_out=attention_out, test_time_views=test_time_views, sure_at=sure_at,
-    ))
+    return _warned(result) if warn else result
 
 
 def _attention_array(given, shape, name) -> np.ndarray:

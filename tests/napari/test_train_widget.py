@@ -275,3 +275,12 @@ def test_a_model_no_better_than_guessing_is_flagged():
     assert "close to guessing among 2 classes" in caution({"n": 200, "accuracy": 0.5, "macro_f1": 0.333}, 2)
     few = caution({"n": 4, "accuracy": 1.0, "macro_f1": 1.0}, 2)
     assert "validated on only 4 cells" in few and "guessing" not in few
+
+
+def test_the_status_says_the_validation_looked_at_each_cell_once():
+    # a model fine-tuned from wbc-pbc8 answers in 8 turned views; training scored one
+    from types import SimpleNamespace
+
+    views = lambda n: SimpleNamespace(info=SimpleNamespace(metadata={"test_time_views": n}))  # noqa: E731
+    assert train_module._views_text(views(8)) == " (one view per cell; the model answers with 8 turned views)"
+    assert train_module._views_text(views(1)) == ""

@@ -558,12 +558,20 @@ class TrainWidget(BackgroundTaskWidget):
         self._set_status(
             f"Saved {result.model_path.name}: best epoch {result.best_epoch} of {result.epochs_completed}{stopped}, "
             f"validation accuracy {metrics.get('accuracy', float('nan')):.3f}, macro-F1 "
-            f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells.{prior} "
+            f"{metrics.get('macro_f1', float('nan')):.3f} on {metrics.get('n', '?')} cells{_views_text(result)}.{prior} "
             f"It classifies {_cell_types_text(result.info.metadata.get('cell_types'))} and is now offered in "
             "Classify cells." + (f" Caution: {caution}" if caution else "")
             # what the training said of the data (the command line prints the same)
             + "".join(f"\nNote: {note}" for note in getattr(result, "notes", None) or ())
         )
+
+
+def _views_text(result) -> str:
+    """How the validation figures were measured, when the model answers otherwise: one
+    view per cell during training, where the file classifies each cell in several turned
+    views (a fine-tuned built-in model) and usually does a little better."""
+    views = int((result.info.metadata or {}).get("test_time_views") or 1)
+    return f" (one view per cell; the model answers with {views} turned views)" if views > 1 else ""
 
 
 def _cell_types_text(cell_types) -> str:

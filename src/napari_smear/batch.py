@@ -1645,9 +1645,10 @@ def analyze_files(
     if isinstance(overlay_max_side, bool) or not isinstance(overlay_max_side, (int, np.integer)) \
             or overlay_max_side < 1:
         raise ValueError(f"overlay_max_side must be a whole number of pixels >= 1, got {overlay_max_side!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int, or None for the device's default, got {batch_size!r}")
+    if batch_size is not None:  # None: the device's default
+        from .predict import check_batch_size
+
+        check_batch_size(batch_size)
     working_diameter_px = _working_diameter_setting(working_diameter_px)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()

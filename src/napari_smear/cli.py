@@ -50,17 +50,6 @@ def _check_output_file(path: str, suffixes: tuple[str, ...], option: str, inputs
     return out
 
 
-def _is_crop_set_file(path: Path) -> bool:
-    """Whether ``path`` is a crop set ``pack-crops`` wrote (its ``format`` entry says so)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("format.npy") as entry:
-            return b"napari-smear crop set" in entry.read(4096).replace(b"\x00", b"")
-    except (OSError, KeyError, zipfile.BadZipFile):
-        return False
-
-
 def _is_predictions_csv(path: Path) -> bool:
     """Whether ``path`` is a table ``classify`` wrote (its header starts path,prediction)."""
     try:
@@ -771,9 +760,7 @@ def _check_training_choices(args) -> None:
         from .models.files import resolve_model_path
 
         base = resolve_model_path(args.init_from)
-        out = Path(args.out)
-        if out.suffix.lower() != ".safetensors":
-            out = out.with_name(out.name + ".safetensors")
+        out = Path(args.out)  # train() refuses any other ending than .safetensors itself
         if out.exists() and out.resolve() == base.resolve():
             raise CommandError(f"--out {args.out} is the model --init-from starts from: give the fine-tuned model "
                                "another file name (the base model stays as it is)")
@@ -954,9 +941,9 @@ def _add_pack_crops(subparsers) -> None:
 
 
 def _run_pack_crops(args) -> int:
-    from .datasets import build_crop_set, save_crop_set
+    from .datasets import build_crop_set, is_crop_set_file, save_crop_set
 
-    _check_output_file(args.out, (".npz",), "--out", (args.data,), ours=_is_crop_set_file,
+    _check_output_file(args.out, (".npz",), "--out", (args.data,), ours=is_crop_set_file,
                        what="a crop set written by napari-smear pack-crops")
     started = time.perf_counter()
     crop_set = build_crop_set(

@@ -155,16 +155,14 @@ def crop_instances(
         bit for bit (a whole number subtracted from a sampling position is exact).
     """
     from .io import as_rgb_uint8
-
     from .segment.types import check_segmentation
 
-    check_segmentation(segmentation)
     if isinstance(output_size, bool) or not isinstance(output_size, (int, np.integer)):
         raise TypeError(f"output_size must be a whole number of pixels, got {output_size!r}")
     if isinstance(crop_diameters, bool) or not isinstance(crop_diameters, (int, float, np.integer, np.floating)):
         raise TypeError(f"crop_diameters must be a number (red-cell diameters), got {crop_diameters!r}")
     rgb = as_rgb_uint8(image)
-    segmentation.check_image(rgb)
+    check_segmentation(segmentation, rgb)
     if colours is None:
         # the black surround of an eyepiece photo and burned-in annotations are painted
         # as glass, as segment_smear saw them: the crops (and the stain measured on the

@@ -45,6 +45,8 @@ __all__ = [
     "CROP_SET_FORMAT_VERSION",
 ]
 
+#: The ``format`` entry of every crop-set archive :func:`save_crop_set` writes.
+CROP_SET_FORMAT = "napari-smear crop set"
 #: Version of the ``.npz`` layout written by :func:`save_crop_set`.
 CROP_SET_FORMAT_VERSION = 1
 #: Splits a crop set may hold.
@@ -1012,7 +1014,7 @@ def save_crop_set(
     for a, values in enumerate(crop_set.attribute_values):
         value_table[a, : len(values)] = values
     arrays = {
-        "format": np.array("napari-smear crop set"),
+        "format": np.array(CROP_SET_FORMAT),
         "format_version": np.array(CROP_SET_FORMAT_VERSION),
         "image_codec": np.array(image_codec),
         "output_size": np.array(size),
@@ -1048,6 +1050,20 @@ def save_crop_set(
     return path
 
 
+def _is_crop_set_archive(archive) -> bool:
+    return "format" in archive.files and str(archive["format"]) == CROP_SET_FORMAT
+
+
+def is_crop_set_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a crop set :func:`save_crop_set` wrote (any readable version):
+    what may be written over by another ``pack-crops``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return _is_crop_set_archive(archive)
+    except Exception:  # noqa: BLE001 - not an .npz at all (numpy raises several kinds)
+        return False
+
+
 def load_crop_set(path: str | os.PathLike) -> CropSet:
     """Read a crop set written by :func:`save_crop_set` (never unpickles anything).
 
@@ -1069,7 +1085,7 @@ def load_crop_set(path: str | os.PathLike) -> CropSet:
         reason = "not an .npz (zip) archive" if "pickled" in str(exc) else str(exc)
         raise ValueError(f"{path} is not a readable .npz crop set: {reason}") from exc
     with archive:
-        if "format" not in archive.files or str(archive["format"]) != "napari-smear crop set":
+        if not _is_crop_set_archive(archive):
             raise ValueError(f"{path} is an .npz file but not a napari-smear crop set (made by save_crop_set)")
         version = int(archive["format_version"])
         if version > CROP_SET_FORMAT_VERSION:

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -432,8 +433,6 @@ GALLERY_FOLDER = "galleries"
 
 def _gallery_file_names(folders: Sequence[str]) -> dict[str, str]:
     """``<folder name>_gallery.png`` per folder of images, numbered where two share a name."""
-    import re
-
     names: dict[str, str] = {}
     taken: set[str] = set()
     for folder in folders:
@@ -710,6 +709,12 @@ def batch_galleries(
 
 # ----------------------------------------------------------------------------- training images
 
+def is_folder_safe_class(name: str) -> bool:
+    """Whether a class name can name the folder its exported cells go to
+    (:func:`export_cell_images`): no path separator or character a file system refuses."""
+    return name not in (".", "..") and not re.search(r'[\\/:*?"<>|]', name)
+
+
 #: Side of an exported single-cell image in red-cell diameters: the cell with the red cells
 #: around it, from which a training run measures the scale again (PBC's CellaVision images
 #: hold about 4.7 diameters).
@@ -760,8 +765,6 @@ def export_cell_images(
     list of Path
         The files written.
     """
-    import re
-
     from .io import write_png_atomic
 
     if isinstance(image, (str, bytes, os.PathLike)):
@@ -778,7 +781,7 @@ def export_cell_images(
     folders = []
     for name in names:
         folder = name.strip()
-        if not folder or folder.lower() == UNCLASSIFIED or folder in (".", "..") or re.search(r'[\\/:*?"<>|]', folder):
+        if not folder or folder.lower() == UNCLASSIFIED or not is_folder_safe_class(folder):
             raise ValueError(f"{name!r} cannot be a class folder's name (no class, or a path character)")
         folders.append(folder)
     if not (np.isfinite(rbc_diameter_px) and rbc_diameter_px > 0):

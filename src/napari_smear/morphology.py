@@ -63,14 +63,10 @@ def morphology_table(image: np.ndarray, segmentation: "SmearSegmentation") -> pd
     import skimage.measure
 
     from .io import as_rgb_uint8
+    from .segment.types import check_segmentation
 
-    from .segment import SmearSegmentation
-
-    if not isinstance(segmentation, SmearSegmentation):
-        raise TypeError(f"segmentation must be what segment_smear returned (a SmearSegmentation), "
-                        f"got {type(segmentation).__name__}")
     rgb8 = as_rgb_uint8(image)
-    segmentation.check_image(rgb8)
+    check_segmentation(segmentation, rgb8)
     labels = np.asarray(segmentation.labels)
     nuc = np.asarray(segmentation.nuclei)
     d = float(segmentation.rbc_diameter_px)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .predict import SURE_AT, check_sure_at  # no torch at import
-from .segment.types import CELL_TYPES, SmearSegmentation
+from .segment.types import CELL_TYPES, SmearSegmentation, check_segmentation
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -321,10 +321,7 @@ def prepare_field(
             working_diameter_px=working_diameter_px,
         )
     else:
-        from .segment.types import check_segmentation
-
-        check_segmentation(segmentation)
-        segmentation.check_image(rgb)
+        check_segmentation(segmentation, rgb)
     timings["segment"] = time.perf_counter() - started
     # the stages after segmentation take as long again on a large image: say which runs
     report = progress or (lambda fraction, message: None)
@@ -735,10 +732,7 @@ def analyze_by_region(
             working_diameter_px=working_diameter_px,
         )
     else:
-        from .segment.types import check_segmentation
-
-        check_segmentation(segmentation)
-        segmentation.check_image(rgb)
+        check_segmentation(segmentation, rgb)
     shape = rgb.shape[:2]
     attention = {spec.name: _attention_array((attention_out or {}).get(spec.name), shape, spec.name)
                  for spec in specs}
@@ -955,10 +949,9 @@ class StreamingClassifier:
                  amp: bool = True, max_waiting: int = 16, max_waiting_pixels: float = 32e6,
                  prior_correction: float | None = None, test_time_views: int | None = None,
                  sure_at: float | None = None, before_batch: Callable[[str, int], None] | None = None):
-        from .predict import select_device
+        from .predict import check_batch_size, select_device
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         check_prior_correction(models, prior_correction)
         self._views = check_test_time_views(models, test_time_views)  # per model
         self.prior_correction = prior_correction

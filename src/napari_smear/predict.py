@@ -28,6 +28,7 @@ __all__ = [
     "check_sure_at",
     "unsure_crops",
     "SURE_AT",
+    "check_batch_size",
     "prior_correction_strength",
     "prior_logit_offsets",
     "classify_files",
@@ -439,8 +440,7 @@ def classify_crops(
         # soft (float) masks: a pixel is in the cell from one half up (cast to integers,
         # 0.99 would have become 0 and the model seen no cell at all)
         masks = np.asarray(masks, np.float32) >= 0.5
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_batch_size(batch_size)
     morph_features = int(getattr(model, "config", {}).get("morph_features", 0) or 0)
     if morph_features:
         if morph is None:
@@ -571,6 +571,14 @@ TEST_TIME_VIEWS = (1, 2, 4, 8)
 # this order make the groups the numbers name (4: as is, turned upside down, mirrored,
 # mirrored and turned upside down = mirrored top-bottom).
 _VIEW_ORDER = ((False, 0), (True, 0), (False, 2), (True, 2), (False, 1), (True, 1), (False, 3), (True, 3))
+
+
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` (crops per classifier pass), or a ValueError unless it is a whole
+    number >= 1 (2.5 or True are not)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
 
 
 def check_test_time_views(info, views: int | None = None) -> int:

@@ -7,7 +7,6 @@ the same way.
 from __future__ import annotations
 
 import colorsys
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -663,7 +662,7 @@ def show_layers(viewer: napari.viewer.ViewerModel, layer_data: Sequence[tuple[An
     for data, kwargs, layer_type in layer_data:
         name = kwargs["name"]
         existing = viewer.layers[name] if name in viewer.layers else None
-        if existing is not None and METADATA_KEY not in (existing.metadata or {}):
+        if existing is not None and not _made_by_napari_smear(existing):
             # a layer of the user's own (drawn by hand, opened from elsewhere) that happens
             # to have the name: never written over; the result goes beside it
             kwargs = {**kwargs, "name": _free_layer_name(viewer, name)}
@@ -677,6 +676,12 @@ def show_layers(viewer: napari.viewer.ViewerModel, layer_data: Sequence[tuple[An
         else:
             shown.append(viewer.add_layer(Layer.create(data, kwargs, layer_type)))
     return shown
+
+
+def _made_by_napari_smear(layer: Any) -> bool:
+    """Whether napari-smear made ``layer`` (or read it from its own files): its metadata
+    holds napari-smear's entry. Only such layers are updated in place by a new result."""
+    return METADATA_KEY in (getattr(layer, "metadata", None) or {})
 
 
 def _free_layer_name(viewer: Any, name: str) -> str:
@@ -693,7 +698,7 @@ def hand_work_replaced(viewer: Any, cells_layer_name: str) -> str | None:
     if cells_layer_name not in viewer.layers:
         return None
     layer = viewer.layers[cells_layer_name]
-    if METADATA_KEY not in (layer.metadata or {}):
+    if not _made_by_napari_smear(layer):
         return None  # not written over (show_layers puts the result beside it)
     hand = hand_set_classes(layer)
     if not hand:
@@ -751,8 +756,10 @@ def set_cell_classes(layer: Any, ids: int | Iterable[int], name: str | None) -> 
         An id that is not a cell of the layer, or a layer without cell features.
     """
     wanted = np.unique(np.atleast_1d(np.asarray(ids, np.int64)))
+    from napari_smear.gallery import is_folder_safe_class
+
     text = "" if name is None else str(name).strip()
-    if re.search(r'[\\/:*?"<>|]', text) or text in (".", ".."):
+    if text and not is_folder_safe_class(text):
         # a class names a folder when cells are exported for training (export_cell_images)
         raise ValueError(f"{text!r} cannot be a class name: a class names a folder of exported cells, so it "
                          'may not hold / \\ : * ? " < > |')

@@ -142,21 +142,21 @@ def _check_inference_settings(metadata: dict[str, Any]) -> None:
     """The settings a file gives its own inference (``test_time_views``,
     ``prior_correction``): wrong ones would otherwise fail, or be skipped, at the first
     classification, far from the file that holds them."""
-    from ..predict import TEST_TIME_VIEWS
+    from ..predict import check_test_time_views, prior_correction_strength
 
     views = metadata.get("test_time_views")
-    if views is not None and (isinstance(views, bool) or views not in TEST_TIME_VIEWS):
-        raise ValueError(f"test_time_views must be one of {list(TEST_TIME_VIEWS)}, got {views!r}")
+    if views is not None:
+        check_test_time_views(None, views)  # the check classify_crops makes, here at load time
     prior = metadata.get("prior_correction")
     if prior is None:
         return
-    strength = prior.get("strength") if isinstance(prior, dict) else None
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-            math.isfinite(strength) and strength >= 0):
-        raise ValueError(
-            "prior_correction must be {\"strength\": a number >= 0, ...} (what select_prior_correction "
-            f"records), got {prior!r}"
-        )
+    if not isinstance(prior, dict) or prior.get("strength") is None:
+        raise ValueError("prior_correction must be {\"strength\": a number >= 0, ...} (what "
+                         f"select_prior_correction records), got {prior!r}")
+    try:
+        prior_correction_strength(None, prior["strength"])  # the check classify_crops makes
+    except TypeError as exc:  # read_metadata turns a ValueError into a ModelFileError naming the file
+        raise ValueError(str(exc)) from None
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, metadata: dict[str, Any]) -> Path:

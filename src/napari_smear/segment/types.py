@@ -31,12 +31,14 @@ TABLE_COLUMNS = (
 )
 
 
-def check_segmentation(segmentation, name: str = "segmentation") -> None:
-    """A TypeError naming ``name`` unless ``segmentation`` is a :class:`SmearSegmentation`
-    (what ``segment_smear`` returns; a dict of label images or None is not one)."""
+def check_segmentation(segmentation, image: np.ndarray) -> None:
+    """A segmentation given to be reused for ``image``: a TypeError unless it is a
+    :class:`SmearSegmentation` (what ``segment_smear`` returns; a dict of label images or
+    None is not one), a ValueError unless it is of that image (:meth:`~SmearSegmentation.check_image`)."""
     if not isinstance(segmentation, SmearSegmentation):
-        raise TypeError(f"{name} must be a SmearSegmentation (what segment_smear returns), got "
+        raise TypeError(f"segmentation must be a SmearSegmentation (what segment_smear returns), got "
                         f"{type(segmentation).__name__}")
+    segmentation.check_image(image)
 
 
 @dataclass
